@@ -1,0 +1,93 @@
+"""System checks: every declaration mistake, reported at ``manage.py check``.
+
+Ids: E001 ``pgnotify`` is not a ``Notify``; E002 events; E003 ``fields``;
+E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
+E008 ``durable`` type; E009 database is not PostgreSQL; E010 ``PGNOTIFY``
+setting; W001 durable not available yet; W002 ``when_changed`` without
+update; W003 unknown ``PGNOTIFY`` key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import apps
+from django.conf import settings
+from django.core import checks
+from django.db import connections, router
+
+from .conf import DEFAULTS
+from .declarations import raw_declarations, resolve_model
+
+
+@checks.register("pgnotify")
+def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Validate every model's declarations and the database they go to."""
+    messages = check_settings()
+    if app_configs is None:
+        models = apps.get_models()
+    else:
+        models = [m for config in app_configs for m in config.get_models()]
+    for model in models:
+        declarations, found = resolve_model(model, raw_declarations(model))
+        messages.extend(found)
+        if not declarations:
+            continue
+        for alias in connections:
+            wrapper = connections[alias]
+            if router.allow_migrate_model(alias, model) and wrapper.vendor != "postgresql":
+                messages.append(
+                    checks.Error(
+                        f"{model._meta.label} declares pgnotify but database {alias!r} "
+                        f"uses {wrapper.settings_dict['ENGINE']}; NOTIFY needs PostgreSQL.",
+                        hint="Use django.db.backends.postgresql, or route the model elsewhere.",
+                        obj=model,
+                        id="pgnotify.E009",
+                    )
+                )
+    return messages
+
+
+def check_settings() -> list[checks.CheckMessage]:
+    """Validate the shape of ``settings.PGNOTIFY``."""
+    config = getattr(settings, "PGNOTIFY", {})
+    if not isinstance(config, dict):
+        return [checks.Error(f"PGNOTIFY must be a dict, got {config!r}.", id="pgnotify.E010")]
+    messages: list[checks.CheckMessage] = [
+        checks.Warning(
+            f"PGNOTIFY has no setting {key!r}; it is ignored.",
+            hint=f"Known settings: {', '.join(DEFAULTS)}.",
+            id="pgnotify.W003",
+        )
+        for key in config
+        if key not in DEFAULTS
+    ]
+    declared = config.get("MODELS", {})
+    if not isinstance(declared, dict):
+        messages.append(
+            checks.Error(
+                f'PGNOTIFY["MODELS"] must map "app_label.Model" to Notify(...), got {declared!r}.',
+                id="pgnotify.E010",
+            )
+        )
+        return messages
+    for label in declared:
+        try:
+            apps.get_model(label)
+        except (LookupError, ValueError, TypeError):
+            messages.append(
+                checks.Error(
+                    f'PGNOTIFY["MODELS"] names {label!r}, which is not an installed model.',
+                    hint='Use "app_label.ModelName", e.g. "auth.User".',
+                    id="pgnotify.E010",
+                )
+            )
+    poll = config.get("POLL_INTERVAL", DEFAULTS["POLL_INTERVAL"])
+    if not isinstance(poll, (int, float)) or isinstance(poll, bool) or poll <= 0:
+        messages.append(
+            checks.Error(
+                f'PGNOTIFY["POLL_INTERVAL"] must be a positive number of seconds, got {poll!r}.',
+                id="pgnotify.E010",
+            )
+        )
+    return messages

@@ -1,0 +1,314 @@
+"""Declarations: what each model announces, resolved against its fields.
+
+``Notify`` objects hold what the user wrote. This module turns them, for one
+model, into ``Declaration`` objects that name real columns, and reports every
+mistake as a Django check message naming the model and option at fault. The
+system checks and everything that needs declarations share this one path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.apps import apps
+from django.core import checks
+from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.db import models
+
+from . import naming
+from .conf import get_setting
+from .meta import META_OPTION
+from .notify import ALL_FIELDS, EVENTS, Notify
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A model field as it is stored: field name, column, Django internal type."""
+
+    field: str
+    column: str
+    internal_type: str
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One validated ``Notify`` of one model, in terms of table and columns."""
+
+    model: type[models.Model]
+    notify: Notify
+    name: str
+    label: str
+    table: naming.TableName
+    channel: str
+    events: tuple[str, ...]
+    pk: Column
+    fields: tuple[Column, ...]
+    when_changed: tuple[Column, ...]
+
+    @property
+    def uri(self) -> str:
+        """``app_label.Model:name``, as used in commands and messages."""
+        return naming.uri(self.model._meta.label, self.name)
+
+    @property
+    def function(self) -> str:
+        """Name of the trigger function (in the table's schema)."""
+        return naming.function_name(self.table, self.name)
+
+    @property
+    def triggers(self) -> dict[str, str]:
+        """Trigger name for each announced event."""
+        return {event: naming.trigger_name(self.name, event) for event in self.events}
+
+    @property
+    def watched(self) -> tuple[Column, ...]:
+        """Columns compared on update to report ``changed``: fields and when_changed."""
+        seen = dict.fromkeys(self.fields + self.when_changed)
+        return tuple(seen)
+
+
+def raw_declarations(model: type[models.Model]) -> Any:
+    """What the project declared for ``model``: settings first, then ``Meta``."""
+    configured = get_setting("MODELS")
+    if isinstance(configured, dict):
+        for label, value in configured.items():
+            if isinstance(label, str) and label.lower() == model._meta.label_lower:
+                return value
+    return getattr(model._meta, META_OPTION, None)
+
+
+def resolve_model(
+    model: type[models.Model], raw: Any
+) -> tuple[list[Declaration], list[checks.CheckMessage]]:
+    """Validate what ``model`` declares and build its declarations.
+
+    Returns the declarations that are valid and a check message for each
+    mistake, so that the checks can report all of them at once.
+    """
+    if raw is None:
+        return [], []
+    opts = model._meta
+    label = opts.label
+    notifies = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    errors: list[checks.CheckMessage] = []
+
+    bad = [n for n in notifies if not isinstance(n, Notify)]
+    if bad or not notifies:
+        return [], [
+            checks.Error(
+                f"{label}: pgnotify must be a Notify(...) or a list of them, got {raw!r}.",
+                hint="from django_pgnotify import Notify; pgnotify = Notify(fields=[...])",
+                obj=model,
+                id="pgnotify.E001",
+            )
+        ]
+    if opts.proxy:
+        concrete = raw_declarations(opts.concrete_model)
+        if raw is concrete:
+            return [], []  # inherited through Meta: the concrete model announces it
+        return [], [
+            checks.Error(
+                f"{label} is a proxy model; it shares the table of "
+                f"{opts.concrete_model._meta.label} and cannot declare pgnotify.",
+                hint=f"Declare it on {opts.concrete_model._meta.label}; its events are "
+                "sent with that model as the sender.",
+                obj=model,
+                id="pgnotify.E006",
+            )
+        ]
+
+    names = _declaration_names(notifies)
+    for index, name in enumerate(names):
+        if names.count(name) > 1 or not isinstance(name, str) or not _NAME_RE.match(name):
+            errors.append(
+                checks.Error(
+                    f"{label}: declaration #{index + 1} has name {name!r}; each Notify "
+                    "of a model needs a distinct name of letters, digits and underscores.",
+                    hint='Notify(..., name="status")',
+                    obj=model,
+                    id="pgnotify.E007",
+                )
+            )
+
+    declarations = []
+    for notify, name in zip(notifies, names, strict=True):
+        found, messages = _resolve_one(model, notify, name)
+        errors.extend(messages)
+        if found is not None:
+            declarations.append(found)
+    if any(e.is_serious() for e in errors):
+        return [], errors
+    return declarations, errors
+
+
+def _declaration_names(notifies: list[Notify]) -> list[Any]:
+    if len(notifies) == 1 and notifies[0].name is None:
+        return [naming.DEFAULT_NAME]
+    return [n.name if n.name is not None else f"notify{i + 1}" for i, n in enumerate(notifies)]
+
+
+def _resolve_one(
+    model: type[models.Model], notify: Notify, name: str
+) -> tuple[Declaration | None, list[checks.CheckMessage]]:
+    opts = model._meta
+    where = f"{naming.uri(opts.label, str(name))}"
+    errors: list[checks.CheckMessage] = []
+
+    def error(msg: str, id: str, hint: str | None = None) -> None:
+        errors.append(checks.Error(f"{where}: {msg}", hint=hint, obj=model, id=id))
+
+    events = notify.events
+    if isinstance(events, str) or not isinstance(events, tuple) or not events:
+        error(
+            f"events must be a non-empty list of {', '.join(EVENTS)}; got {events!r}.",
+            "pgnotify.E002",
+        )
+        events = ()
+    else:
+        unknown = [e for e in events if e not in EVENTS]
+        if unknown:
+            error(
+                f"unknown event(s) {', '.join(map(repr, unknown))}.",
+                "pgnotify.E002",
+                hint=f"Use any of {', '.join(EVENTS)}.",
+            )
+        events = tuple(e for e in EVENTS if e in events)
+
+    if notify.fields == ALL_FIELDS:
+        fields = tuple(
+            _column(f) for f in opts.local_concrete_fields if not f.primary_key and f.column
+        )
+    else:
+        fields = _columns(model, notify.fields, "fields", "pgnotify.E003", error)
+    when_changed = _columns(model, notify.when_changed, "when_changed", "pgnotify.E004", error)
+    if when_changed and "update" not in events:
+        errors.append(
+            checks.Warning(
+                f"{where}: when_changed has no effect because 'update' is not in events.",
+                obj=model,
+                id="pgnotify.W002",
+            )
+        )
+
+    channel = notify.channel
+    if channel is None:
+        channel = naming.default_channel(opts.app_label, opts.model_name)
+    elif not isinstance(channel, str) or not channel or "\0" in channel:
+        error(f"channel must be a non-empty string, got {channel!r}.", "pgnotify.E005")
+    elif len(channel.encode()) > naming.MAX_IDENTIFIER_BYTES:
+        error(
+            f"channel {channel!r} is {len(channel.encode())} bytes; PostgreSQL "
+            f"channel names are identifiers of at most {naming.MAX_IDENTIFIER_BYTES} bytes.",
+            "pgnotify.E005",
+        )
+
+    if not isinstance(notify.durable, bool):
+        error(f"durable must be True or False, got {notify.durable!r}.", "pgnotify.E008")
+    elif notify.durable:
+        errors.append(
+            checks.Warning(
+                f"{where}: durable=True is not available yet; changes are announced "
+                "as plain notifications, which a listener that is down misses.",
+                obj=model,
+                id="pgnotify.W001",
+            )
+        )
+
+    if any(e.is_serious() for e in errors):
+        return None, errors
+    return (
+        Declaration(
+            model=model,
+            notify=notify,
+            name=name,
+            label=opts.label_lower,
+            table=naming.parse_db_table(opts.db_table),
+            channel=channel,
+            events=events,
+            pk=_column(opts.pk),
+            fields=fields,
+            when_changed=when_changed,
+        ),
+        errors,
+    )
+
+
+def _columns(model, names, option, id, error) -> tuple[Column, ...]:
+    if isinstance(names, str) or not isinstance(names, tuple):
+        error(f"{option} must be a list of field names, got {names!r}.", id)
+        return ()
+    columns = []
+    for name in names:
+        try:
+            field = model._meta.get_field(name) if isinstance(name, str) else None
+        except FieldDoesNotExist:
+            field = None
+        if field is None:
+            error(
+                f"{option} names {name!r}, which is not a field of {model._meta.label}.",
+                id,
+                hint=f"Fields: {', '.join(f.name for f in model._meta.concrete_fields)}.",
+            )
+        elif not getattr(field, "concrete", False) or not field.column:
+            error(f"{option} names {name!r}, which has no column of its own.", id)
+        elif field.model is not model and field not in model._meta.local_concrete_fields:
+            error(
+                f"{option} names {name!r}, which {model._meta.label} inherits from "
+                f"{field.model._meta.label}; it lives in that model's table.",
+                id,
+                hint=f"Declare it on {field.model._meta.label}.",
+            )
+        else:
+            columns.append(_column(field))
+    return tuple(dict.fromkeys(columns))
+
+
+def _column(field: models.Field) -> Column:
+    return Column(field=field.name, column=field.column, internal_type=field.get_internal_type())
+
+
+def get_declarations(selectors: Iterable[str] = ()) -> list[Declaration]:
+    """All declarations of installed models, optionally narrowed.
+
+    Args:
+        selectors: App labels (``"shop"``) or model labels (``"shop.Order"``);
+            empty means every app.
+
+    Raises:
+        ImproperlyConfigured: A declaration is invalid (``manage.py check``
+            lists every such mistake) or a selector names nothing known.
+    """
+    wanted = _select_models(selectors)
+    result = []
+    for model in apps.get_models():
+        if wanted is not None and model not in wanted:
+            continue
+        found, errors = resolve_model(model, raw_declarations(model))
+        serious = [e for e in errors if e.is_serious()]
+        if serious:
+            raise ImproperlyConfigured(f"{serious[0].msg} ({serious[0].id})")
+        result.extend(found)
+    return result
+
+
+def _select_models(selectors: Iterable[str]) -> set[type[models.Model]] | None:
+    selectors = list(selectors)
+    if not selectors:
+        return None
+    chosen: set[type[models.Model]] = set()
+    for selector in selectors:
+        try:
+            if "." in selector:
+                chosen.add(apps.get_model(selector))
+            else:
+                chosen.update(apps.get_app_config(selector).get_models())
+        except (LookupError, ValueError) as exc:
+            raise ImproperlyConfigured(
+                f"{selector!r} is neither an installed app label nor an app.Model label."
+            ) from exc
+    return chosen

@@ -1,0 +1,179 @@
+"""The decoder: a notification's payload in, ``RowChange`` objects out.
+
+Values arrive as PostgreSQL renders them in JSON; each model field gets a
+converter, chosen once per model, that turns them into the Python type the
+field gives (``Decimal``, ``datetime``, ``UUID``, ``date``...), as the ORM would.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, models
+from django.utils import timezone as django_timezone
+from django.utils.dateparse import parse_datetime, parse_time
+
+from . import wire
+from .events import RowChange
+
+logger = logging.getLogger("django_pgnotify.decoding")
+
+Converter = Callable[[Any], Any]
+
+
+class DecodeError(ValueError):
+    """A payload that cannot become ``RowChange`` objects."""
+
+
+def _datetime(value: Any) -> datetime:
+    parsed = parse_datetime(value)
+    if parsed is None:
+        raise ValueError(f"not a datetime: {value!r}")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)  # triggers send UTC
+    if settings.USE_TZ:
+        return parsed.astimezone(timezone.utc)
+    return django_timezone.make_naive(parsed, django_timezone.get_default_timezone())
+
+
+def _time(value: Any) -> Any:
+    parsed = parse_time(value)
+    if parsed is None:
+        raise ValueError(f"not a time: {value!r}")
+    return parsed
+
+
+def _duration(value: Any) -> timedelta:
+    return timedelta(microseconds=int(Decimal(value) * 1_000_000))
+
+
+def _binary(value: str) -> bytes:
+    return bytes.fromhex(value[2:] if value.startswith("\\x") else value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_CONVERTERS: dict[str, Converter] = {
+    "DecimalField": lambda v: v if isinstance(v, Decimal) else Decimal(v),
+    "FloatField": float,
+    "DateTimeField": _datetime,
+    "DateField": date.fromisoformat,
+    "TimeField": _time,
+    "DurationField": _duration,
+    "UUIDField": uuid.UUID,
+    "BinaryField": _binary,
+    "JSONField": _same,
+    "BooleanField": _same,
+    "CharField": _same,
+    "TextField": _same,
+}
+
+
+def converter_for(field: models.Field) -> Converter:
+    """The function that turns a payload value into ``field``'s Python value."""
+    if field.is_relation and getattr(field, "target_field", None) is not None:
+        return converter_for(field.target_field)
+    internal = field.get_internal_type()
+    if internal in _CONVERTERS:
+        return _CONVERTERS[internal]
+    if internal.endswith(("IntegerField", "AutoField")):
+        return lambda v: v if isinstance(v, int) else int(v)
+    return field.to_python
+
+
+class _ModelCodec:
+    """Column name -> (field name, converter) for one model."""
+
+    def __init__(self, model: type[models.Model]) -> None:
+        self.model = model
+        self.pk = converter_for(model._meta.pk)
+        self.columns = {
+            f.column: (f.name, converter_for(f)) for f in model._meta.concrete_fields if f.column
+        }
+        self._warned: set[str] = set()
+
+    def value(self, converter: Converter, column: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return converter(value)
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            # Keep the raw value rather than lose the event (e.g. 'infinity').
+            if column not in self._warned:
+                self._warned.add(column)
+                logger.warning(
+                    "pgnotify: cannot convert %s.%s value %r (%s); passing it on as sent",
+                    self.model._meta.label,
+                    column,
+                    value,
+                    exc,
+                )
+            return value
+
+    def values(self, raw: dict[str, Any] | None) -> dict[str, Any]:
+        result = {}
+        for column, value in (raw or {}).items():
+            name, converter = self.columns.get(column, (column, _same))
+            result[name] = self.value(converter, column, value)
+        return result
+
+    def names(self, columns: Iterable[str]) -> frozenset[str]:
+        return frozenset(self.columns.get(c, (c,))[0] for c in columns)
+
+
+class Decoder:
+    """Turns payloads into ``RowChange`` objects for a set of models."""
+
+    def __init__(
+        self, models_: Iterable[type[models.Model]], using: str = DEFAULT_DB_ALIAS
+    ) -> None:
+        self.using = using
+        self._codecs = {m._meta.label_lower: _ModelCodec(m) for m in models_}
+
+    def decode(self, payload: str, channel: str = "", pid: int = 0) -> list[RowChange]:
+        """Decode one payload into one ``RowChange`` per row it carries.
+
+        Raises:
+            DecodeError: Not our wire format, or a model this decoder does not serve.
+        """
+        try:
+            message = wire.parse(payload)
+        except wire.WireError as exc:
+            raise DecodeError(str(exc)) from None
+        codec = self._codecs.get(message.model)
+        if codec is None:
+            raise DecodeError(f"model {message.model!r} is not one this listener serves")
+        timestamp = (
+            datetime.fromtimestamp(float(message.timestamp), tz=timezone.utc)
+            if isinstance(message.timestamp, (Decimal, int))
+            else None
+        )
+        is_update = message.action == "update"
+        changes = []
+        for row in message.rows:
+            truncated = row.get(wire.TRUNCATED) is True
+            changes.append(
+                RowChange(
+                    model=codec.model,
+                    action=message.action,
+                    pk=codec.value(codec.pk, "pk", row[wire.PK]),
+                    fields=codec.values(row.get(wire.FIELDS)),
+                    old=codec.values(row.get(wire.OLD)) if is_update and not truncated else None,
+                    changed=codec.names(row.get(wire.CHANGED) or ()),
+                    channel=channel,
+                    pid=pid,
+                    truncated=truncated,
+                    xid=message.xid,
+                    timestamp=timestamp,
+                    using=self.using,
+                )
+            )
+        return changes

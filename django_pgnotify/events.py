@@ -1,0 +1,59 @@
+"""``RowChange``: one committed change of one row, with Python-typed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, models
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """A row that was inserted, updated or deleted, as a receiver sees it.
+
+    Attributes:
+        model: The model class whose table changed.
+        action: ``"insert"``, ``"update"`` or ``"delete"``.
+        pk: The row's primary key, typed as the model's pk field gives it
+            (``None`` only when even the pk was too large to send).
+        fields: The declared fields, by field name; for a delete, the values
+            the row had. Empty when ``truncated``.
+        old: On update, the declared fields' previous values; else ``None``.
+        changed: On update, the names of the watched fields (``fields`` and
+            ``when_changed``) whose values changed; else empty.
+        channel: The NOTIFY channel it arrived on.
+        pid: The PostgreSQL backend PID of the session that made the change.
+        truncated: The row was too large for a notification, so only the pk
+            was sent; call :meth:`fetch` for the current row.
+        xid: The id of the transaction that made the change.
+        timestamp: When the trigger ran (UTC).
+        using: The database alias the listener listens on.
+    """
+
+    model: type[models.Model]
+    action: str
+    pk: Any
+    fields: dict[str, Any] = field(default_factory=dict)
+    old: dict[str, Any] | None = None
+    changed: frozenset[str] = frozenset()
+    channel: str = ""
+    pid: int = 0
+    truncated: bool = False
+    xid: int | None = None
+    timestamp: datetime | None = None
+    using: str = DEFAULT_DB_ALIAS
+
+    @property
+    def label(self) -> str:
+        """The model's ``app_label.model_name``."""
+        return self.model._meta.label_lower
+
+    def fetch(self, using: str | None = None) -> models.Model | None:
+        """Load the row as it is now, or ``None`` if it no longer exists.
+
+        It reflects the database at call time, which may be later than the change.
+        """
+        manager = self.model._base_manager.using(using or self.using)
+        return manager.filter(pk=self.pk).first()

@@ -1,0 +1,98 @@
+"""Helpers for testing receivers against a real listener.
+
+Notifications are delivered only after commit, so use them with
+``TransactionTestCase`` or ``pytest.mark.django_db(transaction=True)``; inside
+a plain ``TestCase`` the transaction never commits and nothing arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS
+
+from .events import RowChange
+from .installation import declarations_for
+from .listener import Listener
+from .signals import row_changed
+
+
+class CapturedChanges(list):
+    """The ``RowChange`` objects received so far, in delivery order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._arrived = threading.Condition()
+
+    def add(self, event: RowChange) -> None:
+        with self._arrived:
+            self.append(event)
+            self._arrived.notify_all()
+
+    def wait(self, count: int = 1, timeout: float = 5.0) -> list[RowChange]:
+        """Block until at least ``count`` changes arrived; return them.
+
+        Raises:
+            AssertionError: Fewer arrived within ``timeout`` seconds.
+        """
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self) >= count, timeout):
+                raise AssertionError(
+                    f"expected {count} row change(s) within {timeout}s, "
+                    f"got {len(self)}: {list(self)!r}"
+                )
+            return list(self[:count])
+
+
+@contextmanager
+def capture_row_changes(
+    *selectors: str, using: str = DEFAULT_DB_ALIAS, timeout: float = 5.0
+) -> Iterator[CapturedChanges]:
+    """Run a real listener in a thread and collect the changes it dispatches.
+
+    Example::
+
+        with capture_row_changes("shop.Order") as changes:
+            Order.objects.create(status="new", total=5)
+            (event,) = changes.wait(1)
+
+    Args:
+        selectors: Apps or models to listen for (default: all declared).
+        using: The database alias to listen on.
+        timeout: How long to wait for the listener to start.
+    """
+    declarations = declarations_for(selectors, using)
+    models = {d.model for d in declarations}
+    listener = Listener(declarations, using)
+    changes = CapturedChanges()
+    failure: list[BaseException] = []
+
+    def receive(sender: Any, event: RowChange, **kwargs: Any) -> None:
+        if sender in models and event.using == using:
+            changes.add(event)
+
+    def run() -> None:
+        try:
+            listener.run()
+        except BaseException as exc:  # surfaced to the test below
+            failure.append(exc)
+            listener.ready.set()
+
+    row_changed.connect(receive, weak=False)
+    thread = threading.Thread(target=run, name="pgnotify-capture", daemon=True)
+    thread.start()
+    try:
+        if not listener.ready.wait(timeout) or failure:
+            raise RuntimeError("the pgnotify listener did not start") from (
+                failure[0] if failure else None
+            )
+        yield changes
+    finally:
+        listener.stop()
+        thread.join(timeout)
+        row_changed.disconnect(receive)
+    if failure:
+        raise RuntimeError("the pgnotify listener failed") from failure[0]

@@ -1,0 +1,281 @@
+"""The SQL builder: a declaration in, trigger SQL out. Pure: no database.
+
+Each declaration gets one PL/pgSQL function and one ``AFTER ... FOR EACH ROW``
+trigger per announced event (separate triggers so that the update trigger can
+carry a ``WHEN`` clause: rows whose watched columns did not change never call
+the function). Every name is quoted with ``psycopg.sql``; values embedded in
+the function (channel, model label) are quoted literals.
+
+The rendered SQL is hashed and the hash stored as a comment on the function
+and each trigger, so the installer detects drift from the definition itself.
+``TEMPLATE_VERSION`` changes whenever the rendered SQL of a release changes;
+released templates are never edited in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from . import wire
+from .declarations import Column, Declaration
+
+#: Version of the SQL templates below; part of every stored hash.
+TEMPLATE_VERSION = 1
+
+#: Start of the comment that marks a trigger or function as ours.
+MARKER = "django-pgnotify"
+
+# PostgreSQL functions take at most 100 arguments: 50 key/value pairs.
+_MAX_PAIRS = 50
+_DOLLAR_TAG = "$pgnotify$"
+
+
+@dataclass(frozen=True)
+class TriggerSQL:
+    """Everything needed to install, compare and remove one declaration."""
+
+    declaration: Declaration
+    uri: str
+    table: sql.Composable
+    function: sql.Composable
+    triggers: dict[str, str]
+    body: str
+    checksum: str
+    create_function: str
+    create_triggers: tuple[str, ...]
+    drop: str
+
+    @property
+    def comment(self) -> str:
+        """The comment stored on the function and on each trigger."""
+        return format_comment(self.uri, self.checksum)
+
+    @property
+    def install(self) -> str:
+        """All statements that (re)create the declaration, in order."""
+        return "\n".join((self.create_function, *self.create_triggers))
+
+
+def format_comment(uri: str, checksum: str) -> str:
+    """``django-pgnotify:<template version> <uri> <checksum>``."""
+    return f"{MARKER}:{TEMPLATE_VERSION} {uri} {checksum}"
+
+
+def parse_comment(comment: str | None) -> tuple[str, str] | None:
+    """``(uri, checksum)`` from one of our comments, or ``None`` if not ours."""
+    if not comment or not comment.startswith(MARKER + ":"):
+        return None
+    parts = comment.split(" ")
+    if len(parts) != 3:
+        return None
+    return parts[1], parts[2]
+
+
+def table_identifier(declaration: Declaration) -> sql.Identifier:
+    """The declaration's table, schema-qualified when the model names a schema."""
+    schema, name = declaration.table
+    return sql.Identifier(schema, name) if schema else sql.Identifier(name)
+
+
+def build_trigger_sql(declaration: Declaration) -> TriggerSQL:
+    """Render the function and triggers of one declaration."""
+    schema = declaration.table.schema
+    function = (
+        sql.Identifier(schema, declaration.function)
+        if schema
+        else sql.Identifier(declaration.function)
+    )
+    table = table_identifier(declaration)
+    body = _function_body(declaration)
+    tag = _DOLLAR_TAG if _DOLLAR_TAG not in body else None
+    quoted_body = sql.SQL(f"{tag}{body}{tag}") if tag else sql.Literal(body)
+
+    create_function = sql.SQL(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {body};"
+    ).format(function=function, body=quoted_body)
+    create_triggers = []
+    for event, name in declaration.triggers.items():
+        when = _when_clause(declaration) if event == "update" else None
+        create_triggers.append(
+            sql.SQL(
+                "DROP TRIGGER IF EXISTS {name} ON {table};\n"
+                "CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW{when}"
+                " EXECUTE FUNCTION {function}();"
+            ).format(
+                name=sql.Identifier(name),
+                table=table,
+                event=sql.SQL(event.upper()),
+                when=sql.SQL(" WHEN ({})").format(when) if when is not None else sql.SQL(""),
+                function=function,
+            )
+        )
+    unhashed = "\n".join([_render(create_function), *(_render(t) for t in create_triggers)])
+    checksum = hashlib.sha256(f"{TEMPLATE_VERSION}\n{unhashed}".encode()).hexdigest()[:16]
+    comment = sql.Literal(format_comment(declaration.uri, checksum))
+
+    create_function_sql = _render(
+        sql.SQL("{create}\nCOMMENT ON FUNCTION {function}() IS {comment};").format(
+            create=create_function, function=function, comment=comment
+        )
+    )
+    create_trigger_sql = tuple(
+        _render(
+            sql.SQL("{create}\nCOMMENT ON TRIGGER {name} ON {table} IS {comment};").format(
+                create=create, name=sql.Identifier(name), table=table, comment=comment
+            )
+        )
+        for create, name in zip(create_triggers, declaration.triggers.values(), strict=True)
+    )
+    return TriggerSQL(
+        declaration=declaration,
+        uri=declaration.uri,
+        table=table,
+        function=function,
+        triggers=declaration.triggers,
+        body=body,
+        checksum=checksum,
+        create_function=create_function_sql,
+        create_triggers=create_trigger_sql,
+        drop=build_drop_sql(table, function, declaration.triggers.values()),
+    )
+
+
+def build_drop_sql(table: sql.Composable, function: sql.Composable | None, triggers: object) -> str:
+    """Statements that remove the given triggers of ``table`` and their function."""
+    statements = [
+        sql.SQL("DROP TRIGGER IF EXISTS {} ON {};").format(sql.Identifier(name), table)
+        for name in triggers  # type: ignore[attr-defined]
+    ]
+    if function is not None:
+        statements.append(sql.SQL("DROP FUNCTION IF EXISTS {}();").format(function))
+    return "\n".join(_render(s) for s in statements)
+
+
+def _render(composable: sql.Composable) -> str:
+    return composable.as_string(None)
+
+
+def _function_body(declaration: Declaration) -> str:
+    branches = sql.SQL("").join(
+        sql.SQL("  {keyword} TG_OP = {op} THEN\n    item := {row};\n").format(
+            keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
+            op=sql.Literal(event.upper()),
+            row=_row_object(declaration, event),
+        )
+        for index, event in enumerate(declaration.events)
+    )
+    body = sql.SQL(
+        "\nDECLARE\n  item json;\n  payload text;\nBEGIN\n{branches}  END IF;\n"
+        "  payload := {full};\n"
+        "  IF octet_length(payload) >= {limit} THEN\n"
+        "    -- Too large for NOTIFY: send the pk alone, never fail the write.\n"
+        "    payload := {pk_only};\n"
+        "    IF octet_length(payload) >= {limit} THEN\n"
+        "      payload := {no_pk};\n"
+        "    END IF;\n"
+        "  END IF;\n"
+        "  PERFORM pg_notify({channel}, payload);\n"
+        "  RETURN NULL;\nEND;\n"
+    ).format(
+        branches=branches,
+        full=_payload(declaration, sql.SQL("item")),
+        limit=sql.Literal(wire.PAYLOAD_LIMIT),
+        pk_only=_payload(
+            declaration,
+            _pairs(
+                [
+                    (wire.PK, sql.SQL("item -> {}").format(sql.Literal(wire.PK))),
+                    (wire.TRUNCATED, sql.SQL("true")),
+                ]
+            ),
+        ),
+        no_pk=_payload(
+            declaration, _pairs([(wire.PK, sql.SQL("NULL")), (wire.TRUNCATED, sql.SQL("true"))])
+        ),
+        channel=sql.Literal(declaration.channel),
+    )
+    return _render(body)
+
+
+def _payload(declaration: Declaration, row: sql.Composable) -> sql.Composable:
+    return sql.SQL("{}::text").format(
+        _pairs(
+            [
+                (wire.VERSION_KEY, sql.Literal(wire.VERSION)),
+                (wire.MODEL, sql.Literal(declaration.label)),
+                (wire.ACTION, sql.SQL("lower(TG_OP)")),
+                (wire.XID, sql.SQL("txid_current()")),
+                (wire.TIMESTAMP, sql.SQL("extract(epoch FROM clock_timestamp())")),
+                (wire.ROWS, sql.SQL("json_build_array({})").format(row)),
+            ]
+        )
+    )
+
+
+def _row_object(declaration: Declaration, event: str) -> sql.Composable:
+    record = "OLD" if event == "delete" else "NEW"
+    pairs: list[tuple[str, sql.Composable]] = [(wire.PK, _value(record, declaration.pk))]
+    if declaration.fields:
+        pairs.append((wire.FIELDS, _object(record, declaration.fields)))
+    if event == "update":
+        if declaration.fields:
+            pairs.append((wire.OLD, _object("OLD", declaration.fields)))
+        pairs.append((wire.CHANGED, _changed(declaration.watched)))
+    return _pairs(pairs)
+
+
+def _object(record: str, columns: tuple[Column, ...]) -> sql.Composable:
+    """A JSON object of ``columns`` read from ``record``, keyed by column name."""
+    pairs = [(c.column, _value(record, c)) for c in columns]
+    if len(pairs) <= _MAX_PAIRS:
+        return _pairs(pairs)
+    chunks = [pairs[i : i + _MAX_PAIRS] for i in range(0, len(pairs), _MAX_PAIRS)]
+    return sql.SQL("({})").format(
+        sql.SQL(" || ").join(_pairs(chunk, "jsonb_build_object") for chunk in chunks)
+    )
+
+
+def _pairs(
+    pairs: list[tuple[str, sql.Composable]], function: str = "json_build_object"
+) -> sql.Composable:
+    args = sql.SQL(", ").join(
+        sql.SQL("{}, {}").format(sql.Literal(key), value) for key, value in pairs
+    )
+    return sql.SQL("{}({})").format(sql.SQL(function), args)
+
+
+def _value(record: str, column: Column) -> sql.Composable:
+    """How a column's value is rendered, so the decoder can read it back exactly."""
+    ref = sql.SQL("{}.{}").format(sql.SQL(record), sql.Identifier(column.column))
+    if column.internal_type == "DateTimeField":
+        # The writer's session time zone must not leak into the payload.
+        return sql.SQL("({} AT TIME ZONE 'UTC')").format(ref)
+    if column.internal_type == "DurationField":
+        # IntervalStyle is per session too; seconds are unambiguous.
+        return sql.SQL("extract(epoch FROM {})").format(ref)
+    return ref
+
+
+def _changed(columns: tuple[Column, ...]) -> sql.Composable:
+    if not columns:
+        return sql.SQL("json_build_array()")
+    cases = sql.SQL(", ").join(
+        sql.SQL("CASE WHEN OLD.{col} IS DISTINCT FROM NEW.{col} THEN {name} END").format(
+            col=sql.Identifier(c.column), name=sql.Literal(c.column)
+        )
+        for c in columns
+    )
+    return sql.SQL("to_json(array_remove(ARRAY[{}]::text[], NULL))").format(cases)
+
+
+def _when_clause(declaration: Declaration) -> sql.Composable:
+    if not declaration.when_changed:
+        # An UPDATE that changes nothing announces nothing.
+        return sql.SQL("OLD.* IS DISTINCT FROM NEW.*")
+    return sql.SQL(" OR ").join(
+        sql.SQL("OLD.{col} IS DISTINCT FROM NEW.{col}").format(col=sql.Identifier(c.column))
+        for c in declaration.when_changed
+    )

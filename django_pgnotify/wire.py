@@ -1,0 +1,120 @@
+"""The wire format: the JSON payload our triggers send, in one place.
+
+The trigger builder takes its key names from here and the decoder parses with
+``parse``, so the two sides cannot drift apart. Version 1::
+
+    {"v": 1, "model": "shop.order", "action": "update", "xid": 5012,
+     "ts": 1763717550.123456,
+     "rows": [{"pk": 7,
+               "fields": {"status": "paid", "total": 12.50},
+               "old": {"status": "new", "total": 12.50},
+               "changed": ["status"]}]}
+
+- ``model``: the model's ``app_label.model_name``; ``action``: ``insert``,
+  ``update`` or ``delete``; ``xid``: the writing transaction's 64-bit id;
+  ``ts``: seconds since the epoch when the trigger ran (it also keeps
+  PostgreSQL from folding two identical changes of one row into one).
+- ``rows``: one entry per changed row (a row trigger sends one). Keys of
+  ``fields`` and ``old`` and items of ``changed`` are column names; values are
+  PostgreSQL's JSON renderings, ``timestamptz`` in UTC without an offset and
+  ``interval`` in seconds.
+- ``fields``: the declared columns (for a delete, the values the row had);
+  ``old``: their previous values (update only); ``changed``: the declared and
+  ``when_changed`` columns whose values changed (update only).
+- ``truncated: true`` replaces ``fields``/``old``/``changed`` when the payload
+  would reach PostgreSQL's 8000-byte limit; only the pk is sent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+VERSION = 1
+
+#: A NOTIFY payload must be shorter than this many bytes.
+PAYLOAD_LIMIT = 8000
+
+# Message keys.
+VERSION_KEY = "v"
+MODEL = "model"
+ACTION = "action"
+XID = "xid"
+TIMESTAMP = "ts"
+ROWS = "rows"
+
+# Row keys.
+PK = "pk"
+FIELDS = "fields"
+OLD = "old"
+CHANGED = "changed"
+TRUNCATED = "truncated"
+
+ACTIONS = frozenset({"insert", "update", "delete"})
+
+
+class WireError(ValueError):
+    """A payload that is not a django-pgnotify message we can read."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One parsed payload: a model, an action and the rows it concerns."""
+
+    model: str
+    action: str
+    rows: list[dict[str, Any]]
+    xid: int | None = None
+    timestamp: Decimal | None = None
+    version: int = VERSION
+
+
+def parse(payload: str) -> Message:
+    """Parse a payload; numbers with a fraction become ``Decimal`` (no float loss).
+
+    Raises:
+        WireError: Not JSON, not an object of this format, or a newer version.
+    """
+    try:
+        data = json.loads(payload, parse_float=Decimal)
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise WireError("payload is not a JSON object")
+    version = data.get(VERSION_KEY)
+    if version != VERSION:
+        raise WireError(f"unsupported wire format version {version!r} (this reads {VERSION})")
+    model, action, rows = data.get(MODEL), data.get(ACTION), data.get(ROWS)
+    if not isinstance(model, str) or action not in ACTIONS:
+        raise WireError("payload lacks a model label or a known action")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and PK in r for r in rows):
+        raise WireError("payload rows must be a list of objects with a pk")
+    xid = data.get(XID)
+    return Message(
+        model=model,
+        action=action,
+        rows=rows,
+        xid=xid if isinstance(xid, int) else None,
+        timestamp=data.get(TIMESTAMP),
+    )
+
+
+def encode(message: Message) -> str:
+    """Render ``message`` as the compact JSON a trigger would send."""
+    data: dict[str, Any] = {
+        VERSION_KEY: message.version,
+        MODEL: message.model,
+        ACTION: message.action,
+        XID: message.xid,
+        TIMESTAMP: message.timestamp,
+        ROWS: message.rows,
+    }
+    return json.dumps(data, separators=(",", ":"), default=_number)
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,21 @@
+"""Settings for the test suite: DATABASE_URL if set, else an embedded PostgreSQL."""
+
+from django_pgnotify import Notify
+from django_pgnotify.embedded import database_settings
+
+SECRET_KEY = "tests-only"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "Europe/Berlin"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+DATABASES = {"default": database_settings()}
+
+INSTALLED_APPS = [
+    "tests.testapp",  # before django_pgnotify on purpose: the Meta option must not care
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_pgnotify",
+]
+
+PGNOTIFY = {"MODELS": {"auth.User": Notify(fields=["username"], events=["insert"])}}

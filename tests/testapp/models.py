@@ -1,0 +1,102 @@
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+from django_pgnotify import Notify
+
+
+class Order(models.Model):
+    status = models.CharField(max_length=20, default="new")
+    total = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        pgnotify = Notify(fields=["status", "total"], when_changed=["status", "total"])
+
+
+class OrderProxy(Order):
+    class Meta:
+        proxy = True
+
+
+class Reading(models.Model):
+    """Every common field type, to check values arrive as Python types."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    order = models.ForeignKey(Order, null=True, on_delete=models.SET_NULL)
+    taken_at = models.DateTimeField(default=timezone.now)
+    day = models.DateField(null=True)
+    at = models.TimeField(null=True)
+    took = models.DurationField(null=True)
+    amount = models.DecimalField(max_digits=20, decimal_places=6, null=True)
+    ratio = models.FloatField(null=True)
+    flag = models.BooleanField(default=False)
+    data = models.JSONField(null=True)
+    blob = models.BinaryField(null=True)
+    token = models.UUIDField(null=True)
+    count = models.BigIntegerField(null=True)
+
+    class Meta:
+        pgnotify = Notify(fields="__all__")
+
+
+class Tag(models.Model):
+    """A string primary key and the default declaration (pk only)."""
+
+    name = models.CharField(max_length=50, primary_key=True)
+    colour = models.CharField(max_length=20, default="red")
+
+    class Meta:
+        pgnotify = Notify()
+
+
+class Article(models.Model):
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True)
+
+    class Meta:
+        pgnotify = Notify(fields=["title", "body"], events=["insert", "update"])
+
+
+class Weird(models.Model):
+    """Names that need quoting everywhere: schema, table, column, channel."""
+
+    label = models.CharField(max_length=50, db_column="La bel's $$ é")
+
+    class Meta:
+        db_table = '"pgnotify odd"."Weird Table\'s $$"'
+        pgnotify = Notify(fields=["label"], channel='Odd "Channel" %s é')
+
+
+class Named(models.Model):
+    """Abstract parent whose declaration children inherit with its Meta."""
+
+    name = models.CharField(max_length=50)
+
+    class Meta:
+        abstract = True
+        pgnotify = Notify(fields=["name"])
+
+
+class Customer(Named):
+    pass
+
+
+class Supplier(Named):
+    class Meta:  # a Meta of its own that does not inherit Named.Meta: no declaration
+        ordering = ["name"]
+
+
+class Place(models.Model):
+    name = models.CharField(max_length=50)
+
+    class Meta:
+        pgnotify = Notify(fields=["name"])
+
+
+class Restaurant(Place):
+    cuisine = models.CharField(max_length=50)
+
+    class Meta:
+        pgnotify = Notify(fields=["cuisine"])
