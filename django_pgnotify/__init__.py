@@ -4,7 +4,6 @@ Public API: ``Notify`` (declare what a model announces), ``row_changed`` (the
 signal) and ``RowChange`` (what receivers get).
 """
 
-from . import meta  # noqa: F401  (lets models declare ``pgnotify`` in Meta)
 from .events import RowChange
 from .notify import Notify
 from .signals import row_changed

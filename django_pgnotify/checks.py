@@ -3,8 +3,8 @@
 Ids: E001 ``pgnotify`` is not a ``Notify``; E002 events; E003 ``fields``;
 E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
 E008 ``durable`` type; E009 database is not PostgreSQL; E010 ``PGNOTIFY``
-setting; W001 durable not available yet; W002 ``when_changed`` without
-update; W003 unknown ``PGNOTIFY`` key.
+setting; E011 composite primary key; W001 durable not available yet; W002
+``when_changed`` without update; W003 unknown ``PGNOTIFY`` key.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from .declarations import raw_declarations, resolve_model
 def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Validate every model's declarations and the database they go to."""
     messages = check_settings()
+    if not isinstance(getattr(settings, "PGNOTIFY", {}), dict):
+        return messages  # declarations cannot be read until the setting is fixed
     if app_configs is None:
         models = apps.get_models()
     else:
@@ -71,17 +73,15 @@ def check_settings() -> list[checks.CheckMessage]:
             )
         )
         return messages
-    for label in declared:
-        try:
-            apps.get_model(label)
-        except (LookupError, ValueError, TypeError):
-            messages.append(
-                checks.Error(
-                    f'PGNOTIFY["MODELS"] names {label!r}, which is not an installed model.',
-                    hint='Use "app_label.ModelName", e.g. "auth.User".',
-                    id="pgnotify.E010",
-                )
-            )
+    messages.extend(
+        checks.Error(
+            f'PGNOTIFY["MODELS"] names {label!r}, which is not an installed model.',
+            hint='Use "app_label.ModelName", e.g. "auth.User".',
+            id="pgnotify.E010",
+        )
+        for label in declared
+        if not _is_installed_model(label)
+    )
     poll = config.get("POLL_INTERVAL", DEFAULTS["POLL_INTERVAL"])
     if not isinstance(poll, (int, float)) or isinstance(poll, bool) or poll <= 0:
         messages.append(
@@ -91,3 +91,13 @@ def check_settings() -> list[checks.CheckMessage]:
             )
         )
     return messages
+
+
+def _is_installed_model(label: Any) -> bool:
+    if not isinstance(label, str):
+        return False
+    try:
+        apps.get_model(label)
+    except (LookupError, ValueError):
+        return False
+    return True

@@ -43,6 +43,6 @@ def describe(params: dict[str, Any]) -> str:
 
 def connect(using: str, application_name: str) -> psycopg.Connection:
     """Open a dedicated autocommit connection for LISTEN."""
-    return psycopg.connect(
-        **connection_params(using), autocommit=True, application_name=application_name
-    )
+    # The listener's own name wins over one set in OPTIONS, so it can be told apart.
+    params = {**connection_params(using), "application_name": application_name}
+    return psycopg.connect(**params, autocommit=True)

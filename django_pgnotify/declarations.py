@@ -23,12 +23,13 @@ from .conf import get_setting
 from .meta import META_OPTION
 from .notify import ALL_FIELDS, EVENTS, Notify
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 
 @dataclass(frozen=True)
 class Column:
-    """A model field as it is stored: field name, column, Django internal type."""
+    """A model field as it is stored: field name, column, and the Django internal
+    type of its values (for a foreign key, that of the field it points to)."""
 
     field: str
     column: str
@@ -108,9 +109,8 @@ def resolve_model(
             )
         ]
     if opts.proxy:
-        concrete = raw_declarations(opts.concrete_model)
-        if raw is concrete:
-            return [], []  # inherited through Meta: the concrete model announces it
+        if raw == raw_declarations(opts.concrete_model):
+            return [], []  # e.g. inherited through Meta: the concrete model announces it
         return [], [
             checks.Error(
                 f"{label} is a proxy model; it shares the table of "
@@ -122,9 +122,22 @@ def resolve_model(
             )
         ]
 
+    if opts.pk.column is None:
+        # The wire format and the triggers send one pk column per row.
+        columns = ", ".join(getattr(opts.pk, "field_names", ()))
+        return [], [
+            checks.Error(
+                f"{label} has a composite primary key ({columns}); pgnotify can only "
+                "announce rows of a model whose primary key is a single column.",
+                hint="Remove pgnotify from this model.",
+                obj=model,
+                id="pgnotify.E011",
+            )
+        ]
+
     names = _declaration_names(notifies)
     for index, name in enumerate(names):
-        if names.count(name) > 1 or not isinstance(name, str) or not _NAME_RE.match(name):
+        if names.count(name) > 1 or not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             errors.append(
                 checks.Error(
                     f"{label}: declaration #{index + 1} has name {name!r}; each Notify "
@@ -254,7 +267,7 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
                 id,
                 hint=f"Fields: {', '.join(f.name for f in model._meta.concrete_fields)}.",
             )
-        elif not getattr(field, "concrete", False) or not field.column:
+        elif field not in model._meta.concrete_fields:
             error(f"{option} names {name!r}, which has no column of its own.", id)
         elif field.model is not model and field not in model._meta.local_concrete_fields:
             error(
@@ -269,7 +282,12 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
 
 
 def _column(field: models.Field) -> Column:
-    return Column(field=field.name, column=field.column, internal_type=field.get_internal_type())
+    # A foreign key column holds the value of the field it points to, and the
+    # trigger renders it by that type (a timestamptz pk must be sent in UTC).
+    stored = field
+    while stored.is_relation and getattr(stored, "target_field", None) is not None:
+        stored = stored.target_field
+    return Column(field=field.name, column=field.column, internal_type=stored.get_internal_type())
 
 
 def get_declarations(selectors: Iterable[str] = ()) -> list[Declaration]:

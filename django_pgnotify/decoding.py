@@ -7,6 +7,7 @@ field gives (``Decimal``, ``datetime``, ``UUID``, ``date``...), as the ORM would
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, models
 from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
@@ -26,9 +28,23 @@ logger = logging.getLogger("django_pgnotify.decoding")
 
 Converter = Callable[[Any], Any]
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
 
 class DecodeError(ValueError):
     """A payload that cannot become ``RowChange`` objects."""
+
+
+class ModelNotServed(DecodeError):
+    """A well-formed payload for a model this decoder was not given.
+
+    Expected when models share a channel and a listener serves only some of
+    them, so callers may want to skip it quietly rather than warn.
+    """
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} is not one this listener serves")
+        self.model = model
 
 
 def _datetime(value: Any) -> datetime:
@@ -57,6 +73,16 @@ def _binary(value: str) -> bytes:
     return bytes.fromhex(value[2:] if value.startswith("\\x") else value)
 
 
+def _timestamp(seconds: Decimal | int | None) -> datetime | None:
+    # Exact to the microsecond; a value no datetime can hold is dropped, not raised.
+    if seconds is None:
+        return None
+    try:
+        return _EPOCH + timedelta(microseconds=int(Decimal(seconds) * 1_000_000))
+    except (ArithmeticError, ValueError):
+        return None
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -70,7 +96,6 @@ _CONVERTERS: dict[str, Converter] = {
     "DurationField": _duration,
     "UUIDField": uuid.UUID,
     "BinaryField": _binary,
-    "JSONField": _same,
     "BooleanField": _same,
     "CharField": _same,
     "TextField": _same,
@@ -82,6 +107,8 @@ def converter_for(field: models.Field) -> Converter:
     if field.is_relation and getattr(field, "target_field", None) is not None:
         return converter_for(field.target_field)
     internal = field.get_internal_type()
+    if internal == "JSONField":
+        return _json_converter(field)
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
@@ -89,14 +116,24 @@ def converter_for(field: models.Field) -> Converter:
     return field.to_python
 
 
+def _json_converter(field: models.Field) -> Converter:
+    # The payload was parsed with Decimal for fractions; read the value again
+    # as the ORM reads jsonb text, with the field's decoder, so that 1.5 is a
+    # float and a custom decoder applies.
+    def convert(value: Any) -> Any:
+        return json.loads(wire.dumps(value), cls=field.decoder)
+
+    return convert
+
+
 class _ModelCodec:
-    """Column name -> (field name, converter) for one model."""
+    """Column name -> (attname, converter) for one model."""
 
     def __init__(self, model: type[models.Model]) -> None:
         self.model = model
         self.pk = converter_for(model._meta.pk)
         self.columns = {
-            f.column: (f.name, converter_for(f)) for f in model._meta.concrete_fields if f.column
+            f.column: (f.attname, converter_for(f)) for f in model._meta.concrete_fields if f.column
         }
         self._warned: set[str] = set()
 
@@ -105,7 +142,7 @@ class _ModelCodec:
             return None
         try:
             return converter(value)
-        except (TypeError, ValueError, ArithmeticError) as exc:
+        except (TypeError, ValueError, ArithmeticError, AttributeError, ValidationError) as exc:
             # Keep the raw value rather than lose the event (e.g. 'infinity').
             if column not in self._warned:
                 self._warned.add(column)
@@ -142,7 +179,8 @@ class Decoder:
         """Decode one payload into one ``RowChange`` per row it carries.
 
         Raises:
-            DecodeError: Not our wire format, or a model this decoder does not serve.
+            DecodeError: Not our wire format (``ModelNotServed``: a model this
+                decoder was not given).
         """
         try:
             message = wire.parse(payload)
@@ -150,12 +188,8 @@ class Decoder:
             raise DecodeError(str(exc)) from None
         codec = self._codecs.get(message.model)
         if codec is None:
-            raise DecodeError(f"model {message.model!r} is not one this listener serves")
-        timestamp = (
-            datetime.fromtimestamp(float(message.timestamp), tz=timezone.utc)
-            if isinstance(message.timestamp, (Decimal, int))
-            else None
-        )
+            raise ModelNotServed(message.model)
+        timestamp = _timestamp(message.timestamp)
         is_update = message.action == "update"
         changes = []
         for row in message.rows:

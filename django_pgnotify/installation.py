@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from psycopg import sql
@@ -28,10 +28,16 @@ NO_TABLE = "no table"
 
 _LOCK_KEY = "django-pgnotify installation"
 
-_OURS = """
+# What a trigger does, as PostgreSQL prints it, and whether it is enabled.
+# Hashed into its comment at install, so a trigger changed in place (CREATE OR
+# REPLACE TRIGGER, ALTER TABLE DISABLE TRIGGER, a renamed column in its WHEN
+# clause) no longer matches.
+_TRIGGER_STATE = "left(md5(t.tgenabled::text || pg_get_triggerdef(t.oid)), 16)"
+
+_OURS = f"""
 SELECT t.tgrelid, t.tgname, obj_description(t.oid, 'pg_trigger'),
        format('%%I.%%I', n.nspname, c.relname), p.oid::oid,
-       format('%%I.%%I', pn.nspname, p.proname)
+       format('%%I.%%I', pn.nspname, p.proname), {_TRIGGER_STATE}
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -50,7 +56,11 @@ WHERE obj_description(p.oid, 'pg_proc') LIKE %s
 
 @dataclass(frozen=True)
 class TriggerState:
-    """How one declaration (or one trigger nobody declares) stands in a database."""
+    """How one declaration (or one trigger nobody declares) stands in a database.
+
+    ``drop_sql`` removes triggers and functions of ours under this URI that the
+    declaration no longer asks for (for an unknown URI: all of them).
+    """
 
     uri: str
     status: str
@@ -60,7 +70,7 @@ class TriggerState:
     drop_sql: str = ""
 
     def __str__(self) -> str:
-        text = f"{self.uri} on {self.table}: {self.status}"
+        text = f"{self.status}: {self.uri} on {self.table}"
         return f"{text} ({self.detail})" if self.detail else text
 
 
@@ -77,8 +87,9 @@ def inspect_triggers(
     """Compare declarations with what is installed in ``using``.
 
     Returns one state per declaration (installed, missing, outdated, or no
-    table yet) and one per trigger or function of ours that no selected
-    declaration asks for (unknown). With selectors, unknown ones are reported
+    table yet) and one per URI of ours in the database that no selected
+    declaration has (unknown). Triggers a declaration no longer asks for (an
+    event removed) make it outdated. With selectors, unknown ones are reported
     only for the selected apps and models.
     """
     selectors = list(selectors)
@@ -91,8 +102,10 @@ def install_triggers(
 ) -> list[TriggerState]:
     """Create or update the triggers of every selected declaration.
 
-    Idempotent: declarations already installed are not touched. Returns the
-    states of those that were created or updated.
+    Idempotent: declarations already installed are not touched. Triggers of
+    ours left by an earlier declaration of a model that still declares others
+    (a renamed declaration) are dropped. Returns the states of what was
+    created, updated or dropped.
 
     Raises:
         TableMissing: A declared model's table does not exist (run ``migrate``).
@@ -105,17 +118,16 @@ def install_triggers(
         missing_tables = [s for s in states if s.status == NO_TABLE]
         if missing_tables:
             raise TableMissing(missing_tables)
-        stale = {s.uri: s for s in states if s.status == UNKNOWN}
         for state in states:
             built = state.sql
             if built is None or state.status == INSTALLED:
                 continue
             cursor.execute(built.create_function)
-            # Triggers left by an earlier version of this declaration (an event removed).
-            if state.uri in stale:
-                cursor.execute(stale.pop(state.uri).drop_sql)
+            if state.drop_sql:  # left by an earlier version of this declaration
+                cursor.execute(state.drop_sql)
             for create in built.create_triggers:
                 cursor.execute(create)
+            _seal(cursor, built)
             logger.info(
                 "pgnotify: %s %s on %s",
                 "updated" if state.status == OUTDATED else "installed",
@@ -123,6 +135,14 @@ def install_triggers(
                 state.table,
             )
             changed.append(state)
+        # A model's declaration renamed (or split in several) leaves the old
+        # one's triggers firing beside the new: drop them with the install.
+        declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None}
+        for state in states:
+            if state.status == UNKNOWN and state.uri.split(":", 1)[0] in declared:
+                cursor.execute(state.drop_sql)
+                logger.info("pgnotify: removed superseded %s on %s", state.uri, state.table)
+                changed.append(state)
     return changed
 
 
@@ -155,10 +175,40 @@ def uninstall_triggers(
         for state in _inspect(cursor, declarations_for(selectors, using), selectors):
             if state.status in (MISSING, NO_TABLE):
                 continue
-            cursor.execute(state.sql.drop if state.sql is not None else state.drop_sql)
+            if state.drop_sql:  # leftovers first: they may use the declaration's function
+                cursor.execute(state.drop_sql)
+            if state.sql is not None:
+                cursor.execute(state.sql.drop)
             logger.info("pgnotify: removed %s on %s", state.uri, state.table)
             removed.append(state)
     return removed
+
+
+def _seal(cursor, built: trigger_sql.TriggerSQL) -> None:
+    """Append to each trigger's comment the hash of its state in the catalogue."""
+    cursor.execute(
+        f"SELECT t.tgname, {_TRIGGER_STATE} FROM pg_trigger t"
+        " WHERE t.tgrelid = to_regclass(%s) AND t.tgname = ANY(%s)",
+        [built.table.as_string(None), list(built.triggers.values())],
+    )
+    for name, state in cursor.fetchall():
+        cursor.execute(
+            sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}")
+            .format(sql.Identifier(name), built.table, sql.Literal(f"{built.comment} {state}"))
+            .as_string(None)
+        )
+
+
+def _matches(comment: str, state: str, built: trigger_sql.TriggerSQL) -> bool:
+    """Whether a trigger is the one ``built`` describes, unchanged since install.
+
+    A trigger created from ``pgnotify_install --sql`` output carries no state
+    hash; its comment alone is compared.
+    """
+    if comment == built.comment:
+        return True
+    base, _, sealed = comment.rpartition(" ")
+    return base == built.comment and sealed == state
 
 
 class TableMissing(Exception):
@@ -180,11 +230,13 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
         built = trigger_sql.build_trigger_sql(declaration)
         table = built.table.as_string(None)
         cursor.execute(
-            "SELECT to_regclass(%s)::oid, f::oid, (SELECT prosrc FROM pg_proc WHERE oid = f),"
-            " obj_description(f, 'pg_proc') FROM to_regprocedure(%s) AS f",
+            "SELECT r::oid, f::oid, (SELECT prosrc FROM pg_proc WHERE oid = f),"
+            " obj_description(f, 'pg_proc'),"
+            " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = r AND NOT tgisinternal)"
+            " FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
             [table, built.function.as_string(None) + "()"],
         )
-        relid, function_oid, body, function_comment = cursor.fetchone()
+        relid, function_oid, body, function_comment, on_table = cursor.fetchone()
         if relid is None:
             states.append(TriggerState(built.uri, NO_TABLE, table, sql=built))
             continue
@@ -199,53 +251,70 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
             problems.append("function differs")
         for relid_name in keys:
             row = installed.get(relid_name)
-            if row is None:
-                problems.append(f"trigger {relid_name[1]} missing")
-            elif row[0] != built.comment:
+            if row is not None and not _matches(row[0], row[-1], built):
                 problems.append(f"trigger {relid_name[1]} differs")
+            elif row is None and relid_name[1] in on_table:
+                problems.append(f"trigger {relid_name[1]} lacks our comment")
+            elif row is None:
+                problems.append(f"trigger {relid_name[1]} missing")
         if not problems:
             states.append(TriggerState(built.uri, INSTALLED, table, sql=built))
-        elif body is None and not any(k in installed for k in keys):
+        elif body is None and not any(name in on_table for name in built.triggers.values()):
             states.append(TriggerState(built.uri, MISSING, table, sql=built))
         else:
             states.append(TriggerState(built.uri, OUTDATED, table, "; ".join(problems), built))
 
-    # Ours in the database, but asked for by no selected declaration.
-    stale: dict[str, list[tuple[str, str, int]]] = {}
-    for key, (comment, table, function_oid, function) in installed.items():
+    # Ours in the database, but asked for by no selected declaration, by URI.
+    leftovers: dict[str, _Leftovers] = {}
+    for key, (comment, table, function_oid, function, _) in installed.items():
         parsed = trigger_sql.parse_comment(comment)
         if key in expected_triggers or parsed is None or not _selected(parsed[0], selectors):
             continue
-        stale.setdefault(parsed[0], []).append((key[1], table, function_oid, function))
-    for uri, rows in stale.items():
-        drops = [f"DROP TRIGGER IF EXISTS {_ident(name)} ON {table};" for name, table, _, _ in rows]
-        drops += sorted(
-            {
-                f"DROP FUNCTION IF EXISTS {function}();"
-                for _, _, oid, function in rows
-                if oid not in expected_functions
-            }
-        )
-        names = ", ".join(name for name, _, _, _ in rows)
-        states.append(
-            TriggerState(uri, UNKNOWN, rows[0][1], f"triggers {names}", drop_sql="\n".join(drops))
-        )
-
+        found = leftovers.setdefault(parsed[0], _Leftovers())
+        found.triggers.append((key[1], table))
+        if function_oid not in expected_functions:
+            found.functions.add(function)
     cursor.execute(_ORPHAN_FUNCTIONS, [trigger_sql.MARKER + ":%"])
     for oid, function, comment in cursor.fetchall():
         parsed = trigger_sql.parse_comment(comment)
         if parsed is None or oid in expected_functions or not _selected(parsed[0], selectors):
             continue
-        states.append(
-            TriggerState(
-                parsed[0],
-                UNKNOWN,
-                "-",
-                f"function {function} has no trigger",
-                drop_sql=f"DROP FUNCTION IF EXISTS {function}();",
-            )
-        )
+        leftovers.setdefault(parsed[0], _Leftovers()).functions.add(function)
+
+    by_uri = {state.uri: index for index, state in enumerate(states)}
+    for uri, found in leftovers.items():
+        index = by_uri.get(uri)
+        if index is not None and states[index].status != NO_TABLE:
+            # Left by an earlier version of a declaration (an event removed, a
+            # table renamed): installing or removing the declaration drops them.
+            state = states[index]
+            detail = "; ".join(filter(None, [state.detail, f"no longer declared: {found}"]))
+            states[index] = replace(state, status=OUTDATED, detail=detail, drop_sql=found.drop)
+        else:
+            table = found.triggers[0][1] if found.triggers else "-"
+            states.append(TriggerState(uri, UNKNOWN, table, str(found), drop_sql=found.drop))
     return states
+
+
+@dataclass
+class _Leftovers:
+    """Triggers ``(name, table)`` and functions of ours that nothing declares."""
+
+    triggers: list[tuple[str, str]] = field(default_factory=list)
+    functions: set[str] = field(default_factory=set)
+
+    def __str__(self) -> str:
+        names = [f"trigger {name}" for name, _ in self.triggers]
+        if not self.triggers:
+            names += [f"function {function} has no trigger" for function in sorted(self.functions)]
+        return ", ".join(names)
+
+    @property
+    def drop(self) -> str:
+        # Functions last: a trigger depends on its function.
+        statements = [f"DROP TRIGGER IF EXISTS {_ident(n)} ON {t};" for n, t in self.triggers]
+        statements += [f"DROP FUNCTION IF EXISTS {f}();" for f in sorted(self.functions)]
+        return "\n".join(statements)
 
 
 def _ident(name: str) -> str:

@@ -6,6 +6,7 @@ Every name here is a plain string; quoting happens where SQL is built.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import NamedTuple
 
 #: PostgreSQL's identifier limit (NAMEDATALEN - 1), in bytes.
@@ -16,6 +17,9 @@ PREFIX = "pgnotify"
 
 #: Name of a model's declaration when it has only one and gives none.
 DEFAULT_NAME = "default"
+
+# One or two double-quoted identifiers separated by a dot; "" is a quote inside one.
+_QUOTED_TABLE = re.compile(r'"((?:[^"]|"")*)"(?:\."((?:[^"]|"")*)")?')
 
 
 class TableName(NamedTuple):
@@ -31,14 +35,17 @@ def parse_db_table(db_table: str) -> TableName:
     Django leaves a ``db_table`` that is already wrapped in double quotes as it
     is, which is how projects put a model in a schema: ``'"sales"."order"'``
     (or ``'sales"."order'``, which Django wraps). A plain name, even one with a
-    dot in it, is a single table name on the search path.
+    dot in it, is a single table name on the search path. Read as PostgreSQL
+    reads it, ``""`` is a quote inside a name, so ``'"a"".""b"'`` is one table.
     """
     quoted = db_table if db_table.startswith('"') and db_table.endswith('"') else f'"{db_table}"'
-    parts = quoted[1:-1].split('"."')
-    names = [part.replace('""', '"') for part in parts]
-    if len(names) == 2:
-        return TableName(names[0], names[1])
-    return TableName(None, quoted[1:-1].replace('""', '"'))
+    match = _QUOTED_TABLE.fullmatch(quoted)
+    if match is None:  # not valid quoted SQL; keep the name as written
+        return TableName(None, quoted[1:-1])
+    first, second = match.groups()
+    if second is None:
+        return TableName(None, first.replace('""', '"'))
+    return TableName(first.replace('""', '"'), second.replace('""', '"'))
 
 
 def fit_identifier(name: str) -> str:

@@ -8,7 +8,8 @@ a plain ``TestCase`` the transaction never commits and nothing arrives.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,12 +20,19 @@ from .installation import declarations_for
 from .listener import Listener
 from .signals import row_changed
 
+_POLL_INTERVAL = 0.05
+
 
 class CapturedChanges(list):
-    """The ``RowChange`` objects received so far, in delivery order."""
+    """The ``RowChange`` objects received so far, in delivery order.
 
-    def __init__(self) -> None:
+    ``stats`` are the listener's counters (``received``, ``dispatched``,
+    ``receiver_errors``, ``undecodable``), to assert on what was skipped.
+    """
+
+    def __init__(self, stats: Counter[str] | None = None) -> None:
         super().__init__()
+        self.stats: Counter[str] = stats if stats is not None else Counter()
         self._arrived = threading.Condition()
 
     def add(self, event: RowChange) -> None:
@@ -46,6 +54,24 @@ class CapturedChanges(list):
                 )
             return list(self[:count])
 
+    def wait_for(self, predicate: Callable[[RowChange], bool], timeout: float = 5.0) -> RowChange:
+        """Block until a change matching ``predicate`` arrived; return the first.
+
+        Raises:
+            AssertionError: None arrived within ``timeout`` seconds.
+        """
+
+        def first_match() -> RowChange | None:
+            return next((event for event in self if predicate(event)), None)
+
+        with self._arrived:
+            found = self._arrived.wait_for(first_match, timeout)
+            if found is None:
+                raise AssertionError(
+                    f"no matching row change within {timeout}s; got {list(self)!r}"
+                )
+            return found
+
 
 @contextmanager
 def capture_row_changes(
@@ -66,8 +92,9 @@ def capture_row_changes(
     """
     declarations = declarations_for(selectors, using)
     models = {d.model for d in declarations}
-    listener = Listener(declarations, using)
-    changes = CapturedChanges()
+    # A short poll keeps leaving the block quick; the loop checks its stop flag per poll.
+    listener = Listener(declarations, using, poll_interval=_POLL_INTERVAL)
+    changes = CapturedChanges(listener.stats)
     failure: list[BaseException] = []
 
     def receive(sender: Any, event: RowChange, **kwargs: Any) -> None:

@@ -65,11 +65,15 @@ def format_comment(uri: str, checksum: str) -> str:
 
 
 def parse_comment(comment: str | None) -> tuple[str, str] | None:
-    """``(uri, checksum)`` from one of our comments, or ``None`` if not ours."""
+    """``(uri, checksum)`` from one of our comments, or ``None`` if not ours.
+
+    The installer may append a fourth word to a trigger's comment (a hash of
+    the trigger's catalogue state); it is not part of the rendered SQL.
+    """
     if not comment or not comment.startswith(MARKER + ":"):
         return None
     parts = comment.split(" ")
-    if len(parts) != 3:
+    if len(parts) not in (3, 4):
         return None
     return parts[1], parts[2]
 
@@ -273,8 +277,10 @@ def _changed(columns: tuple[Column, ...]) -> sql.Composable:
 
 def _when_clause(declaration: Declaration) -> sql.Composable:
     if not declaration.when_changed:
-        # An UPDATE that changes nothing announces nothing.
-        return sql.SQL("OLD.* IS DISTINCT FROM NEW.*")
+        # An UPDATE that changes nothing announces nothing. Comparing the rows'
+        # binary images works for every column type, even those without "="
+        # (json, xml, point), and names no column.
+        return sql.SQL("OLD *<> NEW")
     return sql.SQL(" OR ").join(
         sql.SQL("OLD.{col} IS DISTINCT FROM NEW.{col}").format(col=sql.Identifier(c.column))
         for c in declaration.when_changed

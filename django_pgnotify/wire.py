@@ -84,20 +84,35 @@ def parse(payload: str) -> Message:
     if not isinstance(data, dict):
         raise WireError("payload is not a JSON object")
     version = data.get(VERSION_KEY)
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python
         raise WireError(f"unsupported wire format version {version!r} (this reads {VERSION})")
     model, action, rows = data.get(MODEL), data.get(ACTION), data.get(ROWS)
     if not isinstance(model, str) or action not in ACTIONS:
         raise WireError("payload lacks a model label or a known action")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and PK in r for r in rows):
-        raise WireError("payload rows must be a list of objects with a pk")
-    xid = data.get(XID)
+    if not isinstance(rows, list) or not all(_is_row(r) for r in rows):
+        raise WireError(
+            "payload rows must be a list of objects with a pk, "
+            "objects as fields and old, and a list of names as changed"
+        )
+    xid, timestamp = data.get(XID), data.get(TIMESTAMP)
     return Message(
         model=model,
         action=action,
         rows=rows,
-        xid=xid if isinstance(xid, int) else None,
-        timestamp=data.get(TIMESTAMP),
+        xid=xid if isinstance(xid, int) and not isinstance(xid, bool) else None,
+        timestamp=timestamp if isinstance(timestamp, (Decimal, int)) else None,
+    )
+
+
+def _is_row(row: Any) -> bool:
+    # Checked here so that a stray NOTIFY on our channel is a WireError, not a crash.
+    return (
+        isinstance(row, dict)
+        and PK in row
+        and isinstance(row.get(FIELDS) or {}, dict)
+        and isinstance(row.get(OLD) or {}, dict)
+        and isinstance(row.get(CHANGED) or [], list)
+        and all(isinstance(name, str) for name in row.get(CHANGED) or [])
     )
 
 
@@ -111,10 +126,25 @@ def encode(message: Message) -> str:
         TIMESTAMP: message.timestamp,
         ROWS: message.rows,
     }
-    return json.dumps(data, separators=(",", ":"), default=_number)
+    return dumps(data)
 
 
-def _number(value: Any) -> Any:
+def dumps(value: Any) -> str:
+    """Compact JSON in which a ``Decimal`` keeps every digit, as PostgreSQL sends numbers.
+
+    ``json.dumps`` would have to go through ``float`` and lose digits, so a
+    value that ``parse`` read would not survive being written back.
+
+    Raises:
+        TypeError: A value JSON cannot represent (a ``Decimal`` NaN or infinity too).
+    """
     if isinstance(value, Decimal):
-        return float(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+        if not value.is_finite():
+            raise TypeError(f"Decimal {value} has no JSON form")
+        return str(value)  # e.g. "12.50" or "1E+2", both JSON numbers
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(key))}:{dumps(item)}" for key, item in value.items())
+        return "{" + ",".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dumps(item) for item in value) + "]"
+    return json.dumps(value)

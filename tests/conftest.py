@@ -10,15 +10,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.core.management import call_command
 from django.db import connection
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from django_pgnotify import RowChange
 from django_pgnotify.connection import connection_params
+from django_pgnotify.installation import install_triggers, prune_triggers
 from django_pgnotify.testing import CapturedChanges, capture_row_changes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +44,34 @@ def changes(transactional_db) -> Iterator[CapturedChanges]:
         yield captured
 
 
-def test_database_url(alias: str = "default") -> str:
+def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:
+    """Commit a marker change and return the changes that arrived before it.
+
+    Notifications arrive in commit order, so once the marker is in, anything
+    committed earlier that was announced at all has arrived too: this is how
+    a test shows that something was *not* sent without sleeping.
+    """
+    from tests.testapp.models import Tag
+
+    name = f"marker-{uuid.uuid4().hex[:8]}"
+    Tag.objects.create(name=name)
+    marker = changes.wait_for(lambda e: e.model is Tag and e.pk == name, timeout)
+    return list(changes[: changes.index(marker)])
+
+
+@pytest.fixture
+def restore_triggers(transactional_db) -> Iterator[None]:
+    """Bring the committed triggers back to the declarations after the test."""
+    yield
+    install_triggers()
+    prune_triggers()
+
+
+def test_database_url(alias: str = "default", **overrides: str) -> str:
     """A libpq conninfo string for the test database, for child processes."""
     params = connection_params(alias)
     params.pop("client_encoding", None)
+    params.update(overrides)
     return make_conninfo(**{k: v for k, v in params.items() if v not in (None, "")})
 
 
@@ -76,8 +105,12 @@ class ManagedProcess:
         )
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.seen: list[tuple[str, str]] = []
-        for name, stream in (("out", self.process.stdout), ("err", self.process.stderr)):
-            threading.Thread(target=self._read, args=(name, stream), daemon=True).start()
+        self._readers = [
+            threading.Thread(target=self._read, args=(name, stream), daemon=True)
+            for name, stream in (("out", self.process.stdout), ("err", self.process.stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self, name: str, stream) -> None:
         for line in stream:
@@ -111,6 +144,14 @@ class ManagedProcess:
             self.process.wait(5)
             raise AssertionError(f"process did not stop within {timeout}s after {sig!r}") from None
 
+    def output(self, stream: str | None = None) -> list[str]:
+        """Every line the process wrote (after it exited), in order of reading."""
+        for reader in self._readers:
+            reader.join(5)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get_nowait())
+        return [line for name, line in self.seen if stream is None or name == stream]
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
@@ -118,14 +159,14 @@ class ManagedProcess:
 
 
 @pytest.fixture
-def listener_process(transactional_db) -> Iterator[callable]:
+def listener_process(transactional_db) -> Iterator[Callable[..., ManagedProcess]]:
     """Start ``manage.py pgnotify_listen -v 2`` as a real process, ready to receive."""
     started: list[ManagedProcess] = []
 
-    def start(*args: str, ready: bool = True) -> ManagedProcess:
+    def start(*args: str, ready: bool = True, **env: str) -> ManagedProcess:
         managed = ManagedProcess(
             [sys.executable, "-m", "django", "pgnotify_listen", "-v", "2", *args],
-            django_env(DATABASE_URL=test_database_url()),
+            django_env(DATABASE_URL=test_database_url(), **env),
         )
         started.append(managed)
         if ready:
@@ -138,12 +179,31 @@ def listener_process(transactional_db) -> Iterator[callable]:
 
 
 @pytest.fixture
-def other_connection(transactional_db):
+def other_connection(transactional_db) -> Iterator[psycopg.Connection]:
     """A plain psycopg connection, as a client that is not Django would use."""
-    import psycopg
-
     with psycopg.connect(test_database_url(), autocommit=True) as conn:
         yield conn
 
 
-__all__ = ["ROOT", "ManagedProcess", "connection", "django_env", "run_manage", "test_database_url"]
+@pytest.fixture
+def empty_database_url(other_connection: psycopg.Connection) -> Iterator[str]:
+    """A database on the test server that nobody has migrated; dropped afterwards."""
+    name = f"pgnotify_empty_{uuid.uuid4().hex[:8]}"
+    other_connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield test_database_url(dbname=name)
+    finally:
+        other_connection.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+__all__ = [
+    "ROOT",
+    "ManagedProcess",
+    "changes_before_marker",
+    "connection",
+    "django_env",
+    "run_manage",
+    "test_database_url",
+]

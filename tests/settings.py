@@ -10,6 +10,12 @@ TIME_ZONE = "Europe/Berlin"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 DATABASES = {"default": database_settings()}
+# A second database on the same server, for --database and using= tests.
+DATABASES["other"] = {
+    **DATABASES["default"],
+    "NAME": f"{DATABASES['default']['NAME']}_other",
+    "OPTIONS": dict(DATABASES["default"]["OPTIONS"]),
+}
 
 INSTALLED_APPS = [
     "tests.testapp",  # before django_pgnotify on purpose: the Meta option must not care

@@ -1,5 +1,18 @@
-"""A project whose notifying models sit on SQLite: every command must refuse it."""
+"""A project whose notifying models sit on SQLite: every command must refuse it.
 
-from tests.settings import *  # noqa: F403
+Standalone rather than importing tests.settings, which would start a PostgreSQL.
+"""
 
+from django_pgnotify import Notify
+
+SECRET_KEY = "tests-only"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+INSTALLED_APPS = [
+    "tests.testapp",
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_pgnotify",
+]
+PGNOTIFY = {"MODELS": {"auth.User": Notify(fields=["username"], events=["insert"])}}

@@ -100,3 +100,20 @@ class Restaurant(Place):
 
     class Meta:
         pgnotify = Notify(fields=["cuisine"])
+
+
+class PlainJSONField(models.TextField):
+    """A column of type json, which has no equality operator."""
+
+    def db_type(self, connection):
+        return "json"
+
+
+class Legacy(models.Model):
+    """A table with a column type that cannot be compared with '='."""
+
+    doc = PlainJSONField(default="{}")
+    title = models.CharField(max_length=50, default="")
+
+    class Meta:
+        pgnotify = Notify(fields=["title"])

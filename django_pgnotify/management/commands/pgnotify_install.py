@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from django_pgnotify import installation
+from django_pgnotify.connection import connection_params, describe
 from django_pgnotify.triggers import build_trigger_sql
 
 
@@ -70,13 +71,20 @@ class Command(BaseCommand):
             elif options["uninstall"]:
                 self.report(installation.uninstall_triggers(selectors, using), "Removed")
             else:
+                nothing = not installation.declarations_for(selectors, using)
+                if selectors and nothing and not options["prune"]:
+                    raise CommandError(
+                        f"No model in {' '.join(selectors)} declares pgnotify for database "
+                        f"{using!r}; nothing to install."
+                    )
                 self.report(installation.install_triggers(selectors, using), "Installed")
                 if options["prune"]:
                     self.report(installation.prune_triggers(selectors, using), "Pruned")
         except (ImproperlyConfigured, installation.TableMissing) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
-            raise CommandError(f"Database {using!r}: {exc}".strip()) from exc
+            where = describe(connection_params(using))
+            raise CommandError(f"Database {using!r} ({where}): {exc}".strip()) from exc
 
     def print_sql(self, selectors: tuple[str, ...], using: str, options: dict[str, Any]) -> None:
         if options["uninstall"] or options["prune"] or options["check"]:
@@ -85,7 +93,8 @@ class Command(BaseCommand):
                 if state.status == installation.UNKNOWN:
                     self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
                 elif options["uninstall"] and state.sql and state.status != installation.MISSING:
-                    self.stdout.write(f"-- remove {state.uri}\n{state.sql.drop}\n")
+                    drop = "\n".join(filter(None, [state.drop_sql, state.sql.drop]))
+                    self.stdout.write(f"-- remove {state.uri}\n{drop}\n")
             if options["uninstall"]:
                 return
         for declaration in installation.declarations_for(selectors, using):
@@ -98,9 +107,9 @@ class Command(BaseCommand):
         for state in states:
             if state.status == installation.INSTALLED:
                 if self.verbosity >= 2:
-                    self.stdout.write(f"ok: {state}")
+                    self.stdout.write(str(state))
             else:
-                self.stdout.write(self.style.ERROR(f"{state.status}: {state}"))
+                self.stdout.write(self.style.ERROR(str(state)))
         if problems:
             raise CommandError(
                 f"{len(problems)} trigger problem(s) in database {using!r}; "
@@ -112,10 +121,9 @@ class Command(BaseCommand):
         )
 
     def report(self, states: list[installation.TriggerState], verb: str) -> None:
+        installed_words = {installation.OUTDATED: "Updated", installation.UNKNOWN: "Removed"}
         for state in states:
-            word = (
-                "Updated" if verb == "Installed" and state.status == installation.OUTDATED else verb
-            )
+            word = installed_words.get(state.status, verb) if verb == "Installed" else verb
             self.stdout.write(self.style.SUCCESS(f"{word} {state.uri} on {state.table}"))
         if not states and self.verbosity >= 1:
             nothing = {

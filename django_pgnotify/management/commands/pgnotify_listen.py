@@ -56,7 +56,7 @@ class Command(BaseCommand):
             ) from exc
         finally:
             connections[using].close()  # the listener has its own connection
-        self.require_installed(states, using)
+        self.require_installed(states, using, selectors)
 
         listener = Listener([s.sql.declaration for s in states if s.sql is not None], using)
         if self.verbosity >= 2:
@@ -77,11 +77,14 @@ class Command(BaseCommand):
                 signal.signal(sig, handler)
             row_changed.disconnect(dispatch_uid="pgnotify_listen_print")
 
-    def require_installed(self, states: list[installation.TriggerState], using: str) -> None:
+    def require_installed(
+        self, states: list[installation.TriggerState], using: str, selectors: tuple[str, ...]
+    ) -> None:
         declared = [s for s in states if s.sql is not None]
         if not declared:
+            where = f" in {' '.join(selectors)}" if selectors else ""
             raise CommandError(
-                f"No model declares pgnotify for database {using!r}; add "
+                f"No model{where} declares pgnotify for database {using!r}; add "
                 "pgnotify = Notify(...) to a model's Meta or PGNOTIFY['MODELS']."
             )
         no_table = [s for s in declared if s.status == installation.NO_TABLE]

@@ -1,0 +1,346 @@
+"""System checks: each declaration mistake is reported with the model and option at fault."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.apps.registry import Apps
+from django.core import checks
+from django.db import models
+from django.test import override_settings
+from django.test.utils import isolate_apps
+
+from django_pgnotify import Notify
+from django_pgnotify.checks import check_declarations
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def registry():
+    """A private app registry, so the models of a test exist only for it."""
+    with isolate_apps("tests.testapp") as apps:
+        yield apps
+
+
+def declare(declared) -> type[models.Model]:
+    """A ``testapp.Shipment`` with ``pgnotify = declared``, and relations to point at."""
+
+    class Carrier(models.Model):
+        name = models.CharField(max_length=50)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Shipment(models.Model):
+        status = models.CharField(max_length=20)
+        weight = models.IntegerField()
+        carrier = models.ForeignKey(Carrier, on_delete=models.CASCADE)
+        carriers = models.ManyToManyField(Carrier, related_name="+")
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = declared
+
+    class Parcel(models.Model):
+        shipment = models.ForeignKey(Shipment, on_delete=models.CASCADE)
+
+        class Meta:
+            app_label = "testapp"
+
+    return Shipment
+
+
+def check_models(registry: Apps) -> list[checks.CheckMessage]:
+    """The pgnotify check messages of the models defined in ``registry``."""
+    return check_declarations(app_configs=[registry.get_app_config("testapp")])
+
+
+def only(messages: list[checks.CheckMessage], id: str) -> checks.CheckMessage:
+    """The one message, which must have ``id``."""
+    assert [m.id for m in messages] == [id], messages
+    return messages[0]
+
+
+def test_the_projects_own_settings_produce_no_pgnotify_messages():
+    assert check_declarations() == []
+
+
+def test_checks_run_with_manage_py_check():
+    with override_settings(PGNOTIFY={"POLL_INTERVAL": 0}):
+        ids = [m.id for m in checks.run_checks(tags=["pgnotify"])]
+
+    assert ids == ["pgnotify.E010"]
+
+
+def test_a_valid_declaration_passes(registry):
+    declare(Notify(fields=["status", "carrier"], when_changed=["weight"], name="status"))
+
+    assert check_models(registry) == []
+
+
+@pytest.mark.parametrize(
+    "pgnotify",
+    ["yes", [Notify(), "status"], [], {"fields": ["status"]}],
+    ids=["string", "list-with-a-string", "empty-list", "dict"],
+)
+def test_e001_pgnotify_that_is_not_notify(registry, pgnotify):
+    declare(pgnotify)
+
+    message = only(check_models(registry), "pgnotify.E001")
+    assert "testapp.Shipment" in message.msg
+    assert "pgnotify must be a Notify" in message.msg
+
+
+@pytest.mark.parametrize(
+    ("events", "shown"),
+    [(["insert", "upsert"], "'upsert'"), ("insert", "'insert'"), ([], "()"), (None, "None")],
+    ids=["unknown", "bare-string", "empty", "none"],
+)
+def test_e002_events(registry, events, shown):
+    declare(Notify(events=events))
+
+    message = only(check_models(registry), "pgnotify.E002")
+    assert "testapp.Shipment:default" in message.msg
+    assert shown in message.msg
+    assert "event" in message.msg
+
+
+@pytest.mark.parametrize(
+    ("field", "reason"),
+    [
+        ("colour", "not a field of testapp.Shipment"),
+        ("parcel", "no column of its own"),
+        ("carriers", "no column of its own"),
+    ],
+    ids=["unknown", "reverse-relation", "many-to-many"],
+)
+def test_e003_fields_that_are_not_columns_of_the_table(registry, field, reason):
+    declare(Notify(fields=["status", field]))
+
+    message = only(check_models(registry), "pgnotify.E003")
+    assert "testapp.Shipment:default: fields" in message.msg
+    assert repr(field) in message.msg
+    assert reason in message.msg
+
+
+def test_e003_field_inherited_from_a_multi_table_parent(registry):
+    class Vehicle(models.Model):
+        name = models.CharField(max_length=50)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Truck(Vehicle):
+        axles = models.IntegerField()
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = Notify(fields=["axles", "name"])
+
+    message = only(check_models(registry), "pgnotify.E003")
+    assert "testapp.Truck:default: fields names 'name'" in message.msg
+    assert "inherits from testapp.Vehicle" in message.msg
+    assert message.hint == "Declare it on testapp.Vehicle."
+
+
+def test_e003_fields_given_as_a_bare_string(registry):
+    declare(Notify(fields="status"))
+
+    message = only(check_models(registry), "pgnotify.E003")
+    assert "testapp.Shipment:default: fields must be a list" in message.msg
+
+
+def test_e004_unknown_when_changed_field(registry):
+    declare(Notify(when_changed=["colour"]))
+
+    message = only(check_models(registry), "pgnotify.E004")
+    assert "testapp.Shipment:default: when_changed names 'colour'" in message.msg
+
+
+@pytest.mark.parametrize(
+    ("channel", "shown"),
+    [("c" * 64, "64 bytes"), ("é" * 32, "64 bytes"), ("", "''"), (5, "5"), ("a\0b", "'a\\x00b'")],
+    ids=["too-long", "too-long-in-bytes", "empty", "not-a-string", "nul"],
+)
+def test_e005_channel(registry, channel, shown):
+    declare(Notify(channel=channel))
+
+    message = only(check_models(registry), "pgnotify.E005")
+    assert "testapp.Shipment:default: channel" in message.msg
+    assert shown in message.msg
+
+
+def test_a_channel_of_exactly_63_bytes_is_accepted(registry):
+    declare(Notify(channel="c" * 63))
+
+    assert check_models(registry) == []
+
+
+def test_e006_proxy_declaring_something_else_than_its_concrete_model(registry):
+    shipment = declare(Notify(fields=["status"]))
+
+    class ShipmentProxy(shipment):
+        class Meta:
+            app_label = "testapp"
+            proxy = True
+            pgnotify = Notify(fields=["weight"])
+
+    message = only(check_models(registry), "pgnotify.E006")
+    assert "testapp.ShipmentProxy is a proxy model" in message.msg
+    assert "testapp.Shipment" in message.hint
+
+
+def test_a_proxy_repeating_its_concrete_models_declaration_is_accepted(registry):
+    shipment = declare(Notify(fields=["status"]))
+
+    class ShipmentProxy(shipment):
+        class Meta:
+            app_label = "testapp"
+            proxy = True
+            pgnotify = Notify(fields=["status"])
+
+    assert check_models(registry) == []
+
+
+@pytest.mark.parametrize(
+    ("declarations", "names"),
+    [
+        ([Notify(name="status"), Notify(name="status")], ["'status'", "'status'"]),
+        ([Notify(name="by-status"), Notify(name="all")], ["'by-status'"]),
+        ([Notify(name="status\n"), Notify(name="all")], ["'status\\n'"]),
+        ([Notify(name="notify2"), Notify()], ["'notify2'", "'notify2'"]),
+        (Notify(name=""), ["''"]),
+        (Notify(name=7), ["7"]),
+    ],
+    ids=["duplicate", "dash", "trailing-newline", "clashes-with-default", "empty", "not-a-string"],
+)
+def test_e007_declaration_names(registry, declarations, names):
+    declare(declarations)
+
+    messages = check_models(registry)
+    assert [m.id for m in messages] == ["pgnotify.E007"] * len(names)
+    for message, name in zip(messages, names, strict=True):
+        assert message.msg.startswith("testapp.Shipment: declaration #")
+        assert f"has name {name};" in message.msg
+
+
+def test_several_declarations_with_distinct_names_are_accepted(registry):
+    declare([Notify(events=["insert"]), Notify(events=["delete"], name="gone")])
+
+    assert check_models(registry) == []
+
+
+def test_e008_durable_that_is_not_a_bool(registry):
+    declare(Notify(durable="yes"))
+
+    message = only(check_models(registry), "pgnotify.E008")
+    assert "testapp.Shipment:default: durable must be True or False" in message.msg
+
+
+def test_w001_durable_is_not_available_yet(registry):
+    declare(Notify(durable=True))
+
+    message = only(check_models(registry), "pgnotify.W001")
+    assert message.level == checks.WARNING
+    assert "testapp.Shipment:default: durable=True" in message.msg
+
+
+def test_w002_when_changed_without_update(registry):
+    declare(Notify(events=["insert", "delete"], when_changed=["status"]))
+
+    message = only(check_models(registry), "pgnotify.W002")
+    assert message.level == checks.WARNING
+    assert "testapp.Shipment:default: when_changed has no effect" in message.msg
+
+
+def test_every_mistake_of_a_declaration_is_reported_at_once(registry):
+    declare(Notify(events=["upsert"], fields=["colour"], when_changed=["size"], channel=""))
+
+    ids = {m.id for m in check_models(registry)}
+    assert ids == {"pgnotify.E002", "pgnotify.E003", "pgnotify.E004", "pgnotify.E005"}
+
+
+def test_e011_composite_primary_key(registry):
+    class OrderLine(models.Model):
+        pk = models.CompositePrimaryKey("order_no", "line_no")
+        order_no = models.IntegerField()
+        line_no = models.IntegerField()
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = Notify(fields="__all__")
+
+    message = only(check_models(registry), "pgnotify.E011")
+    assert "testapp.OrderLine has a composite primary key (order_no, line_no)" in message.msg
+
+
+@pytest.mark.parametrize(
+    ("setting", "shown"),
+    [
+        (["MODELS"], "PGNOTIFY must be a dict"),
+        ({"MODELS": ["auth.User"]}, 'PGNOTIFY["MODELS"] must map'),
+        ({"MODELS": {"testapp.Nope": Notify()}}, "'testapp.Nope', which is not an installed"),
+        ({"MODELS": {"testapp": Notify()}}, "'testapp', which is not an installed"),
+        ({"MODELS": {5: Notify()}}, "names 5, which is not an installed"),
+        ({"POLL_INTERVAL": 0}, 'PGNOTIFY["POLL_INTERVAL"] must be a positive number'),
+        ({"POLL_INTERVAL": -1}, "got -1"),
+        ({"POLL_INTERVAL": "1"}, "got '1'"),
+        ({"POLL_INTERVAL": True}, "got True"),
+    ],
+    ids=[
+        "not-a-dict",
+        "models-not-a-dict",
+        "unknown-model",
+        "app-label-only",
+        "label-not-a-string",
+        "poll-zero",
+        "poll-negative",
+        "poll-string",
+        "poll-bool",
+    ],
+)
+def test_e010_pgnotify_setting(setting, shown):
+    with override_settings(PGNOTIFY=setting):
+        message = only(check_declarations(), "pgnotify.E010")
+
+    assert shown in message.msg
+
+
+def test_e001_for_a_model_declared_in_settings_with_something_else_than_notify():
+    with override_settings(PGNOTIFY={"MODELS": {"testapp.Tag": "yes"}}):
+        message = only(check_declarations(), "pgnotify.E001")
+
+    assert "testapp.Tag" in message.msg
+
+
+def test_w003_unknown_pgnotify_key():
+    with override_settings(PGNOTIFY={"POLL_INTERVALL": 1}):
+        message = only(check_declarations(), "pgnotify.W003")
+
+    assert message.level == checks.WARNING
+    assert "'POLL_INTERVALL'" in message.msg
+    assert "POLL_INTERVAL" in message.hint
+
+
+def test_e009_declarations_on_a_database_that_is_not_postgresql():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "check", "--settings", "tests.settings_sqlite"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    assert "pgnotify.E009" in result.stderr
+    assert "testapp.Order declares pgnotify but database 'default'" in result.stderr
+    assert "sqlite3" in result.stderr

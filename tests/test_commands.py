@@ -1,0 +1,168 @@
+"""The management commands as a user runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from django_pgnotify.installation import uninstall_triggers
+from tests.conftest import django_env, run_manage
+from tests.testapp.models import Order, Tag
+
+# pgnotify_listen
+
+
+def test_listen_sends_changes_made_through_django(listener_process):
+    listener = listener_process()
+
+    order = Order.objects.create(status="new", total="1.50")
+
+    line = listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+    assert "'status': 'new'" in line
+    assert "Decimal('1.50')" in line
+    assert listener.stop() == 0
+
+
+def test_listen_sends_changes_made_by_raw_sql(listener_process, other_connection):
+    listener = listener_process()
+
+    other_connection.execute("INSERT INTO testapp_tag (name, colour) VALUES ('raw', 'blue')")
+    other_connection.execute("DELETE FROM testapp_tag WHERE name = 'raw'")
+
+    listener.wait_for(r"^testapp\.tag insert pk='raw'$", stream="out")
+    listener.wait_for(r"^testapp\.tag delete pk='raw'$", stream="out")
+    assert listener.stop() == 0
+
+
+def test_listen_with_selectors_sends_only_those_models(listener_process):
+    listener = listener_process("testapp.Tag")
+
+    Order.objects.create(status="not listened to")
+    Tag.objects.create(name="listened to")
+
+    listener.wait_for(r"^testapp\.tag insert pk='listened to'$", stream="out")
+    assert not [line for name, line in listener.seen if name == "out" and "order" in line]
+    assert listener.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_listen_exits_0_within_seconds_on_signal(listener_process, sig):
+    listener = listener_process()
+
+    started = time.monotonic()
+    assert listener.stop(sig) == 0
+    assert time.monotonic() - started < 3
+    assert any("listener stopped" in line for line in listener.output("err"))
+
+
+def test_sigterm_lets_the_event_in_hand_finish_and_starts_no_other(listener_process):
+    listener = listener_process(PGNOTIFY_TEST_SLOW="1.5")
+    first = Order.objects.create(status="slow")
+    second = Order.objects.create(status="waiting")
+    listener.wait_for(rf"^slow receiver started testapp\.order pk={first.pk}$", stream="out")
+
+    assert listener.stop(signal.SIGTERM) == 0
+
+    out = listener.output("out")
+    finished = out.index(f"slow receiver finished testapp.order pk={first.pk}")
+    # The receivers after the slow one ran too: the event was dispatched whole.
+    assert any(line.startswith(f"testapp.order insert pk={first.pk} ") for line in out[finished:])
+    assert not [line for line in out if f"pk={second.pk}" in line]
+
+
+# pgnotify_listen and pgnotify_install refuse to start, saying why
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
+@pytest.mark.parametrize("skip_checks", [False, True], ids=["checks", "skip-checks"])
+def test_commands_refuse_a_database_that_is_not_postgresql(command, skip_checks):
+    args = [command, "--settings", "tests.settings_sqlite"]
+    result = run_manage(*args, *(["--skip-checks"] if skip_checks else []))
+
+    assert result.returncode != 0
+    assert "sqlite3" in result.stderr
+    assert "PostgreSQL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
+def test_commands_report_an_unreachable_server(command):
+    port = closed_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}/nowhere?connect_timeout=5"
+
+    result = run_manage(command, env=django_env(DATABASE_URL=url))
+
+    assert result.returncode != 0
+    assert "Database 'default'" in result.stderr or "database 'default'" in result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
+def test_commands_report_tables_that_are_not_migrated(command, empty_database_url):
+    result = run_manage(command, env=django_env(DATABASE_URL=empty_database_url))
+
+    assert result.returncode != 0
+    assert '"testapp_order" (testapp.Order:default)' in result.stderr
+    assert "migrate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_listen_refuses_to_start_without_triggers(restore_triggers):
+    uninstall_triggers(["testapp.Tag"])
+
+    result = run_manage("pgnotify_listen")
+
+    assert result.returncode != 0
+    assert "not installed for testapp.Tag:default" in result.stderr
+    assert "pgnotify_install" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
+def test_commands_refuse_an_unknown_database_alias(command):
+    result = run_manage(command, "--database", "nope")
+
+    assert result.returncode != 0
+    assert "Unknown database alias 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
+def test_commands_refuse_selectors_that_declare_nothing(command, transactional_db):
+    result = run_manage(command, "contenttypes")
+
+    assert result.returncode != 0
+    assert "No model in contenttypes declares pgnotify" in result.stderr
+
+
+# pgnotify_install --check as a deploy script runs it
+
+
+def test_install_check_exits_0_when_current_and_1_when_not(restore_triggers):
+    current = run_manage("pgnotify_install", "--check")
+    assert current.returncode == 0, current.stderr
+
+    uninstall_triggers(["testapp.Tag"])
+    broken = run_manage("pgnotify_install", "--check")
+
+    assert broken.returncode == 1
+    assert "missing: testapp.Tag:default" in broken.stdout
+    assert "pgnotify_install" in broken.stderr
+
+
+def test_install_puts_back_what_check_reported(restore_triggers):
+    uninstall_triggers(["testapp.Tag"])
+
+    installed = run_manage("pgnotify_install")
+
+    assert installed.returncode == 0, installed.stderr
+    assert "Installed testapp.Tag:default on" in installed.stdout
+    assert run_manage("pgnotify_install", "--check").returncode == 0

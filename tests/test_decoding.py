@@ -1,0 +1,249 @@
+"""The decoder: payloads as PostgreSQL sends them in, typed ``RowChange`` objects out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from django.test import override_settings
+
+from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
+from tests.testapp.models import Order, Reading, Tag, Weird
+
+READING_ID = uuid.UUID("6f1c2a4e-6b1f-4c8e-9a57-0c3b7d1e2f90")
+TOKEN = uuid.UUID("0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41")
+
+# An insert of a Reading as its trigger renders it: timestamps in UTC without
+# an offset, durations in seconds, bytea as hex, numbers as written.
+READING_INSERT = r"""
+{"v" : 1, "model" : "testapp.reading", "action" : "insert", "xid" : 5012,
+ "ts" : 1763717550.123456, "rows" : [{"pk" : "6f1c2a4e-6b1f-4c8e-9a57-0c3b7d1e2f90",
+ "fields" : {"order_id" : 42, "taken_at" : "2025-07-01T10:00:00.123456",
+ "day" : "2025-07-01", "at" : "23:59:59.5", "took" : 93784.500001,
+ "amount" : 12345678901234.123456, "ratio" : 0.1, "flag" : true,
+ "data" : {"a" : 1.5, "b" : [1, null, "x"]}, "blob" : "\\x00ff10",
+ "token" : "0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41", "count" : 9007199254740993}}]}
+"""
+
+
+def message(model: str, action: str, *rows: dict) -> str:
+    return json.dumps({"v": 1, "model": model, "action": action, "xid": 7, "ts": 1.5, "rows": rows})
+
+
+def decode_one(model, payload: str):
+    (change,) = Decoder([model]).decode(payload, channel="pgnotify_test", pid=4242)
+    return change
+
+
+def reading_with(**fields):
+    """A Reading insert carrying only ``fields`` (by column)."""
+    row = {"pk": str(READING_ID), "fields": fields}
+    return decode_one(Reading, message("testapp.reading", "insert", row))
+
+
+def test_every_field_type_arrives_as_its_python_type():
+    change = decode_one(Reading, READING_INSERT)
+
+    assert change.model is Reading
+    assert change.action == "insert"
+    assert change.pk == READING_ID
+    assert change.fields == {
+        "order_id": 42,
+        "taken_at": datetime(2025, 7, 1, 10, 0, 0, 123456, tzinfo=timezone.utc),
+        "day": date(2025, 7, 1),
+        "at": time(23, 59, 59, 500000),
+        "took": timedelta(days=1, hours=2, minutes=3, seconds=4, microseconds=500001),
+        "amount": Decimal("12345678901234.123456"),
+        "ratio": 0.1,
+        "flag": True,
+        "data": {"a": 1.5, "b": [1, None, "x"]},
+        "blob": b"\x00\xff\x10",
+        "token": TOKEN,
+        "count": 2**53 + 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("field", "kind"),
+    [
+        ("order_id", int),
+        ("taken_at", datetime),
+        ("amount", Decimal),
+        ("ratio", float),
+        ("took", timedelta),
+        ("blob", bytes),
+        ("token", uuid.UUID),
+    ],
+)
+def test_values_have_the_type_the_orm_gives(field, kind):
+    assert type(decode_one(Reading, READING_INSERT).fields[field]) is kind
+
+
+def test_numbers_inside_json_fields_are_floats_as_the_orm_reads_them():
+    data = decode_one(Reading, READING_INSERT).fields["data"]
+
+    assert type(data["a"]) is float
+
+
+def test_event_carries_the_notification_details():
+    change = decode_one(Reading, READING_INSERT)
+
+    assert change.channel == "pgnotify_test"
+    assert change.pid == 4242
+    assert change.xid == 5012
+    assert change.timestamp == datetime(2025, 11, 21, 9, 32, 30, 123456, tzinfo=timezone.utc)
+    assert change.using == "default"
+
+
+def test_a_datetime_with_an_offset_is_converted_to_utc():
+    change = reading_with(taken_at="2025-07-01T12:00:00+02:00")
+
+    assert change.fields["taken_at"] == datetime(2025, 7, 1, 10, 0, tzinfo=timezone.utc)
+    assert change.fields["taken_at"].utcoffset() == timedelta(0)
+
+
+@override_settings(USE_TZ=False)
+def test_without_use_tz_datetimes_are_naive_in_the_projects_time_zone():
+    change = reading_with(taken_at="2025-07-01T10:00:00")
+
+    assert change.fields["taken_at"] == datetime(2025, 7, 1, 12, 0)  # Europe/Berlin, CEST
+
+
+def test_a_negative_duration_keeps_its_sign():
+    assert reading_with(took=-1.5).fields["took"] == timedelta(seconds=-1.5)
+
+
+def test_null_values_stay_none():
+    change = reading_with(taken_at=None, amount=None, data=None, blob=None)
+
+    assert change.fields == {"taken_at": None, "amount": None, "data": None, "blob": None}
+
+
+def test_keys_are_field_names_even_when_the_column_is_named_otherwise():
+    row = {"pk": 3, "fields": {"La bel's $$ é": "hi"}}
+
+    change = decode_one(Weird, message("testapp.weird", "insert", row))
+
+    assert change.fields == {"label": "hi"}
+
+
+def test_update_maps_old_values_and_changed_columns_to_field_names():
+    row = {
+        "pk": 3,
+        "fields": {"La bel's $$ é": "new"},
+        "old": {"La bel's $$ é": "old"},
+        "changed": ["La bel's $$ é"],
+    }
+
+    change = decode_one(Weird, message("testapp.weird", "update", row))
+
+    assert change.fields == {"label": "new"}
+    assert change.old == {"label": "old"}
+    assert change.changed == frozenset({"label"})
+
+
+def test_update_old_values_are_typed_too():
+    row = {
+        "pk": 1,
+        "fields": {"status": "paid", "total": "12.50"},
+        "old": {"status": "new", "total": "0.10"},
+        "changed": ["status", "total"],
+    }
+
+    change = decode_one(Order, message("testapp.order", "update", row))
+
+    assert change.old == {"status": "new", "total": Decimal("0.10")}
+    assert change.changed == frozenset({"status", "total"})
+
+
+def test_insert_has_no_old_values_and_nothing_changed():
+    change = decode_one(Order, message("testapp.order", "insert", {"pk": 1, "fields": {}}))
+
+    assert change.old is None
+    assert change.changed == frozenset()
+
+
+def test_delete_has_the_rows_last_values_and_no_old_values():
+    row = {"pk": "blue", "fields": {}}
+
+    change = decode_one(Tag, message("testapp.tag", "delete", row))
+
+    assert change.action == "delete"
+    assert change.pk == "blue"
+    assert change.old is None
+
+
+def test_a_truncated_row_has_its_pk_and_no_values():
+    row = {"pk": str(READING_ID), "truncated": True}
+
+    change = decode_one(Reading, message("testapp.reading", "update", row))
+
+    assert change.truncated is True
+    assert change.pk == READING_ID
+    assert change.fields == {}
+    assert change.old is None
+    assert change.changed == frozenset()
+
+
+def test_a_row_too_large_even_for_its_pk_has_pk_none():
+    change = decode_one(
+        Reading, message("testapp.reading", "delete", {"pk": None, "truncated": True})
+    )
+
+    assert change.truncated is True
+    assert change.pk is None
+
+
+def test_a_model_the_decoder_does_not_serve_is_a_decode_error_naming_it():
+    with pytest.raises(ModelNotServed, match=r"testapp\.tag") as raised:
+        Decoder([Order]).decode(message("testapp.tag", "insert", {"pk": "x"}))
+
+    assert isinstance(raised.value, DecodeError)
+    assert raised.value.model == "testapp.tag"
+
+
+@pytest.mark.parametrize("seconds", ["1e400", "-1e20"])
+def test_a_timestamp_no_datetime_can_hold_leaves_the_change_without_one(seconds):
+    payload = message("testapp.tag", "insert", {"pk": "blue"}).replace(
+        '"ts": 1.5', f'"ts": {seconds}'
+    )
+
+    change = decode_one(Tag, payload)
+
+    assert change.pk == "blue"
+    assert change.timestamp is None
+
+
+def test_a_payload_that_is_not_our_format_is_a_decode_error():
+    with pytest.raises(DecodeError):
+        Decoder([Order]).decode("hello")
+
+
+def test_a_value_that_cannot_be_converted_is_passed_on_as_sent_and_logged_once(caplog):
+    decoder = Decoder([Reading])
+    payload = message(
+        "testapp.reading", "insert", {"pk": str(READING_ID), "fields": {"taken_at": "infinity"}}
+    )
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        first = decoder.decode(payload)[0]
+        second = decoder.decode(payload)[0]
+
+    assert first.fields["taken_at"] == "infinity"
+    assert second.fields["taken_at"] == "infinity"
+    (record,) = caplog.records
+    assert "testapp.Reading" in record.getMessage()
+    assert "taken_at" in record.getMessage()
+    assert "'infinity'" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("day", "infinity"), ("token", 17), ("amount", "lots"), ("took", "1 day")],
+)
+def test_other_unconvertible_values_are_passed_on_as_sent(column, value):
+    assert reading_with(**{column: value}).fields == {column: value}

@@ -1,0 +1,210 @@
+"""The SQL builder: declarations in, trigger SQL out (pure, no database)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.db import models
+from django.test.utils import isolate_apps
+from psycopg import sql
+
+from django_pgnotify import Notify
+from django_pgnotify.declarations import Declaration, raw_declarations, resolve_model
+from django_pgnotify.triggers import build_trigger_sql, parse_comment
+from tests.testapp.models import Article, Order, Reading, Tag, Weird
+
+
+def declaration(model: type[models.Model], notify: Notify | None = None) -> Declaration:
+    """The one valid declaration of ``model`` (its own, or ``notify``)."""
+    found, errors = resolve_model(model, notify or raw_declarations(model))
+    assert not errors
+    (result,) = found
+    return result
+
+
+def trigger_for(built, event: str) -> str:
+    (statement,) = [s for s in built.create_triggers if f" AFTER {event.upper()} " in s]
+    return statement
+
+
+def call_arguments(text: str, function: str) -> list[int]:
+    """How many arguments each call of ``function`` in ``text`` passes."""
+    counts = []
+    for match in re.finditer(rf"\b{function}\(", text):
+        depth, quote, args, position = 1, None, 1, match.end()
+        if text[position] == ")":
+            args = 0
+        while depth:
+            char = text[position]
+            if quote:
+                quote = None if char == quote else quote  # '' and "" close and reopen
+            elif char in "'\"":
+                quote = char
+            elif char == "(":
+                depth += 1
+            elif char == ")":
+                depth -= 1
+            elif char == "," and depth == 1:
+                args += 1
+            position += 1
+        counts.append(args)
+    return counts
+
+
+@pytest.fixture
+def registry():
+    with isolate_apps("tests.testapp") as apps:
+        yield apps
+
+
+def test_names_and_values_that_need_quoting_are_quoted():
+    built = build_trigger_sql(declaration(Weird))
+
+    assert """PERFORM pg_notify('Odd "Channel" %s é', payload);""" in built.body
+    assert """NEW."La bel's $$ é\"""" in built.body
+    assert """'La bel''s $$ é'""" in built.body  # the column as a JSON key
+    assert """ON "pgnotify odd"."Weird Table's $$" """ in trigger_for(built, "insert")
+    assert built.create_function.startswith(
+        """CREATE OR REPLACE FUNCTION "pgnotify odd"."pgnotify_Weird Table's $$_"""
+    )
+
+
+def test_update_trigger_fires_only_when_a_when_changed_column_changed():
+    update = trigger_for(build_trigger_sql(declaration(Order)), "update")
+
+    assert (
+        ' WHEN (OLD."status" IS DISTINCT FROM NEW."status"'
+        ' OR OLD."total" IS DISTINCT FROM NEW."total") '
+    ) in update
+
+
+def test_update_trigger_without_when_changed_fires_when_any_column_changed():
+    update = trigger_for(build_trigger_sql(declaration(Tag)), "update")
+
+    assert " WHEN (OLD *<> NEW) " in update
+
+
+@pytest.mark.parametrize("event", ["insert", "delete"])
+def test_insert_and_delete_triggers_have_no_when_clause(event):
+    statement = trigger_for(build_trigger_sql(declaration(Order)), event)
+
+    assert " WHEN " not in statement
+
+
+def test_only_declared_events_get_triggers_and_branches():
+    built = build_trigger_sql(declaration(Article))  # insert and update
+
+    assert set(built.triggers) == {"insert", "update"}
+    assert len(built.create_triggers) == 2
+    assert not any(" AFTER DELETE " in statement for statement in built.create_triggers)
+    assert "TG_OP = 'DELETE'" not in built.body
+    assert "TG_OP = 'INSERT'" in built.body
+    assert "TG_OP = 'UPDATE'" in built.body
+
+
+def test_datetimes_are_sent_in_utc_and_durations_in_seconds():
+    body = build_trigger_sql(declaration(Reading)).body
+
+    assert """(NEW."taken_at" AT TIME ZONE 'UTC')""" in body
+    assert """extract(epoch FROM NEW."took")""" in body
+
+
+def test_a_foreign_key_to_a_datetime_pk_is_sent_in_utc(registry):
+    class Slot(models.Model):
+        starts = models.DateTimeField(primary_key=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Booking(models.Model):
+        slot = models.ForeignKey(Slot, on_delete=models.CASCADE)
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = Notify(fields=["slot"])
+
+    body = build_trigger_sql(declaration(Booking)).body
+
+    assert """(NEW."slot_id" AT TIME ZONE 'UTC')""" in body
+
+
+def test_more_than_50_fields_stay_within_postgresqls_100_arguments(registry):
+    columns = {f"c{i:02}": models.IntegerField(null=True) for i in range(120)}
+    meta = type("Meta", (), {"app_label": "testapp", "pgnotify": Notify(fields="__all__")})
+    wide = type("Wide", (models.Model,), {"__module__": __name__, "Meta": meta, **columns})
+
+    body = build_trigger_sql(declaration(wide)).body
+
+    counts = call_arguments(body, "json_build_object") + call_arguments(body, "jsonb_build_object")
+    assert max(counts) <= 100
+    assert "jsonb_build_object" in body
+    assert all(f'NEW."{name}"' in body for name in columns)
+
+
+def test_checksum_is_stable_for_the_same_declaration():
+    first = build_trigger_sql(declaration(Order))
+    second = build_trigger_sql(declaration(Order))
+
+    assert first.checksum == second.checksum
+    assert first.install == second.install
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        Notify(fields=["status"], when_changed=["status", "total"]),
+        Notify(fields=["status", "total"], when_changed=["total"]),
+        Notify(fields=["status", "total"], when_changed=["status", "total"], events=["update"]),
+        Notify(fields=["status", "total"], when_changed=["status", "total"], channel="orders"),
+    ],
+    ids=["fields", "when_changed", "events", "channel"],
+)
+def test_checksum_changes_when_the_declaration_changes(changed):
+    original = build_trigger_sql(declaration(Order))
+
+    assert build_trigger_sql(declaration(Order, changed)).checksum != original.checksum
+
+
+def test_comment_round_trips_through_parse_comment():
+    built = build_trigger_sql(declaration(Order))
+
+    assert parse_comment(built.comment) == ("testapp.Order:default", built.checksum)
+    assert sql.Literal(built.comment).as_string(None) in built.create_function
+    assert all(sql.Literal(built.comment).as_string(None) in t for t in built.create_triggers)
+
+
+def test_comment_with_the_installers_state_hash_still_parses():
+    built = build_trigger_sql(declaration(Order))
+
+    assert parse_comment(f"{built.comment} 0123456789abcdef") == (
+        "testapp.Order:default",
+        built.checksum,
+    )
+
+
+@pytest.mark.parametrize(
+    "comment", [None, "", "some other trigger", "django-pgnotify:1 a", "django-pgnotify:1 a b c d"]
+)
+def test_comments_that_are_not_ours_parse_as_none(comment):
+    assert parse_comment(comment) is None
+
+
+def test_body_is_a_quoted_literal_when_a_name_contains_the_dollar_tag():
+    notify = Notify(fields=["status"], channel="orders$pgnotify$")
+
+    built = build_trigger_sql(declaration(Order, notify))
+
+    assert "$pgnotify$" in built.body
+    assert "AS $pgnotify$" not in built.create_function
+    assert f" AS {sql.Literal(built.body).as_string(None)};" in built.create_function
+
+
+def test_drop_removes_each_trigger_and_the_function():
+    built = build_trigger_sql(declaration(Article))
+
+    assert built.drop == (
+        'DROP TRIGGER IF EXISTS "pgnotify_insert" ON "testapp_article";\n'
+        'DROP TRIGGER IF EXISTS "pgnotify_update" ON "testapp_article";\n'
+        f"DROP FUNCTION IF EXISTS {built.function.as_string(None)}();"
+    )

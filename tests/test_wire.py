@@ -1,0 +1,138 @@
+"""The wire format: what a trigger sends and what the listener reads."""
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from django_pgnotify import wire
+
+# As PostgreSQL's json_build_object renders it.
+PAYLOAD = (
+    '{"v" : 1, "model" : "shop.order", "action" : "update", "xid" : 5012, '
+    '"ts" : 1763717550.123456, "rows" : [{"pk" : 7, '
+    '"fields" : {"status" : "paid", "total" : 12345678901234.10}, '
+    '"old" : {"status" : "new", "total" : 12345678901234.10}, "changed" : ["status"]}]}'
+)
+
+
+def payload(without: str = "", **changes) -> str:
+    """``PAYLOAD`` with some keys changed, or one left out."""
+    data = json.loads(PAYLOAD)
+    data.update(changes)
+    data.pop(without, None)
+    return json.dumps(data)
+
+
+def test_parse_reads_a_version_1_payload():
+    message = wire.parse(PAYLOAD)
+
+    assert message.model == "shop.order"
+    assert message.action == "update"
+    assert message.xid == 5012
+    assert message.version == 1
+    (row,) = message.rows
+    assert row["pk"] == 7
+    assert row["fields"]["status"] == "paid"
+    assert row["changed"] == ["status"]
+
+
+def test_parse_keeps_numbers_with_a_fraction_exact_as_decimal():
+    message = wire.parse(PAYLOAD)
+
+    assert message.timestamp == Decimal("1763717550.123456")
+    assert message.rows[0]["fields"]["total"] == Decimal("12345678901234.10")
+    assert str(message.rows[0]["fields"]["total"]) == "12345678901234.10"
+
+
+def test_parse_reads_a_truncated_row():
+    (row,) = wire.parse(payload(rows=[{"pk": None, "truncated": True}])).rows
+
+    assert row == {"pk": None, "truncated": True}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        '{"v": 1, "model": ',
+        '["v", 1]',
+        '"a string"',
+        payload(v=2),
+        payload(v="1"),
+        payload(v=True),
+        payload(without="v"),
+        payload(model=None),
+        payload(action="truncate"),
+        payload(without="action"),
+        payload(rows={"pk": 7}),
+        payload(rows=[{"fields": {}}]),
+        payload(rows=[7]),
+        payload(rows=[{"pk": 7, "fields": ["paid"]}]),
+        payload(rows=[{"pk": 7, "old": "new"}]),
+        payload(rows=[{"pk": 7, "changed": "status"}]),
+        payload(rows=[{"pk": 7, "changed": [1]}]),
+    ],
+    ids=[
+        "not-json",
+        "cut-short",
+        "array",
+        "string",
+        "newer-version",
+        "version-as-string",
+        "version-true",
+        "no-version",
+        "no-model",
+        "unknown-action",
+        "no-action",
+        "rows-not-a-list",
+        "row-without-pk",
+        "row-not-an-object",
+        "fields-not-an-object",
+        "old-not-an-object",
+        "changed-not-a-list",
+        "changed-not-names",
+    ],
+)
+def test_parse_rejects_what_is_not_this_format_with_a_wire_error(text):
+    with pytest.raises(wire.WireError):
+        wire.parse(text)
+
+
+def test_wire_error_is_a_value_error_that_says_what_is_wrong():
+    with pytest.raises(ValueError, match="version 2"):
+        wire.parse(payload(v=2))
+
+
+def test_encode_then_parse_gives_the_same_message():
+    message = wire.Message(
+        model="shop.order",
+        action="update",
+        rows=[
+            {
+                "pk": 7,
+                "fields": {"status": "pàid \"'", "total": Decimal("12345678901234.123456")},
+                "old": {"status": None, "total": Decimal("1E+2")},
+                "changed": ["status", "total"],
+            },
+            {"pk": 2**63 - 1, "truncated": True},
+        ],
+        xid=5012,
+        timestamp=Decimal("1763717550.123456"),
+    )
+
+    assert wire.parse(wire.encode(message)) == message
+
+
+def test_encode_writes_the_compact_json_a_trigger_sends():
+    message = wire.Message(model="shop.order", action="insert", rows=[{"pk": 1}], xid=3)
+
+    assert json.loads(wire.encode(message)) == {
+        "v": 1,
+        "model": "shop.order",
+        "action": "insert",
+        "xid": 3,
+        "ts": None,
+        "rows": [{"pk": 1}],
+    }
+    assert " " not in wire.encode(message)
