@@ -90,6 +90,65 @@ def check_settings() -> list[checks.CheckMessage]:
                 id="pgnotify.E010",
             )
         )
+    messages.extend(_check_listener_settings(config))
+    return messages
+
+
+# The listener's numeric settings: (smallest allowed, whether 0 itself is allowed, integer only).
+_LISTENER_NUMBERS = {
+    "RECONNECT_DELAY_MIN": (0, False, False),
+    "RECONNECT_DELAY_MAX": (0, False, False),
+    "PROBE_INTERVAL": (0, False, False),
+    "PROBE_TIMEOUT": (0, False, False),
+    "QUEUE_SIZE": (1, True, True),
+    "QUEUE_USAGE_WARNING": (0, True, False),
+    "STATS_INTERVAL": (0, True, False),
+}
+
+
+def _check_listener_settings(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    """Validate the listener's settings (pgnotify.E010), naming the key at fault."""
+    messages: list[checks.CheckMessage] = []
+    for key, (low, inclusive, integer) in _LISTENER_NUMBERS.items():
+        value = config.get(key, DEFAULTS[key])
+        kinds = (int,) if integer else (int, float)
+        number = isinstance(value, kinds) and not isinstance(value, bool)
+        if not number or value < low or (value == low and not inclusive):
+            what = "an integer" if integer else "a number"
+            bound = f"at least {low}" if inclusive else f"greater than {low}"
+            messages.append(
+                checks.Error(
+                    f'PGNOTIFY["{key}"] must be {what} {bound}, got {value!r}.',
+                    id="pgnotify.E010",
+                )
+            )
+    usage = config.get("QUEUE_USAGE_WARNING", DEFAULTS["QUEUE_USAGE_WARNING"])
+    if isinstance(usage, (int, float)) and usage > 1:
+        messages.append(
+            checks.Error(
+                f'PGNOTIFY["QUEUE_USAGE_WARNING"] is a fraction from 0 to 1, got {usage!r}.',
+                id="pgnotify.E010",
+            )
+        )
+    listen = config.get("LISTEN_DATABASES", {})
+    if not isinstance(listen, dict) or not all(
+        alias in connections and target in connections for alias, target in listen.items()
+    ):
+        messages.append(
+            checks.Error(
+                f'PGNOTIFY["LISTEN_DATABASES"] must map database aliases to database aliases '
+                f"defined in DATABASES, got {listen!r}.",
+                hint='E.g. {"default": "default_direct"}, where "default_direct" connects '
+                "to PostgreSQL directly rather than through a transaction pool.",
+                id="pgnotify.E010",
+            )
+        )
+    if not isinstance(config.get("IGNORE_OWN_CHANGES", False), bool):
+        messages.append(
+            checks.Error(
+                'PGNOTIFY["IGNORE_OWN_CHANGES"] must be True or False.', id="pgnotify.E010"
+            )
+        )
     return messages
 
 

@@ -20,6 +20,23 @@ DEFAULTS: dict[str, Any] = {
     "POLL_INTERVAL": 0.5,
     # application_name of the listener's connection, visible in pg_stat_activity.
     "APPLICATION_NAME": "pgnotify_listen",
+    # {served alias: alias to LISTEN through}, e.g. a direct connection past PgBouncer.
+    "LISTEN_DATABASES": {},
+    # Reconnect delays in seconds: doubling from MIN up to MAX, with jitter.
+    "RECONNECT_DELAY_MIN": 0.5,
+    "RECONNECT_DELAY_MAX": 30.0,
+    # Seconds between self-probes (a NOTIFY round trip that doubles as keepalive).
+    "PROBE_INTERVAL": 15.0,
+    # Seconds a probe (or any listener query) may take before the connection is dead.
+    "PROBE_TIMEOUT": 5.0,
+    # Notifications read but not yet dispatched, at most (backpressure beyond).
+    "QUEUE_SIZE": 10_000,
+    # Warn when pg_notification_queue_usage() exceeds this fraction.
+    "QUEUE_USAGE_WARNING": 0.1,
+    # Seconds between the listener's one-line statistics log records (0: never).
+    "STATS_INTERVAL": 60.0,
+    # Skip changes made by this process's own Django connections.
+    "IGNORE_OWN_CHANGES": False,
 }
 
 

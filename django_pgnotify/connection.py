@@ -41,8 +41,45 @@ def describe(params: dict[str, Any]) -> str:
     return f"{params.get('user') or 'default user'}@{host}{port}/{params.get('dbname', '')}"
 
 
+# libpq TCP keepalives, so that a silently dropped network path is noticed by the
+# kernel too; OPTIONS in DATABASES win over these.
+TCP_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+
+def listen_alias(using: str) -> str:
+    """The alias whose settings the listener connects with to serve ``using``.
+
+    ``PGNOTIFY["LISTEN_DATABASES"]`` may map an alias to another one, e.g. a
+    direct connection that bypasses a transaction-pooling PgBouncer.
+    """
+    from .conf import get_setting
+
+    return get_setting("LISTEN_DATABASES").get(using, using)
+
+
+def listen_params(using: str, application_name: str) -> dict[str, Any]:
+    """Connection parameters of the listener that serves ``using``."""
+    params = {**TCP_KEEPALIVES, **connection_params(listen_alias(using))}
+    # The listener's own name wins over one set in OPTIONS, so it can be told apart.
+    params["application_name"] = application_name
+    return params
+
+
 def connect(using: str, application_name: str) -> psycopg.Connection:
     """Open a dedicated autocommit connection for LISTEN."""
-    # The listener's own name wins over one set in OPTIONS, so it can be told apart.
-    params = {**connection_params(using), "application_name": application_name}
-    return psycopg.connect(**params, autocommit=True)
+    return psycopg.connect(**listen_params(using, application_name), autocommit=True)
+
+
+async def connect_async(
+    using: str, application_name: str, timeout: float | None = None
+) -> psycopg.AsyncConnection:
+    """Open a dedicated autocommit asyncio connection for LISTEN."""
+    params = listen_params(using, application_name)
+    if timeout is not None:
+        params.setdefault("connect_timeout", max(2, int(timeout)))
+    return await psycopg.AsyncConnection.connect(**params, autocommit=True)

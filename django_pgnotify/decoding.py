@@ -104,8 +104,9 @@ _CONVERTERS: dict[str, Converter] = {
 
 def converter_for(field: models.Field) -> Converter:
     """The function that turns a payload value into ``field``'s Python value."""
-    if field.is_relation and getattr(field, "target_field", None) is not None:
-        return converter_for(field.target_field)
+    target = getattr(field, "target_field", None) if field.is_relation else None
+    if target is not None:
+        return converter_for(target)
     internal = field.get_internal_type()
     if internal == "JSONField":
         return _json_converter(field)
@@ -121,7 +122,7 @@ def _json_converter(field: models.Field) -> Converter:
     # as the ORM reads jsonb text, with the field's decoder, so that 1.5 is a
     # float and a custom decoder applies.
     def convert(value: Any) -> Any:
-        return json.loads(wire.dumps(value), cls=field.decoder)
+        return json.loads(wire.dumps(value), cls=getattr(field, "decoder", None))
 
     return convert
 
@@ -208,6 +209,7 @@ class Decoder:
                     xid=message.xid,
                     timestamp=timestamp,
                     using=self.using,
+                    context=message.context,
                 )
             )
         return changes

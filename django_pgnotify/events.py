@@ -31,6 +31,10 @@ class RowChange:
         xid: The id of the transaction that made the change.
         timestamp: When the trigger ran (UTC).
         using: The database alias the listener listens on.
+        context: What the writing transaction said about itself with
+            :func:`django_pgnotify.context` (or the ``pgnotify.context``
+            setting): e.g. ``{"actor": "user:42", "reason": "refund"}``;
+            ``None`` when it said nothing.
     """
 
     model: type[models.Model]
@@ -45,6 +49,7 @@ class RowChange:
     xid: int | None = None
     timestamp: datetime | None = None
     using: str = DEFAULT_DB_ALIAS
+    context: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:

@@ -9,14 +9,15 @@ deploys cannot interleave.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from psycopg import sql
 
 from . import triggers as trigger_sql
-from .declarations import Declaration, get_declarations
+from .declarations import Declaration, get_declarations, raw_declarations, resolve_model
 
 logger = logging.getLogger("django_pgnotify.installation")
 
@@ -119,22 +120,9 @@ def install_triggers(
         if missing_tables:
             raise TableMissing(missing_tables)
         for state in states:
-            built = state.sql
-            if built is None or state.status == INSTALLED:
-                continue
-            cursor.execute(built.create_function)
-            if state.drop_sql:  # left by an earlier version of this declaration
-                cursor.execute(state.drop_sql)
-            for create in built.create_triggers:
-                cursor.execute(create)
-            _seal(cursor, built)
-            logger.info(
-                "pgnotify: %s %s on %s",
-                "updated" if state.status == OUTDATED else "installed",
-                state.uri,
-                state.table,
-            )
-            changed.append(state)
+            if state.sql is not None and state.status != INSTALLED:
+                _apply(cursor, state)
+                changed.append(state)
         # A model's declaration renamed (or split in several) leaves the old
         # one's triggers firing beside the new: drop them with the install.
         declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None}
@@ -144,6 +132,57 @@ def install_triggers(
                 logger.info("pgnotify: removed superseded %s on %s", state.uri, state.table)
                 changed.append(state)
     return changed
+
+
+def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
+    """Make ``using`` match the declarations of every installed app: what ``migrate`` runs.
+
+    Like ``install_triggers`` followed by ``prune_triggers`` for the installed
+    apps, in one transaction, but it never fails the caller for one model: a
+    model whose table does not exist (yet, or any more) is skipped, and a
+    model whose declaration is invalid (``manage.py check`` names the
+    mistake) keeps what it has. Triggers of apps that are no longer installed
+    are left to ``pgnotify_install --prune``: another project may share the
+    database. Returns the states of what was created, updated or dropped.
+    """
+    declarations, invalid = _valid_declarations(using)
+    app_labels = [config.label for config in apps.get_app_configs()]
+    changed = []
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
+        for state in _inspect(cursor, declarations, app_labels):
+            if state.status in (MISSING, OUTDATED) and state.sql is not None:
+                _apply(cursor, state)
+                changed.append(state)
+            elif state.status == UNKNOWN and _model_label(state.uri) not in invalid:
+                cursor.execute(state.drop_sql)
+                logger.info("pgnotify: pruned %s on %s", state.uri, state.table)
+                changed.append(state)
+    return changed
+
+
+def detach_triggers(affected: Callable[[str], bool], using: str = DEFAULT_DB_ALIAS) -> list[str]:
+    """Drop our triggers on the tables of models for which ``affected(label)`` is true.
+
+    ``label`` is the ``app_label.Model`` of the trigger's declaration URI. The
+    functions stay (nothing calls them), so ``inspect_triggers`` reports the
+    declarations outdated until ``install_triggers`` or ``sync_triggers``
+    puts the triggers back. Returns ``"<uri> on <table>"`` for each declaration
+    whose triggers were dropped.
+    """
+    dropped: dict[str, str] = {}
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
+        cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
+        for _, name, comment, table, *_rest in cursor.fetchall():
+            parsed = trigger_sql.parse_comment(comment)
+            if parsed is None or not affected(parsed[0].split(":", 1)[0]):
+                continue
+            cursor.execute(f"DROP TRIGGER IF EXISTS {_ident(name)} ON {table}")
+            dropped[parsed[0]] = table
+    for uri, table in dropped.items():
+        logger.info("pgnotify: dropped the triggers of %s on %s until migrate ends", uri, table)
+    return [f"{uri} on {table}" for uri, table in dropped.items()]
 
 
 def prune_triggers(
@@ -182,6 +221,49 @@ def uninstall_triggers(
             logger.info("pgnotify: removed %s on %s", state.uri, state.table)
             removed.append(state)
     return removed
+
+
+def _apply(cursor, state: TriggerState) -> None:
+    """Create or rebuild one declaration's function and triggers."""
+    built = state.sql
+    assert built is not None
+    cursor.execute(built.create_function)
+    if state.drop_sql:  # left by an earlier version of this declaration
+        cursor.execute(state.drop_sql)
+    for create in built.create_triggers:
+        cursor.execute(create)
+    _seal(cursor, built)
+    logger.info(
+        "pgnotify: %s %s on %s",
+        "updated" if state.status == OUTDATED else "installed",
+        state.uri,
+        state.table,
+    )
+
+
+def _valid_declarations(using: str) -> tuple[list[Declaration], set[str]]:
+    """Declarations of every model migrated to ``using``, and the lower-case
+    labels of models whose declaration is invalid (reported, not raised)."""
+    declarations: list[Declaration] = []
+    invalid: set[str] = set()
+    for model in apps.get_models():
+        found, errors = resolve_model(model, raw_declarations(model))
+        serious = [e for e in errors if e.is_serious()]
+        if serious:
+            invalid.add(model._meta.label_lower)
+            logger.error(
+                "pgnotify: %s keeps its current triggers: %s (%s)",
+                model._meta.label,
+                serious[0].msg,
+                serious[0].id,
+            )
+        elif router.allow_migrate_model(using, model):
+            declarations.extend(found)
+    return declarations, invalid
+
+
+def _model_label(uri: str) -> str:
+    return uri.split(":", 1)[0].lower()
 
 
 def _seal(cursor, built: trigger_sql.TriggerSQL) -> None:

@@ -1,13 +1,36 @@
-"""The signals django-pgnotify sends.
+"""The signals django-pgnotify sends, with their arguments, in one place.
 
 ``row_changed``
     Sent by the listener for every committed change of a declared model.
     ``sender`` is the model class (the concrete model, never a proxy);
-    ``event`` is a :class:`django_pgnotify.RowChange`. Receivers take
-    ``**kwargs`` as every Django receiver does. A receiver that raises is
-    logged with its traceback and counted; the other receivers still run.
+    ``event`` is a :class:`django_pgnotify.RowChange`. Receivers may be sync
+    or async functions and take ``**kwargs`` as every Django receiver does. A
+    receiver that raises is logged with its traceback and counted; the other
+    receivers still run.
+
+``listener_started``
+    Sent once a listener is connected, listening and has proved delivery with
+    its self-probe, before the first change is dispatched. ``sender`` is the
+    :class:`~django_pgnotify.listener.Listener`; ``using`` the database alias
+    it serves; ``backend_pid`` the PID of its connection.
+
+``listener_reconnected``
+    Sent after the listener lost its connection and is listening again.
+    ``sender``, ``using`` and ``backend_pid`` as above; ``downtime`` is the
+    number of seconds (float) it was not listening. Changes committed in that
+    gap were **not** delivered and never will be: resync caches here.
+
+``listener_stopped``
+    Sent when the listener returns, after the event in hand was finished.
+    ``sender`` and ``using`` as above; ``stats`` is a copy of its counters.
+
+The listener signals are sent from the listener's event loop thread, to sync
+and async receivers alike; a receiver that raises is logged and ignored.
 """
 
 from django.dispatch import Signal
 
 row_changed = Signal()
+listener_started = Signal()
+listener_reconnected = Signal()
+listener_stopped = Signal()

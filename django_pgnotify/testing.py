@@ -27,12 +27,14 @@ class CapturedChanges(list):
     """The ``RowChange`` objects received so far, in delivery order.
 
     ``stats`` are the listener's counters (``received``, ``dispatched``,
-    ``receiver_errors``, ``undecodable``), to assert on what was skipped.
+    ``receiver_errors``, ``undecodable``...), to assert on what was skipped;
+    ``listener`` is the running :class:`~django_pgnotify.listener.Listener`.
     """
 
-    def __init__(self, stats: Counter[str] | None = None) -> None:
+    def __init__(self, stats: Counter[str] | None = None, listener: Listener | None = None) -> None:
         super().__init__()
         self.stats: Counter[str] = stats if stats is not None else Counter()
+        self.listener = listener
         self._arrived = threading.Condition()
 
     def add(self, event: RowChange) -> None:
@@ -75,7 +77,10 @@ class CapturedChanges(list):
 
 @contextmanager
 def capture_row_changes(
-    *selectors: str, using: str = DEFAULT_DB_ALIAS, timeout: float = 5.0
+    *selectors: str,
+    using: str = DEFAULT_DB_ALIAS,
+    timeout: float = 5.0,
+    **listener_options: Any,
 ) -> Iterator[CapturedChanges]:
     """Run a real listener in a thread and collect the changes it dispatches.
 
@@ -89,15 +94,17 @@ def capture_row_changes(
         selectors: Apps or models to listen for (default: all declared).
         using: The database alias to listen on.
         timeout: How long to wait for the listener to start.
+        listener_options: More ``Listener`` arguments, e.g. ``ignore_own_changes=True``.
     """
     declarations = declarations_for(selectors, using)
     models = {d.model for d in declarations}
-    # A short poll keeps leaving the block quick; the loop checks its stop flag per poll.
-    listener = Listener(declarations, using, poll_interval=_POLL_INTERVAL)
-    changes = CapturedChanges(listener.stats)
+    listener = Listener(declarations, using, poll_interval=_POLL_INTERVAL, **listener_options)
+    changes = CapturedChanges(listener.stats, listener)
     failure: list[BaseException] = []
 
-    def receive(sender: Any, event: RowChange, **kwargs: Any) -> None:
+    # Async, so that it runs after every sync receiver of the batch and after the
+    # async receivers of earlier events: when wait() returns, they have finished.
+    async def receive(sender: Any, event: RowChange, **kwargs: Any) -> None:
         if sender in models and event.using == using:
             changes.add(event)
 
@@ -113,9 +120,10 @@ def capture_row_changes(
     thread.start()
     try:
         if not listener.ready.wait(timeout) or failure:
-            raise RuntimeError("the pgnotify listener did not start") from (
-                failure[0] if failure else None
-            )
+            raise RuntimeError(
+                f"the pgnotify listener did not start within {timeout}s "
+                "(is the database reachable, are the triggers installed?)"
+            ) from (failure[0] if failure else None)
         yield changes
     finally:
         listener.stop()

@@ -6,6 +6,12 @@ carry a ``WHEN`` clause: rows whose watched columns did not change never call
 the function). Every name is quoted with ``psycopg.sql``; values embedded in
 the function (channel, model label) are quoted literals.
 
+Every trigger's ``WHEN`` clause also reads the transaction-local setting
+``pgnotify.paused`` (one ``current_setting()`` per row, no query), so a
+transaction can silence its own writes without DDL; the function adds the
+``pgnotify.context`` setting to the payload as it is, unparsed, so a
+malformed value set by hand can never fail the write.
+
 The rendered SQL is hashed and the hash stored as a comment on the function
 and each trigger, so the installer detects drift from the definition itself.
 ``TEMPLATE_VERSION`` changes whenever the rendered SQL of a release changes;
@@ -20,10 +26,11 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from . import wire
+from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 
 #: Start of the comment that marks a trigger or function as ours.
 MARKER = "django-pgnotify"
@@ -102,7 +109,7 @@ def build_trigger_sql(declaration: Declaration) -> TriggerSQL:
     ).format(function=function, body=quoted_body)
     create_triggers = []
     for event, name in declaration.triggers.items():
-        when = _when_clause(declaration) if event == "update" else None
+        when = _when_clause(declaration, event)
         create_triggers.append(
             sql.SQL(
                 "DROP TRIGGER IF EXISTS {name} ON {table};\n"
@@ -112,7 +119,7 @@ def build_trigger_sql(declaration: Declaration) -> TriggerSQL:
                 name=sql.Identifier(name),
                 table=table,
                 event=sql.SQL(event.upper()),
-                when=sql.SQL(" WHEN ({})").format(when) if when is not None else sql.SQL(""),
+                when=sql.SQL(" WHEN ({})").format(when),
                 function=function,
             )
         )
@@ -162,8 +169,8 @@ def _render(composable: sql.Composable) -> str:
     return composable.as_string(None)
 
 
-def _function_body(declaration: Declaration) -> str:
-    branches = sql.SQL("").join(
+def _branches(declaration: Declaration) -> sql.Composable:
+    return sql.SQL("").join(
         sql.SQL("  {keyword} TG_OP = {op} THEN\n    item := {row};\n").format(
             keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
             op=sql.Literal(event.upper()),
@@ -171,6 +178,12 @@ def _function_body(declaration: Declaration) -> str:
         )
         for index, event in enumerate(declaration.events)
     )
+
+
+def _function_body(declaration: Declaration) -> str:
+    if declaration.notify.durable:
+        return _durable_body(declaration)
+    branches = _branches(declaration)
     body = sql.SQL(
         "\nDECLARE\n  item json;\n  payload text;\nBEGIN\n{branches}  END IF;\n"
         "  payload := {full};\n"
@@ -196,27 +209,74 @@ def _function_body(declaration: Declaration) -> str:
                 ]
             ),
         ),
+        # The context is dropped last: a value set by hand may be of any size.
         no_pk=_payload(
-            declaration, _pairs([(wire.PK, sql.SQL("NULL")), (wire.TRUNCATED, sql.SQL("true"))])
+            declaration,
+            _pairs([(wire.PK, sql.SQL("NULL")), (wire.TRUNCATED, sql.SQL("true"))]),
+            context=False,
         ),
         channel=sql.Literal(declaration.channel),
     )
     return _render(body)
 
 
-def _payload(declaration: Declaration, row: sql.Composable) -> sql.Composable:
-    return sql.SQL("{}::text").format(
-        _pairs(
-            [
-                (wire.VERSION_KEY, sql.Literal(wire.VERSION)),
-                (wire.MODEL, sql.Literal(declaration.label)),
-                (wire.ACTION, sql.SQL("lower(TG_OP)")),
-                (wire.XID, sql.SQL("txid_current()")),
-                (wire.TIMESTAMP, sql.SQL("extract(epoch FROM clock_timestamp())")),
-                (wire.ROWS, sql.SQL("json_build_array({})").format(row)),
-            ]
+def _durable_body(declaration: Declaration) -> str:
+    """Insert the event row in the writing transaction; wake listeners once.
+
+    No size limit applies (jsonb), so nothing is truncated. The wake-up
+    notification is constant, so PostgreSQL folds those of one transaction
+    into one; ``PGNOTIFY["DURABLE_WAKEUP"] = False`` leaves it out (listeners
+    then poll).
+    """
+    wakeup = sql.SQL("")
+    if get_setting("DURABLE_WAKEUP"):
+        wakeup = sql.SQL("  PERFORM pg_notify({}, '');\n").format(
+            sql.Literal(wire.DURABLE_CHANNEL)
         )
+    body = sql.SQL(
+        "\nDECLARE\n  item json;\nBEGIN\n{branches}  END IF;\n"
+        "  INSERT INTO {table} (declaration, model, payload, pid)\n"
+        "    VALUES ({uri}, {label}, {payload}, pg_backend_pid());\n"
+        "{wakeup}"
+        "  RETURN NULL;\nEND;\n"
+    ).format(
+        branches=_branches(declaration),
+        table=sql.Identifier(wire.EVENT_TABLE),
+        uri=sql.Literal(declaration.uri),
+        label=sql.Literal(declaration.label),
+        payload=_payload(declaration, sql.SQL("item"), function="jsonb_build_object", cast=""),
+        wakeup=wakeup,
     )
+    return _render(body)
+
+
+def _payload(
+    declaration: Declaration,
+    row: sql.Composable,
+    context: bool = True,
+    function: str = "json_build_object",
+    cast: str = "::text",
+) -> sql.Composable:
+    pairs = [
+        (wire.VERSION_KEY, sql.Literal(wire.VERSION)),
+        (wire.MODEL, sql.Literal(declaration.label)),
+        (wire.ACTION, sql.SQL("lower(TG_OP)")),
+        (wire.XID, sql.SQL("txid_current()")),
+        (wire.TIMESTAMP, sql.SQL("extract(epoch FROM clock_timestamp())")),
+        (wire.ROWS, sql.SQL("json_build_array({})").format(row)),
+    ]
+    if context:
+        # Sent as a JSON string, not parsed here: a cast of a malformed value
+        # would fail the write. The decoder parses it.
+        pairs.append(
+            (
+                wire.CONTEXT,
+                sql.SQL("nullif(current_setting({}, true), '')").format(
+                    sql.Literal(wire.CONTEXT_SETTING)
+                ),
+            )
+        )
+    return sql.SQL("{}{}").format(_pairs(pairs, function), sql.SQL(cast))
 
 
 def _row_object(declaration: Declaration, event: str) -> sql.Composable:
@@ -275,13 +335,38 @@ def _changed(columns: tuple[Column, ...]) -> sql.Composable:
     return sql.SQL("to_json(array_remove(ARRAY[{}]::text[], NULL))").format(cases)
 
 
-def _when_clause(declaration: Declaration) -> sql.Composable:
+def _when_clause(declaration: Declaration, event: str) -> sql.Composable:
+    not_paused = _not_paused(declaration)
+    if event != "update":
+        return not_paused
     if not declaration.when_changed:
         # An UPDATE that changes nothing announces nothing. Comparing the rows'
         # binary images works for every column type, even those without "="
         # (json, xml, point), and names no column.
-        return sql.SQL("OLD *<> NEW")
-    return sql.SQL(" OR ").join(
-        sql.SQL("OLD.{col} IS DISTINCT FROM NEW.{col}").format(col=sql.Identifier(c.column))
-        for c in declaration.when_changed
+        changed: sql.Composable = sql.SQL("OLD *<> NEW")
+    else:
+        changed = sql.SQL("({})").format(
+            sql.SQL(" OR ").join(
+                sql.SQL("OLD.{col} IS DISTINCT FROM NEW.{col}").format(col=sql.Identifier(c.column))
+                for c in declaration.when_changed
+            )
+        )
+    # Column comparisons first: they filter most rows of a bulk UPDATE.
+    return sql.SQL("{} AND {}").format(changed, not_paused)
+
+
+def _not_paused(declaration: Declaration) -> sql.Composable:
+    """True unless ``pgnotify.paused`` is ``on`` or lists this model.
+
+    Not paused (unset or empty) costs one ``current_setting()`` and a
+    comparison; the list is only looked at while something is paused.
+    """
+    setting = sql.SQL("current_setting({}, true)").format(sql.Literal(wire.PAUSED_SETTING))
+    return sql.SQL(
+        "(coalesce({setting}, '') = '' OR ({setting} <> {all} AND strpos(',' || "
+        "replace(lower({setting}), ' ', '') || ',', {label}) = 0))"
+    ).format(
+        setting=setting,
+        all=sql.Literal(wire.PAUSED_ALL),
+        label=sql.Literal(f",{declaration.label},"),
     )

@@ -8,7 +8,8 @@ The trigger builder takes its key names from here and the decoder parses with
      "rows": [{"pk": 7,
                "fields": {"status": "paid", "total": 12.50},
                "old": {"status": "new", "total": 12.50},
-               "changed": ["status"]}]}
+               "changed": ["status"]}],
+     "context": "{\\"actor\\": \\"user:42\\"}"}
 
 - ``model``: the model's ``app_label.model_name``; ``action``: ``insert``,
   ``update`` or ``delete``; ``xid``: the writing transaction's 64-bit id;
@@ -21,6 +22,11 @@ The trigger builder takes its key names from here and the decoder parses with
 - ``fields``: the declared columns (for a delete, the values the row had);
   ``old``: their previous values (update only); ``changed``: the declared and
   ``when_changed`` columns whose values changed (update only).
+- ``context``: optional (added without a version bump: readers ignore keys
+  they do not know, and must accept its absence): the writing transaction's
+  ``pgnotify.context`` setting as a JSON *string* holding a JSON object, or
+  ``null``. The trigger does not parse it, so that a malformed value set by
+  hand never fails a write; the reader does.
 - ``truncated: true`` replaces ``fields``/``old``/``changed`` when the payload
   would reach PostgreSQL's 8000-byte limit; only the pk is sent.
 """
@@ -44,6 +50,7 @@ ACTION = "action"
 XID = "xid"
 TIMESTAMP = "ts"
 ROWS = "rows"
+CONTEXT = "context"
 
 # Row keys.
 PK = "pk"
@@ -51,6 +58,21 @@ FIELDS = "fields"
 OLD = "old"
 CHANGED = "changed"
 TRUNCATED = "truncated"
+
+# Transaction-local settings the triggers read (set_config(name, value, true)).
+#: ``on`` pauses every declaration; else a comma-separated list of model labels.
+PAUSED_SETTING = "pgnotify.paused"
+PAUSED_ALL = "on"
+#: A JSON object sent as ``context`` with every change of the transaction.
+CONTEXT_SETTING = "pgnotify.context"
+#: The longest context (its JSON text, in bytes) that ``context()`` accepts.
+CONTEXT_LIMIT = 1024
+
+#: The table durable declarations' triggers insert their messages into (unqualified:
+#: it is found on the writer's search_path, as Django's own tables are).
+EVENT_TABLE = "pgnotify_event"
+#: The channel of durable declarations' wake-up notification (payload empty).
+DURABLE_CHANNEL = "pgnotify_durable"
 
 ACTIONS = frozenset({"insert", "update", "delete"})
 
@@ -67,8 +89,9 @@ class Message:
     action: str
     rows: list[dict[str, Any]]
     xid: int | None = None
-    timestamp: Decimal | None = None
+    timestamp: Decimal | int | None = None
     version: int = VERSION
+    context: dict[str, Any] | None = None
 
 
 def parse(payload: str) -> Message:
@@ -101,7 +124,22 @@ def parse(payload: str) -> Message:
         rows=rows,
         xid=xid if isinstance(xid, int) and not isinstance(xid, bool) else None,
         timestamp=timestamp if isinstance(timestamp, (Decimal, int)) else None,
+        context=parse_context(data.get(CONTEXT)),
     )
+
+
+def parse_context(value: Any) -> dict[str, Any] | None:
+    """The context object from the ``context`` key, or ``None``.
+
+    A value that is not a JSON object (set by hand, malformed) is dropped
+    rather than failing the whole message: the change itself is still good.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            return None
+    return value if isinstance(value, dict) else None
 
 
 def _is_row(row: Any) -> bool:
@@ -126,6 +164,8 @@ def encode(message: Message) -> str:
         TIMESTAMP: message.timestamp,
         ROWS: message.rows,
     }
+    if message.context is not None:
+        data[CONTEXT] = dumps(message.context)
     return dumps(data)
 
 

@@ -24,7 +24,7 @@ from psycopg.conninfo import make_conninfo
 from django_pgnotify import RowChange
 from django_pgnotify.connection import connection_params
 from django_pgnotify.installation import install_triggers, prune_triggers
-from django_pgnotify.testing import CapturedChanges, capture_row_changes
+from django_pgnotify.testing import CapturedChanges
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,10 +38,13 @@ def django_db_setup(django_db_setup, django_db_blocker):
 
 
 @pytest.fixture
-def changes(transactional_db) -> Iterator[CapturedChanges]:
-    """A real listener running in this process for the duration of the test."""
-    with capture_row_changes() as captured:
-        yield captured
+def changes(row_changes: CapturedChanges) -> CapturedChanges:
+    """A real listener running in this process for the duration of the test.
+
+    The ``row_changes`` fixture of ``django_pgnotify.pytest_plugin`` (enabled
+    with ``-p`` in pyproject.toml), as users enable it.
+    """
+    return row_changes
 
 
 def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:

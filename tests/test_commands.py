@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import socket
+import sys
 import time
 
 import pytest
 
 from django_pgnotify.installation import uninstall_triggers
-from tests.conftest import django_env, run_manage
+from tests.conftest import ManagedProcess, django_env, run_manage
 from tests.testapp.models import Order, Tag
 
 # pgnotify_listen
@@ -94,17 +95,33 @@ def test_commands_refuse_a_database_that_is_not_postgresql(command, skip_checks)
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
-def test_commands_report_an_unreachable_server(command):
+def test_install_reports_an_unreachable_server():
     port = closed_port()
     url = f"postgresql://postgres@127.0.0.1:{port}/nowhere?connect_timeout=5"
 
-    result = run_manage(command, env=django_env(DATABASE_URL=url))
+    result = run_manage("pgnotify_install", env=django_env(DATABASE_URL=url))
 
     assert result.returncode != 0
     assert "Database 'default'" in result.stderr or "database 'default'" in result.stderr
     assert f"127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_listen_waits_for_an_unreachable_server_naming_it_and_stops_on_sigterm():
+    port = closed_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}/nowhere?connect_timeout=5"
+    listener = ManagedProcess(
+        [sys.executable, "-m", "django", "pgnotify_listen"], django_env(DATABASE_URL=url)
+    )
+    try:
+        line = listener.wait_for(r"cannot reach database 'default'.*\(attempt 2\)", stream="err")
+        assert f"postgres@127.0.0.1:{port}/nowhere" in line
+        assert "retrying in" in line
+
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+    assert not any("Traceback" in line for line in listener.output("err"))
 
 
 @pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])

@@ -247,3 +247,16 @@ def test_a_value_that_cannot_be_converted_is_passed_on_as_sent_and_logged_once(c
 )
 def test_other_unconvertible_values_are_passed_on_as_sent(column, value):
     assert reading_with(**{column: value}).fields == {column: value}
+
+
+def test_the_context_of_the_writing_transaction_reaches_every_row_change():
+    payload = json.loads(message("testapp.tag", "insert", {"pk": "a"}))
+    payload["context"] = json.dumps({"actor": "user:42", "request_id": "r-1"})
+
+    change = decode_one(Tag, json.dumps(payload))
+
+    assert change.context == {"actor": "user:42", "request_id": "r-1"}
+
+
+def test_a_payload_without_context_decodes_with_context_none():
+    assert decode_one(Tag, message("testapp.tag", "insert", {"pk": "a"})).context is None

@@ -106,16 +106,18 @@ def test_delete_arrives_with_the_values_the_row_had(changes):
 def test_changes_of_one_transaction_share_its_xid_and_other_transactions_differ(changes):
     with transaction.atomic():
         Order.objects.create(status="first")
-        Order.objects.create(status="second")
+        Tag.objects.create(name="second")
         with connection.cursor() as cursor:
+            cursor.execute("UPDATE testapp_order SET status = 'third' WHERE status = 'first'")
             cursor.execute("SELECT txid_current()")
             xid = cursor.fetchone()[0]
-    Order.objects.create(status="third")
+    Order.objects.create(status="next")
 
-    first, second, third = changes.wait(3)
+    first, second, third, following = changes.wait(4)
 
-    assert first.xid == second.xid == xid
-    assert third.xid != xid
+    assert [e.action for e in (first, second, third)] == ["insert", "insert", "update"]
+    assert first.xid == second.xid == third.xid == xid
+    assert xid > 0 and following.xid > xid
 
 
 def test_raw_sql_from_another_client_is_announced_with_that_clients_pid(changes, other_connection):

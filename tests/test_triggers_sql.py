@@ -70,26 +70,57 @@ def test_names_and_values_that_need_quoting_are_quoted():
     )
 
 
+NOT_PAUSED = (
+    "(coalesce(current_setting('pgnotify.paused', true), '') = ''"
+    " OR (current_setting('pgnotify.paused', true) <> 'on'"
+    " AND strpos(',' || replace(lower(current_setting('pgnotify.paused', true)), ' ', '') || ',',"
+    " ',{label},') = 0))"
+)
+
+
 def test_update_trigger_fires_only_when_a_when_changed_column_changed():
     update = trigger_for(build_trigger_sql(declaration(Order)), "update")
 
     assert (
-        ' WHEN (OLD."status" IS DISTINCT FROM NEW."status"'
-        ' OR OLD."total" IS DISTINCT FROM NEW."total") '
+        ' WHEN ((OLD."status" IS DISTINCT FROM NEW."status"'
+        ' OR OLD."total" IS DISTINCT FROM NEW."total") AND '
+        + NOT_PAUSED.format(label="testapp.order")
+        + ") "
     ) in update
 
 
 def test_update_trigger_without_when_changed_fires_when_any_column_changed():
     update = trigger_for(build_trigger_sql(declaration(Tag)), "update")
 
-    assert " WHEN (OLD *<> NEW) " in update
+    assert f" WHEN (OLD *<> NEW AND {NOT_PAUSED.format(label='testapp.tag')}) " in update
 
 
 @pytest.mark.parametrize("event", ["insert", "delete"])
-def test_insert_and_delete_triggers_have_no_when_clause(event):
+def test_insert_and_delete_triggers_check_only_the_pause_setting(event):
     statement = trigger_for(build_trigger_sql(declaration(Order)), event)
 
-    assert " WHEN " not in statement
+    assert f" WHEN ({NOT_PAUSED.format(label='testapp.order')}) " in statement
+    assert "OLD." not in statement and "NEW." not in statement
+
+
+def test_the_pause_check_names_no_column_and_runs_no_query():
+    built = build_trigger_sql(declaration(Reading))
+
+    for statement in built.create_triggers:
+        when = statement.split(" WHEN ", 1)[1].split(" EXECUTE ", 1)[0]
+        assert "SELECT" not in when.upper()
+        assert '"' not in when.replace("OLD *<> NEW", "")
+
+
+def test_the_context_setting_is_sent_unparsed_and_dropped_only_in_the_last_resort():
+    body = build_trigger_sql(declaration(Order)).body
+
+    sent = "'context', nullif(current_setting('pgnotify.context', true), '')"
+    # Full payload and pk-only payload carry it; the pk-less last resort does not.
+    assert body.count(sent) == 2
+    assert "::json" not in body.replace("json_build", "")
+    last_resort = body.split("IF octet_length(payload) >= 8000 THEN", 2)[2]
+    assert "pgnotify.context" not in last_resort
 
 
 def test_only_declared_events_get_triggers_and_branches():

@@ -136,3 +136,33 @@ def test_encode_writes_the_compact_json_a_trigger_sends():
         "rows": [{"pk": 1}],
     }
     assert " " not in wire.encode(message)
+
+
+def test_parse_reads_the_context_a_trigger_sends_as_a_json_string():
+    payload = (
+        '{"v" : 1, "model" : "shop.order", "action" : "insert", "xid" : 9, "ts" : 1.5,'
+        ' "rows" : [{"pk" : 1}], "context" : "{\\"actor\\":\\"user:42\\",\\"n\\":1.5}"}'
+    )
+
+    assert wire.parse(payload).context == {"actor": "user:42", "n": 1.5}
+
+
+@pytest.mark.parametrize("context", [None, "", "not json {", "[1, 2]", '"a string"', 7], ids=repr)
+def test_a_missing_or_malformed_context_is_none_and_the_message_still_parses(context):
+    data = {"v": 1, "model": "shop.order", "action": "insert", "rows": [{"pk": 1}]}
+    if context is not None:
+        data["context"] = context
+
+    message = wire.parse(json.dumps(data))
+
+    assert message.context is None
+    assert message.rows == [{"pk": 1}]
+
+
+def test_encode_then_parse_keeps_the_context():
+    message = wire.Message(
+        model="shop.order", action="update", rows=[{"pk": 1}], context={"reason": "refund"}
+    )
+
+    assert json.loads(wire.encode(message))["context"] == '{"reason":"refund"}'
+    assert wire.parse(wire.encode(message)) == message

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
-import psycopg
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_pgnotify import installation
-from django_pgnotify.connection import NotPostgreSQL, connection_params, describe
+from django_pgnotify.connection import NotPostgreSQL, connection_params
 from django_pgnotify.events import RowChange
-from django_pgnotify.listener import Listener
+from django_pgnotify.listener import Listener, ListenerError, retry_until_reachable
 from django_pgnotify.signals import row_changed
 
 
@@ -37,6 +37,29 @@ class Command(BaseCommand):
             default=DEFAULT_DB_ALIAS,
             help='The database alias whose settings the listener uses (default: "default").',
         )
+        parser.add_argument(
+            "--ignore-own-changes",
+            action="store_true",
+            default=None,
+            help="Skip changes made by this process's own database connections.",
+        )
+        parser.add_argument(
+            "--health-file",
+            metavar="PATH",
+            help="Touch PATH while the listener is healthy (for liveness probes).",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="Serve Prometheus metrics on PORT at /metrics (needs prometheus-client).",
+        )
+        parser.add_argument(
+            "--metrics-address",
+            default="0.0.0.0",
+            metavar="ADDRESS",
+            help='The address the metrics server binds to (default: "0.0.0.0").',
+        )
 
     def handle(self, *args: str, **options: Any) -> None:
         selectors = tuple(options["selectors"])
@@ -46,36 +69,62 @@ class Command(BaseCommand):
             raise CommandError(f"Unknown database alias {using!r}.")
         self.configure_logging()
         try:
-            params = connection_params(using)
-            states = installation.inspect_triggers(selectors, using)
+            connection_params(using)
         except (NotPostgreSQL, ImproperlyConfigured) as exc:
             raise CommandError(str(exc)) from exc
-        except DatabaseError as exc:
-            raise CommandError(
-                f"Cannot reach database {using!r} ({describe(params)}): {exc}".strip()
-            ) from exc
-        finally:
-            connections[using].close()  # the listener has its own connection
-        self.require_installed(states, using, selectors)
 
-        listener = Listener([s.sql.declaration for s in states if s.sql is not None], using)
-        if self.verbosity >= 2:
-            row_changed.connect(self.print_event, weak=False, dispatch_uid="pgnotify_listen_print")
-        previous = {
-            sig: signal.signal(sig, lambda *_: listener.stop())
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+        # SIGTERM while waiting for the database, or while listening, stops cleanly.
+        stopping = threading.Event()
+        listener: list[Listener] = []
+
+        def stop(*_: Any) -> None:
+            stopping.set()
+            for running in listener:
+                running.stop()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            listener.run()
-        except psycopg.OperationalError as exc:
-            raise CommandError(
-                f"Lost or could not open the listening connection to {describe(params)}: "
-                f"{exc}".strip()
-            ) from exc
+            states = retry_until_reachable(
+                lambda: installation.inspect_triggers(selectors, using), using, stopping
+            )
+            if states is None:
+                return  # stopped before the database came up
+            self.require_installed(states, using, selectors)
+            listener.append(
+                Listener(
+                    [s.sql.declaration for s in states if s.sql is not None],
+                    using,
+                    ignore_own_changes=options["ignore_own_changes"],
+                    health_file=options["health_file"],
+                )
+            )
+            if stopping.is_set():
+                return
+            if options["metrics_port"] is not None:
+                self.serve_metrics(listener[0], options["metrics_port"], options["metrics_address"])
+            if self.verbosity >= 2:
+                row_changed.connect(
+                    self.print_event, weak=False, dispatch_uid="pgnotify_listen_print"
+                )
+            listener[0].run()
+        except ListenerError as exc:
+            raise CommandError(f"Database {using!r}: {exc}.") from exc
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             row_changed.disconnect(dispatch_uid="pgnotify_listen_print")
+
+    def serve_metrics(self, listener: Listener, port: int, address: str) -> None:
+        try:
+            from django_pgnotify.metrics import start_metrics_server
+
+            start_metrics_server(listener, port, address)
+        except ImportError as exc:
+            raise CommandError(
+                '--metrics-port needs prometheus-client: pip install "django-pgnotify[prometheus]".'
+            ) from exc
+        except OSError as exc:
+            raise CommandError(f"Cannot serve metrics on {address}:{port}: {exc}") from exc
 
     def require_installed(
         self, states: list[installation.TriggerState], using: str, selectors: tuple[str, ...]

@@ -1,0 +1,103 @@
+"""What a running listener knows about its own health, for logs, files and metrics.
+
+The listener updates a :class:`ListenerHealth`; a liveness probe reads the
+age of the health file, Prometheus reads :mod:`django_pgnotify.metrics`, and
+the periodic log record is built from the same fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("django_pgnotify.listener")
+
+#: Counters every listener reports, zero included.
+COUNTERS = (
+    "received",
+    "dispatched",
+    "receiver_errors",
+    "undecodable",
+    "ignored",
+    "own_changes",
+    "reconnects",
+    "probes",
+    "probe_failures",
+    "queue_full",
+)
+
+
+@dataclass
+class ListenerHealth:
+    """The gauges of one listener; counters live in ``Listener.stats``.
+
+    Attributes:
+        connected: Listening right now.
+        backend_pid: PID of the listening connection (``None`` when not connected).
+        connected_since: ``time.time()`` of the last (re)connection.
+        last_probe_ok: ``time.monotonic()`` of the last probe that came back.
+        last_event_lag: Seconds from trigger to end of dispatch, of the last event.
+        queue_usage: ``pg_notification_queue_usage()`` when last sampled (0 to 1).
+        local_queue: Notifications read but not dispatched yet.
+        local_queue_size: The local queue's bound (``PGNOTIFY["QUEUE_SIZE"]``).
+    """
+
+    connected: bool = False
+    backend_pid: int | None = None
+    connected_since: float | None = None
+    last_probe_ok: float | None = None
+    last_event_lag: float | None = None
+    queue_usage: float | None = None
+    local_queue: int = 0
+    local_queue_size: int = 0
+
+    def as_dict(self, stats: Counter[str]) -> dict[str, Any]:
+        """Counters and gauges, JSON-safe, for a structured log record."""
+        data: dict[str, Any] = {key: stats[key] for key in COUNTERS}
+        data.update(
+            connected=self.connected,
+            backend_pid=self.backend_pid,
+            last_event_lag=_round(self.last_event_lag),
+            queue_usage=_round(self.queue_usage),
+            local_queue=self.local_queue,
+        )
+        return data
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+class HealthFile:
+    """A file touched while the listener is healthy; its age is the liveness signal.
+
+    Args:
+        path: Where to write. Created on the first touch, removed on stop.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def touch(self) -> None:
+        try:
+            self.path.touch()
+            os.utime(self.path)
+        except OSError as exc:  # a read-only volume must not stop the listener
+            logger.warning("pgnotify: cannot touch health file %s: %s", self.path, exc)
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("pgnotify: cannot remove health file %s: %s", self.path, exc)
+
+
+def format_record(data: dict[str, Any]) -> str:
+    """``key=value`` pairs on one line, for log files without a JSON formatter."""
+    return " ".join(f"{key}={'-' if value is None else value}" for key, value in data.items())

@@ -1,0 +1,75 @@
+"""Prometheus metrics of a running listener (needs the ``prometheus`` extra).
+
+Imported only when ``pgnotify_listen --metrics-port`` asks for it (an
+``ImportError`` then says the extra is missing), so the core never needs
+``prometheus-client``. Values are read from the listener at each
+scrape; nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .health import COUNTERS
+
+if TYPE_CHECKING:
+    from .listener import Listener
+
+_COUNTER_HELP = {
+    "received": "Notifications read from PostgreSQL on declared channels.",
+    "dispatched": "Row changes sent as row_changed.",
+    "receiver_errors": "row_changed receivers that raised.",
+    "undecodable": "Notifications that were not a payload the listener can read.",
+    "ignored": "Payloads of models this listener does not serve.",
+    "own_changes": "Changes skipped because this process made them.",
+    "reconnects": "Times the listening connection was reopened.",
+    "probes": "Self-probes that came back.",
+    "probe_failures": "Self-probes that did not come back in time.",
+    "queue_full": "Times the local queue filled up (backpressure).",
+}
+
+
+class ListenerCollector(Collector):
+    """A prometheus-client collector reading one listener's counters and gauges."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["database"]
+        using = [self.listener.using]
+        for key in COUNTERS:
+            family = CounterMetricFamily(f"pgnotify_{key}", _COUNTER_HELP[key], labels=labels)
+            family.add_metric(using, self.listener.stats[key])
+            yield family
+        health = self.listener.health
+        gauges = {
+            "connected": ("1 while the listener is listening.", float(health.connected)),
+            "last_event_lag_seconds": (
+                "Seconds from trigger to end of dispatch, of the last event.",
+                health.last_event_lag,
+            ),
+            "notification_queue_usage": (
+                "pg_notification_queue_usage() when last sampled (0 to 1).",
+                health.queue_usage,
+            ),
+            "local_queue": ("Notifications read but not dispatched yet.", health.local_queue),
+        }
+        for name, (text, value) in gauges.items():
+            if value is None:
+                continue
+            gauge = GaugeMetricFamily(f"pgnotify_{name}", text, labels=labels)
+            gauge.add_metric(using, float(value))
+            yield gauge
+
+
+def start_metrics_server(listener: Listener, port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` for ``listener`` on ``addr:port`` from a daemon thread."""
+    registry = CollectorRegistry()
+    registry.register(ListenerCollector(listener))
+    start_http_server(port, addr=addr, registry=registry)

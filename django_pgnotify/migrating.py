@@ -1,0 +1,128 @@
+"""Keeping triggers out of the way of ``migrate`` and in step after it.
+
+A trigger names columns: its function body reads them, and the update
+trigger's ``WHEN`` clause compares them. PostgreSQL refuses ``ALTER COLUMN ...
+TYPE`` of a column a ``WHEN`` clause uses, ``DROP COLUMN ... CASCADE`` drops
+the trigger silently, and a renamed or dropped column makes every later write
+that calls the function fail. So, with ``INSTALL_ON_MIGRATE``, ``pre_migrate``
+drops our triggers on the tables of every model the migration plan may touch,
+and ``post_migrate`` rebuilds every declaration and prunes what no
+declaration asks for, once the whole plan has run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from django.apps import AppConfig, apps
+from django.db import connections
+from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
+
+from .conf import get_setting
+
+logger = logging.getLogger("django_pgnotify.migrating")
+
+# The (alias, plan) last handled: both signals are sent once per app, with
+# the same plan object, and one pass per migrate run is enough.
+_handled: dict[str, tuple[Any, Any]] = {}
+
+
+def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
+    """A predicate: may ``plan`` change the table of the model ``app_label.Model``?
+
+    Asks each operation (``references_model``), which answers yes when in
+    doubt: ``RunSQL`` and custom operations count for every model. Data
+    migrations (``RunPython``) change no schema and count for none. A model
+    counts too when one of its foreign keys points to a touched model, since
+    Django alters referencing columns with a primary key.
+    """
+    operations: list[tuple[str, Any]] = []
+    for migration, _backwards in plan:
+        pending = list(migration.operations)
+        while pending:
+            operation = pending.pop()
+            if isinstance(operation, SeparateDatabaseAndState):
+                pending.extend(operation.database_operations)
+            elif not isinstance(operation, RunPython):
+                operations.append((migration.app_label, operation))
+
+    def direct(app_label: str, name: str) -> bool:
+        return any(
+            operation.references_model(name.lower(), app_label)
+            for migration_app, operation in operations
+            if migration_app == app_label or _crosses_apps(operation)
+        )
+
+    def touched(label: str) -> bool:
+        app_label, _, name = label.partition(".")
+        if direct(app_label, name):
+            return True
+        try:
+            model = apps.get_model(app_label, name)
+        except LookupError:
+            return False
+        return any(
+            direct(f.related_model._meta.app_label, f.related_model._meta.object_name)
+            for f in model._meta.local_concrete_fields
+            if f.is_relation and f.related_model is not None
+        )
+
+    return touched
+
+
+def _crosses_apps(operation: Any) -> bool:
+    # A model operation names models of its migration's app only; anything
+    # else (RunSQL, custom operations) may touch any app's tables.
+    return not hasattr(operation, "model_name") and not hasattr(operation, "name_lower")
+
+
+def _first_time(signal: str, using: str, plan: Any) -> bool:
+    handled = _handled.get(signal + using)
+    if handled is not None and handled[1] is plan:
+        return False
+    _handled[signal + using] = (using, plan)
+    return True
+
+
+def _applies(using: str, plan: Any) -> bool:
+    return (
+        plan is not None
+        and bool(get_setting("INSTALL_ON_MIGRATE"))
+        and connections[using].vendor == "postgresql"
+    )
+
+
+def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwargs: Any) -> None:
+    """``pre_migrate``: drop our triggers on the tables the plan may change.
+
+    Writes to those tables during the migration (data migrations, and other
+    processes writing meanwhile) are not announced; ``post_migrate`` puts the
+    triggers back. If the migration fails, they stay dropped until the next
+    ``migrate`` or ``pgnotify_install``, and ``pgnotify_install --check``
+    reports them.
+    """
+    from .installation import detach_triggers
+
+    if not plan or not _applies(using, plan) or not _first_time("pre", using, plan):
+        return
+    dropped = detach_triggers(models_touched(plan), using)
+    if dropped:
+        logger.info(
+            "pgnotify: triggers dropped for the migration, rebuilt at its end: %s",
+            ", ".join(dropped),
+        )
+
+
+def sync_after_migrate(sender: AppConfig, using: str, plan: Any = None, **kwargs: Any) -> None:
+    """``post_migrate``: install, update and prune so triggers match declarations.
+
+    ``flush`` also sends ``post_migrate``, without a plan: the schema has not
+    changed then, so it does nothing.
+    """
+    from .installation import sync_triggers
+
+    if not _applies(using, plan) or not _first_time("post", using, plan):
+        return
+    sync_triggers(using)

@@ -1,0 +1,195 @@
+"""Transaction-local PostgreSQL settings for the writes of a block of code.
+
+``paused()`` and ``context()`` must reach the triggers of every write in
+their block, and of no other transaction, without changing how the block's
+transactions are made. So they add an execute wrapper to the Django
+connection that, before the first statement of each transaction (and again
+when the values change within it), runs ``set_config(name, value, true)``:
+PostgreSQL forgets such a value when the transaction ends, so it never leaks
+into the next transaction on a pooled connection. A statement that can change
+rows in autocommit mode runs in a short transaction of its own with the
+values set. Raw SQL through Django's cursors carries them too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connections, transaction
+
+from . import wire
+
+logger = logging.getLogger("django_pgnotify.transaction_settings")
+
+# Statements that can fire row triggers when run in autocommit mode. Reads are
+# left alone there, so that a block that mostly reads pays nothing.
+_MAY_WRITE = re.compile(
+    r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*(?:INSERT|UPDATE|DELETE|MERGE|COPY|WITH|CALL|DO)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+_ROLLBACK = re.compile(r"\s*ROLLBACK\b", re.IGNORECASE)
+
+_SET = "SELECT set_config(%s, %s, true), set_config(%s, %s, true)"
+
+#: Kinds of frame: pausing (a set of model labels, empty for all) and context.
+PAUSED = "paused"
+CONTEXT = "context"
+
+
+def encode_context(values: dict[str, Any]) -> str:
+    """The JSON text stored in ``pgnotify.context`` for ``values``.
+
+    Raises:
+        TypeError: A value JSON cannot represent.
+        ValueError: The JSON text is over ``wire.CONTEXT_LIMIT`` bytes.
+    """
+    text = json.dumps(values, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode()) > wire.CONTEXT_LIMIT:
+        raise ValueError(
+            f"pgnotify context is {len(text.encode())} bytes as JSON; the limit is "
+            f"{wire.CONTEXT_LIMIT}. Keep it to a few short identifiers (who, why, request id)."
+        )
+    return text
+
+
+class LazyContext:
+    """Context values computed on first use, once (e.g. the request's user).
+
+    A query the computation makes itself runs without the context.
+    """
+
+    def __init__(self, compute: Callable[[], dict[str, Any]]) -> None:
+        self._compute = compute
+        self._value: dict[str, Any] | None = None
+        self._computing = False
+
+    def get(self) -> dict[str, Any]:
+        if self._value is None:
+            if self._computing:
+                return {}
+            self._computing = True
+            try:
+                self._value = self._compute()
+            finally:
+                self._computing = False
+        return self._value
+
+
+class _SettingsWrapper:
+    """The execute wrapper of one connection; one per connection at most."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, Any]] = []
+        self.applied: tuple[str, str] | None = None  # values set in the open transaction
+        self._busy = False
+        self._warned = False
+
+    def values(self) -> tuple[str, str]:
+        """``(pgnotify.paused, pgnotify.context)`` as the frames say now."""
+        labels: set[str] = set()
+        paused_all = False
+        merged: dict[str, Any] = {}
+        innermost = ""
+        for kind, value in self.frames:
+            if kind == PAUSED:
+                paused_all = paused_all or not value
+                labels.update(value)
+            else:
+                own = value.get() if isinstance(value, LazyContext) else value
+                merged.update(own)
+                innermost = json.dumps(own, cls=DjangoJSONEncoder, separators=(",", ":"))
+        paused = wire.PAUSED_ALL if paused_all else ",".join(sorted(labels))
+        if not merged:
+            return paused, ""
+        try:
+            return paused, encode_context(merged)
+        except ValueError:
+            if not self._warned:
+                self._warned = True
+                logger.warning("pgnotify: nested context too large; sending the innermost only")
+            return paused, innermost
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict
+    ) -> Any:
+        if self._busy or not self.frames:
+            return execute(sql, params, many, context)
+        connection, cursor = context["connection"], context["cursor"]
+        autocommit = connection.get_autocommit()
+        if autocommit and not _MAY_WRITE.match(sql):
+            return execute(sql, params, many, context)  # a read: it makes no event
+        self._busy = True  # computing values may query (a lazy user)
+        try:
+            values = self.values()
+        finally:
+            self._busy = False
+        if autocommit:
+            with transaction.atomic(using=connection.alias):
+                _apply(cursor, values)
+                result = execute(sql, params, many, context)
+            self.applied = None
+            return result
+        if not transaction_open(connection):
+            self.applied = None  # this statement starts a new transaction
+        if values != self.applied:
+            _apply(cursor, values)
+            self.applied = values
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            if _ROLLBACK.match(sql):
+                self.applied = None  # a savepoint rollback may have undone them
+
+
+def _apply(cursor: Any, values: tuple[str, str]) -> None:
+    # The driver's own cursor: no execute wrappers, no recursion.
+    cursor.cursor.execute(_SET, [wire.PAUSED_SETTING, values[0], wire.CONTEXT_SETTING, values[1]])
+
+
+def transaction_open(connection: Any) -> bool:
+    """Whether the connection is inside a transaction block, as the server says."""
+    raw = connection.connection
+    if raw is None:
+        return False
+    info = getattr(raw, "info", None)  # psycopg 3
+    if info is not None:
+        return info.transaction_status.name != "IDLE"
+    status = getattr(raw, "get_transaction_status", None)  # psycopg2
+    return bool(status()) if status is not None else True
+
+
+def _transaction_usable(connection: Any) -> bool:
+    raw = connection.connection
+    info = getattr(raw, "info", None)
+    return info is not None and info.transaction_status.name == "INTRANS"
+
+
+@contextmanager
+def setting_frame(using: str, kind: str, value: Any) -> Iterator[None]:
+    """Add ``value`` to the settings of every transaction on ``using`` for the block."""
+    connection = connections[using]
+    wrapper = next(
+        (w for w in connection.execute_wrappers if isinstance(w, _SettingsWrapper)), None
+    )
+    outermost = wrapper is None
+    if wrapper is None:
+        wrapper = _SettingsWrapper()
+        connection.execute_wrappers.append(wrapper)
+    wrapper.frames.append((kind, value))
+    try:
+        yield
+    finally:
+        wrapper.frames.pop()
+        if outermost:
+            connection.execute_wrappers.remove(wrapper)
+            # The transaction may go on after the block: it must not keep the
+            # values. An aborted one is rolled back, and the values with it.
+            if wrapper.applied is not None and _transaction_usable(connection):
+                with connection.cursor() as cursor:
+                    _apply(cursor, ("", ""))

@@ -1,0 +1,22 @@
+"""A view that writes, for the audit middleware tests."""
+
+from django.http import HttpResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
+
+from tests.testapp.models import Order
+
+
+@csrf_exempt
+def create_order(request):
+    Order.objects.create(status=request.POST["status"])  # autocommit, as most views write
+    response = HttpResponse(status=201)
+    response["X-Request-ID"] = request.request_id
+    return response
+
+
+def count_orders(request):
+    return HttpResponse(str(Order.objects.count()))
+
+
+urlpatterns = [path("orders/", create_order), path("orders/count/", count_orders)]

@@ -1,0 +1,219 @@
+"""``context()``, the ``pgnotify.context`` setting and the audit middleware.
+
+Who made a change and why travels with every event of that transaction, and
+of no other.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+from django.test import Client, override_settings
+from django.test.utils import CaptureQueriesContext
+
+from django_pgnotify import context
+from tests.conftest import changes_before_marker
+from tests.testapp.models import Order
+
+AUDITED = {
+    "ROOT_URLCONF": "tests.audit_urls",
+    "MIDDLEWARE": [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django_pgnotify.middleware.AuditContextMiddleware",
+    ],
+    "SESSION_ENGINE": "django.contrib.sessions.backends.signed_cookies",
+}
+
+
+def test_context_arrives_on_that_transactions_events_only_including_raw_sql(changes):
+    with context(actor="user:42", reason="refund"), transaction.atomic():
+        order = Order.objects.create(status="new")
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE testapp_order SET status = 'refunded' WHERE id = %s", [order.pk])
+    Order.objects.filter(pk=order.pk).update(status="closed")  # next transaction, same connection
+
+    inserted, updated, closed = changes.wait(3)
+
+    assert inserted.context == updated.context == {"actor": "user:42", "reason": "refund"}
+    assert (inserted.action, updated.fields["status"]) == ("insert", "refunded")
+    assert inserted.xid == updated.xid
+    assert closed.fields["status"] == "closed" and closed.context is None
+    assert closed.pid == inserted.pid  # the very same connection
+
+
+def test_writes_in_autocommit_mode_carry_the_context_and_reads_stay_outside(changes):
+    with context(actor="cron:nightly", request_id="r-1"):
+        assert Order.objects.count() >= 0  # a read: no transaction needed
+        first = Order.objects.create(status="a")
+        second = Order.objects.create(status="b")
+
+    a, b = changes.wait(2)
+
+    assert (a.pk, b.pk) == (first.pk, second.pk)
+    assert a.context == b.context == {"actor": "cron:nightly", "request_id": "r-1"}
+    assert a.xid != b.xid  # each autocommit write stays its own transaction
+
+
+def test_nested_contexts_merge_and_leaving_one_restores_the_outer(changes):
+    with transaction.atomic(), context(actor="user:1", reason="import"):
+        Order.objects.create(status="outer")
+        with pytest.raises(RuntimeError), context(reason="fix", ticket=7):
+            Order.objects.create(status="inner")
+            raise RuntimeError("leave the inner block")
+        Order.objects.create(status="outer again")
+        # Still in the transaction, after the block: no context any more.
+    Order.objects.create(status="none")
+
+    events = changes.wait(4)
+
+    assert [(e.fields["status"], e.context) for e in events] == [
+        ("outer", {"actor": "user:1", "reason": "import"}),
+        ("inner", {"actor": "user:1", "reason": "fix", "ticket": 7}),
+        ("outer again", {"actor": "user:1", "reason": "import"}),
+        ("none", None),
+    ]
+
+
+def test_leaving_the_block_inside_a_transaction_clears_the_context_for_the_rest(changes):
+    with transaction.atomic():
+        with context(actor="user:5"):
+            Order.objects.create(status="with")
+        Order.objects.create(status="without")
+
+    first, second = changes.wait(2)
+
+    assert (first.context, second.context) == ({"actor": "user:5"}, None)
+    assert first.xid == second.xid
+
+
+def test_other_connections_never_see_the_context(changes, other_connection):
+    with context(actor="user:9"), transaction.atomic():
+        Order.objects.create(status="mine")
+        other_connection.execute(
+            "INSERT INTO testapp_order (status, total, note) VALUES ('theirs', 0, '')"
+        )
+
+    theirs, mine = changes.wait(2)  # theirs committed first
+
+    assert (theirs.fields["status"], theirs.context) == ("theirs", None)
+    assert (mine.fields["status"], mine.context) == ("mine", {"actor": "user:9"})
+
+
+def test_non_django_writers_set_the_context_for_one_transaction(changes, other_connection):
+    with other_connection.transaction():
+        other_connection.execute(
+            "SELECT set_config('pgnotify.context',"
+            " json_build_object('actor', 'billing-service', 'amount', 12.5)::text, true)"
+        )
+        other_connection.execute(
+            "INSERT INTO testapp_order (status, total, note) VALUES ('billed', 0, '')"
+        )
+    other_connection.execute(
+        "INSERT INTO testapp_order (status, total, note) VALUES ('after', 0, '')"
+    )
+
+    billed, after = changes.wait(2)
+
+    assert billed.context == {"actor": "billing-service", "amount": 12.5}
+    assert after.context is None
+
+
+def test_a_malformed_context_set_by_hand_never_fails_the_write(changes, other_connection):
+    with other_connection.transaction():
+        other_connection.execute("SET LOCAL pgnotify.context = 'not json {'")
+        other_connection.execute(
+            "INSERT INTO testapp_order (status, total, note) VALUES ('still sent', 1.5, '')"
+        )
+
+    (event,) = changes.wait(1)
+
+    assert event.fields == {"status": "still sent", "total": Decimal("1.50")}
+    assert event.context is None
+
+
+def test_a_context_that_is_too_large_or_not_json_is_refused_before_any_write():
+    with pytest.raises(ValueError, match="limit"), context(note="x" * 2000):
+        pass
+    with pytest.raises(TypeError), context(thing=object()):
+        pass
+
+
+@override_settings(**AUDITED)
+def test_the_middleware_records_the_user_and_the_request_id(changes):
+    user = User.objects.create(username="alice")
+    client = Client()
+    client.force_login(user)
+
+    client.post("/orders/", {"status": "from web"}, headers={"X-Request-ID": "req-abc.1"})
+    client.post("/orders/", {"status": "bad header"}, headers={"X-Request-ID": "bad id!"})
+    Order.objects.create(status="outside")
+
+    events = [e for e in changes_before_marker(changes) if e.model is Order]
+    web, bad_header, outside = events
+    assert web.context == {"actor": f"user:{user.pk}", "request_id": "req-abc.1"}
+    assert web.fields["status"] == "from web"
+    # Client input that is not a plain short id is replaced by a new one.
+    assert bad_header.context["actor"] == f"user:{user.pk}"
+    assert bad_header.context["request_id"] != "bad id!"
+    assert len(bad_header.context["request_id"]) == 32
+    assert outside.context is None
+
+
+@override_settings(**AUDITED)
+def test_the_middleware_leaves_the_actor_out_for_anonymous_requests(changes):
+    response = Client().post("/orders/", {"status": "anon"})
+
+    (event,) = [e for e in changes_before_marker(changes) if e.model is Order]
+    assert response.status_code == 201
+    assert event.context == {"request_id": response["X-Request-ID"]}
+
+
+def test_pgnotify_run_gives_a_commands_writes_a_context(changes, tmp_path):
+    fixture = tmp_path / "orders.json"
+    fixture.write_text(
+        '[{"model": "testapp.order", "pk": 990002, "fields": {"status": "loaded"}}]',
+        encoding="utf-8",
+    )
+
+    call_command(
+        "pgnotify_run", "--context", "reason=import", "loaddata", str(fixture), verbosity=0
+    )
+
+    (event,) = changes.wait(1)
+    assert (event.pk, event.context) == (990002, {"reason": "import"})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--only", "testapp.Order", "check"], "--only narrows --paused"),
+        (["--context", "no-equals-sign", "check"], "KEY=VALUE"),
+        (["--paused", "--only", "testapp.Nothing", "check"], "Nothing"),
+    ],
+)
+def test_pgnotify_run_refuses_options_it_cannot_apply(args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("pgnotify_run", *args)
+
+
+@override_settings(**AUDITED)
+def test_the_middleware_looks_the_user_up_only_when_a_request_writes(transactional_db):
+    user = User.objects.create(username="bob")
+    client = Client()
+    client.force_login(user)
+
+    with CaptureQueriesContext(connection) as reading:
+        client.get("/orders/count/")
+    with CaptureQueriesContext(connection) as writing:
+        client.post("/orders/", {"status": "written"})
+
+    def user_queries(captured):
+        return [q["sql"] for q in captured.captured_queries if '"auth_user"' in q["sql"]]
+
+    assert user_queries(reading) == []
+    assert len(user_queries(writing)) == 1

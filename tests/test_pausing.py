@@ -1,0 +1,139 @@
+"""``paused()`` and the ``pgnotify.paused`` setting: writes that announce nothing.
+
+A real listener receives what the triggers send; ``changes_before_marker``
+shows what did not arrive without sleeping.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.core.management import call_command
+from django.db import connection, transaction
+
+from django_pgnotify import paused
+from tests.conftest import changes_before_marker
+from tests.testapp.models import Order, OrderProxy, Tag
+
+
+def insert_order(conn: psycopg.Connection, status: str) -> int:
+    return conn.execute(
+        "INSERT INTO testapp_order (status, total, note) VALUES (%s, 0, '') RETURNING id",
+        [status],
+    ).fetchone()[0]
+
+
+def announced(changes) -> list[tuple[str, str]]:
+    """``(model label, status or pk)`` of everything that arrived before a marker."""
+    return [
+        (e.label, e.fields.get("status", e.pk) if e.fields else e.pk)
+        for e in changes_before_marker(changes)
+    ]
+
+
+def test_paused_writes_send_nothing_while_another_connections_writes_arrive(
+    changes, other_connection
+):
+    with paused():
+        Order.objects.create(status="quiet autocommit")
+        with transaction.atomic():
+            Order.objects.create(status="quiet atomic")
+            insert_order(other_connection, "loud other conn")
+        with connection.cursor() as cursor:  # raw SQL through Django
+            cursor.execute("UPDATE testapp_order SET status = 'quiet raw' WHERE status <> ''")
+
+    (event,) = changes_before_marker(changes)
+    assert event.fields["status"] == "loud other conn"
+    assert event.pid == other_connection.info.backend_pid
+
+
+def test_paused_spans_several_transactions_of_the_block_and_only_the_block(changes):
+    with paused():
+        for status in ("quiet 1", "quiet 2"):
+            with transaction.atomic():
+                Order.objects.create(status=status)
+    Order.objects.create(status="loud after")
+
+    assert announced(changes) == [("testapp.order", "loud after")]
+
+
+def test_paused_with_models_pauses_only_those(changes):
+    with paused(OrderProxy, using="default"):  # a proxy pauses its concrete model
+        Order.objects.create(status="quiet")
+        Tag.objects.create(name="loud-tag")
+    with paused("testapp.Tag"):
+        Order.objects.create(status="loud")
+        Tag.objects.create(name="quiet-tag")
+
+    assert announced(changes) == [("testapp.tag", "loud-tag"), ("testapp.order", "loud")]
+
+
+def test_nested_pauses_add_up_and_leaving_one_restores_the_enclosing_state(changes):
+    with transaction.atomic():
+        with paused(Tag):
+            with paused(Order):
+                Order.objects.create(status="quiet inner")
+                Tag.objects.create(name="quiet-inner")
+            Order.objects.create(status="loud between")
+            Tag.objects.create(name="quiet-outer")
+        # Same transaction, after the block: nothing is paused any more.
+        Order.objects.create(status="loud after")
+        Tag.objects.create(name="loud-after")
+
+    assert announced(changes) == [
+        ("testapp.order", "loud between"),
+        ("testapp.order", "loud after"),
+        ("testapp.tag", "loud-after"),
+    ]
+
+
+def test_an_exception_leaving_a_nested_pause_restores_the_enclosing_state(changes):
+    with transaction.atomic(), paused(Tag):
+        with pytest.raises(RuntimeError), paused():
+            Order.objects.create(status="quiet inner")
+            raise RuntimeError("leave the block")
+        Order.objects.create(status="loud after raise")
+        Tag.objects.create(name="quiet-tag")
+        try:
+            with transaction.atomic(), paused():  # a savepoint rolled back
+                Order.objects.create(status="rolled back")
+                raise RuntimeError("roll back the savepoint")
+        except RuntimeError:
+            pass
+        Order.objects.create(status="loud after rollback")
+
+    assert announced(changes) == [
+        ("testapp.order", "loud after raise"),
+        ("testapp.order", "loud after rollback"),
+    ]
+
+
+def test_non_django_writers_pause_with_the_transaction_local_setting(changes, other_connection):
+    with other_connection.transaction():
+        other_connection.execute("SELECT set_config('pgnotify.paused', 'on', true)")
+        insert_order(other_connection, "quiet all")
+    with other_connection.transaction():
+        other_connection.execute("SET LOCAL pgnotify.paused = 'testapp.tag, testapp.order'")
+        insert_order(other_connection, "quiet listed")
+    with other_connection.transaction():
+        other_connection.execute("SET LOCAL pgnotify.paused = 'testapp.tag'")
+        insert_order(other_connection, "loud not listed")
+    insert_order(other_connection, "loud next")
+
+    assert announced(changes) == [
+        ("testapp.order", "loud not listed"),
+        ("testapp.order", "loud next"),
+    ]
+
+
+def test_pgnotify_run_paused_runs_a_command_without_announcing_its_writes(changes, tmp_path):
+    fixture = tmp_path / "orders.json"
+    fixture.write_text(
+        '[{"model": "testapp.order", "pk": 990001, "fields": {"status": "loaded"}}]',
+        encoding="utf-8",
+    )
+
+    call_command("pgnotify_run", "--paused", "loaddata", str(fixture), verbosity=0)
+
+    assert Order.objects.filter(pk=990001, status="loaded").exists()
+    assert announced(changes) == []

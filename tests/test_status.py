@@ -1,0 +1,97 @@
+"""``manage.py pgnotify_status`` as a deploy script or a monitor runs it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from django_pgnotify.installation import uninstall_triggers
+from tests.conftest import run_manage
+
+LISTENER_SETTINGS = "tests.settings_listener"  # its listeners are named pgnotify_listen_tests
+
+
+def status(*args: str):
+    return run_manage(
+        "pgnotify_status", "--database", "default", "--settings", LISTENER_SETTINGS, *args
+    )
+
+
+def no_test_listeners_left(conn) -> None:
+    deadline = time.monotonic() + 10
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'pgnotify_listen_tests' AND datname = current_database()"
+    )
+    while conn.execute(query).fetchone()[0]:
+        assert time.monotonic() < deadline, "a listener of an earlier test is still connected"
+        time.sleep(0.05)
+
+
+def test_status_exits_0_and_shows_triggers_queue_and_listener_when_healthy(listener_process):
+    listener = listener_process("--settings", LISTENER_SETTINGS)
+
+    result = status()
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "Database 'default'" in out
+    assert "testapp.Order:default  channel pgnotify_testapp_order  installed" in out
+    assert "notification queue: " in out
+    assert "listener: pid " in out
+    assert out.rstrip().endswith("OK")
+    assert listener.stop() == 0
+
+
+def test_status_json_reports_the_same_for_scripts(listener_process):
+    listener_process("--settings", LISTENER_SETTINGS)
+
+    result = status("--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    (database,) = report["databases"]
+    assert database["alias"] == "default"
+    assert database["problems"] == []
+    assert 0 <= database["queue_usage"] < 1
+    assert len(database["listeners"]) == 1
+    order = next(d for d in database["declarations"] if d["uri"] == "testapp.Order:default")
+    assert order == {
+        "uri": "testapp.Order:default",
+        "model": "testapp.Order",
+        "channel": "pgnotify_testapp_order",
+        "table": '"testapp_order"',
+        "status": "installed",
+        "detail": "",
+    }
+
+
+def test_status_exits_1_when_no_listener_is_connected(other_connection):
+    no_test_listeners_left(other_connection)
+
+    result = status("--json")
+
+    assert result.returncode == 1
+    (database,) = json.loads(result.stdout)["databases"]
+    assert database["listeners"] == []
+    assert any("no listener is connected" in p for p in database["problems"])
+    assert "1 problem(s) need action" in result.stderr
+
+
+def test_status_exits_1_and_names_a_missing_trigger(listener_process, restore_triggers):
+    listener_process("--settings", LISTENER_SETTINGS)
+    uninstall_triggers(["testapp.Tag"])
+
+    result = status()
+
+    assert result.returncode == 1
+    assert "testapp.Tag:default  channel pgnotify_testapp_tag  missing" in result.stdout
+    assert "needs action: missing: testapp.Tag:default" in result.stdout
+
+
+def test_status_refuses_an_unknown_database_alias(transactional_db):
+    result = run_manage("pgnotify_status", "--database", "nope")
+
+    assert result.returncode != 0
+    assert "Unknown database alias 'nope'" in result.stderr

@@ -1,0 +1,80 @@
+"""``django_pgnotify.testing`` and the ``row_changes`` fixture, used as the docs say."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from django.test import TransactionTestCase
+
+from django_pgnotify import row_changed
+from django_pgnotify.testing import capture_row_changes
+from tests.conftest import test_database_url as database_url
+from tests.testapp.models import Order, Tag
+
+
+class OrderNotificationTests(TransactionTestCase):
+    """Django's own test runner style: TransactionTestCase commits for real."""
+
+    def test_paying_an_order_announces_the_status_change(self):
+        order = Order.objects.create(status="new", total="19.90")
+        with capture_row_changes("testapp.Order") as changes:
+            order.status = "paid"
+            order.save()
+            (event,) = changes.wait(1)
+        self.assertEqual(event.action, "update")
+        self.assertEqual(event.changed, {"status"})
+        self.assertEqual((event.old["status"], event.fields["status"]), ("new", "paid"))
+
+
+def test_row_changes_fixture_runs_a_real_listener_for_the_test(row_changes):
+    order = Order.objects.create(status="new", total="5.00")
+    order.status = "paid"
+    order.save()
+
+    inserted, updated = row_changes.wait(2)
+
+    assert (inserted.action, updated.action) == ("insert", "update")
+    assert updated.changed == {"status"}
+    assert row_changes.listener.health.connected
+
+
+def test_receivers_of_earlier_changes_have_finished_when_wait_returns(row_changes):
+    finished = []
+
+    async def slow_async_receiver(sender, event, **kwargs):
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        finished.append(event.pk)
+
+    row_changed.connect(slow_async_receiver, sender=Order, weak=False)
+    try:
+        first = Order.objects.create()
+        Tag.objects.create(name="after it")
+        row_changes.wait_for(lambda e: e.model is Tag)
+    finally:
+        row_changed.disconnect(slow_async_receiver, sender=Order)
+
+    assert finished == [first.pk]
+
+
+def test_wait_fails_after_its_timeout_listing_what_arrived(row_changes):
+    Tag.objects.create(name="only one")
+
+    with pytest.raises(AssertionError, match=r"expected 2 row change\(s\) within 0.3s, got 1"):
+        row_changes.wait(2, timeout=0.3)
+
+
+@pytest.mark.django_db  # not transaction=True: the test runs in a transaction rolled back after
+def test_a_plain_test_transaction_never_commits_so_nothing_is_announced():
+    with capture_row_changes() as changes:
+        Order.objects.create(status="never committed")
+        # A change committed by another connection after it: anything the first
+        # change had announced would arrive before this one.
+        with psycopg.connect(database_url(), autocommit=True) as other:
+            other.execute("INSERT INTO testapp_tag (name, colour) VALUES ('committed', 'red')")
+        marker = changes.wait_for(lambda e: e.model is Tag)
+        with psycopg.connect(database_url(), autocommit=True) as other:
+            other.execute("DELETE FROM testapp_tag WHERE name = 'committed'")
+
+    assert changes.index(marker) == 0
