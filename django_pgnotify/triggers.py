@@ -230,9 +230,7 @@ def _durable_body(declaration: Declaration) -> str:
     """
     wakeup = sql.SQL("")
     if get_setting("DURABLE_WAKEUP"):
-        wakeup = sql.SQL("  PERFORM pg_notify({}, '');\n").format(
-            sql.Literal(wire.DURABLE_CHANNEL)
-        )
+        wakeup = sql.SQL("  PERFORM pg_notify({}, '');\n").format(sql.Literal(wire.DURABLE_CHANNEL))
     body = sql.SQL(
         "\nDECLARE\n  item json;\nBEGIN\n{branches}  END IF;\n"
         "  INSERT INTO {table} (declaration, model, payload, pid)\n"
