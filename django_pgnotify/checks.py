@@ -2,9 +2,10 @@
 
 Ids: E001 ``pgnotify`` is not a ``Notify``; E002 events; E003 ``fields``;
 E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
-E008 ``durable`` type; E009 database is not PostgreSQL; E010 ``PGNOTIFY``
-setting; E011 composite primary key; W001 durable not available yet; W002
-``when_changed`` without update; W003 unknown ``PGNOTIFY`` key.
+E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
+``PGNOTIFY`` setting; E011 composite primary key; W002 ``when_changed``
+without update; W003 unknown ``PGNOTIFY`` key. (W001, "durable not available
+yet", is retired.)
 """
 
 from __future__ import annotations
@@ -147,6 +148,22 @@ def _check_listener_settings(config: dict[str, Any]) -> list[checks.CheckMessage
         messages.append(
             checks.Error(
                 'PGNOTIFY["IGNORE_OWN_CHANGES"] must be True or False.', id="pgnotify.E010"
+            )
+        )
+    layer = config.get("CHANNEL_LAYER")
+    if layer is not None and layer not in getattr(settings, "CHANNEL_LAYERS", {}):
+        messages.append(
+            checks.Error(
+                f'PGNOTIFY["CHANNEL_LAYER"] is {layer!r}, which is not in settings.CHANNEL_LAYERS.',
+                hint='Name a configured channel layer (usually "default"), or None to forward '
+                "nothing.",
+                id="pgnotify.E010",
+            )
+        )
+    if not isinstance(config.get("CHANNEL_ROW_GROUPS", False), bool):
+        messages.append(
+            checks.Error(
+                'PGNOTIFY["CHANNEL_ROW_GROUPS"] must be True or False.', id="pgnotify.E010"
             )
         )
     return messages

@@ -37,6 +37,25 @@ DEFAULTS: dict[str, Any] = {
     "STATS_INTERVAL": 60.0,
     # Skip changes made by this process's own Django connections.
     "IGNORE_OWN_CHANGES": False,
+    # The CHANNEL_LAYERS alias the listener forwards changes to (None: no forwarding).
+    "CHANNEL_LAYER": None,
+    # Also send each change to its row's Channels group (for per-row subscriptions).
+    "CHANNEL_ROW_GROUPS": False,
+    # Durable delivery (Notify(durable=True)), see docs/durable.md.
+    # Send one wake-up NOTIFY per writing transaction; False: poll-only (no NOTIFY).
+    "DURABLE_WAKEUP": True,
+    # Seconds between looks for durable events when no wake-up arrives.
+    "DURABLE_POLL_INTERVAL": 5.0,
+    # Events claimed per batch, and seconds a claim (lease) lasts before others may take it.
+    "DURABLE_BATCH_SIZE": 500,
+    "DURABLE_LEASE": 60.0,
+    # Attempts before an event becomes a dead letter (Notify(max_attempts=...) overrides).
+    "DURABLE_MAX_ATTEMPTS": 5,
+    # Retry delays in seconds: doubling from MIN up to MAX.
+    "DURABLE_RETRY_DELAY_MIN": 1.0,
+    "DURABLE_RETRY_DELAY_MAX": 300.0,
+    # Keep handled events (status "done") for pgnotify_prune instead of deleting them.
+    "DURABLE_KEEP_DONE": False,
 }
 
 

@@ -109,13 +109,13 @@ def resolve_model(
             )
         ]
     if opts.proxy:
-        if raw == raw_declarations(opts.concrete_model):
+        if raw == raw_declarations(opts.concrete_model):  # type: ignore[arg-type]
             return [], []  # e.g. inherited through Meta: the concrete model announces it
         return [], [
             checks.Error(
                 f"{label} is a proxy model; it shares the table of "
-                f"{opts.concrete_model._meta.label} and cannot declare pgnotify.",
-                hint=f"Declare it on {opts.concrete_model._meta.label}; its events are "
+                f"{opts.concrete_model._meta.label} and cannot declare pgnotify.",  # type: ignore[union-attr]
+                hint=f"Declare it on {opts.concrete_model._meta.label}; its events are "  # type: ignore[union-attr]
                 "sent with that model as the sender.",
                 obj=model,
                 id="pgnotify.E006",
@@ -210,7 +210,7 @@ def _resolve_one(
 
     channel = notify.channel
     if channel is None:
-        channel = naming.default_channel(opts.app_label, opts.model_name)
+        channel = naming.default_channel(opts.app_label, opts.model_name)  # type: ignore[arg-type]
     elif not isinstance(channel, str) or not channel or "\0" in channel:
         error(f"channel must be a non-empty string, got {channel!r}.", "pgnotify.E005")
     elif len(channel.encode()) > naming.MAX_IDENTIFIER_BYTES:
@@ -222,14 +222,14 @@ def _resolve_one(
 
     if not isinstance(notify.durable, bool):
         error(f"durable must be True or False, got {notify.durable!r}.", "pgnotify.E008")
-    elif notify.durable:
-        errors.append(
-            checks.Warning(
-                f"{where}: durable=True is not available yet; changes are announced "
-                "as plain notifications, which a listener that is down misses.",
-                obj=model,
-                id="pgnotify.W001",
-            )
+    max_attempts = notify.max_attempts
+    if max_attempts is not None and (
+        type(max_attempts) is not int or max_attempts < 1 or not notify.durable
+    ):
+        error(
+            f"max_attempts must be a positive integer on a durable=True declaration, "
+            f"got {max_attempts!r}.",
+            "pgnotify.E008",
         )
 
     if any(e.is_serious() for e in errors):
@@ -286,8 +286,8 @@ def _column(field: models.Field) -> Column:
     # trigger renders it by that type (a timestamptz pk must be sent in UTC).
     stored = field
     while stored.is_relation and getattr(stored, "target_field", None) is not None:
-        stored = stored.target_field
-    return Column(field=field.name, column=field.column, internal_type=stored.get_internal_type())
+        stored = stored.target_field  # type: ignore[attr-defined]  # a relation's field
+    return Column(field=field.name, column=field.column, internal_type=stored.get_internal_type())  # type: ignore[arg-type]
 
 
 def get_declarations(selectors: Iterable[str] = ()) -> list[Declaration]:

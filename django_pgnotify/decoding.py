@@ -176,8 +176,12 @@ class Decoder:
         self.using = using
         self._codecs = {m._meta.label_lower: _ModelCodec(m) for m in models_}
 
-    def decode(self, payload: str, channel: str = "", pid: int = 0) -> list[RowChange]:
+    def decode(
+        self, payload: str, channel: str = "", pid: int = 0, event_id: int | None = None
+    ) -> list[RowChange]:
         """Decode one payload into one ``RowChange`` per row it carries.
+
+        ``event_id`` is given for a durable event (a row of the event table).
 
         Raises:
             DecodeError: Not our wire format (``ModelNotServed``: a model this
@@ -210,6 +214,8 @@ class Decoder:
                     timestamp=timestamp,
                     using=self.using,
                     context=message.context,
+                    durable=event_id is not None,
+                    event_id=event_id,
                 )
             )
         return changes

@@ -38,6 +38,8 @@ class Dispatcher:
         self.stats: Counter[str] = stats if stats is not None else Counter()
         #: Seconds from the trigger's clock to the end of dispatch, of the last event.
         self.last_event_lag: float | None = None
+        #: The first receiver error of each durable event, by event id (see take_errors).
+        self.errors: dict[int, str] = {}
 
     def dispatch(self, event: RowChange) -> None:
         """Send ``row_changed`` for ``event`` to every receiver, sync and async."""
@@ -95,6 +97,9 @@ class Dispatcher:
     def failed(self, receiver: Any, event: RowChange, exc: Exception) -> None:
         """Log and count a receiver that raised."""
         self.stats["receiver_errors"] += 1
+        if event.event_id is not None:  # durable: retried or dead-lettered with this error
+            name = getattr(receiver, "__qualname__", repr(receiver))
+            self.errors.setdefault(event.event_id, f"{name}: {type(exc).__name__}: {exc}")
         logger.error(
             "pgnotify: receiver %s failed on %s %s pk=%r",
             getattr(receiver, "__qualname__", receiver),
@@ -103,6 +108,11 @@ class Dispatcher:
             event.pk,
             exc_info=exc,
         )
+
+    def take_errors(self) -> dict[int, str]:
+        """The durable events' receiver errors collected since the last call."""
+        errors, self.errors = self.errors, {}
+        return errors
 
     def measure_lag(self, event: RowChange) -> None:
         if event.timestamp is not None:

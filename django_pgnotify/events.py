@@ -35,6 +35,10 @@ class RowChange:
             :func:`django_pgnotify.context` (or the ``pgnotify.context``
             setting): e.g. ``{"actor": "user:42", "reason": "refund"}``;
             ``None`` when it said nothing.
+        durable: The change comes from a ``durable=True`` declaration: it was
+            stored in the event table and is delivered at least once.
+        event_id: For a durable change, the id of its event row: the same on
+            every redelivery, so receivers deduplicate by it; else ``None``.
     """
 
     model: type[models.Model]
@@ -50,6 +54,8 @@ class RowChange:
     timestamp: datetime | None = None
     using: str = DEFAULT_DB_ALIAS
     context: dict[str, Any] | None = None
+    durable: bool = False
+    event_id: int | None = None
 
     @property
     def label(self) -> str:

@@ -31,11 +31,12 @@ from django.db import DEFAULT_DB_ALIAS, OperationalError, close_old_connections,
 from django.dispatch import Signal
 from psycopg import sql
 
-from . import connection, own_changes
+from . import connection, own_changes, wire
 from .conf import get_setting
 from .declarations import Declaration
 from .decoding import DecodeError, Decoder, ModelNotServed
 from .dispatch import Dispatcher
+from .durable import DurableWorker
 from .events import RowChange
 from .health import COUNTERS, HealthFile, ListenerHealth, format_record
 from .signals import listener_reconnected, listener_started, listener_stopped
@@ -117,8 +118,14 @@ class Listener:
         health_file: str | None = None,
     ) -> None:
         declarations = list(declarations)
+        durable = [d for d in declarations if d.notify.durable]
         self.using = using
-        self.channels = sorted({d.channel for d in declarations})
+        # Durable declarations do not send their changes on their channel: only
+        # a wake-up on one shared channel (see durable.py).
+        self.channels = sorted(
+            {d.channel for d in declarations if not d.notify.durable}
+            | ({wire.DURABLE_CHANNEL} if durable else set())
+        )
         self.dispatcher = dispatcher or Dispatcher()
         self.poll_interval = poll_interval
         self.stats: Counter[str] = self.dispatcher.stats
@@ -135,6 +142,19 @@ class Listener:
         self.probe_channel = f"pgnotify_probe_{uuid.uuid4().hex[:16]}"
         self._ignored_models: set[str] = set()
         self._stopping = threading.Event()
+        #: Claims and dispatches the durable declarations' events, if any.
+        self.durable = (
+            DurableWorker(
+                durable,
+                using,
+                self.decoder,
+                self.dispatcher,
+                self._stopping,
+                ignore_own_changes=ignore_own_changes,
+            )
+            if durable
+            else None
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
 
@@ -178,13 +198,14 @@ class Listener:
         queue: asyncio.Queue[psycopg.Notify] = asyncio.Queue(self.health.local_queue_size)
         executor = ThreadPoolExecutor(1, thread_name_prefix="pgnotify-dispatch")
         dispatching = asyncio.ensure_future(self._dispatch_loop(queue, executor))
+        durable = asyncio.ensure_future(self._durable_loop(executor))
         try:
             await self._connect_loop(queue, dispatching)
         finally:
             self._stopping.set()
             self._wake.set()
             self._started.set()
-            await asyncio.gather(dispatching, return_exceptions=True)
+            await asyncio.gather(dispatching, durable, return_exceptions=True)
             executor.shutdown(wait=True)
             self.health.connected = False
             if queue.qsize():
@@ -234,6 +255,8 @@ class Listener:
                 await self._sleep(delay)
                 continue
             backoff.reset()
+            if self.durable is not None:  # wake-ups sent while away were missed: look now
+                self.durable.wake.set()
             pid = conn.info.backend_pid
             self.health.connected, self.health.backend_pid = True, pid
             self.health.connected_since = time.time()
@@ -349,6 +372,10 @@ class Listener:
                 self._probe_sent = None
                 self.health.last_probe_ok = time.monotonic()
                 self.stats["probes"] += 1
+            return
+        if notify.channel == wire.DURABLE_CHANNEL:
+            if self.durable is not None:
+                self.durable.wake.set()
             return
         self.stats["received"] += 1
         if self.ignore_own_changes and own_changes.is_own_pid(notify.pid):
@@ -479,6 +506,18 @@ class Listener:
             self._last_progress = time.monotonic()
             self.health.local_queue = queue.qsize()
             self.health.last_event_lag = self.dispatcher.last_event_lag
+
+    async def _durable_loop(self, executor: ThreadPoolExecutor) -> None:
+        """Run the durable worker once the listener has started, sharing the dispatch thread."""
+        if self.durable is None:
+            return
+        assert self._wake is not None
+        await self._started.wait()
+        try:
+            await self.durable.run(self._wake, executor)
+        except Exception:  # a bug, not the database (the worker retries those): make it loud
+            logger.exception("pgnotify: durable event processing stopped")
+            raise
 
     async def _next_batch(self, queue: asyncio.Queue[psycopg.Notify]) -> list[psycopg.Notify]:
         assert self._wake is not None

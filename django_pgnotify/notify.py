@@ -29,14 +29,17 @@ class Notify:
             when any column changed; an update that changes nothing never is.
         channel: The ``NOTIFY`` channel (a PostgreSQL identifier of at most 63
             bytes). Defaults to ``pgnotify_<app_label>_<model_name>``.
-        durable: Reserved for durable delivery, which is not available yet;
-            ``True`` is reported by ``manage.py check`` and sent as a plain
-            notification.
+        durable: Store each change in the event table in the writing
+            transaction, for at-least-once delivery to one listener (see
+            docs/durable.md), instead of a plain notification.
+        max_attempts: For a durable declaration, how many times an event is
+            dispatched to receivers that raise before it becomes a dead letter;
+            ``PGNOTIFY["DURABLE_MAX_ATTEMPTS"]`` by default.
         name: Names the declaration in trigger names and in the URI
             ``app_label.Model:name``; needed only when a model has several.
     """
 
-    __slots__ = ("channel", "durable", "events", "fields", "name", "when_changed")
+    __slots__ = ("channel", "durable", "events", "fields", "max_attempts", "name", "when_changed")
 
     def __init__(
         self,
@@ -46,6 +49,7 @@ class Notify:
         when_changed: Iterable[str] = (),
         channel: str | None = None,
         durable: bool = False,
+        max_attempts: int | None = None,
         name: str | None = None,
     ) -> None:
         self.events = _as_tuple(events)
@@ -53,6 +57,7 @@ class Notify:
         self.when_changed = _as_tuple(when_changed)
         self.channel = channel
         self.durable = durable
+        self.max_attempts = max_attempts
         self.name = name
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import DatabaseError, connections
 
-from . import installation
+from . import durable, installation
 from .conf import get_setting
 from .connection import connection_params, describe
 
@@ -30,6 +30,9 @@ class DatabaseStatus:
             when the database could not be reached.
         listeners: Sessions named ``PGNOTIFY["APPLICATION_NAME"]`` on this
             database, from ``pg_stat_activity``.
+        durable: For durable declarations: ``pending`` (backlog size),
+            ``oldest_pending_age`` (seconds), ``dead`` (dead letters) and
+            ``done`` (kept for retention); ``None`` when none is declared.
         problems: What needs action; empty when all is well.
     """
 
@@ -38,6 +41,7 @@ class DatabaseStatus:
     declarations: list[dict[str, Any]] = field(default_factory=list)
     queue_usage: float | None = None
     listeners: list[dict[str, Any]] = field(default_factory=list)
+    durable: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -74,6 +78,8 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                 }
                 for pid, started, client, state in cursor.fetchall()
             ]
+        if any(s.sql is not None and s.sql.declaration.notify.durable for s in states):
+            status.durable = asdict(durable.backlog(using))
     except DatabaseError as exc:
         status.problems.append(f"cannot reach the database: {' '.join(str(exc).split())}")
         return status
@@ -98,6 +104,11 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
         status.problems.append(
             f"the notification queue is {status.queue_usage:.1%} full "
             f"(warning above {threshold:.1%}): a listening session is not reading"
+        )
+    if status.durable and status.durable["dead"]:
+        status.problems.append(
+            f"{status.durable['dead']} durable event(s) are dead letters: retry or discard "
+            "them in the admin (Durable events, status: dead letter)"
         )
     if any(d["channel"] for d in status.declarations) and not status.listeners:
         status.problems.append(

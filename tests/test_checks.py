@@ -242,12 +242,20 @@ def test_e008_durable_that_is_not_a_bool(registry):
     assert "testapp.Shipment:default: durable must be True or False" in message.msg
 
 
-def test_w001_durable_is_not_available_yet(registry):
-    declare(Notify(durable=True))
+def test_durable_declaration_with_max_attempts_is_accepted(registry):
+    declare(Notify(durable=True, max_attempts=3))
 
-    message = only(check_models(registry), "pgnotify.W001")
-    assert message.level == checks.WARNING
-    assert "testapp.Shipment:default: durable=True" in message.msg
+    assert check_models(registry) == []
+
+
+@pytest.mark.parametrize(
+    "notify", [Notify(durable=True, max_attempts=0), Notify(max_attempts=3)], ids=["zero", "live"]
+)
+def test_e008_max_attempts_needs_a_positive_int_on_a_durable_declaration(registry, notify):
+    declare(notify)
+
+    message = only(check_models(registry), "pgnotify.E008")
+    assert "testapp.Shipment:default: max_attempts must be a positive integer" in message.msg
 
 
 def test_w002_when_changed_without_update(registry):

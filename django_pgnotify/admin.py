@@ -1,0 +1,52 @@
+"""The durable events in the Django admin: find dead letters, retry or discard them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from .durable import retry_events
+from .models import DurableEvent
+
+
+@admin.register(DurableEvent)
+class DurableEventAdmin(admin.ModelAdmin):
+    """Read-only rows with two actions: a row is changed only by listeners and these."""
+
+    list_display = (
+        "id",
+        "model",
+        "status",
+        "attempts",
+        "created_at",
+        "available_at",
+        "lease_owner",
+        "short_error",
+    )
+    list_filter = ("status", "model", "attempts")
+    search_fields = ("=id", "declaration", "last_error")
+    actions = ("retry", "discard")
+    ordering = ("-id",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="last error")
+    def short_error(self, obj: DurableEvent) -> str:
+        return obj.last_error[:120]
+
+    @admin.action(description="Retry the selected events (attempts start again)")
+    def retry(self, request: HttpRequest, queryset: QuerySet[DurableEvent]) -> None:
+        count = retry_events(queryset)
+        self.message_user(request, f"{count} event(s) will be delivered again.", messages.SUCCESS)
+
+    @admin.action(description="Discard the selected events", permissions=["delete"])
+    def discard(self, request: HttpRequest, queryset: QuerySet[DurableEvent]) -> None:
+        count, _ = queryset.delete()
+        self.message_user(request, f"{count} event(s) discarded.", messages.SUCCESS)

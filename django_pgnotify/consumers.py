@@ -1,0 +1,256 @@
+"""``RowChangeConsumer``: row changes pushed to WebSocket clients that may see them.
+
+The client subscribes to a model (``{"subscribe": "shop.order"}``) or to one
+row (``{"subscribe": "shop.order", "pk": 42}``); the consumer checks the
+permission hook, joins the group the listener forwards to, and only then
+acknowledges, so a change committed after the acknowledgement always arrives.
+Authorization is deny-by-default; override :meth:`RowChangeConsumer.has_permission`
+and :meth:`RowChangeConsumer.filter_event` for your own rules. Needs the
+``channels`` extra. The protocol is documented in docs/channels.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db import models
+
+from . import groups
+from .conf import get_setting
+from .declarations import get_declarations
+
+logger = logging.getLogger("django_pgnotify.consumers")
+
+
+class SubscriptionError(Exception):
+    """A request the consumer refuses; sent to the client as an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RowChangeConsumer(AsyncJsonWebsocketConsumer):
+    """An async JSON WebSocket consumer that pushes ``row_changed`` events to subscribers.
+
+    Attributes:
+        max_message_bytes: Longer client messages get a ``too_large`` error.
+        max_subscriptions: Subscriptions per connection, at most.
+    """
+
+    max_message_bytes = 4096
+    max_subscriptions = 100
+
+    async def connect(self) -> None:
+        # model label -> {"model": bool, "rows": {pk text: pk as sent}}
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.joined: set[str] = set()
+        self.last_seq: dict[tuple[str, str], int] = {}
+        self.seen_resyncs: set[Any] = set()
+        self.row_groups = bool(get_setting("CHANNEL_ROW_GROUPS"))
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        for group in list(getattr(self, "joined", ())):
+            await self.channel_layer.group_discard(group, self.channel_name)
+        self.joined = set()
+
+    # Hooks
+
+    async def has_permission(self, model: type[models.Model], pk: Any | None) -> bool:
+        """Whether this connection may follow ``model`` (``pk`` is ``None``) or one of its rows.
+
+        Deny by default: only an authenticated user with the model's ``view``
+        permission (``user.has_perm("shop.view_order")``). Override for other
+        rules; ``self.scope["user"]`` is set by Channels' ``AuthMiddlewareStack``.
+        """
+        user = self.scope.get("user")
+        if user is None or not getattr(user, "is_authenticated", False):
+            return False
+        codename = f"{model._meta.app_label}.view_{model._meta.model_name}"
+        return bool(await database_sync_to_async(user.has_perm)(codename))
+
+    async def filter_event(
+        self, model: type[models.Model], event: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The event as this client may see it, or ``None`` to drop it (row-level rules).
+
+        ``event`` is the frame about to be sent (see docs/channels.md); return a
+        copy with fields removed, or ``None``. By default every event of a
+        permitted subscription is sent as is.
+        """
+        return event
+
+    # Receiving from the client
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        size = len(text_data.encode("utf-8")) if text_data is not None else len(bytes_data or b"")
+        if size > self.max_message_bytes:
+            await self.send_error(
+                "too_large", f"Messages may be at most {self.max_message_bytes} bytes."
+            )
+            return
+        if text_data is None:
+            await self.send_error("malformed", "Send JSON text frames, not binary ones.")
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            await self.send_error("malformed", "Not JSON.")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        request = content if isinstance(content, dict) else None
+        try:
+            if request is None:
+                raise SubscriptionError("malformed", "Send a JSON object.")
+            if "subscribe" in request:
+                await self.subscribe(request)
+            elif "unsubscribe" in request:
+                await self.unsubscribe(request)
+            else:
+                raise SubscriptionError(
+                    "malformed",
+                    'Expected {"subscribe": "app_label.model"} or {"unsubscribe": ...}.',
+                )
+        except SubscriptionError as exc:
+            await self.send_error(exc.code, exc.message, request)
+
+    async def subscribe(self, request: dict[str, Any]) -> None:
+        model, label = self.resolve_model(request["subscribe"])
+        pk = self.resolve_pk(model, request) if "pk" in request else None
+        if not await self.has_permission(model, pk):
+            # The same answer whether the model or the row exists or not.
+            raise SubscriptionError("forbidden", f"You may not follow {label}.")
+        count = sum(int(e["model"]) + len(e["rows"]) for e in self.subscriptions.values())
+        if count >= self.max_subscriptions:
+            raise SubscriptionError(
+                "too_many", f"At most {self.max_subscriptions} subscriptions per connection."
+            )
+        entry = self.subscriptions.setdefault(label, {"model": False, "rows": {}})
+        if pk is None:
+            entry["model"] = True
+        else:
+            entry["rows"][groups.pk_text(pk)] = request["pk"]
+        await self.sync_groups()
+        await self.send_frame("subscribed", request, label)
+
+    async def unsubscribe(self, request: dict[str, Any]) -> None:
+        model, label = self.resolve_model(request["unsubscribe"])
+        entry = self.subscriptions.get(label)
+        if entry is not None:
+            if "pk" in request:
+                entry["rows"].pop(groups.pk_text(self.resolve_pk(model, request)), None)
+            else:
+                entry["model"] = False
+            if not entry["model"] and not entry["rows"]:
+                del self.subscriptions[label]
+        await self.sync_groups()
+        await self.send_frame("unsubscribed", request, label)
+
+    def resolve_model(self, value: Any) -> tuple[type[models.Model], str]:
+        if not isinstance(value, str) or value.count(".") != 1 or len(value) > 200:
+            raise SubscriptionError("malformed", 'Name a model as "app_label.model".')
+        try:
+            model = apps.get_model(value)
+        except (LookupError, ValueError):
+            raise SubscriptionError("unknown_model", f"No model {value!r}.") from None
+        label = model._meta.label_lower
+        try:
+            declared = bool(get_declarations([label]))
+        except ImproperlyConfigured:
+            declared = False
+        if not declared:
+            raise SubscriptionError("not_notifying", f"{label} does not announce its changes.")
+        return model, label
+
+    def resolve_pk(self, model: type[models.Model], request: dict[str, Any]) -> Any:
+        value = request["pk"]
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise SubscriptionError("invalid_pk", "pk must be a string or an integer.")
+        try:
+            pk = model._meta.pk.to_python(value)
+        except (ValidationError, TypeError, ValueError):
+            raise SubscriptionError("invalid_pk", f"{value!r} is not a valid pk.") from None
+        if not self.row_groups:
+            raise SubscriptionError(
+                "rows_unavailable",
+                'Row subscriptions need PGNOTIFY["CHANNEL_ROW_GROUPS"] = True; '
+                "subscribe to the model instead.",
+            )
+        return pk
+
+    async def sync_groups(self) -> None:
+        """Join and leave groups so that membership matches the subscriptions."""
+        wanted: set[str] = set()
+        for label, entry in self.subscriptions.items():
+            if entry["model"]:
+                wanted.add(groups.model_group(label))
+            if entry["rows"]:
+                wanted.add(groups.resync_group(label))
+                wanted.update(groups.row_group(label, pk) for pk in entry["rows"])
+        for group in sorted(wanted - self.joined):
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.joined.add(group)
+        for group in sorted(self.joined - wanted):
+            await self.channel_layer.group_discard(group, self.channel_name)
+            self.joined.discard(group)
+
+    # Sending to the client
+
+    async def send_frame(self, kind: str, request: dict[str, Any], label: str) -> None:
+        frame: dict[str, Any] = {"type": kind, "model": label}
+        if "pk" in request:
+            frame["pk"] = request["pk"]
+        if "id" in request:
+            frame["id"] = request["id"]
+        await self.send_json(frame)
+
+    async def send_error(
+        self, code: str, message: str, request: dict[str, Any] | None = None
+    ) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if request is not None and "id" in request:
+            frame["id"] = request["id"]
+        await self.send_json(frame)
+
+    # Messages from the channel layer
+
+    async def pgnotify_row_changed(self, message: dict[str, Any]) -> None:
+        label = message.get("model", "")
+        entry = self.subscriptions.get(label)
+        if entry is None:
+            return  # unsubscribed while the message was on its way
+        if not entry["model"] and groups.pk_text(message.get("pk")) not in entry["rows"]:
+            return
+        # Model and row groups both carry an event subscribed both ways: send it once.
+        key = (label, message.get("stream", ""))
+        if message.get("seq", 0) <= self.last_seq.get(key, 0):
+            return
+        self.last_seq[key] = message.get("seq", 0)
+        event = {k: v for k, v in message.items() if k != "type"}
+        event = {"type": "row_changed", **event}
+        filtered = await self.filter_event(apps.get_model(label), event)
+        if filtered is not None:
+            await self.send_json(filtered)
+
+    async def pgnotify_resync(self, message: dict[str, Any]) -> None:
+        label = message.get("model", "")
+        if label not in self.subscriptions:
+            return
+        # Sent to the model group and the resync group: a client in both gets it once.
+        if message.get("id") in self.seen_resyncs:
+            return
+        self.seen_resyncs = {*list(self.seen_resyncs)[-20:], message.get("id")}
+        frame = {k: v for k, v in message.items() if k != "type"}
+        await self.send_json({"type": "resync", **frame})

@@ -1,0 +1,79 @@
+"""Channels group names for models and rows.
+
+Channels accepts group names of ASCII letters, digits, ``-``, ``_`` and ``.``,
+shorter than 100 characters. Model labels and primary keys can be neither
+(a Unicode app label, a long or odd string pk), so names that would not fit
+are replaced by a hash, under a different prefix so that a hashed name can
+never equal a plain one. Pure functions: no Channels import, no database.
+
+======================  ==========================================
+Group                   Name
+======================  ==========================================
+every change of a model ``pgnotify.shop.order``
+one row of it           ``pgnotify.shop.order.row.42``
+row, pk not plain       ``pgnotify.shop.order.rowh.<32 hex digits>``
+resync of row followers ``pgnotify.shop.order.resync``
+model label not plain   ``pgnotify.h.<24 hex digits>``
+======================  ==========================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+#: Every group name starts with this.
+PREFIX = "pgnotify"
+#: Channels' limit: names must be shorter than this.
+MAX_NAME_LENGTH = 100
+#: A model label is used as is up to this length (so that row names still fit).
+MAX_LABEL_LENGTH = 48
+#: A pk is used as is up to this length (a UUID's 36 characters fit).
+MAX_PK_LENGTH = 40
+
+_PLAIN_LABEL = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
+_PLAIN_PK = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _digest(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def pk_text(pk: Any) -> str:
+    """The text a pk is named by: ``str()`` of its Python value (a UUID's canonical form)."""
+    return str(pk)
+
+
+def model_group(label: str) -> str:
+    """The group every change of the model ``label`` (``"shop.order"``) is sent to.
+
+    Args:
+        label: The model's ``app_label.model_name`` (``Model._meta.label_lower``).
+    """
+    label = label.lower()
+    if _PLAIN_LABEL.fullmatch(label) and len(label) <= MAX_LABEL_LENGTH:
+        return f"{PREFIX}.{label}"
+    return f"{PREFIX}.h.{_digest(label, 24)}"
+
+
+def row_group(label: str, pk: Any) -> str:
+    """The group the changes of one row (model ``label``, primary key ``pk``) are sent to.
+
+    Args:
+        label: The model's ``app_label.model_name``.
+        pk: The row's primary key as a Python value (or its text).
+    """
+    text = pk_text(pk)
+    if _PLAIN_PK.fullmatch(text) and len(text) <= MAX_PK_LENGTH:
+        return f"{model_group(label)}.row.{text}"
+    return f"{model_group(label)}.rowh.{_digest(text, 32)}"
+
+
+def resync_group(label: str) -> str:
+    """The group of consumers that follow single rows of ``label``, for ``resync`` messages.
+
+    Model subscribers get ``resync`` through the model group; followers of
+    single rows are not in it, so they join this one.
+    """
+    return f"{model_group(label)}.resync"

@@ -1,0 +1,292 @@
+"""The Channels bridge with real processes: Uvicorn, pgnotify_listen, channels_redis.
+
+A real WebSocket client (``websockets``) talks to a real ASGI server process;
+the listener is a separate ``pgnotify_listen --channel-layer default`` process;
+rows are changed by a plain psycopg connection. Redis is ``REDIS_URL`` when set,
+else an embedded one; the Redis-down test always uses an embedded one it can
+stop and start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+pytest.importorskip("channels_redis", reason="the channels extra is not installed")
+pytest.importorskip("websockets", reason="websockets is not installed")
+pytest.importorskip("uvicorn", reason="uvicorn is not installed")
+
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.auth.models import Permission, User
+from django.contrib.sessions.backends.signed_cookies import SessionStore
+from websockets.asyncio.client import connect
+
+from django_pgnotify.embedded_redis import (
+    EmbeddedRedis,
+    find_redis_server,
+    redis_host,
+    redis_url,
+)
+from tests import conftest
+from tests.conftest import ManagedProcess, django_env
+
+TIMEOUT = 15
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def channels_env(transactional_db) -> dict[str, str]:
+    """Environment of the child processes: test database, Redis, a prefix of our own."""
+    try:
+        url = redis_url()
+    except RuntimeError as exc:  # no REDIS_URL and no redis-server to start
+        pytest.skip(str(exc))
+    return django_env(
+        DJANGO_SETTINGS_MODULE="tests.settings_channels",
+        DATABASE_URL=conftest.test_database_url(),
+        REDIS_URL=url,
+        PGNOTIFY_TEST_REDIS_PREFIX=f"pgnotify-test-{uuid.uuid4().hex[:8]}",
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ManagedProcess]]:
+    started: list[ManagedProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+def start_listener(env: dict[str, str], processes: list[ManagedProcess]) -> ManagedProcess:
+    listener = ManagedProcess(
+        [
+            sys.executable,
+            "-m",
+            "django",
+            "pgnotify_listen",
+            "-v",
+            "2",
+            "--channel-layer",
+            "default",
+        ],
+        env,
+    )
+    processes.append(listener)
+    listener.wait_for(r"listening on", timeout=TIMEOUT, stream="err")
+    return listener
+
+
+@pytest.fixture
+def server(channels_env, processes) -> str:
+    """A Uvicorn process serving tests/channels_asgi.py; its WebSocket URL."""
+    port = free_port()
+    uvicorn = ManagedProcess(
+        [sys.executable, "-m", "uvicorn", "tests.channels_asgi:application", "--port", str(port)],
+        channels_env,
+    )
+    processes.append(uvicorn)
+    uvicorn.wait_for(r"Uvicorn running on", timeout=TIMEOUT, stream="err")
+    return f"ws://127.0.0.1:{port}/ws/pgnotify/"
+
+
+def session_cookie(user: User) -> str:
+    """A signed session cookie logging ``user`` in, as Django's login() would make it."""
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.save()
+    return f"sessionid={session.session_key}"
+
+
+@pytest.fixture
+def viewer(transactional_db) -> User:
+    user = User.objects.create_user("viewer", password="secret")
+    user.user_permissions.add(Permission.objects.get(codename="view_order"))
+    return user
+
+
+@pytest.fixture
+def stranger(transactional_db) -> User:
+    return User.objects.create_user("stranger", password="secret")
+
+
+def insert_order(conn: psycopg.Connection, status: str = "new") -> int:
+    row = conn.execute(
+        "INSERT INTO testapp_order (status, total, note) VALUES (%s, 10, '') RETURNING id",
+        [status],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def ask(ws: Any, request: dict[str, Any]) -> dict[str, Any]:
+    await ws.send(json.dumps(request))
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+
+async def next_event(ws: Any) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+
+async def nothing_more(ws: Any, seconds: float = 0.5) -> bool:
+    try:
+        frame = await asyncio.wait_for(ws.recv(), seconds)
+    except asyncio.TimeoutError:
+        return True
+    raise AssertionError(f"unexpected frame {frame}")
+
+
+def run(scenario: Callable[[], Any]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_logged_in_viewer_receives_changes_in_commit_order(
+    server, channels_env, processes, viewer, other_connection
+):
+    start_listener(channels_env, processes)
+
+    async def scenario() -> None:
+        async with connect(server, additional_headers={"Cookie": session_cookie(viewer)}) as ws:
+            assert await ask(ws, {"subscribe": "testapp.order"}) == {
+                "type": "subscribed",
+                "model": "testapp.order",
+            }
+            first = insert_order(other_connection)
+            second = insert_order(other_connection)
+            other_connection.execute(
+                "UPDATE testapp_order SET status = 'paid' WHERE id = %s", [first]
+            )
+            other_connection.execute("DELETE FROM testapp_order WHERE id = %s", [second])
+            events = [await next_event(ws) for _ in range(4)]
+            assert [(e["action"], e["pk"]) for e in events] == [
+                ("insert", first),
+                ("insert", second),
+                ("update", first),
+                ("delete", second),
+            ]
+            assert [e["seq"] for e in events] == [1, 2, 3, 4]
+            assert events[2]["fields"] == {"status": "paid", "total": "10.00"}
+            assert events[2]["changed"] == ["status"]
+
+            # The listener loses its connection: subscribers are told to resync.
+            other_connection.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'pgnotify_listen_tests' AND datname = current_database()"
+            )
+            resync = await next_event(ws)
+            assert (resync["type"], resync["reason"]) == ("resync", "reconnected")
+            third = insert_order(other_connection)
+            event = await next_event(ws)
+            assert (event["pk"], event["seq"]) == (third, 5)
+
+    run(scenario)
+
+
+def test_anonymous_and_unpermitted_users_are_refused_and_receive_nothing(
+    server, channels_env, processes, viewer, stranger, other_connection
+):
+    start_listener(channels_env, processes)
+    existing = insert_order(other_connection)
+
+    async def scenario() -> None:
+        cookie = {"Cookie": session_cookie(stranger)}
+        async with (
+            connect(server) as anonymous,
+            connect(server, additional_headers=cookie) as unpermitted,
+            connect(server, additional_headers={"Cookie": session_cookie(viewer)}) as permitted,
+        ):
+            for ws in (anonymous, unpermitted):
+                for request in (
+                    {"subscribe": "testapp.order"},
+                    {"subscribe": "testapp.order", "pk": existing},
+                ):
+                    answer = await ask(ws, request)
+                    assert (answer["type"], answer["code"]) == ("error", "forbidden"), answer
+            answer = await ask(permitted, {"subscribe": "testapp.supplier"})
+            assert answer["code"] == "not_notifying"
+            assert (await ask(permitted, {"subscribe": "testapp.order", "pk": existing}))[
+                "type"
+            ] == "subscribed"
+
+            other_connection.execute(
+                "UPDATE testapp_order SET status = 'paid' WHERE id = %s", [existing]
+            )
+            event = await next_event(permitted)
+            assert (event["action"], event["pk"]) == ("update", existing)
+            # Delivered to the row group: the refused clients got nothing meanwhile.
+            await nothing_more(anonymous)
+            await nothing_more(unpermitted)
+
+    run(scenario)
+
+
+def test_forwarding_survives_redis_going_away_and_resumes(
+    channels_env, processes, other_connection
+):
+    from channels_redis.core import RedisChannelLayer
+
+    try:
+        find_redis_server()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    redis = EmbeddedRedis()
+    redis.start()
+    try:
+        prefix = channels_env["PGNOTIFY_TEST_REDIS_PREFIX"]
+        env = {**channels_env, "REDIS_URL": redis.url}
+        listener = start_listener(env, processes)
+
+        async def scenario() -> None:
+            layer = RedisChannelLayer(hosts=[redis_host(redis.url)], prefix=prefix)
+            channel = await layer.new_channel()
+            await layer.group_add("pgnotify.testapp.order", channel)
+            first = insert_order(other_connection)
+            message = await asyncio.wait_for(layer.receive(channel), TIMEOUT)
+            assert (message["type"], message["pk"]) == ("pgnotify.row_changed", first)
+            await layer.close_pools()
+
+            redis.stop()
+            during = insert_order(other_connection)
+            # Signals are still dispatched (-v 2 prints each event)...
+            listener.wait_for(rf"testapp\.order insert pk={during}\b", TIMEOUT, stream="out")
+            # ...and the failure is logged.
+            listener.wait_for(r"cannot forward testapp\.order", TIMEOUT, stream="err")
+
+            redis.start()
+            listener.wait_for(r"works again", TIMEOUT, stream="err")
+            layer = RedisChannelLayer(hosts=[redis_host(redis.url)], prefix=prefix)
+            channel = await layer.new_channel()
+            await layer.group_add("pgnotify.testapp.order", channel)  # Redis kept nothing
+            after = insert_order(other_connection)
+            while True:
+                message = await asyncio.wait_for(layer.receive(channel), TIMEOUT)
+                if message.get("pk") == after:
+                    break
+            assert message["seq"] == 3  # the message of the outage was sent before it
+            await layer.close_pools()
+
+        run(scenario)
+    finally:
+        redis.close()
+
+
+def test_an_unknown_channel_layer_is_a_clear_error(transactional_db):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="Channel layer 'nope' is not configured"):
+        call_command("pgnotify_listen", "--channel-layer", "nope", verbosity=0)

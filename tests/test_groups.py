@@ -1,0 +1,53 @@
+"""Channels group names: valid for any model label and pk, distinct, documented form."""
+
+import re
+import uuid
+
+import pytest
+
+from django_pgnotify import groups
+
+VALID = re.compile(r"^[a-zA-Z\d\-_.]+$")  # Channels' rule, with length < 100
+
+
+def assert_valid(name: str) -> None:
+    assert VALID.match(name) and len(name) < groups.MAX_NAME_LENGTH, name
+
+
+def test_plain_labels_and_pks_are_used_as_they_are():
+    assert groups.model_group("shop.order") == "pgnotify.shop.order"
+    assert groups.model_group("shop.Order") == "pgnotify.shop.order"
+    assert groups.row_group("shop.order", 42) == "pgnotify.shop.order.row.42"
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert groups.row_group("shop.order", key) == f"pgnotify.shop.order.row.{key}"
+    assert groups.resync_group("shop.order") == "pgnotify.shop.order.resync"
+
+
+@pytest.mark.parametrize(
+    "label", ["café.commande", "shop.order", "a" * 60 + "." + "x" * 60, "app.model"]
+)
+@pytest.mark.parametrize(
+    "pk", [1, -5, "x" * 500, "a b/c", "é", "", "with.dot", uuid.uuid4(), "h" + "0" * 32]
+)
+def test_every_label_and_pk_gives_a_valid_group_name(label, pk):
+    for name in (
+        groups.model_group(label),
+        groups.row_group(label, pk),
+        groups.resync_group(label),
+    ):
+        assert_valid(name)
+
+
+def test_hashed_names_never_equal_plain_ones():
+    hashed = groups.row_group("shop.order", "x" * 41)
+    assert hashed.startswith("pgnotify.shop.order.rowh.")
+    # A pk that reads like the digest is named under ".row.", not ".rowh.".
+    digest = hashed.rsplit(".", 1)[1]
+    assert groups.row_group("shop.order", digest) == f"pgnotify.shop.order.row.{digest}"
+    assert groups.model_group("café.commande").startswith("pgnotify.h.")
+
+
+def test_different_pks_and_models_get_different_groups():
+    names = {groups.row_group("shop.order", pk) for pk in ["a b", "a/b", "x" * 41, "x" * 42, 1]}
+    names |= {groups.model_group(label) for label in ["shop.order", "shop.orders", "é.a", "é.b"]}
+    assert len(names) == 9
