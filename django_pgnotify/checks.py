@@ -83,20 +83,13 @@ def check_settings() -> list[checks.CheckMessage]:
         for label in declared
         if not _is_installed_model(label)
     )
-    poll = config.get("POLL_INTERVAL", DEFAULTS["POLL_INTERVAL"])
-    if not isinstance(poll, (int, float)) or isinstance(poll, bool) or poll <= 0:
-        messages.append(
-            checks.Error(
-                f'PGNOTIFY["POLL_INTERVAL"] must be a positive number of seconds, got {poll!r}.',
-                id="pgnotify.E010",
-            )
-        )
-    messages.extend(_check_listener_settings(config))
+    messages.extend(_check_values(config))
     return messages
 
 
-# The listener's numeric settings: (smallest allowed, whether 0 itself is allowed, integer only).
-_LISTENER_NUMBERS = {
+# Numeric settings: (smallest allowed, whether that value itself is allowed, integer only).
+_NUMBERS = {
+    "POLL_INTERVAL": (0, False, False),
     "RECONNECT_DELAY_MIN": (0, False, False),
     "RECONNECT_DELAY_MAX": (0, False, False),
     "PROBE_INTERVAL": (0, False, False),
@@ -104,13 +97,33 @@ _LISTENER_NUMBERS = {
     "QUEUE_SIZE": (1, True, True),
     "QUEUE_USAGE_WARNING": (0, True, False),
     "STATS_INTERVAL": (0, True, False),
+    "DURABLE_POLL_INTERVAL": (0, False, False),
+    "DURABLE_BATCH_SIZE": (1, True, True),
+    "DURABLE_LEASE": (0, False, False),
+    "DURABLE_MAX_ATTEMPTS": (1, True, True),
+    "DURABLE_RETRY_DELAY_MIN": (0, True, False),
+    "DURABLE_RETRY_DELAY_MAX": (0, False, False),
 }
 
+# Settings that are True or False.
+_FLAGS = (
+    "META_OPTION",
+    "INSTALL_ON_MIGRATE",
+    "IGNORE_OWN_CHANGES",
+    "CHANNEL_ROW_GROUPS",
+    "DURABLE_WAKEUP",
+    "DURABLE_KEEP_DONE",
+)
 
-def _check_listener_settings(config: dict[str, Any]) -> list[checks.CheckMessage]:
-    """Validate the listener's settings (pgnotify.E010), naming the key at fault."""
-    messages: list[checks.CheckMessage] = []
-    for key, (low, inclusive, integer) in _LISTENER_NUMBERS.items():
+
+def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    """Validate the numeric, boolean and alias settings (pgnotify.E010), naming the key."""
+    messages: list[checks.CheckMessage] = [
+        checks.Error(f'PGNOTIFY["{key}"] must be True or False, got {value!r}.', id="pgnotify.E010")
+        for key in _FLAGS
+        if not isinstance(value := config.get(key, DEFAULTS[key]), bool)
+    ]
+    for key, (low, inclusive, integer) in _NUMBERS.items():
         value = config.get(key, DEFAULTS[key])
         kinds = (int,) if integer else (int, float)
         number = isinstance(value, kinds) and not isinstance(value, bool)
@@ -144,12 +157,6 @@ def _check_listener_settings(config: dict[str, Any]) -> list[checks.CheckMessage
                 id="pgnotify.E010",
             )
         )
-    if not isinstance(config.get("IGNORE_OWN_CHANGES", False), bool):
-        messages.append(
-            checks.Error(
-                'PGNOTIFY["IGNORE_OWN_CHANGES"] must be True or False.', id="pgnotify.E010"
-            )
-        )
     layer = config.get("CHANNEL_LAYER")
     if layer is not None and layer not in getattr(settings, "CHANNEL_LAYERS", {}):
         messages.append(
@@ -158,12 +165,6 @@ def _check_listener_settings(config: dict[str, Any]) -> list[checks.CheckMessage
                 hint='Name a configured channel layer (usually "default"), or None to forward '
                 "nothing.",
                 id="pgnotify.E010",
-            )
-        )
-    if not isinstance(config.get("CHANNEL_ROW_GROUPS", False), bool):
-        messages.append(
-            checks.Error(
-                'PGNOTIFY["CHANNEL_ROW_GROUPS"] must be True or False.', id="pgnotify.E010"
             )
         )
     return messages

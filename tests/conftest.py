@@ -108,6 +108,8 @@ class ManagedProcess:
         )
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.seen: list[tuple[str, str]] = []
+        self._cursors: dict[str | None, int] = {}
+        self._matched: set[int] = set()
         self._readers = [
             threading.Thread(target=self._read, args=(name, stream), daemon=True)
             for name, stream in (("out", self.process.stdout), ("err", self.process.stderr))
@@ -120,22 +122,36 @@ class ManagedProcess:
             self.lines.put((name, line.rstrip("\n")))
 
     def wait_for(self, pattern: str, timeout: float = 15, stream: str | None = None) -> str:
-        """Return the first new line matching ``pattern``; fail after ``timeout``."""
+        """Return the first new line matching ``pattern``; fail after ``timeout``.
+
+        "New" is counted per stream: stdout and stderr are read independently,
+        so a line of one that arrived while a test waited on the other is
+        still found by the next wait on its own stream. A line returned once is
+        never returned again.
+        """
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
+        index = self._cursors.get(stream, 0)
         while True:
+            while index < len(self.seen):
+                name, line = self.seen[index]
+                index += 1
+                if index - 1 in self._matched:
+                    continue
+                if (stream is None or name == stream) and regex.search(line):
+                    self._matched.add(index - 1)
+                    self._cursors[stream] = index
+                    return line
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._cursors[stream] = index
                 raise AssertionError(
                     f"no line matching {pattern!r} within {timeout}s; saw {self.seen}"
                 )
             try:
-                name, line = self.lines.get(timeout=remaining)
+                self.seen.append(self.lines.get(timeout=remaining))
             except queue.Empty:
                 continue
-            self.seen.append((name, line))
-            if (stream is None or name == stream) and regex.search(line):
-                return line
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.process.poll() is None:

@@ -295,10 +295,14 @@ def test_e011_composite_primary_key(registry):
         ({"MODELS": {"testapp.Nope": Notify()}}, "'testapp.Nope', which is not an installed"),
         ({"MODELS": {"testapp": Notify()}}, "'testapp', which is not an installed"),
         ({"MODELS": {5: Notify()}}, "names 5, which is not an installed"),
-        ({"POLL_INTERVAL": 0}, 'PGNOTIFY["POLL_INTERVAL"] must be a positive number'),
+        ({"POLL_INTERVAL": 0}, 'PGNOTIFY["POLL_INTERVAL"] must be a number greater than 0'),
         ({"POLL_INTERVAL": -1}, "got -1"),
         ({"POLL_INTERVAL": "1"}, "got '1'"),
         ({"POLL_INTERVAL": True}, "got True"),
+        ({"DURABLE_WAKEUP": "yes"}, 'PGNOTIFY["DURABLE_WAKEUP"] must be True or False'),
+        ({"INSTALL_ON_MIGRATE": 1}, 'PGNOTIFY["INSTALL_ON_MIGRATE"] must be True or False'),
+        ({"DURABLE_BATCH_SIZE": 0}, 'PGNOTIFY["DURABLE_BATCH_SIZE"] must be an integer at least 1'),
+        ({"DURABLE_LEASE": -5}, 'PGNOTIFY["DURABLE_LEASE"] must be a number greater than 0'),
     ],
     ids=[
         "not-a-dict",
@@ -310,6 +314,10 @@ def test_e011_composite_primary_key(registry):
         "poll-negative",
         "poll-string",
         "poll-bool",
+        "flag-string",
+        "flag-number",
+        "durable-batch-zero",
+        "durable-lease-negative",
     ],
 )
 def test_e010_pgnotify_setting(setting, shown):
