@@ -375,6 +375,6 @@ def test_the_checks_report_a_channel_layer_that_is_not_configured(settings):
     settings.PGNOTIFY = {"CHANNEL_LAYER": "nope", "CHANNEL_ROW_GROUPS": "yes"}
     messages = [m.msg for m in check_settings() if m.id == "pgnotify.E010"]
     assert any("'nope', which is not in settings.CHANNEL_LAYERS" in m for m in messages)
-    assert 'PGNOTIFY["CHANNEL_ROW_GROUPS"] must be True or False.' in messages
+    assert "PGNOTIFY[\"CHANNEL_ROW_GROUPS\"] must be True or False, got 'yes'." in messages
     settings.PGNOTIFY = {"CHANNEL_LAYER": "default", "CHANNEL_ROW_GROUPS": True}
     assert not [m for m in check_settings() if m.id == "pgnotify.E010"]
