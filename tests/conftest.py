@@ -20,14 +20,17 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, models
+from django.test.utils import isolate_apps
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from django_pgnotify import RowChange
+from django_pgnotify import Notify, RowChange
 from django_pgnotify.connection import connection_params
+from django_pgnotify.declarations import resolve_model
 from django_pgnotify.installation import install_triggers, prune_triggers
 from django_pgnotify.testing import CapturedChanges
+from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,3 +253,27 @@ def own_server() -> Iterator[dict]:
     finally:
         server.cleanup()
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def install_stray_declaration(model_name: str, name: str) -> TriggerSQL:
+    """Install on the Tag table the triggers of a declaration the project does not have.
+
+    This is what a removed model, or a declaration since renamed, leaves behind:
+    triggers of ours that no current declaration asks for.
+    """
+    with isolate_apps("tests.testapp"):
+        meta = type("Meta", (), {"app_label": "testapp", "db_table": "testapp_tag"})
+        model = type(
+            model_name,
+            (models.Model,),
+            {
+                "__module__": __name__,
+                "name": models.CharField(max_length=50, primary_key=True),
+                "Meta": meta,
+            },
+        )
+        (found,), _ = resolve_model(model, Notify(name=name, events=["insert"]))
+    built = build_trigger_sql(found)
+    with connection.cursor() as cursor:
+        cursor.execute(built.install)
+    return built

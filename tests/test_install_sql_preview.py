@@ -12,13 +12,9 @@ from io import StringIO
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, models
-from django.test.utils import isolate_apps
 
-from django_pgnotify import Notify
-from django_pgnotify.declarations import resolve_model
 from django_pgnotify.installation import INSTALLED, UNKNOWN, inspect_triggers
-from django_pgnotify.triggers import build_trigger_sql
+from tests.conftest import install_stray_declaration
 
 pytestmark = pytest.mark.django_db
 
@@ -35,20 +31,7 @@ def states() -> dict[str, str]:
 
 def install_a_leftover() -> str:
     """Install the triggers of a declaration no model has any more; return its URI."""
-    with isolate_apps("tests.testapp"):
-
-        class Removed(models.Model):
-            name = models.CharField(max_length=50, primary_key=True)
-
-            class Meta:
-                app_label = "testapp"
-                db_table = "testapp_tag"
-
-        (found,), _ = resolve_model(Removed, Notify(name="removed", events=["insert"]))
-    built = build_trigger_sql(found)
-    with connection.cursor() as cursor:
-        cursor.execute(built.install)
-    return built.uri
+    return install_stray_declaration("Removed", "removed").uri
 
 
 def test_sql_with_uninstall_prints_only_the_drop_statements_and_changes_nothing():

@@ -12,12 +12,10 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, models
-from django.test.utils import isolate_apps
+from django.db import connection
 from psycopg import sql
 
-from django_pgnotify import Notify
-from django_pgnotify.declarations import Declaration, get_declarations, resolve_model
+from django_pgnotify.declarations import Declaration, get_declarations
 from django_pgnotify.installation import (
     INSTALLED,
     MISSING,
@@ -30,6 +28,7 @@ from django_pgnotify.installation import (
     uninstall_triggers,
 )
 from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
+from tests.conftest import install_stray_declaration
 
 pytestmark = pytest.mark.django_db
 
@@ -82,19 +81,7 @@ def trigger_names(table: str) -> set[str]:
 @pytest.fixture
 def gone() -> TriggerSQL:
     """A declaration whose model no longer exists, installed on the Tag table."""
-    with isolate_apps("tests.testapp"):
-
-        class Gone(models.Model):
-            name = models.CharField(max_length=50, primary_key=True)
-
-            class Meta:
-                app_label = "testapp"
-                db_table = "testapp_tag"
-
-        (found,), _ = resolve_model(Gone, Notify(name="gone", events=["insert"]))
-    built = build_trigger_sql(found)
-    execute(built.install)
-    return built
+    return install_stray_declaration("Gone", "gone")
 
 
 # Install
@@ -315,17 +302,7 @@ def test_function_of_ours_without_a_trigger_is_unknown_and_pruned(gone):
 
 
 def test_install_drops_the_triggers_of_a_renamed_declaration_of_the_same_model():
-    with isolate_apps("tests.testapp"):
-
-        class Tag(models.Model):
-            name = models.CharField(max_length=50, primary_key=True)
-
-            class Meta:
-                app_label = "testapp"
-                db_table = "testapp_tag"
-
-        (old,), _ = resolve_model(Tag, Notify(name="old", events=["insert"]))
-    execute(build_trigger_sql(old).install)
+    install_stray_declaration("Tag", "old")
     assert states()["testapp.Tag:old"] == UNKNOWN
 
     out = run()
