@@ -27,6 +27,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.duration import duration_iso_string
 
 from . import groups
+from .backoff import Backoff
 from .conf import get_setting
 from .dispatch import Dispatcher
 from .events import RowChange
@@ -187,8 +188,6 @@ class ChannelLayerForwarder:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        retry_min = float(get_setting("RECONNECT_DELAY_MIN"))
-        retry_max = float(get_setting("RECONNECT_DELAY_MAX"))
         while True:
             if not self._pending:
                 self._wake.clear()
@@ -196,7 +195,7 @@ class ChannelLayerForwarder:
                 continue
             targets, message = self._pending[0]
             failing_since: float | None = None
-            delay = retry_min
+            backoff = Backoff.from_settings()
             sent = 0
             while True:
                 try:
@@ -225,8 +224,7 @@ class ChannelLayerForwarder:
                             len(self._pending),
                             " ".join(str(exc).split()) or type(exc).__name__,
                         )
-                    await asyncio.sleep(delay)
-                    delay = min(retry_max, delay * 2)
+                    await asyncio.sleep(backoff.next())
             if self._pending and self._pending[0][1] is message:
                 self._pending.popleft()
             if message["type"] == ROW_CHANGED:

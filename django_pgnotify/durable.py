@@ -35,6 +35,7 @@ from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
 from psycopg import sql
 
 from . import connection, own_changes, wire
+from .backoff import Backoff
 from .conf import get_setting
 from .declarations import Declaration
 from .decoding import Decoder
@@ -161,11 +162,7 @@ class DurableWorker:
 
     async def run(self, stop: asyncio.Event, executor: Executor) -> None:
         """Claim and dispatch until ``stop`` is set; reconnect when the connection fails."""
-        from .listener import Backoff  # the listener imports this module
-
-        backoff = Backoff(
-            float(get_setting("RECONNECT_DELAY_MIN")), float(get_setting("RECONNECT_DELAY_MAX"))
-        )
+        backoff = Backoff.from_settings()
         while not stop.is_set():
             try:
                 conn = await self._connect()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from django.dispatch import Signal
 from psycopg import sql
 
 from . import connection, own_changes, wire
+from .backoff import Backoff
 from .conf import get_setting
 from .declarations import Declaration
 from .decoding import DecodeError, Decoder, ModelNotServed
@@ -62,29 +62,6 @@ class ConnectionLost(Exception):
 
 class _Stopped(Exception):
     """``stop()`` was called while waiting."""
-
-
-class Backoff:
-    """Capped exponential delays with jitter, so many listeners do not reconnect in step.
-
-    Args:
-        minimum: The first delay, in seconds.
-        maximum: The cap, in seconds.
-    """
-
-    def __init__(self, minimum: float, maximum: float) -> None:
-        self.minimum = minimum
-        self.maximum = max(minimum, maximum)
-        self.attempts = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt: up to double the last, within the cap."""
-        ceiling = min(self.maximum, self.minimum * 2**self.attempts)
-        self.attempts += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 class Listener:
@@ -224,9 +201,7 @@ class Listener:
     # Connecting
 
     async def _connect_loop(self, queue: asyncio.Queue[psycopg.Notify], dispatching: Any) -> None:
-        backoff = Backoff(
-            float(get_setting("RECONNECT_DELAY_MIN")), float(get_setting("RECONNECT_DELAY_MAX"))
-        )
+        backoff = Backoff.from_settings()
         where = connection.describe(
             connection.connection_params(connection.listen_alias(self.using))
         )
@@ -627,9 +602,7 @@ def retry_until_reachable(
     PostgreSQL, a server restarting) waits, logging each attempt, instead of
     exiting. Returns ``None`` if ``stopping`` is set first.
     """
-    backoff = Backoff(
-        float(get_setting("RECONNECT_DELAY_MIN")), float(get_setting("RECONNECT_DELAY_MAX"))
-    )
+    backoff = Backoff.from_settings()
     where = connection.describe(connection.connection_params(using))
     while not stopping.is_set():
         try:

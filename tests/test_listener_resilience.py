@@ -19,8 +19,8 @@ from django.conf import settings
 from django.test import override_settings
 
 from django_pgnotify import row_changed
+from django_pgnotify.backoff import Backoff
 from django_pgnotify.connection import connection_params
-from django_pgnotify.listener import Backoff
 from django_pgnotify.signals import listener_reconnected, listener_started, listener_stopped
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import (
