@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a probe (or any listener query) may take before the connection is dead.
     "PROBE_TIMEOUT": 5.0,
     # Notifications read but not yet dispatched, at most (backpressure beyond).
-    "QUEUE_SIZE": 10_000,
+    "QUEUE_SIZE": 1_000,
     # Warn when pg_notification_queue_usage() exceeds this fraction.
     "QUEUE_USAGE_WARNING": 0.1,
     # Seconds between the listener's one-line statistics log records (0: never).

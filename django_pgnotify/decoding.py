@@ -78,8 +78,9 @@ def _timestamp(seconds: Decimal | int | None) -> datetime | None:
     if seconds is None:
         return None
     try:
-        return _EPOCH + timedelta(microseconds=int(Decimal(seconds) * 1_000_000))
-    except (ArithmeticError, ValueError):
+        micro = int(seconds.scaleb(6)) if isinstance(seconds, Decimal) else seconds * 1_000_000
+        return _EPOCH + timedelta(microseconds=micro)
+    except (ArithmeticError, ValueError, OverflowError):
         return None
 
 
@@ -102,6 +103,14 @@ _CONVERTERS: dict[str, Converter] = {
 }
 
 
+def _integer(value: Any) -> int:
+    return value if isinstance(value, int) else int(value)
+
+
+# Converters whose input, as JSON gives it, is already the Python value.
+_AS_SENT = frozenset({_same, _integer})
+
+
 def converter_for(field: models.Field) -> Converter:
     """The function that turns a payload value into ``field``'s Python value."""
     target = getattr(field, "target_field", None) if field.is_relation else None
@@ -113,7 +122,7 @@ def converter_for(field: models.Field) -> Converter:
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
-        return lambda v: v if isinstance(v, int) else int(v)
+        return _integer
     return field.to_python
 
 
@@ -127,6 +136,35 @@ def _json_converter(field: models.Field) -> Converter:
     return convert
 
 
+class _Layout:
+    """How the rows of one version 2 message shape are read: names, converters, masks."""
+
+    def __init__(self, codec: _ModelCodec, fields: tuple[str, ...], watched: tuple[str, ...]):
+        self.count = len(fields)
+        self.names = [codec.columns.get(c, (c, _same))[0] for c in fields]
+        # Only the columns whose JSON value is not already the Python value
+        # are converted: dict(zip()) does the rest at C speed.
+        self.converted = [
+            (name, column, converter)
+            for name, column, (_, converter) in zip(
+                self.names, fields, (codec.columns.get(c, (c, _same)) for c in fields), strict=True
+            )
+            if converter not in _AS_SENT
+        ]
+        self.watched = [codec.columns.get(c, (c,))[0] for c in watched]
+        self._changed: dict[int, frozenset[str]] = {}
+
+    def changed(self, mask: Any) -> frozenset[str]:
+        names = self._changed.get(mask)
+        if names is None:
+            if type(mask) is not int:
+                raise DecodeError(f"changed mask {mask!r} is not an integer")
+            names = frozenset(n for i, n in enumerate(self.watched) if mask >> i & 1)
+            if len(self._changed) < 1024:  # masks repeat; a bound keeps memory flat
+                self._changed[mask] = names
+        return names
+
+
 class _ModelCodec:
     """Column name -> (attname, converter) for one model."""
 
@@ -137,6 +175,14 @@ class _ModelCodec:
             f.column: (f.attname, converter_for(f)) for f in model._meta.concrete_fields if f.column
         }
         self._warned: set[str] = set()
+        self._layouts: dict[tuple[tuple[str, ...], tuple[str, ...]], _Layout] = {}
+
+    def layout(self, fields: tuple[str, ...], watched: tuple[str, ...]) -> _Layout:
+        key = (fields, watched)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _Layout(self, fields, watched)
+        return layout
 
     def value(self, converter: Converter, column: str, value: Any) -> Any:
         if value is None:
@@ -161,6 +207,14 @@ class _ModelCodec:
         for column, value in (raw or {}).items():
             name, converter = self.columns.get(column, (column, _same))
             result[name] = self.value(converter, column, value)
+        return result
+
+    def row_values(self, layout: _Layout, values: list[Any]) -> dict[str, Any]:
+        result = dict(zip(layout.names, values, strict=True))
+        for name, column, converter in layout.converted:
+            value = result[name]
+            if value is not None:
+                result[name] = self.value(converter, column, value)
         return result
 
     def names(self, columns: Iterable[str]) -> frozenset[str]:
@@ -194,28 +248,58 @@ class Decoder:
         codec = self._codecs.get(message.model)
         if codec is None:
             raise ModelNotServed(message.model)
-        timestamp = _timestamp(message.timestamp)
+        common = {
+            "model": codec.model,
+            "action": message.action,
+            "channel": channel,
+            "pid": pid,
+            "xid": message.xid,
+            "timestamp": _timestamp(message.timestamp),
+            "using": self.using,
+            "context": message.context,
+            "durable": event_id is not None,
+            "event_id": event_id,
+        }
+        if message.version == wire.OBJECT_ROWS_VERSION:
+            return [self._object_row(codec, message, row, common) for row in message.rows]
+        return self._array_rows(codec, message, common)
+
+    def _array_rows(
+        self, codec: _ModelCodec, message: wire.Message, common: dict[str, Any]
+    ) -> list[RowChange]:
+        layout = codec.layout(message.fields or (), message.watched or ())
+        count, full = layout.count, message.row_length()
         is_update = message.action == "update"
+        pk_converter = codec.pk
         changes = []
         for row in message.rows:
-            truncated = row.get(wire.TRUNCATED) is True
+            pk = row[0]
+            pk = codec.value(pk_converter, "pk", pk) if type(pk) is not int else pk
+            if len(row) < full or pk is None:
+                changes.append(RowChange(pk=pk, truncated=True, **common))
+                continue
             changes.append(
                 RowChange(
-                    model=codec.model,
-                    action=message.action,
-                    pk=codec.value(codec.pk, "pk", row[wire.PK]),
-                    fields=codec.values(row.get(wire.FIELDS)),
-                    old=codec.values(row.get(wire.OLD)) if is_update and not truncated else None,
-                    changed=codec.names(row.get(wire.CHANGED) or ()),
-                    channel=channel,
-                    pid=pid,
-                    truncated=truncated,
-                    xid=message.xid,
-                    timestamp=timestamp,
-                    using=self.using,
-                    context=message.context,
-                    durable=event_id is not None,
-                    event_id=event_id,
+                    pk=pk,
+                    fields=codec.row_values(layout, row[1 : count + 1]) if count else {},
+                    old=codec.row_values(layout, row[count + 1 : -1]) if is_update else None,
+                    changed=layout.changed(row[-1]) if is_update else frozenset(),
+                    **common,
                 )
             )
         return changes
+
+    def _object_row(
+        self, codec: _ModelCodec, message: wire.Message, row: dict[str, Any], common: dict[str, Any]
+    ) -> RowChange:
+        truncated = row.get(wire.TRUNCATED) is True
+        return RowChange(
+            pk=codec.value(codec.pk, "pk", row[wire.PK]),
+            fields=codec.values(row.get(wire.FIELDS)),
+            old=codec.values(row.get(wire.OLD))
+            if message.action == "update" and not truncated
+            else None,
+            changed=codec.names(row.get(wire.CHANGED) or ()),
+            truncated=truncated,
+            **common,
+        )

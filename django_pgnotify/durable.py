@@ -68,7 +68,7 @@ RETURNING e.id, e.declaration,
         'context', nullif(e.context, ''))::text,
     e.pid, e.attempts
 """
-).format(table=_TABLE, version=sql.Literal(wire.VERSION))
+).format(table=_TABLE, version=sql.Literal(wire.OBJECT_ROWS_VERSION))
 
 _DELETE = sql.SQL("DELETE FROM {table} WHERE id = ANY(%(ids)s)").format(table=_TABLE)
 

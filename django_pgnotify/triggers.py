@@ -1,16 +1,24 @@
 """The SQL builder: a declaration in, trigger SQL out. Pure: no database.
 
-Each declaration gets one PL/pgSQL function and one ``AFTER ... FOR EACH ROW``
-trigger per announced event (separate triggers so that the update trigger can
-carry a ``WHEN`` clause: rows whose watched columns did not change never call
-the function). Every name is quoted with ``psycopg.sql``; values embedded in
-the function (channel, model label) are quoted literals.
+Each declaration gets one PL/pgSQL function and one ``AFTER ... FOR EACH
+STATEMENT`` trigger per announced event, with transition tables: the function
+reads the statement's rows in one set-based query and sends them in as few
+notifications as the 8000-byte limit allows (version 2 of the wire format: one
+array per row). A row-level trigger would call a function and ``pg_notify()``
+once per row, which makes a bulk write two to four times slower; one
+statement-level trigger costs about as much as a row trigger for a single-row
+write. Transition tables allow one event per trigger, hence one trigger per event.
 
-Every trigger's ``WHEN`` clause also reads the transaction-local setting
-``pgnotify.paused`` (one ``current_setting()`` per row, no query), so a
+An update's old and new rows are paired by primary key; rows whose watched
+columns did not change are left out in the same query. Every name is quoted
+with ``psycopg.sql``; values embedded in the function (channel, model label,
+column names) are quoted literals.
+
+Every trigger's ``WHEN`` clause reads the transaction-local setting
+``pgnotify.paused`` (one ``current_setting()`` per statement, no query), so a
 transaction can silence its own writes without DDL; the function adds the
-``pgnotify.context`` setting to the payload as it is, unparsed, so a
-malformed value set by hand can never fail the write.
+``pgnotify.context`` setting to the payload as it is, unparsed, so a malformed
+value set by hand can never fail the write.
 
 The rendered SQL is hashed and the hash stored as a comment on the function
 and each trigger, so the installer detects drift from the definition itself.
@@ -21,6 +29,7 @@ released templates are never edited in place.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -30,13 +39,14 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 2
+TEMPLATE_VERSION = 3
 
 #: Start of the comment that marks a trigger or function as ours.
 MARKER = "django-pgnotify"
 
 # PostgreSQL functions take at most 100 arguments: 50 key/value pairs.
-_MAX_PAIRS = 50
+_MAX_ARGS = 100
+_MAX_PAIRS = _MAX_ARGS // 2
 _DOLLAR_TAG = "$pgnotify$"
 
 
@@ -109,19 +119,15 @@ def build_trigger_sql(declaration: Declaration) -> TriggerSQL:
     ).format(function=function, body=quoted_body)
     create_triggers = []
     for event, name in declaration.triggers.items():
-        if declaration.notify.durable:
-            # One set-based INSERT per statement: a per-row INSERT would make bulk
-            # writes several times slower. Updates are filtered in the function.
-            when = _not_paused(declaration)
-            level: sql.Composable = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
-                sql.SQL(" ").join(
-                    sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
-                    for kind, alias in _TRANSITION_TABLES[event]
-                )
+        # The statement's rows are read from its transition tables; an update's
+        # unchanged rows are filtered in the function.
+        when = _not_paused(declaration)
+        level = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
+            sql.SQL(" ").join(
+                sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
+                for kind, alias in _TRANSITION_TABLES[event]
             )
-        else:
-            when = _when_clause(declaration, event)
-            level = sql.SQL(" FOR EACH ROW")
+        )
         create_triggers.append(
             sql.SQL(
                 "DROP TRIGGER IF EXISTS {name} ON {table};\n"
@@ -182,58 +188,212 @@ def _render(composable: sql.Composable) -> str:
     return composable.as_string(None)
 
 
-def _branches(declaration: Declaration) -> sql.Composable:
-    return sql.SQL("").join(
-        sql.SQL("  {keyword} TG_OP = {op} THEN\n    item := {row};\n").format(
-            keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
-            op=sql.Literal(event.upper()),
-            row=_row_object(declaration, event),
-        )
-        for index, event in enumerate(declaration.events)
-    )
-
-
 def _function_body(declaration: Declaration) -> str:
     if declaration.notify.durable:
         return _durable_body(declaration)
-    branches = _branches(declaration)
+    return _live_body(declaration)
+
+
+# The longest payload sent: PostgreSQL refuses 8000 bytes and more.
+_PAYLOAD_MAX = wire.PAYLOAD_LIMIT - 1
+# Room kept for the xid and ts. A context longer than _CONTEXT_MAX (set by hand,
+# past ``context()``'s limit) is left out, so that rows always keep most of the room.
+_XID_TS_MAX = 64
+_CONTEXT_MAX = 2200
+# Statements of up to this many rows that fit one notification take the short
+# path: one small query, no window function, no sort.
+_SMALL_STATEMENT = 20
+# For the bulk query alone: sorting and hashing a 100,000-row statement in memory
+# rather than on disk halves the trigger's cost.
+_BULK_WORK_MEM = "64MB"
+
+
+def _live_body(declaration: Declaration) -> str:
+    """Send the statement's rows, as many per notification as fit.
+
+    Most statements write a row or a few: the first query renders at most
+    ``_SMALL_STATEMENT + 1`` rows, and if that is all and they fit, they go
+    in one notification. A larger statement renders every row in one
+    set-based query: a row that fits is sent whole, a larger one as its pk
+    alone (or ``[null]``). Rows smaller than half the room are grouped by
+    their running total of bytes divided by that half, so no group exceeds
+    the room; a larger row goes alone. For that query alone, and restored
+    after it, JIT and merge joins are turned off and ``work_mem`` raised: the
+    planner cannot know a transition table's size, so it guesses a join of
+    billions of rows, and compiling, sorting and spilling to disk took longer
+    than the query itself.
+    """
+    new, old = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
+    pk = sql.Identifier(declaration.pk.column)
+    sources = {
+        "insert": sql.SQL("{} AS n").format(new),
+        # A left join, so that an update that changes the pk is announced (its
+        # old values are then null).
+        "update": sql.SQL(
+            "{new} AS n LEFT JOIN {old} AS o ON o.{pk} = n.{pk} WHERE o.{pk} IS NULL OR {changed}"
+        ).format(new=new, old=old, pk=pk, changed=_update_filter(declaration, "o", "n")),
+        "delete": sql.SQL("{} AS o").format(old),
+    }
+    fields = [c.column for c in declaration.fields]
+    branches = []
+    for index, event in enumerate(declaration.events):
+        record = "o" if event == "delete" else "n"
+        header: dict[str, object] = {wire.FIELDS: fields}
+        if event == "update":
+            header[wire.WATCHED] = [c.column for c in declaration.watched]
+        opening = _json_items({wire.VERSION_KEY: wire.VERSION, wire.MODEL: declaration.label})
+        start = "{" + opening[1:] + _json_items({wire.ACTION: event}) + f',"{wire.XID}":'
+        rest = _json_items(header) + f',"{wire.ROWS}":['
+        # Room for the rows: what the fixed parts, the xid and ts leave, less the context.
+        base = _PAYLOAD_MAX - len((start + rest + "]}").encode()) - _XID_TS_MAX
+        head = sql.SQL(
+            "{start} || txid_current() || {ts} || extract(epoch FROM clock_timestamp())"
+            " || coalesce(ctx, '') || {rest}"
+        ).format(
+            start=sql.Literal(start),
+            ts=sql.Literal(f',"{wire.TIMESTAMP}":'),
+            rest=sql.Literal(rest),
+        )
+        branches.append(
+            sql.SQL(
+                "  {keyword} TG_OP = {op} THEN\n"
+                "    room := {base} - coalesce(octet_length(ctx), 0);\n"
+                "{small_query}"
+                "    IF counted <= {small} AND octet_length(batch) < room THEN\n"
+                "      -- An IF rather than PERFORM: PL/pgSQL evaluates it without the executor.\n"
+                "      IF pg_notify({channel}, {head} || batch || ']}}') IS NULL THEN END IF;\n"
+                "    ELSIF counted > {small} OR batch IS NOT NULL THEN\n"
+                "      half := room / 2;\n"
+                "      saved := ARRAY[current_setting('jit'), current_setting('work_mem'),"
+                " current_setting('enable_mergejoin')];\n"
+                "      PERFORM set_config('jit', 'off', true),"
+                " set_config('work_mem', {work_mem}, true),"
+                " set_config('enable_mergejoin', 'off', true);\n"
+                "      PERFORM pg_notify({channel}, {head} || string_agg(r, ',') || ']}}')\n"
+                "      FROM (SELECT r, total / half AS chunk,"
+                " CASE WHEN octet_length(r) >= half THEN total END AS alone\n"
+                "        FROM (SELECT r, sum(octet_length(r) + 1) OVER (ROWS UNBOUNDED PRECEDING)"
+                " AS total\n"
+                "          FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
+                " WHEN octet_length(json_build_array(key)::text) < room"
+                " THEN json_build_array(key)::text ELSE '[null]' END AS r\n"
+                "            FROM (SELECT {row}::text AS r, {key} AS key FROM {source} OFFSET 0)"
+                " AS rendered\n"
+                "            OFFSET 0) AS sized) AS totalled) AS grouped\n"
+                "      GROUP BY chunk, alone ORDER BY chunk, alone;\n"
+                "      PERFORM set_config('jit', saved[1], true),"
+                " set_config('work_mem', saved[2], true),"
+                " set_config('enable_mergejoin', saved[3], true);\n"
+                "    END IF;\n"
+            ).format(
+                keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
+                op=sql.Literal(event.upper()),
+                row=_row_array(declaration, event, record),
+                source=sources[event],
+                small_query=_small_statement_query(
+                    event, _row_array(declaration, event, record), sources[event]
+                ),
+                small=sql.Literal(_SMALL_STATEMENT),
+                base=sql.Literal(base),
+                work_mem=sql.Literal(_BULK_WORK_MEM),
+                channel=sql.Literal(declaration.channel),
+                head=head,
+                key=_value(record, declaration.pk),
+            )
+        )
     body = sql.SQL(
-        "\nDECLARE\n  item json;\n  payload text;\nBEGIN\n{branches}  END IF;\n"
-        "  payload := {full};\n"
-        "  IF octet_length(payload) >= {limit} THEN\n"
-        "    -- Too large for NOTIFY: send the pk alone, never fail the write.\n"
-        "    payload := {pk_only};\n"
-        "    IF octet_length(payload) >= {limit} THEN\n"
-        "      payload := {no_pk};\n"
-        "    END IF;\n"
+        "\nDECLARE\n"
+        "  ctx text := {ctx} || to_json(nullif(current_setting({context}, true), ''));\n"
+        "  batch text;\n"
+        "  counted bigint;\n"
+        "  room integer;\n"
+        "  half integer;\n"
+        "  saved text[];\n"
+        "BEGIN\n"
+        "  IF octet_length(ctx) > {context_max} THEN\n"
+        "    ctx := NULL;\n"
         "  END IF;\n"
-        "  PERFORM pg_notify({channel}, payload);\n"
+        "{branches}  END IF;\n"
         "  RETURN NULL;\nEND;\n"
     ).format(
-        branches=branches,
-        full=_payload(declaration, sql.SQL("item")),
-        limit=sql.Literal(wire.PAYLOAD_LIMIT),
-        pk_only=_payload(
-            declaration,
-            _pairs(
-                [
-                    (wire.PK, sql.SQL("item -> {}").format(sql.Literal(wire.PK))),
-                    (wire.TRUNCATED, sql.SQL("true")),
-                ]
-            ),
-        ),
-        # The context is dropped last: a value set by hand may be of any size.
-        no_pk=_payload(
-            declaration,
-            _pairs([(wire.PK, sql.SQL("NULL")), (wire.TRUNCATED, sql.SQL("true"))]),
-            context=False,
-        ),
-        channel=sql.Literal(declaration.channel),
+        ctx=sql.Literal(f',"{wire.CONTEXT}":'),
+        context=sql.Literal(wire.CONTEXT_SETTING),
+        context_max=sql.Literal(_CONTEXT_MAX),
+        branches=sql.SQL("").join(branches),
     )
     return _render(body)
 
 
-# Transition tables of a durable declaration's statement-level triggers.
+def _small_statement_query(
+    event: str, row: sql.Composable, source: sql.Composable
+) -> sql.Composable:
+    """Set ``counted`` (rows written, up to one past the short path's limit) and ``batch``.
+
+    An update's rows come from a join; with a ``LIMIT`` the planner picks a
+    nested loop, quadratic in a bulk update, so the rows are counted first.
+    """
+    limit = sql.Literal(_SMALL_STATEMENT + 1)
+    if event == "update":
+        return sql.SQL(
+            "    SELECT count(*) INTO counted\n"
+            "      FROM (SELECT FROM {new} LIMIT {limit}) AS first_rows;\n"
+            "    IF counted <= {small} THEN\n"
+            "      SELECT string_agg({row}::text, ',') INTO batch FROM {source};\n"
+            "    END IF;\n"
+        ).format(
+            new=sql.Identifier(_NEW_ROWS),
+            limit=limit,
+            small=sql.Literal(_SMALL_STATEMENT),
+            row=row,
+            source=source,
+        )
+    return sql.SQL(
+        "    SELECT string_agg(r, ','), count(*) INTO batch, counted\n"
+        "      FROM (SELECT {row}::text AS r FROM {source} LIMIT {limit}) AS first_rows;\n"
+    ).format(row=row, source=source, limit=limit)
+
+
+def _json_items(items: dict[str, object]) -> str:
+    """``,"key":value`` for each item: JSON text to append to an open object."""
+    return "".join(
+        f",{json.dumps(key)}:{json.dumps(value, separators=(',', ':'), ensure_ascii=False)}"
+        for key, value in items.items()
+    )
+
+
+def _row_array(declaration: Declaration, event: str, record: str) -> sql.Composable:
+    """The version 2 row: pk and values, plus old values and the changed mask on update."""
+    values = [_value(record, declaration.pk), *(_value(record, c) for c in declaration.fields)]
+    if event == "update":
+        values += [_value("o", c) for c in declaration.fields]
+        values.append(_changed_mask(declaration.watched))
+    # json_build_array takes at most 100 arguments.
+    chunks = [values[i : i + _MAX_ARGS] for i in range(0, len(values), _MAX_ARGS)]
+    if len(chunks) == 1:
+        return sql.SQL("json_build_array({})").format(sql.SQL(", ").join(values))
+    return sql.SQL("({})").format(
+        sql.SQL(" || ").join(
+            sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(chunk)) for chunk in chunks
+        )
+    )
+
+
+def _changed_mask(columns: tuple[Column, ...]) -> sql.Composable:
+    """Bit ``i`` set when ``columns[i]`` changed (numeric beyond 62 columns: JSON has no limit)."""
+    if not columns:
+        return sql.SQL("0")
+    return sql.SQL("({})").format(
+        sql.SQL(" + ").join(
+            sql.SQL("CASE WHEN o.{col} IS DISTINCT FROM n.{col} THEN {bit} ELSE 0 END").format(
+                col=sql.Identifier(c.column),
+                bit=sql.SQL(str(1 << i) if i < 62 else f"{1 << i}::numeric"),
+            )
+            for i, c in enumerate(columns)
+        )
+    )
+
+
+# Transition tables of the statement-level triggers.
 _NEW_ROWS, _OLD_ROWS = "pgnotify_new", "pgnotify_old"
 _TRANSITION_TABLES = {
     "insert": (("NEW", _NEW_ROWS),),
@@ -321,29 +481,6 @@ def _update_filter(declaration: Declaration, old: str, new: str) -> sql.Composab
     )
 
 
-def _payload(declaration: Declaration, row: sql.Composable, context: bool = True) -> sql.Composable:
-    pairs = [
-        (wire.VERSION_KEY, sql.Literal(wire.VERSION)),
-        (wire.MODEL, sql.Literal(declaration.label)),
-        (wire.ACTION, sql.SQL("lower(TG_OP)")),
-        (wire.XID, sql.SQL("txid_current()")),
-        (wire.TIMESTAMP, sql.SQL("extract(epoch FROM clock_timestamp())")),
-        (wire.ROWS, sql.SQL("json_build_array({})").format(row)),
-    ]
-    if context:
-        # Sent as a JSON string, not parsed here: a cast of a malformed value
-        # would fail the write. The decoder parses it.
-        pairs.append(
-            (
-                wire.CONTEXT,
-                sql.SQL("nullif(current_setting({}, true), '')").format(
-                    sql.Literal(wire.CONTEXT_SETTING)
-                ),
-            )
-        )
-    return sql.SQL("{}::text").format(_pairs(pairs))
-
-
 def _row_object(
     declaration: Declaration,
     event: str,
@@ -409,26 +546,6 @@ def _changed(columns: tuple[Column, ...], old: str = "OLD", new: str = "NEW") ->
         for c in columns
     )
     return sql.SQL("to_json(array_remove(ARRAY[{}]::text[], NULL))").format(cases)
-
-
-def _when_clause(declaration: Declaration, event: str) -> sql.Composable:
-    not_paused = _not_paused(declaration)
-    if event != "update":
-        return not_paused
-    if not declaration.when_changed:
-        # An UPDATE that changes nothing announces nothing. Comparing the rows'
-        # binary images works for every column type, even those without "="
-        # (json, xml, point), and names no column.
-        changed: sql.Composable = sql.SQL("OLD *<> NEW")
-    else:
-        changed = sql.SQL("({})").format(
-            sql.SQL(" OR ").join(
-                sql.SQL("OLD.{col} IS DISTINCT FROM NEW.{col}").format(col=sql.Identifier(c.column))
-                for c in declaration.when_changed
-            )
-        )
-    # Column comparisons first: they filter most rows of a bulk UPDATE.
-    return sql.SQL("{} AND {}").format(changed, not_paused)
 
 
 def _not_paused(declaration: Declaration) -> sql.Composable:

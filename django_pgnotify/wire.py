@@ -1,34 +1,38 @@
 """The wire format: the JSON payload our triggers send, in one place.
 
 The trigger builder takes its key names from here and the decoder parses with
-``parse``, so the two sides cannot drift apart. Version 1::
+``parse``, so the two sides cannot drift apart. Version 2 (what triggers send)::
 
-    {"v": 1, "model": "shop.order", "action": "update", "xid": 5012,
+    {"v": 2, "model": "shop.order", "action": "update", "xid": 5012,
      "ts": 1763717550.123456,
-     "rows": [{"pk": 7,
-               "fields": {"status": "paid", "total": 12.50},
-               "old": {"status": "new", "total": 12.50},
-               "changed": ["status"]}],
+     "fields": ["status", "total"], "watched": ["status", "total"],
+     "rows": [[7, "paid", 12.50, "new", 12.50, 1],
+              [8, "paid", 30.00, "new", 30.00, 1]],
      "context": "{\\"actor\\": \\"user:42\\"}"}
 
 - ``model``: the model's ``app_label.model_name``; ``action``: ``insert``,
   ``update`` or ``delete``; ``xid``: the writing transaction's 64-bit id;
   ``ts``: seconds since the epoch when the trigger ran (it also keeps
-  PostgreSQL from folding two identical changes of one row into one).
-- ``rows``: one entry per changed row (a row trigger sends one). Keys of
-  ``fields`` and ``old`` and items of ``changed`` are column names; values are
-  PostgreSQL's JSON renderings, ``timestamptz`` in UTC without an offset and
-  ``interval`` in seconds.
-- ``fields``: the declared columns (for a delete, the values the row had);
-  ``old``: their previous values (update only); ``changed``: the declared and
-  ``when_changed`` columns whose values changed (update only).
-- ``context``: optional (added without a version bump: readers ignore keys
-  they do not know, and must accept its absence): the writing transaction's
-  ``pgnotify.context`` setting as a JSON *string* holding a JSON object, or
-  ``null``. The trigger does not parse it, so that a malformed value set by
-  hand never fails a write; the reader does.
-- ``truncated: true`` replaces ``fields``/``old``/``changed`` when the payload
-  would reach PostgreSQL's 8000-byte limit; only the pk is sent.
+  PostgreSQL from folding two identical notifications into one).
+- ``fields``: the declared column names, in the order of each row's values.
+  ``watched`` (update only): the columns whose change is reported, in bit order.
+- ``rows``: one array per changed row, all rows of one statement sharing the
+  message (a statement's rows are split over as many messages as the size
+  limit needs). A row is ``[pk, *values]`` for an insert or delete (a delete's
+  values are those the row had), and ``[pk, *values, *old_values, changed]``
+  for an update, where ``changed`` is a bit mask over ``watched`` (bit ``i``
+  set: ``watched[i]`` changed). Values are PostgreSQL's JSON renderings,
+  ``timestamptz`` in UTC without an offset and ``interval`` in seconds.
+- A row shorter than that layout was too large for a notification: it holds
+  the pk alone (``[pk]``), or ``[null]`` when even the pk was too large.
+- ``context``: optional: the writing transaction's ``pgnotify.context``
+  setting as a JSON *string* holding a JSON object, or ``null``. The trigger
+  does not parse it, so that a malformed value set by hand never fails a
+  write; the reader does. It is left out when it would not fit.
+
+Version 1 (still read; the durable event table stores its row objects) sends
+one object per row: ``{"pk": 7, "fields": {...}, "old": {...}, "changed":
+[...]}``, or ``{"pk": 7, "truncated": true}``, keyed by column name.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-VERSION = 1
+#: The version triggers send.
+VERSION = 2
+#: Rows as objects: still read, and the form of the durable event table's rows.
+OBJECT_ROWS_VERSION = 1
 
 #: A NOTIFY payload must be shorter than this many bytes.
 PAYLOAD_LIMIT = 8000
@@ -51,6 +58,7 @@ XID = "xid"
 TIMESTAMP = "ts"
 ROWS = "rows"
 CONTEXT = "context"
+WATCHED = "watched"
 
 # Row keys.
 PK = "pk"
@@ -77,21 +85,64 @@ DURABLE_CHANNEL = "pgnotify_durable"
 ACTIONS = frozenset({"insert", "update", "delete"})
 
 
+# One decoder for every payload: json.loads(..., parse_float=...) builds a new one per call.
+_decode_json = json.JSONDecoder(parse_float=Decimal).decode
+
+
 class WireError(ValueError):
     """A payload that is not a django-pgnotify message we can read."""
 
 
 @dataclass(frozen=True)
 class Message:
-    """One parsed payload: a model, an action and the rows it concerns."""
+    """One parsed payload: a model, an action and the rows it concerns.
+
+    ``rows`` holds arrays laid out by ``fields`` and ``watched`` (version 2)
+    or objects (version 1, where ``fields`` and ``watched`` are ``None``).
+    """
 
     model: str
     action: str
-    rows: list[dict[str, Any]]
+    rows: list[Any]
     xid: int | None = None
     timestamp: Decimal | int | None = None
     version: int = VERSION
     context: dict[str, Any] | None = None
+    fields: tuple[str, ...] | None = None
+    watched: tuple[str, ...] | None = None
+
+    def row_length(self) -> int:
+        """How many items a full (not truncated) version 2 row has."""
+        return row_length(self.action, len(self.fields or ()))
+
+    def row_objects(self) -> list[dict[str, Any]]:
+        """The rows as version 1 objects (``pk``, ``fields``, ``old``, ``changed``).
+
+        For readers that prefer names to positions; the decoder reads the
+        arrays directly.
+        """
+        if self.version == OBJECT_ROWS_VERSION:
+            return self.rows
+        fields, count, full = self.fields or (), len(self.fields or ()), self.row_length()
+        objects = []
+        for row in self.rows:
+            if len(row) < full or row[0] is None:
+                objects.append({PK: row[0], TRUNCATED: True})
+                continue
+            item: dict[str, Any] = {PK: row[0]}
+            if count:
+                item[FIELDS] = dict(zip(fields, row[1 : count + 1], strict=True))
+            if self.action == "update":
+                if count:
+                    item[OLD] = dict(zip(fields, row[count + 1 : -1], strict=True))
+                item[CHANGED] = [n for i, n in enumerate(self.watched or ()) if row[-1] >> i & 1]
+            objects.append(item)
+        return objects
+
+
+def row_length(action: str, field_count: int) -> int:
+    """Items in a full version 2 row: pk and values, plus old values and mask on update."""
+    return 1 + field_count + (field_count + 1 if action == "update" else 0)
 
 
 def parse(payload: str) -> Message:
@@ -101,31 +152,56 @@ def parse(payload: str) -> Message:
         WireError: Not JSON, not an object of this format, or a newer version.
     """
     try:
-        data = json.loads(payload, parse_float=Decimal)
+        data = _decode_json(payload)
     except (ValueError, RecursionError) as exc:
         raise WireError(f"payload is not JSON: {exc}") from None
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise WireError("payload is not a JSON object")
     version = data.get(VERSION_KEY)
-    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python
-        raise WireError(f"unsupported wire format version {version!r} (this reads {VERSION})")
+    # type() rather than ==: true and 1.0 equal 1 in Python.
+    if type(version) is not int or version not in (VERSION, OBJECT_ROWS_VERSION):
+        raise WireError(f"unsupported wire format version {version!r} (this reads 1 and 2)")
     model, action, rows = data.get(MODEL), data.get(ACTION), data.get(ROWS)
-    if not isinstance(model, str) or action not in ACTIONS:
+    if type(model) is not str or action not in ACTIONS:
         raise WireError("payload lacks a model label or a known action")
-    if not isinstance(rows, list) or not all(_is_row(r) for r in rows):
-        raise WireError(
-            "payload rows must be a list of objects with a pk, "
-            "objects as fields and old, and a list of names as changed"
-        )
+    if type(rows) is not list:
+        raise WireError("payload rows must be a list")
+    fields = watched = None
+    if version == OBJECT_ROWS_VERSION:
+        if not all(_is_row(r) for r in rows):
+            raise WireError(
+                "payload rows must be objects with a pk, "
+                "objects as fields and old, and a list of names as changed"
+            )
+    else:
+        fields = _names(data.get(FIELDS))
+        watched = _names(data.get(WATCHED)) if action == "update" else ()
+        if fields is None or watched is None:
+            raise WireError("payload fields and watched must be lists of column names")
+        full = row_length(action, len(fields))
+        for row in rows:
+            if type(row) is not list or not 0 < len(row) <= full:
+                raise WireError(f"payload rows must be arrays of 1 to {full} values")
     xid, timestamp = data.get(XID), data.get(TIMESTAMP)
     return Message(
         model=model,
         action=action,
         rows=rows,
-        xid=xid if isinstance(xid, int) and not isinstance(xid, bool) else None,
-        timestamp=timestamp if isinstance(timestamp, (Decimal, int)) else None,
+        xid=xid if type(xid) is int else None,
+        timestamp=timestamp if type(timestamp) in (Decimal, int) else None,
+        version=version,
         context=parse_context(data.get(CONTEXT)),
+        fields=fields,
+        watched=watched,
     )
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return ()
+    if type(value) is not list or not all(type(name) is str for name in value):
+        return None
+    return tuple(value)
 
 
 def parse_context(value: Any) -> dict[str, Any] | None:
@@ -162,8 +238,12 @@ def encode(message: Message) -> str:
         ACTION: message.action,
         XID: message.xid,
         TIMESTAMP: message.timestamp,
-        ROWS: message.rows,
     }
+    if message.version != OBJECT_ROWS_VERSION:
+        data[FIELDS] = list(message.fields or ())
+        if message.action == "update":
+            data[WATCHED] = list(message.watched or ())
+    data[ROWS] = message.rows
     if message.context is not None:
         data[CONTEXT] = dumps(message.context)
     return dumps(data)

@@ -31,6 +31,27 @@ READING_INSERT = r"""
 
 
 def message(model: str, action: str, *rows: dict) -> str:
+    """A version 2 payload (what triggers send) of rows written as version 1 objects."""
+    full = [row for row in rows if not row.get("truncated")]
+    fields = list(full[0].get("fields", {})) if full else []
+    watched = list(dict.fromkeys(name for row in full for name in row.get("changed", [])))
+    arrays = []
+    for row in rows:
+        if row.get("truncated"):
+            arrays.append([row["pk"]])
+            continue
+        array = [row["pk"], *(row["fields"][name] for name in fields)]
+        if action == "update":
+            array += [row.get("old", {}).get(name) for name in fields]
+            array.append(sum(1 << watched.index(name) for name in row.get("changed", [])))
+        arrays.append(array)
+    data = {"v": 2, "model": model, "action": action, "xid": 7, "ts": 1.5, "fields": fields}
+    if action == "update":
+        data["watched"] = watched
+    return json.dumps({**data, "rows": arrays})
+
+
+def message_v1(model: str, action: str, *rows: dict) -> str:
     return json.dumps({"v": 1, "model": model, "action": action, "xid": 7, "ts": 1.5, "rows": rows})
 
 
@@ -260,3 +281,67 @@ def test_the_context_of_the_writing_transaction_reaches_every_row_change():
 
 def test_a_payload_without_context_decodes_with_context_none():
     assert decode_one(Tag, message("testapp.tag", "insert", {"pk": "a"})).context is None
+
+
+def test_version_1_payloads_still_decode():
+    row = {"pk": 1, "fields": {"status": "paid"}, "old": {"status": "new"}, "changed": ["status"]}
+
+    change = decode_one(Order, message_v1("testapp.order", "update", row))
+
+    assert (change.fields, change.old, change.changed) == (
+        {"status": "paid"},
+        {"status": "new"},
+        frozenset({"status"}),
+    )
+    assert decode_one(Order, message_v1("testapp.order", "delete", {"pk": 2, "truncated": True}))
+
+
+def test_one_message_of_many_rows_gives_one_row_change_per_row_in_order():
+    rows = [{"pk": i, "fields": {"status": f"s{i}", "total": "1.50"}} for i in range(50)]
+
+    changes = Decoder([Order]).decode(message("testapp.order", "insert", *rows))
+
+    assert [c.pk for c in changes] == list(range(50))
+    assert changes[7].fields == {"status": "s7", "total": Decimal("1.50")}
+    assert len({c.timestamp for c in changes}) == 1
+
+
+def test_the_changed_mask_names_the_watched_fields_that_changed():
+    payload = json.dumps(
+        {
+            "v": 2,
+            "model": "testapp.order",
+            "action": "update",
+            "xid": 1,
+            "ts": 1,
+            "fields": ["status"],
+            "watched": ["status", "total"],
+            "rows": [[1, "a", "b", 2], [2, "a", "a", 0], [3, "a", "b", 3]],
+        }
+    )
+
+    changes = Decoder([Order]).decode(payload)
+
+    assert [c.changed for c in changes] == [
+        frozenset({"total"}),
+        frozenset(),
+        frozenset({"status", "total"}),
+    ]
+
+
+def test_a_changed_mask_that_is_not_a_number_is_a_decode_error():
+    payload = json.dumps(
+        {
+            "v": 2,
+            "model": "testapp.order",
+            "action": "update",
+            "xid": 1,
+            "ts": 1,
+            "fields": [],
+            "watched": ["status"],
+            "rows": [[1, "status"]],
+        }
+    )
+
+    with pytest.raises(DecodeError, match="mask"):
+        Decoder([Order]).decode(payload)

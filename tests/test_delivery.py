@@ -544,3 +544,44 @@ def test_listener_uses_its_own_application_name_even_when_options_set_one(
         (event,) = changes.wait(1)
 
     assert event.pk == "named"
+
+
+# Statements of many rows
+
+
+def test_a_bulk_write_arrives_as_one_row_change_per_row_in_a_few_notifications(changes):
+    titles = [f"{'x' * 100}-{i}" for i in range(600)]  # about 70 KB of rows
+    Article.objects.bulk_create([Article(title=title) for title in titles])
+
+    events = changes.wait(600)
+
+    assert [e.fields["title"] for e in events] == titles
+    assert {e.action for e in events} == {"insert"}
+    # One statement: its rows share notifications, each under 8000 bytes.
+    assert 9 <= changes.stats["received"] < 30
+
+
+def test_a_bulk_update_announces_only_the_rows_whose_watched_columns_changed(changes):
+    orders = Order.objects.bulk_create([Order(status="new") for _ in range(30)])
+    changes.wait(30)
+    changes.clear()
+
+    Order.objects.filter(pk__in=[o.pk for o in orders[:10]]).update(status="paid")
+    Order.objects.filter(pk__in=[o.pk for o in orders]).update(note="ignored")
+
+    events = changes_before_marker(changes)
+    assert sorted(e.pk for e in events) == sorted(o.pk for o in orders[:10])
+    assert all(e.changed == frozenset({"status"}) for e in events)
+    assert all(e.old["status"] == "new" for e in events)
+
+
+def test_an_update_that_changes_the_pk_is_announced_with_the_new_pk(changes):
+    order = Order.objects.create(status="new")
+    changes.wait(1)
+    changes.clear()
+
+    Order.objects.filter(pk=order.pk).update(id=order.pk + 100_000)
+
+    (event,) = changes.wait(1)
+    assert (event.action, event.pk) == ("update", order.pk + 100_000)
+    assert event.old == {"status": None, "total": None}  # the old row is not known

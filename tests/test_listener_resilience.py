@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.conf import settings
+from django.db import transaction
 from django.test import override_settings
 
 from django_pgnotify import row_changed
@@ -250,11 +251,18 @@ def blocking_receiver() -> Iterator[threading.Event]:
     row_changed.disconnect(block, sender=Order)
 
 
+def create_orders_one_by_one(count: int) -> None:
+    """One statement, so one notification, per order (a bulk write sends few)."""
+    with transaction.atomic():
+        for i in range(count):
+            Order.objects.create(status=f"n{i}")
+
+
 def test_a_sleeping_receiver_does_not_stop_the_listener_reading(
     transactional_db, blocking_receiver
 ):
     with capture_row_changes("testapp.Order") as changes:
-        Order.objects.bulk_create([Order(status=f"n{i}") for i in range(300)])
+        create_orders_one_by_one(300)
 
         # All 300 are read off the connection while the receiver still sleeps.
         wait_until(lambda: changes.stats["received"] == 300, what="300 received")
@@ -270,7 +278,7 @@ def test_a_full_local_queue_applies_backpressure_with_one_warning(
 ):
     caplog.set_level(logging.WARNING, logger="django_pgnotify")
     with fast_listener(QUEUE_SIZE=50), capture_row_changes("testapp.Order") as changes:
-        Order.objects.bulk_create([Order(status=f"n{i}") for i in range(400)])
+        create_orders_one_by_one(400)
 
         wait_until(lambda: changes.stats["queue_full"] >= 1, what="a full queue")
         time.sleep(0.3)  # let the reader try to go on: it must not

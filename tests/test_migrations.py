@@ -101,7 +101,11 @@ def evolving(other_connection: psycopg.Connection) -> Iterator[Evolving]:
 
 def rows(messages: list[wire.Message]) -> list[tuple]:
     return [
-        (m.action, m.rows[0].get("fields"), sorted(m.rows[0].get("changed") or []))
+        (
+            m.action,
+            m.row_objects()[0].get("fields"),
+            sorted(m.row_objects()[0].get("changed") or []),
+        )
         for m in messages
     ]
 
@@ -115,11 +119,11 @@ def test_migrate_installs_the_triggers_of_new_models_without_pgnotify_install(ev
     evolving.write("INSERT INTO evolving_part (label) VALUES ('p')")
 
     gadget, part = evolving.received()
-    assert (gadget.model, gadget.rows) == (
+    assert (gadget.model, gadget.row_objects()) == (
         "evolving.gadget",
         [{"pk": pk, "fields": {"name": "a", "price": 1}}],
     )
-    assert (part.model, part.rows[0]["fields"]) == ("evolving.part", {"label": "p"})
+    assert (part.model, part.row_objects()[0]["fields"]) == ("evolving.part", {"label": "p"})
 
 
 def test_adding_a_field_updates_the_declaration_it_joins(evolving):
@@ -163,7 +167,7 @@ def test_without_the_hook_the_same_rename_fails_in_the_data_migration(evolving):
 
     output = evolving.migrate(3, expect_failure=True, EVOLVING_INSTALL_ON_MIGRATE="0")
 
-    assert 'record "new" has no field "name"' in output
+    assert "column n.name does not exist" in output
 
 
 def test_changing_the_type_of_a_when_changed_column_succeeds(evolving):
@@ -180,14 +184,6 @@ def test_changing_the_type_of_a_when_changed_column_succeeds(evolving):
     ((action, fields, changed),) = rows(evolving.received())
     assert (action, changed) == ("update", ["price"])
     assert fields == {"title": "t", "price": Decimal("7.50"), "colour": "red"}
-
-
-def test_without_the_hook_postgresql_refuses_that_type_change(evolving):
-    evolving.migrate(3)
-
-    output = evolving.migrate(4, expect_failure=True, EVOLVING_INSTALL_ON_MIGRATE="0")
-
-    assert "cannot alter type of a column used in a trigger definition" in output
 
 
 def test_dropping_a_declared_field_succeeds_and_writes_notify_without_it(evolving):

@@ -7,7 +7,7 @@ import pytest
 
 from django_pgnotify import wire
 
-# As PostgreSQL's json_build_object renders it.
+# Version 1, as PostgreSQL's json_build_object renders it.
 PAYLOAD = (
     '{"v" : 1, "model" : "shop.order", "action" : "update", "xid" : 5012, '
     '"ts" : 1763717550.123456, "rows" : [{"pk" : 7, '
@@ -58,7 +58,7 @@ def test_parse_reads_a_truncated_row():
         '{"v": 1, "model": ',
         '["v", 1]',
         '"a string"',
-        payload(v=2),
+        payload(v=3),
         payload(v="1"),
         payload(v=True),
         payload(without="v"),
@@ -100,8 +100,8 @@ def test_parse_rejects_what_is_not_this_format_with_a_wire_error(text):
 
 
 def test_wire_error_is_a_value_error_that_says_what_is_wrong():
-    with pytest.raises(ValueError, match="version 2"):
-        wire.parse(payload(v=2))
+    with pytest.raises(ValueError, match="version 3"):
+        wire.parse(payload(v=3))
 
 
 def test_encode_then_parse_gives_the_same_message():
@@ -119,13 +119,14 @@ def test_encode_then_parse_gives_the_same_message():
         ],
         xid=5012,
         timestamp=Decimal("1763717550.123456"),
+        version=1,
     )
 
     assert wire.parse(wire.encode(message)) == message
 
 
 def test_encode_writes_the_compact_json_a_trigger_sends():
-    message = wire.Message(model="shop.order", action="insert", rows=[{"pk": 1}], xid=3)
+    message = wire.Message(model="shop.order", action="insert", rows=[{"pk": 1}], xid=3, version=1)
 
     assert json.loads(wire.encode(message)) == {
         "v": 1,
@@ -161,8 +162,105 @@ def test_a_missing_or_malformed_context_is_none_and_the_message_still_parses(con
 
 def test_encode_then_parse_keeps_the_context():
     message = wire.Message(
-        model="shop.order", action="update", rows=[{"pk": 1}], context={"reason": "refund"}
+        model="shop.order",
+        action="update",
+        rows=[{"pk": 1}],
+        context={"reason": "refund"},
+        version=1,
     )
 
     assert json.loads(wire.encode(message))["context"] == '{"reason":"refund"}'
     assert wire.parse(wire.encode(message)) == message
+
+
+# Version 2, as the statement-level trigger renders it: one array per row.
+PAYLOAD_2 = (
+    '{"v":2,"model":"shop.order","action":"update","xid":5012,"ts":1763717550.123456,'
+    '"fields":["status","total"],"watched":["status","total","note"],'
+    '"rows":[[7,"paid",12345678901234.10,"new",12345678901234.10,1],[8],[null]]}'
+)
+
+
+def test_parse_reads_a_version_2_payload_with_its_column_names():
+    message = wire.parse(PAYLOAD_2)
+
+    assert message.version == 2
+    assert message.fields == ("status", "total")
+    assert message.watched == ("status", "total", "note")
+    assert message.rows[0] == [
+        7,
+        "paid",
+        Decimal("12345678901234.10"),
+        "new",
+        Decimal("12345678901234.10"),
+        1,
+    ]
+    assert message.row_length() == 6
+
+
+def test_a_version_2_row_shorter_than_its_layout_is_read_as_truncated_not_rejected():
+    assert wire.parse(PAYLOAD_2).rows[1:] == [[8], [None]]
+
+
+def test_version_2_insert_and_delete_rows_have_no_old_values_or_mask():
+    assert wire.row_length("insert", 2) == 3
+    assert wire.row_length("delete", 0) == 1
+    assert wire.row_length("update", 2) == 6
+
+
+def payload_2(**changes) -> str:
+    data = json.loads(PAYLOAD_2)
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        payload_2(fields="status"),
+        payload_2(fields=[1]),
+        payload_2(watched={"status": 1}),
+        payload_2(rows=[{"pk": 7}]),
+        payload_2(rows=[[]]),
+        payload_2(rows=[[7, "paid", 1, "new", 1, 1, "extra"]]),
+    ],
+    ids=[
+        "fields-not-a-list",
+        "fields-not-names",
+        "watched-not-a-list",
+        "row-an-object",
+        "row-empty",
+        "row-too-long",
+    ],
+)
+def test_parse_rejects_malformed_version_2_payloads(text):
+    with pytest.raises(wire.WireError):
+        wire.parse(text)
+
+
+def test_version_2_encode_then_parse_gives_the_same_message():
+    message = wire.Message(
+        model="shop.order",
+        action="update",
+        rows=[[7, "pàid \"'", Decimal("1E+2"), None, Decimal("0.10"), 3], [2**63 - 1]],
+        xid=5012,
+        timestamp=Decimal("1763717550.123456"),
+        fields=("status", "total"),
+        watched=("status", "total"),
+        context={"actor": "user:42"},
+    )
+
+    assert wire.parse(wire.encode(message)) == message
+    assert json.loads(wire.encode(message))["v"] == 2
+
+
+def test_version_2_insert_messages_carry_no_watched_list():
+    message = wire.Message(
+        model="shop.order", action="insert", rows=[[1, "new"]], fields=("status",)
+    )
+
+    data = json.loads(wire.encode(message))
+
+    assert data["fields"] == ["status"]
+    assert "watched" not in data
+    assert wire.parse(wire.encode(message)).watched == ()

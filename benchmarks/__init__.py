@@ -1,0 +1,1 @@
+"""Benchmarks of django-pgnotify, each measured beside its baseline in the same run."""

@@ -1,0 +1,1 @@
+"""Models the benchmarks write to: one per declaration style, one without."""
