@@ -3,7 +3,8 @@
 Ids: E001 ``pgnotify`` is not a ``Notify``; E002 events; E003 ``fields``;
 E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
 E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
-``PGNOTIFY`` setting; E011 composite primary key; W002 ``when_changed``
+``PGNOTIFY`` setting; E011 composite primary key; E012 column names too
+long for a notification; W002 ``when_changed``
 without update; W003 unknown ``PGNOTIFY`` key. (W001, "durable not available
 yet", is retired.)
 """
@@ -18,7 +19,8 @@ from django.core import checks
 from django.db import connections, router
 
 from .conf import DEFAULTS
-from .declarations import raw_declarations, resolve_model
+from .declarations import Declaration, raw_declarations, resolve_model
+from .triggers import rows_room
 
 
 @checks.register("pgnotify")
@@ -36,6 +38,7 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         messages.extend(found)
         if not declarations:
             continue
+        messages.extend(_check_rows_room(declarations))
         for alias in connections:
             wrapper = connections[alias]
             if router.allow_migrate_model(alias, model) and wrapper.vendor != "postgresql":
@@ -48,6 +51,31 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                         id="pgnotify.E009",
                     )
                 )
+    return messages
+
+
+#: The least room a notification must leave for rows once its header is written.
+MIN_ROWS_ROOM = 1000
+
+
+def _check_rows_room(declarations: list[Declaration]) -> list[checks.CheckMessage]:
+    """A notification's header lists the column names; too many leave no room for rows."""
+    messages: list[checks.CheckMessage] = []
+    for declaration in declarations:
+        if declaration.notify.durable:  # the event table has no size limit
+            continue
+        room = min(rows_room(declaration, event) for event in declaration.events)
+        if room < MIN_ROWS_ROOM:
+            messages.append(
+                checks.Error(
+                    f"{declaration.uri}: the names of its fields and when_changed columns "
+                    f"leave {room} bytes of a notification for rows; at least "
+                    f"{MIN_ROWS_ROOM} are needed.",
+                    hint="Declare fewer fields, or use durable=True (no size limit).",
+                    obj=declaration.model,
+                    id="pgnotify.E012",
+                )
+            )
     return messages
 
 

@@ -234,18 +234,11 @@ def _live_body(declaration: Declaration) -> str:
         ).format(new=new, old=old, pk=pk, changed=_update_filter(declaration, "o", "n")),
         "delete": sql.SQL("{} AS o").format(old),
     }
-    fields = [c.column for c in declaration.fields]
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
-        header: dict[str, object] = {wire.FIELDS: fields}
-        if event == "update":
-            header[wire.WATCHED] = [c.column for c in declaration.watched]
-        opening = _json_items({wire.VERSION_KEY: wire.VERSION, wire.MODEL: declaration.label})
-        start = "{" + opening[1:] + _json_items({wire.ACTION: event}) + f',"{wire.XID}":'
-        rest = _json_items(header) + f',"{wire.ROWS}":['
-        # Room for the rows: what the fixed parts, the xid and ts leave, less the context.
-        base = _PAYLOAD_MAX - len((start + rest + "]}").encode()) - _XID_TS_MAX
+        start, rest = _header(declaration, event)
+        base = rows_room(declaration, event)
         head = sql.SQL(
             "{start} || txid_current() || {ts} || extract(epoch FROM clock_timestamp())"
             " || coalesce(ctx, '') || {rest}"
@@ -322,6 +315,27 @@ def _live_body(declaration: Declaration) -> str:
         branches=sql.SQL("").join(branches),
     )
     return _render(body)
+
+
+def _header(declaration: Declaration, event: str) -> tuple[str, str]:
+    """The message's fixed JSON before the xid, and after the ts and context."""
+    opening = _json_items({wire.VERSION_KEY: wire.VERSION, wire.MODEL: declaration.label})
+    start = "{" + opening[1:] + _json_items({wire.ACTION: event}) + f',"{wire.XID}":'
+    header: dict[str, object] = {wire.FIELDS: [c.column for c in declaration.fields]}
+    if event == "update":
+        header[wire.WATCHED] = [c.column for c in declaration.watched]
+    return start, _json_items(header) + f',"{wire.ROWS}":['
+
+
+def rows_room(declaration: Declaration, event: str) -> int:
+    """Bytes a notification of ``event`` leaves for its rows, before any context.
+
+    The fixed parts of the header (model label, column names) and room for the
+    xid and ts come off PostgreSQL's limit; the system checks reject a
+    declaration whose column names leave too little.
+    """
+    start, rest = _header(declaration, event)
+    return _PAYLOAD_MAX - len((start + rest + "]}").encode()) - _XID_TS_MAX
 
 
 def _small_statement_query(

@@ -287,6 +287,29 @@ def test_e011_composite_primary_key(registry):
     assert "testapp.OrderLine has a composite primary key (order_no, line_no)" in message.msg
 
 
+def wide_model(count: int, durable: bool = False) -> type[models.Model]:
+    """A model of ``count`` fields with 60-character names, all declared."""
+    columns = {f"{'c' * 56}{i:04}": models.IntegerField(null=True) for i in range(count)}
+    notify = Notify(fields="__all__", durable=durable)
+    meta = type("Meta", (), {"app_label": "testapp", "pgnotify": notify})
+    return type("Wide", (models.Model,), {"__module__": __name__, "Meta": meta, **columns})
+
+
+def test_e012_column_names_that_leave_no_room_for_rows_in_a_notification(registry):
+    wide_model(120)  # the update header lists 120 names twice: about 15 KB
+
+    message = only(check_models(registry), "pgnotify.E012")
+    assert message.msg.startswith("testapp.Wide:default: the names of its fields")
+    assert "at least 1000 are needed" in message.msg
+
+
+@pytest.mark.parametrize(("count", "durable"), [(50, False), (120, True)])
+def test_e012_spares_headers_that_fit_and_durable_declarations(registry, count, durable):
+    wide_model(count, durable)  # 50 names twice: about 6.4 KB, leaving over 1000 bytes
+
+    assert check_models(registry) == []
+
+
 @pytest.mark.parametrize(
     ("setting", "shown"),
     [
