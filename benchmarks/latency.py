@@ -20,7 +20,7 @@ Two measurements, each run round-robin with its baseline, 3+ times:
    serving ``RowChangeConsumer`` (``benchmarks/channels_asgi.py``), and a
    ``websockets`` client here noting when each frame arrives. Baseline: a child
    process calling channels_redis ``group_send`` directly with the same kind of
-   message at the same pace, timed from the call, to the same client.
+   message (batches of what is due) at the same pace, to the same client.
 
     python benchmarks/latency.py [--quick] [--repeat N]
 """
@@ -94,13 +94,21 @@ def run_writer(rate: float, count: int) -> None:
 
 
 def run_sender(rate: float, count: int) -> None:
-    """``--child sender``: paced ``group_send`` of event-like messages; prints the send times."""
+    """``--child sender``: paced ``group_send`` of event-like messages; prints their times.
+
+    It sends as the listener's forwarder does: one ``pgnotify.batch`` message with
+    every event due when the previous ``group_send`` returned, and at most one per
+    ``MIN_INTERVAL`` (one event when it keeps up). An event's time is when it was
+    due, or the call when the sender was idle waiting for it: timing a late event
+    from the call that finally sends it would hide the wait (and flatter the baseline).
+    """
     import django
 
     django.setup()
     from channels.layers import get_channel_layer
 
     from django_pgnotify import groups
+    from django_pgnotify.channels_bridge import BATCH, MIN_INTERVAL
 
     layer = get_channel_layer()
     assert layer is not None
@@ -128,15 +136,25 @@ def run_sender(rate: float, count: int) -> None:
         }
 
     async def send_all() -> list[int]:
-        await layer.group_send(group, {**message(-1), "seq": 0})  # connect before the clock
-        times = []
-        start = time.monotonic()
-        for i in range(count):
-            delay = start + i / rate - time.monotonic()
+        # Connect before the clock starts (seq 0: the consumer skips it).
+        await layer.group_send(group, {"type": BATCH, "messages": [{**message(-1), "seq": 0}]})
+        times: list[int] = []
+        start = now_ns()
+        step = 1e9 / rate
+        last = -math.inf
+        while len(times) < count:
+            first = len(times)
+            delay = (start + first * step - now_ns()) / 1e9
             if delay > 0:
                 await asyncio.sleep(delay)
-            times.append(now_ns())  # the message exists now: the baseline's "commit"
-            await layer.group_send(group, message(i))
+            hold = (last + MIN_INTERVAL * 1e9 - now_ns()) / 1e9
+            if hold > 0:
+                await asyncio.sleep(hold)
+            called = last = now_ns()
+            idle = delay > 0 and hold <= 0
+            due = range(first, max(first, min(count - 1, int((called - start) // step))) + 1)
+            times.extend(called if idle and i == first else int(start + i * step) for i in due)
+            await layer.group_send(group, {"type": BATCH, "messages": [message(i) for i in due]})
         return times
 
     print(json.dumps(asyncio.run(send_all())), flush=True)
@@ -327,7 +345,8 @@ async def collect(ws: Any, count: int, timeout: float, sent: asyncio.Event) -> d
         except asyncio.TimeoutError:
             break
         frames.append((now_ns(), raw))
-        if '"a": -1' not in raw:  # warm-up rows have a = -1 (parsed after the run)
+        # Only events count (parsed after the run); warm-up rows have a = -1.
+        if '"type": "row_changed"' in raw and '"a": -1' not in raw:
             found += 1
     arrived = {}
     for at, raw in frames:

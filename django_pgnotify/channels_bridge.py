@@ -7,6 +7,13 @@ from a task of its own. A channel layer that fails (Redis gone) therefore
 never delays signal dispatch: messages wait in a bounded queue, sending is
 retried with backoff, and what had to be dropped is followed by a ``resync``
 message once sending works again. Needs the ``channels`` extra.
+
+Every channel-layer message costs roughly a millisecond at each end (channels_redis),
+so the forwarder sends whatever is waiting when it is ready as one ``pgnotify.batch``
+message per group: one event when the load is light (nothing waits to fill a
+batch), more under load, so that the cost is paid per batch instead of per event.
+Rounds of sending start at most every ``MIN_INTERVAL``: the forwarder alone would
+keep up with a message per event where consumers, which pay more per message, fall behind.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import asyncio
 import base64
 import datetime
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -39,6 +47,15 @@ logger = logging.getLogger("django_pgnotify.channels")
 ROW_CHANGED = "pgnotify.row_changed"
 #: The ``type`` of resync messages; a consumer handles them in ``pgnotify_resync``.
 RESYNC = "pgnotify.resync"
+#: The ``type`` of what the forwarder sends: ``messages``, a list of the two kinds above,
+#: in order; a consumer handles it in ``pgnotify_batch``.
+BATCH = "pgnotify.batch"
+#: Messages taken from the queue for one round of sending, at most (one batch per group).
+BATCH_SIZE = 100
+#: Seconds from the start of one round of sending to the next, at least. A change after a
+#: quiet spell goes at once; under load, changes wait up to this long and go in one batch,
+#: which keeps the messages per second low enough for consumers to keep up.
+MIN_INTERVAL = 0.005
 #: Messages waiting to be sent, at most; the oldest are dropped beyond (and resynced).
 QUEUE_SIZE = 10_000
 #: Seconds one ``group_send`` may take before it counts as failed.
@@ -110,9 +127,10 @@ class ChannelLayerForwarder:
         layer: The ``CHANNEL_LAYERS`` alias to send through.
         row_groups: Also send each event to its row's group;
             ``PGNOTIFY["CHANNEL_ROW_GROUPS"]`` by default.
-        stats: Where to count ``forwarded``, ``forward_errors`` and
-            ``forward_dropped``.
+        stats: Where to count ``forwarded`` (events), ``forward_batches``
+            (channel-layer messages), ``forward_errors`` and ``forward_dropped``.
         queue_size: Messages waiting to be sent, at most.
+        min_interval: Seconds between the starts of two rounds of sending, at least.
 
     Raises:
         ImproperlyConfigured: ``layer`` is not in ``CHANNEL_LAYERS``.
@@ -125,6 +143,7 @@ class ChannelLayerForwarder:
         row_groups: bool | None = None,
         stats: Counter[str] | None = None,
         queue_size: int = QUEUE_SIZE,
+        min_interval: float = MIN_INTERVAL,
     ) -> None:
         self.layer_alias = layer
         self.layer: BaseChannelLayer | None = get_channel_layer(layer)
@@ -143,6 +162,9 @@ class ChannelLayerForwarder:
         self.sequence: Counter[str] = Counter()
         self._pending: deque[tuple[list[str], dict[str, Any]]] = deque()
         self._queue_size = queue_size
+        self._sending = 0  # messages taken off the queue, not yet sent
+        self._min_interval = min_interval
+        self._last_round = -math.inf
         self._dropped_models: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -184,7 +206,46 @@ class ChannelLayerForwarder:
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop = loop
             self._wake = asyncio.Event()
+            self._sending = 0  # a task of a closed loop took them with it
             self._task = loop.create_task(self._run(), name="pgnotify-channels-forwarder")
+
+    @property
+    def backlog(self) -> int:
+        """Messages not sent yet: waiting in the queue or being sent."""
+        return len(self._pending) + self._sending
+
+    def _take_round(self) -> tuple[list[dict[str, Any]], list[tuple[str, list[dict[str, Any]]]]]:
+        """Take what waits off the queue: the messages, and ``(group, batch)`` pairs to send.
+
+        A consumer in several groups receives their batches one after the
+        other, so a round ends where that would change the order it sees: a
+        model's messages form one run (a client following two models sees their
+        interleaving), so do a row group's among its model's, and a ``resync``
+        ends the round (its resync group is sent last). The model group comes
+        before its row groups: a consumer in both gets every event from the
+        model's batch first and skips the row batch's repeats by ``seq``.
+        """
+        taken: list[dict[str, Any]] = []
+        batches: dict[str, list[dict[str, Any]]] = {}
+        model_group = row_group = None
+        while self._pending and len(taken) < BATCH_SIZE:
+            targets, message = self._pending[0]
+            resync = message["type"] == RESYNC
+            if targets[0] != model_group:
+                if targets[0] in batches:
+                    break
+                model_group, row_group = targets[0], None
+            if not resync and len(targets) > 1:
+                if targets[1] != row_group and targets[1] in batches:
+                    break
+                row_group = targets[1]
+            self._pending.popleft()
+            taken.append(message)
+            for group in targets:
+                batches.setdefault(group, []).append(message)
+            if resync:
+                break
+        return taken, list(batches.items())
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -193,15 +254,22 @@ class ChannelLayerForwarder:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            targets, message = self._pending[0]
+            wait = self._last_round + self._min_interval - time.monotonic()
+            if wait > 0:  # under load only: let what follows join this round
+                await asyncio.sleep(wait)
+            self._last_round = time.monotonic()
+            taken, sends = self._take_round()
+            self._sending = len(taken)
             failing_since: float | None = None
             backoff = Backoff.from_settings()
             sent = 0
             while True:
                 try:
-                    for group in targets[sent:]:
+                    for group, batch in sends[sent:]:
+                        message = {"type": BATCH, "messages": batch}
                         await asyncio.wait_for(self._send(group, message), SEND_TIMEOUT)
                         sent += 1
+                        self.stats["forward_batches"] += 1
                     break
                 except asyncio.CancelledError:
                     raise
@@ -209,11 +277,13 @@ class ChannelLayerForwarder:
                     self.stats["forward_errors"] += 1
                     if failing_since is None:
                         failing_since = time.monotonic()
+                        first = taken[0]
                         logger.error(
-                            "pgnotify: cannot forward %s %s to channel layer %r: %s; "
+                            "pgnotify: cannot forward %s %s%s to channel layer %r: %s; "
                             "retrying with backoff (signals are still dispatched)",
-                            message["model"],
-                            message.get("action", "resync"),
+                            first["model"],
+                            first.get("action", "resync"),
+                            f" and {len(taken) - 1} more" if len(taken) > 1 else "",
                             self.layer_alias,
                             " ".join(str(exc).split()) or type(exc).__name__,
                         )
@@ -221,14 +291,12 @@ class ChannelLayerForwarder:
                         logger.warning(
                             "pgnotify: channel layer %r still failing (%d message(s) waiting): %s",
                             self.layer_alias,
-                            len(self._pending),
+                            self.backlog,
                             " ".join(str(exc).split()) or type(exc).__name__,
                         )
                     await asyncio.sleep(backoff.next())
-            if self._pending and self._pending[0][1] is message:
-                self._pending.popleft()
-            if message["type"] == ROW_CHANGED:
-                self.stats["forwarded"] += 1
+            self._sending = 0
+            self.stats["forwarded"] += sum(1 for m in taken if m["type"] == ROW_CHANGED)
             if failing_since is not None:
                 logger.warning(
                     "pgnotify: forwarding to channel layer %r works again after %.1fs "
@@ -246,13 +314,13 @@ class ChannelLayerForwarder:
         await self.layer.group_send(group, message)
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Wait up to ``timeout`` seconds for the queue to empty, then stop sending."""
+        """Wait up to ``timeout`` seconds for everything to be sent, then stop sending."""
         deadline = time.monotonic() + timeout
-        while self._pending and self._task is not None and not self._task.done():
+        while self.backlog and self._task is not None and not self._task.done():
             if time.monotonic() >= deadline:
                 logger.warning(
                     "pgnotify: %d message(s) for channel layer %r not sent at stop",
-                    len(self._pending),
+                    self.backlog,
                     self.layer_alias,
                 )
                 break
@@ -261,6 +329,7 @@ class ChannelLayerForwarder:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        self._sending = 0
 
 
 class ChannelsDispatcher(Dispatcher):
@@ -320,9 +389,11 @@ class ChannelsDispatcher(Dispatcher):
         if self._mine(sender):
             await self.forwarder.drain()
             logger.info(
-                "pgnotify: channel layer %r: forwarded=%d forward_errors=%d forward_dropped=%d",
+                "pgnotify: channel layer %r: forwarded=%d forward_batches=%d forward_errors=%d "
+                "forward_dropped=%d",
                 self.forwarder.layer_alias,
                 self.stats["forwarded"],
+                self.stats["forward_batches"],
                 self.stats["forward_errors"],
                 self.stats["forward_dropped"],
             )

@@ -226,6 +226,23 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
 
     # Messages from the channel layer
 
+    async def pgnotify_batch(self, message: dict[str, Any]) -> None:
+        """Several messages in one, as the listener sends them: each handled in turn.
+
+        Each is one of the message types below; the client gets one frame per
+        event, in order, exactly as when they came one by one. Handlers are
+        called directly rather than through ``dispatch``, which would close
+        stale database connections again for every event.
+        """
+        handlers = {
+            "pgnotify.row_changed": self.pgnotify_row_changed,
+            "pgnotify.resync": self.pgnotify_resync,
+        }
+        for item in message.get("messages", ()):
+            handler = handlers.get(item.get("type"))
+            if handler is not None:  # a type of a newer listener is skipped, not fatal
+                await handler(item)
+
     async def pgnotify_row_changed(self, message: dict[str, Any]) -> None:
         label = message.get("model", "")
         entry = self.subscriptions.get(label)

@@ -29,6 +29,7 @@ logger = logging.getLogger("django_pgnotify.decoding")
 Converter = Callable[[Any], Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NOTHING_CHANGED: frozenset[str] = frozenset()
 
 
 class DecodeError(ValueError):
@@ -209,13 +210,12 @@ class _ModelCodec:
             result[name] = self.value(converter, column, value)
         return result
 
-    def row_values(self, layout: _Layout, values: list[Any]) -> dict[str, Any]:
-        result = dict(zip(layout.names, values, strict=True))
+    def convert(self, layout: _Layout, values: dict[str, Any]) -> None:
+        """Convert, in place, the values of a row read by ``layout`` that need it."""
         for name, column, converter in layout.converted:
-            value = result[name]
+            value = values[name]
             if value is not None:
-                result[name] = self.value(converter, column, value)
-        return result
+                values[name] = self.value(converter, column, value)
 
     def names(self, columns: Iterable[str]) -> frozenset[str]:
         return frozenset(self.columns.get(c, (c,))[0] for c in columns)
@@ -248,45 +248,65 @@ class Decoder:
         codec = self._codecs.get(message.model)
         if codec is None:
             raise ModelNotServed(message.model)
-        common = {
-            "model": codec.model,
-            "action": message.action,
-            "channel": channel,
-            "pid": pid,
-            "xid": message.xid,
-            "timestamp": _timestamp(message.timestamp),
-            "using": self.using,
-            "context": message.context,
-            "durable": event_id is not None,
-            "event_id": event_id,
-        }
+        timestamp = _timestamp(message.timestamp)
         if message.version == wire.OBJECT_ROWS_VERSION:
+            common = {
+                "model": codec.model,
+                "action": message.action,
+                "channel": channel,
+                "pid": pid,
+                "xid": message.xid,
+                "timestamp": timestamp,
+                "using": self.using,
+                "context": message.context,
+                "durable": event_id is not None,
+                "event_id": event_id,
+            }
             return [self._object_row(codec, message, row, common) for row in message.rows]
-        return self._array_rows(codec, message, common)
+        return self._array_rows(codec, message, channel, pid, timestamp, event_id)
 
     def _array_rows(
-        self, codec: _ModelCodec, message: wire.Message, common: dict[str, Any]
+        self,
+        codec: _ModelCodec,
+        message: wire.Message,
+        channel: str,
+        pid: int,
+        timestamp: datetime | None,
+        event_id: int | None,
     ) -> list[RowChange]:
+        # The hot path: one RowChange per row, built from a tuple of its values
+        # (in events.VALUE_ORDER), without the dataclass __init__.
         layout = codec.layout(message.fields or (), message.watched or ())
-        count, full = layout.count, message.row_length()
-        is_update = message.action == "update"
-        pk_converter = codec.pk
-        changes = []
+        model, action = codec.model, message.action
+        # The values every row of the message shares, channel to event_id.
+        tail: tuple[Any, ...] = (channel, pid, message.xid, timestamp, self.using)
+        tail += (message.context, event_id is not None, event_id)
+        names, count, full = layout.names, layout.count, message.row_length()
+        convert = codec.convert if layout.converted else None
+        is_update = action == "update"
+        make = RowChange._from_values
+        changes: list[RowChange] = []
+        append = changes.append
         for row in message.rows:
             pk = row[0]
-            pk = codec.value(pk_converter, "pk", pk) if type(pk) is not int else pk
+            if type(pk) is not int:
+                pk = codec.value(codec.pk, "pk", pk)
             if len(row) < full or pk is None:
-                changes.append(RowChange(pk=pk, truncated=True, **common))
+                append(make((model, action, pk, {}, None, _NOTHING_CHANGED, True, *tail)))
                 continue
-            changes.append(
-                RowChange(
-                    pk=pk,
-                    fields=codec.row_values(layout, row[1 : count + 1]) if count else {},
-                    old=codec.row_values(layout, row[count + 1 : -1]) if is_update else None,
-                    changed=layout.changed(row[-1]) if is_update else frozenset(),
-                    **common,
-                )
-            )
+            # A full row has exactly the layout's items (wire.parse checked the bound).
+            fields = dict(zip(names, row[1 : count + 1], strict=True))
+            if is_update:
+                old = dict(zip(names, row[count + 1 : -1], strict=True))
+                if convert is not None:
+                    convert(layout, fields)
+                    convert(layout, old)
+                changed = layout.changed(row[-1])
+            else:
+                old, changed = None, _NOTHING_CHANGED
+                if convert is not None:
+                    convert(layout, fields)
+            append(make((model, action, pk, fields, old, changed, False, *tail)))
         return changes
 
     def _object_row(

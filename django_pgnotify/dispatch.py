@@ -55,22 +55,25 @@ class Dispatcher:
         Returns the events handled: all of them, or those before ``stopping``
         was set (the event in hand is always finished).
         """
-        done = []
+        done: list[RowChange] = []
         # Django's own lookup; once per model and batch. (Django 5+ splits sync and async.)
         by_model: dict[Any, list[Any]] = {}
-        for event in events:
-            if stopping is not None and stopping.is_set():
-                break
-            receivers = by_model.get(event.model)
-            if receivers is None:
-                receivers = by_model[event.model] = row_changed._live_receivers(event.model)[0]
-            for receiver in receivers:
-                try:
-                    receiver(signal=row_changed, sender=event.model, event=event)
-                except Exception as exc:
-                    self.failed(receiver, event, exc)
-            self.stats["dispatched"] += 1
-            done.append(event)
+        try:
+            for event in events:
+                if stopping is not None and stopping.is_set():
+                    break
+                model = event.model
+                receivers = by_model.get(model)
+                if receivers is None:
+                    receivers = by_model[model] = row_changed._live_receivers(model)[0]
+                for receiver in receivers:
+                    try:
+                        receiver(signal=row_changed, sender=model, event=event)
+                    except Exception as exc:
+                        self.failed(receiver, event, exc)
+                done.append(event)
+        finally:
+            self.stats["dispatched"] += len(done)  # once per batch: a Counter is no list
         if done:
             self.measure_lag(done[-1])
         return done
@@ -86,11 +89,15 @@ class Dispatcher:
         Not interrupted by a stop: the events given are those the sync
         receivers saw, so every receiver sees the same events.
         """
+        by_model: dict[Any, list[Any]] = {}  # as in send_sync: once per model and batch
         for event in events:
-            _, receivers = row_changed._live_receivers(event.model)
+            model = event.model
+            receivers = by_model.get(model)
+            if receivers is None:
+                receivers = by_model[model] = row_changed._live_receivers(model)[1]
             for receiver in receivers:
                 try:
-                    await receiver(signal=row_changed, sender=event.model, event=event)
+                    await receiver(signal=row_changed, sender=model, event=event)
                 except Exception as exc:
                     self.failed(receiver, event, exc)
 

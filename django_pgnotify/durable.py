@@ -18,6 +18,8 @@ management commands.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import os
 import socket
@@ -28,7 +30,7 @@ from concurrent.futures import Executor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
@@ -38,7 +40,7 @@ from . import connection, own_changes, wire
 from .backoff import Backoff
 from .conf import get_setting
 from .declarations import Declaration
-from .decoding import Decoder
+from .decoding import DecodeError, Decoder
 from .dispatch import Dispatcher
 from .events import RowChange
 
@@ -62,13 +64,10 @@ UPDATE {table} AS e
 SET lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s),
     attempts = e.attempts + 1
 FROM claimable WHERE e.id = claimable.id
-RETURNING e.id, e.declaration,
-    json_build_object('v', {version}, 'model', e.model, 'action', e.action, 'xid', e.xid,
-        'ts', extract(epoch FROM e.changed_at), 'rows', json_build_array(e.payload),
-        'context', nullif(e.context, ''))::text,
-    e.pid, e.attempts
+RETURNING e.id, e.declaration, e.model, e.action, e.xid, extract(epoch FROM e.changed_at)::text,
+    e.context, e.layout, e.payload::text, e.pid, e.attempts
 """
-).format(table=_TABLE, version=sql.Literal(wire.OBJECT_ROWS_VERSION))
+).format(table=_TABLE)
 
 _DELETE = sql.SQL("DELETE FROM {table} WHERE id = ANY(%(ids)s)").format(table=_TABLE)
 
@@ -97,15 +96,57 @@ _RELEASE = sql.SQL(
 ).format(table=_TABLE)
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """One claimed row of the event table, its message rebuilt in the wire format."""
+class Claimed(NamedTuple):
+    """One claimed row of the event table (ids are unique, so tuples sort by id)."""
 
     id: int
     declaration: str
+    model: str
+    action: str
+    xid: int | None
+    #: Seconds since the epoch as PostgreSQL renders them (a JSON number), or None.
+    timestamp: str | None
+    context: str
+    #: How ``payload`` is laid out (version 2 message keys), or "" (a version 1 object).
+    layout: str
+    #: The row's wire format row, as JSON text.
     payload: str
     pid: int | None
     attempts: int
+
+    def message_key(self) -> tuple[Any, ...]:
+        """What the rows of one message share: all rows of one statement have the same."""
+        return (
+            self.model,
+            self.action,
+            self.xid,
+            self.timestamp,
+            self.context,
+            self.pid,
+            self.layout,
+        )
+
+
+def build_message(rows: Sequence[Claimed]) -> str:
+    """One message carrying ``rows``, which share their ``message_key``.
+
+    Rows of one statement are decoded in one go, as version 2 (arrays, the
+    decoder's fast path) unless they were stored as version 1 objects: parsing
+    one message per row cost the listener more than claiming and deleting them.
+    """
+    first = rows[0]
+    if first.layout:
+        version = f'"{wire.VERSION_KEY}":{wire.VERSION},{first.layout},'
+    else:
+        version = f'"{wire.VERSION_KEY}":{wire.OBJECT_ROWS_VERSION},'
+    return (
+        f"{{{version}"
+        f'"{wire.MODEL}":{json.dumps(first.model)},"{wire.ACTION}":{json.dumps(first.action)},'
+        f'"{wire.XID}":{"null" if first.xid is None else int(first.xid)},'
+        f'"{wire.TIMESTAMP}":{first.timestamp or "null"},'
+        f'"{wire.ROWS}":[{",".join(row.payload for row in rows)}],'
+        f'"{wire.CONTEXT}":{json.dumps(first.context) if first.context else "null"}}}'
+    )
 
 
 def retry_delay(attempts: int) -> float:
@@ -221,7 +262,7 @@ class DurableWorker:
                 "lease": self.lease,
             },
         )
-        claimed = sorted((Claimed(*row) for row in await cursor.fetchall()), key=lambda c: c.id)
+        claimed = sorted(map(Claimed._make, await cursor.fetchall()))
         if not claimed:
             return 0
         self.stats["durable_claimed"] += len(claimed)
@@ -237,28 +278,48 @@ class DurableWorker:
         """In the dispatch thread: decode the batch and call the sync receivers."""
         outcome = _Outcome()
         events: list[RowChange] = []
-        for row in claimed:
-            if self.ignore_own_changes and row.pid is not None and own_changes.is_own_pid(row.pid):
-                self.stats["own_changes"] += 1
-                outcome.skipped.append(row.id)
+        for _, rows in itertools.groupby(claimed, Claimed.message_key):
+            group = list(rows)
+            pid = group[0].pid
+            if self.ignore_own_changes and pid is not None and own_changes.is_own_pid(pid):
+                self.stats["own_changes"] += len(group)
+                outcome.skipped.extend(row.id for row in group)
                 continue
-            try:
-                events.extend(self.decoder.decode(row.payload, "", row.pid or 0, event_id=row.id))
-            except Exception as exc:
-                # Not something a retry can fix: a dead letter at once, kept for a look.
-                self.stats["undecodable"] += 1
-                outcome.undecodable[row.id] = f"undecodable: {exc}"
-                logger.warning(
-                    "pgnotify: durable event %s of %s is undecodable: %s",
-                    row.id,
-                    row.declaration,
-                    exc,
-                )
+            events.extend(self._decode(group, outcome))
         errors = self.stats["receiver_errors"]
         outcome.dispatched = self.dispatcher.send_sync(events, self.stopping)
         if self.stats["receiver_errors"] != errors:
             close_old_connections()
         return outcome
+
+    def _decode(self, group: list[Claimed], outcome: _Outcome) -> list[RowChange]:
+        """Decode rows of one message_key; when that fails, each row alone to find the bad one."""
+        try:
+            changes = self.decoder.decode(
+                build_message(group), "", group[0].pid or 0, event_id=group[0].id
+            )
+            if len(changes) != len(group):
+                raise DecodeError(f"{len(group)} rows decoded as {len(changes)} changes")
+        except Exception as exc:
+            if len(group) > 1:
+                return [change for row in group for change in self._decode([row], outcome)]
+            (row,) = group
+            # Not something a retry can fix: a dead letter at once, kept for a look.
+            self.stats["undecodable"] += 1
+            outcome.undecodable[row.id] = f"undecodable: {exc}"
+            logger.warning(
+                "pgnotify: durable event %s of %s is undecodable: %s",
+                row.id,
+                row.declaration,
+                exc,
+            )
+            return []
+        for change, row in zip(changes, group, strict=True):
+            if change.event_id != row.id:
+                # Built for this batch and not shared yet: set in place, as
+                # dataclasses.replace() would cost more than the decoding.
+                object.__setattr__(change, "event_id", row.id)
+        return changes
 
     async def _settle(
         self,

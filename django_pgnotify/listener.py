@@ -47,6 +47,10 @@ T = TypeVar("T")
 
 #: Notifications decoded and dispatched per thread hop, at most.
 BATCH_SIZE = 1000
+#: Payload characters per batch, at most (or one notification, if larger): a
+#: batch's events are all held at once, and a full payload may carry a hundred
+#: rows, so this, not BATCH_SIZE, bounds the memory of bulk statements' batches.
+BATCH_PAYLOAD = 128_000
 
 # Errors that mean "the connection is gone or unusable": reconnect.
 _CONNECTION_ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
@@ -337,48 +341,65 @@ class Listener:
             # psycopg ends the round after the timeout even in a steady stream, and
             # only between packets: breaking out earlier would lose the packet's rest.
             async for notify in conn.notifies(timeout=self._read_timeout):
-                await self._accept(notify, queue)
+                if not self._take(notify, queue):
+                    await self._put_when_room(notify, queue)
+            self.health.local_queue = queue.qsize()
             await self._tick(conn, queue)
 
     async def _accept(self, notify: psycopg.Notify, queue: asyncio.Queue[psycopg.Notify]) -> None:
         """Take one notification off the connection: a probe, or one for the queue."""
-        if notify.channel == self.probe_channel:
+        if not self._take(notify, queue):
+            await self._put_when_room(notify, queue)
+        self.health.local_queue = queue.qsize()
+
+    def _take(self, notify: psycopg.Notify, queue: asyncio.Queue[psycopg.Notify]) -> bool:
+        """Handle ``notify`` without waiting; ``False`` if it is for a full queue.
+
+        Not a coroutine: it runs once per notification, and most need no wait.
+        """
+        channel = notify.channel
+        if channel == self.probe_channel:
             if notify.payload == self._probe_token:
                 self._probe_sent = None
                 self.health.last_probe_ok = time.monotonic()
                 self.stats["probes"] += 1
-            return
-        if notify.channel == wire.DURABLE_CHANNEL:
+            return True
+        if channel == wire.DURABLE_CHANNEL:
             if self.durable is not None:
                 self.durable.wake.set()
-            return
+            return True
         self.stats["received"] += 1
         if self.ignore_own_changes and own_changes.is_own_pid(notify.pid):
             self.stats["own_changes"] += 1
-            return
+            return True
         if queue.full():
-            # Backpressure: stop reading, so the backlog waits in PostgreSQL's
-            # queue (which pg_notification_queue_usage() shows), not in memory.
-            if not self._queue_full:
-                self._queue_full = True
-                self.stats["queue_full"] += 1
-                # One line per minute at most: a burst may fill it many times.
-                if time.monotonic() - self._queue_full_warned > 60:
-                    self._queue_full_warned = time.monotonic()
-                    logger.warning(
-                        "pgnotify: local queue full (%d notifications, %d time(s) so far): "
-                        "receivers are slower than changes arrive; reading paused until they "
-                        "catch up",
-                        queue.maxsize,
-                        self.stats["queue_full"],
-                    )
-            waited = time.monotonic()
-            await queue.put(notify)
-            if self._probe_sent is not None:  # the probe could not be read meanwhile
-                self._probe_sent += time.monotonic() - waited
-        else:
-            queue.put_nowait(notify)
+            return False
+        queue.put_nowait(notify)
+        return True
+
+    async def _put_when_room(
+        self, notify: psycopg.Notify, queue: asyncio.Queue[psycopg.Notify]
+    ) -> None:
+        """Backpressure: stop reading, so the backlog waits in PostgreSQL's queue
+        (which pg_notification_queue_usage() shows), not in memory."""
+        if not self._queue_full:
+            self._queue_full = True
+            self.stats["queue_full"] += 1
+            # One line per minute at most: a burst may fill it many times.
+            if time.monotonic() - self._queue_full_warned > 60:
+                self._queue_full_warned = time.monotonic()
+                logger.warning(
+                    "pgnotify: local queue full (%d notifications, %d time(s) so far): "
+                    "receivers are slower than changes arrive; reading paused until they "
+                    "catch up",
+                    queue.maxsize,
+                    self.stats["queue_full"],
+                )
         self.health.local_queue = queue.qsize()
+        waited = time.monotonic()
+        await queue.put(notify)
+        if self._probe_sent is not None:  # the probe could not be read meanwhile
+            self._probe_sent += time.monotonic() - waited
 
     # Timers: probe, keepalive, statistics, health file
 
@@ -507,15 +528,19 @@ class Listener:
             batch = [getter.result()]
         else:
             batch = [queue.get_nowait()]
-        while len(batch) < BATCH_SIZE and not queue.empty():
-            batch.append(queue.get_nowait())
+        size = len(batch[0].payload)
+        while len(batch) < BATCH_SIZE and size < BATCH_PAYLOAD and not queue.empty():
+            notify = queue.get_nowait()
+            batch.append(notify)
+            size += len(notify.payload)
         return batch
 
     def _decode_and_send(self, batch: list[psycopg.Notify]) -> list[RowChange]:
         """In the worker thread: decode a batch and call the sync receivers."""
         events: list[RowChange] = []
+        decode = self.decode
         for notify in batch:
-            events.extend(self.decode(notify))
+            events += decode(notify)
         errors = self.stats["receiver_errors"]
         done = self.dispatcher.send_sync(events, self._stopping)
         if self.stats["receiver_errors"] != errors:

@@ -33,10 +33,16 @@ class DurableEvent(models.Model):
     changed_at = models.DateTimeField(null=True, blank=True)
     #: The writing transaction's ``pgnotify.context`` setting, unparsed ("" if unset).
     context = models.TextField(blank=True, default="", db_default="")
-    #: The row as the wire format's ``rows`` entries carry it (pk, fields, old,
-    #: changed), without size limit. The listener rebuilds the full message
-    #: from it and the columns above (see ``django_pgnotify.wire``).
+    #: The row as the wire format's ``rows`` entries carry it, without size
+    #: limit: a version 2 array laid out by ``layout``, or (rows written before
+    #: ``layout`` existed) a version 1 object. The listener rebuilds the full
+    #: message from it and the columns above (see ``django_pgnotify.wire``).
     payload = models.JSONField()
+    #: The version 2 message keys that say how ``payload`` is laid out, as JSON
+    #: text (``"fields":[...],"watched":[...]``); "" for a version 1 object.
+    #: Stored with the row, so a declaration changed while events wait does
+    #: not change how they are read.
+    layout = models.TextField(blank=True, default="", db_default="")
     pid = models.IntegerField(null=True, blank=True, help_text="Backend PID of the writer.")
     status = models.TextField(choices=STATUSES, default=PENDING, db_default=PENDING)
     attempts = models.IntegerField(default=0, db_default=0)

@@ -44,9 +44,8 @@ TEMPLATE_VERSION = 3
 #: Start of the comment that marks a trigger or function as ours.
 MARKER = "django-pgnotify"
 
-# PostgreSQL functions take at most 100 arguments: 50 key/value pairs.
+# PostgreSQL functions take at most 100 arguments.
 _MAX_ARGS = 100
-_MAX_PAIRS = _MAX_ARGS // 2
 _DOLLAR_TAG = "$pgnotify$"
 
 
@@ -419,11 +418,13 @@ _TRANSITION_TABLES = {
 def _durable_body(declaration: Declaration) -> str:
     """Insert one event row per changed row, set-based, in the writing transaction.
 
-    The row holds the wire format's row entry as jsonb and the message's other
-    keys as columns (building one nested jsonb message per row would double the
-    cost of a bulk write). The statement's rows come from its transition tables; an update's old and
-    new rows are paired by primary key (an update that changes the primary key
-    is not announced). No size limit applies (jsonb), so nothing is truncated.
+    The row holds the wire format's version 2 row array (a flat
+    ``json_build_array``: nested ``jsonb_build_object`` calls per row cost more
+    than the rest of the insert) and the message's other keys as columns, with
+    the array's layout stored as a constant beside it. The statement's rows come
+    from its transition tables; an update's old and new rows are paired by
+    primary key (an update that changes the primary key is not announced).
+    No size limit applies (jsonb), so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
     transaction into one; ``PGNOTIFY["DURABLE_WAKEUP"] = False`` leaves it out
     (listeners then poll). The context is stored unparsed, as in the wire
@@ -442,8 +443,8 @@ def _durable_body(declaration: Declaration) -> str:
         sql.SQL(
             "  {keyword} TG_OP = {op} THEN\n"
             "    INSERT INTO {table}"
-            " (declaration, model, action, xid, changed_at, context, payload, pid)\n"
-            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {row}, writer"
+            " (declaration, model, action, xid, changed_at, context, layout, payload, pid)\n"
+            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout}, {row}, writer"
             " FROM {source};\n"
         ).format(
             keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
@@ -452,7 +453,8 @@ def _durable_body(declaration: Declaration) -> str:
             uri=sql.Literal(declaration.uri),
             label=sql.Literal(declaration.label),
             action=sql.Literal(event),
-            row=_row_object(declaration, event, old="o", new="n", function="jsonb_build_object"),
+            layout=sql.Literal(_durable_layout(declaration, event)),
+            row=_row_array(declaration, event, "o" if event == "delete" else "n"),
             source=sources[event],
         )
         for index, event in enumerate(declaration.events)
@@ -495,44 +497,12 @@ def _update_filter(declaration: Declaration, old: str, new: str) -> sql.Composab
     )
 
 
-def _row_object(
-    declaration: Declaration,
-    event: str,
-    old: str = "OLD",
-    new: str = "NEW",
-    function: str = "json_build_object",
-) -> sql.Composable:
-    record = old if event == "delete" else new
-    pairs: list[tuple[str, sql.Composable]] = [(wire.PK, _value(record, declaration.pk))]
-    if declaration.fields:
-        pairs.append((wire.FIELDS, _object(record, declaration.fields, function)))
+def _durable_layout(declaration: Declaration, event: str) -> str:
+    """The version 2 message keys that describe ``_row_array``'s layout, as JSON text."""
+    layout = {wire.FIELDS: [c.column for c in declaration.fields]}
     if event == "update":
-        if declaration.fields:
-            pairs.append((wire.OLD, _object(old, declaration.fields, function)))
-        pairs.append((wire.CHANGED, _changed(declaration.watched, old, new)))
-    return _pairs(pairs, function)
-
-
-def _object(
-    record: str, columns: tuple[Column, ...], function: str = "json_build_object"
-) -> sql.Composable:
-    """A JSON object of ``columns`` read from ``record``, keyed by column name."""
-    pairs = [(c.column, _value(record, c)) for c in columns]
-    if len(pairs) <= _MAX_PAIRS:
-        return _pairs(pairs, function)
-    chunks = [pairs[i : i + _MAX_PAIRS] for i in range(0, len(pairs), _MAX_PAIRS)]
-    return sql.SQL("({})").format(
-        sql.SQL(" || ").join(_pairs(chunk, "jsonb_build_object") for chunk in chunks)
-    )
-
-
-def _pairs(
-    pairs: list[tuple[str, sql.Composable]], function: str = "json_build_object"
-) -> sql.Composable:
-    args = sql.SQL(", ").join(
-        sql.SQL("{}, {}").format(sql.Literal(key), value) for key, value in pairs
-    )
-    return sql.SQL("{}({})").format(sql.SQL(function), args)
+        layout[wire.WATCHED] = [c.column for c in declaration.watched]
+    return json.dumps(layout, separators=(",", ":"))[1:-1]
 
 
 def _value(record: str, column: Column) -> sql.Composable:
@@ -545,21 +515,6 @@ def _value(record: str, column: Column) -> sql.Composable:
         # IntervalStyle is per session too; seconds are unambiguous.
         return sql.SQL("extract(epoch FROM {})").format(ref)
     return ref
-
-
-def _changed(columns: tuple[Column, ...], old: str = "OLD", new: str = "NEW") -> sql.Composable:
-    if not columns:
-        return sql.SQL("json_build_array()")
-    cases = sql.SQL(", ").join(
-        sql.SQL("CASE WHEN {old}.{col} IS DISTINCT FROM {new}.{col} THEN {name} END").format(
-            old=sql.SQL(old),
-            new=sql.SQL(new),
-            col=sql.Identifier(c.column),
-            name=sql.Literal(c.column),
-        )
-        for c in columns
-    )
-    return sql.SQL("to_json(array_remove(ARRAY[{}]::text[], NULL))").format(cases)
 
 
 def _not_paused(declaration: Declaration) -> sql.Composable:

@@ -30,7 +30,7 @@ The trigger builder takes its key names from here and the decoder parses with
   does not parse it, so that a malformed value set by hand never fails a
   write; the reader does. It is left out when it would not fit.
 
-Version 1 (still read; the durable event table stores its row objects) sends
+Version 1 (still read, as are durable events stored by earlier versions) sends
 one object per row: ``{"pk": 7, "fields": {...}, "old": {...}, "changed":
 [...]}``, or ``{"pk": 7, "truncated": true}``, keyed by column name.
 """
@@ -44,7 +44,7 @@ from typing import Any
 
 #: The version triggers send.
 VERSION = 2
-#: Rows as objects: still read, and the form of the durable event table's rows.
+#: Rows as objects: still read (earlier triggers, durable events stored by them).
 OBJECT_ROWS_VERSION = 1
 
 #: A NOTIFY payload must be shorter than this many bytes.
@@ -179,29 +179,50 @@ def parse(payload: str) -> Message:
         if fields is None or watched is None:
             raise WireError("payload fields and watched must be lists of column names")
         full = row_length(action, len(fields))
-        for row in rows:
-            if type(row) is not list or not 0 < len(row) <= full:
-                raise WireError(f"payload rows must be arrays of 1 to {full} values")
+        # Checked at C speed: the decoder indexes rows by this layout without looking again.
+        if rows and (
+            not _LISTS_ONLY.issuperset(map(type, rows))
+            or min(map(len, rows)) == 0
+            or max(map(len, rows)) > full
+        ):
+            raise WireError(f"payload rows must be arrays of 1 to {full} values")
     xid, timestamp = data.get(XID), data.get(TIMESTAMP)
-    return Message(
+    # Built without the frozen dataclass __init__ (a guarded __setattr__ per
+    # field): a parse per notification makes that cost count.
+    message = object.__new__(Message)
+    vars(message).update(
         model=model,
         action=action,
         rows=rows,
         xid=xid if type(xid) is int else None,
         timestamp=timestamp if type(timestamp) in (Decimal, int) else None,
         version=version,
-        context=parse_context(data.get(CONTEXT)),
+        context=parse_context(data.get(CONTEXT)) if CONTEXT in data else None,
         fields=fields,
         watched=watched,
     )
+    return message
+
+
+_LISTS_ONLY = frozenset({list})
+_STRINGS_ONLY = frozenset({str})
+# Column name lists repeat from message to message: each distinct one is kept
+# once, as a tuple (a bound keeps memory flat whatever is sent).
+_known_names: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def _names(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return ()
-    if type(value) is not list or not all(type(name) is str for name in value):
+    if type(value) is not list or not _STRINGS_ONLY.issuperset(map(type, value)):
         return None
-    return tuple(value)
+    names = tuple(value)
+    known = _known_names.get(names)
+    if known is None:
+        known = names
+        if len(_known_names) < 1024:
+            _known_names[names] = names
+    return known
 
 
 def parse_context(value: Any) -> dict[str, Any] | None:

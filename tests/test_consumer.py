@@ -1,9 +1,11 @@
-"""RowChangeConsumer and the forwarder, in one process, with Channels' in-memory layer."""
+"""RowChangeConsumer and the forwarder, in one process: Channels' in-memory layer, or channels_redis
+where batching is what is tested (``REDIS_URL``, else an embedded Redis)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import Counter
 from decimal import Decimal
 from typing import Any
@@ -16,7 +18,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
 from django_pgnotify import RowChange
-from django_pgnotify.channels_bridge import ChannelLayerForwarder, ChannelsDispatcher
+from django_pgnotify.channels_bridge import BATCH, ChannelLayerForwarder, ChannelsDispatcher
 from django_pgnotify.consumers import RowChangeConsumer
 from tests.testapp.models import Order, Tag
 
@@ -72,7 +74,12 @@ async def ask(communicator: WebsocketCommunicator, request: Any) -> dict[str, An
 
 async def forward(dispatcher: ChannelsDispatcher, *events: RowChange) -> None:
     await dispatcher.send_async(events)
-    while dispatcher.forwarder._pending:  # sent into the layer; consumers read it next
+    await sent(dispatcher.forwarder)
+
+
+async def sent(forwarder: ChannelLayerForwarder) -> None:
+    """Wait until ``forwarder`` sent everything into the layer; consumers read it next."""
+    while forwarder.backlog:
         await asyncio.sleep(0.01)
 
 
@@ -294,13 +301,22 @@ class FlakyLayer:
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
-        self.sent: list[tuple[str, dict]] = []
+        self.batches: list[tuple[str, dict]] = []
 
     async def group_send(self, group: str, message: dict) -> None:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("Redis is gone")
-        self.sent.append((group, message))
+        self.batches.append((group, message))
+
+    @property
+    def sent(self) -> list[tuple[str, dict]]:
+        """The messages sent, out of their batches, with their groups."""
+        return [
+            (group, message)
+            for group, batch in self.batches
+            for message in (batch["messages"] if batch["type"] == BATCH else [batch])
+        ]
 
 
 def test_forwarding_failures_are_logged_counted_retried_and_recovered(settings, caplog):
@@ -317,8 +333,7 @@ def test_forwarding_failures_are_logged_counted_retried_and_recovered(settings, 
         forwarder = ChannelLayerForwarder("default", stats=stats)
         layer = forwarder.layer = FlakyLayer(failures=3)  # type: ignore[assignment]
         forwarder.submit([order_change(1), order_change(2)])
-        while forwarder._pending:
-            await asyncio.sleep(0.01)
+        await sent(forwarder)
         assert [(g, m["pk"], m["seq"]) for g, m in layer.sent] == [
             ("pgnotify.testapp.order", 1, 1),
             ("pgnotify.testapp.order", 2, 2),
@@ -341,12 +356,33 @@ def test_messages_dropped_while_the_layer_is_down_are_followed_by_a_resync(setti
         forwarder = ChannelLayerForwarder("default", row_groups=False, queue_size=2)
         layer = forwarder.layer = FlakyLayer(failures=1)  # type: ignore[assignment]
         forwarder.submit([order_change(pk) for pk in range(1, 5)])  # 1 and 2 are dropped
-        while forwarder._pending:
-            await asyncio.sleep(0.01)
+        await sent(forwarder)
         kinds = [(m["type"], m.get("seq")) for _, m in layer.sent]
         assert kinds[:2] == [("pgnotify.row_changed", 3), ("pgnotify.row_changed", 4)]
         assert ("pgnotify.resync", None) in kinds
         assert forwarder.stats["forward_dropped"] == 2
+        await forwarder.drain()
+
+    run(scenario)
+
+
+def test_events_that_do_not_wait_are_sent_at_once_one_per_batch(settings):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "CHANNEL_ROW_GROUPS": False}
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default")
+        layer = forwarder.layer = FlakyLayer(failures=0)  # type: ignore[assignment]
+        for pk in (1, 2):
+            forwarder.submit([order_change(pk)])
+            await sent(forwarder)
+        forwarder.submit([order_change(3), order_change(4)])  # both waiting: one batch
+        await sent(forwarder)
+        assert [[m["pk"] for m in batch["messages"]] for _, batch in layer.batches] == [
+            [1],
+            [2],
+            [3, 4],
+        ]
+        assert {batch["type"] for _, batch in layer.batches} == {BATCH}
         await forwarder.drain()
 
     run(scenario)
@@ -378,3 +414,132 @@ def test_the_checks_report_a_channel_layer_that_is_not_configured(settings):
     assert "PGNOTIFY[\"CHANNEL_ROW_GROUPS\"] must be True or False, got 'yes'." in messages
     settings.PGNOTIFY = {"CHANNEL_LAYER": "default", "CHANNEL_ROW_GROUPS": True}
     assert not [m for m in check_settings() if m.id == "pgnotify.E010"]
+
+
+def test_events_of_interleaved_rows_and_models_reach_every_subscriber_once_in_order():
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order", "testapp.tag"])
+        rows_and_tags = await connect(VIEWER)  # two rows and another model
+        for request in (
+            {"subscribe": "testapp.order", "pk": 1},
+            {"subscribe": "testapp.order", "pk": 2},
+            {"subscribe": "testapp.tag"},
+        ):
+            await ask(rows_and_tags, request)
+        model_and_row = await connect(VIEWER)
+        await ask(model_and_row, {"subscribe": "testapp.order", "pk": 1})
+        await ask(model_and_row, {"subscribe": "testapp.order"})
+        tag = RowChange(model=Tag, action="insert", pk="t")
+        changes = [order_change(1), order_change(2), tag, order_change(1, "shipped")]
+        changes += [order_change(3), order_change(2, "shipped")]
+        await forward(dispatcher, *changes)  # all waiting at once: batched
+
+        def frames_of(pks: list[Any]) -> list[Any]:
+            return [(c.label, c.pk, c.fields.get("status")) for c in changes if c.pk in pks]
+
+        for client, pks in ((rows_and_tags, [1, 2, "t"]), (model_and_row, [1, 2, 3])):
+            wanted = frames_of(pks)
+            received = [await client.receive_json_from(TIMEOUT) for _ in wanted]
+            assert [(f["model"], f["pk"], f["fields"].get("status")) for f in received] == wanted
+            assert await client.receive_nothing(0.2)
+            await client.disconnect()
+        assert dispatcher.stats["forwarded"] == len(changes)
+        await dispatcher.forwarder.drain()
+
+    run(scenario)
+
+
+# With channels_redis: what batching is for
+
+
+@pytest.fixture
+def redis_layer(settings) -> str:
+    """channels_redis as the default layer, with a prefix of its own; the prefix."""
+    pytest.importorskip("channels_redis", reason="the channels extra is not installed")
+    from django_pgnotify.embedded_redis import redis_channel_layer, redis_url
+
+    try:
+        url = redis_url()
+    except RuntimeError as exc:  # no REDIS_URL and no redis-server to start
+        pytest.skip(str(exc))
+    prefix = f"pgnotify-test-{uuid.uuid4().hex[:8]}"
+    settings.CHANNEL_LAYERS = {"default": redis_channel_layer(url, prefix=prefix)}
+    return prefix
+
+
+async def close_layer() -> None:
+    from channels.layers import get_channel_layer
+
+    layer: Any = get_channel_layer()
+    await layer.flush()
+    await layer.close_pools()
+
+
+class SlowConsumer(RowChangeConsumer):
+    """Takes 2 ms per event, as a consumer with real row-level rules might."""
+
+    async def filter_event(self, model, event):
+        await asyncio.sleep(0.002)
+        return event
+
+
+def test_a_burst_reaches_a_slow_consumer_complete_in_order_one_frame_per_event(redis_layer):
+    # One message per event would be 300 messages; channels_redis keeps at most
+    # 100 (its capacity) waiting for a consumer and drops the rest.
+    count = 300
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER, SlowConsumer)
+        await ask(client, {"subscribe": "testapp.order"})
+        for pk in range(1, count + 1):  # as a busy listener hands them over
+            await dispatcher.send_async([order_change(pk, action="insert")])
+        await sent(dispatcher.forwarder)
+        frames = [await client.receive_json_from(TIMEOUT) for _ in range(count)]
+        assert [(f["type"], f["pk"], f["seq"]) for f in frames] == [
+            ("row_changed", pk, pk) for pk in range(1, count + 1)
+        ]
+        assert await client.receive_nothing(0.2)
+        stats = dispatcher.stats
+        assert (stats["forwarded"], stats["forward_dropped"], stats["forward_errors"]) == (
+            count,
+            0,
+            0,
+        )
+        # One message per batch and group: the model's, and each row's (row groups are on).
+        model_batches = stats["forward_batches"] - count
+        assert 1 <= model_batches < count / 3, stats
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+        await close_layer()
+
+    run(scenario)
+
+
+def test_the_consumer_still_takes_single_messages_of_an_earlier_listener(redis_layer):
+    from channels.layers import get_channel_layer
+
+    from django_pgnotify.channels_bridge import event_message, resync_message
+
+    async def scenario() -> None:
+        layer: Any = get_channel_layer()
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order"})
+        await layer.group_send("pgnotify.testapp.order", event_message(order_change(7), 1, "old"))
+        await layer.group_send(
+            "pgnotify.testapp.order", resync_message("testapp.order", "reconnected", "old")
+        )
+        await layer.group_send(
+            "pgnotify.testapp.order",
+            {"type": BATCH, "messages": [event_message(order_change(8), 2, "old")]},
+        )
+        frames = [await client.receive_json_from(TIMEOUT) for _ in range(3)]
+        assert [(f["type"], f.get("pk")) for f in frames] == [
+            ("row_changed", 7),
+            ("resync", None),
+            ("row_changed", 8),
+        ]
+        await client.disconnect()
+        await close_layer()
+
+    run(scenario)

@@ -345,3 +345,35 @@ def test_a_changed_mask_that_is_not_a_number_is_a_decode_error():
 
     with pytest.raises(DecodeError, match="mask"):
         Decoder([Order]).decode(payload)
+
+
+def test_decoded_changes_equal_those_built_by_the_constructor_and_stay_immutable():
+    from dataclasses import FrozenInstanceError, replace
+
+    from django_pgnotify.events import RowChange
+
+    update = {"pk": 3, "fields": {"status": "b"}, "old": {"status": "a"}, "changed": ["status"]}
+    payload = message("testapp.order", "update", update, {"pk": 4, "truncated": True})
+    full, truncated = Decoder([Order]).decode(payload, channel="c", pid=9, event_id=11)
+
+    assert full == RowChange(
+        model=Order,
+        action="update",
+        pk=3,
+        fields={"status": "b"},
+        old={"status": "a"},
+        changed=frozenset({"status"}),
+        channel="c",
+        pid=9,
+        xid=7,
+        timestamp=datetime(1970, 1, 1, 0, 0, 1, 500000, tzinfo=timezone.utc),
+        durable=True,
+        event_id=11,
+    )
+    assert truncated == replace(
+        full, pk=4, fields={}, old=None, changed=frozenset(), truncated=True
+    )
+    assert truncated.fields is not Decoder([Order]).decode(payload)[1].fields
+    with pytest.raises(FrozenInstanceError):
+        full.pk = 5  # type: ignore[misc]
+    assert hash(replace(truncated, fields=None)) == hash(replace(truncated, fields=None))

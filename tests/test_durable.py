@@ -128,6 +128,26 @@ def test_backlog_committed_while_no_listener_runs_is_delivered_at_start(
     wait_until(lambda: count(other_connection) == 0, what="handled events deleted")
 
 
+def test_events_stored_as_version_1_objects_before_the_layout_column_are_still_delivered(
+    durable_listener, other_connection
+):
+    # What the triggers of an earlier release wrote: a row object and no layout.
+    other_connection.execute(
+        "INSERT INTO pgnotify_event (declaration, model, action, payload) "
+        "SELECT 'durableapp.Job:default', 'durableapp.job', 'insert', "
+        "jsonb_build_object('pk', -g, 'fields', jsonb_build_object('name', 'old', 'n', g)) "
+        "FROM generate_series(1, 3) g"
+    )
+    insert_jobs(other_connection, 3)
+    assert count(other_connection, "layout = ''") == 3
+
+    handled = Handled(durable_listener())
+
+    wait_until(lambda: len(handled.pks) == 6, what="6 events handled")
+    assert handled.pks == job_pks(other_connection) | {-1, -2, -3}
+    wait_until(lambda: count(other_connection) == 0, what="handled events deleted")
+
+
 def test_event_fields_say_durable_and_carry_a_payload_far_above_8000_bytes(row_changes):
     job = Job.objects.create(name="big", body="x" * 50_000)
 

@@ -264,3 +264,37 @@ def test_version_2_insert_messages_carry_no_watched_list():
     assert data["fields"] == ["status"]
     assert "watched" not in data
     assert wire.parse(wire.encode(message)).watched == ()
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[[7, "paid"], {"pk": 8}], [[7, "paid"], []], [[7], [8, "paid", 1, "new", 1, 1, "extra"]]],
+    ids=["object-after-array", "empty-after-full", "too-long-after-truncated"],
+)
+def test_parse_rejects_a_malformed_row_anywhere_in_the_message(rows):
+    with pytest.raises(wire.WireError, match="arrays of 1 to 6 values"):
+        wire.parse(payload_2(rows=rows))
+
+
+def test_a_parsed_message_is_frozen_and_equal_to_one_built_directly():
+    parsed = wire.parse(payload_2(rows=[[7]]))
+
+    assert parsed == wire.Message(
+        model=parsed.model,
+        action=parsed.action,
+        rows=[[7]],
+        xid=parsed.xid,
+        timestamp=parsed.timestamp,
+        context=parsed.context,
+        fields=parsed.fields,
+        watched=parsed.watched,
+    )
+    with pytest.raises(AttributeError):
+        parsed.model = "other.model"  # type: ignore[misc]
+
+
+def test_messages_with_the_same_columns_share_one_tuple_of_names():
+    first, second = wire.parse(payload_2()), wire.parse(payload_2(rows=[[8]]))
+
+    assert first.fields == ("status", "total")
+    assert first.fields is second.fields
