@@ -406,6 +406,7 @@ class Listener:
     _probe_token: str = ""
     _probe_sent: float | None = None
     _next_probe: float = 0.0
+    _received_at_probe: int = -1
     _queue_full: bool = False
     _queue_full_warned: float = -1e9
     _usage_high: bool = False
@@ -418,7 +419,15 @@ class Listener:
                 self.stats["probe_failures"] += 1
                 raise ConnectionLost(self._probe_lost_message())
         elif now >= self._next_probe:
-            await self._send_probe(conn)
+            received = self.stats["received"]
+            if received != self._received_at_probe or queue.qsize():
+                # Changes are arriving, so the connection is alive. A query now would
+                # make the server send the whole backlog ahead of its answer, all of
+                # it into memory at once: probe once the stream is quiet.
+                self._received_at_probe = received
+                self._next_probe = now + self._probe_interval
+            else:
+                await self._send_probe(conn)
         if self._queue_full and queue.qsize() <= queue.maxsize // 2:
             self._queue_full = False
         if self._stats_interval > 0 and now >= self._next_stats:

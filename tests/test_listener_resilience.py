@@ -22,6 +22,8 @@ from django.test import override_settings
 from django_pgnotify import row_changed
 from django_pgnotify.backoff import Backoff
 from django_pgnotify.connection import connection_params
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.listener import Listener
 from django_pgnotify.signals import listener_reconnected, listener_started, listener_stopped
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import (
@@ -692,3 +694,29 @@ def test_listen_databases_lets_the_listener_bypass_a_pool_that_eats_notification
         assert listener.stop() == 0
     finally:
         listener.kill()
+
+
+def test_no_probe_query_while_changes_are_arriving(transactional_db):
+    """A query on the listening connection makes PostgreSQL send the whole backlog of
+    notifications ahead of its answer, all into memory at once: the probe waits for a
+    quiet stream (changes arriving prove the connection alive anyway)."""
+    listener = Listener(get_declarations(["testapp.Order"]))
+    # What serve() sets before the first tick.
+    listener._probe_interval, listener._probe_timeout = 15.0, 5.0
+    listener._stats_interval = 0.0
+
+    async def tick_twice() -> tuple[bool, bool]:
+        conn = await psycopg.AsyncConnection.connect(database_url(), autocommit=True)
+        try:
+            queue: asyncio.Queue[object] = asyncio.Queue()
+            queue.put_nowait(object())  # changes waiting for dispatch
+            await listener._tick(conn, queue)
+            probed_while_busy = listener._probe_sent is not None
+            queue.get_nowait()
+            listener._next_probe = 0.0  # due again, and now nothing arrives
+            await listener._tick(conn, queue)
+            return probed_while_busy, listener._probe_sent is not None
+        finally:
+            await conn.close()
+
+    assert asyncio.run(tick_twice()) == (False, True)
