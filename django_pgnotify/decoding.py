@@ -142,14 +142,13 @@ class _Layout:
 
     def __init__(self, codec: _ModelCodec, fields: tuple[str, ...], watched: tuple[str, ...]):
         self.count = len(fields)
-        self.names = [codec.columns.get(c, (c, _same))[0] for c in fields]
+        read = [(column, *codec.columns.get(column, (column, _same))) for column in fields]
+        self.names = [name for _, name, _ in read]
         # Only the columns whose JSON value is not already the Python value
         # are converted: dict(zip()) does the rest at C speed.
         self.converted = [
             (name, column, converter)
-            for name, column, (_, converter) in zip(
-                self.names, fields, (codec.columns.get(c, (c, _same)) for c in fields), strict=True
-            )
+            for column, name, converter in read
             if converter not in _AS_SENT
         ]
         self.watched = [codec.columns.get(c, (c,))[0] for c in watched]
@@ -160,7 +159,7 @@ class _Layout:
         if names is None:
             if type(mask) is not int:
                 raise DecodeError(f"changed mask {mask!r} is not an integer")
-            names = frozenset(n for i, n in enumerate(self.watched) if mask >> i & 1)
+            names = frozenset(wire.changed_names(self.watched, mask))
             if len(self._changed) < 1024:  # masks repeat; a bound keeps memory flat
                 self._changed[mask] = names
         return names

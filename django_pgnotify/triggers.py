@@ -236,6 +236,7 @@ def _live_body(declaration: Declaration) -> str:
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
+        row = _row_array(declaration, event, record)
         start, rest = _header(declaration, event)
         base = rows_room(declaration, event)
         head = sql.SQL(
@@ -280,11 +281,9 @@ def _live_body(declaration: Declaration) -> str:
             ).format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
                 op=sql.Literal(event.upper()),
-                row=_row_array(declaration, event, record),
+                row=row,
                 source=sources[event],
-                small_query=_small_statement_query(
-                    event, _row_array(declaration, event, record), sources[event]
-                ),
+                small_query=_small_statement_query(event, row, sources[event]),
                 small=sql.Literal(_SMALL_STATEMENT),
                 base=sql.Literal(base),
                 work_mem=sql.Literal(_BULK_WORK_MEM),

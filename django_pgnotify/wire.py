@@ -38,9 +38,12 @@ one object per row: ``{"pk": 7, "fields": {...}, "old": {...}, "changed":
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: The version triggers send.
 VERSION = 2
@@ -135,9 +138,14 @@ class Message:
             if self.action == "update":
                 if count:
                     item[OLD] = dict(zip(fields, row[count + 1 : -1], strict=True))
-                item[CHANGED] = [n for i, n in enumerate(self.watched or ()) if row[-1] >> i & 1]
+                item[CHANGED] = changed_names(self.watched or (), row[-1])
             objects.append(item)
         return objects
+
+
+def changed_names(watched: Sequence[T], mask: int) -> list[T]:
+    """The items of ``watched`` whose bit is set in an update row's ``changed`` mask."""
+    return [name for i, name in enumerate(watched) if mask >> i & 1]
 
 
 def row_length(action: str, field_count: int) -> int:
