@@ -22,7 +22,7 @@ from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
 
 from . import wire
-from .events import RowChange
+from .events import RowChange, build
 
 logger = logging.getLogger("django_pgnotify.decoding")
 
@@ -74,15 +74,31 @@ def _binary(value: str) -> bytes:
     return bytes.fromhex(value[2:] if value.startswith("\\x") else value)
 
 
-def _timestamp(seconds: Decimal | int | None) -> datetime | None:
-    # Exact to the microsecond; a value no datetime can hold is dropped, not raised.
-    if seconds is None:
-        return None
+def _timestamp(seconds: float | int | Decimal | None) -> datetime | None:
+    # Exact to the microsecond: a float is within a quarter of one of the value
+    # PostgreSQL rendered until the year 2200, and rounding takes the nearest.
+    # A value no datetime can hold is dropped, not raised.
     try:
-        micro = int(seconds.scaleb(6)) if isinstance(seconds, Decimal) else seconds * 1_000_000
-        return _EPOCH + timedelta(microseconds=micro)
-    except (ArithmeticError, ValueError, OverflowError):
+        if type(seconds) is float:
+            return _from_timestamp(seconds, timezone.utc)
+        if seconds is None:
+            return None
+        if isinstance(seconds, Decimal):
+            return _EPOCH + timedelta(microseconds=int(seconds.scaleb(6)))
+        return datetime.fromtimestamp(seconds, timezone.utc)
+    except (ArithmeticError, ValueError, OverflowError, OSError, TypeError):
         return None
+
+
+_from_timestamp = datetime.fromtimestamp
+
+
+def _decimal(value: Any) -> Decimal:
+    # Triggers send numeric as a string; a float only comes from a payload made
+    # elsewhere, and its shortest repr is the number that was written.
+    if isinstance(value, Decimal):
+        return value
+    return Decimal(repr(value) if isinstance(value, float) else value)
 
 
 def _same(value: Any) -> Any:
@@ -90,7 +106,7 @@ def _same(value: Any) -> Any:
 
 
 _CONVERTERS: dict[str, Converter] = {
-    "DecimalField": lambda v: v if isinstance(v, Decimal) else Decimal(v),
+    "DecimalField": _decimal,
     "FloatField": float,
     "DateTimeField": _datetime,
     "DateField": date.fromisoformat,
@@ -128,11 +144,13 @@ def converter_for(field: models.Field) -> Converter:
 
 
 def _json_converter(field: models.Field) -> Converter:
-    # The payload was parsed with Decimal for fractions; read the value again
-    # as the ORM reads jsonb text, with the field's decoder, so that 1.5 is a
-    # float and a custom decoder applies.
+    # Triggers send the JSON text as a string: read it as the ORM reads jsonb
+    # text, with the field's decoder. (A version 1 payload embeds the value
+    # itself; _ModelCodec.values writes it back to text first.)
+    decoder = getattr(field, "decoder", None)
+
     def convert(value: Any) -> Any:
-        return json.loads(wire.dumps(value), cls=getattr(field, "decoder", None))
+        return json.loads(value, cls=decoder)
 
     return convert
 
@@ -140,8 +158,12 @@ def _json_converter(field: models.Field) -> Converter:
 class _Layout:
     """How the rows of one version 2 message shape are read: names, converters, masks."""
 
-    def __init__(self, codec: _ModelCodec, fields: tuple[str, ...], watched: tuple[str, ...]):
+    def __init__(
+        self, codec: _ModelCodec, fields: tuple[str, ...], watched: tuple[str, ...], action: str
+    ):
         self.count = len(fields)
+        self.full = wire.row_length(action, self.count)
+        self.is_update = action == "update"
         read = [(column, *codec.columns.get(column, (column, _same))) for column in fields]
         self.names = [name for _, name, _ in read]
         # Only the columns whose JSON value is not already the Python value
@@ -157,9 +179,11 @@ class _Layout:
     def changed(self, mask: Any) -> frozenset[str]:
         names = self._changed.get(mask)
         if names is None:
-            if type(mask) is not int:
+            # Beyond 62 watched columns, triggers send the mask as a string of digits.
+            bits = int(mask) if type(mask) is str and mask.isascii() and mask.isdigit() else mask
+            if type(bits) is not int:
                 raise DecodeError(f"changed mask {mask!r} is not an integer")
-            names = frozenset(wire.changed_names(self.watched, mask))
+            names = frozenset(wire.changed_names(self.watched, bits))
             if len(self._changed) < 1024:  # masks repeat; a bound keeps memory flat
                 self._changed[mask] = names
         return names
@@ -174,14 +198,18 @@ class _ModelCodec:
         self.columns = {
             f.column: (f.attname, converter_for(f)) for f in model._meta.concrete_fields if f.column
         }
+        # Version 1 embeds JSON values rather than sending their text.
+        self._embedded_json = {
+            f.column for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"
+        }
         self._warned: set[str] = set()
-        self._layouts: dict[tuple[tuple[str, ...], tuple[str, ...]], _Layout] = {}
+        self.layouts: dict[tuple[tuple[str, ...], tuple[str, ...], str], _Layout] = {}
 
-    def layout(self, fields: tuple[str, ...], watched: tuple[str, ...]) -> _Layout:
-        key = (fields, watched)
-        layout = self._layouts.get(key)
+    def layout(self, fields: tuple[str, ...], watched: tuple[str, ...], action: str) -> _Layout:
+        key = (fields, watched, action)
+        layout = self.layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = _Layout(self, fields, watched)
+            layout = self.layouts[key] = _Layout(self, fields, watched, action)
         return layout
 
     def value(self, converter: Converter, column: str, value: Any) -> Any:
@@ -206,6 +234,8 @@ class _ModelCodec:
         result = {}
         for column, value in (raw or {}).items():
             name, converter = self.columns.get(column, (column, _same))
+            if column in self._embedded_json and value is not None:
+                value = wire.dumps(value)
             result[name] = self.value(converter, column, value)
         return result
 
@@ -230,9 +260,13 @@ class Decoder:
         self._codecs = {m._meta.label_lower: _ModelCodec(m) for m in models_}
 
     def decode(
-        self, payload: str, channel: str = "", pid: int = 0, event_id: int | None = None
+        self,
+        payload: str | bytes,
+        channel: str = "",
+        pid: int = 0,
+        event_id: int | None = None,
     ) -> list[RowChange]:
-        """Decode one payload into one ``RowChange`` per row it carries.
+        """Decode one payload (``str``, or ``bytes`` in UTF-8) into one ``RowChange`` per row.
 
         ``event_id`` is given for a durable event (a row of the event table).
 
@@ -241,83 +275,81 @@ class Decoder:
                 decoder was not given).
         """
         try:
-            message = wire.parse(payload)
+            label, action, rows, xid, seconds, version, context, fields, watched = wire.read(
+                payload
+            )
         except wire.WireError as exc:
             raise DecodeError(str(exc)) from None
-        codec = self._codecs.get(message.model)
+        codec = self._codecs.get(label)
         if codec is None:
-            raise ModelNotServed(message.model)
-        timestamp = _timestamp(message.timestamp)
-        if message.version == wire.OBJECT_ROWS_VERSION:
-            common = {
-                "model": codec.model,
-                "action": message.action,
-                "channel": channel,
-                "pid": pid,
-                "xid": message.xid,
-                "timestamp": timestamp,
-                "using": self.using,
-                "context": message.context,
-                "durable": event_id is not None,
-                "event_id": event_id,
-            }
-            return [self._object_row(codec, message, row, common) for row in message.rows]
-        return self._array_rows(codec, message, channel, pid, timestamp, event_id)
+            raise ModelNotServed(label)
+        # What every row of the message shares (events.VALUE_ORDER[7:]).
+        shared = {
+            "channel": channel,
+            "pid": pid,
+            "xid": xid,
+            "timestamp": _timestamp(seconds),
+            "using": self.using,
+            "context": context,
+            "durable": event_id is not None,
+            "event_id": event_id,
+        }
+        if version == wire.OBJECT_ROWS_VERSION:
+            return [self._object_row(codec, action, row, shared) for row in rows]
+        return self._array_rows(codec, action, rows, fields, watched, shared)
 
     def _array_rows(
         self,
         codec: _ModelCodec,
-        message: wire.Message,
-        channel: str,
-        pid: int,
-        timestamp: datetime | None,
-        event_id: int | None,
+        action: str,
+        rows: list[list[Any]],
+        fields: tuple[str, ...],
+        watched: tuple[str, ...],
+        shared: dict[str, Any],
     ) -> list[RowChange]:
-        # The hot path: one RowChange per row, built from a tuple of its values
-        # (in events.VALUE_ORDER), without the dataclass __init__.
-        layout = codec.layout(message.fields or (), message.watched or ())
-        model, action = codec.model, message.action
-        # The values every row of the message shares, channel to event_id.
-        tail: tuple[Any, ...] = (channel, pid, message.xid, timestamp, self.using)
-        tail += (message.context, event_id is not None, event_id)
-        names, count, full = layout.names, layout.count, message.row_length()
+        # The hot path: one RowChange per row, built without the dataclass __init__.
+        layout = codec.layouts.get((fields, watched, action)) or codec.layout(
+            fields, watched, action
+        )
+        model, names, count, full = codec.model, layout.names, layout.count, layout.full
         convert = codec.convert if layout.converted else None
-        is_update = action == "update"
-        make = RowChange._from_values
+        is_update = layout.is_update
         changes: list[RowChange] = []
         append = changes.append
-        for row in message.rows:
+        for row in rows:
             pk = row[0]
             if type(pk) is not int:
                 pk = codec.value(codec.pk, "pk", pk)
             if len(row) < full or pk is None:
-                append(make((model, action, pk, {}, None, _NOTHING_CHANGED, True, *tail)))
+                append(build(shared, model, action, pk, {}, None, _NOTHING_CHANGED, True))
                 continue
-            # A full row has exactly the layout's items (wire.parse checked the bound).
-            fields = dict(zip(names, row[1 : count + 1], strict=True))
+            # A full row has exactly the layout's items (wire.read checked the bound),
+            # so the pairs match without zip's strict check.
             if is_update:
-                old = dict(zip(names, row[count + 1 : -1], strict=True))
+                values = dict(zip(names, row[1 : count + 1], strict=False))
+                old = dict(zip(names, row[count + 1 : -1], strict=False))
                 if convert is not None:
-                    convert(layout, fields)
+                    convert(layout, values)
                     convert(layout, old)
                 changed = layout.changed(row[-1])
             else:
+                values = dict(zip(names, row[1:], strict=False))
                 old, changed = None, _NOTHING_CHANGED
                 if convert is not None:
-                    convert(layout, fields)
-            append(make((model, action, pk, fields, old, changed, False, *tail)))
+                    convert(layout, values)
+            append(build(shared, model, action, pk, values, old, changed, False))
         return changes
 
     def _object_row(
-        self, codec: _ModelCodec, message: wire.Message, row: dict[str, Any], common: dict[str, Any]
+        self, codec: _ModelCodec, action: str, row: dict[str, Any], common: dict[str, Any]
     ) -> RowChange:
         truncated = row.get(wire.TRUNCATED) is True
         return RowChange(
+            model=codec.model,
+            action=action,
             pk=codec.value(codec.pk, "pk", row[wire.PK]),
             fields=codec.values(row.get(wire.FIELDS)),
-            old=codec.values(row.get(wire.OLD))
-            if message.action == "update" and not truncated
-            else None,
+            old=codec.values(row.get(wire.OLD)) if action == "update" and not truncated else None,
             changed=codec.names(row.get(wire.CHANGED) or ()),
             truncated=truncated,
             **common,

@@ -3,7 +3,7 @@
 A durable declaration's trigger inserts each change into ``pgnotify_event``
 in the writing transaction and sends one constant wake-up notification (or
 none, in poll-only mode). A listener's :class:`DurableWorker`, on a
-connection of its own, claims a batch in one short statement
+connection of its own, claims a batch in one short transaction
 (``FOR UPDATE SKIP LOCKED``, recording a lease: owner and expiry), dispatches
 it with no row lock held, then settles it in one statement per outcome:
 handled events are deleted (or marked done), failed ones are scheduled again
@@ -65,9 +65,25 @@ SET lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease
     attempts = e.attempts + 1
 FROM claimable WHERE e.id = claimable.id
 RETURNING e.id, e.declaration, e.model, e.action, e.xid, extract(epoch FROM e.changed_at)::text,
-    e.context, e.layout, e.payload::text, e.pid, e.attempts
+    e.context, e.layout, e.payload, e.pid, e.attempts
 """
 ).format(table=_TABLE)
+
+# Run first in the claim's transaction. The planner settings keep its plan the pending
+# index read in id order, stopping after ``limit`` rows: a table just filled by a bulk
+# write has no statistics yet, and the planner then takes the claimable rows for a
+# handful and reads and sorts every pending row instead (80 ms, not 3 ms, for a claim of
+# 500 at a backlog of 75,000). SET LOCAL, not a session setting: it ends with the
+# transaction, as PgBouncer's transaction pooling requires.
+_CLAIM_SETTINGS = sql.SQL(
+    "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),"
+    " set_config('synchronous_commit', 'off', true)"
+)
+
+# Claims and settlements commit without waiting for the WAL flush (two per batch). A
+# server crash may lose the last ones: lost claims leave events pending, lost deletions
+# leave them to be dispatched again, as at-least-once delivery allows.
+_SETTLE_SETTINGS = sql.SQL("SELECT set_config('synchronous_commit', 'off', true)")
 
 _DELETE = sql.SQL("DELETE FROM {table} WHERE id = ANY(%(ids)s)").format(table=_TABLE)
 
@@ -253,15 +269,18 @@ class DurableWorker:
 
     async def process_batch(self, conn: psycopg.AsyncConnection, executor: Executor) -> int:
         """Claim, dispatch and settle one batch; returns how many were claimed."""
-        cursor = await conn.execute(
-            _CLAIM,
-            {
-                "uris": list(self.max_attempts),
-                "limit": self.batch_size,
-                "owner": self.owner,
-                "lease": self.lease,
-            },
-        )
+        # Pipelined: the transaction's four statements cost one round trip.
+        async with conn.pipeline(), conn.transaction():
+            await conn.execute(_CLAIM_SETTINGS)
+            cursor = await conn.execute(
+                _CLAIM,
+                {
+                    "uris": list(self.max_attempts),
+                    "limit": self.batch_size,
+                    "owner": self.owner,
+                    "lease": self.lease,
+                },
+            )
         claimed = sorted(map(Claimed._make, await cursor.fetchall()))
         if not claimed:
             return 0
@@ -337,7 +356,8 @@ class DurableWorker:
             for c in claimed
             if c.id not in dispatched and c.id not in errors and c.id not in outcome.skipped
         ]
-        async with conn.transaction():
+        async with conn.pipeline(), conn.transaction():
+            await conn.execute(_SETTLE_SETTINGS)
             if handled:
                 await conn.execute(_MARK_DONE if self.keep_done else _DELETE, {"ids": handled})
             if failed:

@@ -1,12 +1,13 @@
 """The listener: one dedicated connection, LISTEN, and a small asyncio loop.
 
-Three tasks share one event loop. The reader reads notifications as soon as
-they arrive into a bounded local queue (waiting, and so leaving them on the
-server, when the queue is full). The dispatcher takes them in batches, decodes
-each batch and calls the sync receivers in one worker thread, then awaits the
-async receivers, all in commit order. Between reading rounds the reader sends
-the self-probe, a NOTIFY to itself that proves delivery works and doubles as
-keepalive. A lost connection is reopened with capped exponential backoff.
+The event loop reads notifications as soon as the socket has data, in a
+reader callback that takes them straight from libpq into a bounded local
+queue (and stops reading, so leaving them on the server, when it is full). A
+dispatcher task takes them in batches, decodes each batch and calls the sync
+receivers in one worker thread, then awaits the async receivers, all in
+commit order. A timer sends the self-probe, a NOTIFY to itself that proves
+delivery works and doubles as keepalive. A lost connection is reopened with
+capped exponential backoff.
 
 ``stop()`` may be called from a signal handler or another thread; the event
 in hand is finished first.
@@ -19,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -28,7 +29,8 @@ from typing import Any, TypeVar
 import psycopg
 from django.db import DEFAULT_DB_ALIAS, OperationalError, close_old_connections, connections
 from django.dispatch import Signal
-from psycopg import sql
+from psycopg import pq, sql
+from psycopg.pq import PGnotify
 
 from . import connection, own_changes, wire
 from .backoff import Backoff
@@ -138,16 +140,33 @@ class Listener:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        # Read but not yet dispatched (the local queue), as libpq gives them.
+        self._pending: deque[PGnotify] = deque()
+        self._queue_size = self.health.local_queue_size
+        # Channel names as they arrive (bytes, in the connection's UTF-8) and as str.
+        self._channel_names = {c.encode(): c for c in self.channels}
+        self._durable_channel = wire.DURABLE_CHANNEL.encode()
+        self._probe_name = self.probe_channel.encode()
+        self._conn: psycopg.AsyncConnection | None = None
+        self._lost: asyncio.Future[None] | None = None
+        self._reading = False
+        self._querying = False
+        self._paused_at: float | None = None
 
     # Lifecycle
 
     def stop(self) -> None:
         """Ask the listener to return after the event in hand (thread- and signal-safe)."""
         self._stopping.set()
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
+        loop = self._loop
+        if loop is not None:
             with suppress(RuntimeError):  # the loop has already closed
-                loop.call_soon_threadsafe(wake.set)
+                loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+        self._arrived.set()
 
     def run(self) -> None:
         """Connect, LISTEN and dispatch until ``stop()`` is called (blocking).
@@ -168,7 +187,9 @@ class Listener:
         """
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._arrived = asyncio.Event()  # the local queue is not empty (or stopping)
         self._started = asyncio.Event()  # no dispatch before listener_started was sent
+        self._probe_back = asyncio.Event()
         if self._stopping.is_set():
             self._wake.set()
         self._read_timeout = float(self.poll_interval or get_setting("POLL_INTERVAL"))
@@ -176,23 +197,22 @@ class Listener:
         self._probe_timeout = float(get_setting("PROBE_TIMEOUT"))
         self._stats_interval = float(get_setting("STATS_INTERVAL"))
         self._next_stats = time.monotonic() + self._stats_interval
-        queue: asyncio.Queue[psycopg.Notify] = asyncio.Queue(self.health.local_queue_size)
         executor = ThreadPoolExecutor(1, thread_name_prefix="pgnotify-dispatch")
-        dispatching = asyncio.ensure_future(self._dispatch_loop(queue, executor))
+        dispatching = asyncio.ensure_future(self._dispatch_loop(executor))
         durable = asyncio.ensure_future(self._durable_loop(executor))
         try:
-            await self._connect_loop(queue, dispatching)
+            await self._connect_loop(dispatching)
         finally:
             self._stopping.set()
-            self._wake.set()
+            self._wake_all()
             self._started.set()
             await asyncio.gather(dispatching, durable, return_exceptions=True)
             executor.shutdown(wait=True)
             self.health.connected = False
-            if queue.qsize():
+            if self._pending:
                 logger.info(
                     "pgnotify: %d notification(s) read but not dispatched at stop",
-                    queue.qsize(),
+                    len(self._pending),
                 )
             if self.health_file:
                 self.health_file.remove()
@@ -204,7 +224,7 @@ class Listener:
 
     # Connecting
 
-    async def _connect_loop(self, queue: asyncio.Queue[psycopg.Notify], dispatching: Any) -> None:
+    async def _connect_loop(self, dispatching: Any) -> None:
         backoff = Backoff.from_settings()
         where = connection.describe(
             connection.connection_params(connection.listen_alias(self.using))
@@ -212,7 +232,7 @@ class Listener:
         lost_at: float | None = None
         while not self._stopping.is_set():
             try:
-                conn = await self._until_stopped(self._open(queue))
+                conn = await self._until_stopped(self._open())
             except _Stopped:
                 return
             except ListenerError as exc:
@@ -259,7 +279,7 @@ class Listener:
                 )
                 await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
             try:
-                await self._until_stopped(self._listen(conn, queue, dispatching))
+                await self._until_stopped(self._listen(conn, dispatching))
             except _Stopped:
                 return
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
@@ -272,11 +292,12 @@ class Listener:
                 )
             finally:
                 self.health.connected, self.health.backend_pid = False, None
+                self._detach()
                 await _close(conn)
             if dispatching.done():  # the dispatcher failed: serve() raises its error
                 return
 
-    async def _open(self, queue: asyncio.Queue[psycopg.Notify]) -> psycopg.AsyncConnection:
+    async def _open(self) -> psycopg.AsyncConnection:
         """Connect, refuse a standby, LISTEN, and prove delivery with a probe."""
         conn = await asyncio.wait_for(
             connection.connect_async(
@@ -285,6 +306,7 @@ class Listener:
             self._probe_timeout * 2,
         )
         try:
+            self._attach(conn)
             cursor = await self._query(conn, "SELECT pg_is_in_recovery()")
             row = await cursor.fetchone()
             if row and row[0]:
@@ -296,16 +318,23 @@ class Listener:
             for channel in [*self.channels, self.probe_channel]:
                 await self._query(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             await self._send_probe(conn)
-            deadline = time.monotonic() + self._probe_timeout
-            while self._probe_sent is not None and time.monotonic() < deadline:
-                # Never leave notifies() mid-way: the rest of a packet would be lost.
-                remaining = deadline - time.monotonic()
-                async for notify in conn.notifies(timeout=remaining, stop_after=1):
-                    await self._accept(notify, queue)
+            assert self._lost is not None
+            probe: asyncio.Future[Any] = asyncio.ensure_future(self._probe_back.wait())
+            try:
+                await asyncio.wait(
+                    {probe, self._lost},
+                    timeout=self._probe_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                probe.cancel()
+            if self._lost.done():
+                self._lost.result()  # raises why
             if self._probe_sent is not None:
                 raise ListenerError(self._probe_lost_message())
             return conn
         except BaseException:
+            self._detach()
             await _close(conn)
             raise
 
@@ -318,88 +347,147 @@ class Listener:
             'listener a direct connection (PGNOTIFY["LISTEN_DATABASES"] or --database)'
         )
 
-    # Reading
+    # Reading: straight from libpq, in a callback of the event loop. Per
+    # notification, psycopg's notifies() builds two Notify objects and resumes
+    # a generator: at a hundred thousand a second that was most of the cost.
 
-    async def _listen(
-        self, conn: psycopg.AsyncConnection, queue: asyncio.Queue[psycopg.Notify], dispatching: Any
-    ) -> None:
-        """Read until the connection is lost (raises) or the dispatcher ends (returns)."""
-        reader = asyncio.ensure_future(self._read(conn, queue))
+    def _attach(self, conn: psycopg.AsyncConnection) -> None:
+        """Make ``conn`` the connection read from (reading starts after its first query)."""
+        assert self._loop is not None
+        self._conn, self._fd = conn, conn.fileno()
+        self._lost = self._loop.create_future()
+        self._reading = self._querying = False
+        self._paused_at = None
+        self._probe_back.clear()
+        # Notifications that arrive while psycopg runs one of our queries reach us here.
+        conn.add_notify_handler(self._on_notify)
+
+    def _detach(self) -> None:
+        self._stop_reading()
+        self._conn = None
+        if self._lost is not None and not self._lost.done():
+            self._lost.cancel()
+
+    def _start_reading(self) -> None:
+        """Read whenever the socket has data, unless paused (full queue, a query running)."""
+        conn = self._conn
+        if self._reading or self._querying or conn is None or self._lost is None:
+            return
+        if self._lost.done() or len(self._pending) >= self._queue_size:
+            return
+        if self._paused_at is not None:
+            if self._probe_sent is not None:  # it could not be read meanwhile
+                self._probe_sent += time.monotonic() - self._paused_at
+            self._paused_at = None
+        # What libpq parsed already first: the socket will not say it is there.
+        if self._drain(conn.pgconn):
+            assert self._loop is not None
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            assert self._loop is not None
+            self._loop.remove_reader(self._fd)
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        assert conn is not None and self._lost is not None
+        pgconn = conn.pgconn
         try:
-            await asyncio.wait({reader, dispatching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not reader.done():
-                reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        if reader.done() and not reader.cancelled():
-            reader.result()
+            pgconn.consume_input()
+            if pgconn.status != pq.ConnStatus.OK:
+                raise psycopg.OperationalError("the server closed the connection")
+        except Exception as exc:
+            self._stop_reading()
+            if not self._lost.done():
+                self._lost.set_exception(exc)
+            return
+        if not self._drain(pgconn):
+            self._stop_reading()
 
-    async def _read(
-        self, conn: psycopg.AsyncConnection, queue: asyncio.Queue[psycopg.Notify]
-    ) -> None:
-        while True:
-            # psycopg ends the round after the timeout even in a steady stream, and
-            # only between packets: breaking out earlier would lose the packet's rest.
-            async for notify in conn.notifies(timeout=self._read_timeout):
-                if not self._take(notify, queue):
-                    await self._put_when_room(notify, queue)
-            self.health.local_queue = queue.qsize()
-            await self._tick(conn, queue)
+    def _drain(self, pgconn: pq.abc.PGconn) -> bool:
+        """Take the notifications libpq holds; ``False`` if the local queue filled first."""
+        pending, limit, take = self._pending, self._queue_size, self._take
+        received = 0
+        while len(pending) < limit:
+            notify = pgconn.notifies()
+            if notify is None:
+                break
+            received += take(notify)
+        if received:
+            self.stats["received"] += received
+            self._arrived.set()
+        if len(pending) < limit:
+            return True
+        self._queue_filled()
+        return False
 
-    async def _accept(self, notify: psycopg.Notify, queue: asyncio.Queue[psycopg.Notify]) -> None:
-        """Take one notification off the connection: a probe, or one for the queue."""
-        if not self._take(notify, queue):
-            await self._put_when_room(notify, queue)
-        self.health.local_queue = queue.qsize()
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        """One that arrived during a query: into the queue, full or not (a query's
+        answer comes after everything sent before it, so it cannot wait)."""
+        raw = PGnotify(notify.channel.encode(), notify.pid, notify.payload.encode())
+        if self._take(raw):
+            self.stats["received"] += 1
+            self._arrived.set()
 
-    def _take(self, notify: psycopg.Notify, queue: asyncio.Queue[psycopg.Notify]) -> bool:
-        """Handle ``notify`` without waiting; ``False`` if it is for a full queue.
-
-        Not a coroutine: it runs once per notification, and most need no wait.
-        """
-        channel = notify.channel
-        if channel == self.probe_channel:
-            if notify.payload == self._probe_token:
+    def _take(self, notify: PGnotify) -> int:
+        """Handle one notification: 1 if it is a change (queued, or skipped as our own)."""
+        channel = notify.relname
+        if channel == self._probe_name:
+            if notify.extra == self._probe_token.encode():
                 self._probe_sent = None
                 self.health.last_probe_ok = time.monotonic()
                 self.stats["probes"] += 1
-            return True
-        if channel == wire.DURABLE_CHANNEL:
+                self._probe_back.set()
+            return 0
+        if channel == self._durable_channel:
             if self.durable is not None:
                 self.durable.wake.set()
-            return True
-        self.stats["received"] += 1
-        if self.ignore_own_changes and own_changes.is_own_pid(notify.pid):
+            return 0
+        if self.ignore_own_changes and own_changes.is_own_pid(notify.be_pid):
             self.stats["own_changes"] += 1
-            return True
-        if queue.full():
-            return False
-        queue.put_nowait(notify)
-        return True
+            return 1
+        self._pending.append(notify)
+        return 1
 
-    async def _put_when_room(
-        self, notify: psycopg.Notify, queue: asyncio.Queue[psycopg.Notify]
-    ) -> None:
+    def _queue_filled(self) -> None:
         """Backpressure: stop reading, so the backlog waits in PostgreSQL's queue
         (which pg_notification_queue_usage() shows), not in memory."""
-        if not self._queue_full:
-            self._queue_full = True
-            self.stats["queue_full"] += 1
-            # One line per minute at most: a burst may fill it many times.
-            if time.monotonic() - self._queue_full_warned > 60:
-                self._queue_full_warned = time.monotonic()
-                logger.warning(
-                    "pgnotify: local queue full (%d notifications, %d time(s) so far): "
-                    "receivers are slower than changes arrive; reading paused until they "
-                    "catch up",
-                    queue.maxsize,
-                    self.stats["queue_full"],
-                )
-        self.health.local_queue = queue.qsize()
-        waited = time.monotonic()
-        await queue.put(notify)
-        if self._probe_sent is not None:  # the probe could not be read meanwhile
-            self._probe_sent += time.monotonic() - waited
+        self._paused_at = time.monotonic()
+        self.health.local_queue = len(self._pending)
+        if self._queue_full:
+            return
+        self._queue_full = True
+        self.stats["queue_full"] += 1
+        # One line per minute at most: a burst may fill it many times.
+        if time.monotonic() - self._queue_full_warned > 60:
+            self._queue_full_warned = time.monotonic()
+            logger.warning(
+                "pgnotify: local queue full (%d notifications, %d time(s) so far): "
+                "receivers are slower than changes arrive; reading paused until they "
+                "catch up",
+                self._queue_size,
+                self.stats["queue_full"],
+            )
+
+    async def _listen(self, conn: psycopg.AsyncConnection, dispatching: Any) -> None:
+        """Read until the connection is lost (raises) or the dispatcher ends (returns)."""
+        assert self._lost is not None
+        self._start_reading()
+        while True:
+            await asyncio.wait(
+                {self._lost, dispatching},
+                timeout=self._read_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self._lost.done():
+                self._lost.result()  # raises why
+            if dispatching.done():
+                return
+            self.health.local_queue = len(self._pending)
+            await self._tick(conn)
 
     # Timers: probe, keepalive, statistics, health file
 
@@ -412,15 +500,15 @@ class Listener:
     _usage_high: bool = False
     _last_progress: float = 0.0
 
-    async def _tick(self, conn: psycopg.AsyncConnection, queue: asyncio.Queue[Any]) -> None:
+    async def _tick(self, conn: psycopg.AsyncConnection) -> None:
         now = time.monotonic()
         if self._probe_sent is not None:
-            if now - self._probe_sent > self._probe_timeout:
+            if now - self._probe_sent > self._probe_timeout and self._paused_at is None:
                 self.stats["probe_failures"] += 1
                 raise ConnectionLost(self._probe_lost_message())
         elif now >= self._next_probe:
             received = self.stats["received"]
-            if received != self._received_at_probe or queue.qsize():
+            if received != self._received_at_probe or self._pending:
                 # Changes are arriving, so the connection is alive. A query now would
                 # make the server send the whole backlog ahead of its answer, all of
                 # it into memory at once: probe once the stream is quiet.
@@ -428,13 +516,13 @@ class Listener:
                 self._next_probe = now + self._probe_interval
             else:
                 await self._send_probe(conn)
-        if self._queue_full and queue.qsize() <= queue.maxsize // 2:
+        if self._queue_full and len(self._pending) <= self._queue_size // 2:
             self._queue_full = False
         if self._stats_interval > 0 and now >= self._next_stats:
             self._next_stats = now + self._stats_interval
             data = self.health.as_dict(self.stats)
             logger.info("pgnotify: stats %s", format_record(data), extra={"pgnotify": data})
-        if self._is_healthy(now, queue):
+        if self._is_healthy(now):
             self._touch()
 
     async def _send_probe(self, conn: psycopg.AsyncConnection) -> None:
@@ -465,10 +553,14 @@ class Listener:
     async def _query(self, conn: psycopg.AsyncConnection, query: Any, params: Any = None) -> Any:
         """Run a query; no answer within ``PROBE_TIMEOUT`` means a dead connection.
 
-        The connection is given up before the query is cancelled: cancelling a
-        running psycopg query first sends a cancel request and waits seconds
-        for an answer that a dead connection never gives.
+        Reading pauses meanwhile: psycopg waits on the socket itself, and hands
+        what arrives before the answer to ``_on_notify``. The connection is
+        given up before the query is cancelled: cancelling a running psycopg
+        query first sends a cancel request and waits seconds for an answer
+        that a dead connection never gives.
         """
+        self._stop_reading()
+        self._querying = True
         task = asyncio.ensure_future(conn.execute(query, params))
         try:
             done, _ = await asyncio.wait({task}, timeout=self._probe_timeout)
@@ -477,16 +569,19 @@ class Listener:
                 conn.pgconn.finish()
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            self._querying = False
         if not done:
             raise ConnectionLost(f"no answer to a query within {self._probe_timeout:g}s")
-        return task.result()
+        result = task.result()
+        self._start_reading()
+        return result
 
-    def _is_healthy(self, now: float, queue: asyncio.Queue[Any]) -> bool:
+    def _is_healthy(self, now: float) -> bool:
         if not self.health.connected:
             return False
         if self._probe_sent is not None and now - self._probe_sent > self._probe_timeout:
             return False
-        stalled = queue.qsize() and now - self._last_progress > self._probe_interval
+        stalled = self._pending and now - self._last_progress > self._probe_interval
         return not stalled
 
     def _touch(self) -> None:
@@ -495,21 +590,24 @@ class Listener:
 
     # Dispatching
 
-    async def _dispatch_loop(
-        self, queue: asyncio.Queue[psycopg.Notify], executor: ThreadPoolExecutor
-    ) -> None:
+    async def _dispatch_loop(self, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         await self._started.wait()
         self._last_progress = time.monotonic()
+        pending, arrived = self._pending, self._arrived
         while not self._stopping.is_set():
-            batch = await self._next_batch(queue)
-            if not batch:
+            if not pending:
+                arrived.clear()
+                await arrived.wait()  # set by the reader, and by stop()
                 continue
+            batch = self._next_batch()
+            if len(pending) <= self._queue_size // 2:
+                self._start_reading()  # if it was paused by a full queue
             events = await loop.run_in_executor(executor, self._decode_and_send, batch)
             if events and self.dispatcher.has_async_receivers(events):
                 await self.dispatcher.send_async(events)
             self._last_progress = time.monotonic()
-            self.health.local_queue = queue.qsize()
+            self.health.local_queue = len(pending)
             self.health.last_event_lag = self.dispatcher.last_event_lag
 
     async def _durable_loop(self, executor: ThreadPoolExecutor) -> None:
@@ -524,32 +622,29 @@ class Listener:
             logger.exception("pgnotify: durable event processing stopped")
             raise
 
-    async def _next_batch(self, queue: asyncio.Queue[psycopg.Notify]) -> list[psycopg.Notify]:
-        assert self._wake is not None
-        if queue.empty():
-            getter = asyncio.ensure_future(queue.get())
-            waker = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            if not getter.done():
-                getter.cancel()
-                return []
-            batch = [getter.result()]
-        else:
-            batch = [queue.get_nowait()]
-        size = len(batch[0].payload)
-        while len(batch) < BATCH_SIZE and size < BATCH_PAYLOAD and not queue.empty():
-            notify = queue.get_nowait()
+    def _next_batch(self) -> list[PGnotify]:
+        pending = self._pending
+        if len(pending) <= BATCH_SIZE and sum(len(n.extra) for n in pending) <= BATCH_PAYLOAD:
+            batch = list(pending)  # all of them, the usual case
+            pending.clear()
+            return batch
+        batch = [pending.popleft()]
+        size = len(batch[0].extra)
+        while pending and len(batch) < BATCH_SIZE and size < BATCH_PAYLOAD:
+            notify = pending.popleft()
             batch.append(notify)
-            size += len(notify.payload)
+            size += len(notify.extra)
         return batch
 
-    def _decode_and_send(self, batch: list[psycopg.Notify]) -> list[RowChange]:
+    def _decode_and_send(self, batch: list[PGnotify]) -> list[RowChange]:
         """In the worker thread: decode a batch and call the sync receivers."""
         events: list[RowChange] = []
-        decode = self.decode
+        decode, names = self.decoder.decode, self._channel_names
         for notify in batch:
-            events += decode(notify)
+            try:
+                events += decode(notify.extra, names.get(notify.relname, ""), notify.be_pid)
+            except Exception as exc:
+                self._skip(exc, notify.extra, names.get(notify.relname, ""), notify.be_pid)
         errors = self.stats["receiver_errors"]
         done = self.dispatcher.send_sync(events, self._stopping)
         if self.stats["receiver_errors"] != errors:
@@ -560,9 +655,18 @@ class Listener:
 
     def decode(self, notify: psycopg.Notify) -> list[RowChange]:
         """Decode one notification; log, count and skip what cannot be decoded."""
+        return self._decode(notify.payload, notify.channel, notify.pid)
+
+    def _decode(self, payload: str | bytes, channel: str, pid: int) -> list[RowChange]:
         try:
-            return self.decoder.decode(notify.payload, notify.channel, notify.pid)
-        except ModelNotServed as exc:
+            return self.decoder.decode(payload, channel, pid)
+        except Exception as exc:
+            self._skip(exc, payload, channel, pid)
+        return []
+
+    def _skip(self, exc: Exception, payload: str | bytes, channel: str, pid: int) -> None:
+        """Log and count a payload that decoding refused."""
+        if isinstance(exc, ModelNotServed):
             # A shared channel carries models this listener was not started
             # for: say so once per model, then count them quietly.
             self.stats["ignored"] += 1
@@ -572,20 +676,21 @@ class Listener:
                 level,
                 "pgnotify: ignoring changes of %s on %s: this listener does not serve it",
                 exc.model,
-                notify.channel,
+                channel,
             )
-        except Exception as exc:
+        else:
             # Anyone may NOTIFY on our channels: no payload may stop the loop.
             self.stats["undecodable"] += 1
+            if isinstance(payload, bytes):
+                payload = payload.decode(errors="replace")
             logger.warning(
                 "pgnotify: skipped undecodable payload on %s from pid %s (%s): %.200r",
-                notify.channel,
-                notify.pid,
+                channel,
+                pid,
                 exc,
-                notify.payload,
+                payload,
                 exc_info=not isinstance(exc, DecodeError),
             )
-        return []
 
     def handle(self, notify: psycopg.Notify) -> None:
         """Decode one notification and dispatch its changes (synchronously)."""

@@ -33,11 +33,14 @@ class DurableEvent(models.Model):
     changed_at = models.DateTimeField(null=True, blank=True)
     #: The writing transaction's ``pgnotify.context`` setting, unparsed ("" if unset).
     context = models.TextField(blank=True, default="", db_default="")
-    #: The row as the wire format's ``rows`` entries carry it, without size
-    #: limit: a version 2 array laid out by ``layout``, or (rows written before
-    #: ``layout`` existed) a version 1 object. The listener rebuilds the full
-    #: message from it and the columns above (see ``django_pgnotify.wire``).
-    payload = models.JSONField()
+    #: The row as the wire format's ``rows`` entries carry it, as JSON text
+    #: without size limit: a version 2 array laid out by ``layout``, or (rows
+    #: written before ``layout`` existed) a version 1 object. The listener
+    #: rebuilds the full message from it and the columns above (see
+    #: ``django_pgnotify.wire``). Text, not jsonb: the trigger's JSON is stored
+    #: as built and the listener splices it into the message as read, where jsonb
+    #: parsed it on every insert and rendered it again on every claim.
+    payload = models.TextField()
     #: The version 2 message keys that say how ``payload`` is laid out, as JSON
     #: text (``"fields":[...],"watched":[...]``); "" for a version 1 object.
     #: Stored with the row, so a declaration changed while events wait does

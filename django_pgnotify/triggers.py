@@ -39,7 +39,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 3
+TEMPLATE_VERSION = 4
 
 #: Start of the comment that marks a trigger or function as ours.
 MARKER = "django-pgnotify"
@@ -202,9 +202,17 @@ _CONTEXT_MAX = 2200
 # Statements of up to this many rows that fit one notification take the short
 # path: one small query, no window function, no sort.
 _SMALL_STATEMENT = 20
+# Bulk statements of up to _JOINED_ROWS rows send their rows shorter than
+# _JOINED_ROW bytes from one string (see _live_body), which holds at most
+# _JOINED_ROWS * _JOINED_ROW bytes (256 MB) twice; the rest go through the
+# window function.
+_JOINED_ROWS = 500_000
+_JOINED_ROW = 512
 # For the bulk query alone: sorting and hashing a 100,000-row statement in memory
 # rather than on disk halves the trigger's cost.
 _BULK_WORK_MEM = "64MB"
+# Every byte but the separator of the joined rows, chr(1), for rtrim().
+_NOT_SEPARATOR = "\\x" + "".join(f"{i:02x}" for i in range(256) if i != 1)
 
 
 def _live_body(declaration: Declaration) -> str:
@@ -212,31 +220,64 @@ def _live_body(declaration: Declaration) -> str:
 
     Most statements write a row or a few: the first query renders at most
     ``_SMALL_STATEMENT + 1`` rows, and if that is all and they fit, they go
-    in one notification. A larger statement renders every row in one
-    set-based query: a row that fits is sent whole, a larger one as its pk
-    alone (or ``[null]``). Rows smaller than half the room are grouped by
-    their running total of bytes divided by that half, so no group exceeds
-    the room; a larger row goes alone. For that query alone, and restored
-    after it, JIT and merge joins are turned off and ``work_mem`` raised: the
-    planner cannot know a transition table's size, so it guesses a join of
-    billions of rows, and compiling, sorting and spilling to disk took longer
-    than the query itself.
+    in one notification. A larger statement's rows are rendered in one
+    set-based query that joins them into one string, separated by
+    ``chr(1)`` (JSON text cannot hold that byte); a loop cuts it at the last
+    separator within the room (``rtrim`` of every other byte, on ``bytea``
+    so that positions are bytes). That costs one aggregate step per row and
+    a few steps per notification, where a window function and a GROUP BY
+    cost more than rendering the rows, and fills notifications nearly full.
+    To bound the string's memory only rows under ``_JOINED_ROW`` bytes, of
+    statements of at most ``_JOINED_ROWS`` rows, are joined; the others go
+    through a second query, grouped by their running total of bytes (see
+    the 8000-byte guard in docs/triggers.md), where a row that does not fit
+    is sent as its pk alone (or ``[null]``). For these queries alone, and
+    restored after them, JIT, merge joins and nested loops are turned off
+    and ``work_mem`` raised: the planner cannot know a transition table's
+    size, so it guesses a join of billions of rows, and compiling, sorting
+    and spilling to disk took longer than the query itself.
     """
     new, old = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
     pk = sql.Identifier(declaration.pk.column)
+    changed = _live_update_filter(declaration)
+    shortcut = bool(declaration.watched) and not declaration.when_changed
     sources = {
         "insert": sql.SQL("{} AS n").format(new),
         # A left join, so that an update that changes the pk is announced (its
         # old values are then null).
         "update": sql.SQL(
             "{new} AS n LEFT JOIN {old} AS o ON o.{pk} = n.{pk} WHERE o.{pk} IS NULL OR {changed}"
-        ).format(new=new, old=old, pk=pk, changed=_update_filter(declaration, "o", "n")),
+        ).format(new=new, old=old, pk=pk, changed=changed),
         "delete": sql.SQL("{} AS o").format(old),
+    }
+    # The joined rows' query reads at most one row more than it joins, and
+    # counts them: an update's rows are filtered in the aggregate, not the join.
+    joined_sources = {
+        **sources,
+        "update": sql.SQL("{new} AS n LEFT JOIN {old} AS o ON o.{pk} = n.{pk}").format(
+            new=new, old=old, pk=pk
+        ),
     }
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
-        row = _row_array(declaration, event, record)
+        row = _row_text(declaration, event, record)
+        joined_row = row
+        unsure: sql.Composable = sql.SQL("")
+        joined: sql.Composable = sql.SQL("")
+        unjoined: sql.Composable = sql.SQL("")
+        if event == "update":
+            # With record_image_ne in a query, its join's hash table holds whole old
+            # rows: the first query compares the watched columns only, and leaves
+            # the rows where none changed to the second query.
+            first_filter = sql.SQL("o.{} IS NULL OR {}").format(
+                pk, _any_changed(declaration.watched) if shortcut else changed
+            )
+            joined_row = sql.SQL("CASE WHEN {} THEN {} END").format(first_filter, row)
+            if shortcut:
+                unsure = sql.SQL(" + count(*) FILTER (WHERE r IS NULL)")
+                joined = sql.SQL(", {} AS joined").format(first_filter)
+                unjoined = sql.SQL(" OR NOT joined")
         start, rest = _header(declaration, event)
         base = rows_room(declaration, event)
         head = sql.SQL(
@@ -256,35 +297,78 @@ def _live_body(declaration: Declaration) -> str:
                 "      -- An IF rather than PERFORM: PL/pgSQL evaluates it without the executor.\n"
                 "      IF pg_notify({channel}, {head} || batch || ']}}') IS NULL THEN END IF;\n"
                 "    ELSIF counted > {small} OR batch IS NOT NULL THEN\n"
-                "      half := room / 2;\n"
                 "      saved := ARRAY[current_setting('jit'), current_setting('work_mem'),"
-                " current_setting('enable_mergejoin')];\n"
+                " current_setting('enable_mergejoin'), current_setting('enable_nestloop')];\n"
                 "      PERFORM set_config('jit', 'off', true),"
                 " set_config('work_mem', {work_mem}, true),"
-                " set_config('enable_mergejoin', 'off', true);\n"
-                "      PERFORM pg_notify({channel}, {head} || string_agg(r, ',') || ']}}')\n"
-                "      FROM (SELECT r, total / half AS chunk,"
-                " CASE WHEN octet_length(r) >= half THEN total END AS alone\n"
-                "        FROM (SELECT r, sum(octet_length(r) + 1) OVER (ROWS UNBOUNDED PRECEDING)"
+                " set_config('enable_mergejoin', 'off', true),"
+                " set_config('enable_nestloop', 'off', true);\n"
+                "      joinable := least({joinable}, room);\n"
+                "      SELECT string_agg(r, chr(1)) FILTER (WHERE octet_length(r) < joinable),"
+                " count(*), count(r) FILTER (WHERE octet_length(r) >= joinable){unsure}"
+                " INTO batch, counted, larger\n"
+                "        FROM (SELECT {joined_row} AS r FROM {joined_source} LIMIT {first})"
+                " AS rendered;\n"
+                "      IF counted > {joined_rows} THEN\n"
+                "        batch := NULL;\n"
+                "        joinable := 0;\n"
+                "      END IF;\n"
+                "      bytes := convert_to(batch, current_setting('server_encoding'));\n"
+                "      batch := NULL;\n"
+                "      size := coalesce(octet_length(bytes), 0);\n"
+                "      pos := 0;\n"
+                "      WHILE pos < size LOOP\n"
+                "        IF size - pos < room THEN\n"
+                "          cut := size - pos + 1;\n"
+                "        ELSE\n"
+                "          cut := octet_length(rtrim(substring(bytes FROM pos + 1 FOR room),"
+                " {others}));\n"
+                "        END IF;\n"
+                "        IF pg_notify({channel}, {head} || replace(convert_from(substring(bytes"
+                " FROM pos + 1 FOR cut - 1), current_setting('server_encoding')), chr(1), ',')"
+                " || ']}}') IS NULL THEN END IF;\n"
+                "        pos := pos + cut;\n"
+                "      END LOOP;\n"
+                "      bytes := NULL;\n"
+                "      IF counted > {joined_rows} OR larger > 0 THEN\n"
+                "        short := room / 8;\n"
+                "        half := room / 2;\n"
+                "        PERFORM pg_notify({channel}, {head} || string_agg(r, ',') || ']}}')\n"
+                "        FROM (SELECT r, total, CASE"
+                " WHEN octet_length(r) < short THEN total / (room - short) * 3"
+                " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
+                " ELSE total * 3 + 2 END AS chunk\n"
+                "          FROM (SELECT r, sum(octet_length(r) + 1) OVER (ROWS UNBOUNDED PRECEDING)"
                 " AS total\n"
-                "          FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
+                "            FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
                 " WHEN octet_length(json_build_array(key)::text) < room"
                 " THEN json_build_array(key)::text ELSE '[null]' END AS r\n"
-                "            FROM (SELECT {row}::text AS r, {key} AS key FROM {source} OFFSET 0)"
-                " AS rendered\n"
-                "            OFFSET 0) AS sized) AS totalled) AS grouped\n"
-                "      GROUP BY chunk, alone ORDER BY chunk, alone;\n"
+                "              FROM (SELECT {row} AS r, {key} AS key{joined} FROM {source}"
+                " OFFSET 0) AS rendered WHERE octet_length(r) >= joinable{unjoined}) AS sized)"
+                " AS totalled) AS grouped\n"
+                "        GROUP BY chunk ORDER BY min(total);\n"
+                "      END IF;\n"
                 "      PERFORM set_config('jit', saved[1], true),"
                 " set_config('work_mem', saved[2], true),"
-                " set_config('enable_mergejoin', saved[3], true);\n"
+                " set_config('enable_mergejoin', saved[3], true),"
+                " set_config('enable_nestloop', saved[4], true);\n"
                 "    END IF;\n"
             ).format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
                 op=sql.Literal(event.upper()),
                 row=row,
+                joined_row=joined_row,
+                unsure=unsure,
+                joined=joined,
+                unjoined=unjoined,
                 source=sources[event],
+                joined_source=joined_sources[event],
                 small_query=_small_statement_query(event, row, sources[event]),
                 small=sql.Literal(_SMALL_STATEMENT),
+                joined_rows=sql.Literal(_JOINED_ROWS),
+                first=sql.Literal(_JOINED_ROWS + 1),
+                joinable=sql.Literal(_JOINED_ROW),
+                others=sql.SQL("{}::bytea").format(sql.Literal(_NOT_SEPARATOR)),
                 base=sql.Literal(base),
                 work_mem=sql.Literal(_BULK_WORK_MEM),
                 channel=sql.Literal(declaration.channel),
@@ -298,8 +382,15 @@ def _live_body(declaration: Declaration) -> str:
         "  batch text;\n"
         "  counted bigint;\n"
         "  room integer;\n"
-        "  half integer;\n"
         "  saved text[];\n"
+        "  joinable integer;\n"
+        "  larger bigint;\n"
+        "  bytes bytea;\n"
+        "  size integer;\n"
+        "  pos integer;\n"
+        "  cut integer;\n"
+        "  short integer;\n"
+        "  half integer;\n"
         "BEGIN\n"
         "  IF octet_length(ctx) > {context_max} THEN\n"
         "    ctx := NULL;\n"
@@ -313,6 +404,25 @@ def _live_body(declaration: Declaration) -> str:
         branches=sql.SQL("").join(branches),
     )
     return _render(body)
+
+
+def _live_update_filter(declaration: Declaration) -> sql.Composable:
+    """``_update_filter``, with the watched columns compared first when it is the whole row.
+
+    ``record_image_ne`` builds both rows as records, which costs more than the
+    rest of an update's query; it is only needed when no watched column changed.
+    """
+    changed = _update_filter(declaration, "o", "n")
+    if declaration.when_changed or not declaration.watched:
+        return changed
+    return sql.SQL("{} OR {}").format(_any_changed(declaration.watched), changed)
+
+
+def _any_changed(columns: tuple[Column, ...]) -> sql.Composable:
+    return sql.SQL(" OR ").join(
+        sql.SQL("o.{col} IS DISTINCT FROM n.{col}").format(col=sql.Identifier(c.column))
+        for c in columns
+    )
 
 
 def _header(declaration: Declaration, event: str) -> tuple[str, str]:
@@ -350,7 +460,7 @@ def _small_statement_query(
             "    SELECT count(*) INTO counted\n"
             "      FROM (SELECT FROM {new} LIMIT {limit}) AS first_rows;\n"
             "    IF counted <= {small} THEN\n"
-            "      SELECT string_agg({row}::text, ',') INTO batch FROM {source};\n"
+            "      SELECT string_agg({row}, ',') INTO batch FROM {source};\n"
             "    END IF;\n"
         ).format(
             new=sql.Identifier(_NEW_ROWS),
@@ -361,7 +471,7 @@ def _small_statement_query(
         )
     return sql.SQL(
         "    SELECT string_agg(r, ','), count(*) INTO batch, counted\n"
-        "      FROM (SELECT {row}::text AS r FROM {source} LIMIT {limit}) AS first_rows;\n"
+        "      FROM (SELECT {row} AS r FROM {source} LIMIT {limit}) AS first_rows;\n"
     ).format(row=row, source=source, limit=limit)
 
 
@@ -390,19 +500,76 @@ def _row_array(declaration: Declaration, event: str, record: str) -> sql.Composa
     )
 
 
+def _row_text(declaration: Declaration, event: str, record: str) -> sql.Composable:
+    """``_row_array`` as JSON text, built by concatenation when the row has few values.
+
+    ``json_build_array`` looks up how to render each argument on every call;
+    ``to_json`` of one value costs less, and a ``::text`` cast of an integer
+    less still. Concatenation copies the row so far at each value, so wide
+    rows keep ``json_build_array``.
+    """
+    values = [(record, declaration.pk), *((record, c) for c in declaration.fields)]
+    if event == "update":
+        values += [("o", c) for c in declaration.fields]
+    if len(values) >= _CONCAT_MAX:
+        return sql.SQL("{}::text").format(_row_array(declaration, event, record))
+    items = [_json_text(name, column, nullable=i > 0) for i, (name, column) in enumerate(values)]
+    if event == "update":
+        mask = "to_json({})::text" if len(declaration.watched) > _MASK_BITS else "{}::text"
+        items.append(sql.SQL(mask).format(_changed_mask(declaration.watched)))
+    return sql.SQL("('[' || {} || ']')").format(sql.SQL(" || ',' || ").join(items))
+
+
+# Rows of this many values or more are rendered by json_build_array (see _row_text).
+_CONCAT_MAX = 16
+# Rendered by a plain ::text cast: PostgreSQL prints them as JSON numbers.
+_INTEGER_TYPES = frozenset(
+    {
+        "AutoField",
+        "BigAutoField",
+        "SmallAutoField",
+        "IntegerField",
+        "BigIntegerField",
+        "SmallIntegerField",
+        "PositiveIntegerField",
+        "PositiveBigIntegerField",
+        "PositiveSmallIntegerField",
+    }
+)
+
+
+def _json_text(record: str, column: Column, nullable: bool) -> sql.Composable:
+    """One value as JSON text, as ``json_build_array`` renders it; ``null`` for NULL."""
+    value = _value(record, column)
+    if column.internal_type in _INTEGER_TYPES:
+        text = sql.SQL("{}::text").format(value)
+    else:
+        text = sql.SQL("to_json({})::text").format(value)
+    return sql.SQL("coalesce({}, 'null')").format(text) if nullable else text
+
+
 def _changed_mask(columns: tuple[Column, ...]) -> sql.Composable:
-    """Bit ``i`` set when ``columns[i]`` changed (numeric beyond 62 columns: JSON has no limit)."""
+    """Bit ``i`` set when ``columns[i]`` changed.
+
+    Beyond 62 columns the sum is numeric, sent as a string of digits: a JSON
+    number past 64 bits would reach a reader that parses floats rounded.
+    """
     if not columns:
         return sql.SQL("0")
-    return sql.SQL("({})").format(
+    return sql.SQL("({}){}").format(
         sql.SQL(" + ").join(
             sql.SQL("CASE WHEN o.{col} IS DISTINCT FROM n.{col} THEN {bit} ELSE 0 END").format(
                 col=sql.Identifier(c.column),
                 bit=sql.SQL(str(1 << i) if i < 62 else f"{1 << i}::numeric"),
             )
             for i, c in enumerate(columns)
-        )
+        ),
+        sql.SQL("::text" if len(columns) > _MASK_BITS else ""),
     )
+
+
+# Watched columns whose changed mask is a JSON number (a bigint); more send a string.
+_MASK_BITS = 62
 
 
 # Transition tables of the statement-level triggers.
@@ -417,13 +584,14 @@ _TRANSITION_TABLES = {
 def _durable_body(declaration: Declaration) -> str:
     """Insert one event row per changed row, set-based, in the writing transaction.
 
-    The row holds the wire format's version 2 row array (a flat
-    ``json_build_array``: nested ``jsonb_build_object`` calls per row cost more
-    than the rest of the insert) and the message's other keys as columns, with
-    the array's layout stored as a constant beside it. The statement's rows come
+    The row holds the wire format's version 2 row array as JSON text, built as
+    the live triggers build it (``_row_text``; nested ``jsonb_build_object``
+    calls per row cost more than the rest of the insert, and a jsonb column
+    would parse it again), and the message's other keys as columns, with the
+    array's layout stored as a constant beside it. The statement's rows come
     from its transition tables; an update's old and new rows are paired by
     primary key (an update that changes the primary key is not announced).
-    No size limit applies (jsonb), so nothing is truncated.
+    No size limit applies, so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
     transaction into one; ``PGNOTIFY["DURABLE_WAKEUP"] = False`` leaves it out
     (listeners then poll). The context is stored unparsed, as in the wire
@@ -443,8 +611,8 @@ def _durable_body(declaration: Declaration) -> str:
             "  {keyword} TG_OP = {op} THEN\n"
             "    INSERT INTO {table}"
             " (declaration, model, action, xid, changed_at, context, layout, payload, pid)\n"
-            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout}, {row}, writer"
-            " FROM {source};\n"
+            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout}, {row},"
+            " writer FROM {source};\n"
         ).format(
             keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
             op=sql.Literal(event.upper()),
@@ -453,7 +621,7 @@ def _durable_body(declaration: Declaration) -> str:
             label=sql.Literal(declaration.label),
             action=sql.Literal(event),
             layout=sql.Literal(_durable_layout(declaration, event)),
-            row=_row_array(declaration, event, "o" if event == "delete" else "n"),
+            row=_row_text(declaration, event, "o" if event == "delete" else "n"),
             source=sources[event],
         )
         for index, event in enumerate(declaration.events)
@@ -511,9 +679,18 @@ def _value(record: str, column: Column) -> sql.Composable:
         # The writer's session time zone must not leak into the payload.
         return sql.SQL("({} AT TIME ZONE 'UTC')").format(ref)
     if column.internal_type == "DurationField":
-        # IntervalStyle is per session too; seconds are unambiguous.
-        return sql.SQL("extract(epoch FROM {})").format(ref)
+        # IntervalStyle is per session too; seconds are unambiguous. As text, like
+        # numeric, so that every digit survives a reader that parses JSON numbers
+        # as floats.
+        return sql.SQL("extract(epoch FROM {})::text").format(ref)
+    if column.internal_type in _AS_TEXT:
+        return sql.SQL("{}::text").format(ref)
     return ref
+
+
+# Sent as JSON strings: numeric keeps every digit, and a JSON column its text, which
+# the decoder reads with the field's own decoder as the ORM does.
+_AS_TEXT = frozenset({"DecimalField", "JSONField"})
 
 
 def _not_paused(declaration: Declaration) -> sql.Composable:

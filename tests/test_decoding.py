@@ -377,3 +377,32 @@ def test_decoded_changes_equal_those_built_by_the_constructor_and_stay_immutable
     with pytest.raises(FrozenInstanceError):
         full.pk = 5  # type: ignore[misc]
     assert hash(replace(truncated, fields=None)) == hash(replace(truncated, fields=None))
+
+
+def test_a_changed_mask_beyond_64_bits_arrives_as_digits_and_names_its_columns():
+    decoder = Decoder([Tag])
+    watched = ["name", *(f"c{i}" for i in range(69)), "colour"]  # colour is bit 70
+    payload = json.dumps(
+        {
+            "v": 2,
+            "model": "testapp.tag",
+            "action": "update",
+            "xid": 7,
+            "ts": 1.5,
+            "fields": ["colour"],
+            "watched": watched,
+            "rows": [["blue", "red", "green", str(1 << 70 | 1)]],
+        }
+    )
+
+    (change,) = decoder.decode(payload)
+
+    assert change.changed == {"name", "colour"}
+    assert change.fields == {"colour": "red"}
+
+
+def test_numeric_sent_as_digits_becomes_an_exact_decimal():
+    change = reading_with(amount="12345678901234.000010")
+
+    assert change.fields["amount"] == Decimal("12345678901234.000010")
+    assert str(change.fields["amount"]) == "12345678901234.000010"

@@ -8,6 +8,7 @@ line per event handled, which the tests read.
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import sys
 import time
@@ -19,10 +20,12 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
+from django.db.migrations.executor import MigrationExecutor
 from django.db.models.functions import Now
 from django.test import Client, override_settings
+from psycopg import sql
 
-from django_pgnotify import context, paused, wire
+from django_pgnotify import context, durable, paused, wire
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.durable import retry_delay
 from django_pgnotify.installation import install_triggers
@@ -146,6 +149,70 @@ def test_events_stored_as_version_1_objects_before_the_layout_column_are_still_d
     wait_until(lambda: len(handled.pks) == 6, what="6 events handled")
     assert handled.pks == job_pks(other_connection) | {-1, -2, -3}
     wait_until(lambda: count(other_connection) == 0, what="handled events deleted")
+
+
+def test_migrating_to_a_text_payload_keeps_the_events_stored_as_jsonb(transactional_db):
+    def migrate(target: str) -> None:
+        MigrationExecutor(connection).migrate([("django_pgnotify", target)])
+
+    def payload_type() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT data_type FROM information_schema.columns "
+                "WHERE table_name = 'pgnotify_event' AND column_name = 'payload'"
+            )
+            return cursor.fetchone()[0]
+
+    migrate("0002_durableevent_layout")
+    try:
+        assert payload_type() == "jsonb"
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO pgnotify_event (declaration, model, action, payload) VALUES "
+                "('durableapp.Job:default', 'durableapp.job', 'insert', "
+                """'{"pk": 1, "fields": {"name": "old", "n": 1}}'::jsonb)"""
+            )
+    finally:
+        migrate("0003_durableevent_payload_text")
+
+    assert payload_type() == "text"
+    (payload,) = DurableEvent.objects.values_list("payload", flat=True)
+    assert json.loads(payload) == {"pk": 1, "fields": {"name": "old", "n": 1}}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reloptions FROM pg_class WHERE relname = 'pgnotify_event'")
+        assert cursor.fetchone()[0] == ["fillfactor=50"]
+
+
+def test_the_trigger_stores_the_row_array_as_json_text(other_connection):
+    insert_jobs(other_connection, 1, name="a", body='say "hi"')
+
+    ((payload, layout),) = other_connection.execute("SELECT payload, layout FROM pgnotify_event")
+    (pk,) = job_pks(other_connection)
+    assert isinstance(payload, str)  # the text column, read as the trigger wrote it
+    assert json.loads(payload) == [pk, "a-1", 'say "hi"', 1]
+    assert layout == '"fields":["name","body","n"]'
+
+
+def test_a_claim_reads_the_pending_index_in_id_order_before_the_table_is_analyzed(
+    other_connection,
+):
+    # Fresh from a bulk write, the table has no statistics: left to itself the
+    # planner reads and sorts every pending row for each claim.
+    other_connection.execute("TRUNCATE pgnotify_event")
+    insert_jobs(other_connection, 20_000)
+    params = {"uris": ["durableapp.Job:default"], "limit": 500, "owner": "test", "lease": 30.0}
+
+    with other_connection.transaction():
+        other_connection.execute(durable._CLAIM_SETTINGS)
+        plan = "\n".join(
+            row[0]
+            for row in other_connection.execute(
+                sql.SQL("EXPLAIN (COSTS OFF) {}").format(durable._CLAIM), params
+            )
+        )
+
+    assert "Index Scan using pgnotify_event_pending" in plan, plan
+    assert "Sort" not in plan and "Bitmap" not in plan, plan
 
 
 def test_event_fields_say_durable_and_carry_a_payload_far_above_8000_bytes(row_changes):
@@ -320,7 +387,7 @@ def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_
 
 
 def test_pruning_deletes_only_old_done_events_and_dead_letters_when_asked(transactional_db):
-    payload = {"pk": 1}
+    payload = '{"pk": 1}'
     old = Now() - timedelta(days=8)
 
     def make(status, done_at):

@@ -708,13 +708,12 @@ def test_no_probe_query_while_changes_are_arriving(transactional_db):
     async def tick_twice() -> tuple[bool, bool]:
         conn = await psycopg.AsyncConnection.connect(database_url(), autocommit=True)
         try:
-            queue: asyncio.Queue[object] = asyncio.Queue()
-            queue.put_nowait(object())  # changes waiting for dispatch
-            await listener._tick(conn, queue)
+            listener._pending.append(object())  # changes waiting for dispatch
+            await listener._tick(conn)
             probed_while_busy = listener._probe_sent is not None
-            queue.get_nowait()
+            listener._pending.clear()
             listener._next_probe = 0.0  # due again, and now nothing arrives
-            await listener._tick(conn, queue)
+            await listener._tick(conn)
             return probed_while_busy, listener._probe_sent is not None
         finally:
             await conn.close()

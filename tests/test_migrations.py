@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from decimal import Decimal
 
 import psycopg
 import pytest
@@ -183,7 +182,8 @@ def test_changing_the_type_of_a_when_changed_column_succeeds(evolving):
 
     ((action, fields, changed),) = rows(evolving.received())
     assert (action, changed) == ("update", ["price"])
-    assert fields == {"title": "t", "price": Decimal("7.50"), "colour": "red"}
+    # numeric travels as a string of its digits (the decoder makes it a Decimal).
+    assert fields == {"title": "t", "price": "7.50", "colour": "red"}
 
 
 def test_dropping_a_declared_field_succeeds_and_writes_notify_without_it(evolving):
@@ -199,9 +199,9 @@ def test_dropping_a_declared_field_succeeds_and_writes_notify_without_it(evolvin
     evolving.write("DELETE FROM evolving_gadget WHERE id = %s", [pk])
 
     assert rows(evolving.received()) == [
-        ("insert", {"title": "new", "price": Decimal("2.00")}, []),
-        ("update", {"title": "u", "price": Decimal("1.00")}, ["title"]),
-        ("delete", {"title": "u", "price": Decimal("1.00")}, []),
+        ("insert", {"title": "new", "price": "2.00"}, []),
+        ("update", {"title": "u", "price": "1.00"}, ["title"]),
+        ("delete", {"title": "u", "price": "1.00"}, []),
     ]
 
 

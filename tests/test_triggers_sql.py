@@ -121,7 +121,8 @@ def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify
 
     assert "LIMIT 21) AS first_rows" in body
     assert "IF counted <= 20 AND octet_length(batch) < room THEN" in body
-    assert body.count("IF pg_notify(") == 3
+    # The short path's notification and the bulk path's loop, for each event.
+    assert body.count("IF pg_notify(") == 6
 
 
 @pytest.mark.parametrize("event", ["insert", "delete"])
@@ -266,3 +267,17 @@ def test_drop_removes_each_trigger_and_the_function():
         'DROP TRIGGER IF EXISTS "pgnotify_update" ON "testapp_article";\n'
         f"DROP FUNCTION IF EXISTS {built.function.as_string(None)}();"
     )
+
+
+@pytest.mark.parametrize(("watched", "as_string"), [(62, False), (63, True)])
+def test_a_changed_mask_of_more_than_62_columns_is_sent_as_a_string(registry, watched, as_string):
+    columns = {f"c{i:02}": models.IntegerField(null=True) for i in range(watched)}
+    notify = Notify(fields=["c00"], when_changed=list(columns))
+    meta = type("Meta", (), {"app_label": "testapp", "pgnotify": notify})
+    wide = type("Wide", (models.Model,), {"__module__": __name__, "Meta": meta, **columns})
+
+    body = build_trigger_sql(declaration(wide)).body
+
+    # A JSON number past 64 bits would be rounded by a reader that parses floats.
+    assert ("ELSE 0 END)::text)::text" in body) is as_string
+    assert ("::numeric" in body) is as_string

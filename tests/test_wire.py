@@ -177,7 +177,7 @@ def test_encode_then_parse_keeps_the_context():
 PAYLOAD_2 = (
     '{"v":2,"model":"shop.order","action":"update","xid":5012,"ts":1763717550.123456,'
     '"fields":["status","total"],"watched":["status","total","note"],'
-    '"rows":[[7,"paid",12345678901234.10,"new",12345678901234.10,1],[8],[null]]}'
+    '"rows":[[7,"paid","12345678901234.10","new","12345678901234.10",1],[8],[null]]}'
 )
 
 
@@ -187,14 +187,9 @@ def test_parse_reads_a_version_2_payload_with_its_column_names():
     assert message.version == 2
     assert message.fields == ("status", "total")
     assert message.watched == ("status", "total", "note")
-    assert message.rows[0] == [
-        7,
-        "paid",
-        Decimal("12345678901234.10"),
-        "new",
-        Decimal("12345678901234.10"),
-        1,
-    ]
+    # numeric is sent as a string of its digits: nothing is lost on the way.
+    assert message.rows[0] == [7, "paid", "12345678901234.10", "new", "12345678901234.10", 1]
+    assert message.timestamp == 1763717550.123456
     assert message.row_length() == 6
 
 
@@ -242,9 +237,9 @@ def test_version_2_encode_then_parse_gives_the_same_message():
     message = wire.Message(
         model="shop.order",
         action="update",
-        rows=[[7, "pàid \"'", Decimal("1E+2"), None, Decimal("0.10"), 3], [2**63 - 1]],
+        rows=[[7, "pàid \"'", "1E+2", None, 0.1, 3], [2**63 - 1]],
         xid=5012,
-        timestamp=Decimal("1763717550.123456"),
+        timestamp=1763717550.123456,
         fields=("status", "total"),
         watched=("status", "total"),
         context={"actor": "user:42"},
@@ -298,3 +293,51 @@ def test_messages_with_the_same_columns_share_one_tuple_of_names():
 
     assert first.fields == ("status", "total")
     assert first.fields is second.fields
+
+
+# Payloads both JSON readers must read alike: what triggers send, and edge cases.
+ALIKE = [
+    PAYLOAD_2,
+    '{"v":2,"model":"a.b","action":"insert","xid":1,"ts":1763717550.000001,"fields":["é"],'
+    '"rows":[[1,"\\u00e9 \\" \\\\ ünï"],[2,null],[9223372036854775807,-1.5e-7]],'
+    '"context":"{\\"actor\\": \\"user:42\\"}"}',
+    '{"v":2,"model":"a.b","action":"delete","xid":1,"ts":1,"fields":[],"rows":[[1]]}',
+]
+
+
+@pytest.mark.parametrize("payload", ALIKE)
+def test_orjson_and_the_standard_library_read_payloads_alike(payload, monkeypatch):
+    orjson = pytest.importorskip("orjson")  # installed with django-pgnotify[speedups]
+    assert wire.loads is orjson.loads
+    fast = wire.parse(payload.encode())
+    monkeypatch.setattr(wire, "loads", wire._loads_stdlib)
+    wire._shapes.clear()  # the same path both times: the first sight of a shape
+
+    assert wire.parse(payload.encode()) == fast == wire.parse(payload)
+
+
+def test_a_payload_is_read_from_utf8_bytes_as_from_text():
+    text = PAYLOAD_2.replace('"paid"', '"pàid ü"')
+
+    assert wire.parse(text.encode()) == wire.parse(text)
+
+
+def test_a_shape_seen_before_is_still_checked_row_by_row():
+    wire.parse(PAYLOAD_2)  # the shape is known now
+
+    with pytest.raises(wire.WireError, match="arrays of 1 to 6 values"):
+        wire.parse(payload_2(rows=[[7, "paid", 1, "new", 1, 1, "extra"]]))
+    with pytest.raises(wire.WireError, match="arrays of 1 to 6 values"):
+        wire.parse(payload_2(rows=[[7]] * 10 + [{"pk": 7}]))
+
+
+def test_version_1_numbers_keep_every_digit_whichever_reader_is_installed():
+    payload = (
+        '{"v":1,"model":"a.b","action":"insert","xid":1,"ts":1763717550.123456,'
+        '"rows":[{"pk":1,"fields":{"price":12345678901234567890.10}}]}'
+    )
+
+    message = wire.parse(payload.encode())
+
+    assert message.rows[0]["fields"]["price"] == Decimal("12345678901234567890.10")
+    assert message.timestamp == Decimal("1763717550.123456")
