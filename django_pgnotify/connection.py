@@ -67,6 +67,8 @@ def listen_params(using: str, application_name: str) -> dict[str, Any]:
     params = {**TCP_KEEPALIVES, **connection_params(listen_alias(using))}
     # The listener's own name wins over one set in OPTIONS, so it can be told apart.
     params["application_name"] = application_name
+    # It reads notifications as bytes, which the server sends in the client encoding.
+    params["client_encoding"] = "UTF8"
     return params
 
 

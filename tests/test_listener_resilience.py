@@ -719,3 +719,13 @@ def test_no_probe_query_while_changes_are_arriving(transactional_db):
             await conn.close()
 
     assert asyncio.run(tick_twice()) == (False, True)
+
+
+def test_the_listener_connection_speaks_utf8_whatever_the_options_say(monkeypatch):
+    """The listener reads payloads as bytes in the client encoding, and decodes UTF-8."""
+    from django_pgnotify import connection
+
+    latin1 = {"client_encoding": "LATIN1"}
+    monkeypatch.setattr(connection, "connection_params", lambda alias: dict(latin1))
+
+    assert connection.listen_params("default", "pgnotify")["client_encoding"] == "UTF8"
