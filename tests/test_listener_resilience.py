@@ -729,3 +729,60 @@ def test_the_listener_connection_speaks_utf8_whatever_the_options_say(monkeypatc
     monkeypatch.setattr(connection, "connection_params", lambda alias: dict(latin1))
 
     assert connection.listen_params("default", "pgnotify")["client_encoding"] == "UTF8"
+
+
+def notification(payload: str, channel: str = "pgnotify_testapp_order") -> psycopg.Notify:
+    return psycopg.Notify(channel, payload, 4242)
+
+
+def test_a_batch_stops_at_its_size_or_payload_bound_and_keeps_the_order(monkeypatch):
+    from psycopg.pq import PGnotify
+
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "BATCH_SIZE", 3)
+    monkeypatch.setattr(listener_module, "BATCH_PAYLOAD", 10)
+    listener = Listener(get_declarations(["testapp.Order"]))
+    sizes = [1, 1, 1, 8, 4, 1, 1]
+    listener._pending.extend(PGnotify(b"c", i, b"x" * size) for i, size in enumerate(sizes))
+
+    batches = []
+    while listener._pending:
+        batches.append([n.be_pid for n in listener._next_batch()])
+
+    # Three at most; and a batch ends once its payloads reach 10 characters.
+    assert batches == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_notifications_that_arrive_during_a_query_are_queued_as_read_ones():
+    listener = Listener(get_declarations(["testapp.Order"]))
+    listener._arrived = asyncio.Event()
+    channel = listener.channels[0]
+
+    listener._on_notify(notification('{"v": 2}', channel))
+
+    (queued,) = listener._pending
+    assert (queued.relname, queued.extra, queued.be_pid) == (channel.encode(), b'{"v": 2}', 4242)
+    assert listener.stats["received"] == 1
+    assert listener._arrived.is_set()
+
+
+def test_decode_of_one_notification_skips_what_it_cannot_read_and_counts_it(
+    transactional_db, caplog
+):
+    listener = Listener(get_declarations(["testapp.Order"]))
+    order = Order.objects.create(status="new")
+    payload = (
+        '{"v":2,"model":"testapp.order","action":"delete","xid":1,"ts":1.5,'
+        f'"fields":["status"],"rows":[[{order.pk},"new"]]}}'
+    )
+
+    (change,) = listener.decode(notification(payload))
+    skipped = listener.decode(notification("not json"))
+    foreign = listener.decode(notification(payload.replace("testapp.order", "testapp.tag")))
+
+    assert (change.pk, change.action, change.fields) == (order.pk, "delete", {"status": "new"})
+    assert change.channel == "pgnotify_testapp_order"
+    assert skipped == foreign == []
+    assert (listener.stats["undecodable"], listener.stats["ignored"]) == (1, 1)
+    assert "skipped undecodable payload" in caplog.text
