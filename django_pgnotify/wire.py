@@ -205,6 +205,7 @@ def read(payload: str | bytes) -> tuple[Any, ...]:
         data = loads(payload)
     except (ValueError, RecursionError):
         data = None
+    shape = None
     if type(data) is dict:
         # The usual case: a version 2 message of a shape seen before, whose model,
         # action and column names one lookup checks together.
@@ -218,32 +219,40 @@ def read(payload: str | bytes) -> tuple[Any, ...]:
                 shape = _shapes.get((version, get(MODEL), get(ACTION), tuple(fields), sent))
             except TypeError:  # something unhashable: not a shape seen before
                 shape = None
-            rows = get(ROWS)
-            if shape is not None and type(rows) is list:
-                model, action, fields, watched, full = shape
-                if len(rows) == 1:  # most statements write one row
-                    row = rows[0]
-                    if type(row) is not list or not 0 < len(row) <= full:
-                        _check_rows(rows, full)  # raises
-                else:
-                    _check_rows(rows, full)
-                xid, timestamp, context = get(XID), get(TIMESTAMP), get(CONTEXT)
-                return (
-                    model,
-                    action,
-                    rows,
-                    xid if type(xid) is int else None,
-                    timestamp if type(timestamp) in _TIMESTAMP_TYPES else None,
-                    version,
-                    None if context is None else parse_context(context),
-                    fields,
-                    watched,
-                )
-    return _read_any(payload, data)
+    rows = data.get(ROWS) if shape is not None else None
+    if shape is not None and type(rows) is list:
+        full = shape[-1]
+        if len(rows) == 1:  # most statements write one row
+            row = rows[0]
+            if type(row) is not list or not 0 < len(row) <= full:
+                _check_rows(rows, full)  # raises
+        else:
+            _check_rows(rows, full)
+    else:
+        data, shape = _check(payload, data)
+        rows = data[ROWS]
+    version, model, action, fields, watched, _ = shape
+    get = data.get
+    xid, timestamp, context = get(XID), get(TIMESTAMP), get(CONTEXT)
+    return (
+        model,
+        action,
+        rows,
+        xid if type(xid) is int else None,
+        timestamp if type(timestamp) in _TIMESTAMP_TYPES else None,
+        version,
+        None if context is None else parse_context(context),
+        fields,
+        watched,
+    )
 
 
-def _read_any(payload: str | bytes, data: Any) -> tuple[Any, ...]:
-    """``read`` for every other payload: version 1, a new shape, or not ours at all."""
+def _check(payload: str | bytes, data: Any) -> tuple[dict[str, Any], _Shape]:
+    """Check every other payload (version 1, a new shape, or not ours at all).
+
+    Returns the data (read again if version 1) and its shape, which is kept
+    for ``read`` to look up when it is a version 2 one.
+    """
     if data is None or (type(data) is dict and data.get(VERSION_KEY) == OBJECT_ROWS_VERSION):
         # Version 1 keeps every digit of its numbers. (And the standard library
         # reads a number orjson refuses, such as 1e400.)
@@ -262,37 +271,25 @@ def _read_any(payload: str | bytes, data: Any) -> tuple[Any, ...]:
         raise WireError("payload lacks a model label or a known action")
     if type(rows) is not list:
         raise WireError("payload rows must be a list")
-    fields = watched = None
     if version == OBJECT_ROWS_VERSION:
         if not all(_is_row(r) for r in rows):
             raise WireError(
                 "payload rows must be objects with a pk, "
                 "objects as fields and old, and a list of names as changed"
             )
-    else:
-        listed, watching = data.get(FIELDS), data.get(WATCHED)
-        fields = _names(listed)
-        watched = _names(watching) if action == "update" else ()
-        if fields is None or watched is None:
-            raise WireError("payload fields and watched must be lists of column names")
-        full = row_length(action, len(fields))
-        _check_rows(rows, full)
-        # As read looks them up: a bound keeps memory flat.
-        if len(_shapes) < 1024 and (watching is None or type(watching) is list):
-            key = (version, model, action, fields, None if watching is None else tuple(watching))
-            _shapes[key] = (model, action, fields, watched, full)
-    xid, timestamp, context = data.get(XID), data.get(TIMESTAMP), data.get(CONTEXT)
-    return (
-        model,
-        action,
-        rows,
-        xid if type(xid) is int else None,
-        timestamp if type(timestamp) in _TIMESTAMP_TYPES else None,
-        version,
-        None if context is None else parse_context(context),
-        fields,
-        watched,
-    )
+        return data, (version, model, action, None, None, 0)
+    listed, watching = data.get(FIELDS), data.get(WATCHED)
+    fields = _names(listed)
+    watched = _names(watching) if action == "update" else ()
+    if fields is None or watched is None:
+        raise WireError("payload fields and watched must be lists of column names")
+    shape = (version, model, action, fields, watched, row_length(action, len(fields)))
+    _check_rows(rows, shape[-1])
+    # As read looks them up: a bound keeps memory flat.
+    if len(_shapes) < 1024 and (watching is None or type(watching) is list):
+        key = (version, model, action, fields, None if watching is None else tuple(watching))
+        _shapes[key] = shape
+    return data, shape
 
 
 def _check_rows(rows: list[Any], full: int) -> None:
@@ -315,9 +312,11 @@ def _check_rows(rows: list[Any], full: int) -> None:
 
 _LISTS_ONLY = frozenset({list})
 _STRINGS_ONLY = frozenset({str})
-# Version 2 message shapes seen (and checked) before: (version, model, action,
-# fields, watched as sent) -> (model, action, fields, watched, row length).
-_shapes: dict[tuple[Any, ...], tuple[str, str, tuple[str, ...], tuple[str, ...], int]] = {}
+# A message's version, model, action, fields, watched and row length.
+_Shape = tuple[int, str, str, "tuple[str, ...] | None", "tuple[str, ...] | None", int]
+# Version 2 shapes seen (and checked) before, by version, model, action, fields and
+# watched as sent.
+_shapes: dict[tuple[Any, ...], _Shape] = {}
 # Column name lists repeat from message to message: each distinct one is kept
 # once, as a tuple (a bound keeps memory flat whatever is sent).
 _known_names: dict[tuple[str, ...], tuple[str, ...]] = {}

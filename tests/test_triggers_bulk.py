@@ -57,19 +57,22 @@ def body(i: int) -> str:
     return kinds[i % len(kinds)]
 
 
+def insert_articles(conn, count: int) -> list[int]:
+    """One statement inserting ``count`` articles with the bodies of ``body()``; their ids."""
+    cursor = conn.execute(
+        "INSERT INTO testapp_article (title, body)"
+        " SELECT 't' || i, b FROM unnest(%s::text[]) WITH ORDINALITY AS u(b, i)"
+        " RETURNING id",
+        [[body(i) for i in range(count)]],
+    )
+    return [row[0] for row in cursor]
+
+
 @pytest.mark.parametrize("count", [1, 20, 21, 100, 2000])
 def test_every_row_of_a_bulk_insert_and_update_arrives_once_and_whole_if_it_fits(
     other_connection, listening, count
 ):
-    ids = [
-        row[0]
-        for row in other_connection.execute(
-            "INSERT INTO testapp_article (title, body)"
-            " SELECT 't' || i, b FROM unnest(%s::text[]) WITH ORDINALITY AS u(b, i)"
-            " RETURNING id",
-            [[body(i) for i in range(count)]],
-        )
-    ]
+    ids = insert_articles(other_connection, count)
     bodies = dict(zip(ids, (body(i) for i in range(count)), strict=True))
 
     inserted = rows_of(notifications(listening), "insert")
@@ -138,15 +141,7 @@ def test_a_statement_of_more_rows_than_are_joined_takes_the_window_function_alon
     other_connection.execute(build_trigger_sql(article).install)
     count = 100
 
-    ids = [
-        row[0]
-        for row in other_connection.execute(
-            "INSERT INTO testapp_article (title, body)"
-            " SELECT 't' || i, b FROM unnest(%s::text[]) WITH ORDINALITY AS u(b, i)"
-            " RETURNING id",
-            [[body(i) for i in range(count)]],
-        )
-    ]
+    ids = insert_articles(other_connection, count)
 
     inserted = rows_of(notifications(listening), "insert")
     assert sorted(r[0] for r in inserted) == sorted(ids)
