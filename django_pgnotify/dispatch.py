@@ -58,10 +58,9 @@ class Dispatcher:
         done: list[RowChange] = []
         # Django's own lookup; once per model and batch. (Django 5+ splits sync and async.)
         by_model: dict[Any, list[Any]] = {}
-        stopped = _never if stopping is None else stopping.is_set
         try:
             for event in events:
-                if stopped():
+                if stopping is not None and stopping.is_set():
                     break
                 model = event.model
                 receivers = by_model.get(model)
@@ -125,7 +124,3 @@ class Dispatcher:
     def measure_lag(self, event: RowChange) -> None:
         if event.timestamp is not None:
             self.last_event_lag = max(0.0, time.time() - event.timestamp.timestamp())
-
-
-def _never() -> bool:
-    return False
