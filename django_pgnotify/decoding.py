@@ -78,19 +78,14 @@ def _timestamp(seconds: float | int | Decimal | None) -> datetime | None:
     # Exact to the microsecond: a float is within a quarter of one of the value
     # PostgreSQL rendered until the year 2200, and rounding takes the nearest.
     # A value no datetime can hold is dropped, not raised.
+    if seconds is None:
+        return None
     try:
-        if type(seconds) is float:
-            return _from_timestamp(seconds, timezone.utc)
-        if seconds is None:
-            return None
         if isinstance(seconds, Decimal):
             return _EPOCH + timedelta(microseconds=int(seconds.scaleb(6)))
         return datetime.fromtimestamp(seconds, timezone.utc)
-    except (ArithmeticError, ValueError, OverflowError, OSError, TypeError):
+    except (ArithmeticError, ValueError, OverflowError, OSError):
         return None
-
-
-_from_timestamp = datetime.fromtimestamp
 
 
 def _decimal(value: Any) -> Decimal:
@@ -203,13 +198,13 @@ class _ModelCodec:
             f.column for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"
         }
         self._warned: set[str] = set()
-        self.layouts: dict[tuple[tuple[str, ...], tuple[str, ...], str], _Layout] = {}
+        self._layouts: dict[tuple[tuple[str, ...], tuple[str, ...], str], _Layout] = {}
 
     def layout(self, fields: tuple[str, ...], watched: tuple[str, ...], action: str) -> _Layout:
         key = (fields, watched, action)
-        layout = self.layouts.get(key)
+        layout = self._layouts.get(key)
         if layout is None:
-            layout = self.layouts[key] = _Layout(self, fields, watched, action)
+            layout = self._layouts[key] = _Layout(self, fields, watched, action)
         return layout
 
     def value(self, converter: Converter, column: str, value: Any) -> Any:
@@ -308,9 +303,7 @@ class Decoder:
         shared: dict[str, Any],
     ) -> list[RowChange]:
         # The hot path: one RowChange per row, built without the dataclass __init__.
-        layout = codec.layouts.get((fields, watched, action)) or codec.layout(
-            fields, watched, action
-        )
+        layout = codec.layout(fields, watched, action)
         model, names, count, full = codec.model, layout.names, layout.count, layout.full
         convert = codec.convert if layout.converted else None
         is_update = layout.is_update

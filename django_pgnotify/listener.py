@@ -655,13 +655,10 @@ class Listener:
 
     def decode(self, notify: psycopg.Notify) -> list[RowChange]:
         """Decode one notification; log, count and skip what cannot be decoded."""
-        return self._decode(notify.payload, notify.channel, notify.pid)
-
-    def _decode(self, payload: str | bytes, channel: str, pid: int) -> list[RowChange]:
         try:
-            return self.decoder.decode(payload, channel, pid)
+            return self.decoder.decode(notify.payload, notify.channel, notify.pid)
         except Exception as exc:
-            self._skip(exc, payload, channel, pid)
+            self._skip(exc, notify.payload, notify.channel, notify.pid)
         return []
 
     def _skip(self, exc: Exception, payload: str | bytes, channel: str, pid: int) -> None:

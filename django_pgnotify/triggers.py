@@ -412,15 +412,16 @@ def _live_update_filter(declaration: Declaration) -> sql.Composable:
     ``record_image_ne`` builds both rows as records, which costs more than the
     rest of an update's query; it is only needed when no watched column changed.
     """
-    changed = _update_filter(declaration, "o", "n")
+    changed = _update_filter(declaration)
     if declaration.when_changed or not declaration.watched:
         return changed
     return sql.SQL("{} OR {}").format(_any_changed(declaration.watched), changed)
 
 
 def _any_changed(columns: tuple[Column, ...]) -> sql.Composable:
+    """True when any of ``columns`` differs between the old row ``o`` and the new ``n``."""
     return sql.SQL(" OR ").join(
-        sql.SQL("o.{col} IS DISTINCT FROM n.{col}").format(col=sql.Identifier(c.column))
+        sql.SQL('"o".{col} IS DISTINCT FROM "n".{col}').format(col=sql.Identifier(c.column))
         for c in columns
     )
 
@@ -602,7 +603,7 @@ def _durable_body(declaration: Declaration) -> str:
     sources = {
         "insert": sql.SQL("{} AS n").format(new),
         "update": sql.SQL("{new} AS n JOIN {old} AS o ON o.{pk} = n.{pk} WHERE {changed}").format(
-            new=new, old=old, pk=pk, changed=_update_filter(declaration, "o", "n")
+            new=new, old=old, pk=pk, changed=_update_filter(declaration)
         ),
         "delete": sql.SQL("{} AS o").format(old),
     }
@@ -646,22 +647,13 @@ def _durable_body(declaration: Declaration) -> str:
     return _render(body)
 
 
-def _update_filter(declaration: Declaration, old: str, new: str) -> sql.Composable:
-    """The update condition of the row triggers' ``WHEN``, on other row names."""
+def _update_filter(declaration: Declaration) -> sql.Composable:
+    """When an update of the old row ``o`` to the new ``n`` is announced."""
     if not declaration.when_changed:
         # The function behind *<>; "alias.*" as its argument is the whole row,
         # where a bare alias could be taken for a column of that name.
-        return sql.SQL("record_image_ne({}.*, {}.*)").format(
-            sql.Identifier(old), sql.Identifier(new)
-        )
-    return sql.SQL("({})").format(
-        sql.SQL(" OR ").join(
-            sql.SQL("{old}.{col} IS DISTINCT FROM {new}.{col}").format(
-                old=sql.Identifier(old), new=sql.Identifier(new), col=sql.Identifier(c.column)
-            )
-            for c in declaration.when_changed
-        )
-    )
+        return sql.SQL('record_image_ne("o".*, "n".*)')
+    return sql.SQL("({})").format(_any_changed(declaration.when_changed))
 
 
 def _durable_layout(declaration: Declaration, event: str) -> str:

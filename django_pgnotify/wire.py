@@ -221,13 +221,7 @@ def read(payload: str | bytes) -> tuple[Any, ...]:
                 shape = None
     rows = data.get(ROWS) if shape is not None else None
     if shape is not None and type(rows) is list:
-        full = shape[-1]
-        if len(rows) == 1:  # most statements write one row
-            row = rows[0]
-            if type(row) is not list or not 0 < len(row) <= full:
-                _check_rows(rows, full)  # raises
-        else:
-            _check_rows(rows, full)
+        _check_rows(rows, shape[-1])
     else:
         data, shape = _check(payload, data)
         rows = data[ROWS]
@@ -317,29 +311,14 @@ _Shape = tuple[int, str, str, "tuple[str, ...] | None", "tuple[str, ...] | None"
 # Version 2 shapes seen (and checked) before, by version, model, action, fields and
 # watched as sent.
 _shapes: dict[tuple[Any, ...], _Shape] = {}
-# Column name lists repeat from message to message: each distinct one is kept
-# once, as a tuple (a bound keeps memory flat whatever is sent).
-_known_names: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def _names(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return ()
-    if type(value) is not list:
+    if type(value) is not list or not _STRINGS_ONLY.issuperset(map(type, value)):
         return None
-    names = tuple(value)
-    try:
-        # A list seen before was checked then: only strings hash equal to strings.
-        known = _known_names.get(names)
-    except TypeError:  # unhashable items
-        return None
-    if known is None:
-        if not _STRINGS_ONLY.issuperset(map(type, names)):
-            return None
-        known = names
-        if len(_known_names) < 1024:
-            _known_names[names] = names
-    return known
+    return tuple(value)
 
 
 def parse_context(value: Any) -> dict[str, Any] | None:
