@@ -86,13 +86,7 @@ def setup_django(extra_settings: dict[str, Any] | None = None, migrate: bool = T
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     if extra_settings:
-        merged = json.loads(os.environ.get("BENCH_SETTINGS") or "{}")
-        for key, value in extra_settings.items():
-            if key == "PGNOTIFY":
-                merged.setdefault("PGNOTIFY", {}).update(value)
-            else:
-                merged[key] = value
-        os.environ["BENCH_SETTINGS"] = json.dumps(merged)
+        export_settings(extra_settings)
     os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
 
     from django_pgnotify.embedded import database_url
@@ -111,6 +105,17 @@ def setup_django(extra_settings: dict[str, Any] | None = None, migrate: bool = T
 
         install_triggers()
     return url
+
+
+def export_settings(extra_settings: dict[str, Any]) -> None:
+    """Override settings for child processes started from now on (a ``PGNOTIFY`` dict is merged)."""
+    merged = json.loads(os.environ.get("BENCH_SETTINGS") or "{}")
+    for key, value in extra_settings.items():
+        if key == "PGNOTIFY":
+            merged.setdefault("PGNOTIFY", {}).update(value)
+        else:
+            merged[key] = value
+    os.environ["BENCH_SETTINGS"] = json.dumps(merged)
 
 
 def connect(url: str | None = None, autocommit: bool = True) -> Any:

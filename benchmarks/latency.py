@@ -21,6 +21,8 @@ Two measurements, each run round-robin with its baseline, 3+ times:
    ``websockets`` client here noting when each frame arrives. Baseline: a child
    process calling channels_redis ``group_send`` directly with the same kind of
    message (batches of what is due) at the same pace, to the same client.
+   Measured with both of channels_redis's layers: the pub/sub one (the target's
+   line) and the core one (lists in Redis, whose consumers poll).
 
     python benchmarks/latency.py [--quick] [--repeat N]
 """
@@ -389,7 +391,9 @@ async def until_forwarding(ws: Any, writer: Any, timeout: float = 30.0) -> None:
     raise TimeoutError(f"no event reached the WebSocket client within {timeout:.0f}s")
 
 
-async def channels_runs(url: str, quick: bool, repeat: int) -> tuple[Percentiles, Percentiles]:
+async def channels_runs(
+    url: str, kind: str, quick: bool, repeat: int
+) -> tuple[Percentiles, Percentiles]:
     from websockets.asyncio.client import connect
 
     count = int(CHANNELS_RATE * SECONDS[quick])
@@ -408,15 +412,25 @@ async def channels_runs(url: str, quick: bool, repeat: int) -> tuple[Percentiles
             for _ in range(repeat):
                 base.add(await paced_to_client(ws, "sender", count))
                 library.add(await paced_to_client(ws, "writer", count))
-    print(f"commit -> WebSocket client, {CHANNELS_RATE:,} single-row commits/s, {count:,} per run:")
+    print(
+        f"commit -> WebSocket client, channels_redis {kind} layer, "
+        f"{CHANNELS_RATE:,} single-row commits/s, {count:,} per run:"
+    )
     for result in (base, library):
         result.print(len("listener + channels_redis"))
     sys.stdout.flush()
     return base, library
 
 
-def measure_channels(quick: bool, repeat: int) -> tuple[Percentiles, Percentiles]:
-    """Start Uvicorn and ``pgnotify_listen``, then time both paths to one client."""
+def measure_channels(kind: str, quick: bool, repeat: int) -> tuple[Percentiles, Percentiles]:
+    """Start Uvicorn and ``pgnotify_listen`` on channels_redis's ``kind`` layer, then
+    time both paths to one client."""
+    from django_pgnotify.embedded_redis import redis_channel_layer, redis_url
+
+    layer = redis_channel_layer(redis_url(), prefix=f"bench-{uuid.uuid4().hex[:8]}", kind=kind)
+    harness.export_settings(  # for the children
+        {"CHANNEL_LAYERS": {"default": layer}, "PGNOTIFY": {"CHANNEL_LAYER": "default"}}
+    )
     port = free_port()
     server = harness.spawn(
         [
@@ -444,7 +458,8 @@ def measure_channels(quick: bool, repeat: int) -> tuple[Percentiles, Percentiles
         for process in (server, listener):
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args} exited with status {process.returncode}")
-        return asyncio.run(channels_runs(f"ws://127.0.0.1:{port}/ws/pgnotify/", quick, repeat))
+        url = f"ws://127.0.0.1:{port}/ws/pgnotify/"
+        return asyncio.run(channels_runs(url, kind, quick, repeat))
     finally:
         harness.stop(listener)
         harness.stop(server)
@@ -471,12 +486,7 @@ def main() -> int:
         run_sender(args.rate, args.count)
         return 0
 
-    from django_pgnotify.embedded_redis import redis_channel_layer, redis_url
-
-    layer = redis_channel_layer(redis_url(), prefix=f"bench-{uuid.uuid4().hex[:8]}")
-    url = harness.setup_django(
-        {"CHANNEL_LAYERS": {"default": layer}, "PGNOTIFY": {"CHANNEL_LAYER": "default"}}
-    )
+    url = harness.setup_django()
     report = harness.Report(quick=args.quick)
     with harness.connect() as conn:
         conn.execute(f"TRUNCATE {TABLE}")
@@ -492,14 +502,16 @@ def main() -> int:
                 f"psycopg loop {ms(base, which):.2f} ms",
             )
     if args.only != "signals":
-        channels_base, channels = measure_channels(args.quick, args.repeat)
+        channels_base, channels = measure_channels("pubsub", args.quick, args.repeat)
+        core_base, core = measure_channels("core", args.quick, args.repeat)
         harness.at_most(
             report,
-            f"latency commit -> WebSocket p99 at {CHANNELS_RATE}/s",
+            f"latency commit -> WebSocket p99 at {CHANNELS_RATE}/s (pub/sub layer)",
             ms(channels, "p99"),
             TARGET_CHANNELS_P99,
             "ms",
-            f"group_send {ms(channels_base, 'p99'):.2f} ms",
+            f"group_send {ms(channels_base, 'p99'):.2f} ms; core layer "
+            f"{ms(core, 'p99'):.2f} ms, its group_send {ms(core_base, 'p99'):.2f} ms",
             # Quick mode (CI) reports events lost on a loaded machine as a FAIL
             # line rather than failing the run: channels_redis itself may not
             # keep up with 500/s there (see the group_send baseline).

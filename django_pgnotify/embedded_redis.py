@@ -128,10 +128,23 @@ def redis_url() -> str:
     return url
 
 
-def redis_channel_layer(url: str | None = None, prefix: str = "asgi") -> dict[str, Any]:
-    """A ``CHANNEL_LAYERS`` entry for ``channels_redis`` at ``url`` (default :func:`redis_url`)."""
+#: channels_redis's two layers: lists with a capacity per channel, or Redis pub/sub.
+LAYER_BACKENDS = {
+    "core": "channels_redis.core.RedisChannelLayer",
+    "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+}
+
+
+def redis_channel_layer(
+    url: str | None = None, prefix: str = "asgi", kind: str = "core"
+) -> dict[str, Any]:
+    """A ``CHANNEL_LAYERS`` entry for ``channels_redis`` at ``url`` (default :func:`redis_url`).
+
+    ``kind`` is one of :data:`LAYER_BACKENDS`: ``"core"`` or ``"pubsub"``
+    (lower latency; see docs/channels.md).
+    """
     return {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": LAYER_BACKENDS[kind],
         "CONFIG": {"hosts": [redis_host(url or redis_url())], "prefix": prefix},
     }
 

@@ -2,7 +2,8 @@
 
 Used by the ASGI server and listener processes of tests/test_channels.py. Redis is
 ``REDIS_URL`` (an embedded one when unset); ``PGNOTIFY_TEST_REDIS_PREFIX`` keeps
-concurrent test runs on one Redis apart.
+concurrent test runs on one Redis apart; ``PGNOTIFY_TEST_CHANNEL_LAYER`` picks
+channels_redis's ``core`` (default) or ``pubsub`` layer.
 """
 
 import os
@@ -12,7 +13,10 @@ from tests.settings_listener import *  # noqa: F403
 from tests.settings_listener import PGNOTIFY
 
 CHANNEL_LAYERS = {
-    "default": redis_channel_layer(prefix=os.environ.get("PGNOTIFY_TEST_REDIS_PREFIX", "asgi"))
+    "default": redis_channel_layer(
+        prefix=os.environ.get("PGNOTIFY_TEST_REDIS_PREFIX", "asgi"),
+        kind=os.environ.get("PGNOTIFY_TEST_CHANNEL_LAYER", "core"),
+    )
 }
 # No session table needed: the test signs the cookie with the same SECRET_KEY.
 SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"

@@ -27,9 +27,11 @@ pytest.importorskip("uvicorn", reason="uvicorn is not installed")
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
 from django.contrib.auth.models import Permission, User
 from django.contrib.sessions.backends.signed_cookies import SessionStore
+from django.utils.module_loading import import_string
 from websockets.asyncio.client import connect
 
 from django_pgnotify.embedded_redis import (
+    LAYER_BACKENDS,
     EmbeddedRedis,
     find_redis_server,
     redis_host,
@@ -47,9 +49,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def channels_env(transactional_db) -> dict[str, str]:
-    """Environment of the child processes: test database, Redis, a prefix of our own."""
+@pytest.fixture(params=["core", "pubsub"])
+def channels_env(request, transactional_db) -> dict[str, str]:
+    """Environment of the child processes: test database, Redis, a prefix of our own.
+
+    Each test runs with both of channels_redis's layers.
+    """
     try:
         url = redis_url()
     except RuntimeError as exc:  # no REDIS_URL and no redis-server to start
@@ -59,6 +64,7 @@ def channels_env(transactional_db) -> dict[str, str]:
         DATABASE_URL=conftest.test_database_url(),
         REDIS_URL=url,
         PGNOTIFY_TEST_REDIS_PREFIX=f"pgnotify-test-{uuid.uuid4().hex[:8]}",
+        PGNOTIFY_TEST_CHANNEL_LAYER=request.param,
     )
 
 
@@ -244,7 +250,11 @@ def test_anonymous_and_unpermitted_users_are_refused_and_receive_nothing(
 def test_forwarding_survives_redis_going_away_and_resumes(
     channels_env, processes, other_connection
 ):
-    from channels_redis.core import RedisChannelLayer
+    backend = import_string(LAYER_BACKENDS[channels_env["PGNOTIFY_TEST_CHANNEL_LAYER"]])
+
+    async def close(layer: Any) -> None:
+        # The core layer keeps connection pools; the pub/sub one closes on flush.
+        await (layer.close_pools() if hasattr(layer, "close_pools") else layer.flush())
 
     try:
         find_redis_server()
@@ -258,13 +268,13 @@ def test_forwarding_survives_redis_going_away_and_resumes(
         listener = start_listener(env, processes)
 
         async def scenario() -> None:
-            layer = RedisChannelLayer(hosts=[redis_host(redis.url)], prefix=prefix)
+            layer = backend(hosts=[redis_host(redis.url)], prefix=prefix)
             channel = await layer.new_channel()
             await layer.group_add("pgnotify.testapp.order", channel)
             first = insert_order(other_connection)
             [message] = await next_messages(layer, channel)
             assert (message["type"], message["pk"]) == ("pgnotify.row_changed", first)
-            await layer.close_pools()
+            await close(layer)
 
             redis.stop()
             during = insert_order(other_connection)
@@ -275,7 +285,7 @@ def test_forwarding_survives_redis_going_away_and_resumes(
 
             redis.start()
             listener.wait_for(r"works again", TIMEOUT, stream="err")
-            layer = RedisChannelLayer(hosts=[redis_host(redis.url)], prefix=prefix)
+            layer = backend(hosts=[redis_host(redis.url)], prefix=prefix)
             channel = await layer.new_channel()
             await layer.group_add("pgnotify.testapp.order", channel)  # Redis kept nothing
             after = insert_order(other_connection)
@@ -283,7 +293,7 @@ def test_forwarding_survives_redis_going_away_and_resumes(
             while not any(m.get("pk") == after for m in received):
                 received += await next_messages(layer, channel)
             assert received[-1]["seq"] == 3  # the message of the outage was sent before it
-            await layer.close_pools()
+            await close(layer)
 
         run(scenario)
     finally:

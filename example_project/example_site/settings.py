@@ -62,7 +62,9 @@ if IN_PROCESS_LISTENER:
 else:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # The pub/sub layer: pages update sooner than with the core layer's
+            # polling consumers (docs/channels.md, "Which channels_redis layer").
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {
                 # Longer than channels_redis's 5 s blocking reads (see docs/channels.md).
                 "hosts": [{"address": os.environ["REDIS_URL"], "socket_timeout": 15}],
