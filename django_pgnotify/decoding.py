@@ -22,13 +22,15 @@ from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
 
 from . import wire
-from .events import RowChange, build
+from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
 
 Converter = Callable[[Any], Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_UTC = timezone.utc
+_fromtimestamp = datetime.fromtimestamp
 _NOTHING_CHANGED: frozenset[str] = frozenset()
 
 
@@ -84,8 +86,12 @@ def _timestamp(seconds: float | int | Decimal | None) -> datetime | None:
         if isinstance(seconds, Decimal):
             return _EPOCH + timedelta(microseconds=int(seconds.scaleb(6)))
         return datetime.fromtimestamp(seconds, timezone.utc)
-    except (ArithmeticError, ValueError, OverflowError, OSError):
+    except _OUT_OF_RANGE:
         return None
+
+
+# What a timestamp no datetime can hold raises.
+_OUT_OF_RANGE = (ArithmeticError, ValueError, OSError)
 
 
 def _decimal(value: Any) -> Decimal:
@@ -151,25 +157,31 @@ def _json_converter(field: models.Field) -> Converter:
 
 
 class _Layout:
-    """How the rows of one version 2 message shape are read: names, converters, masks."""
+    """How the rows of one version 2 message shape are read: names, converters, masks.
+
+    ``rows`` is a reader made once per layout that turns the message's rows
+    straight into ``RowChange`` objects.
+    """
 
     def __init__(
         self, codec: _ModelCodec, fields: tuple[str, ...], watched: tuple[str, ...], action: str
     ):
+        self.model = codec.model
+        self.action = action
         self.count = len(fields)
         self.full = wire.row_length(action, self.count)
         self.is_update = action == "update"
         read = [(column, *codec.columns.get(column, (column, _same))) for column in fields]
-        self.names = [name for _, name, _ in read]
-        # Only the columns whose JSON value is not already the Python value
-        # are converted: dict(zip()) does the rest at C speed.
-        self.converted = [
-            (name, column, converter)
-            for column, name, converter in read
-            if converter not in _AS_SENT
-        ]
         self.watched = [codec.columns.get(c, (c,))[0] for c in watched]
         self._changed: dict[int, frozenset[str]] = {}
+        # (attname, index) of each value, and (attname, index, column, converter) of
+        # those whose JSON value is not already the Python value: the others are
+        # taken as sent.
+        self.values = _pairs(read, 1)
+        self.old = _pairs(read, 1 + self.count) if self.is_update else ()
+        self.converted = _converted(read, 1)
+        self.old_converted = _converted(read, 1 + self.count) if self.is_update else ()
+        self.rows = self._rows_reader(codec)
 
     def changed(self, mask: Any) -> frozenset[str]:
         names = self._changed.get(mask)
@@ -182,6 +194,99 @@ class _Layout:
             if len(self._changed) < 1024:  # masks repeat; a bound keeps memory flat
                 self._changed[mask] = names
         return names
+
+    def _rows_reader(self, codec: _ModelCodec) -> Callable[..., list[RowChange]]:
+        """The hot path, made once per layout: a message's rows to ``RowChange`` objects.
+
+        Everything that does not depend on the row is bound here, so a row costs
+        little more than its values. Values are read by a comprehension over
+        (attname, index) pairs, which beats dict(zip()) of a slice at every
+        width; wire.read_shape checked each row's length, so a full row is
+        indexed without looking again. Instances are filled as events.py
+        explains, one store per field in field order.
+        """
+        model, action, full, is_update, changed = (
+            self.model,
+            self.action,
+            self.full,
+            self.is_update,
+            self.changed,
+        )
+        pairs, old_pairs = self.values, self.old
+        converted, old_converted = self.converted, self.old_converted
+        convert_pk, value = codec.pk, codec.value
+
+        def rows_to_changes(
+            rows: list[list[Any]],
+            channel: str,
+            pid: int,
+            xid: int | None,
+            timestamp: datetime | None,
+            using: str,
+            context: dict[str, Any] | None,
+            event_id: int | None,
+        ) -> list[RowChange]:
+            changes = []
+            durable = event_id is not None
+            for row in rows:
+                pk = row[0]
+                if type(pk) is not int:
+                    pk = value(convert_pk, "pk", pk)
+                old, names = None, _NOTHING_CHANGED
+                if len(row) < full or pk is None:
+                    values: dict[str, Any] = {}
+                    truncated = True
+                else:
+                    values = {name: row[index] for name, index in pairs}
+                    for name, index, column, converter in converted:
+                        if (item := row[index]) is not None:
+                            values[name] = value(converter, column, item)
+                    truncated = False
+                    if is_update:
+                        old = {name: row[index] for name, index in old_pairs}
+                        for name, index, column, converter in old_converted:
+                            if (item := row[index]) is not None:
+                                old[name] = value(converter, column, item)
+                        names = changed(row[-1])
+                # In field order, as the instances' shared keys have them (see events.py).
+                change = _new(RowChange)
+                items = change.__dict__
+                items["model"] = model
+                items["action"] = action
+                items["pk"] = pk
+                items["fields"] = values
+                items["old"] = old
+                items["changed"] = names
+                items["channel"] = channel
+                items["pid"] = pid
+                items["truncated"] = truncated
+                items["xid"] = xid
+                items["timestamp"] = timestamp
+                items["using"] = using
+                items["context"] = context
+                items["durable"] = durable
+                items["event_id"] = event_id
+                changes.append(change)
+            return changes
+
+        return rows_to_changes
+
+
+def _pairs(read: list[tuple[str, str, Converter]], start: int) -> tuple[tuple[str, int], ...]:
+    return tuple((name, start + i) for i, (_, name, _) in enumerate(read))
+
+
+def _converted(
+    read: list[tuple[str, str, Converter]], start: int
+) -> tuple[tuple[str, int, str, Converter], ...]:
+    return tuple(
+        (name, start + i, column, converter)
+        for i, (column, name, converter) in enumerate(read)
+        if converter not in _AS_SENT
+    )
+
+
+_new = object.__new__
 
 
 class _ModelCodec:
@@ -234,13 +339,6 @@ class _ModelCodec:
             result[name] = self.value(converter, column, value)
         return result
 
-    def convert(self, layout: _Layout, values: dict[str, Any]) -> None:
-        """Convert, in place, the values of a row read by ``layout`` that need it."""
-        for name, column, converter in layout.converted:
-            value = values[name]
-            if value is not None:
-                values[name] = self.value(converter, column, value)
-
     def names(self, columns: Iterable[str]) -> frozenset[str]:
         return frozenset(self.columns.get(c, (c,))[0] for c in columns)
 
@@ -253,6 +351,8 @@ class Decoder:
     ) -> None:
         self.using = using
         self._codecs = {m._meta.label_lower: _ModelCodec(m) for m in models_}
+        # By wire.Shape, which is the same object for every message of a shape.
+        self._layouts: dict[wire.Shape, _Layout] = {}
 
     def decode(
         self,
@@ -270,16 +370,45 @@ class Decoder:
                 decoder was not given).
         """
         try:
-            label, action, rows, xid, seconds, version, context, fields, watched = wire.read(
-                payload
-            )
+            shape, rows, xid, seconds, context = wire.read_shape(payload)
         except wire.WireError as exc:
             raise DecodeError(str(exc)) from None
-        codec = self._codecs.get(label)
-        if codec is None:
-            raise ModelNotServed(label)
-        # What every row of the message shares (events.VALUE_ORDER[7:]).
-        shared = {
+        layout = self._layouts.get(shape)
+        if layout is None:
+            codec = self._codecs.get(shape.model)
+            if codec is None:
+                raise ModelNotServed(shape.model)
+            if shape.version == wire.OBJECT_ROWS_VERSION:
+                return self._object_rows(
+                    codec, shape.action, rows, channel, pid, xid, seconds, context, event_id
+                )
+            assert shape.fields is not None and shape.watched is not None
+            layout = codec.layout(shape.fields, shape.watched, shape.action)
+            if len(self._layouts) < 1024:  # shapes repeat; a bound keeps memory flat
+                self._layouts[shape] = layout
+        if type(seconds) is float:  # as triggers send it: _timestamp inlined
+            try:
+                timestamp = _fromtimestamp(seconds, _UTC)
+            except _OUT_OF_RANGE:
+                timestamp = None
+        else:
+            timestamp = _timestamp(seconds)
+        return layout.rows(rows, channel, pid, xid, timestamp, self.using, context, event_id)
+
+    def _object_rows(
+        self,
+        codec: _ModelCodec,
+        action: str,
+        rows: list[dict[str, Any]],
+        channel: str,
+        pid: int,
+        xid: int | None,
+        seconds: float | int | Decimal | None,
+        context: dict[str, Any] | None,
+        event_id: int | None,
+    ) -> list[RowChange]:
+        """Version 1: rows as objects keyed by column name."""
+        common = {
             "channel": channel,
             "pid": pid,
             "xid": xid,
@@ -289,49 +418,7 @@ class Decoder:
             "durable": event_id is not None,
             "event_id": event_id,
         }
-        if version == wire.OBJECT_ROWS_VERSION:
-            return [self._object_row(codec, action, row, shared) for row in rows]
-        return self._array_rows(codec, action, rows, fields, watched, shared)
-
-    def _array_rows(
-        self,
-        codec: _ModelCodec,
-        action: str,
-        rows: list[list[Any]],
-        fields: tuple[str, ...],
-        watched: tuple[str, ...],
-        shared: dict[str, Any],
-    ) -> list[RowChange]:
-        # The hot path: one RowChange per row, built without the dataclass __init__.
-        layout = codec.layout(fields, watched, action)
-        model, names, count, full = codec.model, layout.names, layout.count, layout.full
-        convert = codec.convert if layout.converted else None
-        is_update = layout.is_update
-        changes: list[RowChange] = []
-        append = changes.append
-        for row in rows:
-            pk = row[0]
-            if type(pk) is not int:
-                pk = codec.value(codec.pk, "pk", pk)
-            if len(row) < full or pk is None:
-                append(build(shared, model, action, pk, {}, None, _NOTHING_CHANGED, True))
-                continue
-            # A full row has exactly the layout's items (wire.read checked the bound),
-            # so the pairs match without zip's strict check.
-            if is_update:
-                values = dict(zip(names, row[1 : count + 1], strict=False))
-                old = dict(zip(names, row[count + 1 : -1], strict=False))
-                if convert is not None:
-                    convert(layout, values)
-                    convert(layout, old)
-                changed = layout.changed(row[-1])
-            else:
-                values = dict(zip(names, row[1:], strict=False))
-                old, changed = None, _NOTHING_CHANGED
-                if convert is not None:
-                    convert(layout, values)
-            append(build(shared, model, action, pk, values, old, changed, False))
-        return changes
+        return [self._object_row(codec, action, row, common) for row in rows]
 
     def _object_row(
         self, codec: _ModelCodec, action: str, row: dict[str, Any], common: dict[str, Any]

@@ -406,3 +406,116 @@ def test_numeric_sent_as_digits_becomes_an_exact_decimal():
 
     assert change.fields["amount"] == Decimal("12345678901234.000010")
     assert str(change.fields["amount"]) == "12345678901234.000010"
+
+
+# READING_INSERT's values as triggers send them in version 2: numeric and
+# interval as strings of digits, json as its text.
+READING_COLUMNS = {
+    "order_id": 42,
+    "taken_at": "2025-07-01T10:00:00.123456",
+    "day": "2025-07-01",
+    "at": "23:59:59.5",
+    "took": "93784.500001",
+    "amount": "12345678901234.123456",
+    "ratio": 0.1,
+    "flag": True,
+    "data": '{"a": 1.5, "b": [1, null, "x"]}',
+    "blob": "\\x00ff10",
+    "token": "0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41",
+    "count": 9007199254740993,
+}
+
+
+def test_every_field_type_arrives_as_its_python_type_in_new_and_old_values_of_version_2():
+    expected = decode_one(Reading, READING_INSERT).fields
+    row = {
+        "pk": str(READING_ID),
+        "fields": READING_COLUMNS,
+        "old": READING_COLUMNS,
+        "changed": ["day"],
+    }
+
+    change = decode_one(Reading, message("testapp.reading", "update", row))
+
+    assert change.fields == change.old == expected
+    assert {name: type(value) for name, value in change.old.items()} == {
+        name: type(value) for name, value in expected.items()
+    }
+    assert change.changed == frozenset({"day"})
+
+
+def test_nulls_and_unconvertible_old_values_stay_as_sent():
+    old = {"taken_at": None, "amount": "lots", "data": None, "token": 17}
+    row = {"pk": str(READING_ID), "fields": dict.fromkeys(old), "old": old, "changed": []}
+
+    change = decode_one(Reading, message("testapp.reading", "update", row))
+
+    assert change.fields == dict.fromkeys(old)
+    assert change.old == old
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"pk": 1, "fields": {"status": "a", "total": "1.50"}}],
+        [{"pk": 1, "truncated": True}],
+        [{"pk": 1, "fields": {"status": "a", "total": "1"}}, {"pk": 2, "truncated": True}],
+    ],
+    ids=["one-row", "truncated", "many-rows"],
+)
+@pytest.mark.parametrize("action", ["insert", "update", "delete"])
+@pytest.mark.parametrize("event_id", [None, 11])
+def test_every_field_of_a_decoded_change_is_its_own_in_field_order(rows, action, event_id):
+    from django_pgnotify.events import FIELD_ORDER, RowChange
+
+    rows = [{**row, "old": row.get("fields"), "changed": []} for row in rows]
+    changes = Decoder([Order]).decode(message("testapp.order", action, *rows), "c", 9, event_id)
+
+    assert len(changes) == len(rows)
+    for change in changes:
+        # All stored, none left to a class default; the order instances share.
+        assert tuple(vars(change)) == FIELD_ORDER
+        assert change == RowChange(**{name: vars(change)[name] for name in FIELD_ORDER})
+        assert (change.action, change.durable, change.event_id) == (
+            action,
+            event_id is not None,
+            event_id,
+        )
+    assert len({id(vars(change)) for change in changes}) == len(changes)
+    assert len({id(change.fields) for change in changes}) == len(changes)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        ("1.5", datetime(1970, 1, 1, 0, 0, 1, 500000, tzinfo=timezone.utc)),
+        ("2", datetime(1970, 1, 1, 0, 0, 2, tzinfo=timezone.utc)),
+        ('"2"', None),
+    ],
+    ids=["float", "int", "string"],
+)
+def test_the_timestamp_is_read_from_a_float_or_an_int(seconds, expected):
+    payload = message("testapp.tag", "insert", {"pk": "blue"}).replace(
+        '"ts": 1.5', f'"ts": {seconds}'
+    )
+
+    assert decode_one(Tag, payload).timestamp == expected
+
+
+def test_a_decoder_reads_a_shape_it_knows_as_it_read_it_first(monkeypatch):
+    from django_pgnotify import wire
+
+    decoder = Decoder([Order])
+    row = {"pk": 1, "fields": {"status": "a", "total": "1.50"}}
+    payload = message("testapp.order", "insert", row)
+    first = decoder.decode(payload)
+    shapes = len(decoder._layouts)
+
+    assert decoder.decode(payload) == first
+    wire._shapes.clear()  # a new Shape object for the same shape: a new key, same layout
+    assert decoder.decode(payload) == first
+    assert len(decoder._layouts) == shapes + 1
+    monkeypatch.setattr(wire, "_shapes", {})
+    monkeypatch.setattr(decoder, "_layouts", dict.fromkeys(range(1024)))  # full: not kept
+    assert decoder.decode(payload) == first
+    assert len(decoder._layouts) == 1024

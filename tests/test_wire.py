@@ -341,3 +341,71 @@ def test_version_1_numbers_keep_every_digit_whichever_reader_is_installed():
 
     assert message.rows[0]["fields"]["price"] == Decimal("12345678901234567890.10")
     assert message.timestamp == Decimal("1763717550.123456")
+
+
+# Each one differs from PAYLOAD_2 so that a lookup of its shape must not find
+# PAYLOAD_2's (or its row check fails); 2.0 and "ab" (as a tuple) would equal
+# the known shape's version and fields in Python.
+KNOWN_SHAPE_MALFORMED = {
+    "version-2.0": {"v": 2.0},
+    "version-true": {"v": True},
+    "fields-a-string": {"fields": "ab", "watched": ["a", "b"]},
+    "no-version": {"v": None},
+    "no-model": {"model": None},
+    "no-rows": {"rows": None},
+    "rows-an-object": {"rows": {"0": [7]}},
+    "watched-unhashable": {"watched": [["status"]]},
+    "one-row-an-object": {"rows": [{"pk": 7}]},
+    "one-row-a-string": {"rows": ["7"]},
+    "one-row-empty": {"rows": [[]]},
+    "one-row-too-long": {"rows": [[7, "paid", 1, "new", 1, 1, "extra"]]},
+}
+
+
+@pytest.mark.parametrize("changes", KNOWN_SHAPE_MALFORMED.values(), ids=KNOWN_SHAPE_MALFORMED)
+def test_a_malformed_payload_of_a_known_shape_is_still_rejected(changes):
+    wire.parse(PAYLOAD_2)  # the shape is known now
+    wire.parse(payload_2(fields=["a", "b"], watched=["a", "b"], rows=[[1]]))
+    data = {**json.loads(PAYLOAD_2), **changes}
+    text = json.dumps({key: value for key, value in data.items() if value is not None})
+
+    with pytest.raises(wire.WireError):
+        wire.read_shape(text)
+    with pytest.raises(wire.WireError):
+        wire.parse(text)
+
+
+def test_a_shape_seen_before_is_the_same_object_and_its_rows_are_checked_once_each():
+    first = wire.read_shape(PAYLOAD_2)
+    second = wire.read_shape(payload_2(rows=[[9, "new", "1", "new", "1", 0]], xid=3))
+
+    assert second[0] is first[0]
+    assert second[1:] == ([[9, "new", "1", "new", "1", 0]], 3, 1763717550.123456, None)
+    assert (first[0].model, first[0].action, first[0].full) == ("shop.order", "update", 6)
+
+
+def test_version_1_shapes_are_new_objects_without_a_layout():
+    first, second = wire.read_shape(PAYLOAD)[0], wire.read_shape(PAYLOAD)[0]
+
+    assert first is not second
+    assert (first.version, first.fields, first.watched, first.full) == (1, None, None, 0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "xid", "timestamp", "context"),
+    [
+        ({"xid": "5012", "ts": "1.5", "context": 7}, None, None, None),
+        ({"xid": 1, "ts": 2, "context": '{"a": 1}'}, 1, 2, {"a": 1}),
+    ],
+    ids=["wrong-types-dropped", "right-types-kept"],
+)
+def test_a_known_shape_reads_its_xid_timestamp_and_context_as_the_first_sight_does(
+    changes, xid, timestamp, context
+):
+    wire.parse(PAYLOAD_2)  # the shape is known now
+
+    known = wire.read_shape(payload_2(**changes))
+    wire._shapes.clear()
+    first = wire.read_shape(payload_2(**changes))
+
+    assert known[2:] == first[2:] == (xid, timestamp, context)
