@@ -70,11 +70,14 @@ def test_names_and_values_that_need_quoting_are_quoted():
     )
 
 
-NOT_PAUSED = (
-    "(coalesce(current_setting('pgnotify.paused', true), '') = ''"
-    " OR (current_setting('pgnotify.paused', true) <> 'on'"
-    " AND strpos(',' || replace(lower(current_setting('pgnotify.paused', true)), ' ', '') || ',',"
-    " ',{label},') = 0))"
+PAUSE_CHECK = (
+    "BEGIN\n"
+    "  IF current_setting('pgnotify.paused', true) <> ''"
+    " AND (current_setting('pgnotify.paused', true) = 'on'"
+    " OR strpos(',' || replace(lower(current_setting('pgnotify.paused', true)), ' ', '') || ',',"
+    " ',{label},') > 0) THEN\n"
+    "    RETURN NULL;\n"
+    "  END IF;\n"
 )
 
 
@@ -125,20 +128,25 @@ def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify
     assert body.count("IF pg_notify(") == 6
 
 
-@pytest.mark.parametrize("event", ["insert", "delete"])
-def test_insert_and_delete_triggers_check_only_the_pause_setting(event):
-    statement = trigger_for(build_trigger_sql(declaration(Order)), event)
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_the_function_checks_the_pause_setting_first_and_the_triggers_have_no_when(durable):
+    # A statement trigger's WHEN is read and compiled again for every statement.
+    built = build_trigger_sql(declaration(Order, Notify(fields=["status"], durable=durable)))
+    check = PAUSE_CHECK.format(label="testapp.order")
 
-    assert f" WHEN ({NOT_PAUSED.format(label='testapp.order')}) " in statement
+    assert built.body.index("BEGIN\n") == built.body.index(check)
+    for statement in built.create_triggers:
+        assert " WHEN " not in statement
+        assert "FOR EACH STATEMENT EXECUTE FUNCTION" in statement
 
 
 def test_the_pause_check_names_no_column_and_runs_no_query():
-    built = build_trigger_sql(declaration(Reading))
+    body = build_trigger_sql(declaration(Reading)).body
+    check = body.split("BEGIN\n", 1)[1].split("  END IF;\n", 1)[0]
 
-    for statement in built.create_triggers:
-        when = statement.split(" WHEN ", 1)[1].split(" EXECUTE ", 1)[0]
-        assert "SELECT" not in when.upper()
-        assert '"' not in when
+    assert "current_setting('pgnotify.paused', true)" in check
+    assert "SELECT" not in check.upper()
+    assert '"' not in check
 
 
 def test_the_context_setting_is_sent_unparsed_and_left_out_when_it_would_not_fit():

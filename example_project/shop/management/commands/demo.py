@@ -160,7 +160,7 @@ class Shop:
         if order is None:
             return None
         order.note = self.random.choice(NOTES)
-        order.save()  # a full save, but only the note differs: the WHEN clause stays quiet
+        order.save()  # a full save, but only the note differs: when_changed keeps it quiet
         self.silent += 1
         self.say(f"order #{order.pk}: note edited (not announced: note is not in when_changed)")
         return 0
