@@ -14,11 +14,16 @@ from .models import DurableEvent
 
 @admin.register(DurableEvent)
 class DurableEventAdmin(admin.ModelAdmin):
-    """Read-only rows with two actions: a row is changed only by listeners and these."""
+    """Read-only rows with two actions: a row is changed only by listeners and these.
+
+    A row holds the changes of one statement (up to ``wire.DURABLE_ID_STEP``);
+    retrying it delivers again only those not handled yet.
+    """
 
     list_display = (
         "id",
         "model",
+        "changes",
         "status",
         "attempts",
         "created_at",
@@ -36,6 +41,14 @@ class DurableEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    @admin.display(description="changes")
+    def changes(self, obj: DurableEvent) -> str:
+        """How many changes the row holds, and how many are still to deliver if not all."""
+        left = obj.unhandled
+        if left == obj.size or obj.status == "done":
+            return str(obj.size)
+        return f"{left} of {obj.size}"
 
     @admin.display(description="last error")
     def short_error(self, obj: DurableEvent) -> str:

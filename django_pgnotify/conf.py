@@ -46,7 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_WAKEUP": True,
     # Seconds between looks for durable events when no wake-up arrives.
     "DURABLE_POLL_INTERVAL": 5.0,
-    # Events claimed per batch, and seconds a claim (lease) lasts before others may take it.
+    # Changes claimed per batch (whole event rows, at least one), and seconds a claim
+    # (lease) lasts before others may take it.
     "DURABLE_BATCH_SIZE": 500,
     "DURABLE_LEASE": 60.0,
     # Attempts before an event becomes a dead letter (Notify(max_attempts=...) overrides).

@@ -1,15 +1,18 @@
 """Durable delivery: claiming, dispatching and settling rows of the event table.
 
-A durable declaration's trigger inserts each change into ``pgnotify_event``
-in the writing transaction and sends one constant wake-up notification (or
-none, in poll-only mode). A listener's :class:`DurableWorker`, on a
-connection of its own, claims a batch in one short transaction
+A durable declaration's trigger inserts a statement's changes into
+``pgnotify_event`` in the writing transaction, up to ``wire.DURABLE_ID_STEP``
+per row, and sends one constant wake-up notification (or none, in poll-only
+mode). A listener's :class:`DurableWorker`, on a connection of its own, claims
+rows holding about ``DURABLE_BATCH_SIZE`` changes in one short transaction
 (``FOR UPDATE SKIP LOCKED``, recording a lease: owner and expiry), dispatches
-it with no row lock held, then settles it in one statement per outcome:
-handled events are deleted (or marked done), failed ones are scheduled again
-with exponential backoff or become dead letters. A claim whose lease expired
-(its listener died) is claimable again, so every event is dispatched at least
-once; receivers deduplicate by ``event.event_id``.
+them with no row lock held, then settles them in one statement per outcome:
+rows whose changes were all handled are deleted (or marked done); a row with
+failed changes is scheduled again with exponential backoff, or becomes a dead
+letter, and records which of its changes were handled so that only the others
+are delivered again. A claim whose lease expired (its listener died) is
+claimable again, so every change is dispatched at least once; receivers
+deduplicate by ``event.event_id``, the row's id plus the change's position.
 
 The functions below (status, retry, discard, prune) serve the admin and the
 management commands.
@@ -18,7 +21,7 @@ management commands.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import bisect
 import json
 import logging
 import os
@@ -50,22 +53,48 @@ PENDING, DONE, DEAD = "pending", "done", "dead"
 
 _TABLE = sql.Identifier(wire.EVENT_TABLE)
 
+_CLAIMABLE = """status = 'pending' AND declaration = ANY(%(uris)s) AND available_at <= now()
+      AND (lease_until IS NULL OR lease_until < now())"""
+
+# Whole rows holding ``limit`` changes still to deliver (at least one row). The rows are
+# counted first, without locking: locked rows stay hidden from the other listeners until
+# the claim commits, so locking ``limit`` rows to claim the first (a bulk write's rows
+# hold up to 1,024 changes each) left a second listener nothing to claim.
 _CLAIM = sql.SQL(
     """
-WITH claimable AS (
-    SELECT id FROM {table}
-    WHERE status = 'pending' AND declaration = ANY(%(uris)s) AND available_at <= now()
-      AND (lease_until IS NULL OR lease_until < now())
+WITH head AS (
+    SELECT size - coalesce(cardinality(handled), 0) AS unhandled FROM {table}
+    WHERE """
+    + _CLAIMABLE
+    + """
     ORDER BY id
     LIMIT %(limit)s
+), wanted AS (
+    SELECT count(*) AS rows FROM (
+        SELECT sum(unhandled) OVER (ROWS UNBOUNDED PRECEDING) - unhandled AS before FROM head
+    ) AS running
+    WHERE before < %(limit)s
+), locked AS (
+    SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled FROM {table}
+    WHERE """
+    + _CLAIMABLE
+    + """
+    ORDER BY id
+    LIMIT (SELECT rows FROM wanted)
     FOR UPDATE SKIP LOCKED
+), claimable AS (
+    SELECT id FROM (
+        SELECT id, sum(unhandled) OVER (ROWS UNBOUNDED PRECEDING) - unhandled AS before
+        FROM locked
+    ) AS running
+    WHERE before < %(limit)s
 )
 UPDATE {table} AS e
 SET lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s),
     attempts = e.attempts + 1
 FROM claimable WHERE e.id = claimable.id
 RETURNING e.id, e.declaration, e.model, e.action, e.xid, extract(epoch FROM e.changed_at)::text,
-    e.context, e.layout, e.payload, e.pid, e.attempts
+    e.context, e.layout, e.payload, e.pid, e.attempts, e.size, e.handled
 """
 ).format(table=_TABLE)
 
@@ -92,23 +121,33 @@ _MARK_DONE = sql.SQL(
     "lease_until = NULL WHERE id = ANY(%(ids)s)"
 ).format(table=_TABLE)
 
+# ``handled`` gains the positions handled this time (an int[] literal per row: the
+# rows' lists differ in length, which a two-dimensional array cannot hold).
+_HANDLED = "coalesce(e.handled, ARRAY[]::int[]) || f.done::int[]"
+
 _FAIL = sql.SQL(
     """
 UPDATE {table} AS e
 SET status = CASE WHEN f.dead THEN 'dead' ELSE 'pending' END,
     available_at = now() + make_interval(secs => f.delay),
     last_error = f.error, lease_owner = '', lease_until = NULL,
-    done_at = CASE WHEN f.dead THEN now() END
-FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(dead)s::boolean[], %(delays)s::float8[])
-    AS f(id, error, dead, delay)
+    done_at = CASE WHEN f.dead THEN now() END,
+    handled = """
+    + _HANDLED
+    + """
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(dead)s::boolean[], %(delays)s::float8[],
+    %(done)s::text[]) AS f(id, error, dead, delay, done)
 WHERE e.id = f.id
 """
 ).format(table=_TABLE)
 
-# Claimed but not dispatched (the listener is stopping): give them back untouched.
+# Claimed but not all dispatched (the listener is stopping): give them back, keeping
+# what was handled.
 _RELEASE = sql.SQL(
-    "UPDATE {table} SET lease_owner = '', lease_until = NULL, "
-    "attempts = greatest(attempts - 1, 0) WHERE id = ANY(%(ids)s)"
+    "UPDATE {table} AS e SET lease_owner = '', lease_until = NULL, "
+    "attempts = greatest(e.attempts - 1, 0), handled = "
+    + _HANDLED
+    + " FROM unnest(%(ids)s::bigint[], %(done)s::text[]) AS f(id, done) WHERE e.id = f.id"
 ).format(table=_TABLE)
 
 
@@ -125,43 +164,37 @@ class Claimed(NamedTuple):
     context: str
     #: How ``payload`` is laid out (version 2 message keys), or "" (a version 1 object).
     layout: str
-    #: The row's wire format row, as JSON text.
+    #: The changes' wire format rows, as comma-separated JSON text.
     payload: str
     pid: int | None
     attempts: int
+    #: How many changes ``payload`` holds.
+    size: int
+    #: Positions of the changes handled on an earlier claim, or None.
+    handled: list[int] | None
 
-    def message_key(self) -> tuple[Any, ...]:
-        """What the rows of one message share: all rows of one statement have the same."""
-        return (
-            self.model,
-            self.action,
-            self.xid,
-            self.timestamp,
-            self.context,
-            self.pid,
-            self.layout,
-        )
+    def unhandled(self) -> int:
+        """Changes of the row still to deliver."""
+        return self.size - len(self.handled or ())
 
 
-def build_message(rows: Sequence[Claimed]) -> str:
-    """One message carrying ``rows``, which share their ``message_key``.
+def build_message(row: Claimed) -> str:
+    """The wire format message carrying ``row``'s changes.
 
-    Rows of one statement are decoded in one go, as version 2 (arrays, the
-    decoder's fast path) unless they were stored as version 1 objects: parsing
-    one message per row cost the listener more than claiming and deleting them.
+    Version 2 (arrays, the decoder's fast path) unless the row was stored as
+    a version 1 object by an earlier release.
     """
-    first = rows[0]
-    if first.layout:
-        version = f'"{wire.VERSION_KEY}":{wire.VERSION},{first.layout},'
+    if row.layout:
+        version = f'"{wire.VERSION_KEY}":{wire.VERSION},{row.layout},'
     else:
         version = f'"{wire.VERSION_KEY}":{wire.OBJECT_ROWS_VERSION},'
     return (
         f"{{{version}"
-        f'"{wire.MODEL}":{json.dumps(first.model)},"{wire.ACTION}":{json.dumps(first.action)},'
-        f'"{wire.XID}":{"null" if first.xid is None else int(first.xid)},'
-        f'"{wire.TIMESTAMP}":{first.timestamp or "null"},'
-        f'"{wire.ROWS}":[{",".join(row.payload for row in rows)}],'
-        f'"{wire.CONTEXT}":{json.dumps(first.context) if first.context else "null"}}}'
+        f'"{wire.MODEL}":{json.dumps(row.model)},"{wire.ACTION}":{json.dumps(row.action)},'
+        f'"{wire.XID}":{"null" if row.xid is None else int(row.xid)},'
+        f'"{wire.TIMESTAMP}":{row.timestamp or "null"},'
+        f'"{wire.ROWS}":[{row.payload}],'
+        f'"{wire.CONTEXT}":{json.dumps(row.context) if row.context else "null"}}}'
     )
 
 
@@ -284,7 +317,7 @@ class DurableWorker:
         claimed = sorted(map(Claimed._make, await cursor.fetchall()))
         if not claimed:
             return 0
-        self.stats["durable_claimed"] += len(claimed)
+        self.stats["durable_claimed"] += sum(row.unhandled() for row in claimed)
         loop = asyncio.get_running_loop()
         outcome = await loop.run_in_executor(executor, self._decode_and_send, claimed)
         if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
@@ -297,34 +330,27 @@ class DurableWorker:
         """In the dispatch thread: decode the batch and call the sync receivers."""
         outcome = _Outcome()
         events: list[RowChange] = []
-        for _, rows in itertools.groupby(claimed, Claimed.message_key):
-            group = list(rows)
-            pid = group[0].pid
-            if self.ignore_own_changes and pid is not None and own_changes.is_own_pid(pid):
-                self.stats["own_changes"] += len(group)
-                outcome.skipped.extend(row.id for row in group)
+        for row in claimed:
+            if self.ignore_own_changes and row.pid is not None and own_changes.is_own_pid(row.pid):
+                self.stats["own_changes"] += row.unhandled()
+                outcome.skipped.add(row.id)
                 continue
-            events.extend(self._decode(group, outcome))
+            events.extend(self._decode(row, outcome))
         errors = self.stats["receiver_errors"]
         outcome.dispatched = self.dispatcher.send_sync(events, self.stopping)
         if self.stats["receiver_errors"] != errors:
             close_old_connections()
         return outcome
 
-    def _decode(self, group: list[Claimed], outcome: _Outcome) -> list[RowChange]:
-        """Decode rows of one message_key; when that fails, each row alone to find the bad one."""
+    def _decode(self, row: Claimed, outcome: _Outcome) -> list[RowChange]:
+        """The row's changes not handled yet, each with its ``event_id``: id + position."""
         try:
-            changes = self.decoder.decode(
-                build_message(group), "", group[0].pid or 0, event_id=group[0].id
-            )
-            if len(changes) != len(group):
-                raise DecodeError(f"{len(group)} rows decoded as {len(changes)} changes")
+            changes = self.decoder.decode(build_message(row), "", row.pid or 0, event_id=row.id)
+            if len(changes) != row.size:
+                raise DecodeError(f"{row.size} changes decoded as {len(changes)}")
         except Exception as exc:
-            if len(group) > 1:
-                return [change for row in group for change in self._decode([row], outcome)]
-            (row,) = group
             # Not something a retry can fix: a dead letter at once, kept for a look.
-            self.stats["undecodable"] += 1
+            self.stats["undecodable"] += row.unhandled()
             outcome.undecodable[row.id] = f"undecodable: {exc}"
             logger.warning(
                 "pgnotify: durable event %s of %s is undecodable: %s",
@@ -333,11 +359,13 @@ class DurableWorker:
                 exc,
             )
             return []
-        for change, row in zip(changes, group, strict=True):
-            if change.event_id != row.id:
-                # Built for this batch and not shared yet: set in place, as
-                # dataclasses.replace() would cost more than the decoding.
-                object.__setattr__(change, "event_id", row.id)
+        # Built for this batch and not shared yet: set in place, as
+        # dataclasses.replace() would cost more than the decoding.
+        for position in range(1, len(changes)):
+            object.__setattr__(changes[position], "event_id", row.id + position)
+        if row.handled:
+            done = set(row.handled)
+            changes = [c for position, c in enumerate(changes) if position not in done]
         return changes
 
     async def _settle(
@@ -347,57 +375,88 @@ class DurableWorker:
         outcome: _Outcome,
         errors: dict[int, str],
     ) -> None:
-        dispatched = {event.event_id for event in outcome.dispatched}
-        handled = [c.id for c in claimed if c.id in dispatched and c.id not in errors]
-        handled += outcome.skipped
-        failed = [c for c in claimed if c.id in errors]
-        released = [
-            c.id
-            for c in claimed
-            if c.id not in dispatched and c.id not in errors and c.id not in outcome.skipped
-        ]
+        """Delete (or mark done) the rows all handled; retry, dead-letter or release the rest."""
+        ids = [row.id for row in claimed]
+        handled_now: dict[int, list[int]] = {row.id: [] for row in claimed}
+        failed_now: dict[int, list[int]] = {row.id: [] for row in claimed}
+        for event in outcome.dispatched:
+            event_id = event.event_id
+            assert event_id is not None
+            row_id = ids[bisect.bisect_right(ids, event_id) - 1]
+            if event_id in errors:
+                failed_now[row_id].append(event_id - row_id)
+            else:
+                handled_now[row_id].append(event_id - row_id)
+        done: list[int] = []
+        failed: list[tuple[Claimed, str, bool]] = []
+        released: list[Claimed] = []
+        for row in claimed:
+            if row.id in outcome.skipped:
+                done.append(row.id)
+            elif row.id in outcome.undecodable:
+                failed.append((row, outcome.undecodable[row.id], True))
+            elif failed_now[row.id]:
+                first = row.id + failed_now[row.id][0]
+                error = errors[first] if row.size == 1 else f"event {first}: {errors[first]}"
+                dead = row.attempts >= self.max_attempts[row.declaration]
+                failed.append((row, error, dead))
+            elif len(handled_now[row.id]) == row.unhandled():
+                done.append(row.id)
+            else:
+                released.append(row)
         async with conn.pipeline(), conn.transaction():
             await conn.execute(_SETTLE_SETTINGS)
-            if handled:
-                await conn.execute(_MARK_DONE if self.keep_done else _DELETE, {"ids": handled})
+            if done:
+                await conn.execute(_MARK_DONE if self.keep_done else _DELETE, {"ids": done})
             if failed:
-                dead = [
-                    c.id in outcome.undecodable or c.attempts >= self.max_attempts[c.declaration]
-                    for c in failed
-                ]
                 await conn.execute(
                     _FAIL,
                     {
-                        "ids": [c.id for c in failed],
-                        "errors": [errors[c.id][:2000] for c in failed],
-                        "dead": dead,
+                        "ids": [row.id for row, _, _ in failed],
+                        "errors": [error[:2000] for _, error, _ in failed],
+                        "dead": [dead for _, _, dead in failed],
                         "delays": [
-                            0.0 if is_dead else retry_delay(c.attempts)
-                            for c, is_dead in zip(failed, dead, strict=True)
+                            0.0 if dead else retry_delay(row.attempts) for row, _, dead in failed
                         ],
+                        "done": [_int_array(handled_now[row.id]) for row, _, _ in failed],
                     },
                 )
-                for c, is_dead in zip(failed, dead, strict=True):
-                    if is_dead:
-                        self.stats["dead_letters"] += 1
-                        logger.error(
-                            "pgnotify: durable event %s of %s is a dead letter after %d "
-                            "attempt(s): %s",
-                            c.id,
-                            c.declaration,
-                            c.attempts,
-                            errors[c.id],
-                        )
-                    else:
-                        self.stats["retries"] += 1
             if released:
-                await conn.execute(_RELEASE, {"ids": released})
+                await conn.execute(
+                    _RELEASE,
+                    {
+                        "ids": [row.id for row in released],
+                        "done": [_int_array(handled_now[row.id]) for row in released],
+                    },
+                )
+        for row, error, dead in failed:
+            # Every change of an undecodable row is a dead letter; else the failing ones.
+            changes = row.unhandled() if row.id in outcome.undecodable else len(failed_now[row.id])
+            if dead:
+                self.stats["dead_letters"] += changes
+                logger.error(
+                    "pgnotify: durable event %s of %s is a dead letter after %d attempt(s)%s: %s",
+                    row.id,
+                    row.declaration,
+                    row.attempts,
+                    f" ({changes} of its {row.size} changes)" if row.size > 1 else "",
+                    error,
+                )
+            else:
+                self.stats["retries"] += changes
+
+
+def _int_array(values: Sequence[int]) -> str:
+    """A PostgreSQL int[] literal."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 @dataclass
 class _Outcome:
     dispatched: list[RowChange] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
+    #: Ids of rows settled without dispatching (their writer was this process).
+    skipped: set[int] = field(default_factory=set)
+    #: Row id: error, for rows that could not be decoded.
     undecodable: dict[int, str] = field(default_factory=dict)
 
 
@@ -409,10 +468,10 @@ class Backlog:
     """The state of the event table, for ``pgnotify_status``.
 
     Attributes:
-        pending: Events not yet handled (claimed or not).
-        oldest_pending_age: Seconds since the oldest pending event was written.
-        dead: Dead letters.
-        done: Handled events kept for retention.
+        pending: Changes not yet handled (claimed or not).
+        oldest_pending_age: Seconds since the oldest pending change was written.
+        dead: Changes in dead letters, not handled.
+        done: Handled changes kept for retention.
     """
 
     pending: int
@@ -422,21 +481,27 @@ class Backlog:
 
 
 def backlog(using: str = DEFAULT_DB_ALIAS) -> Backlog:
-    """Count the event table's rows by status, in one query."""
+    """Count the event table's changes by status, in one query (changes, not rows)."""
     query = sql.SQL(
-        "SELECT count(*) FILTER (WHERE status = 'pending'), "
+        "SELECT coalesce(sum(unhandled) FILTER (WHERE status = 'pending'), 0), "
         "extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')), "
-        "count(*) FILTER (WHERE status = 'dead'), count(*) FILTER (WHERE status = 'done') "
-        "FROM {}"
+        "coalesce(sum(unhandled) FILTER (WHERE status = 'dead'), 0), "
+        "coalesce(sum(size) FILTER (WHERE status = 'done'), 0) "
+        "FROM (SELECT status, created_at, size, size - coalesce(cardinality(handled), 0)"
+        " AS unhandled FROM {}) AS events"
     ).format(_TABLE)
     with connections[using].cursor() as cursor:
         cursor.execute(query.as_string(None))
         pending, age, dead, done = cursor.fetchone()
-    return Backlog(pending, float(age) if age is not None else None, dead, done)
+    return Backlog(int(pending), float(age) if age is not None else None, int(dead), int(done))
 
 
 def retry_events(queryset: Any) -> int:
-    """Make events (typically dead letters) pending again, with a fresh attempt count."""
+    """Make event rows (typically dead letters) pending again, with a fresh attempt count.
+
+    Changes of a row that were handled stay handled: only the others are delivered
+    again. Returns how many rows were made pending.
+    """
     from django.db.models.functions import Now
 
     return queryset.exclude(status=DONE).update(

@@ -37,8 +37,9 @@ class RowChange:
             ``None`` when it said nothing.
         durable: The change comes from a ``durable=True`` declaration: it was
             stored in the event table and is delivered at least once.
-        event_id: For a durable change, the id of its event row: the same on
-            every redelivery, so receivers deduplicate by it; else ``None``.
+        event_id: For a durable change, its event row's id plus its position
+            in the row: unique, and the same on every redelivery, so receivers
+            deduplicate by it; else ``None``.
     """
 
     model: type[models.Model]

@@ -39,7 +39,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 5
+TEMPLATE_VERSION = 6
 
 #: Start of the comment that marks a trigger or function as ours.
 MARKER = "django-pgnotify"
@@ -582,17 +582,29 @@ _TRANSITION_TABLES = {
 }
 
 
-def _durable_body(declaration: Declaration) -> str:
-    """Insert one event row per changed row, set-based, in the writing transaction.
+# A durable event row holds the changes whose running total of bytes falls in one
+# _DURABLE_ROW_BYTES span, each counted as at least _DURABLE_ROW_WEIGHT bytes: at
+# most wire.DURABLE_ID_STEP changes, and a 64 kB payload plus the last row's bytes.
+_DURABLE_ROW_BYTES = 65_536
+_DURABLE_ROW_WEIGHT = _DURABLE_ROW_BYTES // wire.DURABLE_ID_STEP
 
-    The row holds the wire format's version 2 row array as JSON text, built as
+
+def _durable_body(declaration: Declaration) -> str:
+    """Insert the statement's changes into the event table, set-based, in the writing
+    transaction: one event row per run of up to ``wire.DURABLE_ID_STEP`` changes.
+
+    Each change is the wire format's version 2 row array as JSON text, built as
     the live triggers build it (``_row_text``; nested ``jsonb_build_object``
     calls per row cost more than the rest of the insert, and a jsonb column
-    would parse it again), and the message's other keys as columns, with the
-    array's layout stored as a constant beside it. The statement's rows come
-    from its transition tables; an update's old and new rows are paired by
-    primary key (an update that changes the primary key is not announced).
-    No size limit applies, so nothing is truncated.
+    would parse it again); a run's arrays are joined with commas into one
+    ``payload``, its length in ``size``. The message's other keys are columns,
+    with the arrays' layout stored as a constant beside them. One event row per
+    change cost more than the table written (a heap tuple and two index entries
+    each): a run of them is one of each. Runs are cut by a running total of
+    bytes, so a row stays near 64 kB whatever the changes' size. The
+    statement's rows come from its transition tables; an update's old and new
+    rows are paired by primary key (an update that changes the primary key is
+    not announced). No size limit applies, so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
     transaction into one; ``PGNOTIFY["DURABLE_WAKEUP"] = False`` leaves it out
     (listeners then poll). The context is stored unparsed, as in the wire
@@ -611,9 +623,13 @@ def _durable_body(declaration: Declaration) -> str:
         sql.SQL(
             "  {keyword} TG_OP = {op} THEN\n"
             "    INSERT INTO {table}"
-            " (declaration, model, action, xid, changed_at, context, layout, payload, pid)\n"
-            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout}, {row},"
-            " writer FROM {source};\n"
+            " (declaration, model, action, xid, changed_at, context, layout, payload, pid, size)\n"
+            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout},"
+            " string_agg(r, ','), writer, count(*)\n"
+            "      FROM (SELECT r, sum(greatest(octet_length(r) + 1, {weight}))"
+            " OVER (ROWS UNBOUNDED PRECEDING) / {span} AS run\n"
+            "        FROM (SELECT {row} AS r FROM {source} OFFSET 0) AS rendered) AS totalled\n"
+            "      GROUP BY run ORDER BY run;\n"
         ).format(
             keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
             op=sql.Literal(event.upper()),
@@ -624,6 +640,8 @@ def _durable_body(declaration: Declaration) -> str:
             layout=sql.Literal(_durable_layout(declaration, event)),
             row=_row_text(declaration, event, "o" if event == "delete" else "n"),
             source=sources[event],
+            weight=sql.Literal(_DURABLE_ROW_WEIGHT),
+            span=sql.Literal(_DURABLE_ROW_BYTES),
         )
         for index, event in enumerate(declaration.events)
     )

@@ -91,6 +91,9 @@ CONTEXT_LIMIT = 1024
 #: The table durable declarations' triggers insert their messages into (unqualified:
 #: it is found on the writer's search_path, as Django's own tables are).
 EVENT_TABLE = "pgnotify_event"
+#: Event rows hold up to this many changes, and their ids are this far apart: a
+#: durable change's ``event_id`` is its row's id plus its position in the row.
+DURABLE_ID_STEP = 1024
 #: The channel of durable declarations' wake-up notification (payload empty).
 DURABLE_CHANNEL = "pgnotify_durable"
 

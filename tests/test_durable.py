@@ -37,6 +37,7 @@ from tests.durableapp.models import Job
 from tests.settings_durable import PGNOTIFY as DURABLE_SETTINGS
 
 DURABLE = "tests.settings_durable"
+LATEST_MIGRATION = "0004_durableevent_size_handled"
 
 
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
@@ -48,7 +49,16 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
 
 
 def count(conn: psycopg.Connection, where: str = "true") -> int:
-    return conn.execute(f"SELECT count(*) FROM pgnotify_event WHERE {where}").fetchone()[0]
+    """Changes of the event table not handled yet (an event row holds a run of them)."""
+    return conn.execute(
+        "SELECT coalesce(sum(size - coalesce(cardinality(handled), 0)), 0) FROM pgnotify_event"
+        f" WHERE {where}"
+    ).fetchone()[0]
+
+
+def event_rows(conn: psycopg.Connection) -> list[tuple[int, int, str]]:
+    """``(id, size, payload)`` of every event row, in id order."""
+    return conn.execute("SELECT id, size, payload FROM pgnotify_event ORDER BY id").fetchall()
 
 
 def insert_jobs(conn: psycopg.Connection, n: int, name: str = "job", body: str = "") -> None:
@@ -112,7 +122,7 @@ def test_durable_trigger_inserts_the_event_and_sends_one_constant_wakeup():
 
     assert 'INSERT INTO "pgnotify_event"' in body
     assert f"pg_notify('{wire.DURABLE_CHANNEL}', '')" in body
-    assert "octet_length" not in body  # no 8000-byte limit: nothing is truncated
+    assert body.count("pg_notify(") == 1  # the rows go to the table, with no 8000-byte limit
     with override_settings(PGNOTIFY={"DURABLE_WAKEUP": False}):
         assert "pg_notify" not in build_trigger_sql(declaration).body
 
@@ -173,7 +183,7 @@ def test_migrating_to_a_text_payload_keeps_the_events_stored_as_jsonb(transactio
                 """'{"pk": 1, "fields": {"name": "old", "n": 1}}'::jsonb)"""
             )
     finally:
-        migrate("0003_durableevent_payload_text")
+        migrate(LATEST_MIGRATION)
 
     assert payload_type() == "text"
     (payload,) = DurableEvent.objects.values_list("payload", flat=True)
@@ -193,13 +203,117 @@ def test_the_trigger_stores_the_row_array_as_json_text(other_connection):
     assert layout == '"fields":["name","body","n"]'
 
 
+def test_a_bulk_write_is_stored_in_runs_of_at_most_1024_changes_whose_ids_follow_the_rows(
+    other_connection,
+):
+    insert_jobs(other_connection, 3000)
+
+    rows = event_rows(other_connection)
+    assert [size for _, size, _ in rows] == [1023, 1024, 953]  # 64 bytes a change, at least
+    assert [b[0] - a[0] for a, b in itertools.pairwise(rows)] == [wire.DURABLE_ID_STEP] * 2
+    arrays = [json.loads(f"[{payload}]") for _, _, payload in rows]
+    assert [len(a) for a in arrays] == [size for _, size, _ in rows]
+    assert sorted(row[0] for array in arrays for row in array) == sorted(job_pks(other_connection))
+
+
+def test_large_changes_make_runs_of_about_64_kb_and_none_is_cut(other_connection):
+    insert_jobs(other_connection, 12, body="x" * 40_000)
+
+    rows = event_rows(other_connection)
+    assert sum(size for _, size, _ in rows) == 12
+    assert max(size for _, size, _ in rows) == 2
+    assert all(len(payload) < 65_536 + 40_100 for _, _, payload in rows)
+    bodies = [row[2] for _, _, payload in rows for row in json.loads(f"[{payload}]")]
+    assert bodies == ["x" * 40_000] * 12
+
+
+def failing_and_ok_jobs(conn: psycopg.Connection) -> dict[str, int]:
+    """One statement, one event row: two jobs that fail and three that do not."""
+    names = ["ok-a", "fail-b", "ok-c", "fail-d", "ok-e"]
+    conn.execute(
+        "INSERT INTO durableapp_job (name, body, n) "
+        "SELECT name, '', 0 FROM unnest(%s::text[]) name",
+        [names],
+    )
+    return dict(conn.execute("SELECT name, id FROM durableapp_job").fetchall())
+
+
+def test_the_handled_changes_of_a_row_with_failing_ones_are_not_delivered_again(
+    durable_listener, other_connection
+):
+    pks = failing_and_ok_jobs(other_connection)
+    handled = Handled(durable_listener())
+
+    wait_until(lambda: count(other_connection, "status = 'dead'") == 2, what="2 dead letters")
+    (dead,) = DurableEvent.objects.filter(status="dead")
+    assert (dead.size, sorted(dead.handled), dead.attempts) == (5, [0, 2, 4], 3)
+    ok = [pk for _, _, _, _, pk, _ in handled.read().rows]
+    assert sorted(ok) == sorted(pks[name] for name in ("ok-a", "ok-c", "ok-e"))  # once each
+    failing = Counter(event_id for event_id, _ in handled.failing)
+    assert failing == {dead.id + 1: 3, dead.id + 3: 3}
+    assert {row[0] - dead.id for row in handled.rows} == {0, 2, 4}
+    assert durable.backlog().dead == 2
+
+    assert durable.retry_events(DurableEvent.objects.filter(id=dead.id)) == 1
+    wait_until(
+        lambda: Counter(event_id for event_id, _ in handled.read().failing)[dead.id + 1] == 6,
+        what="the failing changes retried",
+    )
+    wait_until(lambda: count(other_connection, "status = 'dead'") == 2, what="dead again")
+    assert len(handled.read().rows) == 3  # the handled changes were not delivered again
+
+
+def test_a_listener_stopped_mid_row_gives_the_rest_back_and_keeps_what_it_handled(
+    durable_listener, other_connection
+):
+    insert_jobs(other_connection, 1000)
+    first = durable_listener(PGNOTIFY_TEST_RECEIVER_DELAY="0.005")
+    handled = Handled(first)
+    wait_until(lambda: len(handled.pks) >= 20, what="some changes handled")
+    assert first.stop() == 0
+    before = len(handled.read().rows)
+    assert 20 <= before < 1000
+
+    ((size, done, lease_owner),) = other_connection.execute(
+        "SELECT size, handled, lease_owner FROM pgnotify_event"
+    ).fetchall()
+    assert (size, len(done), lease_owner) == (1000, before, "")
+
+    second = Handled(durable_listener())
+    wait_until(lambda: count(other_connection) == 0, what="the rest handled")
+    pks = [row[4] for row in handled.rows + second.read().rows]
+    assert sorted(pks) == sorted(job_pks(other_connection))  # each exactly once
+
+
+def test_an_undecodable_row_becomes_a_dead_letter_at_once(durable_listener, other_connection):
+    other_connection.execute(
+        "INSERT INTO pgnotify_event (declaration, model, action, layout, payload, size) VALUES "
+        """('durableapp.Job:default', 'durableapp.job', 'insert', '"fields":["n"]', '[1,1]', 2), """
+        """('durableapp.Job:default', 'durableapp.job', 'insert', '"fields":["n"]', '[2,', 1)"""
+    )
+    insert_jobs(other_connection, 1)
+    handled = Handled(durable_listener())
+
+    wait_until(lambda: len(handled.pks) == 1, what="the good event handled")
+    wait_until(lambda: count(other_connection, "status = 'dead'") == 3, what="3 dead changes")
+    errors = [e.last_error for e in DurableEvent.objects.filter(status="dead").order_by("id")]
+    assert errors[0] == "undecodable: 2 changes decoded as 1"
+    assert errors[1].startswith("undecodable: ")
+    assert all(e.attempts == 1 for e in DurableEvent.objects.filter(status="dead"))
+
+
 def test_a_claim_reads_the_pending_index_in_id_order_before_the_table_is_analyzed(
     other_connection,
 ):
     # Fresh from a bulk write, the table has no statistics: left to itself the
     # planner reads and sorts every pending row for each claim.
     other_connection.execute("TRUNCATE pgnotify_event")
-    insert_jobs(other_connection, 20_000)
+    # As 20,000 single-row writes leave them: a row each.
+    other_connection.execute(
+        "INSERT INTO pgnotify_event (declaration, model, action, layout, payload) "
+        """SELECT 'durableapp.Job:default', 'durableapp.job', 'insert', '"fields":["n"]', """
+        "'[' || g || ',' || g || ']' FROM generate_series(1, 20000) g"
+    )
     params = {"uris": ["durableapp.Job:default"], "limit": 500, "owner": "test", "lease": 30.0}
 
     with other_connection.transaction():
@@ -334,7 +448,8 @@ def test_several_listeners_share_a_backlog_without_handling_an_event_twice_at_on
         for _ in range(listeners)
     ]
     handled = Handled(*processes)
-    insert_jobs(other_connection, 2000)
+    for _ in range(100):  # 100 event rows of 20 changes: one per claim of 20
+        insert_jobs(other_connection, 20)
 
     wait_until(lambda: len(handled.pks) == 2000, what="2000 jobs handled")
     wait_until(lambda: count(other_connection) == 0, what="handled events deleted")
@@ -359,11 +474,11 @@ def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_
 
     wait_until(lambda: count(other_connection, "status = 'dead'") == 2, what="2 dead letters")
     assert len(handled.pks) == 20  # the others were not held up
-    dead = list(DurableEvent.objects.filter(status="dead"))
-    assert {e.attempts for e in dead} == {3}  # max_attempts of the Job declaration
-    assert all("fails on purpose" in e.last_error for e in dead)
-    for event in dead:
-        times = [t for event_id, t in handled.read().failing if event_id == event.id]
+    (dead,) = DurableEvent.objects.filter(status="dead")  # the statement's two changes
+    assert (dead.size, dead.attempts) == (2, 3)  # max_attempts of the Job declaration
+    assert f"event {dead.id}: " in dead.last_error and "fails on purpose" in dead.last_error
+    for event_id in (dead.id, dead.id + 1):
+        times = [t for failing_id, t in handled.read().failing if failing_id == event_id]
         assert len(times) == 3
         with override_settings(PGNOTIFY=DURABLE_SETTINGS):  # the listener's delays
             assert times[1] - times[0] >= retry_delay(1) > 0
@@ -375,11 +490,11 @@ def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_
     client.login(username="admin", password="secret")
     response = client.post(
         "/admin/django_pgnotify/durableevent/",
-        {"action": "retry", "_selected_action": [e.id for e in dead]},
+        {"action": "retry", "_selected_action": [dead.id]},
     )
     assert response.status_code == 302
     wait_until(
-        lambda: len([1 for event_id, _ in handled.read().failing if event_id == dead[0].id]) == 4,
+        lambda: len([1 for event_id, _ in handled.read().failing if event_id == dead.id]) == 4,
         what="the retried event dispatched again",
     )
     listing = client.get("/admin/django_pgnotify/durableevent/?status__exact=dead")
@@ -424,7 +539,8 @@ def test_pruning_deletes_only_old_done_events_and_dead_letters_when_asked(transa
 def test_status_reports_backlog_oldest_pending_age_and_dead_letters(other_connection):
     from django_pgnotify.status import database_status
 
-    insert_jobs(other_connection, 3)
+    for name in ("a", "b", "c"):  # three transactions: three event rows
+        insert_jobs(other_connection, 1, name=name)
     other_connection.execute(
         "UPDATE pgnotify_event SET status = 'dead' WHERE id = (SELECT min(id) FROM pgnotify_event)"
     )
