@@ -71,6 +71,7 @@ def worker() -> None:
 
     row_changed.connect(noop, sender=DurableItem, weak=False)
     declarations = get_declarations(["benchapp.DurableItem"])
+    harness.freeze_like_pgnotify_listen()
     listener: Listener | None = None
     thread: threading.Thread | None = None
 

@@ -72,6 +72,15 @@ def parse_args(
 # Django and the database
 
 
+def freeze_like_pgnotify_listen() -> None:
+    """Exempt the objects alive now from the cyclic GC, as ``pgnotify_listen`` does
+    before it starts listening: a listener measured in this process then runs as it
+    would in its own."""
+    from django_pgnotify.listener import freeze_startup_objects
+
+    freeze_startup_objects()
+
+
 def setup_django(extra_settings: dict[str, Any] | None = None, migrate: bool = True) -> str:
     """Configure Django for the benchmark project, migrate, install triggers; return the URL.
 

@@ -487,6 +487,7 @@ def main() -> int:
         return 0
 
     url = harness.setup_django()
+    harness.freeze_like_pgnotify_listen()
     report = harness.Report(quick=args.quick)
     with harness.connect() as conn:
         conn.execute(f"TRUNCATE {TABLE}")

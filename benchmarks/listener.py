@@ -339,6 +339,7 @@ def main() -> int:
     )
     args = harness.parse_args(parser.description or "", parser=parser)
     url = harness.setup_django()
+    harness.freeze_like_pgnotify_listen()
     quiet_expected_warnings()
     rows = ROWS[args.quick]
     report = harness.Report(quick=args.quick)

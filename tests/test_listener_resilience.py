@@ -298,6 +298,84 @@ def test_a_full_local_queue_applies_backpressure_with_one_warning(
     assert full[0].levelno == logging.WARNING
 
 
+def test_worker_and_event_loop_take_turns_reading_and_commit_order_holds(
+    transactional_db, monkeypatch
+):
+    """The worker reads on while receivers are quick; a slow one lets the event
+    loop read ahead into the local queue, which the worker empties before it reads
+    the connection again. Whoever reads, the events keep their commit order."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 0.02)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
+    read_ahead_during_sleep = []
+
+    def sometimes_slow(sender, event, **kwargs):
+        if event.fields["status"].endswith("0"):
+            before = changes.stats["received"]
+            time.sleep(0.1)
+            read_ahead_during_sleep.append(changes.stats["received"] - before)
+
+    row_changed.connect(sometimes_slow, sender=Order, weak=False)
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            read_on = []
+            worker_reads = changes.listener._read_on
+
+            def counted(*args: float) -> list:
+                batch = worker_reads(*args)
+                read_on.append(len(batch))
+                return batch
+
+            changes.listener._read_on = counted
+            for _ in range(3):
+                create_orders_one_by_one(200)
+            events = changes.wait(600, timeout=30)
+    finally:
+        row_changed.disconnect(sometimes_slow, sender=Order)
+
+    assert [e.fields["status"] for e in events] == [f"n{i}" for i in range(200)] * 3
+    assert sum(read_on) > 0  # the worker read on
+    assert any(read_ahead_during_sleep)  # and the event loop read while a receiver slept
+
+
+def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
+    transactional_db, other_connection, monkeypatch
+):
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
+    killed = []
+
+    def kill_the_connection(sender, event, **kwargs):
+        if not killed:
+            killed.append(changes.listener.health.backend_pid)
+            terminate(other_connection, killed[0])
+            wait_until(
+                lambda: (
+                    not other_connection.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", killed
+                    ).fetchone()
+                ),
+                what="the terminated backend gone",
+            )
+
+    row_changed.connect(kill_the_connection, sender=Order, weak=False)
+    try:
+        with fast_listener(), capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="before")
+            changes.wait(1)
+            wait_until(lambda: changes.stats["reconnects"] == 1, what="a reconnect")
+            Order.objects.create(status="after")
+            events = changes.wait(2)
+            pid = changes.listener.health.backend_pid
+    finally:
+        row_changed.disconnect(kill_the_connection, sender=Order)
+
+    assert [e.fields["status"] for e in events] == ["before", "after"]
+    assert pid not in (None, killed[0])
+
+
 # Sync and async receivers
 
 
@@ -786,3 +864,26 @@ def test_decode_of_one_notification_skips_what_it_cannot_read_and_counts_it(
     assert skipped == foreign == []
     assert (listener.stats["undecodable"], listener.stats["ignored"]) == (1, 1)
     assert "skipped undecodable payload" in caplog.text
+
+
+def test_freeze_startup_objects_collects_then_freezes_what_is_alive():
+    import gc
+    import weakref
+
+    from django_pgnotify.listener import freeze_startup_objects
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.me = garbage  # unreachable once deleted: only the cyclic GC frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        freeze_startup_objects()
+        frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+
+    assert frozen > 0
+    assert gone() is None  # collected first, not frozen for good

@@ -16,7 +16,12 @@ from django_pgnotify import installation
 from django_pgnotify.conf import get_setting
 from django_pgnotify.connection import NotPostgreSQL, connection_params
 from django_pgnotify.events import RowChange
-from django_pgnotify.listener import Listener, ListenerError, retry_until_reachable
+from django_pgnotify.listener import (
+    Listener,
+    ListenerError,
+    freeze_startup_objects,
+    retry_until_reachable,
+)
 from django_pgnotify.signals import row_changed
 
 
@@ -115,6 +120,7 @@ class Command(BaseCommand):
                 row_changed.connect(
                     self.print_event, weak=False, dispatch_uid="pgnotify_listen_print"
                 )
+            freeze_startup_objects()
             listener[0].run()
         except ListenerError as exc:
             raise CommandError(f"Database {using!r}: {exc}.") from exc
