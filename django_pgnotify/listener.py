@@ -450,11 +450,7 @@ class Listener:
             fd = self._fd if self._conn is not None else -1
         if batch or wait <= 0 or fd < 0:
             return batch
-        try:  # without the lock: a query of the event loop's may need it meanwhile
-            readable = select.select([fd], [], [], wait)[0]
-        except (OSError, ValueError):  # closed meanwhile: the event loop knows why
-            return []
-        if not readable:
+        if not _wait_readable(fd, wait):  # without the lock: a query may need it meanwhile
             return []
         with self._read_lock:
             return self._read_on_locked()
@@ -697,6 +693,7 @@ class Listener:
             if read_on:
                 self._worker_reads = True
                 self._stop_reading()
+            self._last_progress = time.monotonic()  # not the idle time before this hop
             hop = loop.run_in_executor(executor, self._decode_and_send, batch, read_on)
             try:
                 while not hop.done():
@@ -923,6 +920,16 @@ def _one_line(exc: BaseException) -> str:
 
 def _summary(stats: Counter[str]) -> str:
     return ", ".join(f"{key}={stats[key]}" for key in COUNTERS)
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has data within ``timeout`` seconds (poll, for any fd number)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        return bool(poller.poll(timeout * 1000))
+    except OSError:  # closed meanwhile: the event loop finds out why
+        return False
 
 
 def _consume(pgconn: pq.abc.PGconn) -> None:
