@@ -7,8 +7,10 @@ before the backlog, whose receiver call blocks until the backlog is in; the
 clock starts when it is released and stops at the receiver call of the last
 backlog event. So reading, decoding to Python types, the thread hop and
 ``row_changed`` dispatch are all inside the timing. While held, the listener
-reads ahead only as far as its local queue (``QUEUE_SIZE``, 10,000 by default)
-lets it: the rest of the backlog waits in PostgreSQL, as in production.
+reads ahead only as far as its local queue (``QUEUE_SIZE``, 1,000 by default)
+lets it: the rest of the backlog waits in PostgreSQL, as in production. As
+``pgnotify_listen`` does, the process freezes its startup objects out of the
+garbage collector's reach before it measures.
 
 The receiver is as close to a no-op as a counter can be (one increment and two
 comparisons per call): the benchmark has to know when the last event arrived.

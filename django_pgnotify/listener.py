@@ -1,8 +1,9 @@
 """The listener: one dedicated connection, LISTEN, and a small asyncio loop.
 
-The event loop reads notifications as soon as the socket has data, in a
-reader callback that takes them straight from libpq into a bounded local
-queue (and stops reading, so leaving them on the server, when it is full). A
+While the worker thread is idle, the event loop reads notifications as soon
+as the socket has data, in a reader callback that takes them straight from
+libpq into a bounded local queue (and stops reading, so leaving them on the
+server, when it is full). A
 dispatcher task hands them in batches to one worker thread, which decodes
 them and calls the sync receivers; then it awaits the async receivers, all
 in commit order. While changes keep coming the worker reads them off the
@@ -166,9 +167,11 @@ class Listener:
         self._reading = False
         self._querying = False
         self._paused_at: float | None = None
-        # Held by whichever thread reads the connection (see _dispatch_loop).
+        # Held, briefly, by whichever thread reads the connection or the local
+        # queue; never across an await (see _dispatch_loop).
         self._read_lock = threading.Lock()
-        self._worker_reads = False
+        self._worker_reads = False  # the worker reads on; the event loop does not
+        self._in_hop = False  # a batch is in the worker thread
 
     # Lifecycle
 
@@ -366,9 +369,10 @@ class Listener:
             'listener a direct connection (PGNOTIFY["LISTEN_DATABASES"] or --database)'
         )
 
-    # Reading: straight from libpq, in a callback of the event loop. Per
-    # notification, psycopg's notifies() builds two Notify objects and resumes
-    # a generator: at a hundred thousand a second that was most of the cost.
+    # Reading: straight from libpq, in a callback of the event loop or in the
+    # worker thread (see _dispatch_loop). Per notification, psycopg's
+    # notifies() builds two Notify objects and resumes a generator: at a
+    # hundred thousand a second that was most of the cost.
 
     def _attach(self, conn: psycopg.AsyncConnection) -> None:
         """Make ``conn`` the connection read from (reading starts after its first query)."""
@@ -386,8 +390,12 @@ class Listener:
         self._stop_reading()
         with self._read_lock:  # the worker may be reading it: wait for that to end
             self._conn = None
-        if self._lost is not None and not self._lost.done():
-            self._lost.cancel()
+        lost = self._lost
+        if lost is not None:
+            if not lost.done():
+                lost.cancel()
+            elif not lost.cancelled():
+                lost.exception()  # seen, whoever raised it: asyncio need not warn
 
     def _start_reading(self) -> None:
         """Read whenever the socket has data, unless paused (full queue, a query
@@ -401,6 +409,9 @@ class Listener:
             if self._probe_sent is not None:  # it could not be read meanwhile
                 self._probe_sent += time.monotonic() - self._paused_at
             self._paused_at = None
+        if conn.pgconn.status != pq.ConnStatus.OK:  # the worker found it closed: its fd is gone
+            self._lose(conn, psycopg.OperationalError("the server closed the connection"))
+            return
         # What libpq parsed already first: the socket will not say it is there.
         if self._read_ahead(conn.pgconn, consume=False):
             assert self._loop is not None
@@ -442,8 +453,9 @@ class Listener:
         the local queue is empty; an empty list if nothing arrives within ``wait``
         seconds.
 
-        The event loop does not read meanwhile, so the two threads do not take
-        turns at the GIL for every few notifications: that halved throughput.
+        The event loop stops reading meanwhile (unless a receiver is slow), so
+        the two threads do not take turns at the GIL for every few
+        notifications: that halved throughput.
         """
         with self._read_lock:
             batch = self._read_on_locked()
@@ -457,7 +469,7 @@ class Listener:
 
     def _read_on_locked(self) -> list[PGnotify]:
         conn, loop = self._conn, self._loop
-        if not self._pending and conn is not None and loop is not None:
+        if not self._pending and conn is not None and loop is not None and not self._querying:
             try:
                 if not self._drain(conn.pgconn, BATCH_SIZE, self._control_threadsafe):
                     _consume(conn.pgconn)
@@ -506,11 +518,12 @@ class Listener:
         if raw.relname in (self._probe_name, self._durable_channel):
             self._control(raw)
             return
-        self.stats["received"] += 1
-        if self.ignore_own_changes and own_changes.is_own_pid(raw.be_pid):
-            self.stats["own_changes"] += 1
-            return
-        self._pending.append(raw)
+        with self._read_lock:  # the worker may be taking a batch from the queue
+            self.stats["received"] += 1
+            if self.ignore_own_changes and own_changes.is_own_pid(raw.be_pid):
+                self.stats["own_changes"] += 1
+                return
+            self._pending.append(raw)
         self._arrived.set()
 
     def _control_threadsafe(self, notify: PGnotify) -> None:
@@ -637,18 +650,18 @@ class Listener:
         that a dead connection never gives.
         """
         self._stop_reading()
-        self._querying = True
-        self._read_lock.acquire()  # the worker reads only between its libpq calls: brief
+        with self._read_lock:  # a read of the worker's ends first; it starts none until done
+            self._querying = True
         task = asyncio.ensure_future(conn.execute(query, params))
         try:
             done, _ = await asyncio.wait({task}, timeout=self._probe_timeout)
         finally:
             if not task.done():
-                conn.pgconn.finish()
+                conn.pgconn.finish()  # every later call on it raises, whoever makes it
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            self._read_lock.release()
             self._querying = False
+            if not task.done():
+                await asyncio.gather(task, return_exceptions=True)
         if not done:
             raise ConnectionLost(f"no answer to a query within {self._probe_timeout:g}s")
         result = task.result()
@@ -660,7 +673,7 @@ class Listener:
             return False
         if self._probe_sent is not None and now - self._probe_sent > self._probe_timeout:
             return False
-        busy = self._pending or self._worker_reads
+        busy = self._pending or self._in_hop
         stalled = busy and now - self._last_progress > self._probe_interval
         return not stalled
 
@@ -694,6 +707,7 @@ class Listener:
                 self._worker_reads = True
                 self._stop_reading()
             self._last_progress = time.monotonic()  # not the idle time before this hop
+            self._in_hop = True
             hop = loop.run_in_executor(executor, self._decode_and_send, batch, read_on)
             try:
                 while not hop.done():
@@ -702,8 +716,11 @@ class Listener:
                     if self._worker_reads and stuck:  # a slow receiver: read ahead meanwhile
                         self._worker_reads = False
                         self._start_reading()
+                    elif read_on and not self._worker_reads and not stuck:  # going again
+                        self._worker_reads = True
+                        self._stop_reading()
             finally:
-                self._worker_reads = False
+                self._worker_reads = self._in_hop = False
             if len(pending) <= self._queue_size // 2:
                 self._start_reading()  # if it was paused by a full queue or the worker read
             events = hop.result()  # those that have async receivers
@@ -744,11 +761,12 @@ class Listener:
         ``read_on``, go on with what the connection has meanwhile, batch by batch.
 
         Returns the events that have async receivers, for the event loop to await.
-        A hop that keeps some ends after a batch's worth (they are all held at
-        once), or when nothing more has arrived. One that keeps none waits up to
-        ``LINGER`` for more, and ends after ``HOP_SIZE`` notifications or
-        ``HOP_SECONDS``: ending a hop and starting the next costs two thread
-        wake-ups (latency) and the work of the event loop in between.
+        A hop that keeps some ends once it holds a batch's worth (they are all
+        held at once; at most twice the bounds), or when nothing more has
+        arrived. One that keeps none waits up to ``LINGER`` for more, and ends
+        after ``HOP_SIZE`` notifications or ``HOP_SECONDS``: ending a hop and
+        starting the next costs two thread wake-ups (latency) and the work of
+        the event loop in between.
         """
         send, has_async = self._send_batch, self.dispatcher.has_async_receivers
         kept: list[RowChange] = []

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -339,17 +341,82 @@ def test_worker_and_event_loop_take_turns_reading_and_commit_order_holds(
     assert any(read_ahead_during_sleep)  # and the event loop read while a receiver slept
 
 
+@contextmanager
+def sync_only_listener(*selectors: str) -> Iterator[Listener]:
+    """A listener in a thread, with only the test's own (sync) receivers: its
+    worker then keeps no events for async receivers and lingers for more."""
+    listener = Listener(get_declarations(list(selectors)), poll_interval=0.05)
+    thread = threading.Thread(target=listener.run, name="sync-only-listener", daemon=True)
+    thread.start()
+    try:
+        assert listener.ready.wait(10), "the listener did not start"
+        yield listener
+    finally:
+        listener.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_a_steady_stream_is_read_by_the_lingering_worker_in_order(transactional_db, monkeypatch):
+    """Each change is committed once the one before has reached its receiver: it
+    arrives while the worker waits for more, and the worker reads it itself."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "LINGER", 2.0)  # ample between two commits
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
+    woken = []
+    wait_readable = listener_module._wait_readable
+
+    def watched_wait(fd: int, timeout: float) -> bool:
+        readable = wait_readable(fd, timeout)
+        woken.append(readable)
+        return readable
+
+    monkeypatch.setattr(listener_module, "_wait_readable", watched_wait)
+    seen: queue.Queue[str] = queue.Queue()
+
+    def record(sender, event, **kwargs):
+        seen.put(event.fields["status"])
+
+    row_changed.connect(record, sender=Order, weak=False)
+    try:
+        with sync_only_listener("testapp.Order"):
+            received = []
+            for i in range(20):
+                Order.objects.create(status=f"s{i}")  # a transaction each
+                received.append(seen.get(timeout=10))
+    finally:
+        row_changed.disconnect(record, sender=Order)
+
+    assert received == [f"s{i}" for i in range(20)]
+    assert woken.count(True) >= 10  # most arrived while the worker waited for them
+
+
 def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
     transactional_db, other_connection, monkeypatch
 ):
     from django_pgnotify import listener as listener_module
 
     monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
-    killed = []
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
+    monkeypatch.setattr(listener_module, "LINGER", 2.0)
+    failed_in: list[str] = []
+    consume = listener_module._consume
+
+    def watched_consume(pgconn):
+        try:
+            consume(pgconn)
+        except Exception:
+            failed_in.append(threading.current_thread().name)
+            raise
+
+    monkeypatch.setattr(listener_module, "_consume", watched_consume)
+    seen, killed = [], []
 
     def kill_the_connection(sender, event, **kwargs):
+        seen.append(event.fields["status"])
         if not killed:
-            killed.append(changes.listener.health.backend_pid)
+            killed.append(listener.health.backend_pid)
             terminate(other_connection, killed[0])
             wait_until(
                 lambda: (
@@ -362,18 +429,18 @@ def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
 
     row_changed.connect(kill_the_connection, sender=Order, weak=False)
     try:
-        with fast_listener(), capture_row_changes("testapp.Order") as changes:
+        with fast_listener(), sync_only_listener("testapp.Order") as listener:
             Order.objects.create(status="before")
-            changes.wait(1)
-            wait_until(lambda: changes.stats["reconnects"] == 1, what="a reconnect")
+            wait_until(lambda: listener.stats["reconnects"] == 1, what="a reconnect")
             Order.objects.create(status="after")
-            events = changes.wait(2)
-            pid = changes.listener.health.backend_pid
+            wait_until(lambda: len(seen) == 2, what="the change after the reconnect")
+            pid = listener.health.backend_pid
     finally:
         row_changed.disconnect(kill_the_connection, sender=Order)
 
-    assert [e.fields["status"] for e in events] == ["before", "after"]
+    assert seen == ["before", "after"]
     assert pid not in (None, killed[0])
+    assert failed_in and failed_in[0].startswith("pgnotify-dispatch")  # the worker saw it
 
 
 # Sync and async receivers
