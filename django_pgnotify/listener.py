@@ -728,7 +728,7 @@ class Listener:
                 await self.dispatcher.send_async(events)
             self._last_progress = time.monotonic()
             self.health.local_queue = len(pending)
-            self.health.last_event_lag = self.dispatcher.last_event_lag
+            self.health.last_event_lag = self.dispatcher.last_event_lag  # async receivers' too
 
     async def _durable_loop(self, executor: ThreadPoolExecutor) -> None:
         """Run the durable worker once the listener has started, sharing the dispatch thread."""
@@ -805,6 +805,8 @@ class Listener:
         if len(done) < len(events):
             self._undispatched += len(events) - len(done)
         self._last_progress = time.monotonic()
+        # Here, not when the hop ends: a lingering hop may last a while yet.
+        self.health.last_event_lag = self.dispatcher.last_event_lag
         return done
 
     def decode(self, notify: psycopg.Notify) -> list[RowChange]:
