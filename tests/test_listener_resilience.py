@@ -20,6 +20,7 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 from django.test import override_settings
+from psycopg import sql
 
 from django_pgnotify import row_changed
 from django_pgnotify.backoff import Backoff
@@ -897,6 +898,45 @@ def test_a_batch_stops_at_its_size_or_payload_bound_and_keeps_the_order(monkeypa
 
     # Three at most; and a batch ends once its payloads reach 10 characters.
     assert batches == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def test_the_worker_reads_changes_and_hands_a_probe_answer_to_the_event_loop(
+    transactional_db, other_connection
+):
+    """What the worker thread reads while it lingers: changes come back to it, in
+    order; a probe answer goes to the event loop, which alone may touch its state."""
+    listener = Listener(get_declarations(["testapp.Order"]))
+    channel = listener.channels[0]
+
+    async def scenario() -> tuple[list[str], int, bool]:
+        listener._loop = asyncio.get_running_loop()
+        listener._arrived, listener._probe_back = asyncio.Event(), asyncio.Event()
+        conn = await psycopg.AsyncConnection.connect(database_url(), autocommit=True)
+        try:
+            listener._attach(conn)
+            for name in (channel, listener.probe_channel):
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            listener._probe_token, listener._probe_sent = "token", time.monotonic()
+            with other_connection.transaction():
+                other_connection.execute("SELECT pg_notify(%s, 'first')", [channel])
+                other_connection.execute("SELECT pg_notify(%s, 'token')", [listener.probe_channel])
+                other_connection.execute("SELECT pg_notify(%s, 'second')", [channel])
+            batch = await asyncio.to_thread(listener._read_on, 5.0)
+            await asyncio.wait_for(listener._probe_back.wait(), 5)
+            return (
+                [n.extra.decode() for n in batch],
+                listener.stats["probes"],
+                (listener._probe_sent is None),
+            )
+        finally:
+            listener._detach()
+            await conn.close()
+
+    payloads, probes, answered = asyncio.run(scenario())
+
+    assert payloads == ["first", "second"]
+    assert (probes, answered) == (1, True)
+    assert listener.stats["received"] == 2
 
 
 def test_notifications_that_arrive_during_a_query_are_queued_as_read_ones():
