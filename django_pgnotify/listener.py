@@ -3,15 +3,14 @@
 While the worker thread is idle, the event loop reads notifications as soon
 as the socket has data, in a reader callback that takes them straight from
 libpq into a bounded local queue (and stops reading, so leaving them on the
-server, when it is full). A
-dispatcher task hands them in batches to one worker thread, which decodes
-them and calls the sync receivers; then it awaits the async receivers, all
-in commit order. While changes keep coming the worker reads them off the
-connection itself, and the event loop reads again once the worker is done or
-a receiver is slow: two threads reading in turn would fight over the GIL. A
-timer sends the self-probe, a NOTIFY to itself that proves delivery works
-and doubles as keepalive. A lost connection is reopened with capped
-exponential backoff.
+server, when it is full). A dispatcher task hands them in batches to one
+worker thread, which decodes them and calls the sync receivers; then it
+awaits the async receivers, all in commit order. While changes keep coming
+the worker reads them off the connection itself, and the event loop reads
+again once the worker is done or a receiver is slow: two threads reading in
+turn would fight over the GIL. A timer sends the self-probe, a NOTIFY to
+itself that proves delivery works and doubles as keepalive. A lost
+connection is reopened with capped exponential backoff.
 
 ``stop()`` may be called from a signal handler or another thread; the event
 in hand is finished first.
@@ -706,6 +705,8 @@ class Listener:
             if read_on:
                 self._worker_reads = True
                 self._stop_reading()
+            elif len(pending) <= self._queue_size // 2:
+                self._start_reading()  # if it was paused by a full queue
             self._last_progress = time.monotonic()  # not the idle time before this hop
             self._in_hop = True
             hop = loop.run_in_executor(executor, self._decode_and_send, batch, read_on)
