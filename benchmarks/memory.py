@@ -57,7 +57,7 @@ def listener_child(checkpoints: list[int]) -> None:
     django.setup()
     from django_pgnotify import row_changed
     from django_pgnotify.declarations import get_declarations
-    from django_pgnotify.listener import Listener, freeze_startup_objects
+    from django_pgnotify.listener import Listener
 
     count = 0
     marks = set(checkpoints)
@@ -77,7 +77,7 @@ def listener_child(checkpoints: list[int]) -> None:
             print("ready", flush=True)
 
     threading.Thread(target=say_ready, daemon=True).start()
-    freeze_startup_objects()  # as pgnotify_listen does
+    harness.freeze_like_pgnotify_listen()
     listener.run()
 
 
