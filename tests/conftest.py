@@ -273,7 +273,7 @@ def install_stray_declaration(model_name: str, name: str) -> TriggerSQL:
             },
         )
         (found,), _ = resolve_model(model, Notify(name=name, events=["insert"]))
-    built = build_trigger_sql(found)
+    built = build_trigger_sql(found, connection.pg_version)
     with connection.cursor() as cursor:
         cursor.execute(built.install)
     return built

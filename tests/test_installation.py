@@ -15,6 +15,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from psycopg import sql
 
+from django_pgnotify import triggers
 from django_pgnotify.declarations import Declaration, get_declarations
 from django_pgnotify.installation import (
     INSTALLED,
@@ -185,6 +186,22 @@ def test_triggers_installed_from_the_printed_sql_count_as_installed():
     execute(run("--sql", "testapp.Order"))
 
     assert states("testapp.Order") == {built.uri: INSTALLED}
+
+
+def test_install_renders_values_as_the_server_allows_and_sql_prints_what_every_server_runs():
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)",
+            [build_trigger_sql(declaration("testapp.Order")).function.as_string(None) + "()"],
+        )
+        (installed,) = cursor.fetchone()
+    printed = run("--sql", "testapp.Order")
+
+    newer = connection.pg_version >= triggers.JSON_SCALAR_SINCE
+    assert ('JSON_SCALAR(n."status")' in installed) is newer
+    assert ('to_json(n."status")' in installed) is not newer
+    assert 'to_json(n."status")' in printed
+    assert "JSON_SCALAR" not in printed
 
 
 def test_check_exits_0_when_everything_is_installed_and_current():

@@ -9,13 +9,18 @@ path, and rows too long for a notification.
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from django_pgnotify import triggers, wire
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.triggers import build_trigger_sql
+from tests.testapp.models import Order, Reading
 
 ARTICLE_CHANNEL = "pgnotify_testapp_article"
 TAG_CHANNEL = "pgnotify_testapp_tag"
@@ -177,3 +182,38 @@ def test_a_bulk_update_of_undeclared_columns_only_is_announced_by_the_second_que
     assert sorted(r[0] for r in updated) == sorted(ids)
     for pk, title, old_title, mask in updated:
         assert (title, mask) == ((old_title, 0) if pk % 2 == 0 else (old_title + "!", 1))
+
+
+def test_json_scalar_renders_every_field_type_as_to_json_does(other_connection):
+    # The installer renders values with JSON_SCALAR() where the server has it;
+    # the payloads must be the same text as to_json()'s, byte for byte.
+    if other_connection.info.server_version < triggers.JSON_SCALAR_SINCE:
+        pytest.skip("JSON_SCALAR() needs PostgreSQL 17")
+    (reading,) = get_declarations(["testapp.Reading"])
+    order = Order.objects.create(status="new")
+    Reading.objects.create()  # every nullable field NULL
+    Reading.objects.create(
+        order=order,
+        taken_at=datetime(2025, 7, 1, 10, 0, 0, 123456, tzinfo=timezone.utc),
+        day=date(1, 1, 1),
+        at=time(23, 59, 59, 500000),
+        took=-timedelta(days=1, microseconds=1),
+        amount=Decimal("-1234567890123.123456"),
+        ratio=float("nan"),
+        flag=True,
+        data={"é ☃": ['"\\\n\x01', 1.5, None, True]},
+        blob=b"\x00\xff\x10",
+        token=uuid.uuid4(),
+        count=-(2**63),
+    )
+    Reading.objects.create(ratio=float("-inf"), data="text", amount=Decimal("1E+13"))
+    rows = [
+        triggers._row_text(reading, "insert", "n", scalar) for scalar in ("to_json", "JSON_SCALAR")
+    ]
+    query = sql.SQL("SELECT {}, {} FROM testapp_reading AS n").format(*rows)
+
+    rendered = other_connection.execute(query).fetchall()
+
+    assert len(rendered) == 3
+    for portable, newer in rendered:
+        assert newer == portable

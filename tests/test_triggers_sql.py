@@ -9,7 +9,7 @@ from django.db import models
 from django.test.utils import isolate_apps
 from psycopg import sql
 
-from django_pgnotify import Notify
+from django_pgnotify import Notify, triggers
 from django_pgnotify.declarations import Declaration, raw_declarations, resolve_model
 from django_pgnotify.triggers import build_trigger_sql, parse_comment
 from tests.testapp.models import Article, Order, Reading, Tag, Weird
@@ -289,3 +289,20 @@ def test_a_changed_mask_of_more_than_62_columns_is_sent_as_a_string(registry, wa
     # A JSON number past 64 bits would be rounded by a reader that parses floats.
     assert ("ELSE 0 END)::text)::text" in body) is as_string
     assert ("::numeric" in body) is as_string
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_values_render_with_json_scalar_on_servers_that_have_it(durable):
+    # JSON_SCALAR() looks up how to render its argument's type once per query;
+    # to_json() once per value. PostgreSQL 17 added it.
+    notify = Notify(fields=["status", "note"], durable=durable)
+    older = build_trigger_sql(declaration(Order, notify), 160000)
+    newer = build_trigger_sql(declaration(Order, notify), triggers.JSON_SCALAR_SINCE)
+
+    assert 'to_json(n."note")::text' in older.body
+    assert "JSON_SCALAR" not in older.body
+    assert 'JSON_SCALAR(n."note")::text' in newer.body
+    assert 'to_json(n."note")' not in newer.body
+    assert build_trigger_sql(declaration(Order, notify)).body == older.body
+    # The checksum is of the SQL installed: each server's triggers match its own.
+    assert older.checksum != newer.checksum
