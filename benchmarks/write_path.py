@@ -9,8 +9,9 @@ on tables with identical columns that differ only in their trigger:
   statement-level one with transition tables sending one notification per
   200 ids;
 - the library's triggers, installed by ``install_triggers`` for
-  ``Notify(fields=["a", "b"])`` (``Item``) and, for updates, with
-  ``when_changed=["a", "c"]`` (``ChangedItem``).
+  ``Notify(fields=["a", "b"])`` (``Item``), the same with ``level="row"``
+  (``RowItem``) and, for updates, with ``when_changed=["a", "c"]``
+  (``ChangedItem``).
 
 Every table is emptied before each timed run and, for the bulk UPDATE, filled
 with the same rows and vacuumed, so the variants start from the same state.
@@ -33,6 +34,7 @@ from benchmarks import harness
 
 PLAIN = "benchapp_plainitem"
 ITEM = "benchapp_item"
+ROW_ITEM = "benchapp_rowitem"
 CHANGED = "benchapp_changeditem"
 
 #: Hand-written baselines: table name, label and the SQL that creates its trigger.
@@ -86,6 +88,7 @@ HAND_WRITTEN: dict[str, tuple[str, str]] = {
 }
 
 LIBRARY = "pgnotify fields=[a, b]"
+LIBRARY_ROW = "pgnotify level=row"
 LIBRARY_CHANGED = "pgnotify when_changed=[a, c]"
 NONE = "no trigger"
 
@@ -149,7 +152,7 @@ class Bench:
         return self._timed(table, UPDATE_BULK.format(table), None)
 
     def _timed(self, table: str, statement: str, params: tuple[Any, ...] | None) -> float:
-        library = table in (ITEM, CHANGED)
+        library = table in (ITEM, ROW_ITEM, CHANGED)
         start = time.perf_counter()
         try:
             self.conn.execute(statement, params)
@@ -172,9 +175,13 @@ def variants(
 
 
 def baselines_text(results: dict[str, harness.Measurement]) -> str:
-    """The hand-written baselines' ratios, printed beside each library ratio."""
+    """The hand-written baselines' ratios (and the row-level declaration's), printed
+    beside each library ratio."""
+    labels = [label for label, _ in HAND_WRITTEN.values()]
+    if LIBRARY_ROW in results:
+        labels.append(LIBRARY_ROW)
     parts = [f"{NONE} 1.00x"] + [
-        f"{label} {harness.ratio(results, label, NONE):.2f}x" for label, _ in HAND_WRITTEN.values()
+        f"{label} {harness.ratio(results, label, NONE):.2f}x" for label in labels
     ]
     return "; ".join(parts)
 
@@ -196,28 +203,37 @@ def main() -> int:
                 f" {args.repeat} repetitions (+1 warm-up), round-robin"
             )
             single = harness.interleave(
-                variants(bench.single, {LIBRARY: ITEM}),
+                variants(bench.single, {LIBRARY: ITEM, LIBRARY_ROW: ROW_ITEM}),
                 args.repeat,
                 label=f"{single_rows} single-row INSERT transactions:",
             )
             insert = harness.interleave(
-                variants(bench.bulk_insert, {LIBRARY: ITEM}),
+                variants(bench.bulk_insert, {LIBRARY: ITEM, LIBRARY_ROW: ROW_ITEM}),
                 args.repeat,
                 label=f"one INSERT of {bulk_rows:,} rows:",
             )
             update = harness.interleave(
-                variants(bench.bulk_update, {LIBRARY: ITEM, LIBRARY_CHANGED: CHANGED}),
+                variants(
+                    bench.bulk_update,
+                    {LIBRARY: ITEM, LIBRARY_ROW: ROW_ITEM, LIBRARY_CHANGED: CHANGED},
+                ),
                 args.repeat,
                 label=f"one UPDATE of {bulk_rows:,} rows (every row changes):",
             )
         finally:
             drop_baselines(conn)
-            for table in (PLAIN, ITEM, CHANGED):
+            for table in (PLAIN, ITEM, ROW_ITEM, CHANGED):
                 conn.execute(f"TRUNCATE {table}")
 
     report.ratio(
         "write: single-row INSERT",
         harness.ratio(single, LIBRARY, NONE),
+        1.15,
+        baselines_text(single),
+    )
+    report.ratio(
+        "write: single-row INSERT, level=row",
+        harness.ratio(single, LIBRARY_ROW, NONE),
         1.15,
         baselines_text(single),
     )

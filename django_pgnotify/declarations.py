@@ -21,7 +21,7 @@ from django.db import models
 from . import naming
 from .conf import get_setting
 from .meta import META_OPTION
-from .notify import ALL_FIELDS, EVENTS, Notify
+from .notify import ALL_FIELDS, EVENTS, LEVELS, ROW, Notify
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
@@ -65,6 +65,11 @@ class Declaration:
     def triggers(self) -> dict[str, str]:
         """Trigger name for each announced event."""
         return {event: naming.trigger_name(self.name, event) for event in self.events}
+
+    @property
+    def row_level(self) -> bool:
+        """Whether the triggers fire once per row (``Notify(level="row")``)."""
+        return self.notify.level == ROW
 
     @property
     def watched(self) -> tuple[Column, ...]:
@@ -230,6 +235,19 @@ def _resolve_one(
             f"max_attempts must be a positive integer on a durable=True declaration, "
             f"got {max_attempts!r}.",
             "pgnotify.E008",
+        )
+
+    if notify.level not in LEVELS:
+        error(
+            f"level must be one of {', '.join(map(repr, LEVELS))}, got {notify.level!r}.",
+            "pgnotify.E013",
+        )
+    elif notify.level == ROW and notify.durable is True:
+        error(
+            "level='row' is for live declarations; a durable one stores a statement's "
+            "changes in one query, which a row-level trigger cannot do.",
+            "pgnotify.E013",
+            hint="Leave level at its default, 'statement', or drop durable=True.",
         )
 
     if any(e.is_serious() for e in errors):

@@ -258,6 +258,27 @@ def test_e008_max_attempts_needs_a_positive_int_on_a_durable_declaration(registr
     assert "testapp.Shipment:default: max_attempts must be a positive integer" in message.msg
 
 
+def test_row_level_live_declaration_is_accepted(registry):
+    declare(Notify(fields=["status"], when_changed=["status"], level="row"))
+
+    assert check_models(registry) == []
+
+
+@pytest.mark.parametrize(
+    ("notify", "text"),
+    [
+        (Notify(level="rows"), "level must be one of 'statement', 'row', got 'rows'"),
+        (Notify(level="row", durable=True), "level='row' is for live declarations"),
+    ],
+    ids=["unknown", "durable"],
+)
+def test_e013_level_is_statement_or_row_and_row_is_live_only(registry, notify, text):
+    declare(notify)
+
+    message = only(check_models(registry), "pgnotify.E013")
+    assert f"testapp.Shipment:default: {text}" in message.msg
+
+
 def test_w002_when_changed_without_update(registry):
     declare(Notify(events=["insert", "delete"], when_changed=["status"]))
 

@@ -306,3 +306,35 @@ def test_values_render_with_json_scalar_on_servers_that_have_it(durable):
     assert build_trigger_sql(declaration(Order, notify)).body == older.body
     # The checksum is of the SQL installed: each server's triggers match its own.
     assert older.checksum != newer.checksum
+
+
+def test_row_level_declarations_get_row_triggers_and_a_function_that_runs_no_query():
+    built = build_trigger_sql(declaration(Order, Notify(fields=["status"], level="row")))
+
+    for statement in built.create_triggers:
+        assert "FOR EACH ROW EXECUTE FUNCTION" in statement
+        assert "REFERENCING" not in statement
+    assert "SELECT" not in built.body.upper().replace("JSON_SCALAR", "")
+    assert "pgnotify_new" not in built.body
+    assert built.body.count("IF pg_notify(") == 3  # one per event, one row each
+    # n and o alias NEW and OLD, so rows render as in the statement triggers.
+    assert "n ALIAS FOR NEW;\n  o ALIAS FOR OLD;" in built.body
+    statement_level = build_trigger_sql(declaration(Order, Notify(fields=["status"])))
+    assert built.checksum != statement_level.checksum
+
+
+@pytest.mark.parametrize(
+    ("notify", "announced"),
+    [
+        (Notify(level="row"), "IF NOT record_image_ne(o, n) THEN"),
+        (
+            Notify(level="row", when_changed=["status"]),
+            'IF NOT ("o"."status" IS DISTINCT FROM "n"."status") THEN',
+        ),
+    ],
+    ids=["any-column", "when-changed"],
+)
+def test_a_row_level_update_returns_early_unless_it_is_announced(notify, announced):
+    body = build_trigger_sql(declaration(Order, notify)).body
+
+    assert announced in body

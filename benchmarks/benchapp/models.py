@@ -46,3 +46,10 @@ class DurableItem(_Columns):
 
     class Meta:
         pgnotify = Notify(fields=["a", "b"], durable=True)
+
+
+class RowItem(_Columns):
+    """``Item``'s declaration with row-level triggers (``level="row"``)."""
+
+    class Meta:
+        pgnotify = Notify(fields=["a", "b"], level="row")

@@ -1,0 +1,101 @@
+"""``Notify(level="row")``: row-level triggers deliver the same row changes.
+
+Every live declaration of the test project is installed at row level for
+these tests, and the delivery tests that hold for both levels run again
+against it (imported below), with a real listener in this process. The tests
+defined here are those where the row level differs: one notification per
+row, and the old values of an update that changes the pk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from django.db import connection, transaction
+
+from django_pgnotify import Notify, context, paused
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.triggers import build_trigger_sql
+from tests.conftest import changes_before_marker
+from tests.test_delivery import (  # noqa: F401  (run again here, at row level)
+    test_a_bulk_update_announces_only_the_rows_whose_watched_columns_changed,
+    test_abstract_parent_declaration_reaches_only_children_inheriting_its_meta,
+    test_bulk_create_sends_one_insert_per_row,
+    test_changes_arrive_in_commit_order_across_interleaved_transactions,
+    test_changes_of_one_transaction_share_its_xid_and_other_transactions_differ,
+    test_datetimes_and_durations_do_not_depend_on_the_writers_session_settings,
+    test_delete_arrives_with_the_values_the_row_had,
+    test_events_left_out_of_a_declaration_are_not_sent,
+    test_identical_changes_in_one_transaction_are_not_folded_into_one,
+    test_insert_arrives_with_pk_fields_channel_pid_xid_and_timestamp,
+    test_model_declared_in_settings_notifies,
+    test_multi_table_child_sends_an_event_per_table_each_with_its_own_sender,
+    test_proxy_model_changes_are_sent_by_the_concrete_model,
+    test_queryset_delete_sends_one_delete_per_row,
+    test_queryset_update_sends_one_update_per_row,
+    test_quoted_schema_table_column_and_channel_names_deliver,
+    test_raw_sql_from_another_client_is_announced_with_that_clients_pid,
+    test_rolled_back_changes_send_nothing,
+    test_row_over_the_payload_limit_is_written_and_arrives_truncated,
+    test_row_under_the_payload_limit_arrives_whole,
+    test_string_primary_key_arrives_as_str,
+    test_tables_with_columns_that_have_no_equality_operator_still_accept_updates,
+    test_update_arrives_with_new_values_old_values_and_changed_fields,
+    test_update_of_a_when_changed_field_is_sent_with_it_in_changed,
+    test_update_of_fields_outside_when_changed_sends_nothing,
+    test_update_that_changes_nothing_sends_nothing,
+    test_uuid_primary_key_and_field_values_arrive_as_python_types,
+)
+from tests.testapp.models import Article, Order
+
+
+@pytest.fixture(autouse=True)
+def row_level_triggers(restore_triggers) -> Iterator[None]:
+    """Every live declaration installed with ``level="row"``; restored afterwards."""
+    with connection.cursor() as cursor:
+        for declaration in get_declarations():
+            if declaration.notify.durable:
+                continue
+            options = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
+            row = dataclasses.replace(declaration, notify=Notify(**{**options, "level": "row"}))
+            built = build_trigger_sql(row, connection.pg_version)
+            cursor.execute(built.install)
+            for statement in built.create_triggers:
+                assert " FOR EACH ROW " in statement
+    yield
+
+
+def test_a_bulk_write_arrives_as_one_notification_per_row(changes):
+    titles = [f"{'x' * 100}-{i}" for i in range(60)]
+    Article.objects.bulk_create([Article(title=title) for title in titles])
+
+    events = changes.wait(60)
+
+    assert [e.fields["title"] for e in events] == titles
+    assert changes.stats["received"] == 60
+
+
+def test_an_update_that_changes_the_pk_carries_the_old_values(changes):
+    order = Order.objects.create(status="new")
+    changes.wait(1)
+    changes.clear()
+
+    Order.objects.filter(pk=order.pk).update(id=order.pk + 100_000, status="moved")
+
+    (event,) = changes.wait(1)
+    assert (event.action, event.pk) == ("update", order.pk + 100_000)
+    assert event.old["status"] == "new"
+    assert event.changed == frozenset({"status"})
+
+
+def test_paused_writes_send_nothing_and_the_context_travels(changes):
+    with transaction.atomic(), paused("testapp.Order"):
+        Order.objects.create(status="quiet")
+    with transaction.atomic(), context(request_id="r-1"):
+        Order.objects.create(status="heard")
+
+    events = changes_before_marker(changes)
+
+    assert [(e.fields["status"], e.context) for e in events] == [("heard", {"request_id": "r-1"})]
