@@ -4,10 +4,12 @@ Each declaration gets one PL/pgSQL function and one ``AFTER ... FOR EACH
 STATEMENT`` trigger per announced event, with transition tables: the function
 reads the statement's rows in one set-based query and sends them in as few
 notifications as the 8000-byte limit allows (version 2 of the wire format: one
-array per row). A row-level trigger would call a function and ``pg_notify()``
-once per row, which makes a bulk write two to four times slower; one
-statement-level trigger costs about as much as a row trigger for a single-row
-write. Transition tables allow one event per trigger, hence one trigger per event.
+array per row). Transition tables allow one event per trigger, hence one
+trigger per event. ``Notify(level="row")`` makes them ``FOR EACH ROW``
+triggers instead, whose function sends its row alone: no transition tables
+and no query, so a single-row write costs about half as much extra, but a
+bulk write calls the function and ``pg_notify()`` once per row, which makes
+it two to three times slower than without the trigger.
 
 An update's old and new rows are paired by primary key; rows whose watched
 columns did not change are left out in the same query. Every name is quoted
@@ -131,16 +133,16 @@ def build_trigger_sql(declaration: Declaration, server_version: int | None = Non
     ).format(function=function, body=quoted_body)
     create_triggers = []
     for event, name in declaration.triggers.items():
-        # The statement's rows are read from its transition tables; an update's
+        # A statement's rows are read from its transition tables; an update's
         # unchanged rows, and paused writes, are left out by the function.
-        level: sql.Composable = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
-            sql.SQL(" ").join(
-                sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
-                for kind, alias in _TRANSITION_TABLES[event]
+        level: sql.Composable = sql.SQL(" FOR EACH ROW")
+        if not declaration.row_level:
+            level = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
+                sql.SQL(" ").join(
+                    sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
+                    for kind, alias in _TRANSITION_TABLES[event]
+                )
             )
-        )
-        if declaration.row_level:
-            level = sql.SQL(" FOR EACH ROW")
         create_triggers.append(
             sql.SQL(
                 "DROP TRIGGER IF EXISTS {name} ON {table};\n"
