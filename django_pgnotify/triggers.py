@@ -386,9 +386,8 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
                 key=_value(record, declaration.pk),
             )
         )
-    body = sql.SQL(
-        "\nDECLARE\n"
-        "{ctx}"
+    return _live_function(
+        declaration,
         "  batch text;\n"
         "  counted bigint;\n"
         "  room integer;\n"
@@ -400,7 +399,18 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
         "  pos integer;\n"
         "  cut integer;\n"
         "  short integer;\n"
-        "  half integer;\n"
+        "  half integer;\n",
+        branches,
+    )
+
+
+def _live_function(declaration: Declaration, variables: str, branches: list[sql.Composable]) -> str:
+    """A live function's body: ``ctx`` and ``variables`` declared, the pause check
+    and the context guard first, then ``branches`` (one ``IF TG_OP`` per event)."""
+    body = sql.SQL(
+        "\nDECLARE\n"
+        "{ctx}"
+        "{variables}"
         "BEGIN\n"
         "{paused}"
         "{context_guard}"
@@ -408,6 +418,7 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
         "  RETURN NULL;\nEND;\n"
     ).format(
         ctx=_CONTEXT_DECLARATION,
+        variables=sql.SQL(variables),
         paused=_pause_check(declaration),
         context_guard=_CONTEXT_GUARD,
         branches=sql.SQL("").join(branches),
@@ -483,24 +494,9 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
                 head=_head(declaration, event),
             )
         )
-    body = sql.SQL(
-        "\nDECLARE\n"
-        "  n ALIAS FOR NEW;\n"
-        "  o ALIAS FOR OLD;\n"
-        "{ctx}"
-        "  r text;\n"
-        "BEGIN\n"
-        "{paused}"
-        "{context_guard}"
-        "{branches}  END IF;\n"
-        "  RETURN NULL;\nEND;\n"
-    ).format(
-        ctx=_CONTEXT_DECLARATION,
-        paused=_pause_check(declaration),
-        context_guard=_CONTEXT_GUARD,
-        branches=sql.SQL("").join(branches),
+    return _live_function(
+        declaration, "  n ALIAS FOR NEW;\n  o ALIAS FOR OLD;\n  r text;\n", branches
     )
-    return _render(body)
 
 
 def _live_update_filter(declaration: Declaration) -> sql.Composable:
