@@ -458,19 +458,22 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
     notification per row. ``n`` and ``o`` alias ``NEW`` and ``OLD``, so rows
     render as in the statement triggers, and the same 8000-byte guard applies:
     a row that does not fit is sent as its pk alone (or ``[null]``). An
-    update is announced as the statement triggers decide, except that ``OLD``
-    is at hand, so an update that changes the pk carries the old values too.
+    update is announced when the statement triggers would announce it; as
+    ``OLD`` is at hand, one that changes the pk carries the old values too,
+    and its changed fields are those that really changed.
     """
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
         skip: sql.Composable = sql.SQL("")
         if event == "update":
-            changed = (
-                _update_filter(declaration)
-                if declaration.when_changed
-                else sql.SQL("record_image_ne(o, n)")
-            )
+            # As the statement triggers decide: they announce an update that
+            # changes the pk whatever when_changed says, having no old row to compare.
+            changed = sql.SQL("record_image_ne(o, n)")
+            if declaration.when_changed:
+                changed = sql.SQL("(o.{pk} IS DISTINCT FROM n.{pk} OR {filter})").format(
+                    pk=sql.Identifier(declaration.pk.column), filter=_update_filter(declaration)
+                )
             skip = sql.SQL("    IF NOT {} THEN\n      RETURN NULL;\n    END IF;\n").format(changed)
         key = sql.SQL("json_build_array({})::text").format(_value(record, declaration.pk))
         branches.append(

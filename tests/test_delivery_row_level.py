@@ -90,6 +90,19 @@ def test_an_update_that_changes_the_pk_carries_the_old_values(changes):
     assert event.changed == frozenset({"status"})
 
 
+def test_an_update_that_changes_only_the_pk_is_announced_despite_when_changed(changes):
+    # As with statement triggers, which cannot pair such a row with its old one.
+    order = Order.objects.create(status="new")
+    changes.wait(1)
+    changes.clear()
+
+    Order.objects.filter(pk=order.pk).update(id=order.pk + 200_000)
+
+    (event,) = changes.wait(1)
+    assert (event.action, event.pk, event.changed) == ("update", order.pk + 200_000, frozenset())
+    assert event.old["status"] == "new"
+
+
 def test_paused_writes_send_nothing_and_the_context_travels(changes):
     with transaction.atomic(), paused("testapp.Order"):
         Order.objects.create(status="quiet")

@@ -329,7 +329,8 @@ def test_row_level_declarations_get_row_triggers_and_a_function_that_runs_no_que
         (Notify(level="row"), "IF NOT record_image_ne(o, n) THEN"),
         (
             Notify(level="row", when_changed=["status"]),
-            'IF NOT ("o"."status" IS DISTINCT FROM "n"."status") THEN',
+            'IF NOT (o."id" IS DISTINCT FROM n."id"'
+            ' OR ("o"."status" IS DISTINCT FROM "n"."status")) THEN',
         ),
     ],
     ids=["any-column", "when-changed"],
