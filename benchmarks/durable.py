@@ -340,15 +340,8 @@ def main() -> int:
     text = "; ".join(f"{name} {value:.2f}x" for name, value in ratios.items())
     print(f"\nconcurrent writers, commits/s as a ratio to no trigger ({base:,.0f}/s): {text}")
     for name in ("durable + wake-up", "durable poll-only"):
-        # No target is set for these: they are printed for comparison, and PASS
-        # means only "not slower than the hand-written per-row pg_notify".
-        report.rate(
-            f"durable: {WRITERS} writers, {name}",
-            ratios[name],
-            round(ratios[label], 2),
-            "x",
-            text,
-        )
+        # The issue asks to show these, with no target: printed for comparison.
+        report.compare(f"durable: {WRITERS} writers, {name}", ratios[name], text)
     print(f"\ndurable took {time.monotonic() - started:.0f}s")
     return report.finish(url)
 

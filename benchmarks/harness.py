@@ -291,6 +291,10 @@ class Report:
         self.lines.append(f"SUMMARY  {name}  {detail}  target always  baseline -  {verdict}")
         return passed
 
+    def compare(self, name: str, measured: float, baseline: str) -> None:
+        """A ratio printed beside its baselines with no target, and so no verdict."""
+        self.lines.append(f"SUMMARY  {name}  {measured:.2f}x  target none  baseline {baseline}  -")
+
     def _add(self, name: str, passed: bool, absurd: bool) -> None:
         if not passed:
             self.failed.append(name)
