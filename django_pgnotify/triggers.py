@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -404,7 +405,9 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
     )
 
 
-def _live_function(declaration: Declaration, variables: str, branches: list[sql.Composable]) -> str:
+def _live_function(
+    declaration: Declaration, variables: str, branches: Sequence[sql.Composable]
+) -> str:
     """A live function's body: ``ctx`` and ``variables`` declared, the pause check
     and the context guard first, then ``branches`` (one ``IF TG_OP`` per event)."""
     body = sql.SQL(
@@ -469,7 +472,7 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
         if event == "update":
             # As the statement triggers decide: they announce an update that
             # changes the pk whatever when_changed says, having no old row to compare.
-            changed = sql.SQL("record_image_ne(o, n)")
+            changed: sql.Composable = sql.SQL("record_image_ne(o, n)")
             if declaration.when_changed:
                 changed = sql.SQL("(o.{pk} IS DISTINCT FROM n.{pk} OR {filter})").format(
                     pk=sql.Identifier(declaration.pk.column), filter=_update_filter(declaration)
