@@ -320,12 +320,15 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
             [table, built.function.as_string(None) + "()"],
         )
         relid, function_oid, body, function_comment, on_table = cursor.fetchone()
+        # What is installed is compared with ``reference``; a repair installs ``built``.
+        reference = built
         if body is not None and (body, function_comment) != (built.body, built.comment):
-            # ``--sql`` does not connect, so it prints SQL that every server runs;
-            # triggers installed from it count as installed.
+            # ``--sql`` does not connect, so it prints SQL that every server runs:
+            # triggers installed from it count as installed, and a repair
+            # rebuilds them in this server's own form.
             portable = trigger_sql.build_trigger_sql(declaration)
             if (body, function_comment) == (portable.body, portable.comment):
-                built = portable
+                reference = portable
         if relid is None:
             states.append(TriggerState(built.uri, NO_TABLE, table, sql=built))
             continue
@@ -336,11 +339,11 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
         problems = []
         if body is None:
             problems.append("function missing")
-        elif body != built.body or function_comment != built.comment:
+        elif body != reference.body or function_comment != reference.comment:
             problems.append("function differs")
         for relid_name in keys:
             row = installed.get(relid_name)
-            if row is not None and not _matches(row[0], row[-1], built):
+            if row is not None and not _matches(row[0], row[-1], reference):
                 problems.append(f"trigger {relid_name[1]} differs")
             elif row is None and relid_name[1] in on_table:
                 problems.append(f"trigger {relid_name[1]} lacks our comment")

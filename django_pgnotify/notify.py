@@ -45,9 +45,11 @@ class Notify:
             which reads the statement's rows from its transition tables, so a
             bulk write costs little more than one row. ``"row"``: one trigger
             call and one notification per row, with no transition tables and
-            no query, which halves the cost of a single-row write and roughly
-            doubles that of a bulk one (see docs/performance.md). Live
-            declarations only; the events received are the same.
+            no query, which halves what the trigger adds to a single-row write
+            but makes a bulk write two to three times as slow as without a
+            trigger (see docs/performance.md). Live declarations only; the
+            events received are the same but for the cases in
+            docs/declaring.md.
     """
 
     __slots__ = (

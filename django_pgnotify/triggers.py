@@ -17,7 +17,7 @@ with ``psycopg.sql``; values embedded in the function (channel, model label,
 column names) are quoted literals.
 
 Every function first reads the transaction-local setting ``pgnotify.paused``
-(one ``current_setting()`` per statement, no query), so a transaction can
+(one ``current_setting()`` per call, no query), so a transaction can
 silence its own writes without DDL; the function adds the
 ``pgnotify.context`` setting to the payload as it is, unparsed, so a malformed
 value set by hand can never fail the write.
@@ -460,18 +460,18 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
     trigger costs a single-row write. A bulk write pays a function call and a
     notification per row. ``n`` and ``o`` alias ``NEW`` and ``OLD``, so rows
     render as in the statement triggers, and the same 8000-byte guard applies:
-    a row that does not fit is sent as its pk alone (or ``[null]``). An
-    update is announced when the statement triggers would announce it; as
-    ``OLD`` is at hand, one that changes the pk carries the old values too,
-    and its changed fields are those that really changed.
+    a row that does not fit is sent as its pk alone (or ``[null]``). Updates
+    are filtered as in the statement triggers, but ``OLD`` is at hand: one
+    that changes the pk is always announced, with its own old values and the
+    fields that really changed (see docs/declaring.md, ``level``).
     """
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
         skip: sql.Composable = sql.SQL("")
         if event == "update":
-            # As the statement triggers decide: they announce an update that
-            # changes the pk whatever when_changed says, having no old row to compare.
+            # Like the statement triggers, which announce an update to a new pk
+            # whatever when_changed says, having no old row to compare it with.
             changed: sql.Composable = sql.SQL("record_image_ne(o, n)")
             if declaration.when_changed:
                 changed = sql.SQL("(o.{pk} IS DISTINCT FROM n.{pk} OR {filter})").format(

@@ -3,8 +3,8 @@
 Every live declaration of the test project is installed at row level for
 these tests, and the delivery tests that hold for both levels run again
 against it (imported below), with a real listener in this process. The tests
-defined here are those where the row level differs: one notification per
-row, and the old values of an update that changes the pk.
+defined here cover where the row level differs (one notification per row; an
+update that changes the pk) and paths of its own (wide rows, pause, context).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from tests.test_delivery import (  # noqa: F401  (run again here, at row level)
     test_update_that_changes_nothing_sends_nothing,
     test_uuid_primary_key_and_field_values_arrive_as_python_types,
 )
-from tests.testapp.models import Article, Order
+from tests.testapp.models import Article, Order, Reading
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,21 @@ def test_an_update_that_changes_only_the_pk_is_announced_despite_when_changed(ch
     (event,) = changes.wait(1)
     assert (event.action, event.pk, event.changed) == ("update", order.pk + 200_000, frozenset())
     assert event.old["status"] == "new"
+
+
+def test_a_wide_row_update_carries_its_old_values_and_changed_fields(changes):
+    # Reading declares every field: its update rows are rendered by json_build_array.
+    reading = Reading.objects.create(ratio=0.5, count=1, data={"v": 1})
+    changes.wait_for(lambda e: e.model is Reading)
+    changes.clear()
+
+    Reading.objects.filter(pk=reading.pk).update(ratio=0.75, flag=True, data={"v": 2})
+
+    event = changes.wait_for(lambda e: e.model is Reading and e.action == "update")
+    assert event.pk == reading.pk
+    assert (event.fields["ratio"], event.old["ratio"]) == (0.75, 0.5)
+    assert (event.fields["data"], event.old["data"]) == ({"v": 2}, {"v": 1})
+    assert event.changed == frozenset({"ratio", "flag", "data"})
 
 
 def test_paused_writes_send_nothing_and_the_context_travels(changes):

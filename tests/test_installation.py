@@ -188,6 +188,30 @@ def test_triggers_installed_from_the_printed_sql_count_as_installed():
     assert states("testapp.Order") == {built.uri: INSTALLED}
 
 
+def test_a_repair_of_triggers_installed_from_the_printed_sql_uses_the_servers_own_form():
+    if connection.pg_version < triggers.JSON_SCALAR_SINCE:
+        pytest.skip("both forms are the same before PostgreSQL 17")
+    built = build_trigger_sql(declaration("testapp.Order"))
+    uninstall_triggers(["testapp.Order"])
+    execute(run("--sql", "testapp.Order"))
+    execute(
+        sql.SQL("DROP TRIGGER {} ON {}").format(
+            sql.Identifier(built.triggers["update"]), built.table
+        )
+    )
+    assert states("testapp.Order") == {built.uri: OUTDATED}
+
+    run("testapp.Order")
+
+    assert states("testapp.Order") == {built.uri: INSTALLED}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)",
+            [built.function.as_string(None) + "()"],
+        )
+        assert 'JSON_SCALAR(n."status")' in cursor.fetchone()[0]
+
+
 def test_install_renders_values_as_the_server_allows_and_sql_prints_what_every_server_runs():
     with connection.cursor() as cursor:
         cursor.execute(
