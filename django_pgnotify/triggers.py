@@ -42,7 +42,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 7
+TEMPLATE_VERSION = 8
 
 #: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
 #: how to render its argument's type once per query, where ``to_json()`` does so for
@@ -409,34 +409,42 @@ def _live_function(
     declaration: Declaration, variables: str, branches: Sequence[sql.Composable]
 ) -> str:
     """A live function's body: ``ctx`` and ``variables`` declared, the pause check
-    and the context guard first, then ``branches`` (one ``IF TG_OP`` per event)."""
+    and the context's rendering first, then ``branches`` (one ``IF TG_OP`` per event)."""
     body = sql.SQL(
         "\nDECLARE\n"
         "{ctx}"
         "{variables}"
         "BEGIN\n"
         "{paused}"
-        "{context_guard}"
+        "{context}"
         "{branches}  END IF;\n"
         "  RETURN NULL;\nEND;\n"
     ).format(
         ctx=_CONTEXT_DECLARATION,
         variables=sql.SQL(variables),
         paused=_pause_check(declaration),
-        context_guard=_CONTEXT_GUARD,
+        context=_CONTEXT_RENDERING,
         branches=sql.SQL("").join(branches),
     )
     return _render(body)
 
 
-# The ``ctx`` variable: the context as a JSON key and string, or NULL; left out
-# past _CONTEXT_MAX bytes by _CONTEXT_GUARD.
-_CONTEXT_DECLARATION = sql.SQL(
-    "  ctx text := {key} || to_json(nullif(current_setting({setting}, true), ''));\n"
-).format(key=sql.Literal(f',"{wire.CONTEXT}":'), setting=sql.Literal(wire.CONTEXT_SETTING))
-_CONTEXT_GUARD = sql.SQL("  IF octet_length(ctx) > {} THEN\n    ctx := NULL;\n  END IF;\n").format(
-    sql.Literal(_CONTEXT_MAX)
+# The ``ctx`` variable: the setting as it is, then, only when it is set, the
+# context as a JSON key and string, left out (NULL) past _CONTEXT_MAX bytes.
+# Without a context, ''/NULL count as no bytes and add nothing to the message.
+# PL/pgSQL prepares each expression again in every transaction, so the
+# rendering is nested where a transaction without a context never reaches it.
+_CONTEXT_DECLARATION = sql.SQL("  ctx text := current_setting({}, true);\n").format(
+    sql.Literal(wire.CONTEXT_SETTING)
 )
+_CONTEXT_RENDERING = sql.SQL(
+    "  IF ctx <> '' THEN\n"
+    "    ctx := {key} || to_json(ctx);\n"
+    "    IF octet_length(ctx) > {limit} THEN\n"
+    "      ctx := NULL;\n"
+    "    END IF;\n"
+    "  END IF;\n"
+).format(key=sql.Literal(f',"{wire.CONTEXT}":'), limit=sql.Literal(_CONTEXT_MAX))
 
 
 def _head(declaration: Declaration, event: str) -> sql.Composable:
@@ -817,14 +825,17 @@ def _pause_check(declaration: Declaration) -> sql.Composable:
     In the function rather than a trigger ``WHEN`` clause: PostgreSQL reads
     and compiles a statement trigger's ``WHEN`` again for every statement,
     which cost about 20 µs of a single-row write, where this costs one
-    ``current_setting()`` and a comparison while nothing is paused (the list
-    is only looked at while something is).
+    ``current_setting()`` and a comparison while nothing is paused. The list
+    is looked at in a nested ``IF``: PL/pgSQL prepares an expression again in
+    each transaction it runs in, so one that is never reached costs nothing.
     """
     setting = sql.SQL("current_setting({}, true)").format(sql.Literal(wire.PAUSED_SETTING))
     return sql.SQL(
-        "  IF {setting} <> '' AND ({setting} = {all} OR strpos(',' || "
-        "replace(lower({setting}), ' ', '') || ',', {label}) > 0) THEN\n"
-        "    RETURN NULL;\n"
+        "  IF {setting} <> '' THEN\n"
+        "    IF {setting} = {all} OR strpos(',' || "
+        "replace(lower({setting}), ' ', '') || ',', {label}) > 0 THEN\n"
+        "      RETURN NULL;\n"
+        "    END IF;\n"
         "  END IF;\n"
     ).format(
         setting=setting,

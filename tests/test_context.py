@@ -136,6 +136,21 @@ def test_a_malformed_context_set_by_hand_never_fails_the_write(changes, other_co
     assert event.context is None
 
 
+def test_a_context_set_by_hand_too_large_for_the_message_is_left_out(changes, other_connection):
+    # context() refuses this; a writer that sets the setting itself still writes.
+    large = '{"note": "' + "x" * 3000 + '"}'
+    with other_connection.transaction():
+        other_connection.execute("SELECT set_config('pgnotify.context', %s, true)", (large,))
+        other_connection.execute(
+            "INSERT INTO testapp_order (status, total, note) VALUES ('sent without', 1.5, '')"
+        )
+
+    (event,) = changes.wait(1)
+
+    assert event.fields["status"] == "sent without"
+    assert event.context is None
+
+
 def test_a_context_that_is_too_large_or_not_json_is_refused_before_any_write():
     with pytest.raises(ValueError, match="limit"), context(note="x" * 2000):
         pass

@@ -19,6 +19,9 @@ from django_pgnotify import Notify, context, paused
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.triggers import build_trigger_sql
 from tests.conftest import changes_before_marker
+from tests.test_context import (  # noqa: F401  (run again here, at row level)
+    test_a_context_set_by_hand_too_large_for_the_message_is_left_out,
+)
 from tests.test_delivery import (  # noqa: F401  (run again here, at row level)
     test_a_bulk_update_announces_only_the_rows_whose_watched_columns_changed,
     test_abstract_parent_declaration_reaches_only_children_inheriting_its_meta,
