@@ -61,9 +61,10 @@ BATCH_PAYLOAD = 128_000
 #: Seconds a receiver may run before the event loop reads ahead for it (see
 #: ``_dispatch_loop``).
 READ_AHEAD_AFTER = 0.05
-#: While it holds no events for async receivers, a thread hop takes this many
-#: notifications or seconds at most, and waits this long for the next one (see
-#: ``_decode_and_send``).
+#: While it holds no events for async receivers, a thread hop ends once it has
+#: taken this many notifications or run this many seconds (checked after each
+#: batch, so it may take up to a batch more), and waits up to ``LINGER`` for the
+#: next one (see ``_decode_and_send``).
 HOP_SIZE = 10_000
 HOP_SECONDS = 0.1
 LINGER = 0.01

@@ -444,6 +444,193 @@ def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
     assert failed_in and failed_in[0].startswith("pgnotify-dispatch")  # the worker saw it
 
 
+def record_hops(monkeypatch) -> list[list[str]]:
+    """One list per thread hop of the worker, filled by receivers called during it."""
+    hops: list[list[str]] = []
+    decode_and_send = Listener._decode_and_send
+
+    def one_hop(self, batch, read_on=False):
+        hops.append([])
+        return decode_and_send(self, batch, read_on)
+
+    monkeypatch.setattr(Listener, "_decode_and_send", one_hop)
+    return hops
+
+
+def test_a_hop_ends_after_hop_size_notifications_and_the_next_goes_on_in_commit_order(
+    transactional_db, monkeypatch
+):
+    """Each change is committed once the one before has reached its receiver, so
+    the lingering worker would read them all in one hop: HOP_SIZE ends it, and the
+    event loop, reading again, starts the next with the following change."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "HOP_SIZE", 5)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)  # only the size ends a hop
+    monkeypatch.setattr(listener_module, "LINGER", 5.0)  # ample between two commits
+    hops = record_hops(monkeypatch)
+    seen: queue.Queue[str] = queue.Queue()
+
+    def record(sender, event, **kwargs):
+        hops[-1].append(event.fields["status"])
+        seen.put(event.fields["status"])
+
+    row_changed.connect(record, sender=Order, weak=False)
+    try:
+        # No probe query meanwhile: it would pause the worker's reading and end a hop early.
+        with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order"):
+            received = []
+            for i in range(20):
+                Order.objects.create(status=f"h{i}")  # a transaction each
+                received.append(seen.get(timeout=10))
+    finally:
+        row_changed.disconnect(record, sender=Order)
+
+    statuses = [f"h{i}" for i in range(20)]
+    assert received == statuses
+    assert hops == [statuses[i : i + 5] for i in range(0, 20, 5)]
+
+
+def test_a_hop_that_ran_for_hop_seconds_ends_after_its_batch_while_changes_keep_coming(
+    transactional_db, monkeypatch
+):
+    """A receiver slower than HOP_SECONDS: each hop is past its time after its first
+    change, so it ends there instead of reading on; the next change starts a new one."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 0.05)
+    monkeypatch.setattr(listener_module, "LINGER", 5.0)  # ample between two commits
+    monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
+    hops = record_hops(monkeypatch)
+    seen: queue.Queue[str] = queue.Queue()
+
+    def slow(sender, event, **kwargs):
+        time.sleep(0.06)  # never shorter: the hop is then past its deadline
+        hops[-1].append(event.fields["status"])
+        seen.put(event.fields["status"])
+
+    row_changed.connect(slow, sender=Order, weak=False)
+    try:
+        with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order"):
+            received = []
+            for i in range(8):
+                Order.objects.create(status=f"t{i}")
+                received.append(seen.get(timeout=10))
+    finally:
+        row_changed.disconnect(slow, sender=Order)
+
+    statuses = [f"t{i}" for i in range(8)]
+    assert received == statuses
+    assert hops == [[status] for status in statuses]
+
+
+def test_a_connection_the_worker_found_closed_is_replaced_not_read_by_the_event_loop(
+    transactional_db, other_connection, monkeypatch
+):
+    """libpq drops its socket when it finds the connection closed. Should the event
+    loop take over reading before the worker has reported that, it must reconnect
+    at once rather than wait on a file descriptor that is gone."""
+    from django_pgnotify import listener as listener_module
+
+    # The event loop reads again only well after the kill below: the worker finds it.
+    monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 2.0)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
+    monkeypatch.setattr(listener_module, "LINGER", 5.0)
+    failed_in: list[str] = []
+    noticed_meanwhile: list[bool] = []
+    consume = listener_module._consume
+
+    def consume_then_hold_the_worker(pgconn):
+        try:
+            consume(pgconn)
+        except Exception:
+            failed_in.append(threading.current_thread().name)
+            if failed_in[0].startswith("pgnotify-dispatch") and not noticed_meanwhile:
+                # Hold the worker (and the read lock) before it reports the failure,
+                # as a thread switch there would, until the event loop, about to read
+                # again, has found the connection closed by itself.
+                lost = listener._lost
+                deadline = time.monotonic() + 5
+                while not lost.done() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                noticed_meanwhile.append(lost.done())
+            raise
+
+    monkeypatch.setattr(listener_module, "_consume", consume_then_hold_the_worker)
+    seen, killed = [], []
+
+    def kill_the_connection(sender, event, **kwargs):
+        seen.append(event.fields["status"])
+        if not killed:
+            killed.append(listener.health.backend_pid)
+            terminate(other_connection, killed[0])
+            wait_until(
+                lambda: (
+                    not other_connection.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", killed
+                    ).fetchone()
+                ),
+                what="the terminated backend gone",
+            )
+
+    row_changed.connect(kill_the_connection, sender=Order, weak=False)
+    try:
+        # No probe query meanwhile: it would wait for the read lock the worker holds.
+        with (
+            fast_listener(PROBE_INTERVAL=60.0),
+            sync_only_listener("testapp.Order") as listener,
+        ):
+            Order.objects.create(status="before")
+            wait_until(lambda: listener.stats["reconnects"] == 1, what="a reconnect")
+            Order.objects.create(status="after")
+            wait_until(lambda: len(seen) == 2, what="the change after the reconnect")
+    finally:
+        row_changed.disconnect(kill_the_connection, sender=Order)
+
+    assert seen == ["before", "after"]
+    assert noticed_meanwhile == [True]
+    # Only the worker read the closed connection: the event loop looked at its status.
+    assert len(failed_in) == 1 and failed_in[0].startswith("pgnotify-dispatch")
+
+
+def test_a_stop_during_a_batch_logs_what_was_read_and_decoded_but_not_dispatched(
+    transactional_db, caplog
+):
+    """A stop finishes the change in hand and drops the rest of its batch, and the
+    notifications read ahead meanwhile: the log at stop counts both."""
+    caplog.set_level(logging.INFO, logger="django_pgnotify")
+    entered, release = threading.Event(), threading.Event()
+    seen = []
+
+    def block_on_the_third(sender, event, **kwargs):
+        seen.append(event.fields["status"])
+        if len(seen) == 3:
+            entered.set()
+            release.wait(10)
+
+    row_changed.connect(block_on_the_third, sender=Order, weak=False)
+    try:
+        with sync_only_listener("testapp.Order") as listener:
+            # One statement: one notification, whose ten changes form one batch.
+            Order.objects.bulk_create([Order(status=f"b{i}") for i in range(10)])
+            assert entered.wait(10), "the third change did not reach its receiver"
+            # Read ahead by the event loop while the receiver blocks, not decoded.
+            Order.objects.create(status="read ahead")
+            wait_until(lambda: listener.stats["received"] == 2, what="the second read")
+            listener.stop()
+            release.set()
+    finally:
+        release.set()
+        row_changed.disconnect(block_on_the_third, sender=Order)
+
+    assert seen == ["b0", "b1", "b2"]
+    assert listener.stats["dispatched"] == 3
+    (line,) = [r.getMessage() for r in caplog.records if "at stop" in r.getMessage()]
+    assert line == (
+        "pgnotify: 1 notification(s) read and 7 change(s) decoded but not dispatched at stop"
+    )
+
+
 # Sync and async receivers
 
 
