@@ -393,6 +393,32 @@ def test_a_steady_stream_is_read_by_the_lingering_worker_in_order(transactional_
     assert woken.count(True) >= 10  # most arrived while the worker waited for them
 
 
+def killing_receiver(other_connection, listener_of):
+    """A receiver that records each change's status and, at the first, terminates the
+    session of the listener ``listener_of()`` returns and waits until it is gone.
+
+    Returns the receiver, the statuses seen and the terminated backend's pid (a list).
+    """
+    seen: list[str] = []
+    killed: list[int] = []
+
+    def kill_the_connection(sender, event, **kwargs):
+        seen.append(event.fields["status"])
+        if not killed:
+            killed.append(listener_of().health.backend_pid)
+            terminate(other_connection, killed[0])
+            wait_until(
+                lambda: (
+                    not other_connection.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", killed
+                    ).fetchone()
+                ),
+                what="the terminated backend gone",
+            )
+
+    return kill_the_connection, seen, killed
+
+
 def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
     transactional_db, other_connection, monkeypatch
 ):
@@ -412,21 +438,7 @@ def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
             raise
 
     monkeypatch.setattr(listener_module, "_consume", watched_consume)
-    seen, killed = [], []
-
-    def kill_the_connection(sender, event, **kwargs):
-        seen.append(event.fields["status"])
-        if not killed:
-            killed.append(listener.health.backend_pid)
-            terminate(other_connection, killed[0])
-            wait_until(
-                lambda: (
-                    not other_connection.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", killed
-                    ).fetchone()
-                ),
-                what="the terminated backend gone",
-            )
+    kill_the_connection, seen, killed = killing_receiver(other_connection, lambda: listener)
 
     row_changed.connect(kill_the_connection, sender=Order, weak=False)
     try:
@@ -557,21 +569,7 @@ def test_a_connection_the_worker_found_closed_is_replaced_not_read_by_the_event_
             raise
 
     monkeypatch.setattr(listener_module, "_consume", consume_then_hold_the_worker)
-    seen, killed = [], []
-
-    def kill_the_connection(sender, event, **kwargs):
-        seen.append(event.fields["status"])
-        if not killed:
-            killed.append(listener.health.backend_pid)
-            terminate(other_connection, killed[0])
-            wait_until(
-                lambda: (
-                    not other_connection.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", killed
-                    ).fetchone()
-                ),
-                what="the terminated backend gone",
-            )
+    kill_the_connection, seen, _ = killing_receiver(other_connection, lambda: listener)
 
     row_changed.connect(kill_the_connection, sender=Order, weak=False)
     try:
