@@ -469,21 +469,17 @@ def record_hops(monkeypatch) -> list[list[str]]:
     return hops
 
 
-def test_a_hop_ends_after_hop_size_notifications_and_the_next_goes_on_in_commit_order(
-    transactional_db, monkeypatch
-):
-    """Each change is committed once the one before has reached its receiver, so
-    the lingering worker would read them all in one hop: HOP_SIZE ends it, and the
-    event loop, reading again, starts the next with the following change."""
-    from django_pgnotify import listener as listener_module
-
-    monkeypatch.setattr(listener_module, "HOP_SIZE", 5)
-    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)  # only the size ends a hop
-    monkeypatch.setattr(listener_module, "LINGER", 5.0)  # ample between two commits
+def hops_of_lockstep_changes(
+    monkeypatch, count: int, receiver_seconds: float = 0.0
+) -> tuple[list[str], list[list[str]]]:
+    """Commit ``count`` changes, each once the one before has reached its receiver
+    (which takes ``receiver_seconds``); return their statuses in the order received
+    and as the worker's hops grouped them."""
     hops = record_hops(monkeypatch)
     seen: queue.Queue[str] = queue.Queue()
 
     def record(sender, event, **kwargs):
+        time.sleep(receiver_seconds)
         hops[-1].append(event.fields["status"])
         seen.put(event.fields["status"])
 
@@ -492,13 +488,28 @@ def test_a_hop_ends_after_hop_size_notifications_and_the_next_goes_on_in_commit_
         # No probe query meanwhile: it would pause the worker's reading and end a hop early.
         with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order"):
             received = []
-            for i in range(20):
-                Order.objects.create(status=f"h{i}")  # a transaction each
+            for i in range(count):
+                Order.objects.create(status=f"c{i}")  # a transaction each
                 received.append(seen.get(timeout=10))
     finally:
         row_changed.disconnect(record, sender=Order)
+    return received, hops
 
-    statuses = [f"h{i}" for i in range(20)]
+
+def test_a_hop_ends_after_hop_size_notifications_and_the_next_goes_on_in_commit_order(
+    transactional_db, monkeypatch
+):
+    """The lingering worker would read all the changes in one hop: HOP_SIZE ends it,
+    and the event loop, reading again, starts the next with the following change."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "HOP_SIZE", 5)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)  # only the size ends a hop
+    monkeypatch.setattr(listener_module, "LINGER", 5.0)  # ample between two commits
+
+    received, hops = hops_of_lockstep_changes(monkeypatch, 20)
+
+    statuses = [f"c{i}" for i in range(20)]
     assert received == statuses
     assert hops == [statuses[i : i + 5] for i in range(0, 20, 5)]
 
@@ -513,25 +524,11 @@ def test_a_hop_that_ran_for_hop_seconds_ends_after_its_batch_while_changes_keep_
     monkeypatch.setattr(listener_module, "HOP_SECONDS", 0.05)
     monkeypatch.setattr(listener_module, "LINGER", 5.0)  # ample between two commits
     monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
-    hops = record_hops(monkeypatch)
-    seen: queue.Queue[str] = queue.Queue()
 
-    def slow(sender, event, **kwargs):
-        time.sleep(0.06)  # never shorter: the hop is then past its deadline
-        hops[-1].append(event.fields["status"])
-        seen.put(event.fields["status"])
+    # Never shorter than asked: the hop is past its deadline after one change.
+    received, hops = hops_of_lockstep_changes(monkeypatch, 8, receiver_seconds=0.06)
 
-    row_changed.connect(slow, sender=Order, weak=False)
-    try:
-        with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order"):
-            received = []
-            for i in range(8):
-                Order.objects.create(status=f"t{i}")
-                received.append(seen.get(timeout=10))
-    finally:
-        row_changed.disconnect(slow, sender=Order)
-
-    statuses = [f"t{i}" for i in range(8)]
+    statuses = [f"c{i}" for i in range(8)]
     assert received == statuses
     assert hops == [[status] for status in statuses]
 
