@@ -393,6 +393,27 @@ def test_a_steady_stream_is_read_by_the_lingering_worker_in_order(transactional_
     assert woken.count(True) >= 10  # most arrived while the worker waited for them
 
 
+def failed_reads(monkeypatch, then=None) -> list[str]:
+    """The names of the threads whose read of the listener's connection raised, in
+    order; ``then(names)`` runs after each is recorded, before the error goes on."""
+    from django_pgnotify import listener as listener_module
+
+    failed: list[str] = []
+    consume = listener_module._consume
+
+    def recording_consume(pgconn):
+        try:
+            consume(pgconn)
+        except Exception:
+            failed.append(threading.current_thread().name)
+            if then is not None:
+                then(failed)
+            raise
+
+    monkeypatch.setattr(listener_module, "_consume", recording_consume)
+    return failed
+
+
 def killing_receiver(other_connection, listener_of):
     """A receiver that records each change's status and, at the first, terminates the
     session of the listener ``listener_of()`` returns and waits until it is gone.
@@ -427,17 +448,7 @@ def test_a_connection_lost_while_the_worker_reads_on_is_replaced(
     monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
     monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
     monkeypatch.setattr(listener_module, "LINGER", 2.0)
-    failed_in: list[str] = []
-    consume = listener_module._consume
-
-    def watched_consume(pgconn):
-        try:
-            consume(pgconn)
-        except Exception:
-            failed_in.append(threading.current_thread().name)
-            raise
-
-    monkeypatch.setattr(listener_module, "_consume", watched_consume)
+    failed_in = failed_reads(monkeypatch)
     kill_the_connection, seen, killed = killing_receiver(other_connection, lambda: listener)
 
     row_changed.connect(kill_the_connection, sender=Order, weak=False)
@@ -545,27 +556,20 @@ def test_a_connection_the_worker_found_closed_is_replaced_not_read_by_the_event_
     monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 2.0)
     monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
     monkeypatch.setattr(listener_module, "LINGER", 5.0)
-    failed_in: list[str] = []
     noticed_meanwhile: list[bool] = []
-    consume = listener_module._consume
 
-    def consume_then_hold_the_worker(pgconn):
-        try:
-            consume(pgconn)
-        except Exception:
-            failed_in.append(threading.current_thread().name)
-            if failed_in[0].startswith("pgnotify-dispatch") and not noticed_meanwhile:
-                # Hold the worker (and the read lock) before it reports the failure,
-                # as a thread switch there would, until the event loop, about to read
-                # again, has found the connection closed by itself.
-                lost = listener._lost
-                deadline = time.monotonic() + 5
-                while not lost.done() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                noticed_meanwhile.append(lost.done())
-            raise
+    def hold_the_worker(failed_in: list[str]) -> None:
+        if failed_in[0].startswith("pgnotify-dispatch") and not noticed_meanwhile:
+            # Hold the worker (and the read lock) before it reports the failure,
+            # as a thread switch there would, until the event loop, about to read
+            # again, has found the connection closed by itself.
+            lost = listener._lost
+            deadline = time.monotonic() + 5
+            while not lost.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            noticed_meanwhile.append(lost.done())
 
-    monkeypatch.setattr(listener_module, "_consume", consume_then_hold_the_worker)
+    failed_in = failed_reads(monkeypatch, then=hold_the_worker)
     kill_the_connection, seen, _ = killing_receiver(other_connection, lambda: listener)
 
     row_changed.connect(kill_the_connection, sender=Order, weak=False)
