@@ -7,13 +7,17 @@ Django's ORM connection or a pooled one.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import psycopg
 from django.db import connections
 
 # Keys Django adds for its own cursors, not libpq connection parameters.
 _DJANGO_ONLY = ("cursor_factory", "context", "prepare_threshold")
+
+T = TypeVar("T")
 
 
 class NotPostgreSQL(Exception):
@@ -85,3 +89,28 @@ async def connect_async(
     if timeout is not None:
         params.setdefault("connect_timeout", max(2, int(timeout)))
     return await psycopg.AsyncConnection.connect(**params, autocommit=True)
+
+
+async def within(conn: psycopg.AsyncConnection, work: Awaitable[T], timeout: float) -> T:
+    """The result of ``work``, queries on ``conn``, or the connection given up.
+
+    No answer within ``timeout`` seconds is taken for a dead connection: TCP
+    keepalives take a minute to tell, and a listener cannot stop while it waits.
+    The connection is closed before ``work`` is cancelled: cancelling a running
+    psycopg query first sends a cancel request and waits seconds for an answer
+    that a dead connection never gives.
+
+    Raises:
+        TimeoutError: No answer in time; ``conn`` is closed.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    finally:
+        if not task.done():
+            conn.pgconn.finish()  # every later call on it raises, whoever makes it
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if not done:
+        raise TimeoutError(f"no answer to a query within {timeout:g}s")
+    return task.result()

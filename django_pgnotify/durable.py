@@ -246,6 +246,8 @@ class DurableWorker:
         self.lease = float(get_setting("DURABLE_LEASE"))
         self.poll_interval = float(get_setting("DURABLE_POLL_INTERVAL"))
         self.keep_done = bool(get_setting("DURABLE_KEEP_DONE"))
+        # As for the listener's own queries: no answer this soon means a dead connection.
+        self.timeout = float(get_setting("PROBE_TIMEOUT"))
         #: Set to look at the table now (a wake-up notification, a reconnect).
         self.wake = asyncio.Event()
         self.stats = dispatcher.stats
@@ -288,10 +290,10 @@ class DurableWorker:
     async def _wait(self, stop: asyncio.Event, seconds: float, problem: str = "") -> None:
         if problem:
             logger.warning(
-                "pgnotify: durable events of %r: %s; retrying in %.1fs",
+                "pgnotify: durable events of %r: %s%s",
                 self.using,
                 problem,
-                seconds,
+                " (stopping)" if stop.is_set() else f"; retrying in {seconds:.1f}s",
             )
         waiters = {asyncio.ensure_future(stop.wait())}
         if not problem:
@@ -301,7 +303,26 @@ class DurableWorker:
             task.cancel()
 
     async def process_batch(self, conn: psycopg.AsyncConnection, executor: Executor) -> int:
-        """Claim, dispatch and settle one batch; returns how many were claimed."""
+        """Claim, dispatch and settle one batch; returns how many were claimed.
+
+        Raises:
+            TimeoutError: The claim or the settlement got no answer within
+                ``PROBE_TIMEOUT``; the connection is closed. Unsettled claims
+                are claimable again when their lease expires.
+        """
+        claimed = await connection.within(conn, self._claim(conn), self.timeout)
+        if not claimed:
+            return 0
+        self.stats["durable_claimed"] += sum(row.unhandled() for row in claimed)
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(executor, self._decode_and_send, claimed)
+        if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
+            await self.dispatcher.send_async(outcome.dispatched)
+        errors = {**outcome.undecodable, **self.dispatcher.take_errors()}
+        await self._settle(conn, claimed, outcome, errors)
+        return len(claimed)
+
+    async def _claim(self, conn: psycopg.AsyncConnection) -> list[Claimed]:
         # Pipelined: the transaction's four statements cost one round trip.
         async with conn.pipeline(), conn.transaction():
             await conn.execute(_CLAIM_SETTINGS)
@@ -314,17 +335,7 @@ class DurableWorker:
                     "lease": self.lease,
                 },
             )
-        claimed = sorted(map(Claimed._make, await cursor.fetchall()))
-        if not claimed:
-            return 0
-        self.stats["durable_claimed"] += sum(row.unhandled() for row in claimed)
-        loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(executor, self._decode_and_send, claimed)
-        if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
-            await self.dispatcher.send_async(outcome.dispatched)
-        errors = {**outcome.undecodable, **self.dispatcher.take_errors()}
-        await self._settle(conn, claimed, outcome, errors)
-        return len(claimed)
+        return sorted(map(Claimed._make, await cursor.fetchall()))
 
     def _decode_and_send(self, claimed: Sequence[Claimed]) -> _Outcome:
         """In the dispatch thread: decode the batch and call the sync receivers."""
@@ -404,6 +415,34 @@ class DurableWorker:
                 done.append(row.id)
             else:
                 released.append(row)
+        await connection.within(
+            conn, self._write(conn, done, failed, released, handled_now), self.timeout
+        )
+        for row, error, dead in failed:
+            # Every change of an undecodable row is a dead letter; else the failing ones.
+            changes = row.unhandled() if row.id in outcome.undecodable else len(failed_now[row.id])
+            if dead:
+                self.stats["dead_letters"] += changes
+                logger.error(
+                    "pgnotify: durable event %s of %s is a dead letter after %d attempt(s)%s: %s",
+                    row.id,
+                    row.declaration,
+                    row.attempts,
+                    f" ({changes} of its {row.size} changes)" if row.size > 1 else "",
+                    error,
+                )
+            else:
+                self.stats["retries"] += changes
+
+    async def _write(
+        self,
+        conn: psycopg.AsyncConnection,
+        done: list[int],
+        failed: list[tuple[Claimed, str, bool]],
+        released: list[Claimed],
+        handled_now: dict[int, list[int]],
+    ) -> None:
+        """The settlement, one transaction in one round trip."""
         async with conn.pipeline(), conn.transaction():
             await conn.execute(_SETTLE_SETTINGS)
             if done:
@@ -429,21 +468,6 @@ class DurableWorker:
                         "done": [_int_array(handled_now[row.id]) for row in released],
                     },
                 )
-        for row, error, dead in failed:
-            # Every change of an undecodable row is a dead letter; else the failing ones.
-            changes = row.unhandled() if row.id in outcome.undecodable else len(failed_now[row.id])
-            if dead:
-                self.stats["dead_letters"] += changes
-                logger.error(
-                    "pgnotify: durable event %s of %s is a dead letter after %d attempt(s)%s: %s",
-                    row.id,
-                    row.declaration,
-                    row.attempts,
-                    f" ({changes} of its {row.size} changes)" if row.size > 1 else "",
-                    error,
-                )
-            else:
-                self.stats["retries"] += changes
 
 
 def _int_array(values: Sequence[int]) -> str:

@@ -644,27 +644,17 @@ class Listener:
         """Run a query; no answer within ``PROBE_TIMEOUT`` means a dead connection.
 
         Reading pauses meanwhile: psycopg waits on the socket itself, and hands
-        what arrives before the answer to ``_on_notify``. The connection is
-        given up before the query is cancelled: cancelling a running psycopg
-        query first sends a cancel request and waits seconds for an answer
-        that a dead connection never gives.
+        what arrives before the answer to ``_on_notify``.
         """
         self._stop_reading()
         with self._read_lock:  # a read of the worker's ends first; it starts none until done
             self._querying = True
-        task = asyncio.ensure_future(conn.execute(query, params))
         try:
-            done, _ = await asyncio.wait({task}, timeout=self._probe_timeout)
+            result = await connection.within(conn, conn.execute(query, params), self._probe_timeout)
+        except TimeoutError as exc:
+            raise ConnectionLost(str(exc)) from None
         finally:
-            if not task.done():
-                conn.pgconn.finish()  # every later call on it raises, whoever makes it
-                task.cancel()
             self._querying = False
-            if not task.done():
-                await asyncio.gather(task, return_exceptions=True)
-        if not done:
-            raise ConnectionLost(f"no answer to a query within {self._probe_timeout:g}s")
-        result = task.result()
         self._start_reading()
         return result
 

@@ -896,6 +896,15 @@ class Proxy:
         for pair in self.pairs:
             self.frozen.add(pair)
 
+    def holds_a_round_trip(self) -> bool:
+        """A query or its answer waits on a frozen connection (data not relayed)."""
+        import select
+        import socket
+
+        ends = [end for pair in self.frozen for end in pair if end.fileno() >= 0]
+        readable = select.select(ends, [], [], 0)[0] if ends else []
+        return any(end.recv(1, socket.MSG_PEEK) for end in readable)  # b"": closed
+
     def close(self) -> None:
         self.closed = True
         self.server.close()
@@ -986,6 +995,113 @@ def test_a_silently_dead_connection_is_noticed_while_idle_and_replaced(proxy):
         order = Order.objects.create(status="after the cut")
 
         listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+
+
+def durable_listener_through(cut: Proxy, **env: str) -> ManagedProcess:
+    """A listener of durable events whose worker connects through ``cut``.
+
+    It listens directly, so wake-ups still arrive when ``cut`` is frozen.
+    """
+    from tests.test_durable import DURABLE
+
+    return ManagedProcess(
+        [sys.executable, "-m", "django", "pgnotify_listen", "-v", "2", "durableapp"],
+        django_env(
+            DATABASE_URL=cut.url(),
+            PGNOTIFY_LISTEN_URL=database_url(),
+            DJANGO_SETTINGS_MODULE=DURABLE,
+            PGNOTIFY_TEST_DURABLE_RECEIVER="1",
+            **env,
+        ),
+    )
+
+
+def frozen_durable_claim(proxy) -> ManagedProcess:
+    """A listener of durable events whose worker waits for a claim on a frozen connection.
+
+    The proxy is frozen before a durable change is written. The claim waiting
+    is the one that change wakes up, or the worker's first, if its answer was
+    still on the way.
+    """
+    from tests.test_durable import wait_until
+
+    cut = proxy()
+    listener = durable_listener_through(cut, PGNOTIFY_TEST_POLL="60")  # no claim but on wake-up
+    try:
+        listener.wait_for(r"listening on", stream="err")
+        with psycopg.connect(database_url(), autocommit=True) as writer:
+            wait_until(
+                lambda: writer.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE '% durable'"
+                ).fetchone(),
+                timeout=10,
+                what="the durable worker's connection",
+            )
+            cut.freeze()
+            writer.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('cut', '', 1)")
+        wait_until(cut.holds_a_round_trip, timeout=10, what="a claim on the frozen connection")
+    except BaseException:
+        listener.kill()
+        raise
+    return listener
+
+
+def test_a_durable_claim_on_a_silently_dead_connection_is_given_up_and_made_again(proxy):
+    listener = frozen_durable_claim(proxy)
+    try:
+        claimed_at = time.monotonic()
+        line = listener.wait_for(r"durable events of 'default'", stream="err", timeout=10)
+        # PROBE_TIMEOUT 2 s in tests.settings_listener, plus slack; not TCP's minute.
+        assert time.monotonic() - claimed_at < 5
+        assert "no answer to a query within 2s; retrying in" in line
+
+        listener.wait_for(r"^handled ", stream="out")  # on a new connection
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+
+
+def test_a_stop_while_a_durable_claim_waits_on_a_silently_dead_connection_ends_in_time(proxy):
+    listener = frozen_durable_claim(proxy)
+    try:
+        assert listener.stop(timeout=6) == 0  # PROBE_TIMEOUT 2 s, plus slack
+        assert any(
+            "no answer to a query within 2s (stopping)" in line for line in listener.output("err")
+        )
+    finally:
+        listener.kill()
+
+
+def test_a_settlement_on_a_silently_dead_connection_is_given_up_and_redone_after_the_lease(
+    proxy,
+):
+    from tests.test_durable import wait_until
+
+    cut = proxy()
+    listener = durable_listener_through(
+        cut, PGNOTIFY_TEST_RECEIVER_DELAY="2", PGNOTIFY_TEST_LEASE="2"
+    )
+    try:
+        listener.wait_for(r"listening on", stream="err")
+        with psycopg.connect(database_url(), autocommit=True) as writer:
+            writer.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('cut', '', 1)")
+            wait_until(
+                lambda: writer.execute(
+                    "SELECT 1 FROM pgnotify_event WHERE lease_owner <> ''"
+                ).fetchone(),
+                timeout=10,
+                what="the event claimed",
+            )
+        cut.freeze()  # while the receiver runs: the claim is answered, the settlement not
+
+        line = listener.wait_for(r"durable events of 'default'", stream="err", timeout=10)
+        assert "no answer to a query within 2s; retrying in" in line
+        first = listener.wait_for(r"^handled ", stream="out")
+        again = listener.wait_for(r"^handled ", stream="out", timeout=20)  # at least once
+        assert first.split()[1] == again.split()[1]  # the same event id
         assert listener.stop() == 0
     finally:
         listener.kill()
