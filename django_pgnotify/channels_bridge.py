@@ -39,6 +39,7 @@ from .backoff import Backoff
 from .conf import get_setting
 from .dispatch import Dispatcher
 from .events import RowChange
+from .health import FORWARD_COUNTERS
 from .signals import listener_reconnected, listener_started, listener_stopped
 
 logger = logging.getLogger("django_pgnotify.channels")
@@ -314,10 +315,14 @@ class ChannelLayerForwarder:
         await self.layer.group_send(group, message)
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Wait up to ``timeout`` seconds for everything to be sent, then stop sending."""
+        """Wait up to ``timeout`` seconds for everything to be sent, then stop sending.
+
+        What is still not sent then is logged and counted as ``forward_dropped``.
+        """
         deadline = time.monotonic() + timeout
         while self.backlog and self._task is not None and not self._task.done():
             if time.monotonic() >= deadline:
+                self.stats["forward_dropped"] += self.backlog
                 logger.warning(
                     "pgnotify: %d message(s) for channel layer %r not sent at stop",
                     self.backlog,
@@ -345,6 +350,8 @@ class ChannelsDispatcher(Dispatcher):
         row_groups: As for :class:`ChannelLayerForwarder`.
         stats: The counter to count in.
     """
+
+    counters = FORWARD_COUNTERS
 
     def __init__(
         self,

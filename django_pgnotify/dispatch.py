@@ -34,6 +34,9 @@ class Dispatcher:
         stats: The counter to count in (``dispatched``, ``receiver_errors``).
     """
 
+    #: What it counts beyond ``health.COUNTERS``, reported by the listener using it.
+    counters: tuple[str, ...] = ()
+
     def __init__(self, stats: Counter[str] | None = None) -> None:
         self.stats: Counter[str] = stats if stats is not None else Counter()
         #: Seconds from the trigger's clock to the end of dispatch, of the last event.

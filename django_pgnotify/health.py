@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ COUNTERS = (
     "probe_failures",
     "queue_full",
 )
+#: Counters a listener also reports when it serves durable declarations.
+DURABLE_COUNTERS = ("durable_claimed", "retries", "dead_letters")
+#: Counters a listener also reports when it forwards changes to a channel layer.
+FORWARD_COUNTERS = ("forwarded", "forward_batches", "forward_errors", "forward_dropped")
 
 
 @dataclass
@@ -55,9 +60,9 @@ class ListenerHealth:
     local_queue: int = 0
     local_queue_size: int = 0
 
-    def as_dict(self, stats: Counter[str]) -> dict[str, Any]:
-        """Counters and gauges, JSON-safe, for a structured log record."""
-        data: dict[str, Any] = {key: stats[key] for key in COUNTERS}
+    def as_dict(self, stats: Counter[str], counters: Iterable[str] = COUNTERS) -> dict[str, Any]:
+        """``counters`` and the gauges, JSON-safe, for a structured log record."""
+        data: dict[str, Any] = {key: stats[key] for key in counters}
         data.update(
             connected=self.connected,
             backend_pid=self.backend_pid,

@@ -45,7 +45,7 @@ from .decoding import DecodeError, Decoder, ModelNotServed
 from .dispatch import Dispatcher
 from .durable import DurableWorker
 from .events import RowChange
-from .health import COUNTERS, HealthFile, ListenerHealth, format_record
+from .health import COUNTERS, DURABLE_COUNTERS, HealthFile, ListenerHealth, format_record
 from .signals import listener_reconnected, listener_started, listener_stopped
 
 logger = logging.getLogger("django_pgnotify.listener")
@@ -101,7 +101,10 @@ class Listener:
 
     Attributes:
         ready: Set once the listener is listening and its probe came back.
-        stats: Counters (see ``django_pgnotify.health.COUNTERS``).
+        stats: Counters; those reported are named in ``counters``.
+        counters: ``django_pgnotify.health.COUNTERS``, then ``DURABLE_COUNTERS``
+            if it serves durable declarations and its dispatcher's own (the
+            Channels bridge's ``FORWARD_COUNTERS``).
         health: Gauges (a ``ListenerHealth``).
     """
 
@@ -152,6 +155,9 @@ class Listener:
             )
             if durable
             else None
+        )
+        self.counters: tuple[str, ...] = (
+            COUNTERS + (DURABLE_COUNTERS if durable else ()) + self.dispatcher.counters
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -239,7 +245,7 @@ class Listener:
             if self.health_file:
                 self.health_file.remove()
             await self._send(listener_stopped, stats=Counter(self.stats))
-            logger.info("pgnotify: listener stopped (%s)", _summary(self.stats))
+            logger.info("pgnotify: listener stopped (%s)", _summary(self.stats, self.counters))
         failure = dispatching.exception() if not dispatching.cancelled() else None
         if failure is not None:  # a bug, not a receiver (those are caught): make it loud
             raise failure
@@ -610,7 +616,7 @@ class Listener:
             self._queue_full = False
         if self._stats_interval > 0 and now >= self._next_stats:
             self._next_stats = now + self._stats_interval
-            data = self.health.as_dict(self.stats)
+            data = self.health.as_dict(self.stats, self.counters)
             logger.info("pgnotify: stats %s", format_record(data), extra={"pgnotify": data})
         if self._is_healthy(now):
             self._touch()
@@ -930,8 +936,8 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
-def _summary(stats: Counter[str]) -> str:
-    return ", ".join(f"{key}={stats[key]}" for key in COUNTERS)
+def _summary(stats: Counter[str], counters: Iterable[str]) -> str:
+    return ", ".join(f"{key}={stats[key]}" for key in counters)
 
 
 def _wait_readable(fd: int, timeout: float) -> bool:

@@ -15,8 +15,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .health import COUNTERS
-
 if TYPE_CHECKING:
     from .listener import Listener
 
@@ -31,6 +29,13 @@ _COUNTER_HELP = {
     "probes": "Self-probes that came back.",
     "probe_failures": "Self-probes that did not come back in time.",
     "queue_full": "Times the local queue filled up (backpressure).",
+    "durable_claimed": "Durable changes claimed, each time it is claimed (retries included).",
+    "retries": "Durable changes whose receiver raised, scheduled for another attempt.",
+    "dead_letters": "Durable changes that failed their last attempt (see the admin).",
+    "forwarded": "Row changes forwarded to the channel layer.",
+    "forward_batches": "Channel layer messages sent (one per batch and group).",
+    "forward_errors": "Channel layer sends that failed (retried with backoff).",
+    "forward_dropped": "Messages dropped while the channel layer failed (a resync follows).",
 }
 
 
@@ -43,7 +48,7 @@ class ListenerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["database"]
         using = [self.listener.using]
-        for key in COUNTERS:
+        for key in self.listener.counters:
             family = CounterMetricFamily(f"pgnotify_{key}", _COUNTER_HELP[key], labels=labels)
             family.add_metric(using, self.listener.stats[key])
             yield family

@@ -366,6 +366,26 @@ def test_messages_dropped_while_the_layer_is_down_are_followed_by_a_resync(setti
     run(scenario)
 
 
+def test_messages_not_sent_when_the_drain_at_stop_times_out_are_logged_and_counted(
+    settings, caplog
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "RECONNECT_DELAY_MIN": 0.01}
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default", row_groups=False)
+        layer = forwarder.layer = FlakyLayer(failures=10**9)  # type: ignore[assignment]
+        forwarder.submit([order_change(1), order_change(2)])
+        await forwarder.drain(timeout=0.2)
+        assert layer.sent == []
+        assert forwarder.stats["forward_dropped"] == 2
+
+    run(scenario)
+    assert any(
+        "2 message(s) for channel layer 'default' not sent at stop" in r.getMessage()
+        for r in caplog.records
+    )
+
+
 def test_events_that_do_not_wait_are_sent_at_once_one_per_batch(settings):
     settings.PGNOTIFY = {**settings.PGNOTIFY, "CHANNEL_ROW_GROUPS": False}
 

@@ -501,6 +501,30 @@ def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_
     assert listing.status_code == 200
 
 
+def test_retries_and_dead_letters_are_counted_in_metrics_and_logs(
+    durable_listener, other_connection
+):
+    from tests.test_listener_resilience import free_port, scrape
+
+    port = free_port()
+    process = durable_listener("--metrics-port", str(port), "--metrics-address", "127.0.0.1")
+    insert_jobs(other_connection, 1, name="fail")
+    insert_jobs(other_connection, 1, name="ok")
+
+    wait_until(lambda: count(other_connection, "status = 'dead'") == 1, what="a dead letter")
+    # Counted after the settlement commits, so a moment after the row is dead.
+    dead = 'pgnotify_dead_letters_total{database="default"} 1.0'
+    wait_until(lambda: dead in scrape(port), what="the dead letter counted in /metrics")
+    body = scrape(port)
+    # max_attempts=3: two failures retried, the third a dead letter; the ok job once.
+    assert 'pgnotify_retries_total{database="default"} 2.0' in body
+    assert 'pgnotify_durable_claimed_total{database="default"} 4.0' in body
+    assert 'pgnotify_receiver_errors_total{database="default"} 3.0' in body
+    assert process.stop() == 0
+    (stopped,) = [line for line in process.output("err") if "listener stopped" in line]
+    assert "durable_claimed=4, retries=2, dead_letters=1" in stopped
+
+
 def test_pruning_deletes_only_old_done_events_and_dead_letters_when_asked(transactional_db):
     payload = '{"pk": 1}'
     old = Now() - timedelta(days=8)

@@ -786,34 +786,47 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_metrics_port_serves_the_listener_counters_and_gauges(listener_process):
+def scrape(port: int) -> str:
     import urllib.request
 
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+@pytest.mark.parametrize("forwarding", [False, True], ids=["plain", "channel-layer"])
+def test_metrics_port_serves_the_listener_counters_and_gauges(listener_process, forwarding):
     port = free_port()
     listener = listener_process(
+        "testapp",  # not durableapp: no durable declaration is served
         "--settings",
         LISTENER_SETTINGS,
         "--metrics-port",
         str(port),
         "--metrics-address",
         "127.0.0.1",
+        *(["--channel-layer", "default"] if forwarding else []),
     )
     order = Order.objects.create(status="counted")
     listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
 
-    def scrape() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
     # The line is printed by a receiver: the event is counted right after it.
     dispatched = 'pgnotify_dispatched_total{database="default"} 1.0'
-    wait_until(lambda: dispatched in scrape(), what="the event counted in /metrics")
-    body = scrape()
+    wait_until(lambda: dispatched in scrape(port), what="the event counted in /metrics")
+    forwarded = 'pgnotify_forwarded_total{database="default"} 1.0'
+    if forwarding:  # forwarded from a task of its own, after dispatch
+        wait_until(lambda: forwarded in scrape(port), what="the event's forwarding counted")
+    body = scrape(port)
     assert 'pgnotify_received_total{database="default"} 1.0' in body
     assert 'pgnotify_connected{database="default"} 1.0' in body
     assert "pgnotify_last_event_lag_seconds" in body
     assert "pgnotify_notification_queue_usage" in body
+    # A counter is there, zero included, when the listener does what it counts.
+    assert ('pgnotify_forward_dropped_total{database="default"} 0.0' in body) == forwarding
+    assert "pgnotify_dead_letters" not in body
     assert listener.stop() == 0
+    (stopped,) = [line for line in listener.output("err") if "listener stopped" in line]
+    assert "listener stopped (received=1, dispatched=1" in stopped
+    assert ("forwarded=1" in stopped) == forwarding
 
 
 def test_a_filling_server_queue_is_sampled_and_warned_about(transactional_db, caplog):
@@ -932,11 +945,16 @@ class Proxy:
             ).start()
 
     def _relay(self, pair, source, sink, from_server: bool) -> None:
+        import select
+
         buffer = b""
         try:
             while not self.closed:
                 if pair in self.frozen:
                     time.sleep(0.05)
+                    continue
+                # Not a blocking recv: that would still relay what arrives after a freeze.
+                if not select.select([source], [], [], 0.05)[0] or pair in self.frozen:
                     continue
                 data = source.recv(65536)
                 if not data:
@@ -945,7 +963,7 @@ class Proxy:
                     buffer += data
                     data, buffer = self._without_notifications(buffer)
                 sink.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket closed meanwhile
             pass
         finally:
             if pair not in self.frozen:
@@ -1078,23 +1096,18 @@ def test_a_stop_while_a_durable_claim_waits_on_a_silently_dead_connection_ends_i
 def test_a_settlement_on_a_silently_dead_connection_is_given_up_and_redone_after_the_lease(
     proxy,
 ):
-    from tests.test_durable import wait_until
-
     cut = proxy()
     listener = durable_listener_through(
-        cut, PGNOTIFY_TEST_RECEIVER_DELAY="2", PGNOTIFY_TEST_LEASE="2"
+        cut,
+        PGNOTIFY_TEST_RECEIVER_DELAY="2",
+        PGNOTIFY_TEST_LEASE="2",
+        PGNOTIFY_TEST_SAY_HANDLING="1",
     )
     try:
         listener.wait_for(r"listening on", stream="err")
         with psycopg.connect(database_url(), autocommit=True) as writer:
             writer.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('cut', '', 1)")
-            wait_until(
-                lambda: writer.execute(
-                    "SELECT 1 FROM pgnotify_event WHERE lease_owner <> ''"
-                ).fetchone(),
-                timeout=10,
-                what="the event claimed",
-            )
+        listener.wait_for(r"^handling ", stream="out")
         cut.freeze()  # while the receiver runs: the claim is answered, the settlement not
 
         line = listener.wait_for(r"durable events of 'default'", stream="err", timeout=10)

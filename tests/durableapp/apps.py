@@ -9,9 +9,13 @@ def record_handling(sender, event, **kwargs):
     """Print one line per durable event handled, for tests reading a listener's output.
 
     ``handled <event_id> <os pid> <start> <end> <pk> <body length>``; a job whose name starts
-    with "fail" raises, and PGNOTIFY_TEST_RECEIVER_DELAY slows every call.
+    with "fail" raises, and PGNOTIFY_TEST_RECEIVER_DELAY slows every call. With
+    PGNOTIFY_TEST_SAY_HANDLING set, ``handling <event_id>`` is printed first.
     """
     started = time.time()
+    if os.environ.get("PGNOTIFY_TEST_SAY_HANDLING"):
+        sys.stdout.write(f"handling {event.event_id}\n")
+        sys.stdout.flush()
     delay = float(os.environ.get("PGNOTIFY_TEST_RECEIVER_DELAY", "0"))
     if delay:
         time.sleep(delay)
