@@ -29,13 +29,13 @@ _COUNTER_HELP = {
     "probes": "Self-probes that came back.",
     "probe_failures": "Self-probes that did not come back in time.",
     "queue_full": "Times the local queue filled up (backpressure).",
-    "durable_claimed": "Durable changes claimed, each time it is claimed (retries included).",
+    "durable_claimed": "Durable changes claimed for dispatch, again on each new attempt.",
     "retries": "Durable changes whose receiver raised, scheduled for another attempt.",
     "dead_letters": "Durable changes that failed their last attempt (see the admin).",
     "forwarded": "Row changes forwarded to the channel layer.",
     "forward_batches": "Channel layer messages sent (one per batch and group).",
     "forward_errors": "Channel layer sends that failed (retried with backoff).",
-    "forward_dropped": "Messages dropped while the channel layer failed (a resync follows).",
+    "forward_dropped": "Messages dropped: queue full while the layer failed, or unsent at stop.",
 }
 
 
