@@ -3,6 +3,11 @@
 Optional; add it after ``AuthenticationMiddleware``. Each change a request
 makes carries ``{"actor": "user:<pk>", "request_id": "..."}`` in
 ``event.context`` (``actor`` is left out for anonymous requests).
+
+A sync middleware on purpose: Django's database connections belong to a
+thread, and under ASGI Django runs a sync middleware in the thread where the
+request's ORM calls run, an async view's included. An async one would put
+the context on the event loop thread's connections, which those calls never use.
 """
 
 from __future__ import annotations

@@ -15,8 +15,20 @@ def create_order(request):
     return response
 
 
+@csrf_exempt
+async def create_order_async(request):
+    await Order.objects.acreate(status=request.POST["status"])
+    response = HttpResponse(status=201)
+    response["X-Request-ID"] = request.request_id
+    return response
+
+
 def count_orders(request):
     return HttpResponse(str(Order.objects.count()))
 
 
-urlpatterns = [path("orders/", create_order), path("orders/count/", count_orders)]
+urlpatterns = [
+    path("orders/", create_order),
+    path("async/orders/", create_order_async),
+    path("orders/count/", count_orders),
+]

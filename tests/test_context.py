@@ -9,10 +9,11 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
-from django.test import Client, override_settings
+from django.test import AsyncClient, Client, override_settings
 from django.test.utils import CaptureQueriesContext
 
 from django_pgnotify import context
@@ -177,6 +178,26 @@ def test_the_middleware_records_the_user_and_the_request_id(changes):
     assert bad_header.context["request_id"] != "bad id!"
     assert len(bad_header.context["request_id"]) == 32
     assert outside.context is None
+
+
+@override_settings(**AUDITED)
+def test_the_middleware_covers_the_writes_of_async_views_under_asgi(changes):
+    """Django runs the (sync) middleware in the thread where an async view's ORM calls
+    run, so their writes carry the context too."""
+    user = User.objects.create(username="carol")
+    client = AsyncClient()
+    client.force_login(user)
+
+    response = async_to_sync(client.post)(
+        "/async/orders/", {"status": "async"}, headers={"X-Request-ID": "req-async"}
+    )
+
+    (event,) = [e for e in changes_before_marker(changes) if e.model is Order]
+    assert response.status_code == 201
+    assert (event.fields["status"], event.context) == (
+        "async",
+        {"actor": f"user:{user.pk}", "request_id": "req-async"},
+    )
 
 
 @override_settings(**AUDITED)
