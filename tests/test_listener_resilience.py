@@ -544,6 +544,55 @@ def test_a_hop_that_ran_for_hop_seconds_ends_after_its_batch_while_changes_keep_
     assert hops == [[status] for status in statuses]
 
 
+def test_a_hop_holding_events_for_async_receivers_ends_once_it_holds_a_batchs_worth(
+    transactional_db, monkeypatch
+):
+    """The worker reads on, but events kept for async receivers are all held until
+    the hop ends: it ends once it has taken BATCH_SIZE notifications, even though
+    more are there to read."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "BATCH_SIZE", 3)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
+    monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
+    hops = record_hops(monkeypatch)
+    entered, release = threading.Event(), threading.Event()
+    awaited: list[str] = []
+
+    def hold_the_first(sender, event, **kwargs):
+        hops[-1].append(event.fields["status"])
+        if event.fields["status"] == "c0":
+            entered.set()
+            release.wait(10)
+
+    async def keep(sender, event, **kwargs):  # so the worker keeps every event
+        awaited.append(event.fields["status"])
+
+    row_changed.connect(hold_the_first, sender=Order, weak=False)
+    row_changed.connect(keep, sender=Order, weak=False)
+    try:
+        with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order") as listener:
+            Order.objects.create(status="c0")
+            assert entered.wait(10), "the first change did not reach its receiver"
+            with transaction.atomic():  # nine notifications, sent together at commit
+                for i in range(1, 10):
+                    Order.objects.create(status=f"c{i}")
+            # Nobody reads meanwhile: the worker is held, the event loop waits for it.
+            assert listener_module._wait_readable(listener._fd, 10), "nothing sent"
+            release.set()
+            wait_until(lambda: len(awaited) == 10, what="every change awaited")
+    finally:
+        release.set()
+        row_changed.disconnect(hold_the_first, sender=Order)
+        row_changed.disconnect(keep, sender=Order)
+
+    statuses = [f"c{i}" for i in range(10)]
+    assert awaited == statuses
+    assert [status for hop in hops for status in hop] == statuses
+    # The first change, then one batch read on: not the eight others it could read.
+    assert hops[0] == statuses[:4]
+
+
 def test_a_connection_the_worker_found_closed_is_replaced_not_read_by_the_event_loop(
     transactional_db, other_connection, monkeypatch
 ):
