@@ -173,8 +173,9 @@ class Claimed(NamedTuple):
     #: Positions of the changes handled on an earlier claim, or None.
     handled: list[int] | None
 
+    @property
     def unhandled(self) -> int:
-        """Changes of the row still to deliver."""
+        """Changes of the row still to deliver (as ``DurableEvent.unhandled``)."""
         return self.size - len(self.handled or ())
 
 
@@ -313,7 +314,7 @@ class DurableWorker:
         claimed = await connection.within(conn, self._claim(conn), self.timeout)
         if not claimed:
             return 0
-        self.stats["durable_claimed"] += sum(row.unhandled() for row in claimed)
+        self.stats["durable_claimed"] += sum(row.unhandled for row in claimed)
         loop = asyncio.get_running_loop()
         outcome = await loop.run_in_executor(executor, self._decode_and_send, claimed)
         if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
@@ -343,7 +344,7 @@ class DurableWorker:
         events: list[RowChange] = []
         for row in claimed:
             if self.ignore_own_changes and row.pid is not None and own_changes.is_own_pid(row.pid):
-                self.stats["own_changes"] += row.unhandled()
+                self.stats["own_changes"] += row.unhandled
                 outcome.skipped.add(row.id)
                 continue
             events.extend(self._decode(row, outcome))
@@ -361,7 +362,7 @@ class DurableWorker:
                 raise DecodeError(f"{row.size} changes decoded as {len(changes)}")
         except Exception as exc:
             # Not something a retry can fix: a dead letter at once, kept for a look.
-            self.stats["undecodable"] += row.unhandled()
+            self.stats["undecodable"] += row.unhandled
             outcome.undecodable[row.id] = f"undecodable: {exc}"
             logger.warning(
                 "pgnotify: durable event %s of %s is undecodable: %s",
@@ -411,7 +412,7 @@ class DurableWorker:
                 error = errors[first] if row.size == 1 else f"event {first}: {errors[first]}"
                 dead = row.attempts >= self.max_attempts[row.declaration]
                 failed.append((row, error, dead))
-            elif len(handled_now[row.id]) == row.unhandled():
+            elif len(handled_now[row.id]) == row.unhandled:
                 done.append(row.id)
             else:
                 released.append(row)
@@ -420,7 +421,7 @@ class DurableWorker:
         )
         for row, error, dead in failed:
             # Every change of an undecodable row is a dead letter; else the failing ones.
-            changes = row.unhandled() if row.id in outcome.undecodable else len(failed_now[row.id])
+            changes = row.unhandled if row.id in outcome.undecodable else len(failed_now[row.id])
             if dead:
                 self.stats["dead_letters"] += changes
                 logger.error(
