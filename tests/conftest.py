@@ -53,6 +53,15 @@ def changes(row_changes: CapturedChanges) -> CapturedChanges:
     return row_changes
 
 
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds saying ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.02)
+
+
 def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:
     """Commit a marker change and return the changes that arrived before it.
 
@@ -231,6 +240,7 @@ __all__ = [
     "django_env",
     "run_manage",
     "test_database_url",
+    "wait_until",
 ]
 
 

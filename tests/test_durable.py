@@ -7,6 +7,7 @@ line per event handled, which the tests read.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import signal
@@ -33,6 +34,7 @@ from django_pgnotify.models import DurableEvent
 from django_pgnotify.triggers import build_trigger_sql
 from tests.conftest import ManagedProcess
 from tests.conftest import test_database_url as database_url
+from tests.conftest import wait_until as shared_wait_until
 from tests.durableapp.models import Job
 from tests.settings_durable import PGNOTIFY as DURABLE_SETTINGS
 
@@ -40,12 +42,8 @@ DURABLE = "tests.settings_durable"
 LATEST_MIGRATION = "0004_durableevent_size_handled"
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.05)
+# Listener processes work through backlogs here: a longer default wait.
+wait_until = functools.partial(shared_wait_until, timeout=30.0)
 
 
 def count(conn: psycopg.Connection, where: str = "true") -> int:

@@ -34,6 +34,7 @@ from tests.conftest import (
     changes_before_marker,
     django_env,
     run_manage,
+    wait_until,
 )
 from tests.conftest import (
     test_database_url as database_url,
@@ -56,14 +57,6 @@ def fast_listener(**extra: object) -> override_settings:
             **extra,
         }
     )
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(0.02)
 
 
 def terminate(conn: psycopg.Connection, pid: int) -> None:
@@ -1093,8 +1086,6 @@ def frozen_durable_claim(proxy) -> ManagedProcess:
     is the one that change wakes up, or the worker's first, if its answer was
     still on the way.
     """
-    from tests.test_durable import wait_until
-
     cut = proxy()
     listener = durable_listener_through(cut, PGNOTIFY_TEST_POLL="60")  # no claim but on wake-up
     try:
