@@ -4,9 +4,12 @@ Ids: E001 ``pgnotify`` is not a ``Notify``; E002 events; E003 ``fields``;
 E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
 E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
 ``PGNOTIFY`` setting; E011 composite primary key; E012 column names too
-long for a notification; W002 ``when_changed``
-without update; W003 unknown ``PGNOTIFY`` key. (W001, "durable not available
-yet", is retired.)
+long for a notification; E013 ``level``; E014 two models' declarations on one
+table under one name; W002 ``when_changed`` without update; W003 unknown
+``PGNOTIFY`` key; W004 column names leave a long context no room. (W001,
+"durable not available yet", is retired.) E012 and W004 come from
+``resolve_model``, so the commands refuse such a declaration even with the
+checks skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from django.db import connections, router
 
 from .conf import DEFAULTS
 from .declarations import Declaration, raw_declarations, resolve_model
-from .triggers import rows_room
 
 
 @checks.register("pgnotify")
@@ -33,12 +35,17 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         models = apps.get_models()
     else:
         models = [m for config in app_configs for m in config.get_models()]
+    # Every model's, as a collision may be with a model outside app_configs.
+    declared = {
+        model: resolve_model(model, raw_declarations(model))
+        for model in dict.fromkeys([*models, *apps.get_models()])
+    }
     for model in models:
-        declarations, found = resolve_model(model, raw_declarations(model))
+        declarations, found = declared[model]
         messages.extend(found)
         if not declarations:
             continue
-        messages.extend(_check_rows_room(declarations))
+        messages.extend(_check_shared_tables(declarations, declared))
         for alias in connections:
             wrapper = connections[alias]
             if router.allow_migrate_model(alias, model) and wrapper.vendor != "postgresql":
@@ -54,29 +61,43 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
     return messages
 
 
-#: The least room a notification must leave for rows once its header is written.
-MIN_ROWS_ROOM = 1000
-
-
-def _check_rows_room(declarations: list[Declaration]) -> list[checks.CheckMessage]:
-    """A notification's header lists the column names; too many leave no room for rows."""
+def _check_shared_tables(
+    declarations: list[Declaration],
+    declared: dict[Any, tuple[list[Declaration], list[checks.CheckMessage]]],
+) -> list[checks.CheckMessage]:
+    """Two models on one table (an unmanaged twin, say) with a declaration of the same
+    name would install the same trigger and function, each replacing the other's."""
     messages: list[checks.CheckMessage] = []
     for declaration in declarations:
-        if declaration.notify.durable:  # the event table has no size limit
-            continue
-        room = min(rows_room(declaration, event) for event in declaration.events)
-        if room < MIN_ROWS_ROOM:
+        others = [
+            other
+            for model, (found, _) in declared.items()
+            if model is not declaration.model
+            for other in found
+            if (other.table, other.name) == (declaration.table, declaration.name)
+            and _share_a_database(model, declaration.model)
+        ]
+        for other in others:
+            table = ".".join(filter(None, declaration.table))
             messages.append(
                 checks.Error(
-                    f"{declaration.uri}: the names of its fields and when_changed columns "
-                    f"leave {room} bytes of a notification for rows; at least "
-                    f"{MIN_ROWS_ROOM} are needed.",
-                    hint="Declare fewer fields, or use durable=True (no size limit).",
+                    f"{declaration.uri} and {other.uri} are declarations of the same name on "
+                    f"table {table!r}: they would install the same trigger, each replacing "
+                    "the other's.",
+                    hint="Declare on one of the models only, or give one a distinct "
+                    'Notify(name="...").',
                     obj=declaration.model,
-                    id="pgnotify.E012",
+                    id="pgnotify.E014",
                 )
             )
     return messages
+
+
+def _share_a_database(first: Any, second: Any) -> bool:
+    return any(
+        router.allow_migrate_model(alias, first) and router.allow_migrate_model(alias, second)
+        for alias in connections
+    )
 
 
 def check_settings() -> list[checks.CheckMessage]:
@@ -186,7 +207,9 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
             )
         )
     layer = config.get("CHANNEL_LAYER")
-    if layer is not None and layer not in getattr(settings, "CHANNEL_LAYERS", {}):
+    if layer is not None and (
+        not isinstance(layer, str) or layer not in getattr(settings, "CHANNEL_LAYERS", {})
+    ):
         messages.append(
             checks.Error(
                 f'PGNOTIFY["CHANNEL_LAYER"] is {layer!r}, which is not in settings.CHANNEL_LAYERS.',

@@ -16,7 +16,7 @@ from typing import Any
 from django.apps import apps
 from django.core import checks
 from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
-from django.db import models
+from django.db import connections, models
 
 from . import naming
 from .conf import get_setting
@@ -28,12 +28,15 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 @dataclass(frozen=True)
 class Column:
-    """A model field as it is stored: field name, column, and the Django internal
-    type of its values (for a foreign key, that of the field it points to)."""
+    """A model field as it is stored: field name, column, the Django internal
+    type of its values (for a foreign key, that of the field it points to), and
+    whether PostgreSQL compares its values with ``=`` (``json``, ``xml`` and
+    ``point`` columns, for instance, cannot be)."""
 
     field: str
     column: str
     internal_type: str
+    comparable: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,21 +255,60 @@ def _resolve_one(
 
     if any(e.is_serious() for e in errors):
         return None, errors
-    return (
-        Declaration(
-            model=model,
-            notify=notify,
-            name=name,
-            label=opts.label_lower,
-            table=naming.parse_db_table(opts.db_table),
-            channel=channel,
-            events=events,
-            pk=_column(opts.pk),
-            fields=fields,
-            when_changed=when_changed,
-        ),
-        errors,
+    declaration = Declaration(
+        model=model,
+        notify=notify,
+        name=name,
+        label=opts.label_lower,
+        table=naming.parse_db_table(opts.db_table),
+        channel=channel,
+        events=events,
+        pk=_column(opts.pk),
+        fields=fields,
+        when_changed=when_changed,
     )
+    errors.extend(_check_room(declaration, where))
+    if any(e.is_serious() for e in errors):
+        return None, errors
+    return declaration, errors
+
+
+def _check_room(declaration: Declaration, where: str) -> list[checks.CheckMessage]:
+    """A notification's header lists the column names; too many leave no room for rows.
+
+    Checked here rather than in the system checks alone, so that a declaration
+    that would fail its table's writes is refused even with the checks skipped.
+    """
+    from . import triggers  # it renders declarations: imported when one is built
+
+    if declaration.notify.durable:  # the event table has no size limit
+        return []
+    room = min(triggers.rows_room(declaration, event) for event in declaration.events)
+    hint = "Declare fewer fields, or use durable=True (no size limit)."
+    if room < triggers.MIN_ROWS_ROOM:
+        return [
+            checks.Error(
+                f"{where}: the names of its fields and when_changed columns leave {room} "
+                f"bytes of a notification for rows; at least {triggers.MIN_ROWS_ROOM} are "
+                "needed.",
+                hint=hint,
+                obj=declaration.model,
+                id="pgnotify.E012",
+            )
+        ]
+    limit = triggers.context_limit(declaration)
+    if limit < triggers.CONTEXT_MAX:
+        return [
+            checks.Warning(
+                f"{where}: the names of its fields and when_changed columns leave {room} "
+                f"bytes of a notification for rows; a context() longer than {limit} bytes "
+                "as JSON text is left out of its notifications.",
+                hint=hint,
+                obj=declaration.model,
+                id="pgnotify.W004",
+            )
+        ]
+    return []
 
 
 def _columns(model, names, option, id, error) -> tuple[Column, ...]:
@@ -305,7 +347,72 @@ def _column(field: models.Field) -> Column:
     stored = field
     while stored.is_relation and getattr(stored, "target_field", None) is not None:
         stored = stored.target_field  # type: ignore[attr-defined]  # a relation's field
-    return Column(field=field.name, column=field.column, internal_type=stored.get_internal_type())  # type: ignore[arg-type]
+    return Column(
+        field=field.name,
+        column=field.column,  # type: ignore[arg-type]
+        internal_type=stored.get_internal_type(),
+        comparable=_comparable(stored),
+    )
+
+
+def _comparable(field: models.Field) -> bool:
+    """Whether the field's column type is one PostgreSQL compares with ``=``.
+
+    Read from the column type the field creates on PostgreSQL; a type not
+    known to have ``=``, or none found, is taken for one without.
+    """
+    postgresql = [connections[a] for a in connections if connections[a].vendor == "postgresql"]
+    try:
+        db_type = field.db_type(postgresql[0]) if postgresql else None
+    except Exception:  # a custom field's own code: any failure means "not known"
+        return False
+    if not isinstance(db_type, str):
+        return False
+    base = re.sub(r"\(.*?\)", "", db_type).lower().replace("[]", "")
+    return " ".join(base.split()) in _COMPARABLE_TYPES
+
+
+# Column types with an ``=`` operator (array types of them have one too).
+_COMPARABLE_TYPES = frozenset(
+    {
+        "bigint",
+        "bigserial",
+        "boolean",
+        "bpchar",
+        "bytea",
+        "char",
+        "character",
+        "character varying",
+        "cidr",
+        "citext",
+        "date",
+        "daterange",
+        "double precision",
+        "hstore",
+        "inet",
+        "int4range",
+        "int8range",
+        "integer",
+        "interval",
+        "jsonb",
+        "macaddr",
+        "numeric",
+        "numrange",
+        "real",
+        "serial",
+        "smallint",
+        "smallserial",
+        "text",
+        "time",
+        "timestamp",
+        "timestamp with time zone",
+        "timestamptz",
+        "tsrange",
+        "tstzrange",
+        "uuid",
+        "varchar",
+    }
+)
 
 
 def get_declarations(selectors: Iterable[str] = ()) -> list[Declaration]:

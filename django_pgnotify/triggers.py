@@ -42,7 +42,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 8
+TEMPLATE_VERSION = 9
 
 #: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
 #: how to render its argument's type once per query, where ``to_json()`` does so for
@@ -214,10 +214,15 @@ def _function_body(declaration: Declaration, scalar: str) -> str:
 
 # The longest payload sent: PostgreSQL refuses 8000 bytes and more.
 _PAYLOAD_MAX = wire.PAYLOAD_LIMIT - 1
-# Room kept for the xid and ts. A context longer than _CONTEXT_MAX (set by hand,
+# Room kept for the xid and ts. A context longer than CONTEXT_MAX (set by hand,
 # past ``context()``'s limit) is left out, so that rows always keep most of the room.
 _XID_TS_MAX = 64
-_CONTEXT_MAX = 2200
+#: The longest context a live notification holds, in bytes as a JSON key and string.
+CONTEXT_MAX = 2200
+#: The least room a notification leaves for rows once its header and context are
+#: written: the system checks reject a declaration whose header leaves less, and
+#: a context is left out where it would (see ``context_limit``).
+MIN_ROWS_ROOM = 1000
 # Statements of up to this many rows that fit one notification take the short
 # path: one small query, no window function, no sort.
 _SMALL_STATEMENT = 20
@@ -423,28 +428,42 @@ def _live_function(
         ctx=_CONTEXT_DECLARATION,
         variables=sql.SQL(variables),
         paused=_pause_check(declaration),
-        context=_CONTEXT_RENDERING,
+        context=_context_rendering(declaration),
         branches=sql.SQL("").join(branches),
     )
     return _render(body)
 
 
 # The ``ctx`` variable: the setting as it is, then, only when it is set, the
-# context as a JSON key and string, left out (NULL) past _CONTEXT_MAX bytes.
+# context as a JSON key and string, left out (NULL) past ``context_limit`` bytes.
 # Without a context, ''/NULL count as no bytes and add nothing to the message.
 # PL/pgSQL prepares each expression again in every transaction, so the
 # rendering is nested where a transaction without a context never reaches it.
 _CONTEXT_DECLARATION = sql.SQL("  ctx text := current_setting({}, true);\n").format(
     sql.Literal(wire.CONTEXT_SETTING)
 )
-_CONTEXT_RENDERING = sql.SQL(
-    "  IF ctx <> '' THEN\n"
-    "    ctx := {key} || to_json(ctx);\n"
-    "    IF octet_length(ctx) > {limit} THEN\n"
-    "      ctx := NULL;\n"
-    "    END IF;\n"
-    "  END IF;\n"
-).format(key=sql.Literal(f',"{wire.CONTEXT}":'), limit=sql.Literal(_CONTEXT_MAX))
+
+
+def _context_rendering(declaration: Declaration) -> sql.Composable:
+    return sql.SQL(
+        "  IF ctx <> '' THEN\n"
+        "    ctx := {key} || to_json(ctx);\n"
+        "    IF octet_length(ctx) > {limit} THEN\n"
+        "      ctx := NULL;\n"
+        "    END IF;\n"
+        "  END IF;\n"
+    ).format(key=sql.Literal(f',"{wire.CONTEXT}":'), limit=sql.Literal(context_limit(declaration)))
+
+
+def context_limit(declaration: Declaration) -> int:
+    """The longest context, in bytes as a JSON key and string, a live notification holds.
+
+    ``CONTEXT_MAX``, less where the header leaves so little room that a longer
+    context would leave rows less than ``MIN_ROWS_ROOM`` bytes (or none at all:
+    ``pg_notify`` would then fail the write). A longer one is left out.
+    """
+    room = min(rows_room(declaration, event) for event in declaration.events)
+    return max(0, min(CONTEXT_MAX, room - MIN_ROWS_ROOM))
 
 
 def _head(declaration: Declaration, event: str) -> sql.Composable:
@@ -527,10 +546,21 @@ def _live_update_filter(declaration: Declaration) -> sql.Composable:
 
 def _any_changed(columns: tuple[Column, ...]) -> sql.Composable:
     """True when any of ``columns`` differs between the old row ``o`` and the new ``n``."""
-    return sql.SQL(" OR ").join(
-        sql.SQL('"o".{col} IS DISTINCT FROM "n".{col}').format(col=sql.Identifier(c.column))
-        for c in columns
-    )
+    return sql.SQL(" OR ").join(_differs(c) for c in columns)
+
+
+def _differs(column: Column) -> sql.Composable:
+    """True when ``column`` differs between the old row ``o`` and the new ``n``.
+
+    ``IS DISTINCT FROM`` needs an ``=`` operator, which some column types lack
+    (``json``, ``xml``, ``point``, custom types): comparing one would fail
+    every update of the table. Those compare by their stored bytes, as ``*<>``
+    compares rows; the others by value (``1.0`` and ``1.00`` are equal).
+    """
+    col = sql.Identifier(column.column)
+    if column.comparable:
+        return sql.SQL('"o".{col} IS DISTINCT FROM "n".{col}').format(col=col)
+    return sql.SQL('record_image_ne(ROW("o".{col}), ROW("n".{col}))').format(col=col)
 
 
 def _header(declaration: Declaration, event: str) -> tuple[str, str]:
@@ -673,8 +703,8 @@ def _changed_mask(columns: tuple[Column, ...]) -> sql.Composable:
         return sql.SQL("0")
     return sql.SQL("({}){}").format(
         sql.SQL(" + ").join(
-            sql.SQL("CASE WHEN o.{col} IS DISTINCT FROM n.{col} THEN {bit} ELSE 0 END").format(
-                col=sql.Identifier(c.column),
+            sql.SQL("CASE WHEN {differs} THEN {bit} ELSE 0 END").format(
+                differs=_differs(c),
                 bit=sql.SQL(str(1 << i) if i < 62 else f"{1 << i}::numeric"),
             )
             for i, c in enumerate(columns)

@@ -16,6 +16,8 @@ from django.test.utils import isolate_apps
 
 from django_pgnotify import Notify
 from django_pgnotify.checks import check_declarations
+from django_pgnotify.declarations import raw_declarations, resolve_model
+from django_pgnotify.triggers import CONTEXT_MAX, context_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -324,9 +326,64 @@ def test_e012_column_names_that_leave_no_room_for_rows_in_a_notification(registr
     assert "at least 1000 are needed" in message.msg
 
 
-@pytest.mark.parametrize(("count", "durable"), [(50, False), (120, True)])
+def test_e012_holds_with_the_checks_skipped(registry):
+    """The commands read declarations through resolve_model, which refuses it too:
+    installed, the trigger would fail every update of the table."""
+    model = wide_model(120)
+
+    declarations, messages = resolve_model(model, raw_declarations(model))
+
+    assert declarations == []
+    assert [m.id for m in messages] == ["pgnotify.E012"]
+
+
+@pytest.mark.parametrize(("count", "durable"), [(30, False), (120, True)])
 def test_e012_spares_headers_that_fit_and_durable_declarations(registry, count, durable):
-    wide_model(count, durable)  # 50 names twice: about 6.4 KB, leaving over 1000 bytes
+    wide_model(count, durable)  # 30 names twice: about 3.8 KB, leaving over 3200 bytes
+
+    assert check_models(registry) == []
+
+
+def test_w004_a_header_that_leaves_a_long_context_no_room(registry):
+    """50 names twice leave about 1500 bytes: rows keep 1000 of them, a context the rest."""
+    model = wide_model(50)
+
+    message = only(check_models(registry), "pgnotify.W004")
+    limit = context_limit(resolve_model(model, raw_declarations(model))[0][0])
+    assert 0 < limit < CONTEXT_MAX
+    assert f"a context() longer than {limit} bytes as JSON text is left out" in message.msg
+
+
+def test_e014_two_models_declaring_on_one_table_under_one_name(registry):
+    shipment = declare(Notify(fields=["status"]))
+
+    class ShipmentTwin(models.Model):
+        status = models.CharField(max_length=20)
+
+        class Meta:
+            app_label = "testapp"
+            managed = False
+            db_table = shipment._meta.db_table
+            pgnotify = Notify(fields=["status"])
+
+    messages = [m for m in check_models(registry) if m.id == "pgnotify.E014"]
+
+    assert [m.obj for m in messages] == [shipment, ShipmentTwin]
+    assert "testapp.Shipment:default and testapp.ShipmentTwin:default" in messages[0].msg
+    assert f"on table '{shipment._meta.db_table}'" in messages[0].msg
+
+
+def test_two_models_on_one_table_with_distinct_declaration_names_are_accepted(registry):
+    shipment = declare(Notify(fields=["status"]))
+
+    class ShipmentTwin(models.Model):
+        status = models.CharField(max_length=20)
+
+        class Meta:
+            app_label = "testapp"
+            managed = False
+            db_table = shipment._meta.db_table
+            pgnotify = Notify(fields=["status"], name="twin")
 
     assert check_models(registry) == []
 
@@ -347,6 +404,8 @@ def test_e012_spares_headers_that_fit_and_durable_declarations(registry, count, 
         ({"INSTALL_ON_MIGRATE": 1}, 'PGNOTIFY["INSTALL_ON_MIGRATE"] must be True or False'),
         ({"DURABLE_BATCH_SIZE": 0}, 'PGNOTIFY["DURABLE_BATCH_SIZE"] must be an integer at least 1'),
         ({"DURABLE_LEASE": -5}, 'PGNOTIFY["DURABLE_LEASE"] must be a number greater than 0'),
+        ({"CHANNEL_LAYER": "nope"}, "PGNOTIFY[\"CHANNEL_LAYER\"] is 'nope', which is not in"),
+        ({"CHANNEL_LAYER": ["default"]}, "is ['default'], which is not in"),
     ],
     ids=[
         "not-a-dict",
@@ -362,6 +421,8 @@ def test_e012_spares_headers_that_fit_and_durable_declarations(registry, count, 
         "flag-number",
         "durable-batch-zero",
         "durable-lease-negative",
+        "channel-layer-unknown",
+        "channel-layer-not-a-name",
     ],
 )
 def test_e010_pgnotify_setting(setting, shown):
