@@ -1,0 +1,71 @@
+"""The durable events' admin: who may retry or discard what listeners could not deliver."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+
+from django_pgnotify.models import DurableEvent
+
+CHANGELIST = "/admin/django_pgnotify/durableevent/"
+
+
+def staff_client(*permissions: str) -> Client:
+    user = User.objects.create_user("staff", password="secret", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(
+            content_type__app_label="django_pgnotify", codename__in=permissions
+        )
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def dead_letter(db) -> DurableEvent:
+    return DurableEvent.objects.create(
+        declaration="testapp.Order:default",
+        model="testapp.order",
+        action="insert",
+        payload="[1]",
+        status="dead",
+        attempts=3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("permissions", "actions"),
+    [
+        (["view_durableevent"], []),
+        (["view_durableevent", "change_durableevent"], ["retry"]),
+        (["view_durableevent", "delete_durableevent"], ["discard"]),
+    ],
+)
+def test_the_actions_offered_follow_the_users_permissions(dead_letter, permissions, actions):
+    response = staff_client(*permissions).get(CHANGELIST)
+
+    assert response.status_code == 200
+    form = response.context["action_form"]  # None when no action is left
+    offered = [name for name, _ in form.fields["action"].choices] if form else []
+    assert [a for a in offered if a in ("retry", "discard")] == actions
+
+
+def test_a_user_who_may_only_view_cannot_retry(dead_letter):
+    client = staff_client("view_durableevent")
+
+    client.post(CHANGELIST, {"action": "retry", "_selected_action": [dead_letter.pk]})
+
+    dead_letter.refresh_from_db()
+    assert (dead_letter.status, dead_letter.attempts) == ("dead", 3)
+
+
+def test_a_user_who_may_change_retries(dead_letter):
+    client = staff_client("view_durableevent", "change_durableevent")
+
+    response = client.post(CHANGELIST, {"action": "retry", "_selected_action": [dead_letter.pk]})
+
+    assert response.status_code == 302
+    dead_letter.refresh_from_db()
+    assert (dead_letter.status, dead_letter.attempts) == ("pending", 0)
