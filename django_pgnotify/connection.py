@@ -17,11 +17,23 @@ from django.db import connections
 # Keys Django adds for its own cursors, not libpq connection parameters.
 _DJANGO_ONLY = ("cursor_factory", "context", "prepare_threshold")
 
+#: psycopg's own options (not libpq parameters) for both of the listener's connections.
+#: No server-side prepared statements: psycopg prepares a statement once run 5 times,
+#: and a prepared statement is session state that a transaction-pooling PgBouncer does
+#: not keep ("prepared statement "_pg3_0" already exists"), which the durable connection
+#: may go through. The listening connection runs a few statements now and then and
+#: gains nothing from them. Django's own connections prepare none either by default.
+PSYCOPG_OPTIONS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+
 T = TypeVar("T")
 
 
 class NotPostgreSQL(Exception):
     """The alias points at a database django-pgnotify cannot work with."""
+
+
+class Stopped(Exception):
+    """The stop event was set before the work awaited finished."""
 
 
 def connection_params(using: str) -> dict[str, Any]:
@@ -78,7 +90,7 @@ def listen_params(using: str, application_name: str) -> dict[str, Any]:
 
 def connect(using: str, application_name: str) -> psycopg.Connection:
     """Open a dedicated autocommit connection for LISTEN."""
-    return psycopg.connect(**listen_params(using, application_name), autocommit=True)
+    return psycopg.connect(**listen_params(using, application_name), **PSYCOPG_OPTIONS)
 
 
 async def connect_async(
@@ -88,7 +100,7 @@ async def connect_async(
     params = listen_params(using, application_name)
     if timeout is not None:
         params.setdefault("connect_timeout", max(2, int(timeout)))
-    return await psycopg.AsyncConnection.connect(**params, autocommit=True)
+    return await psycopg.AsyncConnection.connect(**params, **PSYCOPG_OPTIONS)
 
 
 async def within(conn: psycopg.AsyncConnection, work: Awaitable[T], timeout: float) -> T:
@@ -113,4 +125,27 @@ async def within(conn: psycopg.AsyncConnection, work: Awaitable[T], timeout: flo
             await asyncio.gather(task, return_exceptions=True)
     if not done:
         raise TimeoutError(f"no answer to a query within {timeout:g}s")
+    return task.result()
+
+
+async def until_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T:
+    """The result of ``work``, or ``work`` cancelled as soon as ``stop`` is set.
+
+    For waits with no answer in sight, such as a connect to a server that accepts
+    and stays silent until ``connect_timeout``: a stop must not wait that out.
+
+    Raises:
+        Stopped: ``stop`` was set first; ``work`` is cancelled.
+    """
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise Stopped
     return task.result()

@@ -13,6 +13,8 @@ letter, and records which of its changes were handled so that only the others
 are delivered again. A claim whose lease expired (its listener died) is
 claimable again, so every change is dispatched at least once; receivers
 deduplicate by ``event.event_id``, the row's id plus the change's position.
+A listener settles only the rows still leased to it: one whose lease expired
+and that another listener claimed is that listener's to settle.
 
 The functions below (status, retry, discard, prune) serve the admin and the
 management commands.
@@ -114,16 +116,30 @@ _CLAIM_SETTINGS = sql.SQL(
 # leave them to be dispatched again, as at-least-once delivery allows.
 _SETTLE_SETTINGS = sql.SQL("SELECT set_config('synchronous_commit', 'off', true)")
 
-_DELETE = sql.SQL("DELETE FROM {table} WHERE id = ANY(%(ids)s)").format(table=_TABLE)
+# Every settlement touches only the rows still leased to this listener, and returns
+# their ids. A row whose lease expired may have been claimed by another listener, which
+# dispatches its changes again and settles it: settling it here too would clear that
+# listener's lease, or delete the row under it.
+_STILL_LEASED = "lease_owner = %(owner)s"
+
+_DELETE = sql.SQL(
+    "DELETE FROM {table} WHERE id = ANY(%(ids)s) AND " + _STILL_LEASED + " RETURNING id"
+).format(table=_TABLE)
 
 _MARK_DONE = sql.SQL(
     "UPDATE {table} SET status = 'done', done_at = now(), lease_owner = '', "
-    "lease_until = NULL WHERE id = ANY(%(ids)s)"
+    "lease_until = NULL WHERE id = ANY(%(ids)s) AND " + _STILL_LEASED + " RETURNING id"
 ).format(table=_TABLE)
 
-# ``handled`` gains the positions handled this time (an int[] literal per row: the
-# rows' lists differ in length, which a two-dimensional array cannot hold).
-_HANDLED = "coalesce(e.handled, ARRAY[]::int[]) || f.done::int[]"
+# ``handled`` gains the positions handled this time, as a set: each position at most
+# once, so that ``size - cardinality(handled)`` counts the changes still to deliver.
+# (An int[] literal per row: the rows' lists differ in length, which a two-dimensional
+# array cannot hold.)
+_HANDLED = (
+    "ARRAY(SELECT DISTINCT merged.position"
+    " FROM unnest(coalesce(e.handled, ARRAY[]::int[]) || f.done::int[]) AS merged(position)"
+    " ORDER BY merged.position)"
+)
 
 _FAIL = sql.SQL(
     """
@@ -137,7 +153,10 @@ SET status = CASE WHEN f.dead THEN 'dead' ELSE 'pending' END,
     + """
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(dead)s::boolean[], %(delays)s::float8[],
     %(done)s::text[]) AS f(id, error, dead, delay, done)
-WHERE e.id = f.id
+WHERE e.id = f.id AND e."""
+    + _STILL_LEASED
+    + """
+RETURNING e.id
 """
 ).format(table=_TABLE)
 
@@ -147,7 +166,8 @@ _RELEASE = sql.SQL(
     "UPDATE {table} AS e SET lease_owner = '', lease_until = NULL, "
     "attempts = greatest(e.attempts - 1, 0), handled = "
     + _HANDLED
-    + " FROM unnest(%(ids)s::bigint[], %(done)s::text[]) AS f(id, done) WHERE e.id = f.id"
+    + " FROM unnest(%(ids)s::bigint[], %(done)s::text[]) AS f(id, done)"
+    " WHERE e.id = f.id AND e." + _STILL_LEASED + " RETURNING e.id"
 ).format(table=_TABLE)
 
 
@@ -176,7 +196,16 @@ class Claimed(NamedTuple):
     @property
     def unhandled(self) -> int:
         """Changes of the row still to deliver (as ``DurableEvent.unhandled``)."""
-        return self.size - len(self.handled or ())
+        return self.unhandled_after(())
+
+    def unhandled_after(self, handled_now: Iterable[int]) -> int:
+        """Changes of the row still to deliver once the positions ``handled_now`` are handled.
+
+        Counted by position, each once: a row for which an earlier release stored a
+        position twice still counts right, and is done when every position is handled.
+        """
+        handled = {p for p in (*(self.handled or ()), *handled_now) if 0 <= p < self.size}
+        return self.size - len(handled)
 
 
 def build_message(row: Claimed) -> str:
@@ -203,7 +232,9 @@ def retry_delay(attempts: int) -> float:
     """Seconds before the next attempt after ``attempts`` failed ones: doubling, capped."""
     minimum = float(get_setting("DURABLE_RETRY_DELAY_MIN"))
     maximum = float(get_setting("DURABLE_RETRY_DELAY_MAX"))
-    return min(maximum, minimum * 2 ** max(0, attempts - 1))
+    # 64 doublings take any minimum worth setting past any maximum; ``2 ** attempts``
+    # would overflow a float past 1,024 attempts, which max_attempts may allow.
+    return min(maximum, minimum * 2.0 ** min(max(0, attempts - 1), 64))
 
 
 def lease_owner() -> str:
@@ -258,7 +289,11 @@ class DurableWorker:
         backoff = Backoff.from_settings()
         while not stop.is_set():
             try:
-                conn = await self._connect()
+                # A server that accepts and stays silent holds a connect for all of
+                # connect_timeout: a stop does not wait for it.
+                conn = await connection.until_stopped(stop, self._connect())
+            except connection.Stopped:
+                return
             except (psycopg.Error, OSError) as exc:
                 await self._wait(stop, backoff.next(), f"cannot connect: {_one_line(exc)}")
                 continue
@@ -286,7 +321,7 @@ class DurableWorker:
         params = {**connection.TCP_KEEPALIVES, **connection.connection_params(self.using)}
         params["application_name"] = f"{get_setting('APPLICATION_NAME')} durable"[:63]
         params.setdefault("connect_timeout", 5)
-        return await psycopg.AsyncConnection.connect(**params, autocommit=True)
+        return await psycopg.AsyncConnection.connect(**params, **connection.PSYCOPG_OPTIONS)
 
     async def _wait(self, stop: asyncio.Event, seconds: float, problem: str = "") -> None:
         if problem:
@@ -412,16 +447,30 @@ class DurableWorker:
                 error = errors[first] if row.size == 1 else f"event {first}: {errors[first]}"
                 dead = row.attempts >= self.max_attempts[row.declaration]
                 failed.append((row, error, dead))
-            elif len(handled_now[row.id]) == row.unhandled:
+            elif row.unhandled_after(handled_now[row.id]) == 0:
                 done.append(row.id)
             else:
                 released.append(row)
-        await connection.within(
+        settled = await connection.within(
             conn, self._write(conn, done, failed, released, handled_now), self.timeout
         )
+        lost = [row for row in claimed if row.id not in settled]
+        if lost:
+            logger.warning(
+                "pgnotify: durable event(s) %s of %s were no longer leased to this listener"
+                " when it settled them (its %gs lease expired and another listener claimed"
+                " them, or they were retried or discarded): left as they are; the changes"
+                " handled here may be handled again",
+                ", ".join(str(row.id) for row in lost[:10]) + (", ..." if len(lost) > 10 else ""),
+                ", ".join(sorted({row.declaration for row in lost})),
+                self.lease,
+            )
         for row, error, dead in failed:
-            # Every change of an undecodable row is a dead letter; else the failing ones.
-            changes = row.unhandled if row.id in outcome.undecodable else len(failed_now[row.id])
+            if row.id not in settled:
+                continue  # its retries and dead letters are counted by whoever settles it
+            # The changes left unhandled share the row's fate: the failed ones, and
+            # those a stop kept from being dispatched (all of an undecodable row's).
+            changes = row.unhandled_after(handled_now[row.id])
             if dead:
                 self.stats["dead_letters"] += changes
                 logger.error(
@@ -442,33 +491,47 @@ class DurableWorker:
         failed: list[tuple[Claimed, str, bool]],
         released: list[Claimed],
         handled_now: dict[int, list[int]],
-    ) -> None:
-        """The settlement, one transaction in one round trip."""
+    ) -> set[int]:
+        """The settlement, one transaction in one round trip; returns the ids settled."""
+        owner = self.owner
         async with conn.pipeline(), conn.transaction():
             await conn.execute(_SETTLE_SETTINGS)
+            cursors = []
             if done:
-                await conn.execute(_MARK_DONE if self.keep_done else _DELETE, {"ids": done})
+                cursors.append(
+                    await conn.execute(
+                        _MARK_DONE if self.keep_done else _DELETE, {"ids": done, "owner": owner}
+                    )
+                )
             if failed:
-                await conn.execute(
-                    _FAIL,
-                    {
-                        "ids": [row.id for row, _, _ in failed],
-                        "errors": [error[:2000] for _, error, _ in failed],
-                        "dead": [dead for _, _, dead in failed],
-                        "delays": [
-                            0.0 if dead else retry_delay(row.attempts) for row, _, dead in failed
-                        ],
-                        "done": [_int_array(handled_now[row.id]) for row, _, _ in failed],
-                    },
+                cursors.append(
+                    await conn.execute(
+                        _FAIL,
+                        {
+                            "ids": [row.id for row, _, _ in failed],
+                            "errors": [error[:2000] for _, error, _ in failed],
+                            "dead": [dead for _, _, dead in failed],
+                            "delays": [
+                                0.0 if dead else retry_delay(row.attempts)
+                                for row, _, dead in failed
+                            ],
+                            "done": [_int_array(handled_now[row.id]) for row, _, _ in failed],
+                            "owner": owner,
+                        },
+                    )
                 )
             if released:
-                await conn.execute(
-                    _RELEASE,
-                    {
-                        "ids": [row.id for row in released],
-                        "done": [_int_array(handled_now[row.id]) for row in released],
-                    },
+                cursors.append(
+                    await conn.execute(
+                        _RELEASE,
+                        {
+                            "ids": [row.id for row in released],
+                            "done": [_int_array(handled_now[row.id]) for row in released],
+                            "owner": owner,
+                        },
+                    )
                 )
+        return {row_id for cursor in cursors for (row_id,) in await cursor.fetchall()}
 
 
 def _int_array(values: Sequence[int]) -> str:

@@ -81,10 +81,6 @@ class ConnectionLost(Exception):
     """The listening connection stopped working (probe lost, query timed out)."""
 
 
-class _Stopped(Exception):
-    """``stop()`` was called while waiting."""
-
-
 class Listener:
     """LISTENs on the channels of ``declarations`` and dispatches their changes.
 
@@ -261,7 +257,7 @@ class Listener:
         while not self._stopping.is_set():
             try:
                 conn = await self._until_stopped(self._open())
-            except _Stopped:
+            except connection.Stopped:
                 return
             except ListenerError as exc:
                 if not self.ready.is_set():
@@ -308,7 +304,7 @@ class Listener:
                 await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
             try:
                 await self._until_stopped(self._listen(conn, dispatching))
-            except _Stopped:
+            except connection.Stopped:
                 return
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
                 lost_at = time.monotonic()
@@ -854,18 +850,7 @@ class Listener:
     async def _until_stopped(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable``, cancelling it when ``stop()`` is called."""
         assert self._wake is not None
-        task = asyncio.ensure_future(awaitable)
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({task, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waker.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
-            raise _Stopped
-        return task.result()
+        return await connection.until_stopped(self._wake, awaitable)
 
     async def _sleep(self, seconds: float) -> None:
         assert self._wake is not None

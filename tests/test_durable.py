@@ -7,27 +7,36 @@ line per event handled, which the tests read.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import json
 import signal
+import socket
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from datetime import timedelta
 
 import psycopg
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.db.models.functions import Now
 from django.test import Client, override_settings
 from psycopg import sql
 
+from django_pgnotify import connection as pgnotify_connection
 from django_pgnotify import context, durable, paused, wire
 from django_pgnotify.declarations import get_declarations
+from django_pgnotify.decoding import Decoder
+from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.durable import retry_delay
 from django_pgnotify.installation import install_triggers
 from django_pgnotify.models import DurableEvent
@@ -609,6 +618,102 @@ def test_retry_delays_double_up_to_their_cap(settings):
     settings.PGNOTIFY = {"DURABLE_RETRY_DELAY_MIN": 1.0, "DURABLE_RETRY_DELAY_MAX": 5.0}
 
     assert [retry_delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_retry_delays_stay_at_their_cap_past_1024_attempts(settings):
+    settings.PGNOTIFY = {"DURABLE_RETRY_DELAY_MIN": 1.0, "DURABLE_RETRY_DELAY_MAX": 300.0}
+
+    assert [retry_delay(n) for n in (1025, 1026, 10**6)] == [300.0] * 3
+
+
+def job_worker(using: str = "default") -> durable.DurableWorker:
+    """The durable worker of a listener in this process serving Job."""
+    declarations = [d for d in get_declarations() if d.model is Job]
+    return durable.DurableWorker(
+        declarations, using, Decoder([Job]), Dispatcher(), threading.Event()
+    )
+
+
+def test_neither_listener_connection_prepares_statements_which_pgbouncer_would_break(
+    transactional_db,
+):
+    # psycopg prepares a statement once run 5 times, unless told not to; a
+    # transaction-pooling PgBouncer then fails with "prepared statement already exists".
+    worker = job_worker()
+
+    async def claims() -> list[tuple[str]]:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1) as executor:
+                for _ in range(8):
+                    assert await worker.process_batch(conn, executor) == 0
+            cursor = await conn.execute("SELECT name FROM pg_prepared_statements")
+            return await cursor.fetchall()
+
+    assert asyncio.run(asyncio.wait_for(claims(), 30)) == []
+    with pgnotify_connection.connect("default", "pgnotify test") as listening:
+        for _ in range(8):
+            listening.execute("SELECT pg_notify(%s, '')", ["pgnotify_test_probe"])
+        assert listening.execute("SELECT name FROM pg_prepared_statements").fetchall() == []
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[int, threading.Event]]:
+    """A TCP server that accepts connections and never answers: its port, and "accepted"."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with suppress(OSError):  # closed at teardown
+            while True:
+                held.append(server.accept()[0])
+                accepted.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1], accepted
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_stop_while_the_durable_connection_waits_on_a_silent_server_ends_at_once(
+    silent_server, monkeypatch
+):
+    port, accepted = silent_server
+    settings_dict = connections["other"].settings_dict
+    monkeypatch.setitem(settings_dict, "HOST", "127.0.0.1")
+    monkeypatch.setitem(settings_dict, "PORT", port)
+    monkeypatch.setitem(
+        settings_dict, "OPTIONS", {**settings_dict["OPTIONS"], "connect_timeout": 20}
+    )
+    worker = job_worker("other")
+
+    async def stop_while_connecting() -> float:
+        stop = asyncio.Event()
+        with ThreadPoolExecutor(1) as executor:
+            running = asyncio.ensure_future(worker.run(stop, executor))
+            assert await asyncio.to_thread(accepted.wait, 10), "the worker never connected"
+            stop.set()
+            stopped_at = time.monotonic()
+            await asyncio.wait_for(running, 10)  # not the 20 s connect_timeout
+            return time.monotonic() - stopped_at
+
+    assert asyncio.run(stop_while_connecting()) < 2
+
+
+def test_a_stop_that_cuts_a_last_attempt_short_counts_every_change_left_as_a_dead_letter(
+    durable_listener, other_connection
+):
+    # One event row of three failing changes on its last attempt (max_attempts=3).
+    insert_jobs(other_connection, 3, name="fail")
+    other_connection.execute("UPDATE pgnotify_event SET attempts = 2")
+    process = durable_listener(PGNOTIFY_TEST_SAY_HANDLING="1", PGNOTIFY_TEST_RECEIVER_DELAY="0.5")
+    process.wait_for(r"^handling ", stream="out")
+
+    assert process.stop() == 0  # the change in hand fails; the other two are not reached
+    assert count(other_connection, "status = 'dead'") == 3 == durable.backlog().dead
+    (stopped,) = [line for line in process.output("err") if "listener stopped" in line]
+    assert "retries=0, dead_letters=3" in stopped
 
 
 def test_prune_refuses_an_age_without_a_unit():

@@ -1,0 +1,214 @@
+"""Leases: a listener settles only the event rows still leased to it.
+
+Two ``DurableWorker`` objects in this process stand for two listeners on a real
+database; a lease is made to expire by moving ``lease_until`` into the past, as
+time would while a listener's receivers run longer than ``DURABLE_LEASE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from django_pgnotify import durable, row_changed
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.decoding import Decoder
+from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify.durable import DurableWorker
+from tests.durableapp.models import Job
+
+
+class Receiver:
+    """A ``row_changed`` receiver for Job: records what each listener handled.
+
+    Jobs whose pk is in ``failing`` raise. The first call in ``held_thread`` waits
+    for ``release`` (a listener whose receivers run past its lease).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.failing: set[int] = set()
+        self.held_thread = ""
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, sender, event, **kwargs) -> None:
+        thread = threading.current_thread().name
+        self.calls.append((thread, event.pk))
+        if thread.startswith(self.held_thread + "_") and not self.holding.is_set():
+            self.holding.set()
+            assert self.release.wait(10), "never released"
+        if event.pk in self.failing:
+            raise RuntimeError(f"job {event.pk} fails on purpose")
+
+
+@pytest.fixture
+def receiver(transactional_db, settings) -> Iterator[Receiver]:
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_RETRY_DELAY_MIN": 0.0}  # retry at once
+    handler = Receiver()
+    row_changed.connect(handler, sender=Job, weak=False, dispatch_uid="test_durable_leases")
+    yield handler
+    row_changed.disconnect(sender=Job, dispatch_uid="test_durable_leases")
+
+
+def listener(stopping: threading.Event | None = None) -> DurableWorker:
+    """The durable worker of a listener serving Job (max_attempts=3)."""
+    declarations = [d for d in get_declarations() if d.model is Job]
+    return DurableWorker(
+        declarations, "default", Decoder([Job]), Dispatcher(), stopping or threading.Event()
+    )
+
+
+def three_jobs(conn: psycopg.Connection) -> list[int]:
+    """One statement: one event row of three changes. Returns the jobs' pks in order."""
+    conn.execute(
+        "INSERT INTO durableapp_job (name, body, n) "
+        "SELECT 'job', '', g FROM generate_series(1, 3) g"
+    )
+    return [pk for (pk,) in conn.execute("SELECT id FROM durableapp_job ORDER BY id")]
+
+
+def event_row(conn: psycopg.Connection) -> dict | None:
+    """The one event row's settlement columns, or None once it is deleted."""
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute("SELECT status, attempts, handled, lease_owner FROM pgnotify_event")
+        .fetchone()
+    )
+
+
+def expire_leases(conn: psycopg.Connection) -> None:
+    """What DURABLE_LEASE seconds do to the claims held now."""
+    conn.execute("UPDATE pgnotify_event SET lease_until = now() - interval '1 second'")
+
+
+def run(scenario) -> None:
+    asyncio.run(asyncio.wait_for(scenario, 60))
+
+
+def test_a_stale_failure_neither_stores_handled_positions_twice_nor_makes_the_row_loop(
+    receiver, other_connection, caplog
+):
+    pks = three_jobs(other_connection)
+    receiver.failing = {pks[1]}
+    receiver.held_thread = "a"
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with await a._connect() as a_conn, await b._connect() as b_conn:
+            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
+                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
+                assert await asyncio.to_thread(receiver.holding.wait, 10)
+                expire_leases(other_connection)
+                assert await b.process_batch(b_conn, b_thread) == 1  # all 3 again, the 2nd fails
+                after_b = event_row(other_connection)
+                receiver.release.set()
+                assert await a_batch == 1  # A's receivers end: its settlement is stale
+
+                assert event_row(other_connection) == after_b  # left to B's settlement
+                assert after_b["handled"] == [0, 2] and after_b["attempts"] == 2
+                receiver.failing.clear()
+                assert await b.process_batch(b_conn, b_thread) == 1
+                assert await b.process_batch(b_conn, b_thread) == 0  # done: nothing to claim
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run(scenario())
+
+    assert event_row(other_connection) is None
+    assert [pk for thread, pk in receiver.calls if thread.startswith("b")] == [*pks, pks[1]]
+    assert (a.stats["retries"], a.stats["dead_letters"]) == (0, 0)  # B counts its own
+    assert (b.stats["durable_claimed"], b.stats["retries"]) == (4, 1)
+    assert durable.backlog().pending == 0
+    (stale,) = [r.getMessage() for r in caplog.records if "no longer leased" in r.getMessage()]
+    assert "durableapp.Job:default" in stale
+
+
+@pytest.mark.parametrize("a_stops", [False, True], ids=["a-handles-all", "a-stops-mid-row"])
+def test_a_stale_listener_keeps_its_hands_off_a_row_another_listener_holds(
+    receiver, other_connection, a_stops
+):
+    pks = three_jobs(other_connection)
+    receiver.held_thread = "a"
+    a_stopping = threading.Event()
+    a, b = listener(a_stopping), listener()
+
+    async def scenario() -> None:
+        async with await a._connect() as a_conn, await b._connect() as b_conn:
+            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
+                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
+                assert await asyncio.to_thread(receiver.holding.wait, 10)
+                if a_stops:
+                    a_stopping.set()  # A would release the two changes it did not reach
+                expire_leases(other_connection)
+                assert len(await b._claim(b_conn)) == 1  # B holds the row now
+                receiver.release.set()
+                await a_batch  # A would delete the row, or release it
+
+                held = event_row(other_connection)
+                assert held == {
+                    "status": "pending",
+                    "attempts": 2,
+                    "handled": None,
+                    "lease_owner": b.owner,
+                }
+                expire_leases(other_connection)  # B gives up too; the row is still there
+                assert await b.process_batch(b_conn, b_thread) == 1
+                assert event_row(other_connection) is None
+
+    run(scenario())
+
+    handled_by_a = [pk for thread, pk in receiver.calls if thread.startswith("a")]
+    assert handled_by_a == (pks[:1] if a_stops else pks)
+    assert [pk for thread, pk in receiver.calls if thread.startswith("b")] == pks
+
+
+@pytest.fixture
+def row_with_a_position_stored_twice(other_connection) -> list[int]:
+    """As a stale settlement of an earlier release left rows: size 3, "4 handled"."""
+    pks = three_jobs(other_connection)
+    other_connection.execute("UPDATE pgnotify_event SET handled = '{0,2,0,2}'")
+    return pks
+
+
+def test_a_row_that_stored_a_handled_position_twice_is_done_once_all_are_handled(
+    receiver, other_connection, row_with_a_position_stored_twice
+):
+    pks = row_with_a_position_stored_twice
+    worker = listener()
+
+    async def scenario() -> None:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1, "b") as thread:
+                assert await worker.process_batch(conn, thread) == 1
+                assert await worker.process_batch(conn, thread) == 0  # not claimed again
+
+    run(scenario())
+
+    assert event_row(other_connection) is None
+    assert [pk for _, pk in receiver.calls] == [pks[1]]
+    assert worker.stats["durable_claimed"] == 1
+
+
+def test_a_row_that_stored_a_handled_position_twice_is_mended_when_settled_again(
+    receiver, other_connection, row_with_a_position_stored_twice
+):
+    receiver.failing = {row_with_a_position_stored_twice[1]}
+    worker = listener()
+
+    async def scenario() -> None:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1, "b") as thread:
+                assert await worker.process_batch(conn, thread) == 1
+
+    run(scenario())
+
+    assert event_row(other_connection)["handled"] == [0, 2]  # each position once
+    assert durable.backlog().pending == 1
+    assert worker.stats["retries"] == 1
