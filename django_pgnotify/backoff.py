@@ -19,6 +19,9 @@ class Backoff:
         self.minimum = minimum
         self.maximum = max(minimum, maximum)
         self.attempts = 0
+        # Doubled until it reaches the cap, never past it: ``minimum * 2**attempts``
+        # would overflow a float after 1024 attempts (hours of outage).
+        self._ceiling = minimum
 
     @classmethod
     def from_settings(cls) -> Backoff:
@@ -29,9 +32,11 @@ class Backoff:
 
     def next(self) -> float:
         """The delay before the next attempt: up to double the last, within the cap."""
-        ceiling = min(self.maximum, self.minimum * 2**self.attempts)
+        ceiling = self._ceiling
+        self._ceiling = min(self.maximum, ceiling * 2)
         self.attempts += 1
         return random.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:
         self.attempts = 0
+        self._ceiling = self.minimum

@@ -12,6 +12,7 @@ receivers of a batch run before its async ones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -72,7 +73,7 @@ class Dispatcher:
                 for receiver in receivers:
                     try:
                         receiver(signal=row_changed, sender=model, event=event)
-                    except Exception as exc:
+                    except (Exception, asyncio.CancelledError) as exc:  # e.g. via async_to_sync
                         self.failed(receiver, event, exc)
                 done.append(event)
         finally:
@@ -90,7 +91,9 @@ class Dispatcher:
         """Await the async receivers of each event, in order, one after the other.
 
         Not interrupted by a stop: the events given are those the sync
-        receivers saw, so every receiver sees the same events.
+        receivers saw, so every receiver sees the same events. A receiver
+        that raises ``CancelledError`` while this task is not being cancelled
+        has failed like any other: it does not end the dispatch.
         """
         by_model: dict[Any, list[Any]] = {}  # as in send_sync: once per model and batch
         for event in events:
@@ -101,10 +104,14 @@ class Dispatcher:
             for receiver in receivers:
                 try:
                     await receiver(signal=row_changed, sender=model, event=event)
+                except asyncio.CancelledError as exc:
+                    if _cancelling():
+                        raise
+                    self.failed(receiver, event, exc)
                 except Exception as exc:
                     self.failed(receiver, event, exc)
 
-    def failed(self, receiver: Any, event: RowChange, exc: Exception) -> None:
+    def failed(self, receiver: Any, event: RowChange, exc: BaseException) -> None:
         """Log and count a receiver that raised."""
         self.stats["receiver_errors"] += 1
         if event.event_id is not None:  # durable: retried or dead-lettered with this error
@@ -127,3 +134,11 @@ class Dispatcher:
     def measure_lag(self, event: RowChange) -> None:
         if event.timestamp is not None:
             self.last_event_lag = max(0.0, time.time() - event.timestamp.timestamp())
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled, rather than a receiver having
+    raised ``CancelledError`` of its own. Python 3.10 cannot tell: it says yes."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0

@@ -11,7 +11,7 @@ Group                   Name
 ======================  ==========================================
 every change of a model ``pgnotify.shop.order``
 one row of it           ``pgnotify.shop.order.row.42``
-row, pk not plain       ``pgnotify.shop.order.rowh.<32 hex digits>``
+row, pk odd or too long ``pgnotify.shop.order.rowh.<32 hex digits>``
 resync of row followers ``pgnotify.shop.order.resync``
 model label not plain   ``pgnotify.h.<24 hex digits>``
 ======================  ==========================================
@@ -29,7 +29,8 @@ PREFIX = "pgnotify"
 MAX_NAME_LENGTH = 100
 #: A model label is used as is up to this length (so that row names still fit).
 MAX_LABEL_LENGTH = 48
-#: A pk is used as is up to this length (a UUID's 36 characters fit).
+#: A pk is used as is up to this length (a UUID's 36 characters fit), if the
+#: whole name is shorter than ``MAX_NAME_LENGTH``.
 MAX_PK_LENGTH = 40
 
 _PLAIN_LABEL = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
@@ -64,10 +65,12 @@ def row_group(label: str, pk: Any) -> str:
         label: The model's ``app_label.model_name``.
         pk: The row's primary key as a Python value (or its text).
     """
-    text = pk_text(pk)
-    if _PLAIN_PK.fullmatch(text) and len(text) <= MAX_PK_LENGTH:
-        return f"{model_group(label)}.row.{text}"
-    return f"{model_group(label)}.rowh.{_digest(text, 32)}"
+    text, model = pk_text(pk), model_group(label)
+    plain = f"{model}.row.{text}"
+    # A label and a pk each within their limits can still be too long together.
+    if _PLAIN_PK.fullmatch(text) and len(text) <= MAX_PK_LENGTH and len(plain) < MAX_NAME_LENGTH:
+        return plain
+    return f"{model}.rowh.{_digest(text, 32)}"
 
 
 def resync_group(label: str) -> str:

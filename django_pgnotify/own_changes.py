@@ -4,11 +4,17 @@ A service that both writes and listens may not want to hear about its own
 writes. A notification carries the backend PID of the writing session, so the
 listener compares it with the PIDs of the connections Django opened in this
 process, in any thread. PostgreSQL reuses PIDs, so a PID counts as ours only
-while the connection that had it is open, and briefly after.
+while the connection that had it is open, and briefly after it closed.
+
+Django sends a signal when it opens a connection but none when it closes one,
+so the first time a connection is opened its wrapper's ``close`` is wrapped to
+retire the PID then. A wrapper that is garbage-collected without being closed
+(its thread ended) retires its PID as it goes, as its session ends with it.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -18,10 +24,12 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 
 _lock = threading.Lock()
+#: PID -> the wrapper whose open connection has it.
 _pids: dict[int, weakref.ref[Any]] = {}
-_closed: dict[int, float] = {}  # PID -> when its connection was first seen closed
+#: PID -> when its connection closed (``time.monotonic()``).
+_closed: dict[int, float] = {}
 
-#: Seconds a PID still counts as ours after its connection was seen closed.
+#: Seconds a PID still counts as ours after its connection closed.
 CLOSED_GRACE = 10.0
 
 
@@ -38,12 +46,63 @@ def _backend_pid(wrapper: Any) -> int | None:
 
 
 def _remember(sender: Any, connection: Any, **kwargs: Any) -> None:
+    """A wrapper opened a session: its PID is ours, its earlier one (if any) no longer."""
     if connection.vendor != "postgresql":
         return
+    _watch_close(connection)
     pid = _backend_pid(connection)
-    if pid:
-        with _lock:
-            _pids[pid] = weakref.ref(connection)
+    with _lock:
+        _retire(connection, keep=pid)
+        _sweep()
+        if pid:
+            # Its callback may run in any thread, even one holding this lock.
+            _pids[pid] = weakref.ref(connection, functools.partial(_collected, pid))
+            _closed.pop(pid, None)
+
+
+def _collected(pid: int, ref: weakref.ref[Any]) -> None:
+    """A wrapper was garbage-collected open, ending its session: one store, no lock."""
+    _closed[pid] = time.monotonic()
+
+
+def _watch_close(wrapper: Any) -> None:
+    """Have ``wrapper.close()`` retire the PID of the session it ends."""
+    if "close" in vars(wrapper):  # watched already, or replaced by someone else
+        return
+    close = type(wrapper).close
+    this = weakref.ref(wrapper)  # not the wrapper itself: no cycle to delay its collection
+
+    @functools.wraps(close)
+    def close_and_retire() -> None:
+        wrapper = this()
+        if wrapper is None:
+            return
+        try:
+            close(wrapper)
+        finally:
+            with _lock:
+                _retire(wrapper)
+
+    wrapper.close = close_and_retire
+
+
+def _retire(wrapper: Any, keep: int | None = None) -> None:
+    """Move the PIDs of ``wrapper`` but ``keep`` from open to closed. Holds ``_lock``."""
+    for pid, ref in list(_pids.items()):
+        if ref() is wrapper and pid != keep:
+            del _pids[pid]
+            _closed[pid] = time.monotonic()
+
+
+def _sweep() -> None:
+    """Forget collected wrappers and PIDs past their grace. Holds ``_lock``."""
+    for pid, ref in list(_pids.items()):
+        if ref() is None:  # its callback has filed the PID as closed
+            del _pids[pid]
+    expired = time.monotonic() - CLOSED_GRACE
+    for pid, at in list(_closed.items()):
+        if at <= expired:
+            _closed.pop(pid, None)
 
 
 def track_own_connections() -> None:
@@ -62,20 +121,11 @@ def is_own_pid(pid: int) -> bool:
 
     A connection closed less than ``CLOSED_GRACE`` seconds ago still counts:
     its last notifications may still be on their way (a request's connection
-    is closed right after its commit).
+    is closed right after its commit). Two dictionary lookups: it runs for
+    every notification.
     """
     ref = _pids.get(pid)
-    if ref is None:
-        closed = _closed.get(pid)
-        return closed is not None and time.monotonic() - closed < CLOSED_GRACE
-    wrapper = ref()
-    if wrapper is not None and _backend_pid(wrapper) == pid:
+    if ref is not None and ref() is not None:
         return True
-    now = time.monotonic()
-    with _lock:  # closed, or the wrapper reconnected: soon the PID may be anyone's
-        if _pids.get(pid) is ref:
-            del _pids[pid]
-        for old in [p for p, at in _closed.items() if now - at >= CLOSED_GRACE]:
-            del _closed[old]
-        _closed[pid] = now
-    return True
+    closed = _closed.get(pid)
+    return closed is not None and time.monotonic() - closed < CLOSED_GRACE

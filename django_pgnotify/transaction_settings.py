@@ -87,6 +87,10 @@ class _SettingsWrapper:
     def __init__(self) -> None:
         self.frames: list[tuple[str, Any]] = []
         self.applied: tuple[str, str] | None = None  # values set in the open transaction
+        # Whether values were set in the open transaction: unlike ``applied``, a
+        # savepoint rollback does not clear it, as values set before the savepoint
+        # survive it. The block's exit resets them then.
+        self.set_in_transaction = False
         self._busy = False
         self._warned = False
 
@@ -133,13 +137,15 @@ class _SettingsWrapper:
             with transaction.atomic(using=connection.alias):
                 _apply(cursor, values)
                 result = execute(sql, params, many, context)
-            self.applied = None
+            self.applied, self.set_in_transaction = None, False
             return result
         if not transaction_open(connection):
             self.applied = None  # this statement starts a new transaction
+            self.set_in_transaction = False
         if values != self.applied:
             _apply(cursor, values)
             self.applied = values
+            self.set_in_transaction = True
         try:
             return execute(sql, params, many, context)
         finally:
@@ -190,6 +196,6 @@ def setting_frame(using: str, kind: str, value: Any) -> Iterator[None]:
             connection.execute_wrappers.remove(wrapper)
             # The transaction may go on after the block: it must not keep the
             # values. An aborted one is rolled back, and the values with it.
-            if wrapper.applied is not None and _transaction_usable(connection):
+            if wrapper.set_in_transaction and _transaction_usable(connection):
                 with connection.cursor() as cursor:
                     _apply(cursor, ("", ""))

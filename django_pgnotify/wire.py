@@ -302,11 +302,13 @@ def _check(payload: str | bytes, data: Any) -> tuple[dict[str, Any], Shape]:
                 "objects as fields and old, and a list of names as changed"
             )
         return data, Shape(version, model, action, None, None, 0)
-    listed, watching = data.get(FIELDS), data.get(WATCHED)
-    fields = _names(listed)
-    watched = _names(watching) if action == "update" else ()
+    watching = data.get(WATCHED)
+    # watched is checked whatever the action: its items are part of the cache key below.
+    fields, watched = _names(data.get(FIELDS)), _names(watching)
     if fields is None or watched is None:
         raise WireError("payload fields and watched must be lists of column names")
+    if action != "update":
+        watched = ()
     shape = Shape(version, model, action, fields, watched, row_length(action, len(fields)))
     _check_rows(rows, shape.full)
     # As read_shape looks them up: a bound keeps memory flat.

@@ -160,6 +160,15 @@ def test_commands_refuse_selectors_that_declare_nothing(command, transactional_d
     assert "No model in contenttypes declares pgnotify" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install", "pgnotify_status"])
+def test_commands_refuse_a_selector_that_names_no_app_or_model(command, transactional_db):
+    result = run_manage(command, "nosuchapp")
+
+    assert result.returncode == 1
+    assert "'nosuchapp' is neither an installed app label nor an app.Model label" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # pgnotify_install --check as a deploy script runs it
 
 

@@ -92,6 +92,25 @@ def test_leaving_the_block_inside_a_transaction_clears_the_context_for_the_rest(
     assert first.xid == second.xid
 
 
+def test_a_savepoint_rolled_back_last_in_the_block_does_not_keep_the_context_after_it(
+    changes,
+):
+    with transaction.atomic():
+        with context(actor="user:5"):
+            Order.objects.create(status="with")
+            with connection.cursor() as cursor:  # as transaction.savepoint() does
+                cursor.execute("SAVEPOINT manual")
+            Order.objects.create(status="rolled back")
+            with connection.cursor() as cursor:  # the block's last statement
+                cursor.execute("ROLLBACK TO SAVEPOINT manual")
+        Order.objects.create(status="without")
+
+    first, second = changes.wait(2)
+
+    assert [e.fields["status"] for e in (first, second)] == ["with", "without"]
+    assert (first.context, second.context) == ({"actor": "user:5"}, None)
+
+
 def test_other_connections_never_see_the_context(changes, other_connection):
     with context(actor="user:9"), transaction.atomic():
         Order.objects.create(status="mine")

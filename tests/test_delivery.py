@@ -6,6 +6,7 @@ this process (the ``changes`` fixture) receives what the triggers announce.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import date, datetime, time, timedelta, timezone
@@ -18,6 +19,7 @@ from django.db import connection, transaction
 from django.utils.timezone import now
 
 from django_pgnotify import RowChange, row_changed
+from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import changes_before_marker
 from tests.conftest import test_database_url as database_url
@@ -455,6 +457,65 @@ def test_failing_receiver_is_logged_counted_and_does_not_stop_delivery(changes, 
     assert f"testapp.Order insert pk={first.pk}" in failures[0].getMessage()
     assert isinstance(failures[0].exc_info[1], ValueError)
     assert "Traceback" in caplog.text and "ValueError: receiver bug" in caplog.text
+
+
+async def async_cancelled(sender, event, **kwargs):
+    raise asyncio.CancelledError  # e.g. awaiting a task of its own that was cancelled
+
+
+def sync_cancelled(sender, event, **kwargs):
+    raise asyncio.CancelledError  # e.g. through async_to_sync
+
+
+@pytest.mark.parametrize("cancelled", [async_cancelled, sync_cancelled], ids=["async", "sync"])
+def test_receiver_raising_cancelled_error_is_a_receiver_error_not_a_stop(
+    changes, caplog, cancelled
+):
+    caplog.set_level(logging.ERROR, logger="django_pgnotify")
+    received = []
+
+    async def working(sender, event, **kwargs):
+        received.append(event.pk)
+
+    row_changed.connect(cancelled, sender=Order, weak=False)
+    row_changed.connect(working, sender=Order, weak=False)
+    try:
+        first = Order.objects.create()
+        second = Order.objects.create()
+        changes_before_marker(changes)
+    finally:
+        row_changed.disconnect(cancelled, sender=Order)
+        row_changed.disconnect(working, sender=Order)
+
+    assert received == [first.pk, second.pk]
+    assert changes.stats["receiver_errors"] == 2
+    failures = [r for r in caplog.records if r.name == "django_pgnotify.dispatch"]
+    assert f"testapp.Order insert pk={first.pk}" in failures[0].getMessage()
+    assert isinstance(failures[0].exc_info[1], asyncio.CancelledError)
+
+
+def test_cancelling_the_dispatch_still_cancels_it_in_an_async_receiver():
+    async def scenario() -> tuple[bool, int]:
+        entered = asyncio.Event()
+
+        async def waiting(sender, event, **kwargs):
+            entered.set()
+            await asyncio.Event().wait()
+
+        dispatcher = Dispatcher()
+        row_changed.connect(waiting, sender=Order, weak=False)
+        try:
+            task = asyncio.ensure_future(
+                dispatcher.send_async([RowChange(model=Order, action="insert", pk=1)])
+            )
+            await asyncio.wait_for(entered.wait(), 5)
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+        finally:
+            row_changed.disconnect(waiting, sender=Order)
+        return task.cancelled(), dispatcher.stats["receiver_errors"]
+
+    assert asyncio.run(scenario()) == (True, 0)
 
 
 @pytest.mark.parametrize(

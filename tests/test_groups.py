@@ -38,6 +38,19 @@ def test_every_label_and_pk_gives_a_valid_group_name(label, pk):
         assert_valid(name)
 
 
+def test_a_long_label_and_a_long_pk_that_fit_alone_are_hashed_when_too_long_together():
+    label = "shop." + "o" * 43  # 48 characters: used as is
+    longest = "k" * 40  # used as is with a short label
+
+    name = groups.row_group(label, longest)
+
+    assert_valid(name)
+    assert name.startswith(f"pgnotify.{label}.rowh.")
+    assert groups.row_group("shop.order", longest) == f"pgnotify.shop.order.row.{longest}"
+    # Names that fit are unchanged: the longest plain name has 99 characters.
+    assert groups.row_group(label, "k" * 37) == f"pgnotify.{label}.row.{'k' * 37}"
+
+
 def test_hashed_names_never_equal_plain_ones():
     hashed = groups.row_group("shop.order", "x" * 41)
     assert hashed.startswith("pgnotify.shop.order.rowh.")

@@ -108,6 +108,20 @@ def test_an_exception_leaving_a_nested_pause_restores_the_enclosing_state(change
     ]
 
 
+def test_a_savepoint_rolled_back_last_in_the_block_does_not_keep_the_pause_after_it(changes):
+    with transaction.atomic():
+        with paused():
+            Order.objects.create(status="quiet")
+            with connection.cursor() as cursor:  # as transaction.savepoint() does
+                cursor.execute("SAVEPOINT manual")
+            Order.objects.create(status="rolled back")
+            with connection.cursor() as cursor:  # the block's last statement
+                cursor.execute("ROLLBACK TO SAVEPOINT manual")
+        Order.objects.create(status="loud after")
+
+    assert announced(changes) == [("testapp.order", "loud after")]
+
+
 def test_non_django_writers_pause_with_the_transaction_local_setting(changes, other_connection):
     with other_connection.transaction():
         other_connection.execute("SELECT set_config('pgnotify.paused', 'on', true)")

@@ -218,6 +218,8 @@ def payload_2(**changes) -> str:
         payload_2(rows=[{"pk": 7}]),
         payload_2(rows=[[]]),
         payload_2(rows=[[7, "paid", 1, "new", 1, 1, "extra"]]),
+        payload_2(action="insert", watched=[["status"]], rows=[[7, "paid", 1]]),
+        payload_2(action="delete", watched=[{}], rows=[[7, "paid", 1]]),
     ],
     ids=[
         "fields-not-a-list",
@@ -226,6 +228,8 @@ def payload_2(**changes) -> str:
         "row-an-object",
         "row-empty",
         "row-too-long",
+        "insert-watched-unhashable",
+        "delete-watched-unhashable",
     ],
 )
 def test_parse_rejects_malformed_version_2_payloads(text):

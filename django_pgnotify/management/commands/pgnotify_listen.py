@@ -124,6 +124,8 @@ class Command(BaseCommand):
             listener[0].run()
         except ListenerError as exc:
             raise CommandError(f"Database {using!r}: {exc}.") from exc
+        except ImproperlyConfigured as exc:  # a selector that names no app or model, say
+            raise CommandError(str(exc)) from exc
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
@@ -36,17 +37,21 @@ class Command(BaseCommand):
 
     def handle(self, *args: str, **options: Any) -> None:
         selectors = tuple(options["selectors"])
-        if options["database"] is not None:
-            if options["database"] not in connections:
-                raise CommandError(f"Unknown database alias {options['database']!r}.")
-            aliases = [options["database"]]
-        else:
-            aliases = [
-                alias
-                for alias in connections
-                if connections[alias].vendor == "postgresql" and declarations_for(selectors, alias)
-            ]
-        statuses = [database_status(alias, selectors) for alias in aliases]
+        try:
+            if options["database"] is not None:
+                if options["database"] not in connections:
+                    raise CommandError(f"Unknown database alias {options['database']!r}.")
+                aliases = [options["database"]]
+            else:
+                aliases = [
+                    alias
+                    for alias in connections
+                    if connections[alias].vendor == "postgresql"
+                    and declarations_for(selectors, alias)
+                ]
+            statuses = [database_status(alias, selectors) for alias in aliases]
+        except ImproperlyConfigured as exc:  # a selector that names no app or model, say
+            raise CommandError(str(exc)) from exc
         if options["json"]:
             ok = all(s.ok for s in statuses)
             report = {"ok": ok, "databases": [s.as_dict() for s in statuses]}
