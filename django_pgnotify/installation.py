@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from django.apps import apps
-from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router, transaction
 from psycopg import sql
 
 from . import triggers as trigger_sql
@@ -26,19 +27,29 @@ MISSING = "missing"
 OUTDATED = "outdated"
 UNKNOWN = "unknown"
 NO_TABLE = "no table"
+NOT_A_TABLE = "not a table"
+CONFLICT = "conflict"
+
+# Declarations nothing is installed for as they are: ``install_triggers`` stops
+# before changing anything, ``sync_triggers`` leaves them alone and says why.
+_REFUSED = (NO_TABLE, NOT_A_TABLE, CONFLICT)
 
 _LOCK_KEY = "django-pgnotify installation"
 
 # What a trigger does, as PostgreSQL prints it, and whether it is enabled.
 # Hashed into its comment at install, so a trigger changed in place (CREATE OR
 # REPLACE TRIGGER, ALTER TABLE DISABLE TRIGGER, a renamed column in its WHEN
-# clause) no longer matches.
+# clause) no longer matches. pg_get_triggerdef() leaves out the schema of the
+# names the session's search_path finds, so the hash stored is taken with an
+# empty one (``_trigger_hashes``); ``_OURS`` takes it with the session's own
+# too, which is how installs stored it before.
 _TRIGGER_STATE = "left(md5(t.tgenabled::text || pg_get_triggerdef(t.oid)), 16)"
 
 _OURS = f"""
-SELECT t.tgrelid, t.tgname, obj_description(t.oid, 'pg_trigger'),
-       format('%%I.%%I', n.nspname, c.relname), p.oid::oid,
-       format('%%I.%%I', pn.nspname, p.proname), {_TRIGGER_STATE}
+SELECT t.oid::oid, t.tgrelid, t.tgname, obj_description(t.oid, 'pg_trigger'),
+       ARRAY[n.nspname::text, c.relname::text], p.oid::oid,
+       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc'),
+       {_TRIGGER_STATE}
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -48,11 +59,23 @@ WHERE NOT t.tgisinternal AND obj_description(t.oid, 'pg_trigger') LIKE %s
 """
 
 _ORPHAN_FUNCTIONS = """
-SELECT p.oid::oid, format('%%I.%%I', n.nspname, p.proname), obj_description(p.oid, 'pg_proc')
+SELECT p.oid::oid, ARRAY[n.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc')
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE obj_description(p.oid, 'pg_proc') LIKE %s
   AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgfoid = p.oid)
 """
+
+# What pg_class.relkind says a relation is, for those that cannot have our triggers.
+_RELATION_KINDS = {
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+    "S": "a sequence",
+    "c": "a composite type",
+    "i": "an index",
+    "I": "a partitioned index",
+    "t": "a TOAST table",
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,9 @@ class TriggerState:
     """How one declaration (or one trigger nobody declares) stands in a database.
 
     ``drop_sql`` removes triggers and functions of ours under this URI that the
-    declaration no longer asks for (for an unknown URI: all of them).
+    declaration no longer asks for (for an unknown URI: all of them). For a
+    declaration it runs after its own triggers were rebuilt or dropped: after
+    a table was renamed, they call the function it drops.
     """
 
     uri: str
@@ -73,6 +98,20 @@ class TriggerState:
     def __str__(self) -> str:
         text = f"{self.status}: {self.uri} on {self.table}"
         return f"{text} ({self.detail})" if self.detail else text
+
+    @property
+    def uninstall_sql(self) -> str:
+        """What ``uninstall_triggers`` runs for this state ("" for nothing).
+
+        Every trigger goes before any function: after a table was renamed, the
+        declaration's triggers still call the function of the old name.
+        """
+        built = self.sql
+        if built is None or self.status in (MISSING, NO_TABLE, NOT_A_TABLE):
+            return self.drop_sql
+        triggers = trigger_sql.build_drop_sql(built.table, None, built.triggers.values())
+        function = trigger_sql.build_drop_sql(built.table, built.function, ())
+        return "\n".join(filter(None, [triggers, self.drop_sql, function]))
 
 
 def declarations_for(
@@ -87,14 +126,16 @@ def inspect_triggers(
 ) -> list[TriggerState]:
     """Compare declarations with what is installed in ``using``.
 
-    Returns one state per declaration (installed, missing, outdated, or no
-    table yet) and one per URI of ours in the database that no selected
-    declaration has (unknown). Triggers a declaration no longer asks for (an
-    event removed) make it outdated. With selectors, unknown ones are reported
-    only for the selected apps and models.
+    Returns one state per declaration (installed, missing, outdated, no table
+    yet, not a table, or in conflict with another model's declaration) and
+    one per URI of ours in the database that no selected declaration has
+    (unknown). Triggers a declaration no longer asks for (an event removed)
+    make it outdated. With selectors, unknown ones are reported only for the
+    selected apps and models.
     """
     selectors = list(selectors)
-    with connections[using].cursor() as cursor:
+    # A transaction: the trigger hashes are taken with a search_path set for it.
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
         return _inspect(cursor, declarations_for(selectors, using), selectors)
 
 
@@ -105,30 +146,38 @@ def install_triggers(
 
     Idempotent: declarations already installed are not touched. Triggers of
     ours left by an earlier declaration of a model that still declares others
-    (a renamed declaration) are dropped. Returns the states of what was
-    created, updated or dropped.
+    (a renamed declaration), or by the same declaration on its table's former
+    name, are dropped. All or nothing: one transaction, which an error rolls
+    back. Returns the states of what was created, updated or dropped.
 
     Raises:
         TableMissing: A declared model's table does not exist (run ``migrate``).
+        CannotInstall: A declared model's table is not a table (a view, for
+            instance), or two models' declarations would install the same
+            triggers; nothing was changed.
+        InstallFailed: The database refused a declaration's SQL; nothing was
+            changed.
     """
     selectors = list(selectors)
     changed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         states = _inspect(cursor, declarations_for(selectors, using), selectors)
-        missing_tables = [s for s in states if s.status == NO_TABLE]
-        if missing_tables:
-            raise TableMissing(missing_tables)
+        refused = [s for s in states if s.status in _REFUSED]
+        if refused and all(s.status == NO_TABLE for s in refused):
+            raise TableMissing(refused)
+        if refused:
+            raise CannotInstall(refused)
         for state in states:
             if state.sql is not None and state.status != INSTALLED:
-                _apply(cursor, state)
+                _refused_by_database(_apply, cursor, state)
                 changed.append(state)
         # A model's declaration renamed (or split in several) leaves the old
         # one's triggers firing beside the new: drop them with the install.
         declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None}
         for state in states:
             if state.status == UNKNOWN and state.uri.split(":", 1)[0] in declared:
-                cursor.execute(state.drop_sql)
+                _refused_by_database(_drop_leftovers, cursor, state)
                 logger.info("pgnotify: removed superseded %s on %s", state.uri, state.table)
                 changed.append(state)
     return changed
@@ -139,9 +188,13 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
 
     Like ``install_triggers`` followed by ``prune_triggers`` for the installed
     apps, in one transaction, but it never fails the caller for one model: a
-    model whose table does not exist (yet, or any more) is skipped, and a
-    model whose declaration is invalid (``manage.py check`` names the
-    mistake) keeps what it has. Triggers of apps that are no longer installed
+    model whose table does not exist (yet, or any more) is skipped; a model
+    whose declaration is invalid (``manage.py check`` names the mistake), or
+    shares its triggers' names with another model's, keeps what it has; a
+    model on a view (or anything else that cannot have the triggers) gets
+    none. Each declaration is installed in a savepoint of its own: one the
+    database refuses is rolled back alone. Everything left alone is logged as
+    an error naming the model. Triggers of apps that are no longer installed
     are left to ``pgnotify_install --prune``: another project may share the
     database. Returns the states of what was created, updated or dropped.
     """
@@ -150,12 +203,21 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     changed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
-        for state in _inspect(cursor, declarations, app_labels):
-            if state.status in (MISSING, OUTDATED) and state.sql is not None:
-                _apply(cursor, state)
-                changed.append(state)
-            elif state.status == UNKNOWN and _model_label(state.uri) not in invalid:
-                cursor.execute(state.drop_sql)
+        states = _inspect(cursor, declarations, app_labels)
+        kept = invalid | {_model_label(s.uri) for s in states if s.status == CONFLICT}
+        for state in states:
+            if state.status in (NOT_A_TABLE, CONFLICT):
+                logger.error(
+                    "pgnotify: %s on %s is not installed: %s", state.uri, state.table, state.detail
+                )
+            elif state.status in (MISSING, OUTDATED) and state.sql is not None:
+                if _in_savepoint(using, _apply, cursor, state):
+                    changed.append(state)
+            elif (
+                state.status == UNKNOWN
+                and _model_label(state.uri) not in kept
+                and _in_savepoint(using, _drop_leftovers, cursor, state)
+            ):
                 logger.info("pgnotify: pruned %s on %s", state.uri, state.table)
                 changed.append(state)
     return changed
@@ -174,12 +236,16 @@ def detach_triggers(affected: Callable[[str], bool], using: str = DEFAULT_DB_ALI
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
-        for _, name, comment, table, *_rest in cursor.fetchall():
+        for _, _, name, comment, table, *_rest in cursor.fetchall():
             parsed = trigger_sql.parse_comment(comment)
             if parsed is None or not affected(parsed[0].split(":", 1)[0]):
                 continue
-            cursor.execute(f"DROP TRIGGER IF EXISTS {_ident(name)} ON {table}")
-            dropped[parsed[0]] = table
+            cursor.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                    sql.Identifier(name), sql.Identifier(*table)
+                )
+            )
+            dropped[parsed[0]] = _qualified(table)
     for uri, table in dropped.items():
         logger.info("pgnotify: dropped the triggers of %s on %s until migrate ends", uri, table)
     return [f"{uri} on {table}" for uri, table in dropped.items()]
@@ -212,14 +278,10 @@ def uninstall_triggers(
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         for state in _inspect(cursor, declarations_for(selectors, using), selectors):
-            if state.status in (MISSING, NO_TABLE):
-                continue
-            if state.drop_sql:  # leftovers first: they may use the declaration's function
-                cursor.execute(state.drop_sql)
-            if state.sql is not None:
-                cursor.execute(state.sql.drop)
-            logger.info("pgnotify: removed %s on %s", state.uri, state.table)
-            removed.append(state)
+            if state.uninstall_sql:
+                cursor.execute(state.uninstall_sql)
+                logger.info("pgnotify: removed %s on %s", state.uri, state.table)
+                removed.append(state)
     return removed
 
 
@@ -228,10 +290,10 @@ def _apply(cursor, state: TriggerState) -> None:
     built = state.sql
     assert built is not None
     cursor.execute(built.create_function)
-    if state.drop_sql:  # left by an earlier version of this declaration
-        cursor.execute(state.drop_sql)
     for create in built.create_triggers:
         cursor.execute(create)
+    if state.drop_sql:  # left by an earlier version; the old triggers may have called it
+        cursor.execute(state.drop_sql)
     _seal(cursor, built)
     logger.info(
         "pgnotify: %s %s on %s",
@@ -239,6 +301,35 @@ def _apply(cursor, state: TriggerState) -> None:
         state.uri,
         state.table,
     )
+
+
+def _drop_leftovers(cursor, state: TriggerState) -> None:
+    cursor.execute(state.drop_sql)
+
+
+def _refused_by_database(action: Callable[..., None], cursor, state: TriggerState) -> None:
+    """Run ``action(cursor, state)``, naming the declaration if the database refuses it."""
+    try:
+        action(cursor, state)
+    except DatabaseError as exc:
+        raise InstallFailed(state, exc) from exc
+
+
+def _in_savepoint(using: str, action: Callable[..., None], cursor, state: TriggerState) -> bool:
+    """Run ``action(cursor, state)`` in a savepoint; if the database refuses it,
+    roll back that alone, log it naming the declaration, and return False."""
+    try:
+        with transaction.atomic(using=using):
+            action(cursor, state)
+    except DatabaseError as exc:
+        logger.error(
+            "pgnotify: %s on %s keeps its current triggers: %s",
+            state.uri,
+            state.table,
+            " ".join(str(exc).split()),
+        )
+        return False
+    return True
 
 
 def _valid_declarations(using: str) -> tuple[list[Declaration], set[str]]:
@@ -269,148 +360,320 @@ def _model_label(uri: str) -> str:
 def _seal(cursor, built: trigger_sql.TriggerSQL) -> None:
     """Append to each trigger's comment the hash of its state in the catalogue."""
     cursor.execute(
-        f"SELECT t.tgname, {_TRIGGER_STATE} FROM pg_trigger t"
+        "SELECT t.oid, t.tgname FROM pg_trigger t"
         " WHERE t.tgrelid = to_regclass(%s) AND t.tgname = ANY(%s)",
         [built.table.as_string(None), list(built.triggers.values())],
     )
-    for name, state in cursor.fetchall():
+    names = dict(cursor.fetchall())
+    for oid, seal in _trigger_hashes(cursor, list(names)).items():
         cursor.execute(
             sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}")
-            .format(sql.Identifier(name), built.table, sql.Literal(f"{built.comment} {state}"))
+            .format(sql.Identifier(names[oid]), built.table, sql.Literal(f"{built.comment} {seal}"))
             .as_string(None)
         )
 
 
-def _matches(comment: str, state: str, built: trigger_sql.TriggerSQL) -> bool:
+def _trigger_hashes(cursor, triggers: list[int]) -> dict[int, str]:
+    """The state hash of each trigger (by oid), the same from every session.
+
+    Taken with an empty ``search_path``, set for the transaction and put back
+    at once, so that ``pg_get_triggerdef()`` qualifies every name: two
+    environments whose connections search other schemas agree on it.
+    """
+    if not triggers:
+        return {}
+    assert cursor.db.in_atomic_block, "set_config(..., true) must not outlive this call"
+    cursor.execute("SELECT current_setting('search_path')")
+    (search_path,) = cursor.fetchone()
+    cursor.execute("SELECT set_config('search_path', '', true)")
+    cursor.execute(
+        f"SELECT t.oid, {_TRIGGER_STATE} FROM pg_trigger t WHERE t.oid = ANY(%s::oid[])",
+        [triggers],
+    )
+    found = dict(cursor.fetchall())
+    cursor.execute("SELECT set_config('search_path', %s, true)", [search_path])
+    return found
+
+
+def _matches(comment: str, seals: tuple[str, str], built: trigger_sql.TriggerSQL) -> bool:
     """Whether a trigger is the one ``built`` describes, unchanged since install.
 
-    A trigger created from ``pgnotify_install --sql`` output carries no state
+    ``seals`` are the trigger's state hash as ``_trigger_hashes`` takes it and
+    as this session's search_path prints it: installs before the first stored
+    the second, and an unchanged trigger they sealed is not rebuilt for it. A
+    trigger created from ``pgnotify_install --sql`` output carries no state
     hash; its comment alone is compared.
     """
     if comment == built.comment:
         return True
     base, _, sealed = comment.rpartition(" ")
-    return base == built.comment and sealed == state
+    return base == built.comment and sealed in seals
 
 
-class TableMissing(Exception):
+class CannotInstall(Exception):
+    """Declarations that cannot be installed as they are; nothing was changed."""
+
+    def __init__(self, states: list[TriggerState], message: str = "") -> None:
+        self.states = states
+        lines = "".join(f"\n  {state}" for state in states)
+        super().__init__(
+            message
+            or f"nothing was installed; these declarations cannot be installed as they are:{lines}"
+        )
+
+
+class TableMissing(CannotInstall):
     """Triggers were asked for on tables that do not exist yet."""
 
     def __init__(self, states: list[TriggerState]) -> None:
-        self.states = states
         names = ", ".join(f"{s.table} ({s.uri})" for s in states)
-        super().__init__(f"table(s) {names} do not exist; run manage.py migrate first")
+        super().__init__(states, f"table(s) {names} do not exist; run manage.py migrate first")
+
+
+class InstallFailed(DatabaseError):
+    """The database refused the SQL of one declaration; the install was rolled back."""
+
+    def __init__(self, state: TriggerState, error: DatabaseError) -> None:
+        self.state = state
+        super().__init__(
+            f"{state.uri} on {state.table}: {str(error).strip()} (nothing was installed)"
+        )
+
+
+class _Installed(NamedTuple):
+    """A trigger of ours in the database, and the function it calls."""
+
+    oid: int
+    comment: str
+    table: tuple[str, str]  # (schema, name), as the functions' below
+    function_oid: int
+    function: tuple[str, str]
+    function_comment: str | None
+    legacy_hash: str  # its state hash as this session's search_path prints it
+
+
+@dataclass
+class _Target:
+    """A declaration, and what the database holds under its table and names."""
+
+    built: trigger_sql.TriggerSQL
+    reference: trigger_sql.TriggerSQL  # what is installed is compared with
+    table: str
+    relid: int | None
+    relkind: str | None
+    function_oid: int | None
+    body: str | None
+    function_comment: str | None
+    on_table: list[str]
+
+    @property
+    def keys(self) -> list[tuple[int, str]]:
+        """``(relid, name)`` of each of its triggers."""
+        return [(self.relid, name) for name in self.built.triggers.values()] if self.relid else []
+
+
+def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
+    """Look up the declaration's table and function, and what its table has."""
+    built = trigger_sql.build_trigger_sql(declaration, server_version)
+    table = built.table.as_string(None)
+    cursor.execute(
+        "SELECT r::oid, (SELECT relkind::text FROM pg_class WHERE oid = r), f::oid,"
+        " (SELECT prosrc FROM pg_proc WHERE oid = f), obj_description(f, 'pg_proc'),"
+        " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = r AND NOT tgisinternal)"
+        " FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
+        [table, built.function.as_string(None) + "()"],
+    )
+    relid, relkind, function_oid, body, function_comment, on_table = cursor.fetchone()
+    reference = built
+    if body is not None and (body, function_comment) != (built.body, built.comment):
+        # ``--sql`` does not connect, so it prints SQL that every server runs:
+        # triggers installed from it count as installed, and a repair
+        # rebuilds them in this server's own form.
+        portable = trigger_sql.build_trigger_sql(declaration)
+        if (body, function_comment) == (portable.body, portable.comment):
+            reference = portable
+    return _Target(
+        built, reference, table, relid, relkind, function_oid, body, function_comment, on_table
+    )
+
+
+def _not_a_table(target: _Target) -> str:
+    """Why the target's relation cannot have its triggers ("" if it can)."""
+    relkind = target.relkind or "r"
+    row_level = target.built.declaration.row_level
+    if relkind in ("r", "p") or (relkind == "f" and row_level):
+        return ""
+    kind = _RELATION_KINDS.get(relkind, f"a relation of kind {relkind!r}")
+    if relkind == "f":
+        return f'{kind}: PostgreSQL fires only row-level triggers on it; use Notify(level="row")'
+    if relkind in ("v", "m"):
+        return (
+            f"{kind}: PostgreSQL cannot fire these triggers on it; declare pgnotify on "
+            "the model of the table behind it, or remove the declaration"
+        )
+    return f"{kind}: PostgreSQL cannot fire triggers on it; remove the declaration"
+
+
+def _conflicts(targets: list[_Target]) -> dict[int, list[str]]:
+    """For each target (by index) whose trigger or function names another's
+    also use, the URIs of the others: each install would replace the other's."""
+    owners: dict[tuple, list[int]] = {}  # a function's, or a trigger's on a table
+    for index, target in enumerate(targets):
+        where = target.relid or target.table
+        names: list[tuple] = [("function", target.built.function.as_string(None))]
+        names += [("trigger", where, name) for name in target.built.triggers.values()]
+        for name in names:
+            owners.setdefault(name, []).append(index)
+    others: dict[int, set[str]] = {}
+    for indexes in owners.values():
+        if len(indexes) == 1:
+            continue
+        for index in indexes:
+            others.setdefault(index, set()).update(targets[i].built.uri for i in indexes)
+    return {index: sorted(uris - {targets[index].built.uri}) for index, uris in others.items()}
 
 
 def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> list[TriggerState]:
     cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
-    installed = {(relid, name): rest for relid, name, *rest in cursor.fetchall()}
+    installed = {
+        (relid, name): _Installed(oid, comment, tuple(table), function_oid, tuple(function), *rest)
+        for oid, relid, name, comment, table, function_oid, function, *rest in cursor.fetchall()
+    }
+    hashes = _trigger_hashes(cursor, [row.oid for row in installed.values()])
+    server_version = cursor.connection.info.server_version
+    targets = [_target(cursor, d, server_version) for d in declarations]
+    conflicts = _conflicts(targets)
     expected_triggers: set[tuple[int, str]] = set()
     expected_functions: set[int] = set()
     states = []
-    server_version = cursor.connection.info.server_version
-    for declaration in declarations:
-        built = trigger_sql.build_trigger_sql(declaration, server_version)
-        table = built.table.as_string(None)
-        cursor.execute(
-            "SELECT r::oid, f::oid, (SELECT prosrc FROM pg_proc WHERE oid = f),"
-            " obj_description(f, 'pg_proc'),"
-            " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = r AND NOT tgisinternal)"
-            " FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
-            [table, built.function.as_string(None) + "()"],
-        )
-        relid, function_oid, body, function_comment, on_table = cursor.fetchone()
-        # What is installed is compared with ``reference``; a repair installs ``built``.
-        reference = built
-        if body is not None and (body, function_comment) != (built.body, built.comment):
-            # ``--sql`` does not connect, so it prints SQL that every server runs:
-            # triggers installed from it count as installed, and a repair
-            # rebuilds them in this server's own form.
-            portable = trigger_sql.build_trigger_sql(declaration)
-            if (body, function_comment) == (portable.body, portable.comment):
-                reference = portable
-        if relid is None:
+    for index, target in enumerate(targets):
+        built, reference, table = target.built, target.reference, target.table
+        if target.relid is None:
             states.append(TriggerState(built.uri, NO_TABLE, table, sql=built))
             continue
-        if function_oid is not None:
-            expected_functions.add(function_oid)
-        keys = [(relid, name) for name in built.triggers.values()]
-        expected_triggers.update(keys)
+        not_a_table = _not_a_table(target)
+        if not_a_table:  # nothing of ours can be on it: whatever is left is unknown
+            states.append(TriggerState(built.uri, NOT_A_TABLE, table, not_a_table, built))
+            continue
+        if target.function_oid is not None:
+            expected_functions.add(target.function_oid)
+        expected_triggers.update(target.keys)
+        if index in conflicts:  # it keeps what it has
+            others = " and ".join(conflicts[index])
+            detail = (
+                f"{others} also declares it, with the same trigger and function names on "
+                "this table: each install would replace the other's; declare pgnotify on "
+                "only one of the models, or give one of the declarations another name"
+            )
+            states.append(TriggerState(built.uri, CONFLICT, table, detail, built))
+            continue
         problems = []
-        if body is None:
+        if target.body is None:
             problems.append("function missing")
-        elif body != reference.body or function_comment != reference.comment:
+        elif target.body != reference.body or target.function_comment != reference.comment:
             problems.append("function differs")
-        for relid_name in keys:
-            row = installed.get(relid_name)
-            if row is not None and not _matches(row[0], row[-1], reference):
-                problems.append(f"trigger {relid_name[1]} differs")
-            elif row is None and relid_name[1] in on_table:
-                problems.append(f"trigger {relid_name[1]} lacks our comment")
+        for key in target.keys:
+            row = installed.get(key)
+            if row is not None and not _matches(
+                row.comment, (hashes.get(row.oid, ""), row.legacy_hash), reference
+            ):
+                problems.append(f"trigger {key[1]} differs")
+            elif row is None and key[1] in target.on_table:
+                problems.append(f"trigger {key[1]} lacks our comment")
             elif row is None:
-                problems.append(f"trigger {relid_name[1]} missing")
+                problems.append(f"trigger {key[1]} missing")
         if not problems:
             states.append(TriggerState(built.uri, INSTALLED, table, sql=built))
-        elif body is None and not any(name in on_table for name in built.triggers.values()):
+        elif target.body is None and not any(key[1] in target.on_table for key in target.keys):
             states.append(TriggerState(built.uri, MISSING, table, sql=built))
         else:
             states.append(TriggerState(built.uri, OUTDATED, table, "; ".join(problems), built))
 
     # Ours in the database, but asked for by no selected declaration, by URI.
     leftovers: dict[str, _Leftovers] = {}
-    for key, (comment, table, function_oid, function, _) in installed.items():
-        parsed = trigger_sql.parse_comment(comment)
+    for key, row in installed.items():
+        parsed = trigger_sql.parse_comment(row.comment)
         if key in expected_triggers or parsed is None or not _selected(parsed[0], selectors):
             continue
         found = leftovers.setdefault(parsed[0], _Leftovers())
-        found.triggers.append((key[1], table))
-        if function_oid not in expected_functions:
-            found.functions.add(function)
+        found.triggers.append((key[1], row.table))
+        if row.function_oid not in expected_functions:
+            found.functions.add(row.function)
     cursor.execute(_ORPHAN_FUNCTIONS, [trigger_sql.MARKER + ":%"])
     for oid, function, comment in cursor.fetchall():
         parsed = trigger_sql.parse_comment(comment)
         if parsed is None or oid in expected_functions or not _selected(parsed[0], selectors):
             continue
-        leftovers.setdefault(parsed[0], _Leftovers()).functions.add(function)
+        leftovers.setdefault(parsed[0], _Leftovers()).functions.add(tuple(function))
+    # A declaration's own triggers that still call a function of its own under
+    # another name: the table was renamed, or moved to another schema, and the
+    # function name follows the table's. Rebuilding the triggers frees it.
+    for target, state in zip(targets, states, strict=True):
+        if state.status in _REFUSED:
+            continue
+        for call in [installed[key] for key in target.keys if key in installed]:
+            former = trigger_sql.parse_comment(call.function_comment)
+            if former and former[0] == state.uri and call.function_oid not in expected_functions:
+                leftovers.setdefault(state.uri, _Leftovers()).replaced.add(call.function)
 
     by_uri = {state.uri: index for index, state in enumerate(states)}
     for uri, found in leftovers.items():
-        index = by_uri.get(uri)
-        if index is not None and states[index].status != NO_TABLE:
+        position = by_uri.get(uri)
+        if position is not None and states[position].status not in _REFUSED:
             # Left by an earlier version of a declaration (an event removed, a
             # table renamed): installing or removing the declaration drops them.
-            state = states[index]
-            detail = "; ".join(filter(None, [state.detail, f"no longer declared: {found}"]))
-            states[index] = replace(state, status=OUTDATED, detail=detail, drop_sql=found.drop)
+            state = states[position]
+            detail = "; ".join(filter(None, [state.detail, found.detail]))
+            states[position] = replace(state, status=OUTDATED, detail=detail, drop_sql=found.drop)
         else:
-            table = found.triggers[0][1] if found.triggers else "-"
+            table = _qualified(found.triggers[0][1]) if found.triggers else "-"
             states.append(TriggerState(uri, UNKNOWN, table, str(found), drop_sql=found.drop))
     return states
 
 
 @dataclass
 class _Leftovers:
-    """Triggers ``(name, table)`` and functions of ours that nothing declares."""
+    """Triggers ``(name, table)`` and functions of ours that nothing declares.
 
-    triggers: list[tuple[str, str]] = field(default_factory=list)
-    functions: set[str] = field(default_factory=set)
+    ``replaced`` are functions a declaration's own triggers call until they
+    are rebuilt; ``drop`` must run after that.
+    """
+
+    triggers: list[tuple[str, tuple[str, str]]] = field(default_factory=list)
+    functions: set[tuple[str, str]] = field(default_factory=set)
+    replaced: set[tuple[str, str]] = field(default_factory=set)
 
     def __str__(self) -> str:
         names = [f"trigger {name}" for name, _ in self.triggers]
         if not self.triggers:
-            names += [f"function {function} has no trigger" for function in sorted(self.functions)]
+            names += [f"function {_qualified(f)} has no trigger" for f in sorted(self.functions)]
         return ", ".join(names)
+
+    @property
+    def detail(self) -> str:
+        """What they are, as part of the state of the declaration they were left by."""
+        parts = [f"no longer declared: {self}"] if self.triggers or self.functions else []
+        parts += [f"its triggers call {_qualified(f)}" for f in sorted(self.replaced)]
+        return "; ".join(parts)
 
     @property
     def drop(self) -> str:
         # Functions last: a trigger depends on its function.
-        statements = [f"DROP TRIGGER IF EXISTS {_ident(n)} ON {t};" for n, t in self.triggers]
-        statements += [f"DROP FUNCTION IF EXISTS {f}();" for f in sorted(self.functions)]
-        return "\n".join(statements)
+        statements = [
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {};").format(
+                sql.Identifier(name), sql.Identifier(*table)
+            )
+            for name, table in self.triggers
+        ]
+        statements += [
+            sql.SQL("DROP FUNCTION IF EXISTS {}();").format(sql.Identifier(*function))
+            for function in sorted(self.functions | self.replaced)
+        ]
+        return "\n".join(statement.as_string(None) for statement in statements)
 
 
-def _ident(name: str) -> str:
-    return sql.Identifier(name).as_string(None)
+def _qualified(name: tuple[str, ...]) -> str:
+    return sql.Identifier(*name).as_string(None)
 
 
 def _selected(uri: str, selectors: list[str]) -> bool:

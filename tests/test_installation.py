@@ -8,6 +8,7 @@ next test finds the triggers of the session fixture again.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from io import StringIO
 
 import pytest
@@ -15,19 +16,24 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from psycopg import sql
 
-from django_pgnotify import triggers
+from django_pgnotify import Notify, triggers
 from django_pgnotify.declarations import Declaration, get_declarations
 from django_pgnotify.installation import (
     INSTALLED,
     MISSING,
+    NOT_A_TABLE,
     OUTDATED,
     UNKNOWN,
+    CannotInstall,
+    InstallFailed,
     TableMissing,
     inspect_triggers,
     install_triggers,
     prune_triggers,
+    sync_triggers,
     uninstall_triggers,
 )
+from django_pgnotify.naming import TableName
 from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
 from tests.conftest import install_stray_declaration
 
@@ -142,6 +148,137 @@ def test_install_without_the_table_raises_table_missing_naming_it():
     assert [s.uri for s in info.value.states] == ["testapp.Tag:default"]
     with pytest.raises(CommandError, match=r"testapp_tag.*run manage\.py migrate"):
         run()
+
+
+# Tables that cannot have the triggers, and SQL the database refuses
+
+
+def put_in_place_of_the_tag_table(kind: str, definition: str) -> None:
+    """Make testapp.Tag's table a relation of another kind (a view, say), as an
+    unmanaged model on one would have it."""
+    uninstall_triggers(["testapp.Tag"])
+    execute("ALTER TABLE testapp_tag RENAME TO testapp_tag_data")
+    execute(sql.SQL("CREATE {} testapp_tag {}").format(sql.SQL(kind), sql.SQL(definition)))
+
+
+def occupy_the_function_name_of(label: str) -> None:
+    """A function of another return type where the declaration's must go:
+    inspection cannot tell, and CREATE OR REPLACE FUNCTION fails."""
+    built = build_trigger_sql(declaration(label))
+    execute(
+        sql.SQL("CREATE FUNCTION {}() RETURNS integer LANGUAGE sql AS 'SELECT 1'").format(
+            built.function
+        )
+    )
+
+
+NOT_TABLES = [
+    pytest.param("VIEW", "a view", id="view"),
+    pytest.param("MATERIALIZED VIEW", "a materialized view", id="materialized-view"),
+]
+
+
+@pytest.mark.parametrize(("kind", "described"), NOT_TABLES)
+def test_a_model_on_a_view_is_not_a_table_for_inspect_and_check(kind, described):
+    put_in_place_of_the_tag_table(kind, "AS SELECT * FROM testapp_tag_data")
+    out = StringIO()
+
+    (state,) = inspect_triggers(["testapp.Tag"])
+    with pytest.raises(CommandError, match="needs changing"):
+        call_command("pgnotify_install", "--check", stdout=out)
+
+    assert state.status == NOT_A_TABLE
+    assert state.detail.startswith(f"{described}: PostgreSQL cannot fire these triggers on it")
+    assert f'not a table: testapp.Tag:default on "testapp_tag" ({described}: ' in out.getvalue()
+
+
+def test_install_refuses_a_model_on_a_view_naming_it_and_installs_nothing():
+    uninstall_triggers(["testapp.Order"])
+    put_in_place_of_the_tag_table("VIEW", "AS SELECT * FROM testapp_tag_data")
+    before = catalogue()
+
+    with pytest.raises(CannotInstall) as info:
+        install_triggers()
+    with pytest.raises(CommandError, match=r'nothing was installed(.|\n)*"testapp_tag" \(a view: '):
+        run()
+
+    assert [(s.uri, s.status) for s in info.value.states] == [("testapp.Tag:default", NOT_A_TABLE)]
+    assert catalogue() == before
+    assert states("testapp.Order") == {"testapp.Order:default": MISSING}
+
+
+def file_fdw_available() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT FROM pg_available_extensions WHERE name = 'file_fdw'")
+        return cursor.fetchone() is not None
+
+
+def test_a_model_on_a_foreign_table_takes_row_level_triggers_only(settings):
+    if not file_fdw_available():
+        pytest.skip("this server has no file_fdw")
+    execute(
+        "CREATE EXTENSION IF NOT EXISTS file_fdw;"
+        " CREATE SERVER pgnotify_files FOREIGN DATA WRAPPER file_fdw"
+    )
+    put_in_place_of_the_tag_table(
+        "FOREIGN TABLE",
+        "(name varchar(50), colour varchar(20)) SERVER pgnotify_files"
+        " OPTIONS (filename '/dev/null')",
+    )
+
+    (state,) = inspect_triggers(["testapp.Tag"])
+    settings.PGNOTIFY = {"MODELS": {"testapp.Tag": Notify(level="row")}}
+    install_triggers(["testapp.Tag"])
+
+    assert state.status == NOT_A_TABLE
+    assert state.detail == (
+        'a foreign table: PostgreSQL fires only row-level triggers on it; use Notify(level="row")'
+    )
+    assert states("testapp.Tag") == {"testapp.Tag:default": INSTALLED}
+
+
+def test_migrate_sync_leaves_a_model_on_a_view_alone_and_installs_the_others(caplog):
+    uninstall_triggers(["testapp.Order"])
+    put_in_place_of_the_tag_table("VIEW", "AS SELECT * FROM testapp_tag_data")
+
+    with caplog.at_level(logging.ERROR, "django_pgnotify.installation"):
+        changed = sync_triggers()
+
+    assert "testapp.Order:default" in [s.uri for s in changed]
+    assert states("testapp.Order") == {"testapp.Order:default": INSTALLED}
+    assert 'testapp.Tag:default on "testapp_tag" is not installed: a view: ' in caplog.text
+
+
+def test_migrate_sync_rolls_back_only_the_declaration_the_database_refuses(caplog):
+    uninstall_triggers(["testapp.Order", "testapp.Tag"])
+    occupy_the_function_name_of("testapp.Tag")
+
+    with caplog.at_level(logging.ERROR, "django_pgnotify.installation"):
+        changed = sync_triggers()
+
+    assert "testapp.Order:default" in [s.uri for s in changed]
+    assert "testapp.Tag:default" not in [s.uri for s in changed]
+    assert states("testapp.Order") == {"testapp.Order:default": INSTALLED}
+    assert trigger_names("testapp_tag") == set()
+    assert (
+        'testapp.Tag:default on "testapp_tag" keeps its current triggers: '
+        "cannot change return type of existing function"
+    ) in caplog.text
+
+
+def test_install_stops_at_sql_the_database_refuses_naming_the_declaration():
+    uninstall_triggers(["testapp.Order", "testapp.Tag"])
+    occupy_the_function_name_of("testapp.Tag")
+
+    with pytest.raises(InstallFailed) as info:
+        install_triggers()
+    with pytest.raises(CommandError, match="nothing was installed") as command:
+        run()
+
+    assert info.value.state.uri == "testapp.Tag:default"
+    assert str(command.value).startswith("Database 'default' (")
+    assert 'testapp.Tag:default on "testapp_tag": cannot change return type' in str(command.value)
+    assert states("testapp.Order") == {"testapp.Order:default": MISSING}
 
 
 def test_install_with_selectors_that_declare_nothing_fails():
@@ -293,6 +430,54 @@ def test_drift_from_the_definition_is_reported_outdated(drift, detail):
     assert set(states().values()) == {INSTALLED, OUTDATED}
 
 
+def set_search_path(value: str) -> None:
+    """For the rest of the test's transaction."""
+    execute(sql.SQL("SELECT set_config('search_path', {}, true)").format(sql.Literal(value)))
+
+
+def test_triggers_installed_from_one_search_path_are_current_from_another():
+    """testapp.Weird's table is in the schema "pgnotify odd": pg_get_triggerdef()
+    names it with the schema only when the search_path does not include it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('search_path')")
+        (default,) = cursor.fetchone()
+    extended = f'"pgnotify odd", {default}'
+
+    set_search_path(extended)  # installed with the default path (session fixture)
+    assert states("testapp.Weird") == {"testapp.Weird:default": INSTALLED}
+    assert install_triggers(["testapp.Weird"]) == []
+    uninstall_triggers(["testapp.Weird"])
+    install_triggers(["testapp.Weird"])
+    set_search_path(default)  # installed with the extended path
+
+    assert states("testapp.Weird") == {"testapp.Weird:default": INSTALLED}
+    assert install_triggers(["testapp.Weird"]) == []
+
+
+def test_triggers_sealed_with_the_sessions_search_path_by_earlier_installs_are_current():
+    """Earlier releases hashed a trigger as the installing session's search_path
+    printed it: such a trigger, unchanged, is not rebuilt."""
+    built = build_trigger_sql(declaration("testapp.Tag"), connection.pg_version)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT tgname, left(md5(tgenabled::text || pg_get_triggerdef(oid)), 16)"
+            " FROM pg_trigger WHERE tgrelid = 'testapp_tag'::regclass AND tgname = ANY(%s)",
+            [list(built.triggers.values())],
+        )
+        sealed_as_before = cursor.fetchall()
+    for name, seal in sealed_as_before:
+        execute(
+            sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}").format(
+                sql.Identifier(name), built.table, sql.Literal(f"{built.comment} {seal}")
+            )
+        )
+    before = catalogue()
+
+    assert states("testapp.Tag") == {"testapp.Tag:default": INSTALLED}
+    assert install_triggers() == []
+    assert catalogue() == before
+
+
 @pytest.mark.parametrize(("drift", "detail"), DRIFTS)
 def test_install_brings_drifted_triggers_back_to_the_definition(drift, detail):
     drift(build_trigger_sql(declaration("testapp.Order")))
@@ -301,6 +486,57 @@ def test_install_brings_drifted_triggers_back_to_the_definition(drift, detail):
 
     assert "Updated testapp.Order:default on" in out
     assert set(states().values()) == {INSTALLED}
+
+
+# A table renamed or moved to another schema (AlterModelTable, hook off)
+
+
+@pytest.fixture(params=["renamed", "moved"])
+def former_table(request) -> TriggerSQL:
+    """testapp.Tag's triggers as installed on its table's former name, or in its
+    former schema, before a migration renamed or moved it (triggers move with a
+    table; the function's name follows the table's, so it is another)."""
+    tag = declaration("testapp.Tag")
+    uninstall_triggers(["testapp.Tag"])
+    if request.param == "renamed":
+        former = TableName(None, "testapp_tag_before")
+        execute("ALTER TABLE testapp_tag RENAME TO testapp_tag_before")
+        back = "ALTER TABLE testapp_tag_before RENAME TO testapp_tag"
+    else:
+        former = TableName("pgnotify_former", "testapp_tag")
+        execute("CREATE SCHEMA pgnotify_former; ALTER TABLE testapp_tag SET SCHEMA pgnotify_former")
+        back = "ALTER TABLE pgnotify_former.testapp_tag SET SCHEMA public"
+    built = build_trigger_sql(dataclasses.replace(tag, table=former), connection.pg_version)
+    execute(built.install)
+    execute(back)
+    return built
+
+
+def functions() -> set[str]:
+    return {name for kind, _, name, _, _ in catalogue() if kind == "function"}
+
+
+def test_one_install_converges_after_the_table_was_renamed_or_moved(former_table):
+    (state,) = inspect_triggers(["testapp.Tag"])
+    assert state.status == OUTDATED
+    assert "its triggers call" in state.detail
+    assert former_table.declaration.function in state.detail
+
+    out = run()
+
+    assert "Updated testapp.Tag:default on" in out
+    assert run("--check").startswith("All ")
+    assert former_table.declaration.function not in functions()
+    assert declaration("testapp.Tag").function in functions()
+
+
+def test_uninstall_after_the_table_was_renamed_or_moved_removes_the_former_function(former_table):
+    uninstall_triggers(["testapp.Tag"])
+
+    assert trigger_names("testapp_tag") == set()
+    assert former_table.declaration.function not in functions()
+    assert states("testapp.Tag") == {"testapp.Tag:default": MISSING}
+    assert UNKNOWN not in states().values()
 
 
 # Unknown triggers and pruning

@@ -80,7 +80,7 @@ class Command(BaseCommand):
                 self.report(installation.install_triggers(selectors, using), "Installed")
                 if options["prune"]:
                     self.report(installation.prune_triggers(selectors, using), "Pruned")
-        except (ImproperlyConfigured, installation.TableMissing) as exc:
+        except (ImproperlyConfigured, installation.CannotInstall) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
             where = describe(connection_params(using))
@@ -92,9 +92,8 @@ class Command(BaseCommand):
             for state in states:
                 if state.status == installation.UNKNOWN:
                     self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
-                elif options["uninstall"] and state.sql and state.status != installation.MISSING:
-                    drop = "\n".join(filter(None, [state.drop_sql, state.sql.drop]))
-                    self.stdout.write(f"-- remove {state.uri}\n{drop}\n")
+                elif options["uninstall"] and state.uninstall_sql:
+                    self.stdout.write(f"-- remove {state.uri}\n{state.uninstall_sql}\n")
             if options["uninstall"]:
                 return
         for declaration in installation.declarations_for(selectors, using):
@@ -111,9 +110,16 @@ class Command(BaseCommand):
             else:
                 self.stdout.write(self.style.ERROR(str(state)))
         if problems:
+            refused = (installation.NOT_A_TABLE, installation.CONFLICT)
+            change = any(s.status in refused for s in problems)
             raise CommandError(
                 f"{len(problems)} trigger problem(s) in database {using!r}; "
-                "run manage.py pgnotify_install (with --prune for unknown ones).",
+                "run manage.py pgnotify_install (with --prune for unknown ones)"
+                + (
+                    "; a declaration that is not a table or in conflict needs changing."
+                    if change
+                    else "."
+                ),
                 returncode=1,
             )
         self.stdout.write(

@@ -176,6 +176,14 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Table(s) {names} do not exist in database {using!r}; run manage.py migrate."
             )
+        cannot = (installation.NOT_A_TABLE, installation.CONFLICT)
+        refused = [s for s in declared if s.status in cannot]
+        if refused:  # their channels would never fire
+            lines = "".join(f"\n  {state}" for state in refused)
+            raise CommandError(
+                f"These declarations cannot have triggers in database {using!r}; change or "
+                f"remove them:{lines}"
+            )
         missing = [s for s in declared if s.status == installation.MISSING]
         if missing:
             names = ", ".join(s.uri for s in missing)
