@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.auth import get_permission_codename
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -57,8 +58,8 @@ class DurableEventAdmin(admin.ModelAdmin):
     def has_retry_permission(self, request: HttpRequest) -> bool:
         """Retrying changes rows: it takes the change permission, which the admin's own
         change view is not given (rows are changed only by listeners and these actions)."""
-        opts = self.opts
-        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+        codename = get_permission_codename("change", self.opts)
+        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
 
     @admin.action(
         description="Retry the selected events (attempts start again)", permissions=["retry"]

@@ -368,7 +368,7 @@ def _comparable(field: models.Field) -> bool:
         return False
     if not isinstance(db_type, str):
         return False
-    base = re.sub(r"\(.*?\)", "", db_type).lower().replace("[]", "")
+    base = re.sub(r"\(.*?\)|\[\d*\]", "", db_type).lower()
     return " ".join(base.split()) in _COMPARABLE_TYPES
 
 
@@ -409,6 +409,7 @@ _COMPARABLE_TYPES = frozenset(
         "timestamptz",
         "tsrange",
         "tstzrange",
+        "tsvector",
         "uuid",
         "varchar",
     }

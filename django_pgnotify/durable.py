@@ -204,6 +204,8 @@ class Claimed(NamedTuple):
         Counted by position, each once: a row for which an earlier release stored a
         position twice still counts right, and is done when every position is handled.
         """
+        if not self.handled and not handled_now:
+            return self.size
         handled = {p for p in (*(self.handled or ()), *handled_now) if 0 <= p < self.size}
         return self.size - len(handled)
 

@@ -41,15 +41,13 @@ _LOCK_KEY = "django-pgnotify installation"
 # REPLACE TRIGGER, ALTER TABLE DISABLE TRIGGER, a renamed column in its WHEN
 # clause) no longer matches. pg_get_triggerdef() leaves out the schema of the
 # names the session's search_path finds, so the hash stored is taken with an
-# empty one (``_trigger_hashes``); ``_OURS`` takes it with the session's own
-# too, which is how installs stored it before.
+# empty one (``_trigger_hashes``).
 _TRIGGER_STATE = "left(md5(t.tgenabled::text || pg_get_triggerdef(t.oid)), 16)"
 
-_OURS = f"""
+_OURS = """
 SELECT t.oid::oid, t.tgrelid, t.tgname, obj_description(t.oid, 'pg_trigger'),
        ARRAY[n.nspname::text, c.relname::text], p.oid::oid,
-       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc'),
-       {_TRIGGER_STATE}
+       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc')
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -395,19 +393,17 @@ def _trigger_hashes(cursor, triggers: list[int]) -> dict[int, str]:
     return found
 
 
-def _matches(comment: str, seals: tuple[str, str], built: trigger_sql.TriggerSQL) -> bool:
+def _matches(comment: str, seal: str, built: trigger_sql.TriggerSQL) -> bool:
     """Whether a trigger is the one ``built`` describes, unchanged since install.
 
-    ``seals`` are the trigger's state hash as ``_trigger_hashes`` takes it and
-    as this session's search_path prints it: installs before the first stored
-    the second, and an unchanged trigger they sealed is not rebuilt for it. A
+    ``seal`` is the trigger's state hash as ``_trigger_hashes`` takes it. A
     trigger created from ``pgnotify_install --sql`` output carries no state
     hash; its comment alone is compared.
     """
     if comment == built.comment:
         return True
     base, _, sealed = comment.rpartition(" ")
-    return base == built.comment and sealed in seals
+    return base == built.comment and sealed == seal
 
 
 class CannotInstall(Exception):
@@ -449,7 +445,6 @@ class _Installed(NamedTuple):
     function_oid: int
     function: tuple[str, str]
     function_comment: str | None
-    legacy_hash: str  # its state hash as this session's search_path prints it
 
 
 @dataclass
@@ -574,9 +569,7 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
             problems.append("function differs")
         for key in target.keys:
             row = installed.get(key)
-            if row is not None and not _matches(
-                row.comment, (hashes.get(row.oid, ""), row.legacy_hash), reference
-            ):
+            if row is not None and not _matches(row.comment, hashes.get(row.oid, ""), reference):
                 problems.append(f"trigger {key[1]} differs")
             elif row is None and key[1] in target.on_table:
                 problems.append(f"trigger {key[1]} lacks our comment")

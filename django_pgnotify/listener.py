@@ -242,7 +242,11 @@ class Listener:
                 self.health_file.remove()
             await self._send(listener_stopped, stats=Counter(self.stats))
             logger.info("pgnotify: listener stopped (%s)", _summary(self.stats, self.counters))
-        failure = dispatching.exception() if not dispatching.cancelled() else None
+        if dispatching.cancelled():
+            # Nothing here cancels it: an async receiver raised CancelledError of its
+            # own, which Python 3.10 cannot tell from a cancellation (see dispatch.py).
+            raise RuntimeError("pgnotify: dispatching ended: a receiver raised CancelledError")
+        failure = dispatching.exception()
         if failure is not None:  # a bug, not a receiver (those are caught): make it loud
             raise failure
 

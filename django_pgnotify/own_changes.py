@@ -80,8 +80,9 @@ def _watch_close(wrapper: Any) -> None:
         try:
             close(wrapper)
         finally:
-            with _lock:
-                _retire(wrapper)
+            if wrapper.connection is None:  # closed, even if close() then raised
+                with _lock:
+                    _retire(wrapper)
 
     wrapper.close = close_and_retire
 

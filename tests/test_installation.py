@@ -454,30 +454,6 @@ def test_triggers_installed_from_one_search_path_are_current_from_another():
     assert install_triggers(["testapp.Weird"]) == []
 
 
-def test_triggers_sealed_with_the_sessions_search_path_by_earlier_installs_are_current():
-    """Earlier releases hashed a trigger as the installing session's search_path
-    printed it: such a trigger, unchanged, is not rebuilt."""
-    built = build_trigger_sql(declaration("testapp.Tag"), connection.pg_version)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT tgname, left(md5(tgenabled::text || pg_get_triggerdef(oid)), 16)"
-            " FROM pg_trigger WHERE tgrelid = 'testapp_tag'::regclass AND tgname = ANY(%s)",
-            [list(built.triggers.values())],
-        )
-        sealed_as_before = cursor.fetchall()
-    for name, seal in sealed_as_before:
-        execute(
-            sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}").format(
-                sql.Identifier(name), built.table, sql.Literal(f"{built.comment} {seal}")
-            )
-        )
-    before = catalogue()
-
-    assert states("testapp.Tag") == {"testapp.Tag:default": INSTALLED}
-    assert install_triggers() == []
-    assert catalogue() == before
-
-
 @pytest.mark.parametrize(("drift", "detail"), DRIFTS)
 def test_install_brings_drifted_triggers_back_to_the_definition(drift, detail):
     drift(build_trigger_sql(declaration("testapp.Order")))

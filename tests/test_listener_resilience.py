@@ -26,6 +26,7 @@ from django_pgnotify import row_changed
 from django_pgnotify.backoff import Backoff
 from django_pgnotify.connection import connection_params
 from django_pgnotify.declarations import get_declarations
+from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.listener import Listener
 from django_pgnotify.signals import listener_reconnected, listener_started, listener_stopped
 from django_pgnotify.testing import capture_row_changes
@@ -1349,3 +1350,41 @@ def test_freeze_startup_objects_collects_then_freezes_what_is_alive():
 
     assert frozen > 0
     assert gone() is None  # collected first, not frozen for good
+
+
+def test_a_dispatch_ended_by_cancelled_error_stops_the_listener_loudly(transactional_db):
+    """What Python 3.10 does with an async receiver's own CancelledError (it cannot
+    tell it from a cancellation): the listener must not end as if stopped."""
+
+    class CancelledDispatcher(Dispatcher):
+        async def send_async(self, events):
+            raise asyncio.CancelledError
+
+    async def receiver(sender, event, **kwargs):
+        pass
+
+    listener = Listener(get_declarations(["testapp.Order"]), dispatcher=CancelledDispatcher())
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            listener.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    row_changed.connect(receiver, sender=Order, weak=False)
+    thread = threading.Thread(target=run, daemon=True)
+    try:
+        thread.start()
+        assert listener.ready.wait(10), "the listener did not start"
+        Order.objects.create()
+        thread.join(10)
+    finally:
+        row_changed.disconnect(receiver, sender=Order)
+        listener.stop()
+        thread.join(10)
+
+    assert not thread.is_alive()
+    assert [str(e) for e in failures] == [
+        "pgnotify: dispatching ended: a receiver raised CancelledError"
+    ]

@@ -12,6 +12,8 @@ import json
 
 import psycopg
 import pytest
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 from django.test.utils import isolate_apps
 from psycopg import sql
@@ -21,7 +23,7 @@ from django_pgnotify.declarations import Declaration, resolve_model
 from django_pgnotify.transaction_settings import encode_context
 from django_pgnotify.triggers import build_trigger_sql
 from tests.test_triggers_bulk import notifications, rows_of
-from tests.testapp.models import Legacy
+from tests.testapp.models import Legacy, PlainJSONField
 
 
 @pytest.fixture
@@ -71,6 +73,35 @@ def test_declared_columns_without_an_equality_operator_are_compared_by_their_byt
     updated = rows_of(notifications(listening), "update")
     assert sorted(r[0] for r in updated) == sorted(evens + ids)
     assert {r[-1] for r in updated} == {doc_bit}
+
+
+def test_the_column_types_compared_with_equals_are_read_from_each_fields_type():
+    with isolate_apps("tests.testapp"):
+
+        class Kinds(models.Model):
+            number = models.DecimalField(max_digits=5, decimal_places=2)
+            document = models.JSONField()
+            tags = ArrayField(models.CharField(max_length=5), size=3)
+            matrix = ArrayField(ArrayField(models.IntegerField()))
+            search = SearchVectorField()
+            legacy = PlainJSONField()
+            spot = models.ForeignKey(Legacy, on_delete=models.CASCADE)
+
+            class Meta:
+                app_label = "testapp"
+
+        declaration = declaration_of(Kinds, Notify(fields="__all__"))
+
+    comparable = {column.field: column.comparable for column in declaration.fields}
+    assert comparable == {
+        "number": True,
+        "document": True,
+        "tags": True,
+        "matrix": True,
+        "search": True,
+        "legacy": False,  # json
+        "spot": True,  # the type of the pk it points to
+    }
 
 
 WIDE_COLUMNS = 53  # names of 60 characters: the update header leaves about 1070 bytes
