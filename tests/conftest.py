@@ -16,6 +16,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -60,6 +61,36 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.02)
+
+
+def orders_beside_a_failing_receiver(
+    changes: CapturedChanges, failing: Callable[..., Any]
+) -> tuple[list[Any], list[Any]]:
+    """Create two orders while ``failing`` and, after it, a receiver of the same kind
+    (sync or async) that records pks are connected; return (pks it received, pks created)."""
+    import asyncio
+
+    from django_pgnotify import row_changed
+    from tests.testapp.models import Order
+
+    received: list[Any] = []
+
+    def working(sender: Any, event: RowChange, **kwargs: Any) -> None:
+        received.append(event.pk)
+
+    async def working_async(sender: Any, event: RowChange, **kwargs: Any) -> None:
+        received.append(event.pk)
+
+    recorder = working_async if asyncio.iscoroutinefunction(failing) else working
+    row_changed.connect(failing, sender=Order, weak=False)
+    row_changed.connect(recorder, sender=Order, weak=False)
+    try:
+        created = [Order.objects.create().pk, Order.objects.create().pk]
+        changes_before_marker(changes)
+    finally:
+        row_changed.disconnect(failing, sender=Order)
+        row_changed.disconnect(recorder, sender=Order)
+    return received, created
 
 
 def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:

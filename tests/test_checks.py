@@ -354,36 +354,33 @@ def test_w004_a_header_that_leaves_a_long_context_no_room(registry):
     assert f"a context() longer than {limit} bytes as JSON text is left out" in message.msg
 
 
+def unmanaged_twin(model: type[models.Model], declared: Notify) -> type[models.Model]:
+    """``testapp.ShipmentTwin``: an unmanaged model on ``model``'s table."""
+    meta = {"app_label": "testapp", "managed": False, "db_table": model._meta.db_table}
+    return type(
+        "ShipmentTwin",
+        (models.Model,),
+        {
+            "__module__": __name__,
+            "status": models.CharField(max_length=20),
+            "Meta": type("Meta", (), {**meta, "pgnotify": declared}),
+        },
+    )
+
+
 def test_e014_two_models_declaring_on_one_table_under_one_name(registry):
     shipment = declare(Notify(fields=["status"]))
-
-    class ShipmentTwin(models.Model):
-        status = models.CharField(max_length=20)
-
-        class Meta:
-            app_label = "testapp"
-            managed = False
-            db_table = shipment._meta.db_table
-            pgnotify = Notify(fields=["status"])
+    twin = unmanaged_twin(shipment, Notify(fields=["status"]))
 
     messages = [m for m in check_models(registry) if m.id == "pgnotify.E014"]
 
-    assert [m.obj for m in messages] == [shipment, ShipmentTwin]
+    assert [m.obj for m in messages] == [shipment, twin]
     assert "testapp.Shipment:default and testapp.ShipmentTwin:default" in messages[0].msg
     assert f"on table '{shipment._meta.db_table}'" in messages[0].msg
 
 
 def test_two_models_on_one_table_with_distinct_declaration_names_are_accepted(registry):
-    shipment = declare(Notify(fields=["status"]))
-
-    class ShipmentTwin(models.Model):
-        status = models.CharField(max_length=20)
-
-        class Meta:
-            app_label = "testapp"
-            managed = False
-            db_table = shipment._meta.db_table
-            pgnotify = Notify(fields=["status"], name="twin")
+    unmanaged_twin(declare(Notify(fields=["status"])), Notify(fields=["status"], name="twin"))
 
     assert check_models(registry) == []
 

@@ -22,7 +22,7 @@ from django.utils.timezone import now
 from django_pgnotify import RowChange, row_changed
 from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.testing import capture_row_changes
-from tests.conftest import changes_before_marker
+from tests.conftest import changes_before_marker, orders_beside_a_failing_receiver
 from tests.conftest import test_database_url as database_url
 from tests.testapp.models import (
     Article,
@@ -433,29 +433,17 @@ def test_model_declared_in_settings_notifies(changes):
 
 def test_failing_receiver_is_logged_counted_and_does_not_stop_delivery(changes, caplog):
     caplog.set_level(logging.ERROR, logger="django_pgnotify")
-    received = []
 
     def failing(sender, event, **kwargs):
         raise ValueError("receiver bug")
 
-    def working(sender, event, **kwargs):
-        received.append(event.pk)
+    received, (first, second) = orders_beside_a_failing_receiver(changes, failing)
 
-    row_changed.connect(failing, sender=Order, weak=False)
-    row_changed.connect(working, sender=Order, weak=False)
-    try:
-        first = Order.objects.create()
-        second = Order.objects.create()
-        changes_before_marker(changes)
-    finally:
-        row_changed.disconnect(failing, sender=Order)
-        row_changed.disconnect(working, sender=Order)
-
-    assert received == [first.pk, second.pk]
+    assert received == [first, second]
     assert changes.stats["receiver_errors"] == 2
     failures = [r for r in caplog.records if r.name == "django_pgnotify.dispatch"]
     assert [r.levelno for r in failures] == [logging.ERROR, logging.ERROR]
-    assert f"testapp.Order insert pk={first.pk}" in failures[0].getMessage()
+    assert f"testapp.Order insert pk={first}" in failures[0].getMessage()
     assert isinstance(failures[0].exc_info[1], ValueError)
     assert "Traceback" in caplog.text and "ValueError: receiver bug" in caplog.text
 
@@ -485,25 +473,13 @@ def test_receiver_raising_cancelled_error_is_a_receiver_error_not_a_stop(
     changes, caplog, cancelled
 ):
     caplog.set_level(logging.ERROR, logger="django_pgnotify")
-    received = []
 
-    async def working(sender, event, **kwargs):
-        received.append(event.pk)
+    received, (first, second) = orders_beside_a_failing_receiver(changes, cancelled)
 
-    row_changed.connect(cancelled, sender=Order, weak=False)
-    row_changed.connect(working, sender=Order, weak=False)
-    try:
-        first = Order.objects.create()
-        second = Order.objects.create()
-        changes_before_marker(changes)
-    finally:
-        row_changed.disconnect(cancelled, sender=Order)
-        row_changed.disconnect(working, sender=Order)
-
-    assert received == [first.pk, second.pk]
+    assert received == [first, second]
     assert changes.stats["receiver_errors"] == 2
     failures = [r for r in caplog.records if r.name == "django_pgnotify.dispatch"]
-    assert f"testapp.Order insert pk={first.pk}" in failures[0].getMessage()
+    assert f"testapp.Order insert pk={first}" in failures[0].getMessage()
     assert isinstance(failures[0].exc_info[1], asyncio.CancelledError)
 
 

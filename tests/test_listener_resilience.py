@@ -34,6 +34,7 @@ from tests.conftest import (
     ManagedProcess,
     changes_before_marker,
     django_env,
+    orders_beside_a_failing_receiver,
     run_manage,
     wait_until,
 )
@@ -700,28 +701,16 @@ def test_sync_and_async_receivers_both_receive_every_event_in_commit_order(row_c
 
 def test_an_async_receiver_that_raises_is_logged_counted_and_isolated(row_changes, caplog):
     caplog.set_level(logging.ERROR, logger="django_pgnotify")
-    received = []
 
     async def failing(sender, event, **kwargs):
         raise ValueError("async receiver bug")
 
-    async def working(sender, event, **kwargs):
-        received.append(event.pk)
+    received, (first, second) = orders_beside_a_failing_receiver(row_changes, failing)
 
-    row_changed.connect(failing, sender=Order, weak=False)
-    row_changed.connect(working, sender=Order, weak=False)
-    try:
-        first = Order.objects.create()
-        second = Order.objects.create()
-        changes_before_marker(row_changes)
-    finally:
-        row_changed.disconnect(failing, sender=Order)
-        row_changed.disconnect(working, sender=Order)
-
-    assert received == [first.pk, second.pk]
+    assert received == [first, second]
     assert row_changes.stats["receiver_errors"] == 2
     failures = [r for r in caplog.records if r.name == "django_pgnotify.dispatch"]
-    assert f"testapp.Order insert pk={first.pk}" in failures[0].getMessage()
+    assert f"testapp.Order insert pk={first}" in failures[0].getMessage()
     assert isinstance(failures[0].exc_info[1], ValueError)
 
 

@@ -8,15 +8,12 @@ installer sees it, and these tests are about the installer.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from tests.conftest import django_env, run_manage
-from tests.conftest import test_database_url as database_url
 
 VIEW_REFUSED = (
     'oddtables.NoteSummary:default on "oddtables_note_summary" is not installed: a view: '
@@ -53,17 +50,12 @@ class OddTables:
 
 
 @pytest.fixture
-def oddtables(other_connection: psycopg.Connection) -> Iterator[OddTables]:
-    name = f"pgnotify_oddtables_{uuid.uuid4().hex[:8]}"
-    other_connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    database = OddTables(database_url(dbname=name))
+def oddtables(empty_database_url: str) -> Iterator[OddTables]:
+    database = OddTables(empty_database_url)
     try:
         yield database
     finally:
         database.connection.close()
-        other_connection.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def test_migrate_with_a_model_on_a_view_succeeds_and_installs_the_other_models(oddtables):
