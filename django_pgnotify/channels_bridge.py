@@ -65,14 +65,25 @@ SEND_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 2.0
 
 
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with every Python type the decoder produces turned into JSON types.
 
     Decimals become strings (no float rounding), dates and times ISO 8601,
-    durations ISO 8601 durations, UUIDs strings, bytes base64.
+    durations ISO 8601 durations, UUIDs strings, bytes base64. Integers past
+    64 bits (a JSON field's) become strings too, as msgpack, which channel
+    layers use, cannot carry them; so do the floats JSON has no word for
+    (``"NaN"``, ``"Infinity"``, ``"-Infinity"``), which no browser parses.
     """
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):
+        return value if _INT64_MIN <= value <= _UINT64_MAX else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _NON_FINITE[str(value)]
     if isinstance(value, dict):
         return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):

@@ -165,6 +165,10 @@ _FLAGS = (
 )
 
 
+# PostgreSQL keeps 63 bytes of application_name; the durable connection appends " durable".
+_APPLICATION_NAME_MAX = 63 - len(" durable")
+
+
 def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
     """Validate the numeric, boolean and alias settings (pgnotify.E010), naming the key."""
     messages: list[checks.CheckMessage] = [
@@ -203,6 +207,23 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
                 f"defined in DATABASES, got {listen!r}.",
                 hint='E.g. {"default": "default_direct"}, where "default_direct" connects '
                 "to PostgreSQL directly rather than through a transaction pool.",
+                id="pgnotify.E010",
+            )
+        )
+    name = config.get("APPLICATION_NAME", DEFAULTS["APPLICATION_NAME"])
+    if not (
+        isinstance(name, str)
+        and name.isascii()
+        and name.isprintable()
+        and 0 < len(name) <= _APPLICATION_NAME_MAX
+    ):
+        messages.append(
+            checks.Error(
+                f'PGNOTIFY["APPLICATION_NAME"] must be printable ASCII of 1 to '
+                f"{_APPLICATION_NAME_MAX} characters, got {name!r}.",
+                hint="PostgreSQL cuts application_name to 63 bytes and replaces other "
+                "characters, and the durable connection adds ' durable': pgnotify_status "
+                "would not find the listener under the name it looks for.",
                 id="pgnotify.E010",
             )
         )

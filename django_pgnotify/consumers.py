@@ -104,7 +104,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             content = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." within the size limit
             await self.send_error("malformed", "Not JSON.")
             return
         await self.receive_json(content)

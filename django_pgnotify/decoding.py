@@ -73,7 +73,11 @@ def _duration(value: Any) -> timedelta:
 
 
 def _binary(value: str) -> bytes:
-    return bytes.fromhex(value[2:] if value.startswith("\\x") else value)
+    # Always hex with its \x (see triggers._value): anything else is refused, not
+    # guessed at (escape-format text can look like hex).
+    if not value.startswith("\\x"):
+        raise ValueError("binary value without the \\x of hex format")
+    return bytes.fromhex(value[2:])
 
 
 def _timestamp(seconds: float | int | Decimal | None) -> datetime | None:

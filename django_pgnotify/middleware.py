@@ -47,7 +47,11 @@ class AuditContextMiddleware:
         header = request.META.get(REQUEST_ID_HEADER, "")
         request_id = header if _REQUEST_ID.fullmatch(header) else uuid.uuid4().hex
         request.request_id = request_id  # type: ignore[attr-defined]
-        values = LazyContext(lambda: self.context_for(request, request_id))
+        # login() and logout() replace request.user: a write after them has its actor.
+        values = LazyContext(
+            lambda: self.context_for(request, request_id),
+            key=lambda: id(request.__dict__.get("user")),
+        )
         with ExitStack() as stack:
             for alias in connections:
                 if connections[alias].vendor == "postgresql":

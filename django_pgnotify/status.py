@@ -53,7 +53,7 @@ class DatabaseStatus:
 
 
 _LISTENERS = """
-SELECT pid, backend_start, client_addr::text, state
+SELECT pid, backend_start, host(client_addr), state
 FROM pg_stat_activity
 WHERE application_name = %s AND datname = current_database()
 ORDER BY backend_start
@@ -84,7 +84,8 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
         status.problems.append(f"cannot reach the database: {' '.join(str(exc).split())}")
         return status
     finally:
-        connections[using].close()
+        if not connections[using].in_atomic_block:  # a caller's transaction is theirs
+            connections[using].close()
     for state in states:
         declaration = state.sql.declaration if state.sql is not None else None
         status.declarations.append(

@@ -59,17 +59,26 @@ def encode_context(values: dict[str, Any]) -> str:
 
 
 class LazyContext:
-    """Context values computed on first use, once (e.g. the request's user).
+    """Context values computed on first use, once (e.g. the request's user), and
+    again whenever ``key()`` (cheap, called on each use) gives another value.
 
     A query the computation makes itself runs without the context.
     """
 
-    def __init__(self, compute: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, compute: Callable[[], dict[str, Any]], key: Callable[[], Any] | None = None
+    ) -> None:
         self._compute = compute
+        self._key = key
+        self._keyed: Any = None
         self._value: dict[str, Any] | None = None
         self._computing = False
 
     def get(self) -> dict[str, Any]:
+        if self._key is not None and not self._computing:
+            keyed = self._key()
+            if keyed != self._keyed:
+                self._keyed, self._value = keyed, None
         if self._value is None:
             if self._computing:
                 return {}

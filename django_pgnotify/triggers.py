@@ -840,6 +840,9 @@ def _value(record: str, column: Column) -> sql.Composable:
         return sql.SQL("extract(epoch FROM {})::text").format(ref)
     if column.internal_type in _AS_TEXT:
         return sql.SQL("{}::text").format(ref)
+    if column.internal_type == "BinaryField":
+        # bytea_output is per session too: 'escape' would send another text.
+        return sql.SQL("({} || encode({}, 'hex'))").format(sql.Literal("\\x"), ref)
     return ref
 
 

@@ -1,5 +1,7 @@
 """A view that writes, for the audit middleware tests."""
 
+from django.contrib.auth import login
+from django.contrib.auth.models import User
 from django.http import HttpResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
@@ -23,6 +25,15 @@ async def create_order_async(request):
     return response
 
 
+@csrf_exempt
+def order_login_order(request):
+    """Writes, logs a user in, and writes again."""
+    Order.objects.create(status="before login")
+    login(request, User.objects.get(username=request.POST["username"]))
+    Order.objects.create(status="after login")
+    return HttpResponse(status=201)
+
+
 def count_orders(request):
     return HttpResponse(str(Order.objects.count()))
 
@@ -31,4 +42,5 @@ urlpatterns = [
     path("orders/", create_order),
     path("async/orders/", create_order_async),
     path("orders/count/", count_orders),
+    path("orders/login/", order_login_order),
 ]

@@ -403,6 +403,8 @@ def test_two_models_on_one_table_with_distinct_declaration_names_are_accepted(re
         ({"DURABLE_LEASE": -5}, 'PGNOTIFY["DURABLE_LEASE"] must be a number greater than 0'),
         ({"CHANNEL_LAYER": "nope"}, "PGNOTIFY[\"CHANNEL_LAYER\"] is 'nope', which is not in"),
         ({"CHANNEL_LAYER": ["default"]}, "is ['default'], which is not in"),
+        ({"APPLICATION_NAME": "x" * 56}, 'PGNOTIFY["APPLICATION_NAME"] must be printable ASCII'),
+        ({"APPLICATION_NAME": "pgnotify_écoute"}, "got 'pgnotify_écoute'"),
     ],
     ids=[
         "not-a-dict",
@@ -420,6 +422,8 @@ def test_two_models_on_one_table_with_distinct_declaration_names_are_accepted(re
         "durable-lease-negative",
         "channel-layer-unknown",
         "channel-layer-not-a-name",
+        "application-name-too-long",
+        "application-name-not-ascii",
     ],
 )
 def test_e010_pgnotify_setting(setting, shown):

@@ -4,6 +4,8 @@ where batching is what is tested (``REDIS_URL``, else an embedded Redis)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import uuid
 from collections import Counter
@@ -200,6 +202,8 @@ def test_not_json_binary_and_oversized_messages_get_error_frames():
     async def scenario() -> None:
         client = await connect(VIEWER)
         await client.send_to(text_data="{not json")
+        assert (await client.receive_json_from(TIMEOUT))["code"] == "malformed"
+        await client.send_to(text_data="[" * 3000)  # within the size limit, too deep to parse
         assert (await client.receive_json_from(TIMEOUT))["code"] == "malformed"
         await client.send_to(bytes_data=b"\x00\x01")
         assert (await client.receive_json_from(TIMEOUT))["code"] == "malformed"
@@ -563,3 +567,34 @@ def test_the_consumer_still_takes_single_messages_of_an_earlier_listener(redis_l
         await close_layer()
 
     run(scenario)
+
+
+def test_values_past_64_bits_and_non_finite_floats_cross_redis_as_strict_json(redis_layer):
+    """msgpack, which channels_redis sends with, refuses integers past 64 bits, and
+    a browser's JSON.parse refuses NaN and Infinity: both arrive as strings."""
+    from channels.layers import get_channel_layer
+
+    from django_pgnotify.channels_bridge import event_message
+
+    huge = {"status": 10**30, "total": float("inf"), "note": [float("nan"), -float("inf")]}
+    change = dataclasses.replace(order_change(9), fields=huge)
+
+    async def scenario() -> str:
+        layer: Any = get_channel_layer()
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order"})
+        await layer.group_send("pgnotify.testapp.order", event_message(change, 1, "s"))
+        frame = await client.receive_from(TIMEOUT)
+        await client.disconnect()
+        await close_layer()
+        return frame
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    frame = json.loads(asyncio.run(asyncio.wait_for(scenario(), 30)), parse_constant=refuse)
+    assert frame["fields"] == {
+        "status": str(10**30),
+        "total": "Infinity",
+        "note": ["NaN", "-Infinity"],
+    }

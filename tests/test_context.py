@@ -220,6 +220,19 @@ def test_the_middleware_covers_the_writes_of_async_views_under_asgi(changes):
 
 
 @override_settings(**AUDITED)
+def test_a_user_who_logs_in_during_the_request_is_the_actor_of_what_follows(changes):
+    user = User.objects.create(username="dave")
+
+    response = Client().post("/orders/login/", {"username": "dave"})
+
+    before, after = [e for e in changes_before_marker(changes) if e.model is Order]
+    assert response.status_code == 201
+    assert (before.fields["status"], "actor" in before.context) == ("before login", False)
+    assert (after.fields["status"], after.context["actor"]) == ("after login", f"user:{user.pk}")
+    assert after.context["request_id"] == before.context["request_id"]
+
+
+@override_settings(**AUDITED)
 def test_the_middleware_leaves_the_actor_out_for_anonymous_requests(changes):
     response = Client().post("/orders/", {"status": "anon"})
 

@@ -330,15 +330,16 @@ def test_uuid_primary_key_and_field_values_arrive_as_python_types(changes):
     }
 
 
-def test_datetimes_and_durations_do_not_depend_on_the_writers_session_settings(
+def test_datetimes_durations_and_bytes_do_not_depend_on_the_writers_session_settings(
     changes, other_connection
 ):
     other_connection.execute("SET TimeZone = 'America/New_York'")
     other_connection.execute("SET IntervalStyle = 'iso_8601'")
+    other_connection.execute("SET bytea_output = 'escape'")  # b"cafe" would read as hex
     pk = uuid.uuid4()
     other_connection.execute(
-        "INSERT INTO testapp_reading (id, taken_at, took, flag)"
-        " VALUES (%s, '2025-06-01 12:00:00+00', interval '1 day 2 hours', false)",
+        "INSERT INTO testapp_reading (id, taken_at, took, flag, blob)"
+        " VALUES (%s, '2025-06-01 12:00:00+00', interval '1 day 2 hours', false, 'cafe')",
         [pk],
     )
 
@@ -347,6 +348,7 @@ def test_datetimes_and_durations_do_not_depend_on_the_writers_session_settings(
     assert event.pk == pk
     assert event.fields["taken_at"] == datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
     assert event.fields["took"] == timedelta(days=1, hours=2)
+    assert event.fields["blob"] == b"cafe"
 
 
 def test_string_primary_key_arrives_as_str(changes):

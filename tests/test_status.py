@@ -6,7 +6,7 @@ import json
 import time
 
 from django_pgnotify.installation import uninstall_triggers
-from tests.conftest import run_manage
+from tests.conftest import django_env, run_manage
 
 LISTENER_SETTINGS = "tests.settings_listener"  # its listeners are named pgnotify_listen_tests
 
@@ -95,3 +95,25 @@ def test_status_refuses_an_unknown_database_alias(transactional_db):
 
     assert result.returncode != 0
     assert "Unknown database alias 'nope'" in result.stderr
+
+
+def test_database_status_leaves_a_callers_transaction_open(transactional_db):
+    from django.db import connection, transaction
+
+    from django_pgnotify.status import database_status
+    from tests.testapp.models import Tag
+
+    with transaction.atomic():
+        Tag.objects.create(name="in a transaction")
+        database_status("default")
+        assert Tag.objects.filter(name="in a transaction").exists()
+    assert connection.is_usable()
+
+
+def test_status_names_a_database_that_is_not_postgresql_without_a_traceback():
+    env = django_env(DJANGO_SETTINGS_MODULE="tests.settings_sqlite")
+    result = run_manage("pgnotify_status", "--database", "default", "--skip-checks", env=env)
+
+    assert result.returncode == 1
+    assert "database 'default' uses django.db.backends.sqlite3" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
+from django_pgnotify.connection import NotPostgreSQL
 from django_pgnotify.installation import declarations_for
 from django_pgnotify.status import DatabaseStatus, database_status
 
@@ -50,7 +51,7 @@ class Command(BaseCommand):
                     and declarations_for(selectors, alias)
                 ]
             statuses = [database_status(alias, selectors) for alias in aliases]
-        except ImproperlyConfigured as exc:  # a selector that names no app or model, say
+        except (NotPostgreSQL, ImproperlyConfigured) as exc:  # an unknown selector, say
             raise CommandError(str(exc)) from exc
         if options["json"]:
             ok = all(s.ok for s in statuses)
