@@ -283,7 +283,7 @@ def _check_room(declaration: Declaration, where: str) -> list[checks.CheckMessag
 
     if declaration.notify.durable:  # the event table has no size limit
         return []
-    room = min(triggers.rows_room(declaration, event) for event in declaration.events)
+    room = triggers.least_rows_room(declaration)
     hint = "Declare fewer fields, or use durable=True (no size limit)."
     if room < triggers.MIN_ROWS_ROOM:
         return [

@@ -30,9 +30,12 @@ NO_TABLE = "no table"
 NOT_A_TABLE = "not a table"
 CONFLICT = "conflict"
 
+#: Statuses of declarations no install can serve as they are: they need changing.
+NEEDS_CHANGE = (NOT_A_TABLE, CONFLICT)
+
 # Declarations nothing is installed for as they are: ``install_triggers`` stops
 # before changing anything, ``sync_triggers`` leaves them alone and says why.
-_REFUSED = (NO_TABLE, NOT_A_TABLE, CONFLICT)
+_REFUSED = (NO_TABLE, *NEEDS_CHANGE)
 
 _LOCK_KEY = "django-pgnotify installation"
 
@@ -107,9 +110,7 @@ class TriggerState:
         built = self.sql
         if built is None or self.status in (MISSING, NO_TABLE, NOT_A_TABLE):
             return self.drop_sql
-        triggers = trigger_sql.build_drop_sql(built.table, None, built.triggers.values())
-        function = trigger_sql.build_drop_sql(built.table, built.function, ())
-        return "\n".join(filter(None, [triggers, self.drop_sql, function]))
+        return "\n".join(filter(None, [built.drop_triggers, self.drop_sql, built.drop_function]))
 
 
 def declarations_for(
@@ -204,7 +205,7 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
         states = _inspect(cursor, declarations, app_labels)
         kept = invalid | {_model_label(s.uri) for s in states if s.status == CONFLICT}
         for state in states:
-            if state.status in (NOT_A_TABLE, CONFLICT):
+            if state.status in NEEDS_CHANGE:
                 logger.error(
                     "pgnotify: %s on %s is not installed: %s", state.uri, state.table, state.detail
                 )

@@ -70,12 +70,20 @@ class TriggerSQL:
     checksum: str
     create_function: str
     create_triggers: tuple[str, ...]
-    drop: str
+    #: Removing it: triggers first, as a trigger depends on the function it calls
+    #: (and the installer may drop other functions between the two).
+    drop_triggers: str
+    drop_function: str
 
     @property
     def comment(self) -> str:
         """The comment stored on the function and on each trigger."""
         return format_comment(self.uri, self.checksum)
+
+    @property
+    def drop(self) -> str:
+        """All statements that remove the declaration, in order."""
+        return "\n".join((self.drop_triggers, self.drop_function))
 
     @property
     def install(self) -> str:
@@ -184,7 +192,8 @@ def build_trigger_sql(declaration: Declaration, server_version: int | None = Non
         checksum=checksum,
         create_function=create_function_sql,
         create_triggers=create_trigger_sql,
-        drop=build_drop_sql(table, function, declaration.triggers.values()),
+        drop_triggers=build_drop_sql(table, None, declaration.triggers.values()),
+        drop_function=build_drop_sql(table, function, ()),
     )
 
 
@@ -462,8 +471,7 @@ def context_limit(declaration: Declaration) -> int:
     context would leave rows less than ``MIN_ROWS_ROOM`` bytes (or none at all:
     ``pg_notify`` would then fail the write). A longer one is left out.
     """
-    room = min(rows_room(declaration, event) for event in declaration.events)
-    return max(0, min(CONTEXT_MAX, room - MIN_ROWS_ROOM))
+    return max(0, min(CONTEXT_MAX, least_rows_room(declaration) - MIN_ROWS_ROOM))
 
 
 def _head(declaration: Declaration, event: str) -> sql.Composable:
@@ -582,6 +590,11 @@ def rows_room(declaration: Declaration, event: str) -> int:
     """
     start, rest = _header(declaration, event)
     return _PAYLOAD_MAX - len((start + rest + "]}").encode()) - _XID_TS_MAX
+
+
+def least_rows_room(declaration: Declaration) -> int:
+    """``rows_room`` of the declaration's event whose header is longest."""
+    return min(rows_room(declaration, event) for event in declaration.events)
 
 
 def _small_statement_query(

@@ -93,6 +93,19 @@ def orders_beside_a_failing_receiver(
     return received, created
 
 
+def order_rolled_back_to_a_savepoint_last() -> None:
+    """Write an order after a SAVEPOINT and roll back to it, as the caller's block's
+    last statement. Raw SQL, as ``transaction.savepoint()`` runs (Django 6.1
+    deprecates that function, and 5.2 has no successor to it)."""
+    from tests.testapp.models import Order
+
+    with connection.cursor() as cursor:
+        cursor.execute("SAVEPOINT manual")
+    Order.objects.create(status="rolled back")
+    with connection.cursor() as cursor:
+        cursor.execute("ROLLBACK TO SAVEPOINT manual")
+
+
 def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:
     """Commit a marker change and return the changes that arrived before it.
 

@@ -17,7 +17,7 @@ from django.test import AsyncClient, Client, override_settings
 from django.test.utils import CaptureQueriesContext
 
 from django_pgnotify import context
-from tests.conftest import changes_before_marker
+from tests.conftest import changes_before_marker, order_rolled_back_to_a_savepoint_last
 from tests.testapp.models import Order
 
 AUDITED = {
@@ -98,11 +98,7 @@ def test_a_savepoint_rolled_back_last_in_the_block_does_not_keep_the_context_aft
     with transaction.atomic():
         with context(actor="user:5"):
             Order.objects.create(status="with")
-            with connection.cursor() as cursor:  # as transaction.savepoint() does
-                cursor.execute("SAVEPOINT manual")
-            Order.objects.create(status="rolled back")
-            with connection.cursor() as cursor:  # the block's last statement
-                cursor.execute("ROLLBACK TO SAVEPOINT manual")
+            order_rolled_back_to_a_savepoint_last()
         Order.objects.create(status="without")
 
     first, second = changes.wait(2)

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.db import connection, transaction
 
 from django_pgnotify import paused
-from tests.conftest import changes_before_marker
+from tests.conftest import changes_before_marker, order_rolled_back_to_a_savepoint_last
 from tests.testapp.models import Order, OrderProxy, Tag
 
 
@@ -112,11 +112,7 @@ def test_a_savepoint_rolled_back_last_in_the_block_does_not_keep_the_pause_after
     with transaction.atomic():
         with paused():
             Order.objects.create(status="quiet")
-            with connection.cursor() as cursor:  # as transaction.savepoint() does
-                cursor.execute("SAVEPOINT manual")
-            Order.objects.create(status="rolled back")
-            with connection.cursor() as cursor:  # the block's last statement
-                cursor.execute("ROLLBACK TO SAVEPOINT manual")
+            order_rolled_back_to_a_savepoint_last()
         Order.objects.create(status="loud after")
 
     assert announced(changes) == [("testapp.order", "loud after")]

@@ -110,8 +110,7 @@ class Command(BaseCommand):
             else:
                 self.stdout.write(self.style.ERROR(str(state)))
         if problems:
-            refused = (installation.NOT_A_TABLE, installation.CONFLICT)
-            change = any(s.status in refused for s in problems)
+            change = any(s.status in installation.NEEDS_CHANGE for s in problems)
             raise CommandError(
                 f"{len(problems)} trigger problem(s) in database {using!r}; "
                 "run manage.py pgnotify_install (with --prune for unknown ones)"

@@ -176,8 +176,7 @@ class Command(BaseCommand):
             raise CommandError(
                 f"Table(s) {names} do not exist in database {using!r}; run manage.py migrate."
             )
-        cannot = (installation.NOT_A_TABLE, installation.CONFLICT)
-        refused = [s for s in declared if s.status in cannot]
+        refused = [s for s in declared if s.status in installation.NEEDS_CHANGE]
         if refused:  # their channels would never fire
             lines = "".join(f"\n  {state}" for state in refused)
             raise CommandError(
