@@ -154,6 +154,12 @@ _NUMBERS = {
     "DURABLE_RETRY_DELAY_MAX": (0, False, False),
 }
 
+# Delays that double from the first setting of a pair up to the second.
+_DELAY_RANGES = (
+    ("RECONNECT_DELAY_MIN", "RECONNECT_DELAY_MAX"),
+    ("DURABLE_RETRY_DELAY_MIN", "DURABLE_RETRY_DELAY_MAX"),
+)
+
 # Settings that are True or False.
 _FLAGS = (
     "META_OPTION",
@@ -189,6 +195,7 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
                     id="pgnotify.E010",
                 )
             )
+    messages.extend(_check_delay_ranges(config))
     usage = config.get("QUEUE_USAGE_WARNING", DEFAULTS["QUEUE_USAGE_WARNING"])
     if isinstance(usage, (int, float)) and usage > 1:
         messages.append(
@@ -239,6 +246,33 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
                 id="pgnotify.E010",
             )
         )
+    return messages
+
+
+def _check_delay_ranges(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    """A pair of delay settings whose minimum is above its maximum (pgnotify.E010).
+
+    Nothing would fail, the delays would silently differ from either setting: the
+    reconnect delays would stay at the minimum, the retry delays at the maximum.
+    Values that are not numbers are reported by ``_check_values`` alone.
+    """
+    messages: list[checks.CheckMessage] = []
+    for low_key, high_key in _DELAY_RANGES:
+        low, high = (config.get(key, DEFAULTS[key]) for key in (low_key, high_key))
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+        if numbers and low > high:
+            shown = [
+                f'PGNOTIFY["{key}"] ({value!r}{"" if key in config else ", the default"})'
+                for key, value in ((low_key, low), (high_key, high))
+            ]
+            messages.append(
+                checks.Error(
+                    f"{shown[0]} is greater than {shown[1]}.",
+                    hint=f"Delays double from {low_key} up to {high_key}: make {low_key} at "
+                    f"most {high_key}.",
+                    id="pgnotify.E010",
+                )
+            )
     return messages
 
 

@@ -11,6 +11,7 @@ and :meth:`RowChangeConsumer.filter_event` for your own rules. Needs the
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.apps import apps
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
+from django.utils import timezone
 
 from . import groups
 from .conf import get_setting
@@ -35,6 +38,36 @@ class SubscriptionError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _pk_value(model: type[models.Model], value: Any) -> Any:
+    """The Python value of ``model``'s pk that ``value`` (as JSON carries it) spells.
+
+    The pk field's ``to_python``, and for a datetime the time zone the listener
+    decodes with: a naive one is in ``TIME_ZONE`` with ``USE_TZ``, as a query
+    takes it; an aware one is made naive without. ``groups.pk_text`` of the
+    result is then the text the listener names the row's group with.
+
+    Raises:
+        ValidationError: ``value`` is not a pk of ``model``.
+    """
+    pk = model._meta.pk.to_python(value)
+    if isinstance(pk, datetime.datetime):
+        if settings.USE_TZ and timezone.is_naive(pk):
+            pk = timezone.make_aware(pk, timezone.get_default_timezone())
+        elif not settings.USE_TZ and timezone.is_aware(pk):
+            pk = timezone.make_naive(pk, timezone.get_default_timezone())
+    return pk
+
+
+def _row_key(label: str, pk: Any) -> str | None:
+    """The key of the row an event message (its JSON-safe ``pk``) is about."""
+    if pk is None:  # no row's change
+        return None
+    try:
+        return groups.pk_text(_pk_value(apps.get_model(label), pk))
+    except (LookupError, ValidationError, TypeError, ValueError):
+        return None
 
 
 class RowChangeConsumer(AsyncJsonWebsocketConsumer):
@@ -179,7 +212,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise SubscriptionError("invalid_pk", "pk must be a string or an integer.")
         try:
-            pk = model._meta.pk.to_python(value)
+            pk = _pk_value(model, value)
         except (ValidationError, TypeError, ValueError):
             raise SubscriptionError("invalid_pk", f"{value!r} is not a valid pk.") from None
         if not self.row_groups:
@@ -248,7 +281,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         entry = self.subscriptions.get(label)
         if entry is None:
             return  # unsubscribed while the message was on its way
-        if not entry["model"] and groups.pk_text(message.get("pk")) not in entry["rows"]:
+        if not entry["model"] and _row_key(label, message.get("pk")) not in entry["rows"]:
             return
         # Model and row groups both carry an event subscribed both ways: send it once.
         key = (label, message.get("stream", ""))

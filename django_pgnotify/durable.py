@@ -458,6 +458,8 @@ class DurableWorker:
         )
         lost = [row for row in claimed if row.id not in settled]
         if lost:
+            # Counted in the changes claimed, as durable_claimed counts them.
+            self.stats["durable_lost_leases"] += sum(row.unhandled for row in lost)
             logger.warning(
                 "pgnotify: durable event(s) %s of %s were no longer leased to this listener"
                 " when it settled them (its %gs lease expired and another listener claimed"

@@ -19,8 +19,10 @@ model label not plain   ``pgnotify.h.<24 hex digits>``
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
+from decimal import Decimal
 from typing import Any
 
 #: Every group name starts with this.
@@ -42,7 +44,24 @@ def _digest(text: str, length: int) -> str:
 
 
 def pk_text(pk: Any) -> str:
-    """The text a pk is named by: ``str()`` of its Python value (a UUID's canonical form)."""
+    """The text a pk is named by: one text for every spelling of one value.
+
+    The listener names a row's group from the pk it decoded, a consumer from
+    the pk a client sent, made a Python value by the pk field's ``to_python``:
+    both come here. ``str()`` of the value (a UUID's canonical form), except
+    that a ``Decimal`` loses trailing zeros and any exponent (``1.50``, ``1.5``
+    and ``15E-1`` are one number) and a datetime is ISO 8601, in UTC when it
+    is aware (``12:00+00:00`` and ``13:00+01:00`` are one instant).
+    """
+    if isinstance(pk, Decimal):
+        text = format(pk, "f")  # exact: no rounding to the context's precision
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return "0" if text == "-0" else text
+    if isinstance(pk, datetime.datetime):
+        if pk.utcoffset() is not None:
+            pk = pk.astimezone(datetime.timezone.utc)
+        return pk.isoformat()
     return str(pk)
 
 

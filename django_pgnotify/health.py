@@ -31,7 +31,7 @@ COUNTERS = (
     "queue_full",
 )
 #: Counters a listener also reports when it serves durable declarations.
-DURABLE_COUNTERS = ("durable_claimed", "retries", "dead_letters")
+DURABLE_COUNTERS = ("durable_claimed", "retries", "dead_letters", "durable_lost_leases")
 #: Counters a listener also reports when it forwards changes to a channel layer.
 FORWARD_COUNTERS = ("forwarded", "forward_batches", "forward_errors", "forward_dropped")
 

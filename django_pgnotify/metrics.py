@@ -32,6 +32,10 @@ _COUNTER_HELP = {
     "durable_claimed": "Durable changes claimed for dispatch, again on each new attempt.",
     "retries": "Durable changes whose receiver raised, scheduled for another attempt.",
     "dead_letters": "Durable changes that failed their last attempt (see the admin).",
+    "durable_lost_leases": (
+        "Durable changes left unsettled: no longer leased to the listener when it settled "
+        "them (lease expired, or retried or discarded); they may be handled twice."
+    ),
     "forwarded": "Row changes forwarded to the channel layer.",
     "forward_batches": "Channel layer messages sent (one per batch and group).",
     "forward_errors": "Channel layer sends that failed (retried with backoff).",

@@ -306,3 +306,36 @@ def test_an_unknown_channel_layer_is_a_clear_error(transactional_db):
 
     with pytest.raises(CommandError, match="Channel layer 'nope' is not configured"):
         call_command("pgnotify_listen", "--channel-layer", "nope", verbosity=0)
+
+
+def test_row_subscriptions_to_datetime_and_decimal_pks_receive_those_rows(
+    server, channels_env, processes, other_connection
+):
+    user = User.objects.create_user("row viewer", password="secret")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_shift", "view_price"]))
+    start_listener(channels_env, processes)
+
+    async def scenario() -> None:
+        async with connect(server, additional_headers={"Cookie": session_cookie(user)}) as ws:
+            # As a browser spells them: another offset, no trailing zero.
+            for request in (
+                {"subscribe": "testapp.shift", "pk": "2024-03-01T13:00:00+01:00"},
+                {"subscribe": "testapp.price", "pk": "1.5"},
+            ):
+                assert (await ask(ws, request))["type"] == "subscribed"
+            # Each row's neighbour first: what arrives before the row's own change would be it.
+            for starts_at in ("2024-03-01 12:00:01+00", "2024-03-01 12:00:00+00"):
+                other_connection.execute(
+                    "INSERT INTO testapp_shift (starts_at, name) VALUES (%s, '')", [starts_at]
+                )
+            for amount in ("1.51", "1.50"):
+                other_connection.execute(
+                    "INSERT INTO testapp_price (amount, label) VALUES (%s, '')", [amount]
+                )
+            events = [await next_event(ws) for _ in range(2)]
+            assert [(e["model"], e["action"], e["pk"]) for e in events] == [
+                ("testapp.shift", "insert", "2024-03-01T12:00:00+00:00"),
+                ("testapp.price", "insert", "1.50"),
+            ]
+
+    run(scenario)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import logging
 import uuid
@@ -20,9 +21,14 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
 from django_pgnotify import RowChange
-from django_pgnotify.channels_bridge import BATCH, ChannelLayerForwarder, ChannelsDispatcher
+from django_pgnotify.channels_bridge import (
+    BATCH,
+    ChannelLayerForwarder,
+    ChannelsDispatcher,
+    json_safe,
+)
 from django_pgnotify.consumers import RowChangeConsumer
-from tests.testapp.models import Order, Tag
+from tests.testapp.models import Order, Price, Reading, Shift, Tag
 
 TIMEOUT = 10
 
@@ -598,3 +604,85 @@ def test_values_past_64_bits_and_non_finite_floats_cross_redis_as_strict_json(re
         "total": "Infinity",
         "note": ["NaN", "-Infinity"],
     }
+
+
+# Row subscriptions by the pk as a client spells it, with changes from the database
+
+
+class EveryoneMayFollow(RowChangeConsumer):
+    async def has_permission(self, model, pk):
+        return True
+
+
+ROW_PKS = {
+    # model: (the followed row's pk, its neighbour's, a second followed row's)
+    Shift: (
+        datetime.datetime(2024, 3, 1, 12, 0, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2024, 3, 1, 12, 0, 1, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2024, 3, 2, 0, 0, tzinfo=datetime.timezone.utc),
+    ),
+    Price: (Decimal("1.50"), Decimal("1.51"), Decimal("2.00")),
+    Reading: (
+        uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+        uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12"),
+        uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a13"),
+    ),
+    Tag: ("one", "one ", "two"),
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "followed", "second"),
+    [
+        (Shift, "2024-03-01T13:00:00+01:00", "2024-03-02T00:00:00Z"),  # the same instants
+        (Shift, "2024-03-01T12:00:00Z", "2024-03-02 01:00:00"),  # naive: TIME_ZONE's
+        (Price, "1.5", 2),
+        (Price, "1.50", "2.0"),
+        (Reading, "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "a0eebc999c0b4ef8bb6d6bb9bd380a13"),
+        (Tag, "one", "two"),
+        (Order, None, None),  # pks as strings, their own numbers
+    ],
+    ids=["datetime-offset", "datetime-utc", "decimal-short", "decimal-long", "uuid", "str", "int"],
+)
+def test_a_row_subscription_by_pk_receives_that_rows_changes_whatever_the_pk_type(
+    changes, model, followed, second
+):
+    label = model._meta.label_lower
+    pks = list(ROW_PKS.get(model, ()))
+    if model is Order:
+        pks = [Order.objects.create().pk for _ in range(2)]
+    else:
+        model.objects.bulk_create([model(pk=pk) for pk in pks[:2]])
+    model.objects.filter(pk__in=pks[:2]).delete()
+    if model is Order:
+        pks.append(Order.objects.create().pk)
+        followed, second = str(pks[0]), str(pks[2])
+    else:
+        model.objects.create(pk=pks[2])
+    events = changes.wait(5)
+    assert [(e.action, e.pk) for e in events] == [
+        ("insert", pks[0]),
+        ("insert", pks[1]),
+        ("delete", pks[0]),
+        ("delete", pks[1]),
+        ("insert", pks[2]),
+    ]
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", [label])
+        client = await connect(VIEWER, EveryoneMayFollow)
+        for pk in (followed, second):
+            answer = await ask(client, {"subscribe": label, "pk": pk})
+            assert answer == {"type": "subscribed", "model": label, "pk": pk}
+        await forward(dispatcher, *events)
+        frames = [await client.receive_json_from(TIMEOUT) for _ in range(3)]
+        # In order, and the neighbour's changes (before the second row's) left out.
+        assert [(f["action"], f["pk"]) for f in frames] == [
+            ("insert", json_safe(pks[0])),
+            ("delete", json_safe(pks[0])),
+            ("insert", json_safe(pks[2])),
+        ]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+
+    run(scenario)

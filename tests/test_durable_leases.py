@@ -22,6 +22,7 @@ from django_pgnotify.declarations import get_declarations
 from django_pgnotify.decoding import Decoder
 from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.durable import DurableWorker
+from django_pgnotify.listener import Listener
 from tests.durableapp.models import Job
 
 
@@ -212,3 +213,41 @@ def test_a_row_that_stored_a_handled_position_twice_is_mended_when_settled_again
     assert event_row(other_connection)["handled"] == [0, 2]  # each position once
     assert durable.backlog().pending == 1
     assert worker.stats["retries"] == 1
+
+
+def test_changes_of_a_row_whose_lease_was_lost_are_counted_as_lost_leases(
+    receiver, other_connection
+):
+    pks = three_jobs(other_connection)
+    receiver.held_thread = "a"
+    served = Listener([d for d in get_declarations() if d.model is Job], "default")
+    a, b = served.durable, listener()
+    assert a is not None
+
+    async def scenario() -> None:
+        async with await a._connect() as a_conn, await b._connect() as b_conn:
+            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
+                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
+                assert await asyncio.to_thread(receiver.holding.wait, 10)
+                expire_leases(other_connection)
+                assert await b.process_batch(b_conn, b_thread) == 1  # B handles all 3
+                receiver.release.set()
+                assert await a_batch == 1  # A's settlement finds the row gone
+
+    run(scenario())
+
+    assert event_row(other_connection) is None
+    assert [pk for thread, pk in receiver.calls if thread.startswith("b")] == pks
+    # The row's three changes, once, by the listener that lost them.
+    assert (a.stats["durable_lost_leases"], b.stats["durable_lost_leases"]) == (3, 0)
+    assert "durable_lost_leases" in served.counters  # in its log lines and metrics
+    pytest.importorskip("prometheus_client", reason="the prometheus extra is not installed")
+    from django_pgnotify.metrics import ListenerCollector
+
+    families = {family.name: family for family in ListenerCollector(served).collect()}
+    (sample,) = families["pgnotify_durable_lost_leases"].samples
+    assert (sample.name, sample.labels, sample.value) == (
+        "pgnotify_durable_lost_leases_total",
+        {"database": "default"},
+        3,
+    )

@@ -1,7 +1,9 @@
 """Channels group names: valid for any model label and pk, distinct, documented form."""
 
+import datetime
 import re
 import uuid
+from decimal import Decimal
 
 import pytest
 
@@ -64,3 +66,19 @@ def test_different_pks_and_models_get_different_groups():
     names = {groups.row_group("shop.order", pk) for pk in ["a b", "a/b", "x" * 41, "x" * 42, 1]}
     names |= {groups.model_group(label) for label in ["shop.order", "shop.orders", "é.a", "é.b"]}
     assert len(names) == 9
+
+
+def test_every_spelling_of_a_decimal_or_datetime_pk_names_one_valid_row_group():
+    decimals = [Decimal("1.50"), Decimal("1.5"), Decimal("15E-1"), Decimal("1.500000")]
+    assert {groups.pk_text(pk) for pk in decimals} == {"1.5"}
+    assert groups.pk_text(Decimal("2E+2")) == groups.pk_text(Decimal("200.00")) == "200"
+    assert groups.pk_text(Decimal("-0.00")) == groups.pk_text(Decimal("0")) == "0"
+    # Past the decimal context's 28 digits: nothing rounded, distinct pks stay distinct.
+    long = Decimal("1." + "0" * 40 + "1")
+    assert groups.pk_text(long) != groups.pk_text(Decimal(1))
+    utc = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    berlin = utc.astimezone(datetime.timezone(datetime.timedelta(hours=1)))
+    assert groups.pk_text(utc) == groups.pk_text(berlin) == "2024-03-01T12:00:00+00:00"
+    assert groups.pk_text(utc.replace(tzinfo=None)) == "2024-03-01T12:00:00"
+    for pk in (*decimals, long, utc):
+        assert_valid(groups.row_group("shop.order", pk))

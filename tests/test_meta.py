@@ -22,8 +22,10 @@ from tests.testapp.models import (
     Order,
     OrderProxy,
     Place,
+    Price,
     Reading,
     Restaurant,
+    Shift,
     Supplier,
     Tag,
     Weird,
@@ -116,6 +118,8 @@ def test_selecting_an_app_gives_the_declarations_of_its_models():
         Place,
         Restaurant,
         Legacy,
+        Shift,
+        Price,
     }
 
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import suppress
+
+import pytest
 
 from django_pgnotify.installation import uninstall_triggers
 from tests.conftest import django_env, run_manage
@@ -116,4 +122,63 @@ def test_status_names_a_database_that_is_not_postgresql_without_a_traceback():
 
     assert result.returncode == 1
     assert "database 'default' uses django.db.backends.sqlite3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers, as a hung server does."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with suppress(OSError):  # closed at teardown
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_status_gives_up_on_a_server_that_never_answers_naming_the_database(silent_port):
+    url = f"postgresql://postgres@127.0.0.1:{silent_port}/silent"
+    env = django_env(DATABASE_URL=url)
+    # PROBE_TIMEOUT is 2 s in these settings; without a bound, the subprocess times out.
+    result = run_manage(
+        "pgnotify_status",
+        "--database",
+        "default",
+        "--settings",
+        LISTENER_SETTINGS,
+        env=env,
+        timeout=30,
+    )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"Database 'default' (postgres@127.0.0.1:{silent_port}/silent)" in result.stdout
+    assert (
+        "needs action: database 'default' did not answer within 2s "
+        '(PGNOTIFY["PROBE_TIMEOUT"]): connection timeout expired'
+    ) in result.stdout
+    assert "1 problem(s) need action" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_gives_up_on_a_query_that_waits_past_the_probe_timeout(other_connection):
+    # A migration holding the durable event table, say: the backlog count waits for it.
+    with other_connection.transaction():
+        other_connection.execute("LOCK TABLE pgnotify_event IN ACCESS EXCLUSIVE MODE")
+        # PROBE_TIMEOUT is 2 s in these settings; without a bound, the subprocess times out.
+        result = run_manage(
+            "pgnotify_status", "--database", "default", "--settings", LISTENER_SETTINGS, timeout=30
+        )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "needs action: database 'default' did not answer within 2s "
+        '(PGNOTIFY["PROBE_TIMEOUT"]): canceling statement due to statement timeout'
+    ) in result.stdout
     assert "Traceback" not in result.stderr

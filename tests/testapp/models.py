@@ -117,3 +117,23 @@ class Legacy(models.Model):
 
     class Meta:
         pgnotify = Notify(fields=["title"])
+
+
+class Shift(models.Model):
+    """A DateTimeField primary key: its text differs between str() and ISO 8601."""
+
+    starts_at = models.DateTimeField(primary_key=True)
+    name = models.CharField(max_length=50, default="")
+
+    class Meta:
+        pgnotify = Notify(fields=["name"])
+
+
+class Price(models.Model):
+    """A DecimalField primary key: 1.5 and 1.50 are one row."""
+
+    amount = models.DecimalField(max_digits=8, decimal_places=2, primary_key=True)
+    label = models.CharField(max_length=50, default="")
+
+    class Meta:
+        pgnotify = Notify(fields=["label"])
