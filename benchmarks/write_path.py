@@ -10,7 +10,8 @@ on tables with identical columns that differ only in their trigger:
   200 ids;
 - the library's triggers, installed by ``install_triggers`` for
   ``Notify(fields=["a", "b"])`` (``Item``), the same with ``level="row"``
-  (``RowItem``) and, for updates, with ``when_changed=["a", "c"]``
+  (``RowItem``) and, for updates, with ``old=False`` (``NewValuesItem``: the
+  pk and two fields, no old values) and with ``when_changed=["a", "c"]``
   (``ChangedItem``).
 
 Every table is emptied before each timed run and, for the bulk UPDATE, filled
@@ -36,6 +37,7 @@ PLAIN = "benchapp_plainitem"
 ITEM = "benchapp_item"
 ROW_ITEM = "benchapp_rowitem"
 CHANGED = "benchapp_changeditem"
+NEW_VALUES = "benchapp_newvaluesitem"
 
 #: Hand-written baselines: table name, label and the SQL that creates its trigger.
 HAND_WRITTEN: dict[str, tuple[str, str]] = {
@@ -90,6 +92,7 @@ HAND_WRITTEN: dict[str, tuple[str, str]] = {
 LIBRARY = "pgnotify fields=[a, b]"
 LIBRARY_ROW = "pgnotify level=row"
 LIBRARY_CHANGED = "pgnotify when_changed=[a, c]"
+LIBRARY_NEW_VALUES = "pgnotify old=False"
 NONE = "no trigger"
 
 INSERT_ONE = "INSERT INTO {} (a, b, c, d) VALUES (%s, %s, %s, %s)"
@@ -152,7 +155,7 @@ class Bench:
         return self._timed(table, UPDATE_BULK.format(table), None)
 
     def _timed(self, table: str, statement: str, params: tuple[Any, ...] | None) -> float:
-        library = table in (ITEM, ROW_ITEM, CHANGED)
+        library = table in (ITEM, ROW_ITEM, CHANGED, NEW_VALUES)
         start = time.perf_counter()
         try:
             self.conn.execute(statement, params)
@@ -215,14 +218,19 @@ def main() -> int:
             update = harness.interleave(
                 variants(
                     bench.bulk_update,
-                    {LIBRARY: ITEM, LIBRARY_ROW: ROW_ITEM, LIBRARY_CHANGED: CHANGED},
+                    {
+                        LIBRARY: ITEM,
+                        LIBRARY_NEW_VALUES: NEW_VALUES,
+                        LIBRARY_ROW: ROW_ITEM,
+                        LIBRARY_CHANGED: CHANGED,
+                    },
                 ),
                 args.repeat,
                 label=f"one UPDATE of {bulk_rows:,} rows (every row changes):",
             )
         finally:
             drop_baselines(conn)
-            for table in (PLAIN, ITEM, ROW_ITEM, CHANGED):
+            for table in (PLAIN, ITEM, ROW_ITEM, CHANGED, NEW_VALUES):
                 conn.execute(f"TRUNCATE {table}")
 
     report.ratio(
@@ -244,8 +252,14 @@ def main() -> int:
         baselines_text(insert),
     )
     report.ratio(
-        f"write: bulk UPDATE {bulk_rows:,}",
+        f"write: bulk UPDATE {bulk_rows:,}, old values and changed list",
         harness.ratio(update, LIBRARY, NONE),
+        1.5,
+        baselines_text(update),
+    )
+    report.ratio(
+        f"write: bulk UPDATE {bulk_rows:,}, old=False (pk and two fields)",
+        harness.ratio(update, LIBRARY_NEW_VALUES, NONE),
         1.5,
         baselines_text(update),
     )

@@ -5,11 +5,11 @@ E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
 E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
 ``PGNOTIFY`` setting; E011 composite primary key; E012 column names too
 long for a notification; E013 ``level``; E014 two models' declarations on one
-table under one name; W002 ``when_changed`` without update; W003 unknown
-``PGNOTIFY`` key; W004 column names leave a long context no room. (W001,
-"durable not available yet", is retired.) E012 and W004 come from
-``resolve_model``, so the commands refuse such a declaration even with the
-checks skipped.
+table under one name; E015 ``old``; W002 ``when_changed`` or ``old=False``
+without update; W003 unknown ``PGNOTIFY`` key; W004 column names leave a long
+context no room. (W001, "durable not available yet", is retired.) E012 and
+W004 come from ``resolve_model``, so the commands refuse such a declaration
+even with the checks skipped.
 """
 
 from __future__ import annotations

@@ -75,6 +75,17 @@ class Declaration:
         return self.notify.level == ROW
 
     @property
+    def sends_old(self) -> bool:
+        """Whether updates carry old values and changed fields (``Notify(old=...)``)."""
+        return self.notify.old is not False
+
+    def pairs_rows(self, event: str) -> bool:
+        """Whether ``event``'s rows are rendered from old and new rows together:
+        updates, unless the declaration sends new values alone. Else they are laid
+        out as an insert's (or, for a delete, its old row's) are."""
+        return event == "update" and self.sends_old
+
+    @property
     def watched(self) -> tuple[Column, ...]:
         """Columns compared on update to report ``changed``: fields and when_changed."""
         seen = dict.fromkeys(self.fields + self.when_changed)
@@ -211,6 +222,23 @@ def _resolve_one(
         errors.append(
             checks.Warning(
                 f"{where}: when_changed has no effect because 'update' is not in events.",
+                obj=model,
+                id="pgnotify.W002",
+            )
+        )
+
+    if not isinstance(notify.old, bool):
+        error(f"old must be True or False, got {notify.old!r}.", "pgnotify.E015")
+    elif not notify.old and when_changed:
+        error(
+            "when_changed compares an update's old and new values, which old=False leaves unread.",
+            "pgnotify.E015",
+            hint="Drop when_changed, or old=False.",
+        )
+    elif not notify.old and "update" not in events:
+        errors.append(
+            checks.Warning(
+                f"{where}: old=False has no effect because 'update' is not in events.",
                 obj=model,
                 id="pgnotify.W002",
             )

@@ -168,13 +168,19 @@ class _Layout:
     """
 
     def __init__(
-        self, codec: _ModelCodec, fields: tuple[str, ...], watched: tuple[str, ...], action: str
+        self,
+        codec: _ModelCodec,
+        fields: tuple[str, ...],
+        watched: tuple[str, ...],
+        action: str,
+        old: bool = True,
     ):
         self.model = codec.model
         self.action = action
         self.count = len(fields)
-        self.full = wire.row_length(action, self.count)
-        self.is_update = action == "update"
+        self.full = wire.row_length(action, self.count, old)
+        # An update of a declaration with old=False is laid out as an insert.
+        self.is_update = action == "update" and old
         read = [(column, *codec.columns.get(column, (column, _same))) for column in fields]
         self.watched = [codec.columns.get(c, (c,))[0] for c in watched]
         self._changed: dict[int, frozenset[str]] = {}
@@ -307,13 +313,15 @@ class _ModelCodec:
             f.column for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"
         }
         self._warned: set[str] = set()
-        self._layouts: dict[tuple[tuple[str, ...], tuple[str, ...], str], _Layout] = {}
+        self._layouts: dict[tuple[tuple[str, ...], tuple[str, ...], str, bool], _Layout] = {}
 
-    def layout(self, fields: tuple[str, ...], watched: tuple[str, ...], action: str) -> _Layout:
-        key = (fields, watched, action)
+    def layout(
+        self, fields: tuple[str, ...], watched: tuple[str, ...], action: str, old: bool = True
+    ) -> _Layout:
+        key = (fields, watched, action, old)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = _Layout(self, fields, watched, action)
+            layout = self._layouts[key] = _Layout(self, fields, watched, action, old)
         return layout
 
     def value(self, converter: Converter, column: str, value: Any) -> Any:
@@ -387,7 +395,7 @@ class Decoder:
                     codec, shape.action, rows, channel, pid, xid, seconds, context, event_id
                 )
             assert shape.fields is not None and shape.watched is not None
-            layout = codec.layout(shape.fields, shape.watched, shape.action)
+            layout = codec.layout(shape.fields, shape.watched, shape.action, shape.old)
             if len(self._layouts) < 1024:  # shapes repeat; a bound keeps memory flat
                 self._layouts[shape] = layout
         if type(seconds) is float:  # as triggers send it: _timestamp inlined

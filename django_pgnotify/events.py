@@ -21,9 +21,11 @@ class RowChange:
         fields: The declared fields' values, keyed by attname (the field
             name, or ``<name>_id`` for a foreign key, whose raw id it holds);
             for a delete, the values the row had. Empty when ``truncated``.
-        old: On update, the declared fields' previous values; else ``None``.
+        old: On update, the declared fields' previous values; else ``None``
+            (also for a declaration with ``old=False``).
         changed: On update, the attnames of the watched fields (``fields``
-            and ``when_changed``) whose values changed; else empty.
+            and ``when_changed``) whose values changed; else empty (also
+            with ``old=False``).
         channel: The NOTIFY channel it arrived on.
         pid: The PostgreSQL backend PID of the session that made the change.
         truncated: The row was too large for a notification, so only the pk

@@ -12,9 +12,10 @@ bulk write calls the function and ``pg_notify()`` once per row, which makes
 it two to three times slower than without the trigger.
 
 An update's old and new rows are paired by primary key; rows whose watched
-columns did not change are left out in the same query. Every name is quoted
-with ``psycopg.sql``; values embedded in the function (channel, model label,
-column names) are quoted literals.
+columns did not change are left out in the same query. With ``old=False`` an
+update's trigger keeps its new rows alone and renders them as an insert's.
+Every name is quoted with ``psycopg.sql``; values embedded in the function
+(channel, model label, column names) are quoted literals.
 
 Every function first reads the transaction-local setting ``pgnotify.paused``
 (one ``current_setting()`` per call, no query), so a transaction can
@@ -149,7 +150,7 @@ def build_trigger_sql(declaration: Declaration, server_version: int | None = Non
             level = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
                 sql.SQL(" ").join(
                     sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
-                    for kind, alias in _TRANSITION_TABLES[event]
+                    for kind, alias in _transition_tables(declaration, event)
                 )
             )
         create_triggers.append(
@@ -291,15 +292,18 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
             new=new, old=old, pk=pk
         ),
     }
+    if not declaration.sends_old:  # an update's new rows alone, as an insert's
+        sources["update"] = joined_sources["update"] = sources["insert"]
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
+        paired = declaration.pairs_rows(event)
         row = _row_text(declaration, event, record, scalar)
         joined_row = row
         unsure: sql.Composable = sql.SQL("")
         joined: sql.Composable = sql.SQL("")
         unjoined: sql.Composable = sql.SQL("")
-        if event == "update":
+        if paired:
             # With record_image_ne in a query, its join's hash table holds whole old
             # rows: the first query compares the watched columns only, and leaves
             # the rows where none changed to the second query.
@@ -388,7 +392,7 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
                 unjoined=unjoined,
                 source=sources[event],
                 joined_source=joined_sources[event],
-                small_query=_small_statement_query(event, row, sources[event]),
+                small_query=_small_statement_query(paired, row, sources[event]),
                 small=sql.Literal(_SMALL_STATEMENT),
                 joined_rows=sql.Literal(_JOINED_ROWS),
                 first=sql.Literal(_JOINED_ROWS + 1),
@@ -504,7 +508,7 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
         skip: sql.Composable = sql.SQL("")
-        if event == "update":
+        if declaration.pairs_rows(event):
             # Like the statement triggers, which announce an update to a new pk
             # whatever when_changed says, having no old row to compare it with.
             changed: sql.Composable = sql.SQL("record_image_ne(o, n)")
@@ -576,8 +580,7 @@ def _header(declaration: Declaration, event: str) -> tuple[str, str]:
     opening = _json_items({wire.VERSION_KEY: wire.VERSION, wire.MODEL: declaration.label})
     start = "{" + opening[1:] + _json_items({wire.ACTION: event}) + f',"{wire.XID}":'
     header: dict[str, object] = {wire.FIELDS: [c.column for c in declaration.fields]}
-    if event == "update":
-        header[wire.WATCHED] = [c.column for c in declaration.watched]
+    header.update(_update_layout(declaration, event))
     return start, _json_items(header) + f',"{wire.ROWS}":['
 
 
@@ -598,15 +601,15 @@ def least_rows_room(declaration: Declaration) -> int:
 
 
 def _small_statement_query(
-    event: str, row: sql.Composable, source: sql.Composable
+    paired: bool, row: sql.Composable, source: sql.Composable
 ) -> sql.Composable:
     """Set ``counted`` (rows written, up to one past the short path's limit) and ``batch``.
 
-    An update's rows come from a join; with a ``LIMIT`` the planner picks a
-    nested loop, quadratic in a bulk update, so the rows are counted first.
+    An update's ``paired`` rows come from a join; with a ``LIMIT`` the planner
+    picks a nested loop, quadratic in a bulk update, so the rows are counted first.
     """
     limit = sql.Literal(_SMALL_STATEMENT + 1)
-    if event == "update":
+    if paired:
         return sql.SQL(
             "    SELECT count(*) INTO counted\n"
             "      FROM (SELECT FROM {new} LIMIT {limit}) AS first_rows;\n"
@@ -637,7 +640,7 @@ def _json_items(items: dict[str, object]) -> str:
 def _row_array(declaration: Declaration, event: str, record: str) -> sql.Composable:
     """The version 2 row: pk and values, plus old values and the changed mask on update."""
     values = [_value(record, declaration.pk), *(_value(record, c) for c in declaration.fields)]
-    if event == "update":
+    if declaration.pairs_rows(event):
         values += [_value("o", c) for c in declaration.fields]
         values.append(_changed_mask(declaration.watched))
     # json_build_array takes at most 100 arguments.
@@ -660,7 +663,8 @@ def _row_text(declaration: Declaration, event: str, record: str, scalar: str) ->
     rows keep ``json_build_array``.
     """
     values = [(record, declaration.pk), *((record, c) for c in declaration.fields)]
-    if event == "update":
+    paired = declaration.pairs_rows(event)
+    if paired:
         values += [("o", c) for c in declaration.fields]
     if len(values) >= _CONCAT_MAX:
         return sql.SQL("{}::text").format(_row_array(declaration, event, record))
@@ -668,7 +672,7 @@ def _row_text(declaration: Declaration, event: str, record: str, scalar: str) ->
         _json_text(name, column, nullable=i > 0, scalar=scalar)
         for i, (name, column) in enumerate(values)
     ]
-    if event == "update":
+    if paired:
         mask = scalar + "({})::text" if len(declaration.watched) > _MASK_BITS else "{}::text"
         items.append(sql.SQL(mask).format(_changed_mask(declaration.watched)))
     return sql.SQL("('[' || {} || ']')").format(sql.SQL(" || ',' || ").join(items))
@@ -732,11 +736,17 @@ _MASK_BITS = 62
 
 # Transition tables of the statement-level triggers.
 _NEW_ROWS, _OLD_ROWS = "pgnotify_new", "pgnotify_old"
-_TRANSITION_TABLES = {
-    "insert": (("NEW", _NEW_ROWS),),
-    "update": (("OLD", _OLD_ROWS), ("NEW", _NEW_ROWS)),
-    "delete": (("OLD", _OLD_ROWS),),
-}
+
+
+def _transition_tables(declaration: Declaration, event: str) -> tuple[tuple[str, str], ...]:
+    """(kind, alias) of each transition table the trigger of ``event`` keeps.
+
+    Only what the function reads: PostgreSQL copies every row a statement writes
+    into each table, so an update with ``old=False`` keeps the new rows alone.
+    """
+    if declaration.pairs_rows(event):
+        return (("OLD", _OLD_ROWS), ("NEW", _NEW_ROWS))
+    return (("OLD", _OLD_ROWS),) if event == "delete" else (("NEW", _NEW_ROWS),)
 
 
 # A durable event row holds the changes whose running total of bytes falls in one
@@ -761,7 +771,8 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
     bytes, so a row stays near 64 kB whatever the changes' size. The
     statement's rows come from its transition tables; an update's old and new
     rows are paired by primary key (an update that changes the primary key is
-    not announced). No size limit applies, so nothing is truncated.
+    not announced), unless ``old=False``: then its new rows are stored as an
+    insert's. No size limit applies, so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
     transaction into one; ``PGNOTIFY["DURABLE_WAKEUP"] = False`` leaves it out
     (listeners then poll). The context is stored unparsed, as in the wire
@@ -776,6 +787,8 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
         ),
         "delete": sql.SQL("{} AS o").format(old),
     }
+    if not declaration.sends_old:  # an update's new rows alone, as an insert's
+        sources["update"] = sources["insert"]
     branches = sql.SQL("").join(
         sql.SQL(
             "  {keyword} TG_OP = {op} THEN\n"
@@ -834,10 +847,17 @@ def _update_filter(declaration: Declaration) -> sql.Composable:
 
 def _durable_layout(declaration: Declaration, event: str) -> str:
     """The version 2 message keys that describe ``_row_array``'s layout, as JSON text."""
-    layout = {wire.FIELDS: [c.column for c in declaration.fields]}
-    if event == "update":
-        layout[wire.WATCHED] = [c.column for c in declaration.watched]
+    layout: dict[str, object] = {wire.FIELDS: [c.column for c in declaration.fields]}
+    layout.update(_update_layout(declaration, event))
     return json.dumps(layout, separators=(",", ":"))[1:-1]
+
+
+def _update_layout(declaration: Declaration, event: str) -> dict[str, object]:
+    """The message keys an update adds to ``fields``: ``watched``, or ``"old": false``
+    when its rows are its new rows alone."""
+    if declaration.pairs_rows(event):
+        return {wire.WATCHED: [c.column for c in declaration.watched]}
+    return {wire.OLD_VALUES: False} if event == "update" else {}
 
 
 def _value(record: str, column: Column) -> sql.Composable:

@@ -16,12 +16,15 @@ The trigger builder takes its key names from here and the decoder parses with
   PostgreSQL from folding two identical notifications into one).
 - ``fields``: the declared column names, in the order of each row's values.
   ``watched`` (update only): the columns whose change is reported, in bit order.
+  ``old`` (update only, optional): ``false`` when the declaration sends new
+  values alone (``Notify(old=False)``); there is then no ``watched``.
 - ``rows``: one array per changed row, all rows of one statement sharing the
   message (a statement's rows are split over as many messages as the size
   limit needs). A row is ``[pk, *values]`` for an insert or delete (a delete's
   values are those the row had), and ``[pk, *values, *old_values, changed]``
   for an update, where ``changed`` is a bit mask over ``watched`` (bit ``i``
-  set: ``watched[i]`` changed). Values are PostgreSQL's JSON renderings,
+  set: ``watched[i]`` changed), or ``[pk, *values]`` for an update whose
+  message says ``"old": false``. Values are PostgreSQL's JSON renderings,
   ``timestamptz`` in UTC without an offset, except where a JSON number or
   value would lose something: ``numeric`` and ``interval`` (in seconds) are
   sent as strings of their digits, and ``json``/``jsonb`` as a string of the
@@ -71,6 +74,8 @@ TIMESTAMP = "ts"
 ROWS = "rows"
 CONTEXT = "context"
 WATCHED = "watched"
+#: ``false`` on an update message whose rows carry no old values and no mask.
+OLD_VALUES = "old"
 
 # Row keys.
 PK = "pk"
@@ -137,10 +142,12 @@ class Message:
     context: dict[str, Any] | None = None
     fields: tuple[str, ...] | None = None
     watched: tuple[str, ...] | None = None
+    #: Whether an update's rows carry old values and the changed mask.
+    old: bool = True
 
     def row_length(self) -> int:
         """How many items a full (not truncated) version 2 row has."""
-        return row_length(self.action, len(self.fields or ()))
+        return row_length(self.action, len(self.fields or ()), self.old)
 
     def row_objects(self) -> list[dict[str, Any]]:
         """The rows as version 1 objects (``pk``, ``fields``, ``old``, ``changed``).
@@ -159,7 +166,7 @@ class Message:
             item: dict[str, Any] = {PK: row[0]}
             if count:
                 item[FIELDS] = dict(zip(fields, row[1 : count + 1], strict=True))
-            if self.action == "update":
+            if self.action == "update" and self.old:
                 if count:
                     item[OLD] = dict(zip(fields, row[count + 1 : -1], strict=True))
                 item[CHANGED] = changed_names(self.watched or (), row[-1])
@@ -172,9 +179,10 @@ def changed_names(watched: Sequence[T], mask: int) -> list[T]:
     return [name for i, name in enumerate(watched) if mask >> i & 1]
 
 
-def row_length(action: str, field_count: int) -> int:
-    """Items in a full version 2 row: pk and values, plus old values and mask on update."""
-    return 1 + field_count + (field_count + 1 if action == "update" else 0)
+def row_length(action: str, field_count: int, old: bool = True) -> int:
+    """Items in a full version 2 row: pk and values, plus old values and mask on
+    an update (unless ``old`` is false: the message said ``"old": false``)."""
+    return 1 + field_count + (field_count + 1 if action == "update" and old else 0)
 
 
 def parse(payload: str | bytes) -> Message:
@@ -198,6 +206,7 @@ def parse(payload: str | bytes) -> Message:
         context,
         shape.fields,
         shape.watched,
+        shape.old,
     )
 
 
@@ -220,6 +229,9 @@ class Shape:
     watched: tuple[str, ...] | None
     #: Items in a full version 2 row (``row_length``); 0 for version 1.
     full: int
+    #: Whether an update's rows carry old values and the changed mask
+    #: (``False`` when the message said ``"old": false``; ``True`` for other actions).
+    old: bool = True
 
 
 def read_shape(
@@ -249,7 +261,11 @@ def read_shape(
             if type(version) is int and type(fields) is list and type(rows) is list:
                 if type(watched) is list:
                     watched = tuple(watched)
-                shape = _shapes.get((version, data[MODEL], data[ACTION], tuple(fields), watched))
+                # Absent, or a bool: 0 and 1 would find the shapes of False and True.
+                old = data.get(OLD_VALUES)
+                if old is None or type(old) is bool:
+                    key = (version, data[MODEL], data[ACTION], tuple(fields), watched, old)
+                    shape = _shapes.get(key)
         except (KeyError, TypeError):  # a key missing, or unhashable: not a shape seen before
             shape = None
     if shape is None:
@@ -307,14 +323,20 @@ def _check(payload: str | bytes, data: Any) -> tuple[dict[str, Any], Shape]:
     fields, watched = _names(data.get(FIELDS)), _names(watching)
     if fields is None or watched is None:
         raise WireError("payload fields and watched must be lists of column names")
-    if action != "update":
+    sent_old = data.get(OLD_VALUES)
+    if sent_old is not None and type(sent_old) is not bool:
+        raise WireError("payload old must be true or false")
+    old = action != "update" or sent_old is not False
+    if action != "update" or not old:
         watched = ()
-    shape = Shape(version, model, action, fields, watched, row_length(action, len(fields)))
+    shape = Shape(
+        version, model, action, fields, watched, row_length(action, len(fields), old), old
+    )
     _check_rows(rows, shape.full)
     # As read_shape looks them up: a bound keeps memory flat.
     if len(_shapes) < 1024 and (watching is None or type(watching) is list):
-        key = (version, model, action, fields, None if watching is None else tuple(watching))
-        _shapes[key] = shape
+        watching = None if watching is None else tuple(watching)
+        _shapes[(version, model, action, fields, watching, sent_old)] = shape
     return data, shape
 
 
@@ -338,8 +360,8 @@ def _check_rows(rows: list[Any], full: int) -> None:
 
 _LISTS_ONLY = frozenset({list})
 _STRINGS_ONLY = frozenset({str})
-# Version 2 shapes seen (and checked) before, by version, model, action, fields and
-# watched as sent.
+# Version 2 shapes seen (and checked) before, by version, model, action, fields,
+# watched and old as sent.
 _shapes: dict[tuple[Any, ...], Shape] = {}
 
 
@@ -388,8 +410,10 @@ def encode(message: Message) -> str:
     }
     if message.version != OBJECT_ROWS_VERSION:
         data[FIELDS] = list(message.fields or ())
-        if message.action == "update":
+        if message.action == "update" and message.old:
             data[WATCHED] = list(message.watched or ())
+        elif message.action == "update":
+            data[OLD_VALUES] = False
     data[ROWS] = message.rows
     if message.context is not None:
         data[CONTEXT] = dumps(message.context)

@@ -289,6 +289,44 @@ def test_w002_when_changed_without_update(registry):
     assert "testapp.Shipment:default: when_changed has no effect" in message.msg
 
 
+def test_old_false_live_durable_and_row_level_declarations_are_accepted(registry):
+    declare(
+        [
+            Notify(fields=["status"], old=False),
+            Notify(fields=["status"], old=False, durable=True, name="stored"),
+            Notify(fields=["status"], old=False, level="row", name="rows"),
+        ]
+    )
+
+    assert check_models(registry) == []
+
+
+@pytest.mark.parametrize(
+    ("notify", "text"),
+    [
+        (Notify(old="no"), "old must be True or False, got 'no'"),
+        (Notify(old=0), "old must be True or False, got 0"),
+        (
+            Notify(fields=["status"], when_changed=["status"], old=False),
+            "when_changed compares an update's old and new values, which old=False leaves unread",
+        ),
+    ],
+    ids=["string", "zero", "when-changed"],
+)
+def test_e015_old_is_a_bool_and_false_cannot_have_when_changed(registry, notify, text):
+    declare(notify)
+
+    message = only(check_models(registry), "pgnotify.E015")
+    assert f"testapp.Shipment:default: {text}" in message.msg
+
+
+def test_w002_old_false_without_update(registry):
+    declare(Notify(events=["insert"], old=False))
+
+    message = only(check_models(registry), "pgnotify.W002")
+    assert "testapp.Shipment:default: old=False has no effect" in message.msg
+
+
 def test_every_mistake_of_a_declaration_is_reported_at_once(registry):
     declare(Notify(events=["upsert"], fields=["colour"], when_changed=["size"], channel=""))
 

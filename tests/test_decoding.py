@@ -519,3 +519,28 @@ def test_a_decoder_reads_a_shape_it_knows_as_it_read_it_first(monkeypatch):
     monkeypatch.setattr(decoder, "_layouts", dict.fromkeys(range(1024)))  # full: not kept
     assert decoder.decode(payload) == first
     assert len(decoder._layouts) == 1024
+
+
+@pytest.mark.parametrize("first", ["old values", "new values alone"])
+def test_updates_with_and_without_old_values_of_one_model_are_read_each_by_its_layout(first):
+    # Tag declares no fields: both update shapes have no fields and no watched
+    # columns, and only "old": false tells [pk, mask] from a new-values row [pk].
+    with_old = json.dumps(
+        {"v": 2, "model": "testapp.tag", "action": "update", "xid": 7, "ts": 1.5,
+         "fields": [], "watched": [], "rows": [[1, 0]]}
+    )  # fmt: skip
+    new_only = json.dumps(
+        {"v": 2, "model": "testapp.tag", "action": "update", "xid": 7, "ts": 1.5,
+         "fields": [], "old": False, "rows": [[2]]}
+    )  # fmt: skip
+    decoder = Decoder([Tag])
+    payloads = [with_old, new_only] if first == "old values" else [new_only, with_old]
+
+    changes = {
+        change.pk: change
+        for payload in payloads
+        for change in decoder.decode(payload, channel="pgnotify_test", pid=1)
+    }
+
+    assert (changes[1].truncated, changes[1].old, changes[1].changed) == (False, {}, frozenset())
+    assert (changes[2].truncated, changes[2].old, changes[2].changed) == (False, None, frozenset())

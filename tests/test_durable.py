@@ -8,6 +8,7 @@ line per event handled, which the tests read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import json
@@ -32,8 +33,8 @@ from django.db.models.functions import Now
 from django.test import Client, override_settings
 from psycopg import sql
 
+from django_pgnotify import Notify, context, durable, paused, wire
 from django_pgnotify import connection as pgnotify_connection
-from django_pgnotify import context, durable, paused, wire
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.decoding import Decoder
 from django_pgnotify.dispatch import Dispatcher
@@ -343,6 +344,28 @@ def test_event_fields_say_durable_and_carry_a_payload_far_above_8000_bytes(row_c
     assert event.durable is True and event.event_id is not None
     assert event.pk == job.pk and not event.truncated
     assert event.fields["body"] == "x" * 50_000
+
+
+def test_a_durable_declaration_with_old_false_stores_and_delivers_new_values_alone(
+    row_changes, restore_triggers
+):
+    (declaration,) = [d for d in get_declarations() if d.model is Job]
+    options = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
+    new_values = dataclasses.replace(declaration, notify=Notify(**{**options, "old": False}))
+    with connection.cursor() as cursor:
+        cursor.execute(build_trigger_sql(new_values, connection.pg_version).install)
+    job = Job.objects.create(name="first", n=1)
+    row_changes.wait(1, timeout=15)
+    row_changes.clear()
+
+    Job.objects.filter(pk=job.pk).update(name="second")
+    job.save()  # writes the row as it is: announced all the same
+
+    renamed, saved = row_changes.wait(2, timeout=15)
+    assert (renamed.action, renamed.fields["name"], renamed.old) == ("update", "second", None)
+    assert (saved.action, saved.fields["name"], saved.changed) == ("update", "first", frozenset())
+    layouts = DurableEvent.objects.filter(action="update").values_list("layout", flat=True)
+    assert set(layouts) == {'"fields":["name","body","n"],"old":false'}
 
 
 def test_durable_events_carry_the_writers_context_and_a_malformed_one_fails_nothing(row_changes):

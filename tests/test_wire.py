@@ -203,6 +203,51 @@ def test_version_2_insert_and_delete_rows_have_no_old_values_or_mask():
     assert wire.row_length("update", 2) == 6
 
 
+# An update of a declaration with old=False: new values alone, no watched list.
+PAYLOAD_NEW_VALUES = (
+    '{"v":2,"model":"shop.order","action":"update","xid":5013,"ts":1763717550.5,'
+    '"fields":["status","total"],"old":false,"rows":[[7,"paid","12.50"],[8]]}'
+)
+
+
+def test_an_update_message_with_old_false_has_rows_of_new_values_alone():
+    message = wire.parse(PAYLOAD_NEW_VALUES)
+
+    assert (message.action, message.old, message.watched) == ("update", False, ())
+    assert message.row_length() == wire.row_length("update", 2, old=False) == 3
+    assert message.row_objects() == [
+        {"pk": 7, "fields": {"status": "paid", "total": "12.50"}},
+        {"pk": 8, "truncated": True},
+    ]
+    # Read again through the shape seen before: the same layout.
+    assert wire.read_shape(PAYLOAD_NEW_VALUES)[0].full == 3
+
+
+def test_an_update_with_old_false_encodes_as_a_trigger_sends_it():
+    message = wire.parse(PAYLOAD_NEW_VALUES)
+
+    assert json.loads(wire.encode(message)) == json.loads(PAYLOAD_NEW_VALUES)
+    assert wire.parse(wire.encode(message)) == message
+
+
+@pytest.mark.parametrize("old", [0, 1, "false", None])
+def test_old_is_read_only_as_a_json_boolean(old):
+    wire.parse(PAYLOAD_NEW_VALUES)  # its shape, with "old": false, is known
+    text = PAYLOAD_NEW_VALUES.replace('"old":false', f'"old":{json.dumps(old)}')
+    if old is None:  # as absent: an update of old and new values, rows [pk, ...] truncated
+        assert wire.parse(text).row_length() == 6
+        return
+    with pytest.raises(wire.WireError, match="old must be true or false"):
+        wire.parse(text)
+
+
+def test_an_update_row_of_old_and_new_values_is_too_long_when_old_is_false():
+    text = PAYLOAD_NEW_VALUES.replace("[8]", '[8,"paid","1.00","new","1.00",1]')
+
+    with pytest.raises(wire.WireError):
+        wire.parse(text)
+
+
 def payload_2(**changes) -> str:
     data = json.loads(PAYLOAD_2)
     data.update(changes)

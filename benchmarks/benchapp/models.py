@@ -53,3 +53,10 @@ class RowItem(_Columns):
 
     class Meta:
         pgnotify = Notify(fields=["a", "b"], level="row")
+
+
+class NewValuesItem(_Columns):
+    """``Item``'s pk and two fields, updates sending their new values alone (``old=False``)."""
+
+    class Meta:
+        pgnotify = Notify(fields=["a", "b"], old=False)
