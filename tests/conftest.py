@@ -106,6 +106,19 @@ def order_rolled_back_to_a_savepoint_last() -> None:
         cursor.execute("ROLLBACK TO SAVEPOINT manual")
 
 
+def wide_row_updated(changes: CapturedChanges) -> tuple[Any, RowChange]:
+    """Create a ``Reading`` (it declares every field, so its update rows have 16
+    values or more and are rendered by ``json_build_array``), update its ratio
+    from 0.5 to 0.75, its flag and its data; return its pk and the update's event."""
+    from tests.testapp.models import Reading
+
+    reading = Reading.objects.create(ratio=0.5, count=1, data={"v": 1})
+    changes.wait_for(lambda e: e.model is Reading)
+    changes.clear()
+    Reading.objects.filter(pk=reading.pk).update(ratio=0.75, flag=True, data={"v": 2})
+    return reading.pk, changes.wait_for(lambda e: e.model is Reading and e.action == "update")
+
+
 def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:
     """Commit a marker change and return the changes that arrived before it.
 
