@@ -20,7 +20,7 @@ pytest.importorskip("channels", reason="the channels extra is not installed")
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
-from django_pgnotify import RowChange
+from django_pgnotify import Notify, RowChange
 from django_pgnotify.channels_bridge import (
     BATCH,
     ChannelLayerForwarder,
@@ -202,6 +202,24 @@ def test_bad_requests_get_an_error_frame_and_the_connection_stays_usable(request
         await client.disconnect()
 
     run(scenario)
+
+
+def test_a_model_declared_in_the_settings_later_can_be_subscribed_to_at_once(settings):
+    # What a model declares is kept between subscribe messages, and forgotten
+    # when PGNOTIFY changes.
+    async def subscribe() -> dict[str, Any]:
+        client = await connect(FakeUser("testapp.view_supplier"))
+        try:
+            return await ask(client, {"subscribe": "testapp.supplier"})
+        finally:
+            await client.disconnect()
+
+    before = settings.PGNOTIFY
+    assert asyncio.run(subscribe())["code"] == "not_notifying"
+    settings.PGNOTIFY = {**before, "MODELS": {"testapp.Supplier": Notify()}}
+    assert asyncio.run(subscribe())["type"] == "subscribed"
+    settings.PGNOTIFY = before
+    assert asyncio.run(subscribe())["code"] == "not_notifying"
 
 
 def test_not_json_binary_and_oversized_messages_get_error_frames():
