@@ -14,6 +14,7 @@ even with the checks skipped.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.apps import apps
@@ -185,7 +186,8 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
     for key, (low, inclusive, integer) in _NUMBERS.items():
         value = config.get(key, DEFAULTS[key])
         kinds = (int,) if integer else (int, float)
-        number = isinstance(value, kinds) and not isinstance(value, bool)
+        # NaN compares false with everything: without isfinite it would pass.
+        number = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
         if not number or value < low or (value == low and not inclusive):
             what = "an integer" if integer else "a number"
             bound = f"at least {low}" if inclusive else f"greater than {low}"

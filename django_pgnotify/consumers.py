@@ -15,6 +15,7 @@ import datetime
 import functools
 import json
 import logging
+from decimal import Decimal
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -53,9 +54,14 @@ def _pk_value(model: type[models.Model], value: Any) -> Any:
 
     Raises:
         ValidationError: ``value`` is not a pk of ``model``.
+        ArithmeticError: A datetime within hours of year 1 or 9999 has no
+            value in the other time zone.
     """
-    pk = model._meta.pk.to_python(value)
-    if isinstance(pk, datetime.datetime):
+    field = model._meta.pk
+    pk = field.to_python(value)
+    if isinstance(pk, Decimal):
+        field.run_validators(pk)  # max_digits: no row has a pk past them
+    elif isinstance(pk, datetime.datetime):
         if settings.USE_TZ and timezone.is_naive(pk):
             pk = timezone.make_aware(pk, timezone.get_default_timezone())
         elif not settings.USE_TZ and timezone.is_aware(pk):
@@ -69,7 +75,7 @@ def _row_key(label: str, pk: Any) -> str | None:
         return None
     try:
         return groups.pk_text(_pk_value(apps.get_model(label), pk))
-    except (LookupError, ValidationError, TypeError, ValueError):
+    except (LookupError, ValidationError, TypeError, ValueError, ArithmeticError):
         return None
 
 
@@ -231,7 +237,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             raise SubscriptionError("invalid_pk", "pk must be a string or an integer.")
         try:
             pk = _pk_value(model, value)
-        except (ValidationError, TypeError, ValueError):
+        except (ValidationError, TypeError, ValueError, ArithmeticError):
             raise SubscriptionError("invalid_pk", f"{value!r} is not a valid pk.") from None
         if not self.row_groups:
             raise SubscriptionError(

@@ -17,7 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import DEFAULT_DB_ALIAS, connections, models
+from django.db import DEFAULT_DB_ALIAS, models
 from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
 
@@ -133,57 +133,19 @@ def _integer(value: Any) -> int:
 _AS_SENT = frozenset({_same, _integer})
 
 
-def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Converter:
-    """The function that turns a payload value into ``field``'s Python value.
-
-    A field class of a project or another package that defines ``from_db_value``
-    gets it applied, as the ORM applies it to what the database adapter returns:
-    to the value the built-in converter of its internal type gives (the JSON text
-    of a ``JSONField``), or to the value as sent for a type of its own.
-    """
+def converter_for(field: models.Field) -> Converter:
+    """The function that turns a payload value into ``field``'s Python value."""
     target = getattr(field, "target_field", None) if field.is_relation else None
     if target is not None:
-        return converter_for(target, using)
+        return converter_for(target)
     internal = field.get_internal_type()
-    from_db = _own_from_db_value(field)
-    convert: Converter
     if internal == "JSONField":
-        if from_db is None:
-            return _json_converter(field)
-        convert = _same
-    elif internal in _CONVERTERS:
-        convert = _CONVERTERS[internal]
-    elif internal.endswith(("IntegerField", "AutoField")):
-        convert = _integer
-    elif from_db is None:
-        return field.to_python
-    else:
-        convert = _same
-    return convert if from_db is None else _then_from_db_value(convert, from_db, using)
-
-
-def _own_from_db_value(field: models.Field) -> Callable[..., Any] | None:
-    """``field.from_db_value`` when a class outside Django defines it, else ``None``.
-
-    Django's own fields that have one (``JSONField``) are read by the converters
-    above, which do what theirs does.
-    """
-    method = getattr(type(field), "from_db_value", None)
-    if method is None or getattr(method, "__module__", "").startswith("django."):
-        return None
-    return field.from_db_value  # type: ignore[attr-defined]
-
-
-def _then_from_db_value(convert: Converter, from_db: Callable[..., Any], using: str) -> Converter:
-    def converted(value: Any) -> Any:
-        adapted = convert(value)
-        try:
-            # The expression is unknown here, as for a raw query's columns.
-            return from_db(adapted, None, connections[using])
-        except Exception as exc:  # the project's code: any failure keeps the value as sent
-            raise ValueError(f"from_db_value raised {type(exc).__name__}: {exc}") from exc
-
-    return converted
+        return _json_converter(field)
+    if internal in _CONVERTERS:
+        return _CONVERTERS[internal]
+    if internal.endswith(("IntegerField", "AutoField")):
+        return _integer
+    return field.to_python
 
 
 def _json_converter(field: models.Field) -> Converter:
@@ -263,8 +225,6 @@ class _Layout:
         pairs, old_pairs = self.values, self.old
         converted, old_converted = self.converted, self.old_converted
         convert_pk, value = codec.pk, codec.value
-        # An int pk is taken as sent unless its field converts it (from_db_value).
-        int_pk_as_sent = convert_pk in _AS_SENT
 
         def rows_to_changes(
             rows: list[list[Any]],
@@ -280,7 +240,7 @@ class _Layout:
             durable = event_id is not None
             for row in rows:
                 pk = row[0]
-                if type(pk) is not int or not int_pk_as_sent:
+                if type(pk) is not int:
                     pk = value(convert_pk, "pk", pk)
                 old, names = None, _NOTHING_CHANGED
                 if len(row) < full or pk is None:
@@ -342,13 +302,11 @@ _new = object.__new__
 class _ModelCodec:
     """Column name -> (attname, converter) for one model."""
 
-    def __init__(self, model: type[models.Model], using: str = DEFAULT_DB_ALIAS) -> None:
+    def __init__(self, model: type[models.Model]) -> None:
         self.model = model
-        self.pk = converter_for(model._meta.pk, using)
+        self.pk = converter_for(model._meta.pk)
         self.columns = {
-            f.column: (f.attname, converter_for(f, using))
-            for f in model._meta.concrete_fields
-            if f.column
+            f.column: (f.attname, converter_for(f)) for f in model._meta.concrete_fields if f.column
         }
         # Version 1 embeds JSON values rather than sending their text.
         self._embedded_json = {
@@ -404,7 +362,7 @@ class Decoder:
         self, models_: Iterable[type[models.Model]], using: str = DEFAULT_DB_ALIAS
     ) -> None:
         self.using = using
-        self._codecs = {m._meta.label_lower: _ModelCodec(m, using) for m in models_}
+        self._codecs = {m._meta.label_lower: _ModelCodec(m) for m in models_}
         # By wire.Shape, which is the same object for every message of a shape.
         self._layouts: dict[wire.Shape, _Layout] = {}
 

@@ -19,6 +19,7 @@ model label not plain   ``pgnotify.h.<24 hex digits>``
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import re
@@ -54,15 +55,33 @@ def pk_text(pk: Any) -> str:
     is aware (``12:00+00:00`` and ``13:00+01:00`` are one instant).
     """
     if isinstance(pk, Decimal):
-        text = format(pk, "f")  # exact: no rounding to the context's precision
-        if "." in text:
-            text = text.rstrip("0").rstrip(".")
-        return "0" if text == "-0" else text
+        return _decimal_text(pk)
     if isinstance(pk, datetime.datetime):
-        if pk.utcoffset() is not None:
-            pk = pk.astimezone(datetime.timezone.utc)
+        # Within hours of year 1 or 9999 there is no UTC value: kept with its offset.
+        with contextlib.suppress(OverflowError):
+            if pk.utcoffset() is not None:
+                pk = pk.astimezone(datetime.timezone.utc)
         return pk.isoformat()
     return str(pk)
+
+
+def _decimal_text(value: Decimal) -> str:
+    """One text per number, exact (no rounding to the context's precision), and
+    bounded: written out in full only while its exponent is small, since a
+    client's ``1E+999999999`` would be a billion digits."""
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):  # NaN or infinity
+        return str(value)
+    while len(digits) > 1 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    if digits == (0,):
+        return "0"
+    value = Decimal((sign, digits, exponent))
+    return format(value, "f") if -_PLAIN_EXPONENT <= exponent <= _PLAIN_EXPONENT else str(value)
+
+
+# Decimal pks whose exponent is within this are written as plain digits.
+_PLAIN_EXPONENT = 64
 
 
 def model_group(label: str) -> str:

@@ -1,4 +1,5 @@
-"""The delay settings' pairs: a minimum above its maximum fails ``manage.py check``."""
+"""Number settings: a delay pair's minimum above its maximum, or a value that is not
+finite, fails ``manage.py check``."""
 
 from __future__ import annotations
 
@@ -68,3 +69,12 @@ def test_delay_pairs_in_order_or_already_invalid_get_no_range_error(setting):
         messages = [m.msg for m in check_declarations()]
 
     assert not [m for m in messages if "is greater than" in m]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "infinity"])
+def test_a_number_setting_that_is_not_finite_is_an_error(value):
+    with override_settings(PGNOTIFY={"PROBE_TIMEOUT": value}):
+        messages = check_declarations()
+
+    assert [m.id for m in messages] == ["pgnotify.E010"]
+    assert 'PGNOTIFY["PROBE_TIMEOUT"] must be a number greater than 0' in messages[0].msg

@@ -204,6 +204,28 @@ def test_bad_requests_get_an_error_frame_and_the_connection_stays_usable(request
     run(scenario)
 
 
+@pytest.mark.parametrize(
+    ("label", "pk"),
+    [
+        ("testapp.price", "1E+999999999"),  # past max_digits, and a billion digits written out
+        ("testapp.shift", "0001-01-01T00:00:00+01:00"),  # no value in the project's zone
+        ("testapp.shift", "9999-12-31T23:59:59-01:00"),
+    ],
+    ids=["decimal-exponent", "datetime-year-1", "datetime-year-9999"],
+)
+def test_a_pk_no_row_can_have_is_an_invalid_pk_and_the_connection_stays_usable(settings, label, pk):
+    settings.USE_TZ = False  # naive datetimes: an aware pk is moved to TIME_ZONE
+
+    async def scenario() -> None:
+        client = await connect(FakeUser(f"testapp.view_{label.split('.')[1]}"))
+        answer = await ask(client, {"subscribe": label, "pk": pk})
+        assert (answer["type"], answer["code"]) == ("error", "invalid_pk"), answer
+        assert (await ask(client, {"subscribe": label}))["type"] == "subscribed"
+        await client.disconnect()
+
+    run(scenario)
+
+
 def test_a_model_declared_in_the_settings_later_can_be_subscribed_to_at_once(settings):
     # What a model declares is kept between subscribe messages, and forgotten
     # when PGNOTIFY changes.

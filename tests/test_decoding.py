@@ -9,9 +9,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from django.db import models
 from django.test import override_settings
-from django.test.utils import isolate_apps
 
 from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
 from tests.testapp.models import Order, Reading, Tag, Weird
@@ -546,75 +544,3 @@ def test_updates_with_and_without_old_values_of_one_model_are_read_each_by_its_l
 
     assert (changes[1].truncated, changes[1].old, changes[1].changed) == (False, {}, frozenset())
     assert (changes[2].truncated, changes[2].old, changes[2].changed) == (False, None, frozenset())
-
-
-class Money:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Money) and other.text == self.text
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class MoneyField(models.CharField):
-    def from_db_value(self, value, expression, connection):
-        return Money(value)
-
-
-class RawJSONField(models.JSONField):
-    def from_db_value(self, value, expression, connection):
-        return {"text": value}  # the JSON text, as the database adapter returns it
-
-
-class PointsField(models.Field):
-    """A type of its own: its internal type is its class name."""
-
-    def db_type(self, connection):
-        return "integer[]"
-
-    def from_db_value(self, value, expression, connection):
-        return tuple(value)
-
-
-class CodeField(models.IntegerField):
-    def from_db_value(self, value, expression, connection):
-        return f"code-{value}"
-
-
-class BrokenField(models.CharField):
-    def from_db_value(self, value, expression, connection):
-        raise KeyError("boom")
-
-
-def test_fields_of_a_project_get_their_from_db_value_as_the_orm_applies_it(caplog):
-    with isolate_apps("tests.testapp"):
-
-        class Ledger(models.Model):
-            id = CodeField(primary_key=True)
-            price = MoneyField(max_length=20)
-            meta = RawJSONField()
-            points = PointsField()
-            note = BrokenField(max_length=10)
-
-            class Meta:
-                app_label = "testapp"
-
-    payload = json.dumps(
-        {"v": 2, "model": "testapp.ledger", "action": "insert", "xid": 7, "ts": 1.5,
-         "fields": ["price", "meta", "points", "note"],
-         "rows": [[7, "9.90", '{"a": 1}', [1, 2], "kept"]]}
-    )  # fmt: skip
-
-    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
-        (change,) = Decoder([Ledger]).decode(payload, channel="pgnotify_test", pid=1)
-
-    assert change.pk == "code-7"
-    assert change.fields == {
-        "price": Money("9.90"),
-        "meta": {"text": '{"a": 1}'},
-        "points": (1, 2),
-        "note": "kept",  # its from_db_value raised: passed on as sent, and logged
-    }
-    assert "testapp.Ledger.note" in caplog.text and "KeyError" in caplog.text

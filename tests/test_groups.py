@@ -82,3 +82,20 @@ def test_every_spelling_of_a_decimal_or_datetime_pk_names_one_valid_row_group():
     assert groups.pk_text(utc.replace(tzinfo=None)) == "2024-03-01T12:00:00"
     for pk in (*decimals, long, utc):
         assert_valid(groups.row_group("shop.order", pk))
+
+
+def test_the_text_of_a_decimal_pk_stays_short_whatever_its_exponent():
+    # A client's pk: written out in full, 1E+999999999 would be a billion digits.
+    huge, tiny = Decimal("1E+999999999"), Decimal("-25E-999999999")
+    assert len(groups.pk_text(huge)) < 20 and len(groups.pk_text(tiny)) < 20
+    assert groups.pk_text(huge) == groups.pk_text(Decimal("10E+999999998"))
+    assert groups.pk_text(Decimal("1E+64")) == "1" + "0" * 64
+    assert groups.pk_text(Decimal("1E+65")) == "1E+65"
+
+
+def test_a_datetime_pk_with_no_utc_value_keeps_its_offset():
+    east = datetime.timezone(datetime.timedelta(hours=1))
+    first = datetime.datetime(1, 1, 1, 0, 30, tzinfo=east)  # 23:30 UTC the day before year 1
+
+    assert groups.pk_text(first) == "0001-01-01T00:30:00+01:00"
+    assert_valid(groups.row_group("shop.shift", first))
