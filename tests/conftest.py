@@ -119,6 +119,20 @@ def wide_row_updated(changes: CapturedChanges) -> tuple[Any, RowChange]:
     return reading.pk, changes.wait_for(lambda e: e.model is Reading and e.action == "update")
 
 
+def order_moved_to_a_new_pk(changes: CapturedChanges, shift: int, **values: Any) -> RowChange:
+    """Create an order with status ``new``, then update its pk by ``shift`` (and set
+    ``values``) in one statement; return the update's event."""
+    from tests.testapp.models import Order
+
+    order = Order.objects.create(status="new")
+    changes.wait(1)
+    changes.clear()
+    Order.objects.filter(pk=order.pk).update(id=order.pk + shift, **values)
+    (event,) = changes.wait(1)
+    assert (event.action, event.pk) == ("update", order.pk + shift)
+    return event
+
+
 def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:
     """Commit a marker change and return the changes that arrived before it.
 
