@@ -185,10 +185,7 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
     ]
     for key, (low, inclusive, integer) in _NUMBERS.items():
         value = config.get(key, DEFAULTS[key])
-        kinds = (int,) if integer else (int, float)
-        # NaN compares false with everything: without isfinite it would pass.
-        number = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or value < low or (value == low and not inclusive):
+        if not _is_number(value, integer) or value < low or (value == low and not inclusive):
             what = "an integer" if integer else "a number"
             bound = f"at least {low}" if inclusive else f"greater than {low}"
             messages.append(
@@ -251,6 +248,13 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
     return messages
 
 
+def _is_number(value: Any, integer: bool = False) -> bool:
+    """A finite int (or float, unless ``integer``): not a bool, and not NaN, which
+    compares false with every bound and would pass the range checks."""
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_delay_ranges(config: dict[str, Any]) -> list[checks.CheckMessage]:
     """A pair of delay settings whose minimum is above its maximum (pgnotify.E010).
 
@@ -261,8 +265,7 @@ def _check_delay_ranges(config: dict[str, Any]) -> list[checks.CheckMessage]:
     messages: list[checks.CheckMessage] = []
     for low_key, high_key in _DELAY_RANGES:
         low, high = (config.get(key, DEFAULTS[key]) for key in (low_key, high_key))
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-        if numbers and low > high:
+        if _is_number(low) and _is_number(high) and low > high:
             shown = [
                 f'PGNOTIFY["{key}"] ({value!r}{"" if key in config else ", the default"})'
                 for key, value in ((low_key, low), (high_key, high))

@@ -93,13 +93,19 @@ def connect(using: str, application_name: str) -> psycopg.Connection:
     return psycopg.connect(**listen_params(using, application_name), **PSYCOPG_OPTIONS)
 
 
+def connect_timeout(timeout: float) -> int:
+    """libpq's ``connect_timeout`` for giving up after about ``timeout`` seconds:
+    whole seconds, at least 2 (libpq reads 0 as no limit at all, and 1 as 2)."""
+    return max(2, int(timeout))
+
+
 async def connect_async(
     using: str, application_name: str, timeout: float | None = None
 ) -> psycopg.AsyncConnection:
     """Open a dedicated autocommit asyncio connection for LISTEN."""
     params = listen_params(using, application_name)
     if timeout is not None:
-        params.setdefault("connect_timeout", max(2, int(timeout)))
+        params.setdefault("connect_timeout", connect_timeout(timeout))
     return await psycopg.AsyncConnection.connect(**params, **PSYCOPG_OPTIONS)
 
 

@@ -50,9 +50,9 @@ def pk_text(pk: Any) -> str:
     The listener names a row's group from the pk it decoded, a consumer from
     the pk a client sent, made a Python value by the pk field's ``to_python``:
     both come here. ``str()`` of the value (a UUID's canonical form), except
-    that a ``Decimal`` loses trailing zeros and any exponent (``1.50``, ``1.5``
-    and ``15E-1`` are one number) and a datetime is ISO 8601, in UTC when it
-    is aware (``12:00+00:00`` and ``13:00+01:00`` are one instant).
+    that a ``Decimal`` loses trailing zeros (``1.50``, ``1.5`` and ``15E-1`` are
+    one number, ``1.5``; see ``_decimal_text``) and a datetime is ISO 8601, in
+    UTC when it is aware (``12:00+00:00`` and ``13:00+01:00`` are one instant).
     """
     if isinstance(pk, Decimal):
         return _decimal_text(pk)

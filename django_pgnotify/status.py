@@ -16,7 +16,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import durable, installation
 from .conf import get_setting
-from .connection import connection_params, describe
+from .connection import connect_timeout, connection_params, describe
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _connect_timeout(wrapper: BaseDatabaseWrapper, timeout: float) -> tuple[int 
     options = wrapper.settings_dict.get("OPTIONS") or {}
     if "connect_timeout" in options:
         return None, f'{options["connect_timeout"]}s (OPTIONS["connect_timeout"])'
-    seconds = max(2, int(timeout))
+    seconds = connect_timeout(timeout)
     return seconds, f'{seconds}s (PGNOTIFY["PROBE_TIMEOUT"])'
 
 
@@ -89,13 +89,14 @@ def _connect_within(wrapper: BaseDatabaseWrapper, timeout: float) -> None:
 def _problem(using: str, exc: DatabaseError, timeout: float | None) -> str:
     """The problem a database error makes, in one line, naming the bound that ran out."""
     text = " ".join(str(exc).split())
+    bound = None
     if timeout is not None and isinstance(exc.__cause__, psycopg.errors.ConnectionTimeout):
         _, bound = _connect_timeout(connections[using], timeout)
-        return f"database {using!r} did not answer within {bound}: {text}"
-    if timeout is not None and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+    elif timeout is not None and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
         bound = f'{timeout:g}s (PGNOTIFY["PROBE_TIMEOUT"])'
-        return f"database {using!r} did not answer within {bound}: {text}"
-    return f"cannot reach database {using!r}: {text}"
+    if bound is None:
+        return f"cannot reach database {using!r}: {text}"
+    return f"database {using!r} did not answer within {bound}: {text}"
 
 
 _LISTENERS = """

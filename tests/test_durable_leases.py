@@ -8,9 +8,10 @@ time would while a listener's receivers run longer than ``DURABLE_LEASE``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -90,6 +91,20 @@ def expire_leases(conn: psycopg.Connection) -> None:
     conn.execute("UPDATE pgnotify_event SET lease_until = now() - interval '1 second'")
 
 
+@contextlib.asynccontextmanager
+async def a_holding_its_batch(
+    a: DurableWorker, b: DurableWorker, receiver: Receiver
+) -> AsyncIterator[tuple[asyncio.Future, psycopg.AsyncConnection, ThreadPoolExecutor]]:
+    """Connect A and B; start a batch of A's, whose receiver holds (``held_thread``
+    ``"a"``) until ``receiver.release``; yield that batch, B's connection and B's
+    thread."""
+    async with await a._connect() as a_conn, await b._connect() as b_conn:
+        with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
+            a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
+            assert await asyncio.to_thread(receiver.holding.wait, 10)
+            yield a_batch, b_conn, b_thread
+
+
 def run(scenario) -> None:
     asyncio.run(asyncio.wait_for(scenario, 60))
 
@@ -103,21 +118,18 @@ def test_a_stale_failure_neither_stores_handled_positions_twice_nor_makes_the_ro
     a, b = listener(), listener()
 
     async def scenario() -> None:
-        async with await a._connect() as a_conn, await b._connect() as b_conn:
-            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
-                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
-                assert await asyncio.to_thread(receiver.holding.wait, 10)
-                expire_leases(other_connection)
-                assert await b.process_batch(b_conn, b_thread) == 1  # all 3 again, the 2nd fails
-                after_b = event_row(other_connection)
-                receiver.release.set()
-                assert await a_batch == 1  # A's receivers end: its settlement is stale
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            expire_leases(other_connection)
+            assert await b.process_batch(b_conn, b_thread) == 1  # all 3 again, the 2nd fails
+            after_b = event_row(other_connection)
+            receiver.release.set()
+            assert await a_batch == 1  # A's receivers end: its settlement is stale
 
-                assert event_row(other_connection) == after_b  # left to B's settlement
-                assert after_b["handled"] == [0, 2] and after_b["attempts"] == 2
-                receiver.failing.clear()
-                assert await b.process_batch(b_conn, b_thread) == 1
-                assert await b.process_batch(b_conn, b_thread) == 0  # done: nothing to claim
+            assert event_row(other_connection) == after_b  # left to B's settlement
+            assert after_b["handled"] == [0, 2] and after_b["attempts"] == 2
+            receiver.failing.clear()
+            assert await b.process_batch(b_conn, b_thread) == 1
+            assert await b.process_batch(b_conn, b_thread) == 0  # done: nothing to claim
 
     with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
         run(scenario())
@@ -141,27 +153,24 @@ def test_a_stale_listener_keeps_its_hands_off_a_row_another_listener_holds(
     a, b = listener(a_stopping), listener()
 
     async def scenario() -> None:
-        async with await a._connect() as a_conn, await b._connect() as b_conn:
-            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
-                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
-                assert await asyncio.to_thread(receiver.holding.wait, 10)
-                if a_stops:
-                    a_stopping.set()  # A would release the two changes it did not reach
-                expire_leases(other_connection)
-                assert len(await b._claim(b_conn)) == 1  # B holds the row now
-                receiver.release.set()
-                await a_batch  # A would delete the row, or release it
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            if a_stops:
+                a_stopping.set()  # A would release the two changes it did not reach
+            expire_leases(other_connection)
+            assert len(await b._claim(b_conn)) == 1  # B holds the row now
+            receiver.release.set()
+            await a_batch  # A would delete the row, or release it
 
-                held = event_row(other_connection)
-                assert held == {
-                    "status": "pending",
-                    "attempts": 2,
-                    "handled": None,
-                    "lease_owner": b.owner,
-                }
-                expire_leases(other_connection)  # B gives up too; the row is still there
-                assert await b.process_batch(b_conn, b_thread) == 1
-                assert event_row(other_connection) is None
+            held = event_row(other_connection)
+            assert held == {
+                "status": "pending",
+                "attempts": 2,
+                "handled": None,
+                "lease_owner": b.owner,
+            }
+            expire_leases(other_connection)  # B gives up too; the row is still there
+            assert await b.process_batch(b_conn, b_thread) == 1
+            assert event_row(other_connection) is None
 
     run(scenario())
 
@@ -225,14 +234,11 @@ def test_changes_of_a_row_whose_lease_was_lost_are_counted_as_lost_leases(
     assert a is not None
 
     async def scenario() -> None:
-        async with await a._connect() as a_conn, await b._connect() as b_conn:
-            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
-                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
-                assert await asyncio.to_thread(receiver.holding.wait, 10)
-                expire_leases(other_connection)
-                assert await b.process_batch(b_conn, b_thread) == 1  # B handles all 3
-                receiver.release.set()
-                assert await a_batch == 1  # A's settlement finds the row gone
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            expire_leases(other_connection)
+            assert await b.process_batch(b_conn, b_thread) == 1  # B handles all 3
+            receiver.release.set()
+            assert await a_batch == 1  # A's settlement finds the row gone
 
     run(scenario())
 
