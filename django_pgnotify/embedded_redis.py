@@ -10,11 +10,15 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+from .watchdog import start_watchdog
 
 
 def _free_port() -> int:
@@ -45,7 +49,10 @@ def find_redis_server() -> str:
 class EmbeddedRedis:
     """A throw-away ``redis-server`` on 127.0.0.1; :meth:`stop` and :meth:`start` again.
 
-    The port stays the same across restarts, so clients reconnect to it.
+    The port stays the same across restarts, so clients reconnect to it. The server
+    and its directory go with this process: :meth:`close` (also called at exit)
+    removes them, and if the process is killed instead a watchdog
+    (:mod:`django_pgnotify.watchdog`) stops the server :attr:`pidfile` names then.
     """
 
     def __init__(self, port: int | None = None) -> None:
@@ -53,7 +60,16 @@ class EmbeddedRedis:
         self.port = port or _free_port()
         self.directory = tempfile.mkdtemp(prefix="pgnotify-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self._owner = os.getpid()
+        self.watchdog = start_watchdog(
+            Path(self.directory), self.pidfile, (signal.SIGTERM, signal.SIGKILL)
+        )
         atexit.register(self.close)
+
+    @property
+    def pidfile(self) -> Path:
+        """Names the running server; redis-server removes it when it shuts down."""
+        return Path(self.directory) / "redis-server.pid"
 
     @property
     def url(self) -> str:
@@ -61,11 +77,15 @@ class EmbeddedRedis:
 
     def arguments(self) -> list[str]:
         """``redis-server`` options: this port, local only, no persistence."""
-        options = {"port": str(self.port), "bind": "127.0.0.1", "save": "", "appendonly": "no"}
-        return [part for key, value in options.items() for part in (f"--{key}", value)] + [
-            "--dir",
-            self.directory,
-        ]
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",
+            "appendonly": "no",
+            "dir": self.directory,
+            "pidfile": str(self.pidfile),
+        }
+        return [part for key, value in options.items() for part in (f"--{key}", value)]
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the server and wait until it accepts connections."""
@@ -76,9 +96,13 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        # redis-server writes it too, a moment later: the watchdog must not miss a
+        # server because this process was killed in that moment.
+        self.pidfile.write_text(f"{self.process.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.pidfile.unlink(missing_ok=True)
                 raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
@@ -99,10 +123,17 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        # redis-server removes it as it shuts down, but not when killed or crashed.
+        self.pidfile.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Stop the server and remove its directory (done at exit if not called)."""
+        if os.getpid() != self._owner:  # a forked child exits: the server is not its own
+            return
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.watchdog is not None:
+            self.watchdog.close()  # nothing is left for it to do
 
 
 _servers: list[EmbeddedRedis] = []

