@@ -29,14 +29,16 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 @dataclass(frozen=True)
 class Column:
     """A model field as it is stored: field name, column, the Django internal
-    type of its values (for a foreign key, that of the field it points to), and
+    type of its values (for a foreign key, that of the field it points to),
     whether PostgreSQL compares its values with ``=`` (``json``, ``xml`` and
-    ``point`` columns, for instance, cannot be)."""
+    ``point`` columns, for instance, cannot be), and for an array (``ArrayField``,
+    nested or not) the internal type of its innermost elements."""
 
     field: str
     column: str
     internal_type: str
     comparable: bool = True
+    element_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -380,7 +382,17 @@ def _column(field: models.Field) -> Column:
         column=field.column,  # type: ignore[arg-type]
         internal_type=stored.get_internal_type(),
         comparable=_comparable(stored),
+        element_type=_element_type(stored),
     )
+
+
+def _element_type(field: models.Field) -> str | None:
+    """The internal type of an array field's innermost elements; ``None`` if not an array."""
+    if field.get_internal_type() != "ArrayField":
+        return None
+    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
+        field = field.base_field
+    return field.get_internal_type()
 
 
 def _comparable(field: models.Field) -> bool:

@@ -106,6 +106,15 @@ def _decimal(value: Any) -> Decimal:
     return Decimal(repr(value) if isinstance(value, float) else value)
 
 
+def _decimals(value: Any) -> Any:
+    # An array of numeric, nested to any depth, NULL elements kept. Triggers send
+    # its elements as strings; those of earlier versions sent JSON numbers, still
+    # read until the triggers are reinstalled (a float holds about 17 digits of them).
+    if type(value) is list:
+        return [None if item is None else _decimals(item) for item in value]
+    return _decimal(value)
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -141,11 +150,21 @@ def converter_for(field: models.Field) -> Converter:
     internal = field.get_internal_type()
     if internal == "JSONField":
         return _json_converter(field)
+    if internal == "ArrayField" and _innermost(field).get_internal_type() == "DecimalField":
+        # ArrayField.to_python returns a list as it is: Decimals are made here.
+        return _decimals
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
         return _integer
     return field.to_python
+
+
+def _innermost(field: models.Field) -> models.Field:
+    """An array field's innermost base field (``ArrayField`` nests); else ``field``."""
+    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
+        field = field.base_field
+    return field
 
 
 def _json_converter(field: models.Field) -> Converter:

@@ -25,8 +25,9 @@ value set by hand can never fail the write.
 
 The rendered SQL is hashed and the hash stored as a comment on the function
 and each trigger, so the installer detects drift from the definition itself.
-``TEMPLATE_VERSION`` changes whenever the rendered SQL of a release changes;
-released templates are never edited in place.
+``TEMPLATE_VERSION`` changes whenever the rendered SQL of declarations in
+general changes; a change confined to one field type or option changes only
+the hashes of the declarations it touches, which is enough to rebuild them.
 """
 
 from __future__ import annotations
@@ -873,6 +874,10 @@ def _value(record: str, column: Column) -> sql.Composable:
         return sql.SQL("extract(epoch FROM {})::text").format(ref)
     if column.internal_type in _AS_TEXT:
         return sql.SQL("{}::text").format(ref)
+    if column.element_type == "DecimalField":
+        # numeric arrays too, element by element: text[] keeps the dimensions and
+        # the NULL elements, and its JSON holds strings where numeric[]'s holds numbers.
+        return sql.SQL("{}::text[]").format(ref)
     if column.internal_type == "BinaryField":
         # bytea_output is per session too: 'escape' would send another text.
         return sql.SQL("({} || encode({}, 'hex'))").format(sql.Literal("\\x"), ref)

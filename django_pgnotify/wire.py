@@ -27,8 +27,9 @@ The trigger builder takes its key names from here and the decoder parses with
   message says ``"old": false``. Values are PostgreSQL's JSON renderings,
   ``timestamptz`` in UTC without an offset, except where a JSON number or
   value would lose something: ``numeric`` and ``interval`` (in seconds) are
-  sent as strings of their digits, and ``json``/``jsonb`` as a string of the
-  JSON text, so that a reader parsing numbers as floats loses no digit.
+  sent as strings of their digits (a ``numeric`` array as an array of them),
+  and ``json``/``jsonb`` as a string of the JSON text, so that a reader
+  parsing numbers as floats loses no digit.
 - A row shorter than that layout was too large for a notification: it holds
   the pk alone (``[pk]``), or ``[null]`` when even the pk was too large.
 - ``context``: optional: the writing transaction's ``pgnotify.context``

@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.admin",
+    "django.contrib.postgres",  # testapp.Measurement's ArrayField
     "django_pgnotify",
     "tests.durableapp",
 ]

@@ -13,6 +13,7 @@ INSTALLED_APPS = [
     "tests.testapp",
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "django.contrib.postgres",  # testapp.Measurement's ArrayField
     "django_pgnotify",
 ]
 PGNOTIFY = {"MODELS": {"auth.User": Notify(fields=["username"], events=["insert"])}}

@@ -28,7 +28,7 @@ from django_pgnotify.channels_bridge import (
     json_safe,
 )
 from django_pgnotify.consumers import RowChangeConsumer
-from tests.testapp.models import Order, Price, Reading, Shift, Tag
+from tests.testapp.models import Measurement, Order, Price, Reading, Shift, Tag
 
 TIMEOUT = 10
 
@@ -644,6 +644,33 @@ def test_values_past_64_bits_and_non_finite_floats_cross_redis_as_strict_json(re
         "total": "Infinity",
         "note": ["NaN", "-Infinity"],
     }
+
+
+def test_decimals_in_arrays_reach_a_websocket_as_strings_of_every_digit_as_decimals_do(changes):
+    long = Decimal("12345678901234567890.1234567890")
+    Measurement.objects.create(readings=[long, None], grid=[[Decimal("1.5")], [None]])
+    Order.objects.create(total=Decimal("19.90"))
+    events = changes.wait(2)
+    labels = ["testapp.measurement", "testapp.order"]
+
+    async def scenario() -> list[str]:
+        dispatcher = ChannelsDispatcher("default", labels)
+        client = await connect(FakeUser("testapp.view_measurement", "testapp.view_order"))
+        for label in labels:
+            await ask(client, {"subscribe": label})
+        await forward(dispatcher, *events)
+        frames = [await client.receive_from(TIMEOUT) for _ in events]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+        return frames
+
+    measured, ordered = (json.loads(f) for f in asyncio.run(asyncio.wait_for(scenario(), 30)))
+    assert measured["fields"] == {
+        "readings": [str(long), None],
+        "grid": [["1.5000000000"], [None]],
+        "label": "",
+    }
+    assert ordered["fields"]["total"] == "19.90"
 
 
 # Row subscriptions by the pk as a client spells it, with changes from the database

@@ -12,7 +12,7 @@ import pytest
 from django.test import override_settings
 
 from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
-from tests.testapp.models import Order, Reading, Tag, Weird
+from tests.testapp.models import Measurement, Order, Reading, Tag, Weird
 
 READING_ID = uuid.UUID("6f1c2a4e-6b1f-4c8e-9a57-0c3b7d1e2f90")
 TOKEN = uuid.UUID("0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41")
@@ -406,6 +406,57 @@ def test_numeric_sent_as_digits_becomes_an_exact_decimal():
 
     assert change.fields["amount"] == Decimal("12345678901234.000010")
     assert str(change.fields["amount"]) == "12345678901234.000010"
+
+
+def measurement_with(readings, grid, old=None):
+    """A Measurement update carrying these arrays, new and ``old``, as sent."""
+    row = {"pk": 1, "fields": {"readings": readings, "grid": grid}, "changed": ["readings"]}
+    row["old"] = old or row["fields"]
+    return decode_one(Measurement, message("testapp.measurement", "update", row))
+
+
+def test_decimals_in_arrays_sent_as_strings_become_exact_decimals_at_any_depth():
+    long = "12345678901234567890.1234567890"
+
+    change = measurement_with(
+        [long, None, "-0.0000000001"],
+        [[long, None], ["NaN", "1.5000000000"]],
+        old={"readings": [], "grid": None},
+    )
+
+    assert repr(change.fields) == repr(
+        {
+            "readings": [Decimal(long), None, Decimal("-0.0000000001")],
+            "grid": [[Decimal(long), None], [Decimal("NaN"), Decimal("1.5000000000")]],
+        }
+    )
+    assert change.old == {"readings": [], "grid": None}
+
+
+def test_decimals_in_arrays_sent_as_json_numbers_by_earlier_triggers_still_become_decimals():
+    # As triggers installed by earlier versions send them, until they are reinstalled.
+    change = measurement_with([19.9, None, -1e-10, 3], [[0.1, None], [2, 12345678.12345678]])
+
+    assert repr(change.fields) == repr(change.old)
+    assert repr(change.fields) == repr(
+        {
+            "readings": [Decimal("19.9"), None, Decimal("-1E-10"), Decimal(3)],
+            "grid": [[Decimal("0.1"), None], [Decimal(2), Decimal("12345678.12345678")]],
+        }
+    )
+
+
+def test_decimals_in_arrays_of_a_version_1_payload_keep_every_digit():
+    long = "12345678901234567890.1234567890"
+    payload = message_v1(
+        "testapp.measurement",
+        "insert",
+        {"pk": 1, "fields": {"readings": "READINGS", "grid": None}},
+    ).replace('"READINGS"', f"[{long}, null]")
+
+    change = decode_one(Measurement, payload)
+
+    assert repr(change.fields["readings"]) == repr([Decimal(long), None])
 
 
 # READING_INSERT's values as triggers send them in version 2: numeric and

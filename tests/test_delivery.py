@@ -12,6 +12,7 @@ import sys
 import uuid
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -28,6 +29,7 @@ from tests.testapp.models import (
     Article,
     Customer,
     Legacy,
+    Measurement,
     Order,
     OrderProxy,
     Place,
@@ -349,6 +351,60 @@ def test_datetimes_durations_and_bytes_do_not_depend_on_the_writers_session_sett
     assert event.fields["taken_at"] == datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
     assert event.fields["took"] == timedelta(days=1, hours=2)
     assert event.fields["blob"] == b"cafe"
+
+
+def decimal_arrays(i: int) -> dict[str, Any]:
+    """A ``Measurement``'s arrays: decimals of 30 digits, more than a float holds,
+    in one dimension and two, with NULL elements; ``i`` varies the last digits."""
+    long = Decimal(f"12345678901234567890.12345678{i:02}")
+    return {
+        "readings": [long, None, Decimal("-0.0000000001")],
+        "grid": [[long, None], [Decimal("-98765432109876543210.0000000001"), Decimal(i)]],
+    }
+
+
+def stored_arrays(*pks: Any) -> dict[Any, dict[str, Any]]:
+    """The declared fields of these ``Measurement`` rows as the ORM reads them, by pk."""
+    rows = Measurement.objects.filter(pk__in=pks).values("pk", "readings", "grid", "label")
+    return {row.pop("pk"): row for row in rows}
+
+
+def test_decimals_in_arrays_arrive_with_every_digit_at_any_depth(changes):
+    first = Measurement.objects.create(**decimal_arrays(0)).pk
+    # More rows than the statement trigger's short path takes.
+    more = Measurement.objects.bulk_create([Measurement(**decimal_arrays(i)) for i in range(1, 26)])
+    pks = [first, *(m.pk for m in more)]
+    stored = stored_arrays(*pks)
+    Measurement.objects.filter(pk=first).delete()
+
+    events = changes.wait(27)
+
+    assert [(e.action, e.pk) for e in events] == [
+        *(("insert", pk) for pk in pks),
+        ("delete", first),
+    ]
+    assert stored[first]["readings"][0] == Decimal("12345678901234567890.1234567800")
+    for event in events:
+        # repr() tells Decimal("1.0000000000") from Decimal("1") and from 1.0.
+        assert repr(event.fields) == repr(stored[event.pk])
+
+
+def test_an_update_of_decimals_in_arrays_has_every_digit_in_new_and_old_values(changes):
+    pk = Measurement.objects.create(**decimal_arrays(0)).pk
+    changes.wait(1)
+    changes.clear()
+    before = stored_arrays(pk)[pk]
+
+    Measurement.objects.filter(pk=pk).update(readings=decimal_arrays(1)["readings"])
+    after = stored_arrays(pk)[pk]
+    Measurement.objects.filter(pk=pk).update(label="calibrated")
+
+    changed, labelled = changes.wait(2)
+    assert changed.changed == frozenset({"readings"})
+    assert repr(changed.fields) == repr(after)
+    assert repr(changed.old) == repr(before)
+    assert labelled.changed == frozenset({"label"})
+    assert repr(labelled.old) == repr(after)
 
 
 def test_string_primary_key_arrives_as_str(changes):

@@ -27,6 +27,7 @@ from tests.test_delivery import (  # noqa: F401  (run again here, with old=False
     test_changes_arrive_in_commit_order_across_interleaved_transactions,
     test_changes_of_one_transaction_share_its_xid_and_other_transactions_differ,
     test_datetimes_durations_and_bytes_do_not_depend_on_the_writers_session_settings,
+    test_decimals_in_arrays_arrive_with_every_digit_at_any_depth,
     test_delete_arrives_with_the_values_the_row_had,
     test_events_left_out_of_a_declaration_are_not_sent,
     test_insert_arrives_with_pk_fields_channel_pid_xid_and_timestamp,

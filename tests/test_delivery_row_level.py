@@ -25,10 +25,12 @@ from tests.test_context import (  # noqa: F401  (run again here, at row level)
 from tests.test_delivery import (  # noqa: F401  (run again here, at row level)
     test_a_bulk_update_announces_only_the_rows_whose_watched_columns_changed,
     test_abstract_parent_declaration_reaches_only_children_inheriting_its_meta,
+    test_an_update_of_decimals_in_arrays_has_every_digit_in_new_and_old_values,
     test_bulk_create_sends_one_insert_per_row,
     test_changes_arrive_in_commit_order_across_interleaved_transactions,
     test_changes_of_one_transaction_share_its_xid_and_other_transactions_differ,
     test_datetimes_durations_and_bytes_do_not_depend_on_the_writers_session_settings,
+    test_decimals_in_arrays_arrive_with_every_digit_at_any_depth,
     test_delete_arrives_with_the_values_the_row_had,
     test_events_left_out_of_a_declaration_are_not_sent,
     test_identical_changes_in_one_transaction_are_not_folded_into_one,

@@ -41,12 +41,15 @@ from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.durable import retry_delay
 from django_pgnotify.installation import install_triggers
 from django_pgnotify.models import DurableEvent
+from django_pgnotify.testing import capture_row_changes
 from django_pgnotify.triggers import build_trigger_sql
 from tests.conftest import ManagedProcess
 from tests.conftest import test_database_url as database_url
 from tests.conftest import wait_until as shared_wait_until
 from tests.durableapp.models import Job
 from tests.settings_durable import PGNOTIFY as DURABLE_SETTINGS
+from tests.test_delivery import decimal_arrays, stored_arrays
+from tests.testapp.models import Measurement
 
 DURABLE = "tests.settings_durable"
 LATEST_MIGRATION = "0004_durableevent_size_handled"
@@ -347,7 +350,7 @@ def test_event_fields_say_durable_and_carry_a_payload_far_above_8000_bytes(row_c
 
 
 def test_a_durable_declaration_with_old_false_stores_and_delivers_new_values_alone(
-    row_changes, restore_triggers
+    restore_triggers,
 ):
     (declaration,) = [d for d in get_declarations() if d.model is Job]
     options = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
@@ -355,17 +358,35 @@ def test_a_durable_declaration_with_old_false_stores_and_delivers_new_values_alo
     with connection.cursor() as cursor:
         cursor.execute(build_trigger_sql(new_values, connection.pg_version).install)
     job = Job.objects.create(name="first", n=1)
-    row_changes.wait(1, timeout=15)
-    row_changes.clear()
-
     Job.objects.filter(pk=job.pk).update(name="second")
     job.save()  # writes the row as it is: announced all the same
-
-    renamed, saved = row_changes.wait(2, timeout=15)
-    assert (renamed.action, renamed.fields["name"], renamed.old) == ("update", "second", None)
-    assert (saved.action, saved.fields["name"], saved.changed) == ("update", "first", frozenset())
+    # Read before a listener runs: a delivered row is deleted.
     layouts = DurableEvent.objects.filter(action="update").values_list("layout", flat=True)
     assert set(layouts) == {'"fields":["name","body","n"],"old":false'}
+
+    with capture_row_changes("durableapp.Job") as changes:
+        _, renamed, saved = changes.wait(3, timeout=15)
+
+    assert (renamed.action, renamed.fields["name"], renamed.old) == ("update", "second", None)
+    assert (saved.action, saved.fields["name"], saved.changed) == ("update", "first", frozenset())
+
+
+def test_decimals_in_arrays_are_stored_and_delivered_with_every_digit(restore_triggers, settings):
+    durably = Notify(fields=["readings", "grid", "label"], durable=True)
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "MODELS": {"testapp.Measurement": durably}}
+    install_triggers(["testapp.Measurement"])
+    pk = Measurement.objects.create(**decimal_arrays(0)).pk
+    before = stored_arrays(pk)[pk]
+    Measurement.objects.filter(pk=pk).update(readings=decimal_arrays(1)["readings"])
+    after = stored_arrays(pk)[pk]
+
+    with capture_row_changes("testapp.Measurement") as changes:
+        created, updated = changes.wait(2, timeout=15)
+
+    assert (created.durable, updated.durable) == (True, True)
+    assert repr(created.fields) == repr(updated.old) == repr(before)
+    assert repr(updated.fields) == repr(after)
+    assert updated.changed == frozenset({"readings"})
 
 
 def test_durable_events_carry_the_writers_context_and_a_malformed_one_fails_nothing(row_changes):

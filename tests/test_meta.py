@@ -19,6 +19,7 @@ from tests.testapp.models import (
     Article,
     Customer,
     Legacy,
+    Measurement,
     Order,
     OrderProxy,
     Place,
@@ -84,6 +85,45 @@ def test_a_multi_table_child_announces_only_its_own_declaration_and_table():
     assert fields_of(place) == ("name",)
 
 
+@isolate_apps("tests.testapp")
+def test_a_multi_table_child_does_not_take_its_parents_abstract_declaration():
+    # Django finds the abstract grandparent's Meta through the concrete parent.
+    class Titled(models.Model):
+        title = models.CharField(max_length=50)
+
+        class Meta:
+            abstract = True
+            app_label = "testapp"
+            pgnotify = Notify(fields=["title"])
+
+    class Post(Titled):
+        pass
+
+    class LongPost(Post):
+        body = models.TextField()
+
+    class Essay(Post):
+        body = models.TextField()
+
+        class Meta(Titled.Meta):
+            app_label = "testapp"
+            pgnotify = Notify(fields=["body"])
+
+    class Announcing(models.Model):
+        class Meta:
+            abstract = True
+            app_label = "testapp"
+            pgnotify = Notify()
+
+    class Review(Announcing, Post):  # an abstract parent of its own passes it on
+        pass
+
+    assert Post._meta.pgnotify == Notify(fields=["title"])
+    assert LongPost._meta.pgnotify is None
+    assert Essay._meta.pgnotify == Notify(fields=["body"])
+    assert Review._meta.pgnotify is Announcing.Meta.pgnotify
+
+
 def test_a_proxy_without_pgnotify_has_no_declarations_of_its_own():
     assert get_declarations(["testapp.OrderProxy"]) == []
     assert OrderProxy not in {d.model for d in get_declarations()}
@@ -120,6 +160,7 @@ def test_selecting_an_app_gives_the_declarations_of_its_models():
         Legacy,
         Shift,
         Price,
+        Measurement,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.test.utils import isolate_apps
 from psycopg import sql
@@ -12,7 +13,7 @@ from psycopg import sql
 from django_pgnotify import Notify, triggers
 from django_pgnotify.declarations import Declaration, raw_declarations, resolve_model
 from django_pgnotify.triggers import build_trigger_sql, parse_comment
-from tests.testapp.models import Article, Order, Reading, Tag, Weird
+from tests.testapp.models import Article, Measurement, Order, Reading, Tag, Weird
 
 
 def declaration(model: type[models.Model], notify: Notify | None = None) -> Declaration:
@@ -204,6 +205,47 @@ def test_a_foreign_key_to_a_datetime_pk_is_sent_in_utc(registry):
     body = build_trigger_sql(declaration(Booking)).body
 
     assert """(n."slot_id" AT TIME ZONE 'UTC')""" in body
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"level": "row"}, {"old": False}, {"durable": True}],
+    ids=["statement", "row", "new values alone", "durable"],
+)
+def test_decimals_in_arrays_are_sent_as_text_arrays_and_compared_as_stored(options):
+    # numeric[]'s JSON holds numbers, which a float parser rounds; text[]'s holds
+    # strings of every digit, in the same dimensions and with the same NULLs.
+    notify = Notify(fields=["readings", "grid"], **options)
+    body = build_trigger_sql(declaration(Measurement, notify)).body
+    sends_old = options.get("old", True)
+
+    for record in ["n", "o"] if sends_old else ["n"]:
+        assert f'to_json({record}."readings"::text[])::text' in body
+        assert f'to_json({record}."grid"::text[])::text' in body
+    assert not re.search(r'[no]\."(readings|grid)"\)', body)  # never rendered as stored
+    if sends_old:
+        assert '"o"."readings" IS DISTINCT FROM "n"."readings"' in body
+        assert '"o"."grid" IS DISTINCT FROM "n"."grid"' in body
+
+
+def test_only_arrays_of_decimals_are_sent_as_text_arrays_also_in_wide_rows(registry):
+    columns = {
+        **{
+            f"d{i:02}": ArrayField(models.DecimalField(max_digits=5, decimal_places=2))
+            for i in range(8)
+        },
+        **{f"i{i:02}": ArrayField(models.IntegerField()) for i in range(8)},
+        "floats": ArrayField(ArrayField(models.FloatField())),
+    }
+    meta = type("Meta", (), {"app_label": "testapp", "pgnotify": Notify(fields="__all__")})
+    wide = type("Wide", (models.Model,), {"__module__": __name__, "Meta": meta, **columns})
+
+    body = build_trigger_sql(declaration(wide)).body
+
+    assert "json_build_array(" in body  # 16 values or more per row
+    assert all(f'n."d{i:02}"::text[]' in body for i in range(8))
+    assert all(f'n."i{i:02}", ' in body for i in range(8))
+    assert 'n."floats"' in body and 'n."floats"::text[]' not in body
 
 
 def test_more_than_50_fields_stay_within_postgresqls_100_arguments(registry):

@@ -1,5 +1,6 @@
 import uuid
 
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.utils import timezone
 
@@ -137,3 +138,18 @@ class Price(models.Model):
 
     class Meta:
         pgnotify = Notify(fields=["label"])
+
+
+class Measurement(models.Model):
+    """Decimals of more digits than a float holds, in arrays of one and two dimensions."""
+
+    readings = ArrayField(
+        models.DecimalField(max_digits=30, decimal_places=10, null=True), default=list
+    )
+    grid = ArrayField(
+        ArrayField(models.DecimalField(max_digits=30, decimal_places=10, null=True)), null=True
+    )
+    label = models.CharField(max_length=50, default="")
+
+    class Meta:
+        pgnotify = Notify(fields=["readings", "grid", "label"])
