@@ -5,11 +5,13 @@ E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
 E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
 ``PGNOTIFY`` setting; E011 composite primary key; E012 column names too
 long for a notification; E013 ``level``; E014 two models' declarations on one
-table under one name; E015 ``old``; W002 ``when_changed`` or ``old=False``
+table under one name; E015 ``old``; E016 a durable model migrates to a
+database the event table does not; W002 ``when_changed`` or ``old=False``
 without update; W003 unknown ``PGNOTIFY`` key; W004 column names leave a long
-context no room. (W001, "durable not available yet", is retired.) E012 and
-W004 come from ``resolve_model``, so the commands refuse such a declaration
-even with the checks skipped.
+context no room; W005 two models' declarations on one table under one name,
+if the search path finds an unqualified table in "public". (W001, "durable
+not available yet", is retired.) E012 and W004 come from ``resolve_model``,
+so the commands refuse such a declaration even with the checks skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from django.db import connections, router
 
 from .conf import DEFAULTS
 from .declarations import Declaration, raw_declarations, resolve_model
+from .naming import TableName
+from .wire import EVENT_TABLE
 
 
 @checks.register("pgnotify")
@@ -47,6 +51,8 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         if not declarations:
             continue
         messages.extend(_check_shared_tables(declarations, declared))
+        if any(declaration.notify.durable for declaration in declarations):
+            messages.extend(_check_event_table(model))
         for alias in connections:
             wrapper = connections[alias]
             if router.allow_migrate_model(alias, model) and wrapper.vendor != "postgresql":
@@ -67,31 +73,89 @@ def _check_shared_tables(
     declared: dict[Any, tuple[list[Declaration], list[checks.CheckMessage]]],
 ) -> list[checks.CheckMessage]:
     """Two models on one table (an unmanaged twin, say) with a declaration of the same
-    name would install the same trigger and function, each replacing the other's."""
+    name would install the same trigger and function, each replacing the other's.
+
+    A table named without a schema and the same name in "public" are one table
+    when the search path finds it there, as it does by default: a warning, as
+    only the database can tell (the installer refuses the pair if they are).
+    """
     messages: list[checks.CheckMessage] = []
     for declaration in declarations:
         others = [
-            other
+            (other, same)
             for model, (found, _) in declared.items()
             if model is not declaration.model
             for other in found
-            if (other.table, other.name) == (declaration.table, declaration.name)
+            if other.name == declaration.name
+            and (same := _same_table(other.table, declaration.table)) is not False
             and _share_a_database(model, declaration.model)
         ]
-        for other in others:
+        for other, same in others:
             table = ".".join(filter(None, declaration.table))
+            if same:
+                messages.append(
+                    checks.Error(
+                        f"{declaration.uri} and {other.uri} are declarations of the same name "
+                        f"on table {table!r}: they would install the same trigger, each "
+                        "replacing the other's.",
+                        hint="Declare on one of the models only, or give one a distinct "
+                        'Notify(name="...").',
+                        obj=declaration.model,
+                        id="pgnotify.E014",
+                    )
+                )
+                continue
+            other_table = ".".join(filter(None, other.table))
             messages.append(
-                checks.Error(
-                    f"{declaration.uri} and {other.uri} are declarations of the same name on "
-                    f"table {table!r}: they would install the same trigger, each replacing "
-                    "the other's.",
-                    hint="Declare on one of the models only, or give one a distinct "
-                    'Notify(name="...").',
+                checks.Warning(
+                    f"{declaration.uri} on table {table!r} and {other.uri} on table "
+                    f"{other_table!r} are declarations of the same name: if the search path "
+                    'finds the unqualified table in schema "public", as it does by default, '
+                    "they are one table and would install the same triggers; pgnotify_install "
+                    "and migrate then refuse both.",
+                    hint="Write db_table the same way on both models, declare on one of them "
+                    'only, or give one a distinct Notify(name="...").',
                     obj=declaration.model,
-                    id="pgnotify.E014",
+                    id="pgnotify.W005",
                 )
             )
     return messages
+
+
+def _same_table(first: TableName, second: TableName) -> bool | None:
+    """Whether two tables are one; ``None`` for an unqualified name and the same
+    name in "public", where the default search path (``"$user", public``) finds
+    it unless the user's own schema has a table of that name."""
+    if first == second:
+        return True
+    if first.name == second.name and {first.schema, second.schema} == {None, "public"}:
+        return None
+    return False
+
+
+def _check_event_table(model: Any) -> list[checks.CheckMessage]:
+    """A durable declaration's trigger writes to the event table in the model's own
+    database: django_pgnotify's migrations must create it in each one the model goes to.
+
+    Without it, the installer refuses the model's triggers there (installed, they
+    would fail every write to its table).
+    """
+    event_model = apps.get_model("django_pgnotify", "DurableEvent")
+    return [
+        checks.Error(
+            f"{model._meta.label} declares durable=True and migrates to database {alias!r}, "
+            "but the database router does not migrate django_pgnotify there, whose migrations "
+            f"create the event table {EVENT_TABLE!r} its triggers write to.",
+            hint=f"Make the router's allow_migrate() allow app 'django_pgnotify' on {alias!r} "
+            f"and run manage.py migrate django_pgnotify --database {alias}; or route "
+            f"{model._meta.label} elsewhere.",
+            obj=model,
+            id="pgnotify.E016",
+        )
+        for alias in connections
+        if router.allow_migrate_model(alias, model)
+        and not router.allow_migrate_model(alias, event_model)
+    ]
 
 
 def _share_a_database(first: Any, second: Any) -> bool:

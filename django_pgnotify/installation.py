@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router, transaction
 from psycopg import sql
 
 from . import triggers as trigger_sql
+from . import wire
 from .declarations import Declaration, get_declarations, raw_declarations, resolve_model
 
 logger = logging.getLogger("django_pgnotify.installation")
@@ -27,6 +29,7 @@ MISSING = "missing"
 OUTDATED = "outdated"
 UNKNOWN = "unknown"
 NO_TABLE = "no table"
+NO_EVENT_TABLE = "no event table"
 NOT_A_TABLE = "not a table"
 CONFLICT = "conflict"
 
@@ -35,7 +38,9 @@ NEEDS_CHANGE = (NOT_A_TABLE, CONFLICT)
 
 # Declarations nothing is installed for as they are: ``install_triggers`` stops
 # before changing anything, ``sync_triggers`` leaves them alone and says why.
-_REFUSED = (NO_TABLE, *NEEDS_CHANGE)
+# A durable declaration's trigger writes to the event table: without it, every
+# write to the model's table would fail.
+_REFUSED = (NO_TABLE, NO_EVENT_TABLE, *NEEDS_CHANGE)
 
 _LOCK_KEY = "django-pgnotify installation"
 
@@ -86,7 +91,9 @@ class TriggerState:
     ``drop_sql`` removes triggers and functions of ours under this URI that the
     declaration no longer asks for (for an unknown URI: all of them). For a
     declaration it runs after its own triggers were rebuilt or dropped: after
-    a table was renamed, they call the function it drops.
+    a table was renamed, they call the function it drops. For a durable
+    declaration with no event table (``NO_EVENT_TABLE``) it drops its own
+    triggers, if any are installed: each write to the table would fail.
     """
 
     uri: str
@@ -110,7 +117,24 @@ class TriggerState:
         built = self.sql
         if built is None or self.status in (MISSING, NO_TABLE, NOT_A_TABLE):
             return self.drop_sql
+        if self.status == NO_EVENT_TABLE:  # its drop_sql drops its own triggers
+            return built.drop
         return "\n".join(filter(None, [built.drop_triggers, self.drop_sql, built.drop_function]))
+
+    @property
+    def install_sql(self) -> str:
+        """What ``install_triggers`` runs for this state when it changes it ("" for nothing).
+
+        A missing or outdated declaration's function and triggers, then what an
+        earlier version left (the old triggers may have called it); an unknown
+        URI's drop, for a superseded declaration. The installer then adds to
+        each trigger's comment a hash of its state, which SQL run by hand lacks.
+        """
+        if self.status == UNKNOWN:
+            return self.drop_sql
+        if self.sql is None or self.status not in (MISSING, OUTDATED):
+            return ""
+        return "\n".join(filter(None, [self.sql.install, self.drop_sql]))
 
 
 def declarations_for(
@@ -118,6 +142,22 @@ def declarations_for(
 ) -> list[Declaration]:
     """Declarations whose models the router migrates to ``using``."""
     return [d for d in get_declarations(selectors) if router.allow_migrate_model(using, d.model)]
+
+
+def require_declarations(selectors: Iterable[str], aliases: Iterable[str]) -> None:
+    """Refuse selectors whose models declare nothing for any of ``aliases``.
+
+    Selectors that name only such models are a mistake (a typo'd app, the wrong
+    ``--database``), not a request to do nothing. No selectors asks for
+    whatever is declared, so nothing is refused then.
+
+    Raises:
+        NothingDeclared: Selectors were given, and none of their models has a
+            declaration the router migrates to one of ``aliases``.
+    """
+    selectors, aliases = list(selectors), list(aliases)
+    if selectors and not any(declarations_for(selectors, alias) for alias in aliases):
+        raise NothingDeclared(selectors, aliases)
 
 
 def inspect_triggers(
@@ -152,34 +192,58 @@ def install_triggers(
     Raises:
         TableMissing: A declared model's table does not exist (run ``migrate``).
         CannotInstall: A declared model's table is not a table (a view, for
-            instance), or two models' declarations would install the same
-            triggers; nothing was changed.
+            instance), two models' declarations would install the same
+            triggers, or a durable declaration's event table does not exist
+            (run ``migrate``); nothing was changed.
         InstallFailed: The database refused a declaration's SQL; nothing was
             changed.
     """
     selectors = list(selectors)
-    changed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
-        states = _inspect(cursor, declarations_for(selectors, using), selectors)
-        refused = [s for s in states if s.status in _REFUSED]
-        if refused and all(s.status == NO_TABLE for s in refused):
-            raise TableMissing(refused)
-        if refused:
-            raise CannotInstall(refused)
-        for state in states:
-            if state.sql is not None and state.status != INSTALLED:
-                _refused_by_database(_apply, cursor, state)
-                changed.append(state)
-        # A model's declaration renamed (or split in several) leaves the old
-        # one's triggers firing beside the new: drop them with the install.
-        declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None}
-        for state in states:
-            if state.status == UNKNOWN and state.uri.split(":", 1)[0] in declared:
+        changes = _install_plan(cursor, selectors, using)
+        for state in changes:
+            if state.status == UNKNOWN:
                 _refused_by_database(_drop_leftovers, cursor, state)
                 logger.info("pgnotify: removed superseded %s on %s", state.uri, state.table)
-                changed.append(state)
-    return changed
+            else:
+                _refused_by_database(_apply, cursor, state)
+    return changes
+
+
+def install_plan(
+    selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS
+) -> list[TriggerState]:
+    """What ``install_triggers`` would change now, in its order; changes nothing.
+
+    ``pgnotify_install --sql`` prints the ``install_sql`` of each state, so
+    that the SQL shown is the SQL run, the drops of superseded declarations
+    and of outdated leftovers included.
+
+    Raises:
+        TableMissing: As ``install_triggers``.
+        CannotInstall: As ``install_triggers``.
+    """
+    selectors = list(selectors)
+    # A transaction: the trigger hashes are taken with a search_path set for it.
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
+        return _install_plan(cursor, selectors, using)
+
+
+def _install_plan(cursor, selectors: list[str], using: str) -> list[TriggerState]:
+    """The states ``install_triggers`` changes, in the order it changes them."""
+    states = _inspect(cursor, declarations_for(selectors, using), selectors)
+    refused = [s for s in states if s.status in _REFUSED]
+    if refused and all(s.status == NO_TABLE for s in refused):
+        raise TableMissing(refused)
+    if refused:
+        raise CannotInstall(refused)
+    changes = [s for s in states if s.sql is not None and s.status != INSTALLED]
+    # A model's declaration renamed (or split in several) leaves the old
+    # one's triggers firing beside the new: drop them with the install.
+    declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None}
+    changes += [s for s in states if s.status == UNKNOWN and s.uri.split(":", 1)[0] in declared]
+    return changes
 
 
 def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
@@ -191,11 +255,14 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     whose declaration is invalid (``manage.py check`` names the mistake), or
     shares its triggers' names with another model's, keeps what it has; a
     model on a view (or anything else that cannot have the triggers) gets
-    none. Each declaration is installed in a savepoint of its own: one the
-    database refuses is rolled back alone. Everything left alone is logged as
-    an error naming the model. Triggers of apps that are no longer installed
-    are left to ``pgnotify_install --prune``: another project may share the
-    database. Returns the states of what was created, updated or dropped.
+    none; a durable declaration whose event table does not exist (the
+    database lacks django_pgnotify's migrations) gets none either, and loses
+    those it has, which would fail every write to its table. Each declaration
+    is installed in a savepoint of its own: one the database refuses is rolled
+    back alone. Everything left alone is logged as an error naming the model.
+    Triggers of apps that are no longer installed are left to
+    ``pgnotify_install --prune``: another project may share the database.
+    Returns the states of what was created, updated or dropped.
     """
     declarations, invalid = _valid_declarations(using)
     app_labels = [config.label for config in apps.get_app_configs()]
@@ -211,6 +278,21 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
                 )
             elif state.status in (MISSING, OUTDATED) and state.sql is not None:
                 if _in_savepoint(using, _apply, cursor, state):
+                    changed.append(state)
+            elif state.status == NO_EVENT_TABLE:
+                reason = _no_event_table(using)
+                if not state.drop_sql:
+                    logger.error(
+                        "pgnotify: %s on %s is not installed: %s", state.uri, state.table, reason
+                    )
+                elif _in_savepoint(using, _drop_leftovers, cursor, state):
+                    logger.error(
+                        "pgnotify: dropped the triggers of %s on %s, which made every write "
+                        "to it fail: %s",
+                        state.uri,
+                        state.table,
+                        reason,
+                    )
                     changed.append(state)
             elif (
                 state.status == UNKNOWN
@@ -288,11 +370,7 @@ def _apply(cursor, state: TriggerState) -> None:
     """Create or rebuild one declaration's function and triggers."""
     built = state.sql
     assert built is not None
-    cursor.execute(built.create_function)
-    for create in built.create_triggers:
-        cursor.execute(create)
-    if state.drop_sql:  # left by an earlier version; the old triggers may have called it
-        cursor.execute(state.drop_sql)
+    cursor.execute(state.install_sql)
     _seal(cursor, built)
     logger.info(
         "pgnotify: %s %s on %s",
@@ -331,9 +409,10 @@ def _in_savepoint(using: str, action: Callable[..., None], cursor, state: Trigge
     return True
 
 
-def _valid_declarations(using: str) -> tuple[list[Declaration], set[str]]:
+def _valid_declarations(using: str, *, log: bool = True) -> tuple[list[Declaration], set[str]]:
     """Declarations of every model migrated to ``using``, and the lower-case
-    labels of models whose declaration is invalid (reported, not raised)."""
+    labels of models whose declaration is invalid (reported, not raised: with
+    ``log``, each is logged as an error)."""
     declarations: list[Declaration] = []
     invalid: set[str] = set()
     for model in apps.get_models():
@@ -341,6 +420,8 @@ def _valid_declarations(using: str) -> tuple[list[Declaration], set[str]]:
         serious = [e for e in errors if e.is_serious()]
         if serious:
             invalid.add(model._meta.label_lower)
+            if not log:
+                continue
             logger.error(
                 "pgnotify: %s keeps its current triggers: %s (%s)",
                 model._meta.label,
@@ -405,6 +486,15 @@ def _matches(comment: str, seal: str, built: trigger_sql.TriggerSQL) -> bool:
         return True
     base, _, sealed = comment.rpartition(" ")
     return base == built.comment and sealed == seal
+
+
+class NothingDeclared(ImproperlyConfigured):
+    """Selectors that name only models declaring nothing for the databases in question."""
+
+    def __init__(self, selectors: list[str], aliases: list[str]) -> None:
+        names = " or ".join(repr(alias) for alias in aliases)
+        where = f"database {names}" if aliases else "any PostgreSQL database"
+        super().__init__(f"No model in {' '.join(selectors)} declares pgnotify for {where}.")
 
 
 class CannotInstall(Exception):
@@ -493,6 +583,35 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
     )
 
 
+def _without_event_table(
+    target: _Target, installed: dict[tuple[int, str], _Installed], using: str
+) -> TriggerState:
+    """The state of a durable declaration whose event table ``using`` does not have.
+
+    Its triggers, if installed, fail every write to the table: ``drop_sql``
+    drops them.
+    """
+    built = target.built
+    detail = _no_event_table(using)
+    failing = (
+        target.body is not None
+        and wire.EVENT_TABLE in target.body
+        and any(key in installed for key in target.keys)
+    )
+    if failing:
+        detail += "; until then, its installed triggers make every write to the table fail"
+    drop = built.drop_triggers if failing else ""
+    return TriggerState(built.uri, NO_EVENT_TABLE, target.table, detail, built, drop)
+
+
+def _no_event_table(using: str) -> str:
+    return (
+        f'durable declarations write to table "{wire.EVENT_TABLE}", which is not in '
+        f"database {using!r} (or not on its search_path): run manage.py migrate "
+        f"django_pgnotify --database {using} to create it"
+    )
+
+
 def _not_a_table(target: _Target) -> str:
     """Why the target's relation cannot have its triggers ("" if it can)."""
     relkind = target.relkind or "r"
@@ -538,7 +657,24 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
     hashes = _trigger_hashes(cursor, [row.oid for row in installed.values()])
     server_version = cursor.connection.info.server_version
     targets = [_target(cursor, d, server_version) for d in declarations]
-    conflicts = _conflicts(targets)
+    # The database's other declarations, outside the selection: a selected one
+    # must not take their triggers over, nor drop a function one of them calls.
+    chosen = {d.uri for d in declarations}
+    neighbours = [
+        _target(cursor, d, server_version)
+        for d in _valid_declarations(cursor.db.alias, log=False)[0]
+        if d.uri not in chosen
+    ]
+    declared_functions = {t.function_oid for t in [*targets, *neighbours]} - {None}
+    event_table = True
+    if any(d.notify.durable for d in declarations):
+        # As the durable triggers name it: unqualified, found on this session's search_path.
+        cursor.execute(
+            "SELECT to_regclass(%s) IS NOT NULL",
+            [sql.Identifier(wire.EVENT_TABLE).as_string(None)],
+        )
+        (event_table,) = cursor.fetchone()
+    conflicts = _conflicts([*targets, *neighbours])
     expected_triggers: set[tuple[int, str]] = set()
     expected_functions: set[int] = set()
     states = []
@@ -557,11 +693,14 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
         if index in conflicts:  # it keeps what it has
             others = " and ".join(conflicts[index])
             detail = (
-                f"{others} also declares it, with the same trigger and function names on "
+                f"{others} also declares it, with the same trigger names on "
                 "this table: each install would replace the other's; declare pgnotify on "
                 "only one of the models, or give one of the declarations another name"
             )
             states.append(TriggerState(built.uri, CONFLICT, table, detail, built))
+            continue
+        if built.declaration.notify.durable and not event_table:
+            states.append(_without_event_table(target, installed, cursor.db.alias))
             continue
         problems = []
         if target.body is None:
@@ -599,15 +738,23 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
         if parsed is None or oid in expected_functions or not _selected(parsed[0], selectors):
             continue
         leftovers.setdefault(parsed[0], _Leftovers()).functions.add(tuple(function))
-    # A declaration's own triggers that still call a function of its own under
-    # another name: the table was renamed, or moved to another schema, and the
-    # function name follows the table's. Rebuilding the triggers frees it.
+    # A declaration's own triggers that still call another function of ours,
+    # one no declaration has: the table was renamed, or moved to another
+    # schema (the function's name follows the table's), or the model was
+    # renamed (the triggers moved with its table, under its former URI).
+    # Rebuilding the triggers frees it, unless other triggers call it too.
     for target, state in zip(targets, states, strict=True):
         if state.status in _REFUSED:
             continue
         for call in [installed[key] for key in target.keys if key in installed]:
-            former = trigger_sql.parse_comment(call.function_comment)
-            if former and former[0] == state.uri and call.function_oid not in expected_functions:
+            callers = {
+                key for key, row in installed.items() if row.function_oid == call.function_oid
+            }
+            if (
+                trigger_sql.parse_comment(call.function_comment)
+                and call.function_oid not in declared_functions
+                and callers <= set(target.keys)
+            ):
                 leftovers.setdefault(state.uri, _Leftovers()).replaced.add(call.function)
 
     by_uri = {state.uri: index for index, state in enumerate(states)}

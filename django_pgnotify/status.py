@@ -6,9 +6,9 @@ monitoring scripts. Nothing here changes the database.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from django.db import DatabaseError, connections, transaction
@@ -29,12 +29,13 @@ class DatabaseStatus:
         declarations: One dict per declaration or unknown trigger: ``uri``,
             ``model``, ``channel``, ``table``, ``status``, ``detail``.
         queue_usage: ``pg_notification_queue_usage()`` (0 to 1), or ``None``
-            when the database could not be reached.
+            when the database could not be reached or the query failed.
         listeners: Sessions named ``PGNOTIFY["APPLICATION_NAME"]`` on this
             database, from ``pg_stat_activity``.
         durable: For durable declarations: ``pending`` (backlog size),
             ``oldest_pending_age`` (seconds), ``dead`` (dead letters) and
-            ``done`` (kept for retention); ``None`` when none is declared.
+            ``done`` (kept for retention); ``None`` when none is declared, or
+            the backlog could not be counted (no event table, say).
         problems: What needs action; empty when all is well.
     """
 
@@ -86,17 +87,58 @@ def _connect_within(wrapper: BaseDatabaseWrapper, timeout: float) -> None:
         wrapper.settings_dict = configured
 
 
-def _problem(using: str, exc: DatabaseError, timeout: float | None) -> str:
-    """The problem a database error makes, in one line, naming the bound that ran out."""
-    text = " ".join(str(exc).split())
-    bound = None
+def _bound(using: str, exc: DatabaseError, timeout: float | None) -> str | None:
+    """The bound that ran out, if ``exc`` is one of ours giving up, for messages."""
     if timeout is not None and isinstance(exc.__cause__, psycopg.errors.ConnectionTimeout):
-        _, bound = _connect_timeout(connections[using], timeout)
-    elif timeout is not None and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
-        bound = f'{timeout:g}s (PGNOTIFY["PROBE_TIMEOUT"])'
-    if bound is None:
+        return _connect_timeout(connections[using], timeout)[1]
+    if timeout is not None and isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+        return f'{timeout:g}s (PGNOTIFY["PROBE_TIMEOUT"])'
+    return None
+
+
+def _connected(wrapper: BaseDatabaseWrapper) -> bool:
+    """Whether ``wrapper`` still has a working connection (after an error, say)."""
+    conn = wrapper.connection
+    return conn is not None and not conn.closed and not conn.broken
+
+
+def _ends_report(using: str, exc: DatabaseError, timeout: float | None) -> bool:
+    """Whether nothing more can be asked: the connection is lost, or the server did not
+    answer within the bound (asking on would wait as long again)."""
+    return not _connected(connections[using]) or _bound(using, exc, timeout) is not None
+
+
+def _problem(using: str, exc: DatabaseError, timeout: float | None, what: str = "") -> str:
+    """The problem a database error makes, in one line: the bound that ran out, a
+    database that cannot be reached, or else the error itself and ``what`` it failed."""
+    text = " ".join(str(exc).split())
+    bound = _bound(using, exc, timeout)
+    if bound is not None:
+        return f"database {using!r} did not answer within {bound}: {text}"
+    if not _connected(connections[using]):
         return f"cannot reach database {using!r}: {text}"
-    return f"database {using!r} did not answer within {bound}: {text}"
+    return f"{what or 'a query'} in database {using!r} failed: {text}"
+
+
+_T = TypeVar("_T")
+
+
+def _read(
+    what: str, using: str, timeout: float | None, problems: list[str], read: Callable[[], _T]
+) -> _T | None:
+    """``read()`` in a savepoint, so that an error of its own (a missing relation, a
+    permission) is a problem naming ``what`` and the rest of the report still comes.
+
+    Returns ``None`` after such an error; re-raises one that ends the report.
+    """
+    try:
+        with transaction.atomic(using=using):
+            return read()
+    except DatabaseError as exc:
+        if _ends_report(using, exc, timeout):
+            raise
+        problems.append(_problem(using, exc, timeout, what))
+        return None
 
 
 _LISTENERS = """
@@ -105,6 +147,24 @@ FROM pg_stat_activity
 WHERE application_name = %s AND datname = current_database()
 ORDER BY backend_start
 """
+
+
+def _activity(wrapper: BaseDatabaseWrapper) -> tuple[float, list[dict[str, Any]]]:
+    """The notification queue's usage, and the listeners connected to the database."""
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT pg_notification_queue_usage()")
+        usage = float(cursor.fetchone()[0])
+        cursor.execute(_LISTENERS, [get_setting("APPLICATION_NAME")])
+        listeners = [
+            {
+                "pid": pid,
+                "since": started.isoformat(),
+                "client": client or "local socket",
+                "state": state,
+            }
+            for pid, started, client, state in cursor.fetchall()
+        ]
+    return usage, listeners
 
 
 def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus:
@@ -120,6 +180,8 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
     wrapper = connections[using]
     own = not wrapper.in_atomic_block  # a caller's transaction is theirs
     timeout = float(get_setting("PROBE_TIMEOUT")) if own else None
+    states: list[installation.TriggerState] = []
+    activity: tuple[float, list[dict[str, Any]]] | None = None
     try:
         if timeout is not None and wrapper.connection is None:
             _connect_within(wrapper, timeout)
@@ -132,28 +194,40 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                         "SELECT set_config('statement_timeout', %s, true)",
                         [f"{max(1, round(timeout * 1000))}ms"],
                     )
-            states = installation.inspect_triggers(selectors, using)
-            with wrapper.cursor() as cursor:
-                cursor.execute("SELECT pg_notification_queue_usage()")
-                status.queue_usage = float(cursor.fetchone()[0])
-                cursor.execute(_LISTENERS, [get_setting("APPLICATION_NAME")])
-                status.listeners = [
-                    {
-                        "pid": pid,
-                        "since": started.isoformat(),
-                        "client": client or "local socket",
-                        "state": state,
-                    }
-                    for pid, started, client, state in cursor.fetchall()
-                ]
-            if any(s.sql is not None and s.sql.declaration.notify.durable for s in states):
-                status.durable = asdict(durable.backlog(using))
+            inspected = _read(
+                "inspecting the triggers",
+                using,
+                timeout,
+                status.problems,
+                lambda: installation.inspect_triggers(selectors, using),
+            )
+            states = inspected or []
+            activity = _read(
+                "reading the notification queue and listeners",
+                using,
+                timeout,
+                status.problems,
+                lambda: _activity(wrapper),
+            )
+            durables = [s for s in states if s.sql and s.sql.declaration.notify.durable]
+            # Without its event table, a durable declaration's state says so already.
+            if durables and all(s.status != installation.NO_EVENT_TABLE for s in durables):
+                backlog = _read(
+                    "counting the durable backlog",
+                    using,
+                    timeout,
+                    status.problems,
+                    lambda: durable.backlog(using),
+                )
+                if backlog is not None:
+                    status.durable = asdict(backlog)
     except DatabaseError as exc:
         status.problems.append(_problem(using, exc, timeout))
-        return status
     finally:
         if own:
             wrapper.close()
+    if activity is not None:
+        status.queue_usage, status.listeners = activity
     for state in states:
         declaration = state.sql.declaration if state.sql is not None else None
         status.declarations.append(
@@ -179,7 +253,11 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             f"{status.durable['dead']} durable event(s) are dead letters: retry or discard "
             "them in the admin (Durable events, status: dead letter)"
         )
-    if any(d["channel"] for d in status.declarations) and not status.listeners:
+    if (
+        activity is not None
+        and any(d["channel"] for d in status.declarations)
+        and not status.listeners
+    ):
         status.problems.append(
             f"no listener is connected (no session named {get_setting('APPLICATION_NAME')!r}):"
             " changes are not being delivered"

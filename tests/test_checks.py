@@ -392,9 +392,11 @@ def test_w004_a_header_that_leaves_a_long_context_no_room(registry):
     assert f"a context() longer than {limit} bytes as JSON text is left out" in message.msg
 
 
-def unmanaged_twin(model: type[models.Model], declared: Notify) -> type[models.Model]:
-    """``testapp.ShipmentTwin``: an unmanaged model on ``model``'s table."""
-    meta = {"app_label": "testapp", "managed": False, "db_table": model._meta.db_table}
+def unmanaged_twin(
+    model: type[models.Model], declared: Notify, db_table: str | None = None
+) -> type[models.Model]:
+    """``testapp.ShipmentTwin``: an unmanaged model on ``model``'s table, or on ``db_table``."""
+    meta = {"app_label": "testapp", "managed": False, "db_table": db_table or model._meta.db_table}
     return type(
         "ShipmentTwin",
         (models.Model,),
@@ -415,6 +417,30 @@ def test_e014_two_models_declaring_on_one_table_under_one_name(registry):
     assert [m.obj for m in messages] == [shipment, twin]
     assert "testapp.Shipment:default and testapp.ShipmentTwin:default" in messages[0].msg
     assert f"on table '{shipment._meta.db_table}'" in messages[0].msg
+
+
+def test_w005_a_twin_naming_the_table_in_public_is_on_the_same_table_by_default(registry):
+    """Only the database knows the search path: the installer refuses them if it is."""
+    shipment = declare(Notify(fields=["status"]))
+    twin = unmanaged_twin(shipment, Notify(fields=["status"]), '"public"."testapp_shipment"')
+
+    messages = check_models(registry)
+
+    assert [(m.id, m.obj) for m in messages] == [
+        ("pgnotify.W005", shipment),
+        ("pgnotify.W005", twin),
+    ]
+    assert (
+        "testapp.Shipment:default on table 'testapp_shipment' and "
+        "testapp.ShipmentTwin:default on table 'public.testapp_shipment'" in messages[0].msg
+    )
+
+
+def test_a_twin_naming_the_table_in_another_schema_is_on_another_table(registry):
+    shipment = declare(Notify(fields=["status"]))
+    unmanaged_twin(shipment, Notify(fields=["status"]), '"sales"."testapp_shipment"')
+
+    assert check_models(registry) == []
 
 
 def test_two_models_on_one_table_with_distinct_declaration_names_are_accepted(registry):
@@ -485,6 +511,29 @@ def test_w003_unknown_pgnotify_key():
     assert message.level == checks.WARNING
     assert "'POLL_INTERVALL'" in message.msg
     assert "POLL_INTERVAL" in message.hint
+
+
+class EventTableOnDefaultOnly:
+    """A router that keeps django_pgnotify (its event table) off every database but
+    "default", while other apps, the durable test app's included, migrate everywhere."""
+
+    def allow_migrate(self, db: str, app_label: str, **hints: object) -> bool | None:
+        return db == "default" if app_label == "django_pgnotify" else None
+
+
+@override_settings(DATABASE_ROUTERS=[f"{__name__}.EventTableOnDefaultOnly"])
+def test_e016_a_durable_model_on_a_database_the_event_table_is_not_migrated_to():
+    from tests.durableapp.models import Job
+
+    message = only(check_declarations(), "pgnotify.E016")
+
+    assert message.obj is Job
+    assert message.msg.startswith(
+        "durableapp.Job declares durable=True and migrates to database 'other', but the "
+        "database router does not migrate django_pgnotify there"
+    )
+    assert "'pgnotify_event'" in message.msg
+    assert "migrate django_pgnotify --database other" in message.hint
 
 
 def test_e009_declarations_on_a_database_that_is_not_postgresql():

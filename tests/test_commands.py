@@ -107,6 +107,22 @@ def test_install_reports_an_unreachable_server():
     assert "Traceback" not in result.stderr
 
 
+def test_install_sql_without_a_server_prints_every_declaration_and_says_what_it_lacks():
+    port = closed_port()
+    url = f"postgresql://postgres@127.0.0.1:{port}/nowhere?connect_timeout=5"
+
+    result = run_manage("pgnotify_install", "--sql", env=django_env(DATABASE_URL=url))
+
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"-- Cannot connect to database 'default' (postgres@127.0.0.1:{port}/")
+    assert "It does not drop what an earlier install left" in result.stdout
+    assert "-- testapp.Order:default\n" in result.stdout
+    assert "-- testapp.Tag:default\n" in result.stdout
+    # The form every supported server runs, whatever the server it is run on.
+    assert 'to_json(n."status")' in result.stdout and "JSON_SCALAR" not in result.stdout
+
+
 def test_listen_waits_for_an_unreachable_server_naming_it_and_stops_on_sigterm():
     port = closed_port()
     url = f"postgresql://postgres@127.0.0.1:{port}/nowhere?connect_timeout=5"
@@ -152,7 +168,7 @@ def test_commands_refuse_an_unknown_database_alias(command):
     assert "Unknown database alias 'nope'" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
+@pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install", "pgnotify_status"])
 def test_commands_refuse_selectors_that_declare_nothing(command, transactional_db):
     result = run_manage(command, "contenttypes")
 

@@ -1,9 +1,9 @@
-"""``pgnotify_install --sql`` with ``--uninstall`` or ``--prune``: what would run, and no change.
+"""``pgnotify_install --sql``: what would run, and no change.
 
-The commands page documents that ``--sql`` changes nothing in every combination: with
-``--prune`` it prints the statements that would prune before the install SQL, and with
-``--uninstall`` only the statements that would drop. Each test runs in a transaction that is
-rolled back afterwards.
+The commands page documents that ``--sql`` changes nothing in every combination, and that
+what it prints is what the command would run: the install SQL with the drops install runs,
+then with ``--prune`` the statements that would prune; with ``--uninstall`` only the
+statements that would drop. Each test runs in a transaction that is rolled back afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def preview(*args: str) -> str:
     return out.getvalue()
 
 
+def run_as_psql_would(printed: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(printed)
+
+
 def states() -> dict[str, str]:
     return {s.uri: s.status for s in inspect_triggers()}
 
@@ -52,17 +57,40 @@ def test_sql_with_uninstall_prints_only_the_drop_statements_and_changes_nothing(
     assert before["testapp.Order:default"] == INSTALLED
 
 
-def test_sql_with_prune_prints_the_leftovers_first_then_the_install_sql():
+def test_sql_with_prune_prints_the_install_sql_then_the_leftovers_as_the_command_runs_them():
     leftover = install_a_leftover()
+    uninstall_triggers(["testapp.Order"])
     before = states()
     assert before[leftover] == UNKNOWN
 
     out = preview("--prune")
 
-    assert f"-- prune {leftover}" in out
-    assert out.index(f"-- prune {leftover}") < out.index("-- testapp.Order:default")
+    assert out.index("-- testapp.Order:default") < out.index(f"-- prune {leftover}")
     assert "CREATE TRIGGER" in out
     assert states() == before  # the leftover is still there
+    run_as_psql_would(out)
+    assert set(states().values()) == {INSTALLED}
+
+
+def test_sql_after_a_declaration_was_renamed_drops_the_former_triggers_as_install_does():
+    """testapp.Tag declared Notify(name="old") when it was installed; it now declares
+    the default name. Running the printed SQL leaves one set of triggers, not two."""
+    uninstall_triggers(["testapp.Tag"])
+    install_stray_declaration("Tag", "old")
+
+    out = preview("testapp.Tag")
+
+    assert out.index("-- testapp.Tag:default") < out.index("-- remove testapp.Tag:old")
+    run_as_psql_would(out)
+    assert set(states().values()) == {INSTALLED}
+    assert "testapp.Tag:old" not in states()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'testapp_tag'::regclass"
+            " AND NOT tgisinternal ORDER BY tgname"
+        )
+        names = [name for (name,) in cursor.fetchall()]
+    assert names == ["pgnotify_delete", "pgnotify_insert", "pgnotify_update"]
 
 
 def test_sql_with_uninstall_after_a_table_rename_drops_the_former_function_after_the_triggers():
@@ -85,5 +113,4 @@ def test_sql_with_uninstall_after_a_table_rename_drops_the_former_function_after
     assert max(i for i, s in enumerate(statements) if s.startswith("DROP TRIGGER")) < min(
         i for i, s in enumerate(statements) if s.startswith("DROP FUNCTION")
     )
-    with connection.cursor() as cursor:  # and it runs
-        cursor.execute(out)
+    run_as_psql_would(out)

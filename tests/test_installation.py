@@ -13,7 +13,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import connection, connections
 from psycopg import sql
 
 from django_pgnotify import Notify, triggers
@@ -21,6 +21,7 @@ from django_pgnotify.declarations import Declaration, get_declarations
 from django_pgnotify.installation import (
     INSTALLED,
     MISSING,
+    NO_EVENT_TABLE,
     NOT_A_TABLE,
     OUTDATED,
     UNKNOWN,
@@ -36,6 +37,7 @@ from django_pgnotify.installation import (
 from django_pgnotify.naming import TableName
 from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
 from tests.conftest import install_stray_declaration
+from tests.durableapp.models import Job
 
 pytestmark = pytest.mark.django_db
 
@@ -286,6 +288,68 @@ def test_install_with_selectors_that_declare_nothing_fails():
         run("contenttypes")
 
 
+# Durable declarations need the event table their trigger writes to
+
+
+def drop_the_event_table(using: str = "default") -> None:
+    """Drop ``pgnotify_event`` for the rest of the test's transaction, as a database
+    django_pgnotify's migrations were never applied to (or were reverted on) lacks it."""
+    with connections[using].cursor() as cursor:
+        cursor.execute("DROP TABLE pgnotify_event")
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+@pytest.mark.parametrize("using", ["default", "other"])
+def test_install_refuses_a_durable_declaration_without_the_event_table(using):
+    uninstall_triggers(["durableapp", "testapp.Tag"], using)
+    drop_the_event_table(using)
+
+    with pytest.raises(CannotInstall) as info:
+        install_triggers(using=using)
+    with pytest.raises(CommandError, match=r'no event table: durableapp\.Job:default on "durab'):
+        run("--database", using)
+
+    (state,) = info.value.states
+    assert (state.uri, state.status) == ("durableapp.Job:default", NO_EVENT_TABLE)
+    assert f"run manage.py migrate django_pgnotify --database {using} to create it" in state.detail
+    assert states("testapp.Tag", using=using) == {"testapp.Tag:default": MISSING}
+    Job.objects.using(using).create(name="written")  # nothing of ours is in its way
+
+
+def test_check_flags_durable_triggers_whose_event_table_was_dropped_since():
+    drop_the_event_table()
+    out = StringIO()
+
+    with pytest.raises(CommandError, match="no event table needs migrate first") as info:
+        call_command("pgnotify_install", "--check", stdout=out)
+
+    assert info.value.returncode == 1
+    (line,) = [line for line in out.getvalue().splitlines() if "durableapp" in line]
+    assert line.startswith('no event table: durableapp.Job:default on "durableapp_job" (')
+    assert line.endswith("until then, its installed triggers make every write to the table fail)")
+
+
+def test_migrate_sync_drops_durable_triggers_without_the_event_table_and_installs_the_others(
+    caplog,
+):
+    uninstall_triggers(["testapp.Order"])
+    drop_the_event_table()
+
+    with caplog.at_level(logging.ERROR, "django_pgnotify.installation"):
+        changed = sync_triggers()
+        again = sync_triggers()
+
+    assert [s.uri for s in changed] == ["testapp.Order:default", "durableapp.Job:default"]
+    assert again == []
+    assert trigger_names("durableapp_job") == set()
+    Job.objects.create(name="written")
+    assert (
+        'pgnotify: dropped the triggers of durableapp.Job:default on "durableapp_job", which made '
+        'every write to it fail: durable declarations write to table "pgnotify_event"'
+    ) in caplog.text
+    assert 'durableapp.Job:default on "durableapp_job" is not installed: durable' in caplog.text
+
+
 # Check and drift
 
 
@@ -330,7 +394,8 @@ def test_a_repair_of_triggers_installed_from_the_printed_sql_uses_the_servers_ow
         pytest.skip("both forms are the same before PostgreSQL 17")
     built = build_trigger_sql(declaration("testapp.Order"))
     uninstall_triggers(["testapp.Order"])
-    execute(run("--sql", "testapp.Order"))
+    execute(built.install)  # as --sql prints it when it cannot reach the database
+    assert states("testapp.Order") == {built.uri: INSTALLED}
     execute(
         sql.SQL("DROP TRIGGER {} ON {}").format(
             sql.Identifier(built.triggers["update"]), built.table
@@ -349,26 +414,40 @@ def test_a_repair_of_triggers_installed_from_the_printed_sql_uses_the_servers_ow
         assert 'JSON_SCALAR(n."status")' in cursor.fetchone()[0]
 
 
-def test_install_renders_values_as_the_server_allows_and_sql_prints_what_every_server_runs():
+def test_install_renders_values_as_the_server_allows_and_sql_prints_what_install_runs():
+    """Without a database connection, --sql prints the to_json form (test_commands)."""
+    uninstall_triggers(["testapp.Order"])
+    printed = run("--sql", "testapp.Order")
+    install_triggers(["testapp.Order"])
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s)",
             [build_trigger_sql(declaration("testapp.Order")).function.as_string(None) + "()"],
         )
         (installed,) = cursor.fetchone()
-    printed = run("--sql", "testapp.Order")
 
     newer = connection.pg_version >= triggers.JSON_SCALAR_SINCE
     assert ('JSON_SCALAR(n."status")' in installed) is newer
     assert ('to_json(n."status")' in installed) is not newer
-    assert 'to_json(n."status")' in printed
-    assert "JSON_SCALAR" not in printed
+    assert installed in printed
+
+
+def test_sql_prints_nothing_to_run_when_every_declaration_is_current():
+    out = run("--sql")
+
+    assert "-- Nothing to run: all triggers are up to date." in out
+    assert "CREATE" not in out and "DROP" not in out
+    assert run("--sql", "-v", "0") == ""
 
 
 def test_check_exits_0_when_everything_is_installed_and_current():
     out = run("--check")
 
     assert f"All {len(states())} declaration(s) are installed and current." in out
+
+
+def test_check_prints_nothing_at_verbosity_0_when_everything_is_current():
+    assert run("--check", "-v", "0") == ""
 
 
 def test_check_exits_1_naming_each_missing_outdated_and_unknown_trigger(gone):
@@ -513,6 +592,51 @@ def test_uninstall_after_the_table_was_renamed_or_moved_removes_the_former_funct
     assert former_table.declaration.function not in functions()
     assert states("testapp.Tag") == {"testapp.Tag:default": MISSING}
     assert UNKNOWN not in states().values()
+
+
+# A model renamed (RenameModel, hook off)
+
+
+def installed_by_a_former_model(label: str, events: tuple[str, ...]) -> TriggerSQL:
+    """The model ``label``'s table as a RenameModel from ``testapp.Label`` leaves it:
+    renamed with its triggers, which keep the former model's URI and call the
+    function named after the table's former name."""
+    table = declaration(label).table.name
+    uninstall_triggers([label])
+    execute(f"ALTER TABLE {table} RENAME TO testapp_label")
+    former = install_stray_declaration("Label", "default", table="testapp_label", events=events)
+    execute(f"ALTER TABLE testapp_label RENAME TO {table}")
+    return former
+
+
+def test_one_install_converges_after_the_model_was_renamed():
+    former = installed_by_a_former_model("testapp.Tag", ("insert", "update", "delete"))
+
+    out = run()
+
+    assert "Updated testapp.Tag:default on" in out
+    assert run("--check").startswith("All ")
+    assert former.declaration.function not in functions()
+
+
+def test_after_a_model_rename_the_former_function_stays_while_a_leftover_trigger_calls_it():
+    """testapp.Article declares no delete: the former model's delete trigger is not
+    one install rebuilds, so its function stays until --prune drops both."""
+    former = installed_by_a_former_model("testapp.Article", ("insert", "update", "delete"))
+
+    out = run()
+
+    assert "Updated testapp.Article:default on" in out
+    assert trigger_names("testapp_article") == {
+        "pgnotify_insert",
+        "pgnotify_update",
+        "pgnotify_delete",
+    }
+    assert states()["testapp.Label:default"] == UNKNOWN
+    assert former.declaration.function in functions()
+    run("--prune")
+    assert run("--check").startswith("All ")
+    assert former.declaration.function not in functions()
 
 
 # Unknown triggers and pruning

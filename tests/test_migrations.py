@@ -8,6 +8,7 @@ triggers send.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -245,6 +246,43 @@ def test_triggers_of_tables_the_plan_does_not_touch_stay_in_place(evolving):
         "SELECT oid FROM pg_trigger WHERE tgrelid = 'evolving_part'::regclass ORDER BY oid"
     ).fetchall()
     assert before == after and len(after) == 3
+
+
+def test_migrating_a_durable_app_before_django_pgnotify_installs_its_triggers_only_after(
+    empty_database_url,
+):
+    """Triggers that write to an event table the database lacks would fail every write."""
+    env = django_env(DATABASE_URL=empty_database_url)
+    insert = "INSERT INTO durableapp_job (name, body, n) VALUES ('written', '', 0)"
+
+    alone = run_manage("migrate", "durableapp", env=env)
+    check = run_manage("pgnotify_install", "--check", "durableapp", env=env)
+    install = run_manage("pgnotify_install", "durableapp", env=env)
+    report = run_manage("pgnotify_status", "--json", "--database", "default", "durableapp", env=env)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(insert)  # nothing of ours is in its way
+
+        everything = run_manage("migrate", env=env)  # django_pgnotify's migrations too
+        conn.execute(insert)
+        events = conn.execute("SELECT count(*) FROM pgnotify_event").fetchone()
+
+    assert alone.returncode == 0, alone.stderr
+    assert (
+        'pgnotify: durableapp.Job:default on "durableapp_job" is not installed: durable '
+        "declarations write to table \"pgnotify_event\", which is not in database 'default'"
+    ) in alone.stderr
+    assert check.returncode == 1
+    assert 'no event table: durableapp.Job:default on "durableapp_job"' in check.stdout
+    assert install.returncode == 1
+    assert "run manage.py migrate django_pgnotify --database default" in install.stderr
+    (database,) = json.loads(report.stdout)["databases"]
+    assert [d["status"] for d in database["declarations"]] == ["no event table"]
+    assert database["durable"] is None  # the backlog is not counted: that would fail
+    assert len(database["problems"]) == 2  # this, and no listener
+    assert everything.returncode == 0, everything.stderr
+    assert events == (1,)
+    final = run_manage("pgnotify_install", "--check", "durableapp", env=env)
+    assert final.returncode == 0, final.stdout + final.stderr
 
 
 # Which tables a plan touches (no database needed)

@@ -112,6 +112,22 @@ def test_a_second_model_on_a_declared_table_is_refused_naming_both(oddtables):
     )
 
 
+@pytest.mark.parametrize("twin", ["1", "public"], ids=["same-name", "schema-qualified"])
+def test_installing_only_the_second_model_on_a_declared_table_is_refused_too(oddtables, twin):
+    assert oddtables.manage("migrate").returncode == 0
+    before = oddtables.triggers()
+
+    install = oddtables.manage(
+        "pgnotify_install", "oddtables.NoteTwin", "--skip-checks", ODDTABLES_TWIN=twin
+    )
+
+    assert install.returncode == 1
+    assert "conflict: oddtables.NoteTwin:default on " in install.stderr
+    assert "(oddtables.Note:default also declares it" in install.stderr
+    # Note keeps the triggers it had, and what they send.
+    assert oddtables.triggers() == before
+
+
 def test_listen_refuses_a_model_on_a_view_rather_than_wait_on_a_channel_that_never_fires(
     oddtables,
 ):

@@ -96,6 +96,42 @@ def test_status_exits_1_and_names_a_missing_trigger(listener_process, restore_tr
     assert "needs action: missing: testapp.Tag:default" in result.stdout
 
 
+def test_status_reports_a_query_that_fails_for_what_it_is_and_keeps_the_rest(other_connection):
+    # As before django_pgnotify's migration that adds the column the backlog reads.
+    other_connection.execute("ALTER TABLE pgnotify_event RENAME COLUMN handled TO handled_later")
+    try:
+        result = status("--json")
+    finally:
+        other_connection.execute(
+            "ALTER TABLE pgnotify_event RENAME COLUMN handled_later TO handled"
+        )
+
+    assert result.returncode == 1, result.stderr
+    (database,) = json.loads(result.stdout)["databases"]
+    (failed,) = [p for p in database["problems"] if "durable backlog" in p]
+    assert failed.startswith(
+        "counting the durable backlog in database 'default' failed: "
+        'column "handled" does not exist'
+    )
+    assert not [p for p in database["problems"] if "cannot reach" in p]
+    assert {d["status"] for d in database["declarations"]} == {"installed"}
+    assert database["queue_usage"] is not None
+    assert database["durable"] is None
+
+
+@pytest.mark.parametrize("database", [[], ["--database", "other"]], ids=["every", "one"])
+def test_status_json_refuses_selectors_that_declare_nothing_as_install_does(
+    database, transactional_db
+):
+    result = run_manage("pgnotify_status", "contenttypes", "--json", *database)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "No model in contenttypes declares pgnotify for database " in result.stderr
+    assert "'other'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_status_refuses_an_unknown_database_alias(transactional_db):
     result = run_manage("pgnotify_status", "--database", "nope")
 

@@ -2,7 +2,9 @@
 
 ``NoteSummary`` is an unmanaged model on a view. With ``ODDTABLES_TWIN=1``,
 ``NoteTwin`` is an unmanaged model on ``Note``'s table that declares too: its
-triggers and function would have the same names as ``Note``'s.
+triggers and function would have the same names as ``Note``'s. With
+``ODDTABLES_TWIN=public`` it names the table with its schema: its function's
+name differs, its triggers' do not.
 """
 
 import os
@@ -38,7 +40,7 @@ class NoteSummary(models.Model):
         pgnotify = Notify(fields=["text"])
 
 
-if os.environ.get("ODDTABLES_TWIN") == "1":
+if os.environ.get("ODDTABLES_TWIN") in ("1", "public"):
 
     class NoteTwin(models.Model):
         text = models.CharField(max_length=50)
@@ -46,5 +48,8 @@ if os.environ.get("ODDTABLES_TWIN") == "1":
         class Meta:
             app_label = "oddtables"
             managed = False
-            db_table = "oddtables_note"
+            if os.environ["ODDTABLES_TWIN"] == "public":
+                db_table = '"public"."oddtables_note"'
+            else:
+                db_table = "oddtables_note"
             pgnotify = Notify(fields=["text"])

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connections
 
 from django_pgnotify import installation
 from django_pgnotify.connection import connection_params, describe
@@ -49,7 +49,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--sql",
             action="store_true",
-            help="Print the SQL that would be run and change nothing.",
+            help="Print the SQL that would be run and change nothing (when it cannot connect "
+            "to the database: the SQL of every selected declaration, without the drops "
+            "of what earlier installs left).",
         )
 
     def handle(self, *args: str, **options: Any) -> None:
@@ -71,12 +73,8 @@ class Command(BaseCommand):
             elif options["uninstall"]:
                 self.report(installation.uninstall_triggers(selectors, using), "Removed")
             else:
-                nothing = not installation.declarations_for(selectors, using)
-                if selectors and nothing and not options["prune"]:
-                    raise CommandError(
-                        f"No model in {' '.join(selectors)} declares pgnotify for database "
-                        f"{using!r}; nothing to install."
-                    )
+                if not options["prune"]:  # --prune cleans up after models that stopped declaring
+                    installation.require_declarations(selectors, [using])
                 self.report(installation.install_triggers(selectors, using), "Installed")
                 if options["prune"]:
                     self.report(installation.prune_triggers(selectors, using), "Pruned")
@@ -87,15 +85,54 @@ class Command(BaseCommand):
             raise CommandError(f"Database {using!r} ({where}): {exc}".strip()) from exc
 
     def print_sql(self, selectors: tuple[str, ...], using: str, options: dict[str, Any]) -> None:
-        if options["uninstall"] or options["prune"] or options["check"]:
-            states = installation.inspect_triggers(selectors, using)
-            for state in states:
+        pruning = options["prune"] or options["check"]
+        try:
+            connections[using].ensure_connection()
+        except OperationalError as exc:
+            if options["uninstall"] or pruning:  # only the database knows what is there
+                raise
+            self.print_declared_sql(selectors, using, exc)
+            return
+        if options["uninstall"]:
+            for state in installation.inspect_triggers(selectors, using):
                 if state.status == installation.UNKNOWN:
                     self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
-                elif options["uninstall"] and state.uninstall_sql:
+                elif state.uninstall_sql:
                     self.stdout.write(f"-- remove {state.uri}\n{state.uninstall_sql}\n")
-            if options["uninstall"]:
-                return
+            return
+        changes = installation.install_plan(selectors, using)
+        pruned = []
+        if pruning:  # as prune_triggers finds them after the install
+            removed = {state.uri for state in changes}
+            pruned = [
+                state
+                for state in installation.inspect_triggers(selectors, using)
+                if state.status == installation.UNKNOWN and state.uri not in removed
+            ]
+        if not changes and not pruned and self.verbosity < 1:
+            return
+        where = describe(connection_params(using))
+        self.stdout.write(f"-- What pgnotify_install would run in database {using!r} ({where}).\n")
+        for state in changes:
+            superseded = state.status == installation.UNKNOWN
+            heading = f"remove {state.uri}" if superseded else state.uri
+            self.stdout.write(f"-- {heading}\n{state.install_sql}\n")
+        for state in pruned:
+            self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
+        if not changes and not pruned:
+            self.stdout.write("-- Nothing to run: all triggers are up to date.\n")
+
+    def print_declared_sql(self, selectors: tuple[str, ...], using: str, error: Exception) -> None:
+        """Without the database: the SQL of every selected declaration, in the form
+        every supported server runs. What an earlier install left is not known."""
+        where = describe(connection_params(using))
+        self.stdout.write(
+            f"-- Cannot connect to database {using!r} ({where}): {' '.join(str(error).split())}\n"
+            "-- Below is the SQL of every selected declaration, in the form every supported\n"
+            "-- server runs. It does not drop what an earlier install left (the triggers of a\n"
+            "-- renamed declaration, the function of a renamed table or model), as\n"
+            "-- pgnotify_install does; connected to the database, --sql prints those drops.\n"
+        )
         for declaration in installation.declarations_for(selectors, using):
             built = build_trigger_sql(declaration)
             self.stdout.write(f"-- {built.uri}\n{built.install}\n")
@@ -110,20 +147,22 @@ class Command(BaseCommand):
             else:
                 self.stdout.write(self.style.ERROR(str(state)))
         if problems:
-            change = any(s.status in installation.NEEDS_CHANGE for s in problems)
+            statuses = {s.status for s in problems}
+            advice = ["run manage.py pgnotify_install (with --prune for unknown ones)"]
+            if statuses & {installation.NO_TABLE, installation.NO_EVENT_TABLE}:
+                advice.append("a declaration with no table or no event table needs migrate first")
+            if statuses & set(installation.NEEDS_CHANGE):
+                advice.append("a declaration that is not a table or in conflict needs changing")
             raise CommandError(
                 f"{len(problems)} trigger problem(s) in database {using!r}; "
-                "run manage.py pgnotify_install (with --prune for unknown ones)"
-                + (
-                    "; a declaration that is not a table or in conflict needs changing."
-                    if change
-                    else "."
-                ),
+                + "; ".join(advice)
+                + ".",
                 returncode=1,
             )
-        self.stdout.write(
-            self.style.SUCCESS(f"All {len(states)} declaration(s) are installed and current.")
-        )
+        if self.verbosity >= 1:
+            self.stdout.write(
+                self.style.SUCCESS(f"All {len(states)} declaration(s) are installed and current.")
+            )
 
     def report(self, states: list[installation.TriggerState], verb: str) -> None:
         installed_words = {installation.OUTDATED: "Updated", installation.UNKNOWN: "Removed"}

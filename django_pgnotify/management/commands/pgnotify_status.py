@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
 from django_pgnotify.connection import NotPostgreSQL
-from django_pgnotify.installation import declarations_for
+from django_pgnotify.installation import declarations_for, require_declarations
 from django_pgnotify.status import DatabaseStatus, database_status
 
 
@@ -43,13 +43,11 @@ class Command(BaseCommand):
                 if options["database"] not in connections:
                     raise CommandError(f"Unknown database alias {options['database']!r}.")
                 aliases = [options["database"]]
+                require_declarations(selectors, aliases)
             else:
-                aliases = [
-                    alias
-                    for alias in connections
-                    if connections[alias].vendor == "postgresql"
-                    and declarations_for(selectors, alias)
-                ]
+                postgres = [a for a in connections if connections[a].vendor == "postgresql"]
+                require_declarations(selectors, postgres)
+                aliases = [alias for alias in postgres if declarations_for(selectors, alias)]
             statuses = [database_status(alias, selectors) for alias in aliases]
         except (NotPostgreSQL, ImproperlyConfigured) as exc:  # an unknown selector, say
             raise CommandError(str(exc)) from exc
