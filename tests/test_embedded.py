@@ -1,8 +1,9 @@
 """The embedded PostgreSQL and Redis go with the process that started them, however it ends.
 
-Each test starts ``tests/embedded_owner.py``, a process that starts a server and says
-where it is; then kills it (SIGKILL: no exit hook runs), or lets it exit, and waits
-until the server's processes, its directory and its watchdog are gone.
+Most tests start ``tests/embedded_owner.py``, a process that starts a server and says
+where it is; then kill it (SIGKILL: no exit hook runs), or let it exit, and wait
+until the server's processes, its directory and its watchdog are gone. The watchdog's
+choice of what to signal is tested on its own, without sending any signal it would.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from django_pgnotify.embedded_redis import find_redis_server
+from django_pgnotify import embedded, embedded_redis, watchdog
+from django_pgnotify.embedded_redis import EmbeddedRedis, find_redis_server
 from tests.conftest import ROOT, django_env, wait_until
 
 psutil = pytest.importorskip("psutil", reason="psutil comes with the embedded extra")
@@ -58,6 +63,7 @@ class Owner:
     process: subprocess.Popen[str]
     directory: str
     server: list[int]  # the server's pid first, then its children
+    watchdog: int | None
     children: list[int] = field(default_factory=list)
 
     def leftovers(self) -> list[str]:
@@ -97,9 +103,11 @@ def start_owner() -> Iterator[Callable[..., Owner]]:
             pytest.fail(f"the owner did not report: {process.communicate(timeout=10)[1]}")
         report = json.loads(line)
         server = [report["pid"]]
-        if kind == "postgres":
+        if kind == "postgres" and running(report["pid"]):
             server += [child.pid for child in psutil.Process(report["pid"]).children()]
-        owner = Owner(kind, process, report["directory"], server, report["children"])
+        owner = Owner(
+            kind, process, report["directory"], server, report["watchdog"], report["children"]
+        )
         started.append(owner)
         return owner
 
@@ -170,3 +178,170 @@ def test_a_forked_child_that_exits_leaves_the_server_running(start_owner, kind):
     assert os.path.isdir(owner.directory)
     owner.process.communicate("", timeout=60)  # the owner's own exit still removes it
     owner.wait_until_gone()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_a_stale_pid_file_does_not_make_the_watchdog_signal_another_process(
+    start_owner, kind, tmp_path
+):
+    needs(kind)
+    # The process the server's pid went to after the server ended: it works elsewhere.
+    bystander = subprocess.Popen(["sleep", "60"], cwd=tmp_path, start_new_session=True)
+    try:
+        owner = start_owner(kind, "--stale-pidfile", str(bystander.pid))
+        assert owner.watchdog is not None
+
+        os.kill(owner.process.pid, signal.SIGKILL)
+        owner.process.wait(10)
+        wait_until(lambda: not running(owner.watchdog), GONE_WITHIN, "the watchdog's exit")
+
+        assert running(bystander.pid)
+        assert not os.path.exists(owner.directory)
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+
+
+@pytest.fixture
+def sleeping_in() -> Iterator[Callable[[Path], subprocess.Popen[bytes]]]:
+    """Start a ``sleep`` in a session of its own in the given directory."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(directory: Path) -> subprocess.Popen[bytes]:
+        directory.mkdir(exist_ok=True)
+        started.append(subprocess.Popen(["sleep", "60"], cwd=directory, start_new_session=True))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait(10)
+
+
+@pytest.fixture
+def no_signals(sleeping_in: object) -> Iterator[None]:
+    """Fail a test that would send a signal: only ``os.kill(pid, 0)`` (is it there?) for
+    a pid above 1 goes through. Undone before the sleeps are stopped."""
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if pid <= 1 or sig != 0:
+            raise AssertionError(f"os.kill({pid}, {sig})")
+        real_kill(pid, sig)
+
+    def pidfd_send_signal(*args: object) -> None:
+        raise AssertionError(f"pidfd_send_signal{args}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "kill", kill)
+        patch.setattr(signal, "pidfd_send_signal", pidfd_send_signal, raising=False)
+        yield
+
+
+@pytest.mark.parametrize(
+    "content", ["-1\n", "0\n", "-5\n", "1\n", "", "\n", "garbage\n", "12 34\n", "0x10\n"]
+)
+def test_a_pid_file_that_names_no_single_process_names_no_server(no_signals, tmp_path, content):
+    pidfile = tmp_path / "server.pid"
+    pidfile.write_text(content)
+
+    # "/" is where init works: pid 1 is refused for its pid alone.
+    assert watchdog._server_pid(pidfile, "/") is None
+    assert watchdog._server_pid(pidfile, str(tmp_path)) is None
+
+
+def test_a_missing_pid_file_names_no_server(no_signals, tmp_path):
+    assert watchdog._server_pid(tmp_path / "server.pid", str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["/proc", "lsof"])
+def test_the_server_is_the_process_working_in_its_directory(
+    no_signals, monkeypatch, tmp_path, sleeping_in, proc
+):
+    if not proc:
+        if not shutil.which("lsof"):
+            pytest.skip("no lsof")
+        monkeypatch.setattr(watchdog, "_HAS_PROC", False)
+    server = sleeping_in(tmp_path / "server")
+    pidfile = tmp_path / "server.pid"
+    pidfile.write_text(f"{server.pid}\n")
+
+    assert watchdog._server_pid(pidfile, os.path.realpath(tmp_path / "server")) == server.pid
+    # Its pid gone to a process working elsewhere: the pid file is stale.
+    assert watchdog._server_pid(pidfile, os.path.realpath(tmp_path / "elsewhere")) is None
+
+
+def test_a_server_that_has_ended_but_not_been_waited_for_is_no_server(tmp_path, sleeping_in):
+    server = sleeping_in(tmp_path / "server")
+    pidfile = tmp_path / "server.pid"
+    pidfile.write_text(f"{server.pid}\n")
+    server.terminate()
+    wait_until(lambda: not running(server.pid), 10, "the sleep's end")
+
+    assert psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE
+    assert watchdog._server_pid(pidfile, os.path.realpath(tmp_path / "server")) is None
+
+
+def test_the_watchdog_signals_the_server_and_not_a_process_working_elsewhere(tmp_path, sleeping_in):
+    server, elsewhere = sleeping_in(tmp_path / "server"), sleeping_in(tmp_path / "elsewhere")
+    pidfile = tmp_path / "server.pid"
+    server_cwd = os.path.realpath(tmp_path / "server")
+
+    pidfile.write_text(f"{elsewhere.pid}\n")
+    watchdog._stop_process(pidfile, server_cwd, [signal.SIGTERM], timeout=5)
+    assert running(elsewhere.pid)
+
+    pidfile.write_text(f"{server.pid}\n")
+    watchdog._stop_process(pidfile, server_cwd, [signal.SIGTERM], timeout=5)
+    assert server.wait(5) == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("program", ["missing", "false", "echo"])
+def test_a_watchdog_that_cannot_start_is_done_without_and_says_why(monkeypatch, tmp_path, program):
+    # What sys.executable can be when Python is embedded (uWSGI, mod_wsgi): no Python.
+    executable = str(tmp_path / "missing") if program == "missing" else shutil.which(program)
+    monkeypatch.setattr(sys, "executable", executable)
+
+    with pytest.warns(RuntimeWarning, match="no watchdog") as warned:
+        started = watchdog.start_watchdog(
+            tmp_path, tmp_path / "server.pid", [signal.SIGTERM], server_cwd=tmp_path
+        )
+
+    assert started is None
+    assert str(executable) in str(warned[0].message)
+    assert tmp_path.is_dir()
+
+
+def test_an_embedded_redis_runs_without_a_watchdog_that_cannot_start(monkeypatch, tmp_path):
+    needs("redis")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "missing"))
+
+    with pytest.warns(RuntimeWarning, match="no watchdog"):
+        redis = EmbeddedRedis()
+    try:
+        assert redis.watchdog is None
+        redis.start()
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+            sock.sendall(b"PING\r\n")
+            assert sock.recv(16).startswith(b"+PONG")
+    finally:
+        redis.close()
+    assert not os.path.exists(redis.directory)
+
+
+@pytest.mark.parametrize("kind", ["postgres", "redis"])
+def test_a_start_interrupted_while_the_watchdog_starts_leaves_no_directory(
+    monkeypatch, tmp_path, kind
+):
+    needs(kind)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    module = embedded if kind == "postgres" else embedded_redis
+    monkeypatch.setattr(module, "start_watchdog", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.EmbeddedPostgres() if kind == "postgres" else EmbeddedRedis()
+
+    assert list(tmp_path.iterdir()) == []
