@@ -5,12 +5,12 @@ E004 ``when_changed``; E005 channel; E006 proxy model; E007 declaration names;
 E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
 ``PGNOTIFY`` setting; E011 composite primary key; E012 column names too
 long for a notification; E013 ``level``; E014 two models' declarations on one
-table under one name; E015 ``old``; E016 a durable model migrates to a
-database the event table does not; W002 ``when_changed`` or ``old=False``
+table under one name; E015 ``old``; W002 ``when_changed`` or ``old=False``
 without update; W003 unknown ``PGNOTIFY`` key; W004 column names leave a long
 context no room; W005 two models' declarations on one table under one name,
-if the search path finds an unqualified table in "public". (W001, "durable
-not available yet", is retired.) E012 and W004 come from ``resolve_model``,
+if the search path finds an unqualified table in "public"; W006 a durable
+model migrates to a PostgreSQL database the event table does not. (W001,
+"durable not available yet", is retired.) E012 and W004 come from ``resolve_model``,
 so the commands refuse such a declaration even with the checks skipped.
 """
 
@@ -137,23 +137,29 @@ def _check_event_table(model: Any) -> list[checks.CheckMessage]:
     """A durable declaration's trigger writes to the event table in the model's own
     database: django_pgnotify's migrations must create it in each one the model goes to.
 
-    Without it, the installer refuses the model's triggers there (installed, they
-    would fail every write to its table).
+    A warning: the installer refuses the model's triggers where the table is not
+    (installed, they would fail every write to its table), and two aliases may
+    name one database (a pooled and a direct connection), only one of them
+    migrating django_pgnotify. A database that is not PostgreSQL is E009's.
     """
     event_model = apps.get_model("django_pgnotify", "DurableEvent")
     return [
-        checks.Error(
+        checks.Warning(
             f"{model._meta.label} declares durable=True and migrates to database {alias!r}, "
             "but the database router does not migrate django_pgnotify there, whose migrations "
-            f"create the event table {EVENT_TABLE!r} its triggers write to.",
+            f"create the event table {EVENT_TABLE!r} its triggers write to. This is fine if "
+            f"{alias!r} shares its database with an alias where django_pgnotify is migrated "
+            "(a pooled and a direct connection, say).",
             hint=f"Make the router's allow_migrate() allow app 'django_pgnotify' on {alias!r} "
             f"and run manage.py migrate django_pgnotify --database {alias}; or route "
-            f"{model._meta.label} elsewhere.",
+            f"{model._meta.label} elsewhere; or, if {alias!r} shares its database with such "
+            "an alias, add 'pgnotify.W006' to SILENCED_SYSTEM_CHECKS.",
             obj=model,
-            id="pgnotify.E016",
+            id="pgnotify.W006",
         )
         for alias in connections
-        if router.allow_migrate_model(alias, model)
+        if connections[alias].vendor == "postgresql"
+        and router.allow_migrate_model(alias, model)
         and not router.allow_migrate_model(alias, event_model)
     ]
 

@@ -15,7 +15,15 @@ from typing import NamedTuple
 
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
+from django.db.migrations.recorder import MigrationRecorder
 from psycopg import sql
 
 from . import triggers as trigger_sql
@@ -55,7 +63,7 @@ _TRIGGER_STATE = "left(md5(t.tgenabled::text || pg_get_triggerdef(t.oid)), 16)"
 _OURS = """
 SELECT t.oid::oid, t.tgrelid, t.tgname, obj_description(t.oid, 'pg_trigger'),
        ARRAY[n.nspname::text, c.relname::text], p.oid::oid,
-       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc')
+       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc'), p.prosrc
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -63,6 +71,21 @@ JOIN pg_proc p ON p.oid = t.tgfoid
 JOIN pg_namespace pn ON pn.oid = p.pronamespace
 WHERE NOT t.tgisinternal AND obj_description(t.oid, 'pg_trigger') LIKE %s
 """
+
+# Whether this session finds the event table as the durable triggers name it
+# (unqualified, on the search_path), and the schemas that have a relation of
+# that name: pg_class and pg_namespace are readable by every role, whatever it
+# may use, and to_regclass() skips the schemas of the path it may not use.
+_EVENT_TABLE = """
+SELECT to_regclass(%s) IS NOT NULL, current_setting('search_path'),
+       ARRAY(SELECT n.nspname::text FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relname = %s ORDER BY 1)
+"""
+
+# Written after the reason a durable declaration has no event table when its
+# installed triggers write to it: they fail every write to the table.
+_FAILING_WRITES = "; until then, its installed triggers make every write to the table fail"
 
 _ORPHAN_FUNCTIONS = """
 SELECT p.oid::oid, ARRAY[n.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc')
@@ -92,8 +115,9 @@ class TriggerState:
     declaration no longer asks for (for an unknown URI: all of them). For a
     declaration it runs after its own triggers were rebuilt or dropped: after
     a table was renamed, they call the function it drops. For a durable
-    declaration with no event table (``NO_EVENT_TABLE``) it drops its own
-    triggers, if any are installed: each write to the table would fail.
+    declaration with no event table (``NO_EVENT_TABLE``) it drops its
+    installed triggers that write to the event table, when that is in no
+    schema of the database: each write to the table would fail.
     """
 
     uri: str
@@ -212,13 +236,19 @@ def install_triggers(
 
 
 def install_plan(
-    selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS
+    selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS, *, awaiting_migrate: bool = False
 ) -> list[TriggerState]:
     """What ``install_triggers`` would change now, in its order; changes nothing.
 
     ``pgnotify_install --sql`` prints the ``install_sql`` of each state, so
     that the SQL shown is the SQL run, the drops of superseded declarations
     and of outdated leftovers included.
+
+    Args:
+        awaiting_migrate: Also return, instead of refusing them, the states of
+            declarations that wait for ``migrate`` (``NO_TABLE``,
+            ``NO_EVENT_TABLE``): their ``install_sql`` is empty, their
+            ``sql.install`` what install runs once their tables are there.
 
     Raises:
         TableMissing: As ``install_triggers``.
@@ -227,21 +257,25 @@ def install_plan(
     selectors = list(selectors)
     # A transaction: the trigger hashes are taken with a search_path set for it.
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        return _install_plan(cursor, selectors, using)
+        return _install_plan(cursor, selectors, using, awaiting_migrate)
 
 
-def _install_plan(cursor, selectors: list[str], using: str) -> list[TriggerState]:
+def _install_plan(
+    cursor, selectors: list[str], using: str, awaiting_migrate: bool = False
+) -> list[TriggerState]:
     """The states ``install_triggers`` changes, in the order it changes them."""
     states = _inspect(cursor, declarations_for(selectors, using), selectors)
-    refused = [s for s in states if s.status in _REFUSED]
+    waiting = [s for s in states if awaiting_migrate and s.status in (NO_TABLE, NO_EVENT_TABLE)]
+    refused = [s for s in states if s.status in _REFUSED and s not in waiting]
     if refused and all(s.status == NO_TABLE for s in refused):
         raise TableMissing(refused)
     if refused:
         raise CannotInstall(refused)
     changes = [s for s in states if s.sql is not None and s.status != INSTALLED]
     # A model's declaration renamed (or split in several) leaves the old
-    # one's triggers firing beside the new: drop them with the install.
-    declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None}
+    # one's triggers firing beside the new: drop them with the install (not
+    # before migrate lets the new ones in).
+    declared = {s.uri.split(":", 1)[0] for s in states if s.sql is not None and s not in waiting}
     changes += [s for s in states if s.status == UNKNOWN and s.uri.split(":", 1)[0] in declared]
     return changes
 
@@ -257,7 +291,9 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     model on a view (or anything else that cannot have the triggers) gets
     none; a durable declaration whose event table does not exist (the
     database lacks django_pgnotify's migrations) gets none either, and loses
-    those it has, which would fail every write to its table. Each declaration
+    the installed triggers that write to it, which would fail every write to
+    its table; one whose event table is in a schema this session's
+    search_path misses gets none and keeps what it has. Each declaration
     is installed in a savepoint of its own: one the database refuses is rolled
     back alone. Everything left alone is logged as an error naming the model.
     Triggers of apps that are no longer installed are left to
@@ -271,6 +307,10 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         states = _inspect(cursor, declarations, app_labels)
         kept = invalid | {_model_label(s.uri) for s in states if s.status == CONFLICT}
+        durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
+        problem = _event_table_problem(cursor) if durable else None
+        if problem is not None and not problem.gone:
+            kept |= durable  # off this session's search_path: writers may find it
         for state in states:
             if state.status in NEEDS_CHANGE:
                 logger.error(
@@ -280,7 +320,7 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
                 if _in_savepoint(using, _apply, cursor, state):
                     changed.append(state)
             elif state.status == NO_EVENT_TABLE:
-                reason = _no_event_table(using)
+                reason = state.detail.removesuffix(_FAILING_WRITES)
                 if not state.drop_sql:
                     logger.error(
                         "pgnotify: %s on %s is not installed: %s", state.uri, state.table, reason
@@ -536,6 +576,7 @@ class _Installed(NamedTuple):
     function_oid: int
     function: tuple[str, str]
     function_comment: str | None
+    function_body: str | None
 
 
 @dataclass
@@ -583,33 +624,133 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
     )
 
 
-def _without_event_table(
-    target: _Target, installed: dict[tuple[int, str], _Installed], using: str
-) -> TriggerState:
-    """The state of a durable declaration whose event table ``using`` does not have.
+def _neighbours(
+    cursor, selected: list[Declaration], declared: list[Declaration], server_version: int
+) -> list[_Target]:
+    """The targets of declarations outside the selection that may be on a selected
+    declaration's table: of the same name, and in the same schema or either
+    unqualified (the search_path decides where that one is).
 
-    Its triggers, if installed, fail every write to the table: ``drop_sql``
-    drops them.
+    The others are not looked up: one query each would slow every inspect, and
+    a table in a schema this role may not use makes ``to_regclass()`` fail. A
+    neighbour whose lookup fails all the same (a schema it may not use) is left
+    out, in a savepoint: it is not one of the selected tables, which were found.
+    """
+    chosen = {d.uri for d in selected}
+    candidates = [
+        other
+        for other in declared
+        if other.uri not in chosen
+        and any(
+            other.table.name == d.table.name
+            and (
+                other.table.schema == d.table.schema or None in (other.table.schema, d.table.schema)
+            )
+            for d in selected
+        )
+    ]
+    found = []
+    for other in candidates:
+        try:
+            with transaction.atomic(using=cursor.db.alias):
+                found.append(_target(cursor, other, server_version))
+        except OperationalError:
+            raise  # the connection or the statement timeout: not this neighbour's
+        except DatabaseError as exc:
+            logger.debug("pgnotify: cannot look up %s on %s: %s", other.uri, other.table, exc)
+    return found
+
+
+def _without_event_table(
+    target: _Target, installed: dict[tuple[int, str], _Installed], problem: _EventTableProblem
+) -> TriggerState:
+    """The state of a durable declaration whose event table this session does not find.
+
+    Decided by what is installed: the triggers under the declaration's names
+    that call a function writing to the event table (after a table or model was
+    renamed, one of another name than the declaration's). When the table is in
+    no schema of the database, they fail every write to the table: ``drop_sql``
+    drops them. When it is in a schema this session's search_path misses, they
+    may work for writers whose path finds it: nothing is dropped.
     """
     built = target.built
-    detail = _no_event_table(using)
-    failing = (
-        target.body is not None
-        and wire.EVENT_TABLE in target.body
-        and any(key in installed for key in target.keys)
-    )
-    if failing:
-        detail += "; until then, its installed triggers make every write to the table fail"
-    drop = built.drop_triggers if failing else ""
+    writing = [
+        (key[1], installed[key].table)
+        for key in target.keys
+        if key in installed and wire.EVENT_TABLE in (installed[key].function_body or "")
+    ]
+    detail, drop = problem.detail, ""
+    if writing and problem.gone:
+        detail += _FAILING_WRITES
+        drop = "\n".join(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {};")
+            .format(sql.Identifier(name), sql.Identifier(*table))
+            .as_string(None)
+            for name, table in writing
+        )
     return TriggerState(built.uri, NO_EVENT_TABLE, target.table, detail, built, drop)
 
 
-def _no_event_table(using: str) -> str:
-    return (
-        f'durable declarations write to table "{wire.EVENT_TABLE}", which is not in '
-        f"database {using!r} (or not on its search_path): run manage.py migrate "
-        f"django_pgnotify --database {using} to create it"
+class _EventTableProblem(NamedTuple):
+    """Why this session does not find the event table, and whether it is gone
+    (in no schema of the database) rather than off the session's search_path."""
+
+    detail: str
+    gone: bool
+
+
+def _event_table_problem(cursor) -> _EventTableProblem | None:
+    """Why the durable triggers cannot write to the event table in this session
+    (``None`` if they can)."""
+    name = wire.EVENT_TABLE
+    cursor.execute(_EVENT_TABLE, [sql.Identifier(name).as_string(None), name])
+    visible, search_path, schemas = cursor.fetchone()
+    if visible:
+        return None
+    using = cursor.db.alias
+    if schemas:
+        names = ", ".join(_qualified((schema,)) for schema in schemas)
+        return _EventTableProblem(
+            f'durable declarations write to table "{name}" unqualified, which is in '
+            f"{'schema' if len(schemas) == 1 else 'schemas'} {names} of database {using!r} "
+            f"but not on this session's search_path ({search_path}): make the search_path "
+            "of the role that runs migrate and pgnotify_install find it, as the writers' "
+            "must; triggers already installed are left as they are",
+            gone=False,
+        )
+    if _migrations_recorded(cursor):
+        return _EventTableProblem(
+            f'durable declarations write to table "{name}", which is not in database '
+            f"{using!r}, though django_pgnotify's migrations are recorded as applied there "
+            f"(was it dropped by hand?): run manage.py migrate django_pgnotify zero --fake "
+            f"--database {using}, then manage.py migrate django_pgnotify --database {using} "
+            "to create it again",
+            gone=True,
+        )
+    return _EventTableProblem(
+        f'durable declarations write to table "{name}", which is not in database '
+        f"{using!r}: run manage.py migrate django_pgnotify --database {using} to create it",
+        gone=True,
     )
+
+
+def _migrations_recorded(cursor) -> bool:
+    """Whether ``django_migrations`` records a migration of django_pgnotify as applied."""
+    table = MigrationRecorder.Migration._meta.db_table
+    cursor.execute(
+        "SELECT CASE WHEN to_regclass(%s) IS NULL THEN false"
+        " ELSE has_table_privilege(to_regclass(%s), 'SELECT') END",
+        [table, table],
+    )
+    if not cursor.fetchone()[0]:
+        return False
+    cursor.execute(
+        sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE app = %s)")
+        .format(sql.Identifier(table))
+        .as_string(None),
+        ["django_pgnotify"],
+    )
+    return bool(cursor.fetchone()[0])
 
 
 def _not_a_table(target: _Target) -> str:
@@ -658,22 +799,14 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
     server_version = cursor.connection.info.server_version
     targets = [_target(cursor, d, server_version) for d in declarations]
     # The database's other declarations, outside the selection: a selected one
-    # must not take their triggers over, nor drop a function one of them calls.
-    chosen = {d.uri for d in declarations}
-    neighbours = [
-        _target(cursor, d, server_version)
-        for d in _valid_declarations(cursor.db.alias, log=False)[0]
-        if d.uri not in chosen
-    ]
+    # must not take their triggers over, nor drop a function one of them has.
+    declared = _valid_declarations(cursor.db.alias, log=False)[0]
+    neighbours = _neighbours(cursor, declarations, declared, server_version)
     declared_functions = {t.function_oid for t in [*targets, *neighbours]} - {None}
-    event_table = True
+    declared_names = {d.function for d in declared}
+    event_table = None
     if any(d.notify.durable for d in declarations):
-        # As the durable triggers name it: unqualified, found on this session's search_path.
-        cursor.execute(
-            "SELECT to_regclass(%s) IS NOT NULL",
-            [sql.Identifier(wire.EVENT_TABLE).as_string(None)],
-        )
-        (event_table,) = cursor.fetchone()
+        event_table = _event_table_problem(cursor)
     conflicts = _conflicts([*targets, *neighbours])
     expected_triggers: set[tuple[int, str]] = set()
     expected_functions: set[int] = set()
@@ -699,8 +832,8 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
             )
             states.append(TriggerState(built.uri, CONFLICT, table, detail, built))
             continue
-        if built.declaration.notify.durable and not event_table:
-            states.append(_without_event_table(target, installed, cursor.db.alias))
+        if built.declaration.notify.durable and event_table is not None:
+            states.append(_without_event_table(target, installed, event_table))
             continue
         problems = []
         if target.body is None:
@@ -753,6 +886,7 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
             if (
                 trigger_sql.parse_comment(call.function_comment)
                 and call.function_oid not in declared_functions
+                and call.function[1] not in declared_names  # of a declaration not looked up
                 and callers <= set(target.keys)
             ):
                 leftovers.setdefault(state.uri, _Leftovers()).replaced.add(call.function)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.apps.registry import Apps
 from django.core import checks
+from django.core.management import call_command
 from django.db import models
 from django.test import override_settings
 from django.test.utils import isolate_apps
@@ -522,18 +524,28 @@ class EventTableOnDefaultOnly:
 
 
 @override_settings(DATABASE_ROUTERS=[f"{__name__}.EventTableOnDefaultOnly"])
-def test_e016_a_durable_model_on_a_database_the_event_table_is_not_migrated_to():
+def test_w006_a_durable_model_on_a_database_the_event_table_is_not_migrated_to():
+    """A warning, which blocks neither migrate nor any command: "other" may be another
+    alias of the default database (a pooled and a direct connection), and the installer
+    refuses the model's triggers where the event table is not."""
     from tests.durableapp.models import Job
 
-    message = only(check_declarations(), "pgnotify.E016")
+    message = only(check_declarations(), "pgnotify.W006")
 
+    assert message.level == checks.WARNING
     assert message.obj is Job
     assert message.msg.startswith(
         "durableapp.Job declares durable=True and migrates to database 'other', but the "
         "database router does not migrate django_pgnotify there"
     )
     assert "'pgnotify_event'" in message.msg
+    assert (
+        "This is fine if 'other' shares its database with an alias where django_pgnotify "
+        "is migrated"
+    ) in message.msg
     assert "migrate django_pgnotify --database other" in message.hint
+    assert "add 'pgnotify.W006' to SILENCED_SYSTEM_CHECKS" in message.hint
+    call_command("check", "--fail-level", "ERROR", stdout=StringIO(), stderr=StringIO())
 
 
 def test_e009_declarations_on_a_database_that_is_not_postgresql():

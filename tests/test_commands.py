@@ -6,11 +6,15 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
+from django.db import connection
+from psycopg import sql
 
 from django_pgnotify.installation import uninstall_triggers
 from tests.conftest import ManagedProcess, django_env, run_manage
+from tests.conftest import test_database_url as database_url
 from tests.testapp.models import Order, Tag
 
 # pgnotify_listen
@@ -208,3 +212,31 @@ def test_install_puts_back_what_check_reported(restore_triggers):
     assert installed.returncode == 0, installed.stderr
     assert "Installed testapp.Tag:default on" in installed.stdout
     assert run_manage("pgnotify_install", "--check").returncode == 0
+
+
+@pytest.fixture
+def narrow_role_url(other_connection) -> Iterator[str]:
+    """The test database, as a role with the rights every role has: USAGE on "public",
+    none on the schema of testapp.Weird's table. Dropped afterwards."""
+    name = f"{connection.settings_dict['NAME']}_narrow"
+    role = sql.Identifier(name)
+    other_connection.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+    try:
+        yield database_url(user=name)
+    finally:
+        other_connection.execute(sql.SQL("DROP OWNED BY {}").format(role))
+        other_connection.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+def test_listen_reports_a_query_the_server_refuses_at_startup_without_a_traceback(
+    narrow_role_url,
+):
+    result = run_manage(
+        "pgnotify_listen", "testapp.Weird", env=django_env(DATABASE_URL=narrow_role_url)
+    )
+
+    assert result.returncode == 1
+    assert "CommandError: Database 'default' (" in result.stderr
+    assert "_narrow@" in result.stderr
+    assert "permission denied for schema pgnotify odd" in result.stderr
+    assert "Traceback" not in result.stderr

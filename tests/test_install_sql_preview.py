@@ -114,3 +114,25 @@ def test_sql_with_uninstall_after_a_table_rename_drops_the_former_function_after
         i for i, s in enumerate(statements) if s.startswith("DROP FUNCTION")
     )
     run_as_psql_would(out)
+
+
+def test_sql_before_migrate_prints_what_install_will_run_under_a_comment_saying_why_not_now():
+    """For a DBA to prepare the triggers before the migrations are applied."""
+    uninstall_triggers(["testapp.Tag", "durableapp"])
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE testapp_tag")
+        cursor.execute("DROP TABLE pgnotify_event")
+
+    out = preview("testapp.Tag", "durableapp", "testapp.Order")
+
+    assert (
+        '-- testapp.Tag:default: pgnotify_install refuses it now (no table: table "testapp_tag" '
+        "does not exist yet).\n-- Run this only once migrate has created the table(s):\n"
+        'CREATE OR REPLACE FUNCTION "pgnotify_testapp_tag_'
+    ) in out
+    assert (
+        "-- durableapp.Job:default: pgnotify_install refuses it now (no event table: durable "
+        'declarations write to table "pgnotify_event", which is not in database '
+    ) in out
+    assert out.count("CREATE TRIGGER") >= 6  # three for each
+    assert "testapp.Order" not in out  # installed and current: nothing to run

@@ -14,6 +14,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
 from psycopg import sql
 
 from django_pgnotify import Notify, triggers
@@ -35,6 +36,7 @@ from django_pgnotify.installation import (
     uninstall_triggers,
 )
 from django_pgnotify.naming import TableName
+from django_pgnotify.status import database_status
 from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
 from tests.conftest import install_stray_declaration
 from tests.durableapp.models import Job
@@ -311,9 +313,8 @@ def test_install_refuses_a_durable_declaration_without_the_event_table(using):
 
     (state,) = info.value.states
     assert (state.uri, state.status) == ("durableapp.Job:default", NO_EVENT_TABLE)
-    assert f"run manage.py migrate django_pgnotify --database {using} to create it" in state.detail
+    assert f"which is not in database {using!r}" in state.detail
     assert states("testapp.Tag", using=using) == {"testapp.Tag:default": MISSING}
-    Job.objects.using(using).create(name="written")  # nothing of ours is in its way
 
 
 def test_check_flags_durable_triggers_whose_event_table_was_dropped_since():
@@ -348,6 +349,122 @@ def test_migrate_sync_drops_durable_triggers_without_the_event_table_and_install
         'every write to it fail: durable declarations write to table "pgnotify_event"'
     ) in caplog.text
     assert 'durableapp.Job:default on "durableapp_job" is not installed: durable' in caplog.text
+
+
+def test_triggers_still_calling_the_function_of_a_former_table_name_count_without_the_event_table(
+    caplog,
+):
+    """After a table (or model) rename with the migrate hook off, the triggers call the
+    durable function of the former name: the declaration's own name has no function."""
+    function = declaration("durableapp.Job").function
+    execute(f'ALTER FUNCTION "{function}"() RENAME TO "pgnotify_durableapp_former_0badc0de"')
+    drop_the_event_table()
+    out = StringIO()
+
+    with pytest.raises(CommandError, match="no event table needs migrate first"):
+        call_command("pgnotify_install", "--check", "durableapp", stdout=out)
+    with caplog.at_level(logging.ERROR, "django_pgnotify.installation"):
+        changed = sync_triggers()
+
+    assert (
+        out.getvalue()
+        .rstrip()
+        .endswith("until then, its installed triggers make every write to the table fail)")
+    )
+    assert "durableapp.Job:default" in [s.uri for s in changed]
+    assert 'dropped the triggers of durableapp.Job:default on "durableapp_job"' in caplog.text
+    assert trigger_names("durableapp_job") == set()
+    Job.objects.create(name="written")  # the triggers left would have failed it
+
+
+def test_the_event_table_dropped_by_hand_is_not_migrate_django_pgnotifys_to_create_again():
+    """Its migrations are still recorded: plain ``migrate django_pgnotify`` applies nothing."""
+    drop_the_event_table()
+
+    (state,) = inspect_triggers(["durableapp"])
+
+    assert state.status == NO_EVENT_TABLE
+    assert "though django_pgnotify's migrations are recorded as applied there" in state.detail
+    assert (
+        "run manage.py migrate django_pgnotify zero --fake --database default, then "
+        "manage.py migrate django_pgnotify --database default to create it again"
+    ) in state.detail
+
+
+def test_an_event_table_off_the_search_path_keeps_the_durable_triggers_that_writers_use(caplog):
+    """The installing session may have another search_path than the writers, or lack
+    USAGE on a schema of it: the table is there, and the triggers may be working."""
+    before = trigger_names("durableapp_job")
+    execute("CREATE SCHEMA pgnotify_elsewhere")
+    execute("ALTER TABLE pgnotify_event SET SCHEMA pgnotify_elsewhere")
+
+    with caplog.at_level(logging.ERROR, "django_pgnotify.installation"):
+        changed = sync_triggers()
+    with pytest.raises(CannotInstall) as info:
+        install_triggers(["durableapp"])
+    execute("SET LOCAL search_path = public, pgnotify_elsewhere")  # as a writer's
+    Job.objects.create(name="recorded")
+
+    assert "durableapp.Job:default" not in [s.uri for s in changed]
+    assert (
+        trigger_names("durableapp_job")
+        == before
+        == {
+            "pgnotify_insert",
+            "pgnotify_update",
+            "pgnotify_delete",
+        }
+    )
+    (state,) = info.value.states
+    assert state.status == NO_EVENT_TABLE
+    assert (
+        'write to table "pgnotify_event" unqualified, which is in schema "pgnotify_elsewhere" '
+        "of database 'default' but not on this session's search_path"
+    ) in state.detail
+    assert "triggers already installed are left as they are" in state.detail
+    assert 'durableapp.Job:default on "durableapp_job" is not installed: ' in caplog.text
+    assert "dropped the triggers" not in caplog.text
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pgnotify_elsewhere.pgnotify_event")
+        assert cursor.fetchone() == (1,)
+
+
+# A role that may not use every schema of the database
+
+
+@pytest.fixture
+def narrow_role() -> str:
+    """A role with the rights every role has (USAGE on "public", none on the schema of
+    testapp.Weird's table), which this test's transaction acts as until its rollback,
+    which drops the role too."""
+    name = f"{connection.settings_dict['NAME']}_narrow"
+    execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(name)))
+    execute(
+        sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(sql.Identifier(name))
+    )
+    execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(name)))
+    return name
+
+
+def test_inspecting_one_model_looks_up_no_other_models_table():
+    with CaptureQueriesContext(connection) as queries:
+        inspect_triggers(["testapp.Tag"])
+
+    looked_up = [q["sql"] for q in queries if "testapp_order" in q["sql"]]
+    assert looked_up == []
+
+
+def test_check_and_status_of_a_model_serve_a_role_that_may_not_use_another_models_schema(
+    narrow_role,
+):
+    out = StringIO()
+
+    call_command("pgnotify_install", "--check", "testapp.Tag", stdout=out)
+    report = database_status("default", ["testapp.Tag"])
+
+    assert out.getvalue().startswith("All 1 declaration(s) are installed and current.")
+    assert [d["status"] for d in report.declarations] == [INSTALLED]
+    assert not [p for p in report.problems if "failed" in p], report.problems
 
 
 # Check and drift

@@ -259,6 +259,7 @@ def test_migrating_a_durable_app_before_django_pgnotify_installs_its_triggers_on
     check = run_manage("pgnotify_install", "--check", "durableapp", env=env)
     install = run_manage("pgnotify_install", "durableapp", env=env)
     report = run_manage("pgnotify_status", "--json", "--database", "default", "durableapp", env=env)
+    listen = run_manage("pgnotify_listen", "durableapp", env=env, timeout=30)
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         conn.execute(insert)  # nothing of ours is in its way
 
@@ -279,9 +280,40 @@ def test_migrating_a_durable_app_before_django_pgnotify_installs_its_triggers_on
     assert [d["status"] for d in database["declarations"]] == ["no event table"]
     assert database["durable"] is None  # the backlog is not counted: that would fail
     assert len(database["problems"]) == 2  # this, and no listener
+    # At startup, as for a missing table: the durable worker would wait on it for ever.
+    assert listen.returncode == 1
+    assert (
+        "Durable declaration(s) durableapp.Job:default have no event table in database "
+        "'default': durable declarations write to table \"pgnotify_event\""
+    ) in listen.stderr
+    assert "Traceback" not in listen.stderr
     assert everything.returncode == 0, everything.stderr
     assert events == (1,)
     final = run_manage("pgnotify_install", "--check", "durableapp", env=env)
+    assert final.returncode == 0, final.stdout + final.stderr
+
+
+def test_an_event_table_dropped_by_hand_comes_back_as_the_advice_says(empty_database_url):
+    """Its migrations are still recorded, so ``migrate django_pgnotify`` applies nothing."""
+    env = django_env(DATABASE_URL=empty_database_url)
+    assert run_manage("migrate", "-v", "0", env=env).returncode == 0
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE pgnotify_event")
+
+    check = run_manage("pgnotify_install", "--check", "durableapp", env=env)
+    plain = run_manage("migrate", "django_pgnotify", env=env)
+    faked = run_manage("migrate", "django_pgnotify", "zero", "--fake", env=env)
+    again = run_manage("migrate", "django_pgnotify", env=env)
+    final = run_manage("pgnotify_install", "--check", "durableapp", env=env)
+
+    assert check.returncode == 1
+    assert (
+        "run manage.py migrate django_pgnotify zero --fake --database default, then "
+        "manage.py migrate django_pgnotify --database default to create it again"
+    ) in check.stdout
+    assert "No migrations to apply." in plain.stdout
+    assert faked.returncode == 0, faked.stderr
+    assert again.returncode == 0, again.stderr
     assert final.returncode == 0, final.stdout + final.stderr
 
 

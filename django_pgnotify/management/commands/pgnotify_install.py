@@ -49,9 +49,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--sql",
             action="store_true",
-            help="Print the SQL that would be run and change nothing (when it cannot connect "
-            "to the database: the SQL of every selected declaration, without the drops "
-            "of what earlier installs left).",
+            help="Print the SQL that would be run and change nothing (for declarations "
+            "whose table or event table does not exist yet: their SQL, marked as such; "
+            "when it cannot connect to the database: the SQL of every selected "
+            "declaration, without the drops of what earlier installs left).",
         )
 
     def handle(self, *args: str, **options: Any) -> None:
@@ -100,7 +101,10 @@ class Command(BaseCommand):
                 elif state.uninstall_sql:
                     self.stdout.write(f"-- remove {state.uri}\n{state.uninstall_sql}\n")
             return
-        changes = installation.install_plan(selectors, using)
+        changes = installation.install_plan(selectors, using, awaiting_migrate=True)
+        awaiting = (installation.NO_TABLE, installation.NO_EVENT_TABLE)
+        waiting = [state for state in changes if state.status in awaiting]
+        changes = [state for state in changes if state.status not in awaiting]
         pruned = []
         if pruning:  # as prune_triggers finds them after the install
             removed = {state.uri for state in changes}
@@ -109,7 +113,7 @@ class Command(BaseCommand):
                 for state in installation.inspect_triggers(selectors, using)
                 if state.status == installation.UNKNOWN and state.uri not in removed
             ]
-        if not changes and not pruned and self.verbosity < 1:
+        if not changes and not pruned and not waiting and self.verbosity < 1:
             return
         where = describe(connection_params(using))
         self.stdout.write(f"-- What pgnotify_install would run in database {using!r} ({where}).\n")
@@ -119,7 +123,15 @@ class Command(BaseCommand):
             self.stdout.write(f"-- {heading}\n{state.install_sql}\n")
         for state in pruned:
             self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
-        if not changes and not pruned:
+        for state in waiting:  # the SQL for the DBA, ahead of migrate
+            assert state.sql is not None
+            reason = state.detail or f"table {state.table} does not exist yet"
+            self.stdout.write(
+                f"-- {state.uri}: pgnotify_install refuses it now ({state.status}: {reason}).\n"
+                "-- Run this only once migrate has created the table(s):\n"
+                f"{state.sql.install}\n"
+            )
+        if not changes and not pruned and not waiting:
             self.stdout.write("-- Nothing to run: all triggers are up to date.\n")
 
     def print_declared_sql(self, selectors: tuple[str, ...], using: str, error: Exception) -> None:

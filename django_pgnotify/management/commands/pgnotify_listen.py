@@ -10,11 +10,11 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from django_pgnotify import installation
 from django_pgnotify.conf import get_setting
-from django_pgnotify.connection import NotPostgreSQL, connection_params
+from django_pgnotify.connection import NotPostgreSQL, connection_params, describe
 from django_pgnotify.events import RowChange
 from django_pgnotify.listener import (
     Listener,
@@ -126,6 +126,11 @@ class Command(BaseCommand):
             raise CommandError(f"Database {using!r}: {exc}.") from exc
         except ImproperlyConfigured as exc:  # a selector that names no app or model, say
             raise CommandError(str(exc)) from exc
+        except DatabaseError as exc:  # a query the server refused: a permission, say
+            where = describe(connection_params(using))
+            raise CommandError(
+                f"Database {using!r} ({where}): {' '.join(str(exc).split())}"
+            ) from exc
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -175,6 +180,13 @@ class Command(BaseCommand):
             names = ", ".join(f"{s.table} ({s.uri})" for s in no_table)
             raise CommandError(
                 f"Table(s) {names} do not exist in database {using!r}; run manage.py migrate."
+            )
+        no_event_table = [s for s in declared if s.status == installation.NO_EVENT_TABLE]
+        if no_event_table:  # the durable worker would wait on it for ever
+            names = ", ".join(s.uri for s in no_event_table)
+            raise CommandError(
+                f"Durable declaration(s) {names} have no event table in database {using!r}: "
+                f"{no_event_table[0].detail}."
             )
         refused = [s for s in declared if s.status in installation.NEEDS_CHANGE]
         if refused:  # their channels would never fire
