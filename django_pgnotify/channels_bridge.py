@@ -89,13 +89,27 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         return [json_safe(item) for item in value]
     if isinstance(value, Decimal):
-        return str(value)
+        return _digits(value)
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         return value.isoformat()
     if isinstance(value, datetime.timedelta):
         return duration_iso_string(value)
     if isinstance(value, (bytes, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
+
+
+# Decimals are written out in full ("0.0000000123", not str()'s "1.23E-8") while their
+# exponent stays within this bound, which every numeric column's value does; a JSON
+# field's decoder can make "1e999999999", which must not become a billion digits.
+_FULL_DIGITS_EXPONENT = 1000
+
+
+def _digits(value: Decimal) -> str:
+    if value.is_finite() and abs(value.adjusted()) <= _FULL_DIGITS_EXPONENT:
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= -_FULL_DIGITS_EXPONENT:
+            return format(value, "f")
     return str(value)
 
 

@@ -364,11 +364,26 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
                 f"{option} names {name!r}, which {model._meta.label} inherits from "
                 f"{field.model._meta.label}; it lives in that model's table.",
                 id,
-                hint=f"Declare it on {field.model._meta.label}.",
+                hint=f"Declare it on {field.model._meta.label}."
+                + (
+                    f" {model._meta.label} takes this declaration from an abstract "
+                    "ancestor's Meta, as Django gives a model without a Meta of its own; "
+                    "give it a Meta of its own to declare nothing."
+                    if _declared_by_an_abstract_ancestor(model)
+                    else ""
+                ),
             )
         else:
             columns.append(_column(field))
     return tuple(dict.fromkeys(columns))
+
+
+def _declared_by_an_abstract_ancestor(model: type[models.Model]) -> bool:
+    declared = getattr(model._meta, META_OPTION, None)
+    return declared is not None and any(
+        getattr(base.__dict__.get("Meta"), META_OPTION, None) is declared
+        for base in model.__mro__[1:]
+    )
 
 
 def _column(field: models.Field) -> Column:

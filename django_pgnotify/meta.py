@@ -5,8 +5,7 @@ Django rejects unknown ``Meta`` attributes, so the name is added to
 Django imports it, which Django does for every installed app before it imports
 any models module, so the order of ``INSTALLED_APPS`` does not matter. Options
 copied this way follow Django's own ``Meta`` inheritance rules (abstract
-parents pass it on, multi-table parents do not), except that a multi-table
-child never takes an abstract grandparent's declaration through its parent.
+parents pass it on, multi-table parents do not).
 
 This is the one change we make to Django; ``PGNOTIFY["META_OPTION"] = False``
 turns it off (for instance if another library claims the same name), and
@@ -31,34 +30,9 @@ def allow_meta_option() -> None:
     """Add ``pgnotify`` to the ``Meta`` names Django accepts (idempotent)."""
     if META_OPTION not in options.DEFAULT_NAMES:
         options.DEFAULT_NAMES = (*options.DEFAULT_NAMES, META_OPTION)
-    class_prepared.connect(_prepare_option, dispatch_uid="django_pgnotify.meta")
+    class_prepared.connect(_keep_out_of_migrations, dispatch_uid="django_pgnotify.meta")
 
 
-def _prepare_option(sender: Any, **kwargs: Any) -> None:
-    opts = sender._meta
+def _keep_out_of_migrations(sender: Any, **kwargs: Any) -> None:
     # Migrations serialise Options.original_attrs; the live option stays on _meta.
-    opts.original_attrs.pop(META_OPTION, None)
-    if _inherited_through_a_parent(sender):
-        setattr(opts, META_OPTION, None)
-
-
-def _inherited_through_a_parent(model: Any) -> bool:
-    """Whether a multi-table child's declaration is its parent's abstract ancestor's.
-
-    Django gives a model without a ``Meta`` of its own the first ``Meta`` found
-    along its bases, which for a multi-table child can be an abstract ancestor
-    of its concrete parent: the child would announce its grandparent's
-    declaration. An abstract class among the child's own bases still passes
-    its declaration on, as for any other child.
-    """
-    opts = model._meta
-    declared = getattr(opts, META_OPTION, None)
-    if declared is None or opts.proxy or not opts.parents:
-        return False
-    for base in model.__mro__[1:]:
-        meta = base.__dict__.get("Meta")
-        if meta is not None and getattr(meta, META_OPTION, None) is declared:
-            return base not in model.__bases__ and any(
-                issubclass(parent, base) for parent in opts.parents
-            )
-    return False
+    sender._meta.original_attrs.pop(META_OPTION, None)

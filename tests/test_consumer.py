@@ -753,3 +753,12 @@ def test_a_row_subscription_by_pk_receives_that_rows_changes_whatever_the_pk_typ
         await dispatcher.forwarder.drain()
 
     run(scenario)
+
+
+def test_decimals_are_forwarded_with_their_digits_as_stored_and_no_exponent():
+    assert json_safe(Decimal("0.0000000123")) == "0.0000000123"
+    assert json_safe([Decimal("19.90"), Decimal("-0.000")]) == ["19.90", "-0.000"]
+    assert json_safe(Decimal("NaN")) == "NaN"
+    # Only a JSON field's decoder makes these: they stay short.
+    assert json_safe(Decimal("1e999999999")) == "1E+999999999"
+    assert json_safe(Decimal("1e-999999999")) == "1E-999999999"

@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.test.utils import isolate_apps
 
 from django_pgnotify import Notify
-from django_pgnotify.declarations import get_declarations
+from django_pgnotify.declarations import get_declarations, resolve_model
 from tests.conftest import ROOT
 from tests.testapp.models import (
     Article,
@@ -86,8 +86,9 @@ def test_a_multi_table_child_announces_only_its_own_declaration_and_table():
 
 
 @isolate_apps("tests.testapp")
-def test_a_multi_table_child_does_not_take_its_parents_abstract_declaration():
-    # Django finds the abstract grandparent's Meta through the concrete parent.
+def test_a_multi_table_child_without_meta_takes_its_parents_abstract_declaration():
+    # Django's rule: a child with no Meta of its own takes the first Meta along its
+    # bases, here the abstract grandparent's. The check says so when fields clash.
     class Titled(models.Model):
         title = models.CharField(max_length=50)
 
@@ -102,26 +103,15 @@ def test_a_multi_table_child_does_not_take_its_parents_abstract_declaration():
     class LongPost(Post):
         body = models.TextField()
 
-    class Essay(Post):
-        body = models.TextField()
-
-        class Meta(Titled.Meta):
-            app_label = "testapp"
-            pgnotify = Notify(fields=["body"])
-
-    class Announcing(models.Model):
+    class Note(Post):
         class Meta:
-            abstract = True
             app_label = "testapp"
-            pgnotify = Notify()
 
-    class Review(Announcing, Post):  # an abstract parent of its own passes it on
-        pass
-
-    assert Post._meta.pgnotify == Notify(fields=["title"])
-    assert LongPost._meta.pgnotify is None
-    assert Essay._meta.pgnotify == Notify(fields=["body"])
-    assert Review._meta.pgnotify is Announcing.Meta.pgnotify
+    assert LongPost._meta.pgnotify is Titled.Meta.pgnotify
+    assert getattr(Note._meta, "pgnotify", None) is None
+    _, (error,) = resolve_model(LongPost, LongPost._meta.pgnotify)
+    assert error.id == "pgnotify.E003"
+    assert "LongPost takes this declaration from an abstract ancestor's Meta" in error.hint
 
 
 def test_a_proxy_without_pgnotify_has_no_declarations_of_its_own():
