@@ -397,12 +397,14 @@ def _column(field: models.Field) -> Column:
         column=field.column,  # type: ignore[arg-type]
         internal_type=stored.get_internal_type(),
         comparable=_comparable(stored),
-        element_type=_element_type(stored),
+        element_type=element_type(stored),
     )
 
 
-def _element_type(field: models.Field) -> str | None:
-    """The internal type of an array field's innermost elements; ``None`` if not an array."""
+def element_type(field: models.Field) -> str | None:
+    """The internal type of an array field's innermost elements (``ArrayField``
+    nests); ``None`` if not an array. The trigger renders and the decoder reads
+    the column by it."""
     if field.get_internal_type() != "ArrayField":
         return None
     while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):

@@ -22,6 +22,7 @@ from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
 
 from . import wire
+from .declarations import element_type
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -150,7 +151,7 @@ def converter_for(field: models.Field) -> Converter:
     internal = field.get_internal_type()
     if internal == "JSONField":
         return _json_converter(field)
-    if internal == "ArrayField" and _innermost(field).get_internal_type() == "DecimalField":
+    if element_type(field) == "DecimalField":
         # ArrayField.to_python returns a list as it is: Decimals are made here.
         return _decimals
     if internal in _CONVERTERS:
@@ -158,13 +159,6 @@ def converter_for(field: models.Field) -> Converter:
     if internal.endswith(("IntegerField", "AutoField")):
         return _integer
     return field.to_python
-
-
-def _innermost(field: models.Field) -> models.Field:
-    """An array field's innermost base field (``ArrayField`` nests); else ``field``."""
-    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
-        field = field.base_field
-    return field
 
 
 def _json_converter(field: models.Field) -> Converter:

@@ -305,7 +305,7 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     changed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
-        states = _inspect(cursor, declarations, app_labels)
+        states = _inspect(cursor, declarations, app_labels, declarations)
         kept = invalid | {_model_label(s.uri) for s in states if s.status == CONFLICT}
         durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
         problem = _event_table_problem(cursor) if durable else None
@@ -789,7 +789,18 @@ def _conflicts(targets: list[_Target]) -> dict[int, list[str]]:
     return {index: sorted(uris - {targets[index].built.uri}) for index, uris in others.items()}
 
 
-def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> list[TriggerState]:
+def _inspect(
+    cursor,
+    declarations: list[Declaration],
+    selectors: list[str],
+    declared: list[Declaration] | None = None,
+) -> list[TriggerState]:
+    """The state of each of ``declarations`` and of what is installed for ``selectors``.
+
+    ``declared`` is every valid declaration of the database (resolved here
+    unless the caller has them): a selected one must not take their triggers
+    over, nor drop a function one of them has.
+    """
     cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
     installed = {
         (relid, name): _Installed(oid, comment, tuple(table), function_oid, tuple(function), *rest)
@@ -798,9 +809,8 @@ def _inspect(cursor, declarations: list[Declaration], selectors: list[str]) -> l
     hashes = _trigger_hashes(cursor, [row.oid for row in installed.values()])
     server_version = cursor.connection.info.server_version
     targets = [_target(cursor, d, server_version) for d in declarations]
-    # The database's other declarations, outside the selection: a selected one
-    # must not take their triggers over, nor drop a function one of them has.
-    declared = _valid_declarations(cursor.db.alias, log=False)[0]
+    if declared is None:
+        declared = _valid_declarations(cursor.db.alias, log=False)[0]
     neighbours = _neighbours(cursor, declarations, declared, server_version)
     declared_functions = {t.function_oid for t in [*targets, *neighbours]} - {None}
     declared_names = {d.function for d in declared}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -25,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from django_pgnotify import Notify, RowChange
 from django_pgnotify.connection import connection_params
-from django_pgnotify.declarations import resolve_model
+from django_pgnotify.declarations import Declaration, resolve_model
 from django_pgnotify.installation import install_triggers, prune_triggers
 from django_pgnotify.testing import CapturedChanges
 from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
@@ -151,6 +152,20 @@ def restore_triggers(transactional_db) -> Iterator[None]:
     yield
     install_triggers()
     prune_triggers()
+
+
+def install_redeclared(declaration: Declaration, **options: Any) -> TriggerSQL:
+    """Install ``declaration``'s triggers as if its ``Notify`` had ``options`` too
+    (``level="row"``, ``old=False``...); ``restore_triggers`` puts them back."""
+    current = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
+    changed = dataclasses.replace(declaration, notify=Notify(**{**current, **options}))
+    if "when_changed" in options:  # the resolved columns follow the option
+        changed = dataclasses.replace(changed, when_changed=())
+        assert not options["when_changed"], "only clearing when_changed is supported"
+    built = build_trigger_sql(changed, connection.pg_version)
+    with connection.cursor() as cursor:
+        cursor.execute(built.install)
+    return built
 
 
 def test_database_url(alias: str = "default", **overrides: str) -> str:

@@ -11,17 +11,19 @@ trigger keeps no old rows.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from django.db import connection
 
-from django_pgnotify import Notify
 from django_pgnotify.declarations import get_declarations
-from django_pgnotify.triggers import build_trigger_sql
-from tests.conftest import changes_before_marker, order_moved_to_a_new_pk, wide_row_updated
+from tests.conftest import (
+    changes_before_marker,
+    install_redeclared,
+    order_moved_to_a_new_pk,
+    wide_row_updated,
+)
 from tests.test_delivery import (  # noqa: F401  (run again here, with old=False)
     test_bulk_create_sends_one_insert_per_row,
     test_changes_arrive_in_commit_order_across_interleaved_transactions,
@@ -45,15 +47,9 @@ from tests.testapp.models import Article, Order
 def new_values_only(request, restore_triggers) -> Iterator[str]:
     """Every live declaration installed with ``old=False`` at the level of the
     parameter; restored afterwards."""
-    with connection.cursor() as cursor:
-        for declaration in get_declarations():
-            if declaration.notify.durable:
-                continue
-            options = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
-            notify = Notify(**{**options, "old": False, "when_changed": (), "level": request.param})
-            changed = dataclasses.replace(declaration, notify=notify, when_changed=())
-            built = build_trigger_sql(changed, connection.pg_version)
-            cursor.execute(built.install)
+    for declaration in get_declarations():
+        if not declaration.notify.durable:
+            install_redeclared(declaration, old=False, when_changed=(), level=request.param)
     yield request.param
 
 

@@ -9,16 +9,19 @@ update that changes the pk) and paths of its own (wide rows, pause, context).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
-from django_pgnotify import Notify, context, paused
+from django_pgnotify import context, paused
 from django_pgnotify.declarations import get_declarations
-from django_pgnotify.triggers import build_trigger_sql
-from tests.conftest import changes_before_marker, order_moved_to_a_new_pk, wide_row_updated
+from tests.conftest import (
+    changes_before_marker,
+    install_redeclared,
+    order_moved_to_a_new_pk,
+    wide_row_updated,
+)
 from tests.test_context import (  # noqa: F401  (run again here, at row level)
     test_a_context_set_by_hand_too_large_for_the_message_is_left_out,
 )
@@ -59,14 +62,9 @@ from tests.testapp.models import Article, Order
 @pytest.fixture(autouse=True)
 def row_level_triggers(restore_triggers) -> Iterator[None]:
     """Every live declaration installed with ``level="row"``; restored afterwards."""
-    with connection.cursor() as cursor:
-        for declaration in get_declarations():
-            if declaration.notify.durable:
-                continue
-            options = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
-            row = dataclasses.replace(declaration, notify=Notify(**{**options, "level": "row"}))
-            built = build_trigger_sql(row, connection.pg_version)
-            cursor.execute(built.install)
+    for declaration in get_declarations():
+        if not declaration.notify.durable:
+            built = install_redeclared(declaration, level="row")
             for statement in built.create_triggers:
                 assert " FOR EACH ROW " in statement
     yield

@@ -8,7 +8,6 @@ line per event handled, which the tests read.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import itertools
 import json
@@ -43,7 +42,7 @@ from django_pgnotify.installation import install_triggers
 from django_pgnotify.models import DurableEvent
 from django_pgnotify.testing import capture_row_changes
 from django_pgnotify.triggers import build_trigger_sql
-from tests.conftest import ManagedProcess
+from tests.conftest import ManagedProcess, install_redeclared
 from tests.conftest import test_database_url as database_url
 from tests.conftest import wait_until as shared_wait_until
 from tests.durableapp.models import Job
@@ -353,10 +352,7 @@ def test_a_durable_declaration_with_old_false_stores_and_delivers_new_values_alo
     restore_triggers,
 ):
     (declaration,) = [d for d in get_declarations() if d.model is Job]
-    options = {slot: getattr(declaration.notify, slot) for slot in Notify.__slots__}
-    new_values = dataclasses.replace(declaration, notify=Notify(**{**options, "old": False}))
-    with connection.cursor() as cursor:
-        cursor.execute(build_trigger_sql(new_values, connection.pg_version).install)
+    install_redeclared(declaration, old=False)
     job = Job.objects.create(name="first", n=1)
     Job.objects.filter(pk=job.pk).update(name="second")
     job.save()  # writes the row as it is: announced all the same
