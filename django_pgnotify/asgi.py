@@ -83,7 +83,7 @@ class ListenerApplication:
             from .channels_bridge import ChannelsDispatcher
 
             labels = {d.model._meta.label_lower for d in declarations}
-            dispatcher = ChannelsDispatcher(layer, labels)
+            dispatcher = ChannelsDispatcher(layer, labels, in_process=True)
         self.listener = Listener(declarations, self.using, dispatcher=dispatcher)
         self.task = asyncio.get_running_loop().create_task(
             self.listener.serve(), name="pgnotify-listener"

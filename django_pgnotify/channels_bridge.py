@@ -6,7 +6,9 @@ sends it to the model's group (and the row's, with ``CHANNEL_ROW_GROUPS``)
 from a task of its own. A channel layer that fails (Redis gone) therefore
 never delays signal dispatch: messages wait in a bounded queue, sending is
 retried with backoff, and what had to be dropped is followed by a ``resync``
-message once sending works again. Needs the ``channels`` extra.
+message once sending works again. A batch the layer refuses to carry (it
+cannot serialize it, which no retry changes) is dropped and resynced at once.
+Needs the ``channels`` extra.
 
 Every channel-layer message costs roughly a millisecond at each end (channels_redis),
 so the forwarder sends whatever is waiting when it is ready as one ``pgnotify.batch``
@@ -23,6 +25,7 @@ import base64
 import datetime
 import logging
 import math
+import re
 import time
 import uuid
 from collections import Counter, deque
@@ -30,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
-from channels.layers import BaseChannelLayer, get_channel_layer
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.duration import duration_iso_string
 
@@ -63,29 +66,58 @@ QUEUE_SIZE = 10_000
 SEND_TIMEOUT = 5.0
 #: Seconds a stopping listener gives the queue to drain.
 DRAIN_TIMEOUT = 2.0
+#: What a channel layer raises for a message it cannot serialize (msgpack: a type it
+#: does not know, an integer past 64 bits, a string UTF-8 cannot encode). Retrying
+#: cannot help, so the batch is dropped and resynced instead of blocking every later one.
+UNSENDABLE = (TypeError, ValueError, ArithmeticError)
 
 
-_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+#: Integers beyond these are sent as strings of their digits: a browser's numbers hold
+#: every integer only up to 2**53 - 1 (``Number.MAX_SAFE_INTEGER``), and ``JSON.parse``
+#: would read a BIGINT past it as another number.
+SAFE_INTEGER_MIN, SAFE_INTEGER_MAX = -(2**53 - 1), 2**53 - 1
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD (the replacement character).
+
+    JSON's ``\\ud800`` escape decodes to a lone surrogate, which is not
+    Unicode text: UTF-8 cannot encode it, so msgpack (channels_redis) refuses
+    the whole message and no browser could be sent it. A client's
+    ``pgnotify.context`` or a ``json`` column can hold one.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def json_safe(value: Any) -> Any:
     """``value`` with every Python type the decoder produces turned into JSON types.
 
     Decimals become strings (no float rounding), dates and times ISO 8601,
-    durations ISO 8601 durations, UUIDs strings, bytes base64. Integers past
-    64 bits (a JSON field's) become strings too, as msgpack, which channel
-    layers use, cannot carry them; so do the floats JSON has no word for
-    (``"NaN"``, ``"Infinity"``, ``"-Infinity"``), which no browser parses.
+    durations ISO 8601 durations, UUIDs strings, bytes base64. Integers
+    outside +-(2**53 - 1) become strings of their digits, as a browser would
+    read another number (and msgpack, which channel layers use, cannot carry
+    those past 64 bits); so do the floats JSON has no word for (``"NaN"``,
+    ``"Infinity"``, ``"-Infinity"``), which no browser parses. Strings and
+    keys lose their lone surrogates (see :func:`valid_text`).
     """
-    if value is None or isinstance(value, (bool, str)):
+    if isinstance(value, str):
+        return value if value.isascii() else valid_text(value)
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return value if _INT64_MIN <= value <= _UINT64_MAX else str(value)
+        return value if SAFE_INTEGER_MIN <= value <= SAFE_INTEGER_MAX else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else _NON_FINITE[str(value)]
     if isinstance(value, dict):
-        return {str(key): json_safe(item) for key, item in value.items()}
+        return {valid_text(str(key)): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [json_safe(item) for item in value]
     if isinstance(value, Decimal):
@@ -96,7 +128,7 @@ def json_safe(value: Any) -> Any:
         return duration_iso_string(value)
     if isinstance(value, (bytes, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")
-    return str(value)
+    return valid_text(str(value))
 
 
 # Decimals are written out in full ("0.0000000123", not str()'s "1.23E-8") while their
@@ -125,10 +157,10 @@ def event_message(event: RowChange, seq: int, stream: str) -> dict[str, Any]:
         "changed": sorted(event.changed),
         "truncated": event.truncated,
         "context": json_safe(event.context),
-        "xid": event.xid,
+        "xid": json_safe(event.xid),
         "timestamp": event.timestamp.isoformat() if event.timestamp else None,
         "durable": event.durable,
-        "event_id": event.event_id,
+        "event_id": json_safe(event.event_id),
         "seq": seq,
         "stream": stream,
     }
@@ -192,6 +224,8 @@ class ChannelLayerForwarder:
         self._min_interval = min_interval
         self._last_round = -math.inf
         self._dropped_models: set[str] = set()
+        # The id of the last message of each resync() call not sent yet: (reason, models).
+        self._resync_notes: dict[str, tuple[str, int]] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,16 +244,24 @@ class ChannelLayerForwarder:
             self._enqueue(targets, message)
 
     def resync(self, labels: Iterable[str], reason: str, **extra: Any) -> None:
-        """Queue a ``resync`` message to the subscribers of each model of ``labels``."""
-        for label in sorted(set(labels)):
+        """Queue a ``resync`` message to the subscribers of each model of ``labels``.
+
+        Once the last of them is sent, the forwarder logs that it was.
+        """
+        labels = sorted(set(labels))
+        for label in labels:
             message = resync_message(label, reason, self.stream, **extra)
             self._enqueue([groups.model_group(label), groups.resync_group(label)], message)
+        if labels:
+            self._resync_notes[message["id"]] = (reason, len(labels))
 
     def _enqueue(self, targets: list[str], message: dict[str, Any]) -> None:
         if len(self._pending) >= self._queue_size:
             _, oldest = self._pending.popleft()
             self.stats["forward_dropped"] += 1
             self._dropped_models.add(oldest["model"])
+            if oldest["type"] == RESYNC:
+                self._resync_notes.pop(oldest["id"], None)
         self._pending.append((targets, message))
         self._ensure_running()
         assert self._wake is not None
@@ -289,13 +331,20 @@ class ChannelLayerForwarder:
             failing_since: float | None = None
             backoff = Backoff.from_settings()
             sent = 0
+            unsendable: dict[int, dict[str, Any]] = {}  # by id(): dropped in this round
             while True:
                 try:
                     for group, batch in sends[sent:]:
                         message = {"type": BATCH, "messages": batch}
-                        await asyncio.wait_for(self._send(group, message), SEND_TIMEOUT)
+                        try:
+                            await asyncio.wait_for(self._send(group, message), SEND_TIMEOUT)
+                        except UNSENDABLE as exc:
+                            if isinstance(exc, OSError):  # the network's (io's are both)
+                                raise
+                            self._drop_unsendable(group, batch, exc, unsendable)
+                        else:
+                            self.stats["forward_batches"] += 1
                         sent += 1
-                        self.stats["forward_batches"] += 1
                     break
                 except asyncio.CancelledError:
                     raise
@@ -322,7 +371,11 @@ class ChannelLayerForwarder:
                         )
                     await asyncio.sleep(backoff.next())
             self._sending = 0
-            self.stats["forwarded"] += sum(1 for m in taken if m["type"] == ROW_CHANGED)
+            self.stats["forwarded"] += sum(
+                1 for m in taken if m["type"] == ROW_CHANGED and id(m) not in unsendable
+            )
+            if self._resync_notes:
+                self._log_resyncs_sent(taken, unsendable)
             if failing_since is not None:
                 logger.warning(
                     "pgnotify: forwarding to channel layer %r works again after %.1fs "
@@ -334,6 +387,42 @@ class ChannelLayerForwarder:
             if self._dropped_models:
                 dropped, self._dropped_models = self._dropped_models, set()
                 self.resync(dropped, "dropped")
+
+    def _drop_unsendable(
+        self,
+        group: str,
+        batch: list[dict[str, Any]],
+        exc: BaseException,
+        unsendable: dict[int, dict[str, Any]],
+    ) -> None:
+        """Drop a batch the layer refused to serialize; its models get a ``resync``."""
+        new = [m for m in batch if id(m) not in unsendable]
+        unsendable.update((id(m), m) for m in new)
+        self.stats["forward_dropped"] += len(new)
+        # A resync that cannot be sent is not followed by another: it would fail alike.
+        self._dropped_models.update(m["model"] for m in new if m["type"] == ROW_CHANGED)
+        first = batch[0]
+        what = f"{first['action']} pk={first['pk']}" if first["type"] == ROW_CHANGED else "resync"
+        logger.error(
+            "pgnotify: channel layer %r cannot carry %s %s%s (group %s): %s; "
+            "dropped, its subscribers get a resync",
+            self.layer_alias,
+            first["model"],
+            what,
+            f" and {len(batch) - 1} more" if len(batch) > 1 else "",
+            group,
+            " ".join(str(exc).split()) or type(exc).__name__,
+        )
+
+    def _log_resyncs_sent(
+        self, taken: list[dict[str, Any]], unsendable: dict[int, dict[str, Any]]
+    ) -> None:
+        for message in taken:
+            if message["type"] != RESYNC:
+                continue
+            note = self._resync_notes.pop(message["id"], None)
+            if note is not None and id(message) not in unsendable:
+                logger.info("pgnotify: sent resync (%s) to the subscribers of %d model(s)", *note)
 
     async def _send(self, group: str, message: dict[str, Any]) -> None:
         assert self.layer is not None
@@ -365,15 +454,19 @@ class ChannelLayerForwarder:
 class ChannelsDispatcher(Dispatcher):
     """A ``Dispatcher`` that also forwards every dispatched event to Channels groups.
 
-    Pass it to a ``Listener`` (``pgnotify_listen --channel-layer`` does). After
-    a reconnect of that listener, subscribers of each of its models get a
-    ``resync`` message, because changes in the gap were never seen.
+    Pass it to a ``Listener`` (``pgnotify_listen --channel-layer`` does). When
+    that listener starts and after each reconnect, subscribers of each of its
+    models get a ``resync`` message, because changes committed while no
+    listener listened were never seen.
 
     Args:
         layer: The ``CHANNEL_LAYERS`` alias.
         labels: The labels of the models the listener serves (for resync).
         row_groups: As for :class:`ChannelLayerForwarder`.
         stats: The counter to count in.
+        in_process: The consumers run in this process (``with_listener``). When
+            they do not, a warning at start says that Channels' in-memory layer
+            reaches none of them.
     """
 
     counters = FORWARD_COUNTERS
@@ -385,9 +478,11 @@ class ChannelsDispatcher(Dispatcher):
         *,
         row_groups: bool | None = None,
         stats: Counter[str] | None = None,
+        in_process: bool = False,
     ) -> None:
         super().__init__(stats)
         self.labels = sorted(set(labels))
+        self.in_process = in_process
         self.forwarder = ChannelLayerForwarder(layer, row_groups=row_groups, stats=self.stats)
         listener_started.connect(self._on_started)
         listener_reconnected.connect(self._on_reconnected)
@@ -412,6 +507,17 @@ class ChannelsDispatcher(Dispatcher):
                 self.forwarder.layer_alias,
                 groups.model_group(self.labels[0]) if self.labels else groups.PREFIX,
             )
+            if not self.in_process and isinstance(self.forwarder.layer, InMemoryChannelLayer):
+                logger.warning(
+                    "pgnotify: channel layer %r is Channels' in-memory layer, which only "
+                    "consumers in this process can read: no WebSocket client will see these "
+                    "changes. Run the listener in the ASGI server (with_listener) or use "
+                    "channels_redis.",
+                    self.forwarder.layer_alias,
+                )
+            # Changes committed before this listener listened (a deploy, a crash) were
+            # never seen: the pages open meanwhile must reload.
+            self.forwarder.resync(self.labels, "started")
 
     async def _on_reconnected(self, sender: Any, downtime: float = 0.0, **kwargs: Any) -> None:
         if self._mine(sender):

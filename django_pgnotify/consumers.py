@@ -7,10 +7,15 @@ acknowledges, so a change committed after the acknowledgement always arrives.
 Authorization is deny-by-default; override :meth:`RowChangeConsumer.has_permission`
 and :meth:`RowChangeConsumer.filter_event` for your own rules. Needs the
 ``channels`` extra. The protocol is documented in docs/channels.md.
+
+Group memberships are renewed while the connection lasts (a layer forgets
+those older than its ``group_expiry``) and left however the consumer ends,
+a handler that raised included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import json
@@ -18,6 +23,7 @@ import logging
 from decimal import Decimal
 from typing import Any
 
+from asgiref.typing import ASGIReceiveCallable, ASGISendCallable
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.apps import apps
@@ -98,6 +104,13 @@ def _forget_declarations(setting: str, **kwargs: Any) -> None:
         _announces.cache_clear()
 
 
+#: Seconds leaving the groups (a consumer ends) or joining them again (renewal) may take.
+LEAVE_TIMEOUT = 5.0
+#: Group memberships are renewed this many times per ``group_expiry`` of the layer, so
+#: that a membership lapses only when several renewals in a row failed (Redis restarting).
+RENEWALS_PER_EXPIRY = 4
+
+
 class RowChangeConsumer(AsyncJsonWebsocketConsumer):
     """An async JSON WebSocket consumer that pushes ``row_changed`` events to subscribers.
 
@@ -109,6 +122,17 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
     max_message_bytes = 4096
     max_subscriptions = 100
 
+    async def __call__(
+        self, scope: Any, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Channels calls disconnect() only for a closed socket; a handler that
+            # raised ends the consumer without it, and the layer would keep pushing
+            # every batch to the dead channel until its group_expiry (a day).
+            await self.leave_groups()
+
     async def connect(self) -> None:
         # model label -> {"model": bool, "rows": {pk text: pk as sent}}
         self.subscriptions: dict[str, dict[str, Any]] = {}
@@ -116,12 +140,44 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         self.last_seq: dict[tuple[str, str], int] = {}
         self.seen_resyncs: set[Any] = set()
         self.row_groups = bool(get_setting("CHANNEL_ROW_GROUPS"))
+        self._groups_lock = asyncio.Lock()
+        self._renewing: asyncio.Task[None] | None = None
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
-        for group in list(getattr(self, "joined", ())):
-            await self.channel_layer.group_discard(group, self.channel_name)
+        await self.leave_groups()
+
+    async def leave_groups(self) -> None:
+        """Leave every group joined, each one even when leaving another fails."""
+        renewing = getattr(self, "_renewing", None)
+        if renewing is not None:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+            self._renewing = None
+        joined: set[str] = getattr(self, "joined", set())
         self.joined = set()
+        if not joined:
+            return
+        try:
+            failed = await asyncio.wait_for(self._discard(joined), LEAVE_TIMEOUT)
+        except asyncio.TimeoutError:
+            failed = joined
+        if failed:
+            logger.warning(
+                "pgnotify: could not leave %d group(s) (%s...); the channel layer drops "
+                "them after its group_expiry",
+                len(failed),
+                min(failed),
+            )
+
+    async def _discard(self, joined: set[str]) -> set[str]:
+        failed: set[str] = set()
+        for group in sorted(joined):
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:
+                failed.add(group)
+        return failed
 
     # Hooks
 
@@ -154,7 +210,10 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
     ) -> None:
-        size = len(text_data.encode("utf-8")) if text_data is not None else len(bytes_data or b"")
+        if text_data is not None:  # a WebSocket's text is UTF-8; a test's str may be anything
+            size = len(text_data.encode("utf-8", "surrogatepass"))
+        else:
+            size = len(bytes_data or b"")
         if size > self.max_message_bytes:
             await self.send_error(
                 "too_large", f"Messages may be at most {self.max_message_bytes} bytes."
@@ -193,16 +252,21 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         if not await self.has_permission(model, pk):
             # The same answer whether the model or the row exists or not.
             raise SubscriptionError("forbidden", f"You may not follow {label}.")
+        key = None if pk is None else groups.pk_text(pk)
+        existing = self.subscriptions.get(label)
+        renewed = existing is not None and (
+            existing["model"] if key is None else key in existing["rows"]
+        )
         count = sum(int(e["model"]) + len(e["rows"]) for e in self.subscriptions.values())
-        if count >= self.max_subscriptions:
+        if count >= self.max_subscriptions and not renewed:
             raise SubscriptionError(
                 "too_many", f"At most {self.max_subscriptions} subscriptions per connection."
             )
         entry = self.subscriptions.setdefault(label, {"model": False, "rows": {}})
-        if pk is None:
+        if key is None:
             entry["model"] = True
         else:
-            entry["rows"][groups.pk_text(pk)] = request["pk"]
+            entry["rows"][key] = request["pk"]
         await self.sync_groups()
         await self.send_frame("subscribed", request, label)
 
@@ -236,6 +300,8 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise SubscriptionError("invalid_pk", "pk must be a string or an integer.")
         try:
+            if isinstance(value, str):
+                value.encode("utf-8")  # a lone surrogate (JSON's "\ud800") is no row's
             pk = _pk_value(model, value)
         except (ValidationError, TypeError, ValueError, ArithmeticError):
             raise SubscriptionError("invalid_pk", f"{value!r} is not a valid pk.") from None
@@ -256,12 +322,46 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             if entry["rows"]:
                 wanted.add(groups.resync_group(label))
                 wanted.update(groups.row_group(label, pk) for pk in entry["rows"])
-        for group in sorted(wanted - self.joined):
+        async with self._groups_lock:
+            for group in sorted(wanted - self.joined):
+                # Before the add: cancelled during it, the consumer still leaves the group.
+                self.joined.add(group)
+                await self.channel_layer.group_add(group, self.channel_name)
+            for group in sorted(self.joined - wanted):
+                await self.channel_layer.group_discard(group, self.channel_name)
+                self.joined.discard(group)
+        if self.joined and self._renewing is None:
+            expiry = getattr(self.channel_layer, "group_expiry", None)
+            if expiry:  # channels_redis's core layer and the in-memory one forget members
+                self._renewing = asyncio.get_running_loop().create_task(
+                    self._renew_groups(expiry / RENEWALS_PER_EXPIRY),
+                    name="pgnotify-renew-groups",
+                )
+
+    async def _renew_groups(self, interval: float) -> None:
+        """Join the joined groups again every ``interval`` seconds.
+
+        A layer with a ``group_expiry`` (channels_redis's core layer: a day by
+        default) drops members that joined longer ago, and a page left open that
+        long would go deaf, quietly. Joining again restarts that clock; it runs on a
+        timer because a quiet page receives nothing that could trigger it.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            async with self._groups_lock:
+                try:
+                    # Bounded: a subscribe waits for this lock, and a layer may hang.
+                    await asyncio.wait_for(self._join_again(), LEAVE_TIMEOUT)
+                except Exception as exc:  # tried again at the next interval
+                    logger.warning(
+                        "pgnotify: could not renew the group memberships of %s: %s",
+                        self.channel_name,
+                        " ".join(str(exc).split()) or type(exc).__name__,
+                    )
+
+    async def _join_again(self) -> None:
+        for group in sorted(self.joined):
             await self.channel_layer.group_add(group, self.channel_name)
-            self.joined.add(group)
-        for group in sorted(self.joined - wanted):
-            await self.channel_layer.group_discard(group, self.channel_name)
-            self.joined.discard(group)
 
     # Sending to the client
 

@@ -1,14 +1,18 @@
 """The decoder: a notification's payload in, ``RowChange`` objects out.
 
 Values arrive as PostgreSQL renders them in JSON; each model field gets a
-converter, chosen once per model, that turns them into the Python type the
-field gives (``Decimal``, ``datetime``, ``UUID``, ``date``...), as the ORM would.
+converter, chosen once per model, that turns them into the value the ORM
+gives for the field: first into the Python type the database adapter gives for
+the column (``Decimal``, ``datetime``, ``UUID``, ``date``..., element by element
+in an array), then, for a field that defines ``from_db_value``, through the
+field's database converters, as the ORM applies them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta, timezone
@@ -17,12 +21,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import DEFAULT_DB_ALIAS, models
+from django.db import DEFAULT_DB_ALIAS, connections, models
 from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
 
 from . import wire
-from .declarations import element_type
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -52,7 +55,9 @@ class ModelNotServed(DecodeError):
 
 
 def _datetime(value: Any) -> datetime:
-    parsed = parse_datetime(value)
+    # A column's value comes in UTC without an offset (see triggers._value); an
+    # array's elements with the writer's session offset, read as such.
+    parsed = parse_datetime(value) or _datetime_with_seconds_offset(value)
     if parsed is None:
         raise ValueError(f"not a datetime: {value!r}")
     if parsed.tzinfo is None:
@@ -60,6 +65,22 @@ def _datetime(value: Any) -> datetime:
     if settings.USE_TZ:
         return parsed.astimezone(timezone.utc)
     return django_timezone.make_naive(parsed, django_timezone.get_default_timezone())
+
+
+# An offset with seconds (a zone's local mean time, before about 1900), which
+# parse_datetime reads after a fraction of a second only on Python 3.11 and later.
+_SECONDS_OFFSET = re.compile(r"(.+)([+-])(\d\d):(\d\d):(\d\d)")
+
+
+def _datetime_with_seconds_offset(value: Any) -> datetime | None:
+    match = _SECONDS_OFFSET.fullmatch(value)
+    if match is None:
+        return None
+    parsed = parse_datetime(match[1])
+    if parsed is None or parsed.tzinfo is not None:
+        return None
+    offset = timedelta(hours=int(match[3]), minutes=int(match[4]), seconds=int(match[5]))
+    return parsed.replace(tzinfo=timezone(-offset if match[2] == "-" else offset))
 
 
 def _time(value: Any) -> Any:
@@ -79,6 +100,162 @@ def _binary(value: str) -> bytes:
     if not value.startswith("\\x"):
         raise ValueError("binary value without the \\x of hex format")
     return bytes.fromhex(value[2:])
+
+
+def _binary_text(value: str) -> bytes:
+    # An element of a bytea array, rendered as the writer's bytea_output says: hex,
+    # which starts with \x, or escape, which never does (it writes a backslash as
+    # \\ and other bytes that are not printable ASCII as \ and three octal digits).
+    if value.startswith("\\x"):
+        return bytes.fromhex(value[2:])
+    if not value.isascii() or not _ESCAPE_FORMAT.fullmatch(value):
+        raise ValueError("binary value in neither hex nor escape format")
+    return _ESCAPED_BYTE.sub(_unescape_byte, value).encode("latin-1")
+
+
+_ESCAPE_FORMAT = re.compile(r"(?:[^\\]|\\\\|\\[0-3][0-7][0-7])*")
+_ESCAPED_BYTE = re.compile(r"\\(\\|[0-3][0-7][0-7])")
+
+
+def _unescape_byte(match: re.Match[str]) -> str:
+    escaped = match[1]
+    return "\\" if escaped == "\\" else chr(int(escaped, 8))
+
+
+def _interval_text(value: str) -> timedelta:
+    """An element of an interval array, rendered in the writer's ``IntervalStyle``.
+
+    Any of the four: every style writes the interval's years, months, days and
+    time in full, to the microsecond. The ``timedelta`` is the one psycopg reads
+    from the ``postgres`` style, which the ORM reads (a year is 365 days, a
+    month 30).
+    """
+    for parse in _INTERVAL_STYLES:
+        parts = parse(value)
+        if parts is not None:
+            years, months, days, microseconds = parts
+            return timedelta(days=365 * years + 30 * months + days, microseconds=microseconds)
+    raise ValueError(f"not an interval: {value!r}")
+
+
+# Years, months, days and microseconds of an interval's text, or None if not of a style.
+_IntervalParts = tuple[int, int, int, int] | None
+
+_SECONDS = r"(\d+)(?:\.(\d{1,6}))?"
+
+
+def _time_microseconds(
+    sign: str | None, hours: str, minutes: str, seconds: str, fraction: str | None
+) -> int:
+    time = (int(hours) * 60 + int(minutes)) * 60_000_000 + _microseconds(seconds, fraction)
+    return -time if sign == "-" else time
+
+
+def _microseconds(seconds: str, fraction: str | None) -> int:
+    return int(seconds) * 1_000_000 + (int(fraction.ljust(6, "0")) if fraction else 0)
+
+
+# IntervalStyle postgres (the default): "1 year 2 mons -3 days +04:05:06.5".
+_POSTGRES_INTERVAL = re.compile(
+    r"(?:([+-]?\d+) years? ?)?(?:([+-]?\d+) mons? ?)?(?:([+-]?\d+) days? ?)?"
+    rf"(?:([+-])?(\d+):(\d\d):{_SECONDS})?"
+)
+
+
+def _postgres_interval(value: str) -> _IntervalParts:
+    match = _POSTGRES_INTERVAL.fullmatch(value)
+    if match is None or not value:
+        return None
+    years, months, days, sign, hours, minutes, seconds, fraction = match.groups()
+    time = _time_microseconds(sign, hours, minutes, seconds, fraction) if hours else 0
+    return int(years or 0), int(months or 0), int(days or 0), time
+
+
+# postgres_verbose: "@ 1 year 2 mons -3 days 4 hours 5 mins 6.5 secs ago", "@ 0"; "ago"
+# negates every part.
+_VERBOSE_INTERVAL = re.compile(r"@((?: [+-]?\d+(?:\.\d+)? [a-z]+)*)( 0)?( ago)?")
+_VERBOSE_PART = re.compile(rf" ([+-]?)(?:(\d+) (year|mon|day|hour|min)s?|{_SECONDS} secs?)")
+
+
+def _verbose_interval(value: str) -> _IntervalParts:
+    match = _VERBOSE_INTERVAL.fullmatch(value)
+    if match is None:
+        return None
+    parts = list(_VERBOSE_PART.finditer(match[1]))
+    if "".join(part[0] for part in parts) != match[1]:
+        return None  # a word that is not one of the units
+    numbers = dict.fromkeys(("year", "mon", "day", "hour", "min"), 0)
+    time = 0
+    for part in parts:
+        sign, number, unit, seconds, fraction = part.groups()
+        amount = int(number) if unit else _microseconds(seconds, fraction)
+        if sign == "-":
+            amount = -amount
+        if unit:
+            numbers[unit] = amount
+        else:
+            time = amount
+    time += (numbers["hour"] * 60 + numbers["min"]) * 60_000_000
+    ago = -1 if match[3] else 1
+    return ago * numbers["year"], ago * numbers["mon"], ago * numbers["day"], ago * time
+
+
+# sql_standard: "0", "1-2" (years-months), "3 4:05:06.5", "4:05:06.5", each with one
+# sign before it all; or, when both kinds of parts are there or signs differ,
+# "+1-2 -3 +4:05:06.5", a sign before each.
+_SQL_STANDARD_INTERVAL = re.compile(
+    r"(?:(-)?(\d+)-(\d+))"
+    r"|(?:(-)?(?:(\d+) )?(\d+):(\d\d):" + _SECONDS + r")"
+    r"|(?:([+-])(\d+)-(\d+) ([+-])(\d+) ([+-])(\d+):(\d\d):" + _SECONDS + r")"
+)
+
+
+def _sql_standard_interval(value: str) -> _IntervalParts:
+    if value == "0":
+        return 0, 0, 0, 0
+    match = _SQL_STANDARD_INTERVAL.fullmatch(value)
+    if match is None:
+        return None
+    groups = match.groups()
+    if groups[1] is not None:  # years-months
+        sign = -1 if groups[0] else 1
+        return sign * int(groups[1]), sign * int(groups[2]), 0, 0
+    if groups[5] is not None:  # [days] time
+        sign = -1 if groups[3] else 1
+        time = _time_microseconds(None, groups[5], groups[6], groups[7], groups[8])
+        return 0, 0, sign * int(groups[4] or 0), sign * time
+    (year_sign, years, months, day_sign, days, time_sign, hours, minutes, seconds, fraction) = (
+        groups[9:]
+    )
+    year = -1 if year_sign == "-" else 1
+    return (
+        year * int(years),
+        year * int(months),
+        -int(days) if day_sign == "-" else int(days),
+        _time_microseconds(time_sign, hours, minutes, seconds, fraction),
+    )
+
+
+# iso_8601: "P1Y2M-3DT4H5M6.5S", "PT-0.5S", "PT0S"; a sign before each part.
+_ISO_INTERVAL = re.compile(
+    r"P(?:([+-]?\d+)Y)?(?:([+-]?\d+)M)?(?:([+-]?\d+)D)?"
+    rf"(?:T(?:([+-]?\d+)H)?(?:([+-]?\d+)M)?(?:(-)?{_SECONDS}S)?)?"
+)
+
+
+def _iso_interval(value: str) -> _IntervalParts:
+    match = _ISO_INTERVAL.fullmatch(value)
+    if match is None:
+        return None
+    years, months, days, hours, minutes, sign, seconds, fraction = match.groups()
+    time = (int(hours or 0) * 60 + int(minutes or 0)) * 60_000_000
+    if seconds:
+        second = _microseconds(seconds, fraction)
+        time += -second if sign else second
+    return int(years or 0), int(months or 0), int(days or 0), time
+
+
+_INTERVAL_STYLES = (_postgres_interval, _iso_interval, _verbose_interval, _sql_standard_interval)
 
 
 def _timestamp(seconds: float | int | Decimal | None) -> datetime | None:
@@ -107,15 +284,6 @@ def _decimal(value: Any) -> Decimal:
     return Decimal(repr(value) if isinstance(value, float) else value)
 
 
-def _decimals(value: Any) -> Any:
-    # An array of numeric, nested to any depth, NULL elements kept. Triggers send
-    # its elements as strings; those of earlier versions sent JSON numbers, still
-    # read until the triggers are reinstalled (a float holds about 17 digits of them).
-    if type(value) is list:
-        return [None if item is None else _decimals(item) for item in value]
-    return _decimal(value)
-
-
 def _same(value: Any) -> Any:
     return value
 
@@ -134,6 +302,18 @@ _CONVERTERS: dict[str, Converter] = {
     "TextField": _same,
 }
 
+# The elements of an array, which triggers send as to_json() renders them (numeric
+# as strings, see triggers._value): timestamptz with the writer's session offset,
+# interval in its IntervalStyle, bytea in its bytea_output. Numeric elements came as
+# JSON numbers from triggers of earlier versions, still read until they are
+# reinstalled (a float holds about 17 digits of them). Types not named here
+# (integers, text, booleans...) are taken as sent, as ArrayField.to_python does.
+_ELEMENT_CONVERTERS: dict[str, Converter] = {
+    **_CONVERTERS,
+    "DurationField": _interval_text,
+    "BinaryField": _binary_text,
+}
+
 
 def _integer(value: Any) -> int:
     return value if isinstance(value, int) else int(value)
@@ -143,22 +323,79 @@ def _integer(value: Any) -> int:
 _AS_SENT = frozenset({_same, _integer})
 
 
-def converter_for(field: models.Field) -> Converter:
-    """The function that turns a payload value into ``field``'s Python value."""
-    target = getattr(field, "target_field", None) if field.is_relation else None
-    if target is not None:
-        return converter_for(target)
+def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Converter:
+    """The function that turns a payload value into ``field``'s value, as the ORM gives it.
+
+    The value is made the Python type the database adapter gives for the column
+    (a foreign key's column: by the field it points to); then, if the field (or
+    the one it points to) defines ``from_db_value``, it goes through the field's
+    database converters, as the ORM applies them when it reads the row: NULL
+    too, and with the connection of the alias ``using`` in the decoding thread.
+
+    Args:
+        field: A concrete field of a model.
+        using: The database alias the payloads come from (the listener's).
+    """
+    stored = _stored_field(field)
+    if not (hasattr(field, "from_db_value") or hasattr(stored, "from_db_value")):
+        return _typed(stored)
+    # The column as the ORM selects it: for a foreign key, the field it points to
+    # gives the converters, then the foreign key itself.
+    expression = field.get_col(field.model._meta.db_table)
+    converters = expression.get_db_converters(connections[using])
+    if not converters or _typed_as_the_orm_reads(stored, converters):
+        return _typed(stored)
+    return _DatabaseConverters(_adapted(stored), converters, expression, using)
+
+
+def _stored_field(field: models.Field) -> models.Field:
+    """The field whose type the column has: for a relation, the field it points to."""
+    while field.is_relation and getattr(field, "target_field", None) is not None:
+        field = field.target_field  # type: ignore[attr-defined]  # a relation's field
+    return field
+
+
+def _typed(field: models.Field) -> Converter:
+    """A payload value of ``field``'s column to its Python value, ``from_db_value`` aside."""
     internal = field.get_internal_type()
     if internal == "JSONField":
         return _json_converter(field)
-    if element_type(field) == "DecimalField":
-        # ArrayField.to_python returns a list as it is: Decimals are made here.
-        return _decimals
+    if internal == "ArrayField":
+        return _array_converter(field)
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
         return _integer
     return field.to_python
+
+
+def _array_converter(field: models.Field) -> Converter:
+    element, _ = _innermost(field)
+    convert = _ELEMENT_CONVERTERS.get(element.get_internal_type(), _same)
+    return _same if convert in _AS_SENT else _elements(convert)
+
+
+def _innermost(field: models.Field) -> tuple[models.Field, int]:
+    """An array field's innermost base field, and how many ``ArrayField`` levels hold it."""
+    depth = 0
+    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
+        field, depth = field.base_field, depth + 1
+    return field, depth
+
+
+def _elements(convert: Converter) -> Converter:
+    """An array's converter: ``convert`` for each element, nested to any depth (an
+    array's JSON nests as its dimensions do), NULL elements kept."""
+
+    def convert_array(value: Any) -> Any:
+        if type(value) is not list:
+            return convert(value)
+        return [
+            None if item is None else convert_array(item) if type(item) is list else convert(item)
+            for item in value
+        ]
+
+    return convert_array
 
 
 def _json_converter(field: models.Field) -> Converter:
@@ -171,6 +408,105 @@ def _json_converter(field: models.Field) -> Converter:
         return json.loads(value, cls=decoder)
 
     return convert
+
+
+def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
+    """Whether ``_typed`` gives what ``converters`` would: those of ``JSONField``
+    itself, which ``_json_converter`` applies, and of an array of it without a
+    decoder, whose elements JSON embeds as the ORM would read them."""
+    element, depth = _innermost(field)
+    if len(converters) != 1 or not isinstance(element, models.JSONField):
+        return False
+    if type(element).from_db_value is not models.JSONField.from_db_value:
+        return False
+    if depth == 0:
+        return True
+    from django.contrib.postgres.fields import ArrayField
+
+    # ArrayField's own, which calls its base field's for each element.
+    per_element = ArrayField._from_db_value  # type: ignore[attr-defined]  # not in the stubs
+    while isinstance(field, ArrayField):
+        if getattr(field.from_db_value, "__func__", None) is not per_element:
+            return False
+        field = field.base_field
+    return element.decoder is None
+
+
+def _adapted(field: models.Field) -> Converter:
+    """A payload value of ``field``'s column to what the database adapter gives for it,
+    which ``from_db_value`` receives: JSON as its text (triggers send it so)."""
+    internal = field.get_internal_type()
+    if internal == "JSONField":
+        return _same
+    if internal == "ArrayField":
+        element, depth = _innermost(field)
+        if element.get_internal_type() == "JSONField":
+            return _json_texts(depth)
+        return _array_converter(field)
+    if internal in _CONVERTERS:
+        return _CONVERTERS[internal]
+    if internal.endswith(("IntegerField", "AutoField")):
+        return _integer
+    return _same
+
+
+def _json_texts(depth: int) -> Converter:
+    """A JSON array's elements, embedded by to_json(), back to their text.
+
+    A JSON array element looks like a dimension: the field's nesting says how
+    deep the elements are, as ``ArrayField.from_db_value`` reads them.
+    """
+
+    def convert(value: Any, depth: int = depth) -> Any:
+        if depth == 0:
+            return wire.dumps(value)
+        if type(value) is not list:
+            raise TypeError(f"not an array of {depth} dimension(s): {value!r}")
+        return [None if item is None else convert(item, depth - 1) for item in value]
+
+    return convert
+
+
+# What a converter raises for a value it cannot convert (_DatabaseConverters makes
+# whatever a field's database converter raises one of them).
+_CONVERSION_ERRORS = (TypeError, ValueError, ArithmeticError, AttributeError, ValidationError)
+
+
+class _ConverterError(ValueError):
+    """A field's database converter (``from_db_value``) raised."""
+
+
+class _DatabaseConverters:
+    """The payload value made what the adapter gives (``adapted``), then passed
+    through the field's database ``converters`` as the ORM passes it.
+
+    NULL is passed too (``_ModelCodec.null``). Whatever a converter raises
+    becomes a ``_ConverterError``, which the codec handles as any value that
+    cannot be converted.
+    """
+
+    __slots__ = ("adapted", "converters", "expression", "using")
+
+    def __init__(
+        self, adapted: Converter, converters: list[Any], expression: Any, using: str
+    ) -> None:
+        self.adapted = adapted
+        self.converters = converters
+        self.expression = expression
+        self.using = using
+
+    def __call__(self, value: Any) -> Any:
+        if value is not None:
+            value = self.adapted(value)
+        # Looked up on each call: a connection belongs to the thread that decodes.
+        connection = connections[self.using]
+        for converter in self.converters:
+            try:
+                value = converter(value, self.expression, connection)
+            except Exception as exc:
+                name = getattr(converter, "__qualname__", repr(converter))
+                raise _ConverterError(f"{name} raised {type(exc).__name__}: {exc}") from exc
+        return value
 
 
 class _Layout:
@@ -237,7 +573,10 @@ class _Layout:
         )
         pairs, old_pairs = self.values, self.old
         converted, old_converted = self.converted, self.old_converted
-        convert_pk, value = codec.pk, codec.value
+        convert_pk, value, null = codec.pk, codec.value, codec.null
+        database_converters = _DatabaseConverters
+        # An integer pk is taken as sent, unless its field has converters of its own.
+        int_pk_as_sent = type(convert_pk) is not database_converters
 
         def rows_to_changes(
             rows: list[list[Any]],
@@ -253,7 +592,7 @@ class _Layout:
             durable = event_id is not None
             for row in rows:
                 pk = row[0]
-                if type(pk) is not int:
+                if type(pk) is not int or not int_pk_as_sent:
                     pk = value(convert_pk, "pk", pk)
                 old, names = None, _NOTHING_CHANGED
                 if len(row) < full or pk is None:
@@ -264,12 +603,16 @@ class _Layout:
                     for name, index, column, converter in converted:
                         if (item := row[index]) is not None:
                             values[name] = value(converter, column, item)
+                        elif type(converter) is database_converters:
+                            values[name] = null(converter, column)
                     truncated = False
                     if is_update:
                         old = {name: row[index] for name, index in old_pairs}
                         for name, index, column, converter in old_converted:
                             if (item := row[index]) is not None:
                                 old[name] = value(converter, column, item)
+                            elif type(converter) is database_converters:
+                                old[name] = null(converter, column)
                         names = changed(row[-1])
                 # In field order, as the instances' shared keys have them (see events.py).
                 change = _new(RowChange)
@@ -313,13 +656,15 @@ _new = object.__new__
 
 
 class _ModelCodec:
-    """Column name -> (attname, converter) for one model."""
+    """Column name -> (attname, converter) for one model, whose rows come from ``using``."""
 
-    def __init__(self, model: type[models.Model]) -> None:
+    def __init__(self, model: type[models.Model], using: str = DEFAULT_DB_ALIAS) -> None:
         self.model = model
-        self.pk = converter_for(model._meta.pk)
+        self.pk = converter_for(model._meta.pk, using)
         self.columns = {
-            f.column: (f.attname, converter_for(f)) for f in model._meta.concrete_fields if f.column
+            f.column: (f.attname, converter_for(f, using))
+            for f in model._meta.concrete_fields
+            if f.column
         }
         # Version 1 embeds JSON values rather than sending their text.
         self._embedded_json = {
@@ -334,7 +679,10 @@ class _ModelCodec:
         key = (fields, watched, action, old)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = _Layout(self, fields, watched, action, old)
+            layout = _Layout(self, fields, watched, action, old)
+            # Anyone may notify on our channels: a bound keeps memory flat.
+            if len(self._layouts) < 1024:
+                self._layouts[key] = layout
         return layout
 
     def value(self, converter: Converter, column: str, value: Any) -> Any:
@@ -342,24 +690,39 @@ class _ModelCodec:
             return None
         try:
             return converter(value)
-        except (TypeError, ValueError, ArithmeticError, AttributeError, ValidationError) as exc:
-            # Keep the raw value rather than lose the event (e.g. 'infinity').
-            if column not in self._warned:
-                self._warned.add(column)
-                logger.warning(
-                    "pgnotify: cannot convert %s.%s value %r (%s); passing it on as sent",
-                    self.model._meta.label,
-                    column,
-                    value,
-                    exc,
-                )
-            return value
+        except _CONVERSION_ERRORS as exc:
+            return self._as_sent(column, value, exc)
+
+    def null(self, converter: Converter, column: str) -> Any:
+        """What a NULL becomes: ``None``, or what a field's database converters make of it."""
+        if type(converter) is not _DatabaseConverters:
+            return None
+        try:
+            return converter(None)
+        except _CONVERSION_ERRORS as exc:
+            return self._as_sent(column, None, exc)
+
+    def _as_sent(self, column: str, value: Any, exc: Exception) -> Any:
+        # Keep the raw value rather than lose the event (e.g. 'infinity').
+        if column not in self._warned:
+            self._warned.add(column)
+            logger.warning(
+                "pgnotify: cannot convert %s.%s value %r (%s); passing it on as sent",
+                self.model._meta.label,
+                column,
+                value,
+                exc,
+            )
+        return value
 
     def values(self, raw: dict[str, Any] | None) -> dict[str, Any]:
         result = {}
         for column, value in (raw or {}).items():
             name, converter = self.columns.get(column, (column, _same))
-            if column in self._embedded_json and value is not None:
+            if value is None:
+                result[name] = self.null(converter, column)
+                continue
+            if column in self._embedded_json:
                 value = wire.dumps(value)
             result[name] = self.value(converter, column, value)
         return result
@@ -375,7 +738,7 @@ class Decoder:
         self, models_: Iterable[type[models.Model]], using: str = DEFAULT_DB_ALIAS
     ) -> None:
         self.using = using
-        self._codecs = {m._meta.label_lower: _ModelCodec(m) for m in models_}
+        self._codecs = {m._meta.label_lower: _ModelCodec(m, using) for m in models_}
         # By wire.Shape, which is the same object for every message of a shape.
         self._layouts: dict[wire.Shape, _Layout] = {}
 

@@ -44,6 +44,9 @@ class Dispatcher:
         self.last_event_lag: float | None = None
         #: The first receiver error of each durable event, by event id (see take_errors).
         self.errors: dict[int, str] = {}
+        #: Durable events whose async receivers have all run, a running count: the
+        #: durable worker watches it grow to tell a slow batch from a stuck one.
+        self.durable_awaited = 0
 
     def dispatch(self, event: RowChange) -> None:
         """Send ``row_changed`` for ``event`` to every receiver, sync and async."""
@@ -52,14 +55,26 @@ class Dispatcher:
             async_to_sync(self.send_async)([event])
 
     def send_sync(
-        self, events: Sequence[RowChange], stopping: threading.Event | None = None
+        self,
+        events: Sequence[RowChange],
+        stopping: threading.Event | None = None,
+        done: list[RowChange] | None = None,
     ) -> list[RowChange]:
         """Call the sync receivers of each event, in order.
 
-        Returns the events handled: all of them, or those before ``stopping``
-        was set (the event in hand is always finished).
+        Args:
+            events: What to send.
+            stopping: Once set, no further event is started (the event in hand
+                is always finished).
+            done: The list to append each event to once its receivers have run
+                (a new one by default); another thread may watch it grow.
+
+        Returns:
+            The events handled (``done``): all of them, or those before
+            ``stopping`` was set.
         """
-        done: list[RowChange] = []
+        if done is None:
+            done = []
         # Django's own lookup; once per model and batch. (Django 5+ splits sync and async.)
         by_model: dict[Any, list[Any]] = {}
         try:
@@ -96,6 +111,7 @@ class Dispatcher:
         has failed like any other: it does not end the dispatch.
         """
         by_model: dict[Any, list[Any]] = {}  # as in send_sync: once per model and batch
+        durable = bool(events) and events[0].durable  # a batch is all live or all durable
         for event in events:
             model = event.model
             receivers = by_model.get(model)
@@ -110,13 +126,16 @@ class Dispatcher:
                     self.failed(receiver, event, exc)
                 except Exception as exc:
                     self.failed(receiver, event, exc)
+            if durable:
+                self.durable_awaited += 1
 
     def failed(self, receiver: Any, event: RowChange, exc: BaseException) -> None:
         """Log and count a receiver that raised."""
         self.stats["receiver_errors"] += 1
         if event.event_id is not None:  # durable: retried or dead-lettered with this error
             name = getattr(receiver, "__qualname__", repr(receiver))
-            self.errors.setdefault(event.event_id, f"{name}: {type(exc).__name__}: {exc}")
+            message = f"{name}: {type(exc).__name__}: {error_text(exc)}"
+            self.errors.setdefault(event.event_id, message)
         logger.error(
             "pgnotify: receiver %s failed on %s %s pk=%r",
             getattr(receiver, "__qualname__", receiver),
@@ -134,6 +153,14 @@ class Dispatcher:
     def measure_lag(self, event: RowChange) -> None:
         if event.timestamp is not None:
             self.last_event_lag = max(0.0, time.time() - event.timestamp.timestamp())
+
+
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, even when its ``__str__`` raises: receivers may raise anything."""
+    try:
+        return str(exc)
+    except Exception:
+        return "(its message could not be rendered)"
 
 
 def _cancelling() -> bool:

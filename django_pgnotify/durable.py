@@ -16,6 +16,12 @@ deduplicate by ``event.event_id``, the row's id plus the change's position.
 A listener settles only the rows still leased to it: one whose lease expired
 and that another listener claimed is that listener's to settle.
 
+A row claimed again after its lease expired unsettled (its listener died, or
+its receivers ran past the lease) is suspect: it may be what killed the
+listener. It is claimed in a batch of its own, so that it cannot take other
+rows' attempts with it, and once it has used up its attempts that way it
+becomes a dead letter without being dispatched again.
+
 The functions below (status, retry, discard, prune) serve the admin and the
 management commands.
 """
@@ -29,6 +35,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
@@ -46,7 +53,7 @@ from .backoff import Backoff
 from .conf import get_setting
 from .declarations import Declaration
 from .decoding import DecodeError, Decoder
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, error_text
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.durable")
@@ -62,6 +69,10 @@ _CLAIMABLE = """status = 'pending' AND declaration = ANY(%(uris)s) AND available
 # counted first, without locking: locked rows stay hidden from the other listeners until
 # the claim commits, so locking ``limit`` rows to claim the first (a bulk write's rows
 # hold up to 1,024 changes each) left a second listener nothing to claim.
+# A row still carrying a lease owner had its lease expire unsettled: it is "abandoned".
+# Such a row is claimed alone, and a claim stops before the first one: should its
+# changes kill the listener again, they cost no other row an attempt. Also returned:
+# the row's age by the server's clock (for recognising this process's own writes).
 _CLAIM = sql.SQL(
     """
 WITH head AS (
@@ -77,7 +88,9 @@ WITH head AS (
     ) AS running
     WHERE before < %(limit)s
 ), locked AS (
-    SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled FROM {table}
+    SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
+        lease_owner <> '' AS abandoned
+    FROM {table}
     WHERE """
     + _CLAIMABLE
     + """
@@ -85,18 +98,23 @@ WITH head AS (
     LIMIT (SELECT rows FROM wanted)
     FOR UPDATE SKIP LOCKED
 ), claimable AS (
-    SELECT id FROM (
-        SELECT id, sum(unhandled) OVER (ROWS UNBOUNDED PRECEDING) - unhandled AS before
+    SELECT id, abandoned FROM (
+        SELECT id, abandoned,
+            sum(unhandled) OVER running - unhandled AS before,
+            count(*) FILTER (WHERE abandoned) OVER running AS abandoned_so_far,
+            row_number() OVER running AS nth
         FROM locked
+        WINDOW running AS (ROWS UNBOUNDED PRECEDING)
     ) AS running
-    WHERE before < %(limit)s
+    WHERE before < %(limit)s AND (abandoned_so_far = 0 OR nth = 1)
 )
 UPDATE {table} AS e
 SET lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s),
     attempts = e.attempts + 1
 FROM claimable WHERE e.id = claimable.id
 RETURNING e.id, e.declaration, e.model, e.action, e.xid, extract(epoch FROM e.changed_at)::text,
-    e.context, e.layout, e.payload, e.pid, e.attempts, e.size, e.handled
+    e.context, e.layout, e.payload, e.pid, e.attempts, e.size, e.handled, claimable.abandoned,
+    extract(epoch FROM now() - e.created_at)::float8
 """
 ).format(table=_TABLE)
 
@@ -160,6 +178,21 @@ RETURNING e.id
 """
 ).format(table=_TABLE)
 
+# Claimed again after every attempt was used up by claims never settled (see _CLAIM):
+# a dead letter, not dispatched again. This claim gives its attempt back: ``attempts``
+# says how many times the changes were dispatched.
+_GIVE_UP = sql.SQL(
+    "UPDATE {table} SET status = 'dead', attempts = greatest(attempts - 1, 0), "
+    "last_error = %(error)s, done_at = now(), lease_owner = '', lease_until = NULL "
+    "WHERE id = ANY(%(ids)s) AND " + _STILL_LEASED + " RETURNING id"
+).format(table=_TABLE)
+
+#: ``last_error`` of a row given up by ``_GIVE_UP``.
+NEVER_SETTLED = (
+    "never settled after its last attempt (its listener was killed, lost its connection"
+    " or failed, or its receivers ran past DURABLE_LEASE): not dispatched again"
+)
+
 # Claimed but not all dispatched (the listener is stopping): give them back, keeping
 # what was handled.
 _RELEASE = sql.SQL(
@@ -192,6 +225,10 @@ class Claimed(NamedTuple):
     size: int
     #: Positions of the changes handled on an earlier claim, or None.
     handled: list[int] | None
+    #: Its last claim was never settled: the lease expired with an owner (see _CLAIM).
+    abandoned: bool
+    #: Seconds from the writing transaction's start to this claim's, by the server's clock.
+    age: float
 
     @property
     def unhandled(self) -> int:
@@ -255,6 +292,9 @@ class DurableWorker:
         stopping: Set when the listener stops; the batch in hand is finished.
         ignore_own_changes: Settle, without dispatching, events whose writer
             was one of this process's connections.
+
+    Attributes:
+        working: Connected, and its last claim succeeded.
     """
 
     def __init__(
@@ -285,9 +325,21 @@ class DurableWorker:
         #: Set to look at the table now (a wake-up notification, a reconnect).
         self.wake = asyncio.Event()
         self.stats = dispatcher.stats
+        self.working = False
+        # The batch in hand and its receivers' progress, for the health check.
+        self._in_hand: _Outcome | None = None
+        self._progress = 0
+        self._progress_at = 0.0
+        self._stall_reported = False
 
     async def run(self, stop: asyncio.Event, executor: Executor) -> None:
-        """Claim and dispatch until ``stop`` is set; reconnect when the connection fails."""
+        """Claim and dispatch until ``stop`` is set; reconnect when the connection fails.
+
+        Every failure is retried after a backoff delay that grows until a claim
+        succeeds (a connect alone proves nothing: the table may be gone). One
+        that is not the database's (a bug) is logged with its traceback; the
+        rows of its batch are claimable again once their lease expires.
+        """
         backoff = Backoff.from_settings()
         while not stop.is_set():
             try:
@@ -297,14 +349,16 @@ class DurableWorker:
             except connection.Stopped:
                 return
             except (psycopg.Error, OSError) as exc:
-                await self._wait(stop, backoff.next(), f"cannot connect: {_one_line(exc)}")
+                await self._retry(stop, backoff.next(), f"cannot connect: {_one_line(exc)}")
                 continue
             try:
-                backoff.reset()
                 while not stop.is_set():
                     self.wake.clear()
-                    while not stop.is_set() and await self.process_batch(conn, executor):
-                        pass
+                    while not stop.is_set():
+                        claimed = await self.process_batch(conn, executor)
+                        backoff.reset()
+                        if not claimed:
+                            break
                     await self._wait(stop, self.poll_interval)
             except (psycopg.Error, OSError) as exc:
                 if isinstance(exc, psycopg.errors.UndefinedTable):
@@ -314,7 +368,9 @@ class DurableWorker:
                     )
                 else:
                     message = _one_line(exc)
-                await self._wait(stop, backoff.next(), message)
+                await self._retry(stop, backoff.next(), message)
+            except Exception as exc:
+                await self._retry(stop, backoff.next(), f"unexpected error: {_one_line(exc)}", exc)
             finally:
                 with suppress(Exception):  # closing a dead connection may fail; it is gone anyway
                     await asyncio.wait_for(conn.close(), 2)
@@ -322,23 +378,67 @@ class DurableWorker:
     async def _connect(self) -> psycopg.AsyncConnection:
         params = {**connection.TCP_KEEPALIVES, **connection.connection_params(self.using)}
         params["application_name"] = f"{get_setting('APPLICATION_NAME')} durable"[:63]
-        params.setdefault("connect_timeout", 5)
+        # As the listening connection's: PROBE_TIMEOUT, unless OPTIONS set one.
+        params.setdefault("connect_timeout", connection.connect_timeout(self.timeout))
         return await psycopg.AsyncConnection.connect(**params, **connection.PSYCOPG_OPTIONS)
 
-    async def _wait(self, stop: asyncio.Event, seconds: float, problem: str = "") -> None:
-        if problem:
-            logger.warning(
-                "pgnotify: durable events of %r: %s%s",
-                self.using,
-                problem,
-                " (stopping)" if stop.is_set() else f"; retrying in {seconds:.1f}s",
-            )
+    async def _retry(
+        self,
+        stop: asyncio.Event,
+        seconds: float,
+        problem: str,
+        error: BaseException | None = None,
+    ) -> None:
+        """Log ``problem`` (with ``error``'s traceback, if given), then wait ``seconds``."""
+        self.working = False
+        logger.log(
+            logging.ERROR if error is not None else logging.WARNING,
+            "pgnotify: durable events of %r: %s%s",
+            self.using,
+            problem,
+            " (stopping)" if stop.is_set() else f"; retrying in {seconds:.1f}s",
+            exc_info=error,
+        )
+        await self._wait(stop, seconds, wake=False)
+
+    async def _wait(self, stop: asyncio.Event, seconds: float, *, wake: bool = True) -> None:
+        """Wait ``seconds``, or until ``stop`` (or, with ``wake``, ``self.wake``) is set."""
         waiters = {asyncio.ensure_future(stop.wait())}
-        if not problem:
+        if wake:
             waiters.add(asyncio.ensure_future(self.wake.wait()))
         _, pending = await asyncio.wait(waiters, timeout=seconds, return_when="FIRST_COMPLETED")
         for task in pending:
             task.cancel()
+
+    def healthy(self, now: float, patience: float) -> bool:
+        """Whether claims succeed and the receivers of the batch in hand, if any,
+        handled a change within the last ``patience`` seconds.
+
+        For the listener's health check, in the event loop: ``now`` is
+        ``time.monotonic()``. The first time a batch fails it, says so in the log.
+        """
+        if not self.working:
+            return False
+        outcome = self._in_hand
+        if outcome is None or outcome.started is None:
+            return True  # idle, or waiting for the dispatch thread: the live check covers it
+        progress = len(outcome.dispatched) + self.dispatcher.durable_awaited
+        if progress != self._progress:
+            self._progress, self._progress_at = progress, now
+        stalled = now - max(self._progress_at, outcome.started)
+        if stalled <= patience:
+            return True
+        if not self._stall_reported:
+            self._stall_reported = True
+            logger.warning(
+                "pgnotify: durable receivers of %r have handled no change for %.1fs "
+                "(%d of a batch of %d handled): the listener is not healthy",
+                self.using,
+                stalled,
+                len(outcome.dispatched),
+                outcome.size,
+            )
+        return False
 
     async def process_batch(self, conn: psycopg.AsyncConnection, executor: Executor) -> int:
         """Claim, dispatch and settle one batch; returns how many were claimed.
@@ -348,17 +448,32 @@ class DurableWorker:
                 ``PROBE_TIMEOUT``; the connection is closed. Unsettled claims
                 are claimable again when their lease expires.
         """
+        claim_started = time.monotonic()
         claimed = await connection.within(conn, self._claim(conn), self.timeout)
+        self.working = True
         if not claimed:
             return 0
-        self.stats["durable_claimed"] += sum(row.unhandled for row in claimed)
-        loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(executor, self._decode_and_send, claimed)
-        if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
-            await self.dispatcher.send_async(outcome.dispatched)
+        outcome = _Outcome(exhausted={row.id for row in claimed if self._exhausted(row)})
+        outcome.size = sum(row.unhandled for row in claimed if row.id not in outcome.exhausted)
+        self.stats["durable_claimed"] += outcome.size
+        self._progress, self._progress_at = self.dispatcher.durable_awaited, 0.0
+        self._in_hand, self._stall_reported = outcome, False
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                executor, self._decode_and_send, claimed, outcome, claim_started
+            )
+            if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
+                await self.dispatcher.send_async(outcome.dispatched)
+        finally:
+            self._in_hand = None
         errors = {**outcome.undecodable, **self.dispatcher.take_errors()}
         await self._settle(conn, claimed, outcome, errors)
         return len(claimed)
+
+    def _exhausted(self, row: Claimed) -> bool:
+        """Whether ``row`` has used up its attempts on claims that were never settled."""
+        return row.abandoned and row.attempts > self.max_attempts[row.declaration]
 
     async def _claim(self, conn: psycopg.AsyncConnection) -> list[Claimed]:
         # Pipelined: the transaction's four statements cost one round trip.
@@ -375,21 +490,33 @@ class DurableWorker:
             )
         return sorted(map(Claimed._make, await cursor.fetchall()))
 
-    def _decode_and_send(self, claimed: Sequence[Claimed]) -> _Outcome:
-        """In the dispatch thread: decode the batch and call the sync receivers."""
-        outcome = _Outcome()
+    def _decode_and_send(
+        self, claimed: Sequence[Claimed], outcome: _Outcome, claim_started: float
+    ) -> None:
+        """In the dispatch thread: decode the batch and call the sync receivers.
+
+        ``claim_started`` is the ``time.monotonic()`` reading taken before the
+        claim: with a row's age by the server's clock, when it was written, at
+        the latest, by this process's clock.
+        """
+        outcome.started = time.monotonic()
         events: list[RowChange] = []
         for row in claimed:
-            if self.ignore_own_changes and row.pid is not None and own_changes.is_own_pid(row.pid):
+            if row.id in outcome.exhausted:
+                continue
+            if (
+                self.ignore_own_changes
+                and row.pid is not None
+                and own_changes.is_own_write(row.pid, claim_started - row.age)
+            ):
                 self.stats["own_changes"] += row.unhandled
                 outcome.skipped.add(row.id)
                 continue
             events.extend(self._decode(row, outcome))
         errors = self.stats["receiver_errors"]
-        outcome.dispatched = self.dispatcher.send_sync(events, self.stopping)
+        self.dispatcher.send_sync(events, self.stopping, outcome.dispatched)
         if self.stats["receiver_errors"] != errors:
             close_old_connections()
-        return outcome
 
     def _decode(self, row: Claimed, outcome: _Outcome) -> list[RowChange]:
         """The row's changes not handled yet, each with its ``event_id``: id + position."""
@@ -399,13 +526,15 @@ class DurableWorker:
                 raise DecodeError(f"{row.size} changes decoded as {len(changes)}")
         except Exception as exc:
             # Not something a retry can fix: a dead letter at once, kept for a look.
-            self.stats["undecodable"] += row.unhandled
-            outcome.undecodable[row.id] = f"undecodable: {exc}"
+            # Counted as one payload, as a live notification is: its changes cannot be
+            # read (they are counted in dead_letters).
+            self.stats["undecodable"] += 1
+            outcome.undecodable[row.id] = f"undecodable: {error_text(exc)}"
             logger.warning(
                 "pgnotify: durable event %s of %s is undecodable: %s",
                 row.id,
                 row.declaration,
-                exc,
+                error_text(exc),
             )
             return []
         # Built for this batch and not shared yet: set in place, as
@@ -439,8 +568,11 @@ class DurableWorker:
         done: list[int] = []
         failed: list[tuple[Claimed, str, bool]] = []
         released: list[Claimed] = []
+        given_up: list[Claimed] = []
         for row in claimed:
-            if row.id in outcome.skipped:
+            if row.id in outcome.exhausted:
+                given_up.append(row)
+            elif row.id in outcome.skipped:
                 done.append(row.id)
             elif row.id in outcome.undecodable:
                 failed.append((row, outcome.undecodable[row.id], True))
@@ -454,7 +586,7 @@ class DurableWorker:
             else:
                 released.append(row)
         settled = await connection.within(
-            conn, self._write(conn, done, failed, released, handled_now), self.timeout
+            conn, self._write(conn, done, failed, released, given_up, handled_now), self.timeout
         )
         lost = [row for row in claimed if row.id not in settled]
         if lost:
@@ -476,17 +608,24 @@ class DurableWorker:
             # those a stop kept from being dispatched (all of an undecodable row's).
             changes = row.unhandled_after(handled_now[row.id])
             if dead:
-                self.stats["dead_letters"] += changes
-                logger.error(
-                    "pgnotify: durable event %s of %s is a dead letter after %d attempt(s)%s: %s",
-                    row.id,
-                    row.declaration,
-                    row.attempts,
-                    f" ({changes} of its {row.size} changes)" if row.size > 1 else "",
-                    error,
-                )
+                self._dead_letter(row, row.attempts, changes, error)
             else:
                 self.stats["retries"] += changes
+        for row in given_up:
+            if row.id in settled:
+                self._dead_letter(row, row.attempts - 1, row.unhandled, NEVER_SETTLED)
+
+    def _dead_letter(self, row: Claimed, attempts: int, changes: int, error: str) -> None:
+        """Count and log ``row``, just settled as a dead letter with ``changes`` unhandled."""
+        self.stats["dead_letters"] += changes
+        logger.error(
+            "pgnotify: durable event %s of %s is a dead letter after %d attempt(s)%s: %s",
+            row.id,
+            row.declaration,
+            attempts,
+            f" ({changes} of its {row.size} changes)" if row.size > 1 else "",
+            error,
+        )
 
     async def _write(
         self,
@@ -494,6 +633,7 @@ class DurableWorker:
         done: list[int],
         failed: list[tuple[Claimed, str, bool]],
         released: list[Claimed],
+        given_up: list[Claimed],
         handled_now: dict[int, list[int]],
     ) -> set[int]:
         """The settlement, one transaction in one round trip; returns the ids settled."""
@@ -535,6 +675,17 @@ class DurableWorker:
                         },
                     )
                 )
+            if given_up:
+                cursors.append(
+                    await conn.execute(
+                        _GIVE_UP,
+                        {
+                            "ids": [row.id for row in given_up],
+                            "error": NEVER_SETTLED,
+                            "owner": owner,
+                        },
+                    )
+                )
         return {row_id for cursor in cursors for (row_id,) in await cursor.fetchall()}
 
 
@@ -545,7 +696,14 @@ def _int_array(values: Sequence[int]) -> str:
 
 @dataclass
 class _Outcome:
+    #: The events whose sync receivers have run, appended as they finish.
     dispatched: list[RowChange] = field(default_factory=list)
+    #: Ids of rows that used up their attempts on claims never settled: not dispatched.
+    exhausted: set[int] = field(default_factory=set)
+    #: Changes to dispatch (those of the rows not exhausted).
+    size: int = 0
+    #: When the dispatch thread took the batch up (``time.monotonic()``), or None.
+    started: float | None = None
     #: Ids of rows settled without dispatching (their writer was this process).
     skipped: set[int] = field(default_factory=set)
     #: Row id: error, for rows that could not be decoded.

@@ -41,7 +41,9 @@ _PLAIN_PK = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def _digest(text: str, length: int) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+    # surrogatepass: a lone surrogate (which UTF-8 cannot encode) still gets a name;
+    # every other text has the same bytes either way, so no name changes.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
 def pk_text(pk: Any) -> str:

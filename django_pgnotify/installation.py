@@ -117,7 +117,14 @@ class TriggerState:
     a table was renamed, they call the function it drops. For a durable
     declaration with no event table (``NO_EVENT_TABLE``) it drops its
     installed triggers that write to the event table, when that is in no
-    schema of the database: each write to the table would fail.
+    schema of the database: each write to the table would fail. For a
+    declaration in conflict (``CONFLICT``) it drops what is installed under
+    its names for it, and nothing of ``kept``.
+
+    ``kept`` names, for a declaration in conflict, the declarations outside
+    the selection whose installed triggers have its names on its table (and
+    whose function may have its name): uninstalling it leaves those, which
+    are theirs and may be working for them.
     """
 
     uri: str
@@ -126,10 +133,22 @@ class TriggerState:
     detail: str = ""
     sql: trigger_sql.TriggerSQL | None = None
     drop_sql: str = ""
+    kept: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         text = f"{self.status}: {self.uri} on {self.table}"
         return f"{text} ({self.detail})" if self.detail else text
+
+    @property
+    def kept_detail(self) -> str:
+        """What uninstalling it leaves of the ``kept`` declarations, and why ("" for nothing)."""
+        if not self.kept:
+            return ""
+        return (
+            f"left what {' and '.join(self.kept)} installed on {self.table}: "
+            f"{'it is' if len(self.kept) == 1 else 'they are'} not selected, and {self.uri} "
+            "declares the same names (conflict)"
+        )
 
     @property
     def uninstall_sql(self) -> str:
@@ -139,7 +158,7 @@ class TriggerState:
         declaration's triggers still call the function of the old name.
         """
         built = self.sql
-        if built is None or self.status in (MISSING, NO_TABLE, NOT_A_TABLE):
+        if built is None or self.status in (MISSING, NO_TABLE, NOT_A_TABLE, CONFLICT):
             return self.drop_sql
         if self.status == NO_EVENT_TABLE:  # its drop_sql drops its own triggers
             return built.drop
@@ -168,20 +187,48 @@ def declarations_for(
     return [d for d in get_declarations(selectors) if router.allow_migrate_model(using, d.model)]
 
 
-def require_declarations(selectors: Iterable[str], aliases: Iterable[str]) -> None:
+def require_declarations(
+    selectors: Iterable[str], aliases: Iterable[str], *, or_installed: bool = False
+) -> None:
     """Refuse selectors whose models declare nothing for any of ``aliases``.
 
     Selectors that name only such models are a mistake (a typo'd app, the wrong
     ``--database``), not a request to do nothing. No selectors asks for
     whatever is declared, so nothing is refused then.
 
+    Args:
+        or_installed: Also accept selectors whose models have triggers or
+            functions of ours installed in one of ``aliases`` (looked up only
+            when they declare nothing): what checking reports, and pruning
+            and uninstalling drop, of models that stopped declaring.
+
     Raises:
         NothingDeclared: Selectors were given, and none of their models has a
-            declaration the router migrates to one of ``aliases``.
+            declaration the router migrates to one of ``aliases`` (nor, with
+            ``or_installed``, anything of ours installed there).
     """
     selectors, aliases = list(selectors), list(aliases)
-    if selectors and not any(declarations_for(selectors, alias) for alias in aliases):
-        raise NothingDeclared(selectors, aliases)
+    if not selectors or any(declarations_for(selectors, alias) for alias in aliases):
+        return
+    if or_installed and any(
+        _selected(uri, selectors) for alias in aliases for uri in _installed_uris(alias)
+    ):
+        return
+    raise NothingDeclared(selectors, aliases, or_installed=or_installed)
+
+
+def _installed_uris(using: str) -> set[str]:
+    """The URIs in the comments of the triggers and functions of ours in ``using``."""
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            "SELECT obj_description(oid, 'pg_trigger') FROM pg_trigger"
+            " WHERE obj_description(oid, 'pg_trigger') LIKE %s"
+            " UNION SELECT obj_description(oid, 'pg_proc') FROM pg_proc"
+            " WHERE obj_description(oid, 'pg_proc') LIKE %s",
+            [trigger_sql.MARKER + ":%"] * 2,
+        )
+        parsed = [trigger_sql.parse_comment(comment) for (comment,) in cursor.fetchall()]
+    return {found[0] for found in parsed if found is not None}
 
 
 def inspect_triggers(
@@ -393,7 +440,19 @@ def prune_triggers(
 def uninstall_triggers(
     selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS
 ) -> list[TriggerState]:
-    """Drop every trigger and function of ours (within the selection)."""
+    """Drop every trigger and function of ours (within the selection).
+
+    What a declaration outside the selection has installed stays, also where
+    a selected declaration in conflict with it has the same trigger names on
+    the same table (an unmanaged twin, or one naming the table in "public"):
+    those triggers are the other declaration's, by their comment.
+
+    Returns:
+        The state of each declaration or URI whose triggers or functions were
+        dropped, and of each declaration in conflict that left another's under
+        its names (its ``kept``; its ``uninstall_sql`` is empty when nothing of
+        its own was installed).
+    """
     selectors = list(selectors)
     removed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
@@ -402,6 +461,9 @@ def uninstall_triggers(
             if state.uninstall_sql:
                 cursor.execute(state.uninstall_sql)
                 logger.info("pgnotify: removed %s on %s", state.uri, state.table)
+            if state.kept:
+                logger.info("pgnotify: %s", state.kept_detail)
+            if state.uninstall_sql or state.kept:
                 removed.append(state)
     return removed
 
@@ -531,10 +593,15 @@ def _matches(comment: str, seal: str, built: trigger_sql.TriggerSQL) -> bool:
 class NothingDeclared(ImproperlyConfigured):
     """Selectors that name only models declaring nothing for the databases in question."""
 
-    def __init__(self, selectors: list[str], aliases: list[str]) -> None:
+    def __init__(
+        self, selectors: list[str], aliases: list[str], *, or_installed: bool = False
+    ) -> None:
         names = " or ".join(repr(alias) for alias in aliases)
         where = f"database {names}" if aliases else "any PostgreSQL database"
-        super().__init__(f"No model in {' '.join(selectors)} declares pgnotify for {where}.")
+        message = f"No model in {' '.join(selectors)} declares pgnotify for {where}"
+        if or_installed:
+            message += " or has triggers or functions of ours there"
+        super().__init__(f"{message}.")
 
 
 class CannotInstall(Exception):
@@ -691,6 +758,47 @@ def _without_event_table(
     return TriggerState(built.uri, NO_EVENT_TABLE, target.table, detail, built, drop)
 
 
+def _in_conflict(
+    target: _Target, installed: dict[tuple[int, str], _Installed], detail: str, unselected: set[str]
+) -> TriggerState:
+    """The state of a declaration whose trigger names another declaration's have on its table.
+
+    Its triggers and the other's are one set, as a name is unique on a table;
+    their comments tell whose they are. Uninstalling it drops those installed
+    for it (or for no declaration in ``unselected``: a former version of it
+    left them) and its function, and leaves those of a declaration in
+    ``unselected`` and the function they call (its own name, when the twins
+    write the table's name alike): ``kept`` names those declarations.
+    """
+    built = target.built
+    kept: set[str] = set()
+    kept_functions: set[int] = set()
+    dropped: list[str] = []
+    for key in target.keys:
+        row = installed.get(key)
+        if row is None:
+            continue
+        owner = trigger_sql.parse_comment(row.comment)
+        if owner is not None and owner[0] in unselected:
+            kept.add(owner[0])
+            kept_functions.add(row.function_oid)
+        else:
+            dropped.append(key[1])
+    statements = [trigger_sql.build_drop_sql(built.table, None, dropped)] if dropped else []
+    function_owner = trigger_sql.parse_comment(target.function_comment)
+    if (
+        target.function_oid is not None
+        and target.function_oid not in kept_functions
+        and (function_owner is None or function_owner[0] not in unselected)
+    ):
+        statements.append(built.drop_function)
+    elif function_owner is not None and function_owner[0] in unselected:
+        kept.add(function_owner[0])
+    return TriggerState(
+        built.uri, CONFLICT, target.table, detail, built, "\n".join(statements), tuple(sorted(kept))
+    )
+
+
 class _EventTableProblem(NamedTuple):
     """Why this session does not find the event table, and whether it is gone
     (in no schema of the database) rather than off the session's search_path."""
@@ -718,13 +826,23 @@ def _event_table_problem(cursor) -> _EventTableProblem | None:
             "must; triggers already installed are left as they are",
             gone=False,
         )
-    if _migrations_recorded(cursor):
+    recorded = _recorded_migrations(cursor)
+    if recorded:
+        # Not "migrate django_pgnotify zero --fake" then migrate: that also unrecords
+        # the migrations of every app that depends on django_pgnotify's, which the
+        # next migrate runs again. Their SQL, run again, changes no record.
+        first, *rest = recorded
+        more = ""
+        if rest:
+            names = f"{', '.join(rest[:-1])} and {rest[-1]}" if len(rest) > 1 else rest[0]
+            more = f", then the same for {names}"
         return _EventTableProblem(
             f'durable declarations write to table "{name}", which is not in database '
             f"{using!r}, though django_pgnotify's migrations are recorded as applied there "
-            f"(was it dropped by hand?): run manage.py migrate django_pgnotify zero --fake "
-            f"--database {using}, then manage.py migrate django_pgnotify --database {using} "
-            "to create it again",
+            "(was it dropped by hand?): create it again with their SQL, which leaves the "
+            f"records of migrations alone: run manage.py sqlmigrate django_pgnotify {first} "
+            f"--database {using} | manage.py dbshell --database {using}{more}; then "
+            f"manage.py pgnotify_install --database {using}",
             gone=True,
         )
     return _EventTableProblem(
@@ -734,8 +852,9 @@ def _event_table_problem(cursor) -> _EventTableProblem | None:
     )
 
 
-def _migrations_recorded(cursor) -> bool:
-    """Whether ``django_migrations`` records a migration of django_pgnotify as applied."""
+def _recorded_migrations(cursor) -> list[str]:
+    """The migrations of django_pgnotify ``django_migrations`` records as applied,
+    in the order they were applied."""
     table = MigrationRecorder.Migration._meta.db_table
     cursor.execute(
         "SELECT CASE WHEN to_regclass(%s) IS NULL THEN false"
@@ -743,14 +862,14 @@ def _migrations_recorded(cursor) -> bool:
         [table, table],
     )
     if not cursor.fetchone()[0]:
-        return False
+        return []
     cursor.execute(
-        sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE app = %s)")
+        sql.SQL("SELECT name FROM {} WHERE app = %s ORDER BY id")
         .format(sql.Identifier(table))
         .as_string(None),
         ["django_pgnotify"],
     )
-    return bool(cursor.fetchone()[0])
+    return [name for (name,) in cursor.fetchall()]
 
 
 def _not_a_table(target: _Target) -> str:
@@ -818,6 +937,7 @@ def _inspect(
     if any(d.notify.durable for d in declarations):
         event_table = _event_table_problem(cursor)
     conflicts = _conflicts([*targets, *neighbours])
+    unselected = {d.uri for d in declared} - {d.uri for d in declarations}
     expected_triggers: set[tuple[int, str]] = set()
     expected_functions: set[int] = set()
     states = []
@@ -840,7 +960,7 @@ def _inspect(
                 "this table: each install would replace the other's; declare pgnotify on "
                 "only one of the models, or give one of the declarations another name"
             )
-            states.append(TriggerState(built.uri, CONFLICT, table, detail, built))
+            states.append(_in_conflict(target, installed, detail, unselected))
             continue
         if built.declaration.notify.durable and event_table is not None:
             states.append(_without_event_table(target, installed, event_table))

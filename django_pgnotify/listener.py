@@ -160,6 +160,9 @@ class Listener:
         # Read but not yet dispatched (the local queue), as libpq gives them.
         self._pending: deque[PGnotify] = deque()
         self._queue_size = self.health.local_queue_size
+        # What the worker reads at a time: a batch, and never more than the queue holds.
+        self._read_on_size = min(BATCH_SIZE, self._queue_size)
+        self._workers: tuple[asyncio.Future[None], ...] = ()
         # Channel names as they arrive (bytes, in the connection's UTF-8) and as str.
         self._channel_names = {c.encode(): c for c in self.channels}
         self._durable_channel = wire.DURABLE_CHANNEL.encode()
@@ -222,8 +225,10 @@ class Listener:
         executor = ThreadPoolExecutor(1, thread_name_prefix="pgnotify-dispatch")
         dispatching = asyncio.ensure_future(self._dispatch_loop(executor))
         durable = asyncio.ensure_future(self._durable_loop(executor))
+        # Either ending before a stop is a bug: the listener ends with its error.
+        self._workers = (dispatching, durable) if self.durable is not None else (dispatching,)
         try:
-            await self._connect_loop(dispatching)
+            await self._connect_loop()
         finally:
             self._stopping.set()
             self._wake_all()
@@ -246,19 +251,24 @@ class Listener:
             # Nothing here cancels it: an async receiver raised CancelledError of its
             # own, which Python 3.10 cannot tell from a cancellation (see dispatch.py).
             raise RuntimeError("pgnotify: dispatching ended: a receiver raised CancelledError")
-        failure = dispatching.exception()
-        if failure is not None:  # a bug, not a receiver (those are caught): make it loud
-            raise failure
+        for task in (dispatching, durable):
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None:  # a bug, not a receiver (those are caught): make it loud
+                raise failure
 
     # Connecting
 
-    async def _connect_loop(self, dispatching: Any) -> None:
+    def _worker_ended(self) -> bool:
+        """Whether dispatching or durable processing ended (before a stop: a bug)."""
+        return any(task.done() for task in self._workers)
+
+    async def _connect_loop(self) -> None:
         backoff = Backoff.from_settings()
         where = connection.describe(
             connection.connection_params(connection.listen_alias(self.using))
         )
         lost_at: float | None = None
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self._worker_ended():
             try:
                 conn = await self._until_stopped(self._open())
             except connection.Stopped:
@@ -307,7 +317,7 @@ class Listener:
                 )
                 await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
             try:
-                await self._until_stopped(self._listen(conn, dispatching))
+                await self._until_stopped(self._listen(conn))
             except connection.Stopped:
                 return
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
@@ -322,8 +332,6 @@ class Listener:
                 self.health.connected, self.health.backend_pid = False, None
                 self._detach()
                 await _close(conn)
-            if dispatching.done():  # the dispatcher failed: serve() raises its error
-                return
 
     async def _open(self) -> psycopg.AsyncConnection:
         """Connect, refuse a standby, LISTEN, and prove delivery with a probe."""
@@ -474,12 +482,12 @@ class Listener:
             return self._read_on_locked()
 
     def _read_on_locked(self) -> list[PGnotify]:
-        conn, loop = self._conn, self._loop
+        conn, loop, limit = self._conn, self._loop, self._read_on_size
         if not self._pending and conn is not None and loop is not None and not self._querying:
             try:
-                if not self._drain(conn.pgconn, BATCH_SIZE, self._control_threadsafe):
+                if not self._drain(conn.pgconn, limit, self._control_threadsafe):
                     _consume(conn.pgconn)
-                    self._drain(conn.pgconn, BATCH_SIZE, self._control_threadsafe)
+                    self._drain(conn.pgconn, limit, self._control_threadsafe)
             except Exception as exc:
                 loop.call_soon_threadsafe(self._lose, conn, exc)
         return self._next_batch() if self._pending else []
@@ -501,7 +509,7 @@ class Listener:
                 continue
             received += 1
             if own is not None and own(notify.be_pid):
-                skipped += 1
+                skipped += _changes_in(notify.extra)
             else:
                 append(notify)
         if received:
@@ -527,7 +535,7 @@ class Listener:
         with self._read_lock:  # the worker may be taking a batch from the queue
             self.stats["received"] += 1
             if self.ignore_own_changes and own_changes.is_own_pid(raw.be_pid):
-                self.stats["own_changes"] += 1
+                self.stats["own_changes"] += _changes_in(raw.extra)
                 return
             self._pending.append(raw)
         self._arrived.set()
@@ -567,19 +575,20 @@ class Listener:
                 self.stats["queue_full"],
             )
 
-    async def _listen(self, conn: psycopg.AsyncConnection, dispatching: Any) -> None:
-        """Read until the connection is lost (raises) or the dispatcher ends (returns)."""
+    async def _listen(self, conn: psycopg.AsyncConnection) -> None:
+        """Read until the connection is lost (raises), or dispatching or durable
+        processing ends (returns: ``serve()`` raises its error)."""
         assert self._lost is not None
         self._start_reading()
         while True:
             await asyncio.wait(
-                {self._lost, dispatching},
+                {self._lost, *self._workers},
                 timeout=self._read_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if self._lost.done():
                 self._lost.result()  # raises why
-            if dispatching.done():
+            if self._worker_ended():
                 return
             self.health.local_queue = len(self._pending)
             await self._tick(conn)
@@ -665,13 +674,19 @@ class Listener:
         return result
 
     def _is_healthy(self, now: float) -> bool:
+        """Connected, the probe not overdue, and receivers making progress: no batch,
+        live or durable, has gone ``PROBE_INTERVAL`` without one."""
         if not self.health.connected:
             return False
         if self._probe_sent is not None and now - self._probe_sent > self._probe_timeout:
             return False
         busy = self._pending or self._in_hop
-        stalled = busy and now - self._last_progress > self._probe_interval
-        return not stalled
+        if busy and now - self._last_progress > self._probe_interval:
+            return False
+        if self._worker_ended():
+            return False
+        durable = self.durable
+        return durable is None or durable.healthy(now, self._probe_interval)
 
     def _touch(self) -> None:
         if self.health_file:
@@ -923,6 +938,16 @@ async def _close(conn: psycopg.AsyncConnection) -> None:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text
+
+
+def _changes_in(payload: bytes) -> int:
+    """How many row changes a payload holds (1 if it cannot be read), for counting
+    what is skipped undecoded."""
+    try:
+        rows = wire.loads(payload).get(wire.ROWS)
+    except Exception:
+        return 1
+    return len(rows) if isinstance(rows, list) and rows else 1
 
 
 def _summary(stats: Counter[str], counters: Iterable[str]) -> str:

@@ -22,9 +22,12 @@ _COUNTER_HELP = {
     "received": "Notifications read from PostgreSQL on declared channels.",
     "dispatched": "Row changes sent as row_changed.",
     "receiver_errors": "row_changed receivers that raised.",
-    "undecodable": "Notifications that were not a payload the listener can read.",
-    "ignored": "Payloads of models this listener does not serve.",
-    "own_changes": "Changes skipped because this process made them.",
+    "undecodable": (
+        "Payloads the listener cannot read: notifications, or durable event rows (whose "
+        "changes are dead letters)."
+    ),
+    "ignored": "Notifications of models this listener does not serve.",
+    "own_changes": "Row changes skipped because this process made them.",
     "reconnects": "Times the listening connection was reopened.",
     "probes": "Self-probes that came back.",
     "probe_failures": "Self-probes that did not come back in time.",

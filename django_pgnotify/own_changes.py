@@ -10,6 +10,12 @@ Django sends a signal when it opens a connection but none when it closes one,
 so the first time a connection is opened its wrapper's ``close`` is wrapped to
 retire the PID then. A wrapper that is garbage-collected without being closed
 (its thread ended) retires its PID as it goes, as its session ends with it.
+
+A durable event may wait in its table for hours, long enough for its writer's
+PID to be given to one of this process's connections since: it counts as ours
+only if it was written after the PID became ours (:func:`is_own_write`). The
+two moments are compared on this process's clock, the event's by its age on the
+server's clock, so the clocks need not agree, only tick at the same rate.
 """
 
 from __future__ import annotations
@@ -28,9 +34,17 @@ _lock = threading.Lock()
 _pids: dict[int, weakref.ref[Any]] = {}
 #: PID -> when its connection closed (``time.monotonic()``).
 _closed: dict[int, float] = {}
+#: PID -> when it became ours (``time.monotonic()``), while open or closed lately.
+_opened: dict[int, float] = {}
 
 #: Seconds a PID still counts as ours after its connection closed.
 CLOSED_GRACE = 10.0
+#: Seconds before its PID became ours that a change may have been written and still
+#: count as ours: room for a round trip's difference between the two clocks' readings
+#: (a session's first write follows its connect within one). No other session can
+#: have had the PID so shortly before: the system hands PIDs out in turn, and one
+#: comes round again only once all the others (32,768 at least) have been.
+OPENED_MARGIN = 1.0
 
 
 def _backend_pid(wrapper: Any) -> int | None:
@@ -58,6 +72,7 @@ def _remember(sender: Any, connection: Any, **kwargs: Any) -> None:
             # Its callback may run in any thread, even one holding this lock.
             _pids[pid] = weakref.ref(connection, functools.partial(_collected, pid))
             _closed.pop(pid, None)
+            _opened[pid] = time.monotonic()
 
 
 def _collected(pid: int, ref: weakref.ref[Any]) -> None:
@@ -104,6 +119,9 @@ def _sweep() -> None:
     for pid, at in list(_closed.items()):
         if at <= expired:
             _closed.pop(pid, None)
+    for pid in list(_opened):
+        if pid not in _pids and pid not in _closed:
+            _opened.pop(pid, None)
 
 
 def track_own_connections() -> None:
@@ -130,3 +148,23 @@ def is_own_pid(pid: int) -> bool:
         return True
     closed = _closed.get(pid)
     return closed is not None and time.monotonic() - closed < CLOSED_GRACE
+
+
+def is_own_write(pid: int, written_at: float) -> bool:
+    """Whether a change by backend ``pid`` written at ``written_at`` came from this process.
+
+    As :func:`is_own_pid`, for a change that may be old (a durable event):
+    the PID must also have been ours already when the change was written,
+    give or take ``OPENED_MARGIN``, since PostgreSQL may have given it to
+    another session before.
+
+    Args:
+        pid: The writing session's backend PID.
+        written_at: When the change was written, as a ``time.monotonic()`` reading
+            (an estimate no later than the truth: an error that way only lets an
+            own change through).
+    """
+    if not is_own_pid(pid):
+        return False
+    opened = _opened.get(pid)
+    return opened is not None and written_at >= opened - OPENED_MARGIN

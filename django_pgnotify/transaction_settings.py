@@ -42,14 +42,33 @@ PAUSED = "paused"
 CONTEXT = "context"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def context_text(values: dict[str, Any]) -> str:
+    """``values`` as compact JSON text, each lone surrogate replaced by U+FFFD.
+
+    A lone surrogate (``"\\udc80"``, as ``os.fsdecode`` makes from bytes that are
+    not UTF-8) is not Unicode text: UTF-8 cannot carry it to PostgreSQL, and the
+    escape ``json.dumps`` would write for it reaches clients that cannot read it.
+
+    Raises:
+        TypeError: A value JSON cannot represent.
+    """
+    text = json.dumps(values, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+    if not text.isascii():
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 def encode_context(values: dict[str, Any]) -> str:
-    """The JSON text stored in ``pgnotify.context`` for ``values``.
+    """The JSON text stored in ``pgnotify.context`` for ``values`` (see ``context_text``).
 
     Raises:
         TypeError: A value JSON cannot represent.
         ValueError: The JSON text is over ``wire.CONTEXT_LIMIT`` bytes.
     """
-    text = json.dumps(values, cls=DjangoJSONEncoder, separators=(",", ":"), ensure_ascii=False)
+    text = context_text(values)
     if len(text.encode()) > wire.CONTEXT_LIMIT:
         raise ValueError(
             f"pgnotify context is {len(text.encode())} bytes as JSON; the limit is "
@@ -116,7 +135,7 @@ class _SettingsWrapper:
             else:
                 own = value.get() if isinstance(value, LazyContext) else value
                 merged.update(own)
-                innermost = json.dumps(own, cls=DjangoJSONEncoder, separators=(",", ":"))
+                innermost = context_text(own)
         paused = wire.PAUSED_ALL if paused_all else ",".join(sorted(labels))
         if not merged:
             return paused, ""

@@ -25,7 +25,8 @@ The trigger builder takes its key names from here and the decoder parses with
   for an update, where ``changed`` is a bit mask over ``watched`` (bit ``i``
   set: ``watched[i]`` changed), or ``[pk, *values]`` for an update whose
   message says ``"old": false``. Values are PostgreSQL's JSON renderings,
-  ``timestamptz`` in UTC without an offset, except where a JSON number or
+  ``timestamptz`` in UTC without an offset (an array's elements with the
+  writer's session offset), except where a JSON number or
   value would lose something: ``numeric`` and ``interval`` (in seconds) are
   sent as strings of their digits (a ``numeric`` array as an array of them),
   and ``json``/``jsonb`` as a string of the JSON text, so that a reader

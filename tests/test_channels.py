@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,6 +94,9 @@ def start_listener(env: dict[str, str], processes: list[ManagedProcess]) -> Mana
     )
     processes.append(listener)
     listener.wait_for(r"listening on", timeout=TIMEOUT, stream="err")
+    # Every page open before it listened is told to reload; a test's client connects
+    # after that, so that its first frames are the ones it asks for.
+    listener.wait_for(r"sent resync \(started\)", timeout=TIMEOUT, stream="err")
     return listener
 
 
@@ -339,3 +344,123 @@ def test_row_subscriptions_to_datetime_and_decimal_pks_receive_those_rows(
             ]
 
     run(scenario)
+
+
+def test_a_context_with_a_lone_surrogate_escape_does_not_stop_forwarding(
+    server, channels_env, processes, viewer, other_connection
+):
+    start_listener(channels_env, processes)
+
+    async def scenario() -> None:
+        async with connect(server, additional_headers={"Cookie": session_cookie(viewer)}) as ws:
+            assert (await ask(ws, {"subscribe": "testapp.order"}))["type"] == "subscribed"
+            # Another client's context, as docs/audit.md shows it: JSON text, and
+            # \ud800 is valid JSON syntax (for a lone surrogate, which msgpack refuses).
+            with other_connection.transaction():
+                other_connection.execute(
+                    "SELECT set_config('pgnotify.context', %s, true)", ['{"reason":"\\ud800"}']
+                )
+                odd = insert_order(other_connection)
+            normal = insert_order(other_connection)
+            events = [await next_event(ws) for _ in range(2)]
+            assert [(e["pk"], e["context"]) for e in events] == [
+                (odd, {"reason": "\ufffd"}),
+                (normal, None),
+            ]
+
+    run(scenario)
+
+
+def test_a_row_subscription_with_a_lone_surrogate_pk_is_an_invalid_pk_on_an_open_connection(
+    server, channels_env, processes
+):
+    user = User.objects.create_user("tagger", password="secret")
+    user.user_permissions.add(Permission.objects.get(codename="view_tag"))
+
+    async def scenario() -> None:
+        async with connect(server, additional_headers={"Cookie": session_cookie(user)}) as ws:
+            # Valid JSON text (ASCII only) whose escape decodes to a lone surrogate.
+            await ws.send('{"subscribe": "testapp.tag", "pk": "\\ud800", "id": 1}')
+            answer = await next_event(ws)
+            assert (answer["type"], answer["code"], answer["id"]) == ("error", "invalid_pk", 1)
+            assert (await ask(ws, {"subscribe": "testapp.tag"}))["type"] == "subscribed"
+
+    run(scenario)
+
+
+def test_changes_committed_while_the_listener_restarts_are_followed_by_a_resync(
+    server, channels_env, processes, viewer, other_connection
+):
+    first_listener = start_listener(channels_env, processes)
+
+    async def scenario() -> None:
+        async with connect(server, additional_headers={"Cookie": session_cookie(viewer)}) as ws:
+            assert (await ask(ws, {"subscribe": "testapp.order"}))["type"] == "subscribed"
+            before = insert_order(other_connection)
+            event = await next_event(ws)
+            assert event["pk"] == before
+            assert first_listener.stop() == 0  # a deploy: SIGTERM, then a new listener
+            insert_order(other_connection)  # committed while none listens: never sent
+            start_listener(channels_env, processes)
+            after = insert_order(other_connection)
+            resync, then = await next_event(ws), await next_event(ws)
+            assert (resync["type"], resync["model"], resync["reason"]) == (
+                "resync",
+                "testapp.order",
+                "started",
+            )
+            assert resync["stream"] != event["stream"]
+            assert (then["pk"], then["seq"], then["stream"]) == (after, 1, resync["stream"])
+
+    run(scenario)
+
+
+def test_a_bigint_pk_past_2_53_reaches_a_browser_as_the_row_it_names(
+    server, channels_env, processes, viewer, other_connection
+):
+    start_listener(channels_env, processes)
+    big = 2**53 + 1  # a BIGINT (BigAutoField) pk, as snowflake-style ids are
+
+    async def scenario() -> list[str]:
+        cookie = {"Cookie": session_cookie(viewer)}
+        async with (
+            connect(server, additional_headers=cookie) as model,
+            connect(server, additional_headers=cookie) as row,
+        ):
+            assert (await ask(model, {"subscribe": "testapp.order"}))["type"] == "subscribed"
+            # The pk as a browser keeps it: a string. Its row's group is named as before.
+            answer = await ask(row, {"subscribe": "testapp.order", "pk": str(big)})
+            assert answer["type"] == "subscribed"
+            other_connection.execute(
+                "INSERT INTO testapp_order (id, status, total, note) VALUES (%s, 'new', 1, '')",
+                [big],
+            )
+            return [await asyncio.wait_for(ws.recv(), TIMEOUT) for ws in (model, row)]
+
+    frames = asyncio.run(asyncio.wait_for(scenario(), 60))
+    node = shutil.which("node")
+    for frame in frames:
+        if node is None:  # what JSON.parse would see: a string, not a number
+            assert f'"pk": "{big}"' in frame, frame
+            continue
+        seen = subprocess.run(
+            [node, "-e", "process.stdout.write(String(JSON.parse(process.argv[1]).pk))", frame],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=TIMEOUT,
+        ).stdout
+        assert seen == str(big), f"a browser reads pk {seen}; the row is {big}"
+
+
+def test_a_listener_of_its_own_forwarding_to_the_in_memory_layer_warns_that_no_client_can_see(
+    processes, transactional_db
+):
+    env = django_env(
+        DJANGO_SETTINGS_MODULE="tests.settings_inmemory_layer",
+        DATABASE_URL=conftest.test_database_url(),
+    )
+    listener = ManagedProcess([sys.executable, "-m", "django", "pgnotify_listen", "-v", "2"], env)
+    processes.append(listener)
+    warning = listener.wait_for(r"in-memory layer", timeout=TIMEOUT, stream="err")
+    assert "WARNING" in warning and "with_listener" in warning and "channels_redis" in warning

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import psycopg
 import pytest
 from django.db import connection
 from psycopg import sql
 
+from django_pgnotify import wire
 from django_pgnotify.installation import uninstall_triggers
-from tests.conftest import ManagedProcess, django_env, run_manage
+from tests.conftest import ROOT, ManagedProcess, django_env, run_manage
 from tests.conftest import test_database_url as database_url
+from tests.test_refused_declarations import OddTables
 from tests.testapp.models import Order, Tag
 
 # pgnotify_listen
@@ -240,3 +246,204 @@ def test_listen_reports_a_query_the_server_refuses_at_startup_without_a_tracebac
     assert "_narrow@" in result.stderr
     assert "permission denied for schema pgnotify odd" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# pgnotify_install --uninstall of one of two models on one table (tests/oddtables)
+
+
+@pytest.fixture
+def oddtables(empty_database_url: str) -> Iterator[OddTables]:
+    """A database migrated for the oddtables app: oddtables.Note's triggers installed."""
+    database = OddTables(empty_database_url)
+    try:
+        migrated = database.manage("migrate")
+        assert migrated.returncode == 0, migrated.stderr
+        yield database
+    finally:
+        database.connection.close()
+
+
+def functions_of_ours(database: OddTables) -> dict[str, str]:
+    """``{function: comment}`` of every function commented as ours."""
+    rows = database.connection.execute(
+        "SELECT oid::regproc::text, obj_description(oid, 'pg_proc') FROM pg_proc"
+        " WHERE obj_description(oid, 'pg_proc') LIKE 'django-pgnotify:%'"
+    )
+    return dict(rows.fetchall())
+
+
+def manage_with_twin(database: OddTables, twin: str, *args: str):
+    """Run a command with NoteTwin declared on Note's table: named as Note names it
+    (``twin="1"``, pgnotify.E014, an error: the system checks are skipped), or in
+    "public" (``twin="public"``, pgnotify.W005, a warning, which lets commands run)."""
+    skip = ["--skip-checks"] if twin == "1" else []
+    return database.manage(*args, *skip, ODDTABLES_TWIN=twin)
+
+
+TWINS = pytest.mark.parametrize("twin", ["public", "1"], ids=["public-qualified", "same-name"])
+
+
+@TWINS
+def test_uninstalling_one_of_two_models_on_a_table_leaves_the_others_triggers_working(
+    oddtables, twin
+):
+    """The triggers on the table are oddtables.Note's (installed before NoteTwin
+    declared): uninstalling NoteTwin alone must not take them."""
+    triggers, functions = oddtables.triggers(), functions_of_ours(oddtables)
+    check_before = manage_with_twin(oddtables, twin, "pgnotify_install", "--check")
+
+    preview = manage_with_twin(
+        oddtables, twin, "pgnotify_install", "--uninstall", "--sql", "oddtables.NoteTwin"
+    )
+    uninstall = manage_with_twin(
+        oddtables, twin, "pgnotify_install", "--uninstall", "oddtables.NoteTwin"
+    )
+    check_after = manage_with_twin(oddtables, twin, "pgnotify_install", "--check")
+
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert oddtables.triggers() == triggers
+    assert functions_of_ours(oddtables) == functions
+    assert "Left what oddtables.Note:default installed on " in uninstall.stdout
+    assert (
+        "it is not selected, and oddtables.NoteTwin:default declares the same names (conflict)."
+    ) in uninstall.stdout
+    assert "Removed" not in uninstall.stdout
+    assert preview.stdout.startswith(
+        "-- oddtables.NoteTwin:default: left what oddtables.Note:default installed on "
+    )
+    assert "DROP" not in preview.stdout
+    assert (check_after.returncode, check_after.stdout) == (
+        check_before.returncode,
+        check_before.stdout,
+    )
+    # And they still send Note's changes.
+    with psycopg.connect(oddtables.url, autocommit=True) as listening:
+        listening.execute("LISTEN pgnotify_oddtables_note")
+        oddtables.connection.execute("INSERT INTO oddtables_note (text) VALUES ('still heard')")
+        note = next(listening.notifies(timeout=10, stop_after=1), None)
+    assert note is not None, "no notification from oddtables.Note's triggers"
+    message = wire.parse(note.payload)
+    assert (message.model, message.action) == ("oddtables.note", "insert")
+
+
+def test_uninstalling_one_of_two_models_on_a_table_drops_what_is_its_own_and_only_that(oddtables):
+    """The insert trigger installed for NoteTwin (by hand, say, from SQL of an earlier
+    version), the others and the function (one name for both: the twins write the
+    table's name alike) for oddtables.Note: the comments tell whose each is."""
+    insert_comment = oddtables.triggers()[("oddtables_note", "pgnotify_insert")]
+    oddtables.connection.execute(
+        sql.SQL("COMMENT ON TRIGGER pgnotify_insert ON oddtables_note IS {}").format(
+            sql.Literal(insert_comment.replace("oddtables.Note:", "oddtables.NoteTwin:"))
+        )
+    )
+    functions = functions_of_ours(oddtables)
+
+    uninstall = manage_with_twin(
+        oddtables, "1", "pgnotify_install", "--uninstall", "oddtables.NoteTwin"
+    )
+
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert {name for table, name in oddtables.triggers() if table == "oddtables_note"} == {
+        "pgnotify_update",
+        "pgnotify_delete",
+    }
+    assert functions_of_ours(oddtables) == functions
+    assert 'Removed oddtables.NoteTwin:default on "oddtables_note"' in uninstall.stdout
+    assert 'Left what oddtables.Note:default installed on "oddtables_note"' in uninstall.stdout
+
+
+# The event table dropped by hand, in a project with an app whose migrations depend on
+# django_pgnotify's
+
+
+DEPENDENT_MIGRATION = """\
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [("django_pgnotify", "0004_durableevent_size_handled")]
+    operations = [
+        migrations.RunSQL(
+            "CREATE TABLE pgnotify_dependent_note (id integer)",
+            "DROP TABLE pgnotify_dependent_note",
+        )
+    ]
+"""
+
+DEPENDENT_SETTINGS = """\
+import os
+
+from django_pgnotify.embedded import database_settings
+
+SECRET_KEY = "tests-only"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+DATABASES = {"default": database_settings(os.environ["DATABASE_URL"])}
+INSTALLED_APPS = ["django_pgnotify", "tests.durableapp", "pgnotify_dependent"]
+"""
+
+
+def project_with_a_dependent_app(root: Path, url: str) -> dict[str, str]:
+    """Write an app whose migration depends on django_pgnotify's latest (as one with a
+    foreign key to DurableEvent would) and settings with it; return their environment."""
+    migrations_dir = root / "pgnotify_dependent" / "migrations"
+    migrations_dir.mkdir(parents=True)
+    (root / "pgnotify_dependent" / "__init__.py").write_text("")
+    (migrations_dir / "__init__.py").write_text("")
+    (migrations_dir / "0001_initial.py").write_text(DEPENDENT_MIGRATION)
+    (root / "dependent_settings.py").write_text(DEPENDENT_SETTINGS)
+    return django_env(
+        DATABASE_URL=url,
+        DJANGO_SETTINGS_MODULE="dependent_settings",
+        PYTHONPATH=os.pathsep.join([str(root), str(ROOT)]),
+    )
+
+
+ADVICE = re.compile(
+    r"run manage\.py sqlmigrate django_pgnotify (?P<first>\S+) --database default \| "
+    r"manage\.py dbshell --database default(?:, then the same for (?P<rest>[^;]+))?; "
+    r"then manage\.py pgnotify_install --database default"
+)
+
+
+def test_the_event_table_dropped_by_hand_comes_back_by_the_advice_and_every_migration_stays(
+    empty_database_url, tmp_path
+):
+    """``migrate django_pgnotify zero --fake`` would unrecord pgnotify_dependent's
+    migration too, which the next ``migrate`` runs again (and fails on its table)."""
+    env = project_with_a_dependent_app(tmp_path, empty_database_url)
+    migrated = run_manage("migrate", "-v", "0", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        recorded = conn.execute("SELECT app, name FROM django_migrations ORDER BY id").fetchall()
+        assert ("pgnotify_dependent", "0001_initial") in recorded
+        conn.execute("DROP TABLE pgnotify_event")
+
+        check = run_manage("pgnotify_install", "--check", env=env)
+        advice = ADVICE.search(check.stdout)
+        assert advice is not None, check.stdout
+        rest = advice["rest"] or ""
+        for name in [advice["first"], *filter(None, re.split(r", | and ", rest))]:
+            printed = run_manage(
+                "sqlmigrate", "django_pgnotify", name, "--database", "default", env=env
+            )
+            assert printed.returncode == 0, printed.stderr
+            conn.execute(printed.stdout)  # as manage.py dbshell (psql) runs it
+        install = run_manage("pgnotify_install", "--database", "default", env=env)
+        final = run_manage("pgnotify_install", "--check", env=env)
+        again = run_manage("migrate", env=env)
+
+        assert conn.execute("SELECT to_regclass('pgnotify_event') IS NOT NULL").fetchone() == (
+            True,
+        )
+        assert (
+            conn.execute("SELECT app, name FROM django_migrations ORDER BY id").fetchall()
+            == recorded
+        )
+        conn.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('recorded', '', 0)")
+        assert conn.execute("SELECT count(*) FROM pgnotify_event").fetchone() == (1,)
+    assert check.returncode == 1
+    assert install.returncode == 0, install.stderr
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert again.returncode == 0, again.stderr
+    assert "No migrations to apply." in again.stdout

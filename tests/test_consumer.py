@@ -17,10 +17,11 @@ import pytest
 
 pytest.importorskip("channels", reason="the channels extra is not installed")
 
+from channels.layers import InMemoryChannelLayer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
-from django_pgnotify import Notify, RowChange
+from django_pgnotify import Notify, RowChange, channels_bridge, context
 from django_pgnotify.channels_bridge import (
     BATCH,
     ChannelLayerForwarder,
@@ -189,6 +190,8 @@ def test_model_and_row_subscriptions_together_deliver_each_event_once():
         ({"subscribe": "auth.group"}, "not_notifying"),
         ({"subscribe": "testapp.order", "pk": "not-a-number"}, "invalid_pk"),
         ({"subscribe": "testapp.order", "pk": [1]}, "invalid_pk"),
+        # A char pk: JSON's escape of a lone surrogate is no text a row can have.
+        ({"subscribe": "testapp.tag", "pk": "\ud800"}, "invalid_pk"),
         ({"hello": "there"}, "malformed"),
         ([1, 2], "malformed"),
     ],
@@ -346,6 +349,67 @@ def test_subscribers_get_resync_after_a_listener_reconnect():
     run(scenario)
 
 
+class StartedListener:
+    """What the listener signals are sent by: a listener with its dispatcher."""
+
+    def __init__(self, dispatcher: ChannelsDispatcher) -> None:
+        self.dispatcher = dispatcher
+
+
+def test_subscribers_get_resync_when_a_listener_starts(caplog):
+    # A deploy: changes committed while no listener listened were never seen.
+    caplog.set_level(logging.INFO, "django_pgnotify.channels")
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order", "testapp.tag"])
+        model_client = await connect(VIEWER)
+        row_client = await connect(VIEWER)
+        await ask(model_client, {"subscribe": "testapp.order"})
+        await ask(row_client, {"subscribe": "testapp.order", "pk": 5})
+        from django_pgnotify.signals import listener_started
+
+        listener = StartedListener(dispatcher)
+        await listener_started.asend(sender=listener, using="default", backend_pid=1)
+        await sent(dispatcher.forwarder)
+        for client in (model_client, row_client):
+            frame = await client.receive_json_from(TIMEOUT)
+            assert (frame["type"], frame["model"], frame["reason"]) == (
+                "resync",
+                "testapp.order",
+                "started",
+            )
+            assert frame["stream"] == dispatcher.forwarder.stream
+            assert await client.receive_nothing(0.1)
+            await client.disconnect()
+        await dispatcher.forwarder.drain()
+
+    run(scenario)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "pgnotify: sent resync (started) to the subscribers of 2 model(s)" in messages
+
+
+def test_a_listener_forwarding_to_the_in_memory_layer_warns_unless_its_consumers_share_the_process(
+    caplog,
+):
+    async def start(in_process: bool) -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"], in_process=in_process)
+        from django_pgnotify.signals import listener_started
+
+        listener = StartedListener(dispatcher)
+        await listener_started.asend(sender=listener, using="default", backend_pid=1)
+        await dispatcher.forwarder.drain()
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    asyncio.run(start(in_process=True))  # with_listener: the ASGI server's own process
+    assert warnings() == []
+    asyncio.run(start(in_process=False))  # pgnotify_listen: a process of its own
+    [warning] = warnings()
+    assert "channel layer 'default' is Channels' in-memory layer" in warning
+    assert "with_listener" in warning and "channels_redis" in warning
+
+
 class FlakyLayer:
     """A channel layer whose group_send fails a number of times, then works."""
 
@@ -416,6 +480,52 @@ def test_messages_dropped_while_the_layer_is_down_are_followed_by_a_resync(setti
     run(scenario)
 
 
+class MsgpackLayer(FlakyLayer):
+    """Serializes each batch with msgpack first, as channels_redis does."""
+
+    async def group_send(self, group: str, message: dict) -> None:
+        import msgpack
+
+        msgpack.packb(message, use_bin_type=True)
+        await super().group_send(group, message)
+
+
+def test_a_batch_the_layer_cannot_serialize_is_dropped_and_resynced_not_retried_forever(
+    settings, monkeypatch, caplog
+):
+    pytest.importorskip("msgpack")
+    settings.PGNOTIFY = {
+        **settings.PGNOTIFY,
+        "RECONNECT_DELAY_MIN": 0.01,
+        "RECONNECT_DELAY_MAX": 0.02,
+        "CHANNEL_ROW_GROUPS": False,
+    }
+    # json_safe keeps lone surrogates out; the forwarder must not depend on that alone.
+    monkeypatch.setattr(channels_bridge, "valid_text", lambda text: text)
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default")
+        layer = forwarder.layer = MsgpackLayer(failures=0)  # type: ignore[assignment]
+        odd = dataclasses.replace(order_change(1), context={"reason": "\ud800"})
+        forwarder.submit([odd])
+        await asyncio.wait_for(sent(forwarder), 5)
+        forwarder.submit([order_change(2)])
+        await asyncio.wait_for(sent(forwarder), 5)
+        assert [(group, m["type"], m.get("pk"), m.get("reason")) for group, m in layer.sent] == [
+            ("pgnotify.testapp.order", "pgnotify.resync", None, "dropped"),
+            ("pgnotify.testapp.order.resync", "pgnotify.resync", None, "dropped"),
+            ("pgnotify.testapp.order", "pgnotify.row_changed", 2, None),
+        ]
+        stats = forwarder.stats
+        assert (stats["forward_dropped"], stats["forwarded"], stats["forward_errors"]) == (1, 1, 0)
+        await forwarder.drain()
+
+    run(scenario)
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "cannot carry testapp.order update pk=1 (group pgnotify.testapp.order)" in error
+    assert "surrogates not allowed" in error
+
+
 def test_messages_not_sent_when_the_drain_at_stop_times_out_are_logged_and_counted(
     settings, caplog
 ):
@@ -470,6 +580,20 @@ def test_a_connection_has_a_limited_number_of_subscriptions():
                 "subscribed"
             )
         assert (await ask(client, {"subscribe": "testapp.order", "pk": 3}))["code"] == "too_many"
+        await client.disconnect()
+
+    run(scenario)
+
+
+def test_subscribing_again_to_a_subscription_at_the_limit_is_answered_subscribed():
+    async def scenario() -> None:
+        client = await connect(VIEWER, SmallConsumer)
+        for request in ({"subscribe": "testapp.order"}, {"subscribe": "testapp.order", "pk": 1}):
+            assert (await ask(client, request))["type"] == "subscribed"
+        # A page that resubscribes what it follows adds nothing: "1" is pk 1.
+        for request in ({"subscribe": "testapp.order"}, {"subscribe": "testapp.order", "pk": "1"}):
+            assert (await ask(client, request))["type"] == "subscribed", request
+        assert (await ask(client, {"subscribe": "testapp.order", "pk": 2}))["code"] == "too_many"
         await client.disconnect()
 
     run(scenario)
@@ -646,6 +770,103 @@ def test_values_past_64_bits_and_non_finite_floats_cross_redis_as_strict_json(re
     }
 
 
+def redis_group_members(prefix: str, group: str) -> int:
+    """How many channels channels_redis's core layer keeps in ``group``."""
+    import redis
+
+    from django_pgnotify.embedded_redis import redis_url
+
+    with redis.Redis.from_url(redis_url()) as client:
+        return int(client.zcard(f"{prefix}:group:{group}"))
+
+
+class FailingFilterConsumer(RowChangeConsumer):
+    """A row-level rule with a bug: the consumer ends with its exception."""
+
+    async def filter_event(self, model, event):
+        raise RuntimeError("a bug in a row-level rule")
+
+
+def test_a_consumer_that_ends_with_an_exception_leaves_its_groups(redis_layer):
+    groups = ["pgnotify.testapp.order", "pgnotify.testapp.order.row.1"]
+    groups.append("pgnotify.testapp.order.resync")
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER, FailingFilterConsumer)
+        await ask(client, {"subscribe": "testapp.order"})
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        assert [redis_group_members(redis_layer, g) for g in groups] == [1, 1, 1]
+        await forward(dispatcher, order_change(1))
+        # Channels does not call disconnect() for a handler that raised.
+        with pytest.raises(RuntimeError, match="a bug in a row-level rule"):
+            await client.receive_from(TIMEOUT)
+        # Else every batch would still be pushed to the dead channel for a day.
+        assert [redis_group_members(redis_layer, g) for g in groups] == [0, 0, 0]
+        await dispatcher.forwarder.drain()
+        await close_layer()
+
+    run(scenario)
+
+
+def test_disconnecting_leaves_every_group_even_when_leaving_one_fails(monkeypatch, caplog):
+    from channels.layers import get_channel_layer
+
+    async def scenario() -> None:
+        layer: Any = get_channel_layer()
+        discard = layer.group_discard
+        failed: list[str] = []
+
+        async def failing_once(group: str, channel: str) -> None:
+            if not failed:
+                failed.append(group)
+                raise ConnectionError("Redis is gone")
+            await discard(group, channel)
+
+        monkeypatch.setattr(layer, "group_discard", failing_once)
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order"})
+        await ask(client, {"subscribe": "testapp.tag"})
+        await client.disconnect()
+        left = {"pgnotify.testapp.order", "pgnotify.testapp.tag"} - set(failed)
+        assert [group for group in left if layer.groups.get(group)] == []
+
+    run(scenario)
+    assert any("could not leave 1 group(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_quiet_subscription_outlives_the_layers_group_expiry(settings):
+    """channels_redis forgets group members older than ``group_expiry`` (a day by
+    default; 2 s here): a page left open, with nothing to show, must not go deaf."""
+    from django_pgnotify.embedded_redis import redis_channel_layer, redis_url
+
+    try:
+        url = redis_url()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    layer = redis_channel_layer(url, prefix=f"pgnotify-test-{uuid.uuid4().hex[:8]}")
+    layer["CONFIG"]["group_expiry"] = 2
+    settings.CHANNEL_LAYERS = {"default": layer}
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        model_client = await connect(VIEWER)
+        row_client = await connect(VIEWER)
+        await ask(model_client, {"subscribe": "testapp.order"})
+        await ask(row_client, {"subscribe": "testapp.order", "pk": 1})
+        # Nothing at all for longer than group_expiry, to either client.
+        assert await model_client.receive_nothing(3.5)
+        assert await row_client.receive_nothing(0.1)
+        await forward(dispatcher, order_change(1))
+        for client in (model_client, row_client):
+            assert (await client.receive_json_from(TIMEOUT))["pk"] == 1
+            await client.disconnect()
+        await dispatcher.forwarder.drain()
+        await close_layer()
+
+    run(scenario)
+
+
 def test_decimals_in_arrays_reach_a_websocket_as_strings_of_every_digit_as_decimals_do(changes):
     long = Decimal("12345678901234567890.1234567890")
     Measurement.objects.create(readings=[long, None], grid=[[Decimal("1.5")], [None]])
@@ -762,3 +983,138 @@ def test_decimals_are_forwarded_with_their_digits_as_stored_and_no_exponent():
     # Only a JSON field's decoder makes these: they stay short.
     assert json_safe(Decimal("1e999999999")) == "1E+999999999"
     assert json_safe(Decimal("1e-999999999")) == "1E-999999999"
+
+
+# Values a browser could not read, or msgpack could not carry
+
+
+def test_integers_a_browser_cannot_hold_exactly_are_sent_as_strings_wherever_they_are():
+    safe = 2**53 - 1  # Number.MAX_SAFE_INTEGER
+    assert json_safe([safe, -safe, 0, True]) == [safe, -safe, 0, True]
+    assert json_safe([safe + 1, -safe - 1, 2**64]) == [str(safe + 1), str(-safe - 1), str(2**64)]
+    assert json_safe({"ids": {"a": [2**60]}}) == {"ids": {"a": [str(2**60)]}}
+
+
+def test_lone_surrogates_in_strings_and_keys_are_replaced_and_other_text_is_kept():
+    value = {"why\udc80": ["a\ud800b", "Adélaïde 😀", "plain"], "ok": "ü"}
+    assert json_safe(value) == {
+        "why\ufffd": ["a\ufffdb", "Adélaïde 😀", "plain"],
+        "ok": "ü",
+    }
+
+
+def test_bigint_values_past_2_53_reach_a_websocket_as_strings_and_the_row_keeps_its_group(changes):
+    big = 2**53 + 1  # a snowflake-style id: a browser would read 9007199254740992
+    order = Order.objects.create(id=big)
+    Reading.objects.create(order=order, count=-big, ratio=None)
+    events = changes.wait(2)
+
+    async def scenario() -> list[str]:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order", "testapp.reading"])
+        client = await connect(VIEWER, EveryoneMayFollow)
+        # The row's group is named from the pk, as before: the string names the row.
+        answer = await ask(client, {"subscribe": "testapp.order", "pk": str(big)})
+        assert answer["type"] == "subscribed"
+        await ask(client, {"subscribe": "testapp.reading"})
+        await forward(dispatcher, *events)
+        frames = [await client.receive_from(TIMEOUT) for _ in events]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+        return frames
+
+    ordered, reading = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert f'"pk": "{big}"' in ordered
+    fields = json.loads(reading)["fields"]
+    assert (fields["order_id"], fields["count"]) == (str(big), str(-big))
+
+
+def test_a_lone_surrogate_in_a_context_reaches_a_websocket_as_the_replacement_character(
+    changes, redis_layer, other_connection
+):
+    # Another client's context, as docs/audit.md shows it: JSON text, and \ud800 is
+    # valid JSON syntax. msgpack (channels_redis) cannot carry what it decodes to.
+    with other_connection.transaction():
+        other_connection.execute(
+            "SELECT set_config('pgnotify.context', %s, true)", ['{"reason": "x\\ud800"}']
+        )
+        other_connection.execute(
+            "INSERT INTO testapp_order (status, total, note) VALUES ('new', 1, '')"
+        )
+    Order.objects.create()
+    events = changes.wait(2)
+    assert events[0].context == {"reason": "x\ud800"}  # as the client wrote it
+
+    async def scenario() -> list[dict[str, Any]]:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order"})
+        await forward(dispatcher, *events)
+        frames = [await client.receive_json_from(TIMEOUT) for _ in events]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+        await close_layer()
+        return frames
+
+    frames = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [(f["pk"], f["context"]) for f in frames] == [
+        (events[0].pk, {"reason": "x\ufffd"}),
+        (events[1].pk, None),  # the change after it is not held up
+    ]
+
+
+def test_a_context_value_with_a_lone_surrogate_is_sent_with_the_replacement_character(changes):
+    # As os.fsdecode() makes from a file name that is not UTF-8.
+    with context(reason="file-\udcff.txt", actor="user:1"):
+        Order.objects.create()
+    (event,) = changes.wait(1)
+    assert event.context == {"reason": "file-\ufffd.txt", "actor": "user:1"}
+
+
+class RenewalHangsLayer(InMemoryChannelLayer):
+    """An in-memory layer whose adds of a member already added never return once
+    ``hang`` is set, as a layer whose server stopped answering would."""
+
+    hang = False
+    hung = 0  # adds that never returned
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.added: set[tuple[str, str]] = set()
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if self.hang and (group, channel) in self.added:
+            RenewalHangsLayer.hung += 1
+            await asyncio.Event().wait()
+        self.added.add((group, channel))
+        await super().group_add(group, channel)
+
+
+def test_a_renewal_the_layer_never_answers_does_not_hold_up_subscriptions(
+    settings, monkeypatch, caplog
+):
+    from django_pgnotify import consumers
+
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "tests.test_consumer.RenewalHangsLayer",
+            "CONFIG": {"group_expiry": 0.4},  # a renewal every 0.1 s
+        }
+    }
+    monkeypatch.setattr(consumers, "LEAVE_TIMEOUT", 0.5)
+    monkeypatch.setattr(RenewalHangsLayer, "hang", False)
+    monkeypatch.setattr(RenewalHangsLayer, "hung", 0)
+
+    async def scenario() -> None:
+        client = await connect(VIEWER)
+        assert (await ask(client, {"subscribe": "testapp.order"}))["type"] == "subscribed"
+        RenewalHangsLayer.hang = True  # the next renewal hangs, holding the group lock
+        while not RenewalHangsLayer.hung:
+            await asyncio.sleep(0.01)
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify"):
+            answer = await ask(client, {"subscribe": "testapp.tag"})
+            assert answer["type"] == "subscribed", answer
+        RenewalHangsLayer.hang = False
+        await client.disconnect()
+
+    run(scenario)
+    assert any("could not renew" in r.getMessage() for r in caplog.records)

@@ -11,6 +11,8 @@ import asyncio
 import functools
 import itertools
 import json
+import logging
+import re
 import signal
 import socket
 import sys
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -302,7 +305,8 @@ def test_an_undecodable_row_becomes_a_dead_letter_at_once(durable_listener, othe
         """('durableapp.Job:default', 'durableapp.job', 'insert', '"fields":["n"]', '[2,', 1)"""
     )
     insert_jobs(other_connection, 1)
-    handled = Handled(durable_listener())
+    process = durable_listener()
+    handled = Handled(process)
 
     wait_until(lambda: len(handled.pks) == 1, what="the good event handled")
     wait_until(lambda: count(other_connection, "status = 'dead'") == 3, what="3 dead changes")
@@ -310,6 +314,12 @@ def test_an_undecodable_row_becomes_a_dead_letter_at_once(durable_listener, othe
     assert errors[0] == "undecodable: 2 changes decoded as 1"
     assert errors[1].startswith("undecodable: ")
     assert all(e.attempts == 1 for e in DurableEvent.objects.filter(status="dead"))
+    wait_until(lambda: durable.backlog().dead == 3, what="the dead letters settled")
+    assert process.stop() == 0
+    (stopped,) = [line for line in process.output("err") if "listener stopped" in line]
+    # Payloads that cannot be read, as live notifications are counted; their changes
+    # are counted as dead letters.
+    assert "undecodable=2" in stopped and "dead_letters=3" in stopped
 
 
 def test_a_claim_reads_the_pending_index_in_id_order_before_the_table_is_analyzed(
@@ -757,3 +767,351 @@ def test_a_stop_that_cuts_a_last_attempt_short_counts_every_change_left_as_a_dea
 def test_prune_refuses_an_age_without_a_unit():
     with pytest.raises(CommandError, match="--older-than '7': give a number and a unit"):
         call_command("pgnotify_prune", "--older-than", "7")
+
+
+# A listener that dies, hangs or fails
+
+
+def test_an_event_whose_listener_dies_on_every_attempt_becomes_a_dead_letter_alone(
+    durable_listener, other_connection
+):
+    # Three transactions, three event rows. The middle one's receiver never returns, as
+    # one the kernel kills for its memory; a supervisor kills its listener each time.
+    for name in ("ok-before", "hang", "ok-after"):
+        insert_jobs(other_connection, 1, name=name)
+    hanging = event_rows(other_connection)[1][0]
+    for _ in range(3):  # max_attempts of the Job declaration
+        process = durable_listener(PGNOTIFY_TEST_LEASE="1")
+        process.wait_for(rf"^hanging {hanging}$", stream="out", timeout=20)
+        process.kill()
+
+    last = durable_listener(PGNOTIFY_TEST_LEASE="1")
+    line = last.wait_for(rf"durable event {hanging} .* is a dead letter", stream="err", timeout=20)
+    wait_until(lambda: count(other_connection, "status = 'pending'") == 0, what="the rest handled")
+    assert last.stop() == 0
+
+    assert "after 3 attempt(s): never settled" in line
+    # Claimed alone whenever its lease had run out, it took no other row with it.
+    assert other_connection.execute(
+        "SELECT id, status, attempts, last_error FROM pgnotify_event"
+    ).fetchall() == [(hanging, "dead", 3, durable.NEVER_SETTLED)]
+    assert not any(line.startswith("hanging") for line in last.output("out"))
+
+
+def test_a_durable_receiver_that_hangs_lets_the_health_file_age_and_says_why(
+    durable_listener, other_connection, tmp_path
+):
+    health = tmp_path / "healthy"
+    process = durable_listener("--health-file", str(health))
+    wait_until(health.exists, what="the health file")
+    insert_jobs(other_connection, 1, name="hang")
+    process.wait_for(r"^hanging ", stream="out")
+
+    # PROBE_INTERVAL is 0.5 s in tests.settings_listener: no change handled for that long.
+    wait_until(
+        lambda: time.time() - health.stat().st_mtime > 2, timeout=10, what="the file left to age"
+    )
+    line = process.wait_for(r"durable receivers of 'default' have handled no change", stream="err")
+    assert "(0 of a batch of 1 handled): the listener is not healthy" in line
+
+
+def test_slow_durable_receivers_that_keep_handling_changes_keep_the_listener_healthy(
+    durable_listener, other_connection, tmp_path
+):
+    health = tmp_path / "healthy"
+    # A batch of 12 changes taking 0.4 s each: 4.8 s, far past PROBE_INTERVAL (0.5 s),
+    # but a change handled well within it every time. Judged by the batch, the file
+    # would be left from 0.5 s into it: over 4 s old at its end.
+    process = durable_listener("--health-file", str(health), PGNOTIFY_TEST_RECEIVER_DELAY="0.4")
+    insert_jobs(other_connection, 12)
+
+    ages = []
+    for _ in range(12):
+        process.wait_for(r"^handled ", stream="out")
+        ages.append(time.time() - health.stat().st_mtime)
+    assert process.stop() == 0
+
+    assert max(ages) < 2.5, ages
+    assert not any("have handled no change" in line for line in process.output("err"))
+
+
+def test_a_listener_whose_durable_claims_fail_is_not_healthy_until_they_work_again(
+    durable_listener, other_connection, tmp_path
+):
+    health = tmp_path / "healthy"
+    process = durable_listener("--health-file", str(health))
+    wait_until(health.exists, what="the health file")
+    other_connection.execute("ALTER TABLE pgnotify_event RENAME TO pgnotify_event_away")
+    try:
+        process.wait_for(r"table pgnotify_event does not exist", stream="err")
+        wait_until(
+            lambda: time.time() - health.stat().st_mtime > 2,
+            timeout=10,
+            what="the health file left to age",
+        )
+    finally:
+        other_connection.execute("ALTER TABLE pgnotify_event_away RENAME TO pgnotify_event")
+
+    wait_until(lambda: time.time() - health.stat().st_mtime < 1, what="the health file touched")
+    insert_jobs(other_connection, 1)
+    process.wait_for(r"^handled ", stream="out")
+
+
+def run_worker(worker: durable.DurableWorker, until, timeout: float = 20.0) -> None:
+    """Run ``worker`` until ``until()`` is true (or it ends, raising its error), then stop it."""
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        with ThreadPoolExecutor(1) as executor:
+            running = asyncio.ensure_future(worker.run(stop, executor))
+            deadline = time.monotonic() + timeout
+            while not until() and not running.done():
+                assert time.monotonic() < deadline, f"not done within {timeout}s"
+                await asyncio.sleep(0.02)
+            stop.set()
+            await asyncio.wait_for(running, 10)
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def job_names(transactional_db) -> Iterator[list[str]]:
+    """The names of the jobs a receiver was called for, in order."""
+    from django_pgnotify import row_changed
+
+    names: list[str] = []
+
+    def record(sender, event, **kwargs) -> None:
+        names.append(event.fields["name"])
+
+    row_changed.connect(record, sender=Job, weak=False, dispatch_uid="test_durable_job_names")
+    yield names
+    row_changed.disconnect(sender=Job, dispatch_uid="test_durable_job_names")
+
+
+def test_an_unexpected_error_in_a_batch_is_logged_and_durable_processing_goes_on(
+    other_connection, job_names, settings, caplog
+):
+    settings.PGNOTIFY = {
+        **settings.PGNOTIFY,
+        "DURABLE_LEASE": 1.0,
+        "DURABLE_POLL_INTERVAL": 0.2,
+        "RECONNECT_DELAY_MIN": 0.05,
+    }
+    worker = job_worker()
+    decode_and_send = worker._decode_and_send
+    calls: list[int] = []
+
+    def failing_once(*args):  # a bug in the worker, say
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug")
+        return decode_and_send(*args)
+
+    worker._decode_and_send = failing_once  # type: ignore[method-assign]
+    insert_jobs(other_connection, 1)
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run_worker(worker, lambda: count(other_connection) == 0)
+
+    assert job_names == ["job-1"]  # once its lease had run out
+    (record,) = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info[0] is KeyError
+    assert "unexpected error: 'a bug'; retrying in" in record.getMessage()
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("no message")
+
+
+def test_a_durable_receiver_error_that_cannot_be_printed_is_retried_like_any_other(
+    other_connection, job_names
+):
+    from django_pgnotify import row_changed
+
+    def receiver(sender, event, **kwargs) -> None:
+        if event.fields["name"].startswith("bad"):
+            raise UnprintableError
+
+    insert_jobs(other_connection, 1, name="bad")
+    insert_jobs(other_connection, 1, name="good")
+    worker = job_worker()
+
+    async def one_batch() -> int:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1) as executor:
+                return await worker.process_batch(conn, executor)
+
+    row_changed.connect(receiver, sender=Job, weak=False, dispatch_uid="test_unprintable")
+    try:
+        assert asyncio.run(asyncio.wait_for(one_batch(), 30)) == 2
+    finally:
+        row_changed.disconnect(sender=Job, dispatch_uid="test_unprintable")
+
+    assert job_names == ["bad-1", "good-1"]
+    ((status, attempts, error),) = other_connection.execute(
+        "SELECT status, attempts, last_error FROM pgnotify_event"
+    ).fetchall()
+    assert (status, attempts) == ("pending", 1)  # retried, the good one deleted
+    assert error.endswith(".receiver: UnprintableError: (its message could not be rendered)")
+
+
+def test_claims_failing_on_a_working_connection_are_retried_ever_later(
+    other_connection, settings, caplog
+):
+    settings.PGNOTIFY = {
+        **settings.PGNOTIFY,
+        "RECONNECT_DELAY_MIN": 0.1,
+        "RECONNECT_DELAY_MAX": 5.0,
+    }
+    worker = job_worker()
+
+    def failures() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+
+    # Connecting works, every claim fails: the table was dropped or renamed.
+    other_connection.execute("ALTER TABLE pgnotify_event RENAME TO pgnotify_event_away")
+    try:
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+            run_worker(worker, lambda: len(failures()) >= 5)
+    finally:
+        other_connection.execute("ALTER TABLE pgnotify_event_away RENAME TO pgnotify_event")
+
+    assert "run manage.py migrate" in failures()[0]
+    delays = [float(re.search(r"retrying in ([\d.]+)s", m).group(1)) for m in failures()]
+    # Doubling from 0.1 s, each drawn between half and all of its ceiling (0.8 s the 5th).
+    assert delays[4] >= 0.8, delays
+
+
+def test_a_durable_connect_to_a_silent_server_gives_up_after_probe_timeout(
+    silent_server, monkeypatch, settings, caplog
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "PROBE_TIMEOUT": 2.0}
+    port, accepted = silent_server
+    settings_dict = connections["other"].settings_dict
+    monkeypatch.setitem(settings_dict, "HOST", "127.0.0.1")
+    monkeypatch.setitem(settings_dict, "PORT", port)
+    monkeypatch.setitem(
+        settings_dict,
+        "OPTIONS",
+        {k: v for k, v in settings_dict["OPTIONS"].items() if k != "connect_timeout"},
+    )
+    worker = job_worker("other")
+
+    def given_up() -> bool:
+        return any("cannot connect" in r.getMessage() for r in caplog.records)
+
+    asked: list[Any] = []
+    connect = psycopg.AsyncConnection.connect
+
+    async def recording_connect(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("connect_timeout"))
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", recording_connect)
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run_worker(worker, given_up, timeout=15)
+
+    assert accepted.is_set()
+    # libpq's connect_timeout, from PROBE_TIMEOUT as for the listening connection (it
+    # was 5 s whatever the setting), so the connect above gave up by itself.
+    assert asked and set(asked) == {2}
+
+
+def test_ignore_own_changes_skips_the_durable_events_this_process_wrote_only(
+    other_connection, job_names
+):
+    from django_pgnotify import own_changes
+
+    insert_jobs(other_connection, 1, name="theirs")
+    own_changes.track_own_connections()
+    mine = connections.create_connection("default")
+    try:
+        mine.ensure_connection()
+        pid = mine.connection.info.backend_pid
+        # PID reuse, as PostgreSQL does it: the event was written an hour ago by a
+        # session whose PID this process's new connection has now.
+        other_connection.execute(
+            "UPDATE pgnotify_event SET pid = %s, created_at = now() - interval '1 hour'", [pid]
+        )
+        with mine.cursor() as cursor:
+            cursor.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('mine', '', 0)")
+        worker = durable.DurableWorker(
+            [d for d in get_declarations() if d.model is Job],
+            "default",
+            Decoder([Job]),
+            Dispatcher(),
+            threading.Event(),
+            ignore_own_changes=True,
+        )
+
+        async def one_batch() -> int:
+            async with await worker._connect() as conn:
+                with ThreadPoolExecutor(1) as executor:
+                    return await worker.process_batch(conn, executor)
+
+        assert asyncio.run(asyncio.wait_for(one_batch(), 30)) == 2
+    finally:
+        mine.close()
+
+    assert job_names == ["theirs-1"]
+    assert worker.stats["own_changes"] == 1
+    assert count(other_connection) == 0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_durable_health_check_follows_the_receivers_change_by_change(other_connection, kind):
+    from django_pgnotify import row_changed
+
+    stuck_at: list[float] = []
+    release = threading.Event()
+
+    def sync_receiver(sender, event, **kwargs) -> None:
+        if event.fields["name"].startswith("stuck"):
+            stuck_at.append(time.monotonic())
+            assert release.wait(10)
+        else:
+            time.sleep(0.1)
+
+    async def async_receiver(sender, event, **kwargs) -> None:
+        if event.fields["name"].startswith("stuck"):
+            stuck_at.append(time.monotonic())
+            assert await asyncio.to_thread(release.wait, 10)
+        else:
+            await asyncio.sleep(0.1)
+
+    # 3 s of receivers, 0.1 s a change: far past the patience, but within it each change
+    # even on a machine busy enough to stretch a change tenfold.
+    insert_jobs(other_connection, 30, name="slow")
+    insert_jobs(other_connection, 1, name="stuck")
+    worker = job_worker()
+    patience = 1.0
+    samples: list[tuple[float, bool]] = []
+
+    async def scenario() -> None:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1) as executor:
+                batch = asyncio.ensure_future(worker.process_batch(conn, executor))
+                deadline = time.monotonic() + 15
+                while not (stuck_at and samples and not samples[-1][1]):
+                    assert time.monotonic() < deadline, "never found unhealthy"
+                    await asyncio.sleep(0.05)
+                    now = time.monotonic()
+                    samples.append((now, worker.healthy(now, patience)))
+                release.set()
+                assert await batch == 2
+        assert worker.healthy(time.monotonic(), patience)  # nothing in hand
+
+    receiver = sync_receiver if kind == "sync" else async_receiver
+    row_changed.connect(receiver, sender=Job, weak=False, dispatch_uid="test_health_check")
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        release.set()
+        row_changed.disconnect(sender=Job, dispatch_uid="test_health_check")
+
+    (stuck,) = stuck_at
+    before = [healthy for at, healthy in samples if at < stuck]
+    assert len(before) > 10 and all(before)  # the batch ran past `patience`, changing
+    assert samples[-1][0] - stuck >= patience  # unhealthy once stuck for longer than it

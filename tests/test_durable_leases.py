@@ -257,3 +257,75 @@ def test_changes_of_a_row_whose_lease_was_lost_are_counted_as_lost_leases(
         {"database": "default"},
         3,
     )
+
+
+# Rows a listener died holding: claimed alone, and given up once their attempts are spent
+
+
+def abandon(conn: psycopg.Connection, where: str = "true", attempts: int | None = None) -> None:
+    """What a listener killed while its receivers ran leaves: the lease ran out, its
+    owner is still recorded (a settlement or a release clears it)."""
+    conn.execute(
+        "UPDATE pgnotify_event SET lease_owner = 'host:4242:gone',"
+        " lease_until = now() - interval '1 second', attempts = coalesce(%s, attempts)"
+        f" WHERE {where}",
+        [attempts],
+    )
+
+
+def test_rows_a_dead_listener_left_unsettled_are_claimed_one_at_a_time(receiver, other_connection):
+    for n in range(4):  # four statements: four event rows
+        other_connection.execute(
+            "INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', %s)", [n]
+        )
+    ids = [row_id for (row_id,) in other_connection.execute("SELECT id FROM pgnotify_event")]
+    ids.sort()
+    abandon(other_connection, f"id IN ({ids[1]}, {ids[2]})")
+    worker = listener()
+
+    async def claims() -> list[list[int]]:
+        async with await worker._connect() as conn:
+            return [[row.id for row in await worker._claim(conn)] for _ in range(5)]
+
+    # A claim stops before the first abandoned row; each of those is claimed alone,
+    # so a change that kills its listener costs no other row an attempt.
+    assert asyncio.run(asyncio.wait_for(claims(), 30)) == [
+        [ids[0]],
+        [ids[1]],
+        [ids[2]],
+        [ids[3]],
+        [],
+    ]
+
+
+def test_a_row_claimed_past_its_attempts_and_never_settled_is_a_dead_letter_not_dispatched(
+    receiver, other_connection, caplog
+):
+    three_jobs(other_connection)
+    # Its third attempt (Job allows 3) handled the first change, then its listener died.
+    other_connection.execute("UPDATE pgnotify_event SET handled = '{0}'")
+    abandon(other_connection, attempts=3)
+    worker = listener()
+
+    async def scenario() -> None:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1, "b") as thread:
+                assert await worker.process_batch(conn, thread) == 1
+                assert await worker.process_batch(conn, thread) == 0
+
+    with caplog.at_level(logging.ERROR, logger="django_pgnotify.durable"):
+        run(scenario())
+
+    assert receiver.calls == []
+    assert event_row(other_connection) == {
+        "status": "dead",
+        "attempts": 3,  # the claim that gave up was no attempt: nothing was dispatched
+        "handled": [0],
+        "lease_owner": "",
+    }
+    (error,) = other_connection.execute("SELECT last_error FROM pgnotify_event").fetchone()
+    assert error == durable.NEVER_SETTLED
+    assert (worker.stats["dead_letters"], worker.stats["durable_claimed"]) == (2, 0)
+    (logged,) = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage()]
+    assert "after 3 attempt(s) (2 of its 3 changes): never settled" in logged
+    assert durable.backlog().dead == 2

@@ -99,3 +99,18 @@ def test_a_datetime_pk_with_no_utc_value_keeps_its_offset():
 
     assert groups.pk_text(first) == "0001-01-01T00:30:00+01:00"
     assert_valid(groups.row_group("shop.shift", first))
+
+
+def test_a_pk_with_a_lone_surrogate_gets_a_valid_name_and_other_names_are_unchanged():
+    # JSON's "\ud800" escape decodes to a lone surrogate, which UTF-8 cannot encode.
+    name = groups.row_group("shop.tag", "\ud800")
+    assert_valid(name)
+    assert name != groups.row_group("shop.tag", "\udfff")
+    # Hashed names of real text are the SHA-256 of its UTF-8, as they always were.
+    assert groups.row_group("shop.tag", "é") == (
+        "pgnotify.shop.tag.rowh.4a99557e4033c3539de2eb65472017ca"
+    )
+    assert groups.row_group("shop.tag", "a b/c") == (
+        "pgnotify.shop.tag.rowh.539138d518391ec4fc557ce35c37ead2"
+    )
+    assert groups.model_group("café.commande") == "pgnotify.h.43847478a7097ba4994fba64"

@@ -290,6 +290,53 @@ def test_install_with_selectors_that_declare_nothing_fails():
         run("contenttypes")
 
 
+# The modes that also take what a model that stopped declaring left say that too.
+NOR_INSTALLED = " or has triggers or functions of ours there"
+
+EVERY_MODE = [
+    pytest.param(("--sql",), "", id="sql"),
+    pytest.param(("--check",), NOR_INSTALLED, id="check"),
+    pytest.param(("--prune",), NOR_INSTALLED, id="prune"),
+    pytest.param(("--uninstall",), NOR_INSTALLED, id="uninstall"),
+    pytest.param(("--sql", "--prune"), NOR_INSTALLED, id="sql-prune"),
+    pytest.param(("--sql", "--uninstall"), NOR_INSTALLED, id="sql-uninstall"),
+]
+
+
+@pytest.mark.parametrize(("mode", "nor_installed"), EVERY_MODE)
+def test_every_mode_refuses_selectors_that_declare_nothing_naming_them(mode, nor_installed, gone):
+    """A typo'd model or the wrong --database, not a request to do (or check) nothing,
+    as plain install has it. testapp.Gone's leftovers are no selected model's."""
+    before = catalogue()
+
+    with pytest.raises(CommandError) as info:
+        run(*mode, "contenttypes", "testapp.Supplier")
+
+    assert str(info.value) == (
+        "No model in contenttypes testapp.Supplier declares pgnotify for database "
+        f"'default'{nor_installed}."
+    )
+    assert catalogue() == before
+
+
+def test_check_prune_and_uninstall_take_a_model_that_stopped_declaring_while_it_left_triggers():
+    """testapp.Supplier declared once: what it left is theirs to report and drop."""
+    left = install_stray_declaration("Supplier", "default", table="testapp_supplier")
+    out = StringIO()
+
+    with pytest.raises(CommandError, match="1 trigger problem"):
+        call_command("pgnotify_install", "--check", "testapp.Supplier", stdout=out)
+    previewed = run("--sql", "--uninstall", "testapp.Supplier")
+    pruned = run("--prune", "testapp.Supplier")
+
+    assert out.getvalue().startswith(f"unknown: {left.uri} on ")
+    assert f"-- prune {left.uri}\nDROP TRIGGER" in previewed
+    assert f"Pruned {left.uri} on " in pruned
+    assert trigger_names("testapp_supplier") == set()
+    with pytest.raises(CommandError, match=NOR_INSTALLED):
+        run("--uninstall", "testapp.Supplier")
+
+
 # Durable declarations need the event table their trigger writes to
 
 
@@ -386,9 +433,13 @@ def test_the_event_table_dropped_by_hand_is_not_migrate_django_pgnotifys_to_crea
     assert state.status == NO_EVENT_TABLE
     assert "though django_pgnotify's migrations are recorded as applied there" in state.detail
     assert (
-        "run manage.py migrate django_pgnotify zero --fake --database default, then "
-        "manage.py migrate django_pgnotify --database default to create it again"
+        "create it again with their SQL, which leaves the records of migrations alone: "
+        "run manage.py sqlmigrate django_pgnotify 0001_initial --database default | "
+        "manage.py dbshell --database default, then the same for 0002_durableevent_layout, "
+        "0003_durableevent_payload_text and 0004_durableevent_size_handled; then "
+        "manage.py pgnotify_install --database default"
     ) in state.detail
+    assert "zero --fake" not in state.detail
 
 
 def test_an_event_table_off_the_search_path_keeps_the_durable_triggers_that_writers_use(caplog):

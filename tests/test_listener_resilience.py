@@ -296,6 +296,34 @@ def test_a_full_local_queue_applies_backpressure_with_one_warning(
     assert full[0].levelno == logging.WARNING
 
 
+def test_the_worker_never_reads_more_at_a_time_than_queue_size(
+    transactional_db, other_connection, settings
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "QUEUE_SIZE": 5}
+    held: list[tuple[int, int]] = []
+    with capture_row_changes("testapp.Tag") as changes:
+        listener = changes.listener
+        send_batch = listener._send_batch
+
+        def measured(batch):
+            held.append((len(batch), len(listener._pending)))
+            return send_batch(batch)
+
+        listener._send_batch = measured
+        with other_connection.pipeline():  # quicker than the receivers: the worker reads on
+            for i in range(2000):
+                other_connection.execute(
+                    "INSERT INTO testapp_tag (name, colour) VALUES (%s, 'red')", [f"t{i}"]
+                )
+        events = changes.wait(2000, timeout=30)
+
+    assert [e.pk for e in events] == [f"t{i}" for i in range(2000)]
+    # A batch is taken from the local queue, so at most QUEUE_SIZE; the queue refills
+    # (only while a receiver is slow) up to QUEUE_SIZE again.
+    assert max(size for size, _ in held) <= 5
+    assert max(queued for _, queued in held) <= 5
+
+
 def test_worker_and_event_loop_take_turns_reading_and_commit_order_holds(
     transactional_db, monkeypatch
 ):
@@ -728,6 +756,19 @@ def test_ignore_own_changes_skips_this_process_writes_only(transactional_db, oth
     assert [e.pk for e in changes] == ["theirs"]
     assert event.pid == other_connection.info.backend_pid
     assert changes.stats["own_changes"] == 1
+
+
+def test_own_changes_are_counted_in_changes_as_dispatched_ones_are(
+    transactional_db, other_connection
+):
+    Order.objects.create()  # opens the connection first
+    with capture_row_changes("testapp", ignore_own_changes=True) as changes:
+        Order.objects.bulk_create([Order() for _ in range(10)])  # one notification of 10 rows
+        other_connection.execute("INSERT INTO testapp_tag (name, colour) VALUES ('theirs', 'red')")
+        changes.wait_for(lambda e: e.pk == "theirs")
+
+    assert [e.pk for e in changes] == ["theirs"]
+    assert changes.stats["own_changes"] == 10
 
 
 def test_own_changes_are_delivered_by_default(row_changes):
@@ -1377,3 +1418,33 @@ def test_a_dispatch_ended_by_cancelled_error_stops_the_listener_loudly(transacti
     assert [str(e) for e in failures] == [
         "pgnotify: dispatching ended: a receiver raised CancelledError"
     ]
+
+
+def test_a_listener_whose_durable_processing_ends_ends_with_its_error(transactional_db):
+    """Its task ended, durable events would pile up unseen: the listener ends, loudly,
+    for its supervisor to start it again (as when dispatching ends)."""
+    listener = Listener(get_declarations(["durableapp"]))
+    assert listener.durable is not None
+
+    async def failing(stop, executor):
+        raise RuntimeError("a bug in durable processing")
+
+    listener.durable.run = failing  # type: ignore[method-assign]
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            listener.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        thread.join(10)
+        assert not thread.is_alive(), "the listener went on without durable processing"
+    finally:
+        listener.stop()
+        thread.join(10)
+
+    assert [str(e) for e in failures] == ["a bug in durable processing"]

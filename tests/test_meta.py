@@ -19,6 +19,7 @@ from tests.testapp.models import (
     Article,
     Customer,
     Legacy,
+    Logbook,
     Measurement,
     Order,
     OrderProxy,
@@ -151,6 +152,7 @@ def test_selecting_an_app_gives_the_declarations_of_its_models():
         Shift,
         Price,
         Measurement,
+        Logbook,
     }
 
 

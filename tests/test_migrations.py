@@ -308,8 +308,9 @@ def test_an_event_table_dropped_by_hand_comes_back_as_the_advice_says(empty_data
 
     assert check.returncode == 1
     assert (
-        "run manage.py migrate django_pgnotify zero --fake --database default, then "
-        "manage.py migrate django_pgnotify --database default to create it again"
+        "create it again with their SQL, which leaves the records of migrations alone: "
+        "run manage.py sqlmigrate django_pgnotify 0001_initial --database default | "
+        "manage.py dbshell --database default, then the same for "
     ) in check.stdout
     assert "No migrations to apply." in plain.stdout
     assert faked.returncode == 0, faked.stderr

@@ -10,7 +10,7 @@ import pytest
 from django.db import connections
 
 from django_pgnotify import own_changes
-from django_pgnotify.own_changes import CLOSED_GRACE, is_own_pid
+from django_pgnotify.own_changes import CLOSED_GRACE, OPENED_MARGIN, is_own_pid, is_own_write
 
 
 @pytest.fixture
@@ -82,3 +82,18 @@ def test_the_registry_holds_open_connections_and_recent_closes_only(clock, wrapp
     assert not set(own_changes._pids) & set(pids)
     assert set(own_changes._closed) & set(pids) <= recent
     assert not any(is_own_pid(pid) for pid in set(pids) - recent)
+
+
+def test_an_old_change_counts_as_own_only_if_written_once_its_pid_was_ours(clock, wrapper):
+    """A durable event may wait for hours: its writer's PID may be ours since."""
+    opened = clock.value
+    pid = open_pid(wrapper)
+    clock.value += 60
+
+    assert is_own_write(pid, opened + 30)
+    assert is_own_write(pid, opened - OPENED_MARGIN / 2)  # within a round trip's doubt
+    assert not is_own_write(pid, opened - 3600)  # by the session that had the PID before
+
+    wrapper.close()
+    clock.value += CLOSED_GRACE
+    assert not is_own_write(pid, opened + 30)  # the PID may be another client's by now

@@ -1,4 +1,6 @@
+import codecs
 import uuid
+from zoneinfo import ZoneInfo
 
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
@@ -153,3 +155,71 @@ class Measurement(models.Model):
 
     class Meta:
         pgnotify = Notify(fields=["readings", "grid", "label"])
+
+
+class Unsealed(Exception):
+    """What ``SealedTextField`` raises for a stored value it did not seal (as a
+    decryption library raises an error of its own, not a ``ValueError``)."""
+
+
+class SealedTextField(models.TextField):
+    """Stores its text sealed, as an encrypting field would (ROT13 behind a prefix):
+    ``from_db_value`` opens it, and refuses a stored value that is not sealed."""
+
+    SEAL = "sealed:"
+
+    def get_prep_value(self, value):
+        value = super().get_prep_value(value)
+        return None if value is None else self.SEAL + codecs.encode(value, "rot13")
+
+    def from_db_value(self, value, expression, connection):
+        if value is None:
+            return None
+        if not value.startswith(self.SEAL):
+            raise Unsealed(f"{value!r} was not sealed")
+        return codecs.decode(value[len(self.SEAL) :], "rot13")
+
+
+class CommaSeparatedField(models.TextField):
+    """A list of words stored as one comma-separated text; NULL reads as no words."""
+
+    def get_prep_value(self, value):
+        return None if value is None else ",".join(value)
+
+    def from_db_value(self, value, expression, connection):
+        return [] if value is None else value.split(",")
+
+    def to_python(self, value):
+        return value.split(",") if isinstance(value, str) else value
+
+
+class WallClockDateTimeField(models.DateTimeField):
+    """Reads its instants as Berlin wall-clock time: ``from_db_value`` is given the
+    ``datetime`` the database adapter makes, not text."""
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else value.astimezone(ZoneInfo("Europe/Berlin"))
+
+
+class Logbook(models.Model):
+    """Arrays of the types whose JSON rendering depends on the writer's session
+    (timestamptz, interval, bytea) and of other types the ORM reads into Python
+    objects, in one and two dimensions; and fields whose ``from_db_value``
+    changes what is stored."""
+
+    moments = ArrayField(models.DateTimeField(null=True), default=list)
+    shifts = ArrayField(ArrayField(models.DateTimeField(null=True)), null=True)
+    days = ArrayField(models.DateField(null=True), default=list)
+    times = ArrayField(models.TimeField(null=True), default=list)
+    spans = ArrayField(ArrayField(models.DurationField(null=True)), null=True)
+    tokens = ArrayField(models.UUIDField(null=True), default=list)
+    blobs = ArrayField(models.BinaryField(null=True), default=list)
+    ratios = ArrayField(models.FloatField(null=True), default=list)
+    names = ArrayField(models.CharField(max_length=20, null=True), default=list)
+    secret = SealedTextField(null=True)
+    secrets = ArrayField(SealedTextField(null=True), default=list)
+    tags = CommaSeparatedField(null=True)
+    seen_at = WallClockDateTimeField(null=True)
+
+    class Meta:
+        pgnotify = Notify(fields="__all__")

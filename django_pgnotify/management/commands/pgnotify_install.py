@@ -67,6 +67,10 @@ class Command(BaseCommand):
                 "django-pgnotify needs PostgreSQL."
             )
         try:
+            # Checking reports, and --prune and --uninstall drop, what models that
+            # stopped declaring left: a selector of theirs is no mistake.
+            leftovers = options["check"] or options["prune"] or options["uninstall"]
+            installation.require_declarations(selectors, [using], or_installed=leftovers)
             if options["sql"]:
                 self.print_sql(selectors, using, options)
             elif options["check"]:
@@ -74,8 +78,6 @@ class Command(BaseCommand):
             elif options["uninstall"]:
                 self.report(installation.uninstall_triggers(selectors, using), "Removed")
             else:
-                if not options["prune"]:  # --prune cleans up after models that stopped declaring
-                    installation.require_declarations(selectors, [using])
                 self.report(installation.install_triggers(selectors, using), "Installed")
                 if options["prune"]:
                     self.report(installation.prune_triggers(selectors, using), "Pruned")
@@ -100,6 +102,8 @@ class Command(BaseCommand):
                     self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
                 elif state.uninstall_sql:
                     self.stdout.write(f"-- remove {state.uri}\n{state.uninstall_sql}\n")
+                if state.kept:
+                    self.stdout.write(f"-- {state.uri}: {state.kept_detail}.\n")
             return
         changes = installation.install_plan(selectors, using, awaiting_migrate=True)
         awaiting = (installation.NO_TABLE, installation.NO_EVENT_TABLE)
@@ -178,10 +182,16 @@ class Command(BaseCommand):
 
     def report(self, states: list[installation.TriggerState], verb: str) -> None:
         installed_words = {installation.OUTDATED: "Updated", installation.UNKNOWN: "Removed"}
+        changed = False
         for state in states:
-            word = installed_words.get(state.status, verb) if verb == "Installed" else verb
-            self.stdout.write(self.style.SUCCESS(f"{word} {state.uri} on {state.table}"))
-        if not states and self.verbosity >= 1:
+            if verb != "Removed" or state.uninstall_sql:  # else uninstall left it all
+                word = installed_words.get(state.status, verb) if verb == "Installed" else verb
+                self.stdout.write(self.style.SUCCESS(f"{word} {state.uri} on {state.table}"))
+                changed = True
+            if verb == "Removed" and state.kept:
+                detail = state.kept_detail
+                self.stdout.write(self.style.WARNING(f"{detail[0].upper()}{detail[1:]}."))
+        if not changed and self.verbosity >= 1:
             nothing = {
                 "Installed": "All triggers are up to date.",
                 "Pruned": "Nothing to prune.",

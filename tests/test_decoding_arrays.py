@@ -1,0 +1,307 @@
+"""Arrays, and fields with a ``from_db_value`` of their own, arrive as the ORM reads them.
+
+``Logbook`` declares every field: arrays of types whose JSON rendering depends on
+the writing session's settings (``timestamptz`` on ``TimeZone``, ``interval`` on
+``IntervalStyle``, ``bytea`` on ``bytea_output``) and of other types the ORM reads
+into Python objects, and custom fields whose ``from_db_value`` changes what is
+stored. Rows are written through the ORM, in sessions of various settings, and
+a real listener in this process (the ``changes`` fixture) receives what the
+triggers send; each event's values must be what ``Logbook.objects.get()`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.db import connection, transaction
+from psycopg import sql
+
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.decoding import Decoder
+from tests.conftest import install_redeclared
+from tests.testapp.models import Logbook
+
+UTC = timezone.utc
+# Instants around daylight saving changes, and one of 1890, when Kolkata, New York
+# and Chatham kept local mean time: offsets with seconds (+05:53:28, -04:56:02...).
+DST_START = datetime(2025, 3, 30, 0, 59, 59, 123456, tzinfo=UTC)
+DST_END = datetime(2025, 11, 2, 6, 30, 0, 1, tzinfo=UTC)
+MEAN_TIME = datetime(1890, 6, 1, 12, 0, 0, 500000, tzinfo=UTC)
+
+# (TimeZone, IntervalStyle, bytea_output) of the writing session.
+SESSIONS = [
+    ("UTC", "postgres", "hex"),
+    ("America/New_York", "postgres_verbose", "escape"),
+    ("Asia/Kolkata", "sql_standard", "escape"),
+    ("Pacific/Chatham", "iso_8601", "hex"),
+]
+
+
+def logbook_values(i: int = 0) -> dict[str, Any]:
+    """Values of every field of a ``Logbook``, NULL elements and 2-D arrays among
+    them; ``i`` varies them."""
+    micro = timedelta(microseconds=i)
+    return {
+        "moments": [DST_START + micro, None, MEAN_TIME, DST_END],
+        "shifts": [[DST_START, None], [MEAN_TIME - micro, DST_END]],
+        "days": [date(2025, 3, 30), None, date(1, 1, 1)],
+        "times": [time(23, 59, 58, 999999), None, time(0, 0, 0, i)],
+        "spans": [
+            [timedelta(days=2, seconds=3, microseconds=7) + micro, None],
+            [-timedelta(microseconds=1), timedelta(days=-1, hours=2, microseconds=500)],
+            [timedelta(days=-3, hours=-4, minutes=-5), timedelta(hours=1000, seconds=0.5)],
+        ],
+        "tokens": [uuid.UUID(int=i + 1), None],
+        # Escape format writes b"cafe" as cafe, which a reader of hex would misread.
+        "blobs": [b"\x00\xff\x01", b"\\x", b"", None, b"cafe", bytes(range(256))],
+        "ratios": [0.1, 1.0, None, -2.5e-300, math.inf, 1 / 3 + i],
+        "names": ["a", None, 'é "quoted" \\ [x]'],
+        "secret": f"top secret {i}",
+        "secrets": ["one", None, "two"],
+        "tags": ["red", "green"],
+        "seen_at": DST_START,
+    }
+
+
+EMPTY = {
+    "moments": [],
+    "shifts": None,
+    "days": [],
+    "times": [],
+    "spans": [],
+    "tokens": [],
+    "blobs": [],
+    "ratios": [],
+    "names": [],
+    "secret": None,
+    "secrets": [],
+    "tags": None,
+    "seen_at": None,
+}
+
+
+def as_the_orm_reads(*pks: Any) -> dict[Any, dict[str, Any]]:
+    """Each row's declared values as ``Logbook.objects.get()`` gives them, by pk."""
+    fields = [f for f in Logbook._meta.concrete_fields if not f.primary_key]
+    return {
+        row.pk: {f.attname: getattr(row, f.attname) for f in fields}
+        for row in Logbook.objects.filter(pk__in=pks)
+    }
+
+
+@contextmanager
+def writers_session(timezone: str, interval_style: str, bytea_output: str) -> Iterator[None]:
+    """Run the block in one transaction whose session settings are these."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        for name, value in [
+            ("TimeZone", timezone),
+            ("IntervalStyle", interval_style),
+            ("bytea_output", bytea_output),
+        ]:
+            cursor.execute("SELECT set_config(%s, %s, true)", [name, value])
+        yield
+
+
+@pytest.fixture(params=["statement", "row"])
+def level(request, restore_triggers) -> str:
+    """Logbook's triggers at the level of the parameter."""
+    (declaration,) = get_declarations(["testapp.Logbook"])
+    install_redeclared(declaration, level=request.param)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "session", SESSIONS, ids=[f"{zone}-{style}-{output}" for zone, style, output in SESSIONS]
+)
+def test_arrays_arrive_as_the_orm_reads_them_whatever_the_writers_session_settings(
+    changes, level, session
+):
+    with writers_session(*session):
+        first = Logbook.objects.create(**logbook_values(0)).pk
+        # More rows than the statement trigger's short path takes.
+        more = Logbook.objects.bulk_create([Logbook(**logbook_values(i)) for i in range(1, 25)])
+    pks = [first, *(m.pk for m in more)]
+    stored = as_the_orm_reads(*pks)
+
+    events = changes.wait(25)
+
+    assert sorted(e.pk for e in events) == sorted(pks)
+    # What was written, as the ORM reads it back: the comparison below means something.
+    assert stored[first] == logbook_values(0)
+    for event in events:
+        assert not event.truncated
+        # repr() tells an aware UTC datetime from one in another zone, 1.0 from 1,
+        # and bytes from str.
+        assert repr(event.fields) == repr(stored[event.pk])
+
+
+@pytest.mark.parametrize(
+    "session", SESSIONS[1:3], ids=[f"{zone}-{style}" for zone, style, _ in SESSIONS[1:3]]
+)
+def test_an_update_of_arrays_has_new_and_old_values_as_the_orm_reads_them(changes, level, session):
+    pk = Logbook.objects.create(**logbook_values(0)).pk
+    changes.wait(1)
+    changes.clear()
+    before = as_the_orm_reads(pk)[pk]
+
+    with writers_session(*session):
+        Logbook.objects.filter(pk=pk).update(**logbook_values(1))
+    after = as_the_orm_reads(pk)[pk]
+
+    (event,) = changes.wait(1)
+    assert event.action == "update"
+    assert repr(event.fields) == repr(after)
+    assert repr(event.old) == repr(before)
+    assert event.changed == {"moments", "shifts", "times", "spans", "tokens", "ratios", "secret"}
+
+
+def test_empty_and_null_arrays_and_nulls_of_custom_fields_arrive_as_the_orm_reads_them(
+    changes,
+):
+    pk = Logbook.objects.create(**EMPTY).pk
+    stored = as_the_orm_reads(pk)[pk]
+
+    (event,) = changes.wait(1)
+
+    assert stored["tags"] == []  # NULL, which from_db_value reads as no words
+    assert repr(event.fields) == repr(stored)
+
+
+def test_custom_fields_arrive_as_their_from_db_value_makes_them(changes):
+    pk = Logbook.objects.create(**logbook_values(0)).pk
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT secret, secrets, tags FROM testapp_logbook WHERE id = %s", [pk])
+        secret, secrets, tags = cursor.fetchone()
+
+    (event,) = changes.wait(1)
+
+    assert (secret, secrets, tags) == (
+        "sealed:gbc frperg 0",
+        ["sealed:bar", None, "sealed:gjb"],
+        "red,green",
+    )
+    assert event.fields["secret"] == "top secret 0"
+    assert event.fields["secrets"] == ["one", None, "two"]
+    assert event.fields["tags"] == ["red", "green"]
+    # Given the datetime the database adapter makes, it returns Berlin time.
+    assert repr(event.fields["seen_at"]) == repr(DST_START.astimezone(ZoneInfo("Europe/Berlin")))
+
+
+def test_a_from_db_value_that_raises_passes_the_value_on_as_sent_and_warns_once(changes, caplog):
+    pk = Logbook.objects.create(**logbook_values(0)).pk
+    changes.wait(1)
+    changes.clear()
+    unsealed = "UPDATE testapp_logbook SET secret = %s, secrets = %s WHERE id = %s"
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        with connection.cursor() as cursor:
+            cursor.execute(unsealed, ["written by hand", ["sealed:bar", "by hand"], pk])
+        with connection.cursor() as cursor:
+            cursor.execute(unsealed, ["again by hand", ["sealed:gjb"], pk])
+        first, second = changes.wait(2)
+
+    assert first.fields["secret"] == "written by hand"
+    assert first.fields["secrets"] == ["sealed:bar", "by hand"]  # as sent: one did not open
+    assert first.old["secret"] == "top secret 0"
+    assert first.fields["moments"] == logbook_values(0)["moments"]  # the rest converted
+    assert second.fields["secret"] == "again by hand"
+    assert second.fields["secrets"] == ["two"]
+    assert second.old["secret"] == "written by hand"
+    assert changes.stats["undecodable"] == 0  # no event was lost
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages  # once per column
+    secret, secrets = sorted(messages, key=lambda m: "secrets" in m)
+    for message, column, converter in [
+        (secret, "secret", "SealedTextField.from_db_value"),
+        (secrets, "secrets", "ArrayField._from_db_value"),
+    ]:
+        assert f"testapp.Logbook.{column} value" in message
+        assert f"({converter} raised Unsealed: " in message
+        assert "passing it on as sent" in message
+    assert "'written by hand' was not sealed" in secret
+    assert "'by hand' was not sealed" in secrets
+
+
+# Decoded from PostgreSQL's own renderings, without a listener
+
+
+INTERVALS = [
+    "0",
+    "1 day",
+    "-1 day",
+    "1 day -2 hours",
+    "-1 day +2 hours",
+    "1 year 2 mons",
+    "-1 year -2 mons",
+    "1 year -2 mons",
+    "1 year 2 mons 3 days 04:05:06.789",
+    "-1 year -2 mons -3 days -04:05:06.789",
+    "-13 mons 1 day -00:00:01",
+    "1 mon -1 day 1 second",
+    "-0.5 seconds",
+    "0.000001 seconds",
+    "-0.000001 seconds",
+    "1000000 hours 1 second",
+    "-1 minute 1 second",
+    "1 minute -1 second",
+    "-2 days -00:00:00.5",
+    "3 days 1 second",
+    "12 mons",
+    "-1 year",
+    "59.999999 seconds",
+]
+
+
+@pytest.mark.parametrize("style", ["postgres", "postgres_verbose", "sql_standard", "iso_8601"])
+def test_interval_arrays_in_every_interval_style_decode_as_the_orm_reads_them(
+    other_connection, style
+):
+    other_connection.execute("SET IntervalStyle = postgres")
+    with other_connection.transaction():
+        other_connection.execute(
+            "CREATE TEMP TABLE spans ON COMMIT DROP AS SELECT %s::text[]::interval[] AS spans",
+            [INTERVALS],
+        )
+        # As psycopg reads them for the ORM, which needs the postgres style.
+        (expected,) = other_connection.execute("SELECT spans FROM spans").fetchone()
+        other_connection.execute("SELECT set_config('IntervalStyle', %s, true)", [style])
+        (rendered,) = other_connection.execute("SELECT to_json(spans)::text FROM spans").fetchone()
+
+    (change,) = Decoder([Logbook]).decode(logbook_message(spans=json.loads(rendered)))
+
+    assert change.fields["spans"] == expected
+
+
+@pytest.mark.parametrize("output", ["hex", "escape"])
+def test_bytea_arrays_in_either_bytea_output_decode_as_the_orm_reads_them(other_connection, output):
+    blobs = [b"\\x00", b"\\\\x", b"", b"\\", b"cafe", bytes(range(256)), None]
+    other_connection.execute(sql.SQL("SET bytea_output = {}").format(sql.Literal(output)))
+    (rendered,) = other_connection.execute("SELECT to_json(%s::bytea[])::text", [blobs]).fetchone()
+
+    (change,) = Decoder([Logbook]).decode(logbook_message(blobs=json.loads(rendered)))
+
+    assert change.fields["blobs"] == blobs
+
+
+def logbook_message(**values: Any) -> str:
+    """A version 2 insert of one ``Logbook`` row carrying ``values`` (by column)."""
+    return json.dumps(
+        {
+            "v": 2,
+            "model": "testapp.logbook",
+            "action": "insert",
+            "xid": 7,
+            "ts": 1.5,
+            "fields": list(values),
+            "rows": [[1, *values.values()]],
+        }
+    )
