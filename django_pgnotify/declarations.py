@@ -389,9 +389,7 @@ def _declared_by_an_abstract_ancestor(model: type[models.Model]) -> bool:
 def _column(field: models.Field) -> Column:
     # A foreign key column holds the value of the field it points to, and the
     # trigger renders it by that type (a timestamptz pk must be sent in UTC).
-    stored = field
-    while stored.is_relation and getattr(stored, "target_field", None) is not None:
-        stored = stored.target_field  # type: ignore[attr-defined]  # a relation's field
+    stored = stored_field(field)
     return Column(
         field=field.name,
         column=field.column,  # type: ignore[arg-type]
@@ -401,15 +399,29 @@ def _column(field: models.Field) -> Column:
     )
 
 
+def stored_field(field: models.Field) -> models.Field:
+    """The field whose type the column has: for a relation, the field it points to.
+    The trigger renders and the decoder reads a foreign key's column by it."""
+    while field.is_relation and getattr(field, "target_field", None) is not None:
+        field = field.target_field  # type: ignore[attr-defined]  # a relation's field
+    return field
+
+
+def innermost_field(field: models.Field) -> tuple[models.Field, int]:
+    """An array field's innermost base field and how many ``ArrayField`` levels
+    hold it (``ArrayField`` nests); the field itself and 0 if not an array."""
+    depth = 0
+    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
+        field, depth = field.base_field, depth + 1
+    return field, depth
+
+
 def element_type(field: models.Field) -> str | None:
-    """The internal type of an array field's innermost elements (``ArrayField``
-    nests); ``None`` if not an array. The trigger renders and the decoder reads
-    the column by it."""
+    """The internal type of an array field's innermost elements; ``None`` if not
+    an array. The trigger renders the column by it."""
     if field.get_internal_type() != "ArrayField":
         return None
-    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
-        field = field.base_field
-    return field.get_internal_type()
+    return innermost_field(field)[0].get_internal_type()
 
 
 def _comparable(field: models.Field) -> bool:

@@ -26,6 +26,7 @@ from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
 
 from . import wire
+from .declarations import innermost_field, stored_field
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -336,7 +337,7 @@ def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Convert
         field: A concrete field of a model.
         using: The database alias the payloads come from (the listener's).
     """
-    stored = _stored_field(field)
+    stored = stored_field(field)
     if not (hasattr(field, "from_db_value") or hasattr(stored, "from_db_value")):
         return _typed(stored)
     # The column as the ORM selects it: for a foreign key, the field it points to
@@ -346,13 +347,6 @@ def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Convert
     if not converters or _typed_as_the_orm_reads(stored, converters):
         return _typed(stored)
     return _DatabaseConverters(_adapted(stored), converters, expression, using)
-
-
-def _stored_field(field: models.Field) -> models.Field:
-    """The field whose type the column has: for a relation, the field it points to."""
-    while field.is_relation and getattr(field, "target_field", None) is not None:
-        field = field.target_field  # type: ignore[attr-defined]  # a relation's field
-    return field
 
 
 def _typed(field: models.Field) -> Converter:
@@ -370,17 +364,9 @@ def _typed(field: models.Field) -> Converter:
 
 
 def _array_converter(field: models.Field) -> Converter:
-    element, _ = _innermost(field)
+    element, _ = innermost_field(field)
     convert = _ELEMENT_CONVERTERS.get(element.get_internal_type(), _same)
     return _same if convert in _AS_SENT else _elements(convert)
-
-
-def _innermost(field: models.Field) -> tuple[models.Field, int]:
-    """An array field's innermost base field, and how many ``ArrayField`` levels hold it."""
-    depth = 0
-    while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
-        field, depth = field.base_field, depth + 1
-    return field, depth
 
 
 def _elements(convert: Converter) -> Converter:
@@ -414,7 +400,7 @@ def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
     """Whether ``_typed`` gives what ``converters`` would: those of ``JSONField``
     itself, which ``_json_converter`` applies, and of an array of it without a
     decoder, whose elements JSON embeds as the ORM would read them."""
-    element, depth = _innermost(field)
+    element, depth = innermost_field(field)
     if len(converters) != 1 or not isinstance(element, models.JSONField):
         return False
     if type(element).from_db_value is not models.JSONField.from_db_value:
@@ -439,7 +425,7 @@ def _adapted(field: models.Field) -> Converter:
     if internal == "JSONField":
         return _same
     if internal == "ArrayField":
-        element, depth = _innermost(field)
+        element, depth = innermost_field(field)
         if element.get_internal_type() == "JSONField":
             return _json_texts(depth)
         return _array_converter(field)

@@ -68,6 +68,20 @@ def terminate(conn: psycopg.Connection, pid: int) -> None:
 # Backoff
 
 
+def listener_thread(listener: Listener) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread (not started) that runs ``listener``, and the list it puts what
+    ``run()`` raised in."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            listener.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    return threading.Thread(target=run, daemon=True), failures
+
+
 def test_backoff_doubles_with_jitter_up_to_its_cap():
     backoff = Backoff(0.5, 4.0)
 
@@ -1394,16 +1408,8 @@ def test_a_dispatch_ended_by_cancelled_error_stops_the_listener_loudly(transacti
         pass
 
     listener = Listener(get_declarations(["testapp.Order"]), dispatcher=CancelledDispatcher())
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            listener.run()
-        except BaseException as exc:
-            failures.append(exc)
-
     row_changed.connect(receiver, sender=Order, weak=False)
-    thread = threading.Thread(target=run, daemon=True)
+    thread, failures = listener_thread(listener)
     try:
         thread.start()
         assert listener.ready.wait(10), "the listener did not start"
@@ -1430,15 +1436,7 @@ def test_a_listener_whose_durable_processing_ends_ends_with_its_error(transactio
         raise RuntimeError("a bug in durable processing")
 
     listener.durable.run = failing  # type: ignore[method-assign]
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            listener.run()
-        except BaseException as exc:
-            failures.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
+    thread, failures = listener_thread(listener)
     thread.start()
     try:
         thread.join(10)
