@@ -83,6 +83,16 @@ SELECT to_regclass(%s) IS NOT NULL, current_setting('search_path'),
              WHERE c.relname = %s ORDER BY 1)
 """
 
+# Which of the event table's columns (``%s``, a text array) the table (``%s``)
+# lacks: after an upgrade, before migrate has added those of a new migration.
+_MISSING_COLUMNS = """
+SELECT ARRAY(SELECT c FROM unnest(%s::text[]) WITH ORDINALITY AS u(c, i)
+             WHERE NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = to_regclass(%s) AND a.attname = c
+                                 AND a.attnum > 0 AND NOT a.attisdropped)
+             ORDER BY i)
+"""
+
 # Written after the reason a durable declaration has no event table when its
 # installed triggers write to it: they fail every write to the table.
 _FAILING_WRITES = "; until then, its installed triggers make every write to the table fail"
@@ -813,9 +823,9 @@ def _event_table_problem(cursor) -> _EventTableProblem | None:
     name = wire.EVENT_TABLE
     cursor.execute(_EVENT_TABLE, [sql.Identifier(name).as_string(None), name])
     visible, search_path, schemas = cursor.fetchone()
-    if visible:
-        return None
     using = cursor.db.alias
+    if visible:
+        return _missing_columns(cursor, using)
     if schemas:
         names = ", ".join(_qualified((schema,)) for schema in schemas)
         return _EventTableProblem(
@@ -849,6 +859,31 @@ def _event_table_problem(cursor) -> _EventTableProblem | None:
         f'durable declarations write to table "{name}", which is not in database '
         f"{using!r}: run manage.py migrate django_pgnotify --database {using} to create it",
         gone=True,
+    )
+
+
+def _missing_columns(cursor, using: str) -> _EventTableProblem | None:
+    """The problem of an event table that lacks columns this version writes or reads.
+
+    django_pgnotify upgraded, and ``pgnotify_install`` (or a ``migrate`` of
+    another app) run before ``migrate django_pgnotify``: the new triggers
+    would fail every write to their tables, and the listener every claim.
+    The installed triggers, of the version the table is from, still work.
+    """
+    from .models import DurableEvent
+
+    columns = [f.column for f in DurableEvent._meta.concrete_fields]
+    cursor.execute(_MISSING_COLUMNS, [columns, sql.Identifier(wire.EVENT_TABLE).as_string(None)])
+    (missing,) = cursor.fetchone()
+    if not missing:
+        return None
+    names = ", ".join(f'"{column}"' for column in missing)
+    return _EventTableProblem(
+        f'table "{wire.EVENT_TABLE}" of database {using!r} lacks column'
+        f"{'s' if len(missing) > 1 else ''} {names} of django_pgnotify's latest migrations, "
+        "which durable declarations use: run manage.py migrate django_pgnotify "
+        f"--database {using}; triggers already installed are left as they are",
+        gone=False,
     )
 
 

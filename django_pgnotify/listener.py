@@ -225,8 +225,11 @@ class Listener:
         executor = ThreadPoolExecutor(1, thread_name_prefix="pgnotify-dispatch")
         dispatching = asyncio.ensure_future(self._dispatch_loop(executor))
         durable = asyncio.ensure_future(self._durable_loop(executor))
-        # Either ending before a stop is a bug: the listener ends with its error.
+        # Either ending before a stop is a bug: the listener ends with its error, at
+        # once (not after a reconnect delay it may be waiting out).
         self._workers = (dispatching, durable) if self.durable is not None else (dispatching,)
+        for worker in self._workers:
+            worker.add_done_callback(lambda _: self._wake_all())
         try:
             await self._connect_loop()
         finally:

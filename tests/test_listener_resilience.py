@@ -1446,3 +1446,41 @@ def test_a_listener_whose_durable_processing_ends_ends_with_its_error(transactio
         thread.join(10)
 
     assert [str(e) for e in failures] == ["a bug in durable processing"]
+
+
+@override_settings(PGNOTIFY={"RECONNECT_DELAY_MIN": 60, "RECONNECT_DELAY_MAX": 60})
+def test_a_listener_waiting_to_reconnect_ends_as_soon_as_durable_processing_ends(
+    other_connection,
+):
+    """Not after the reconnect delay (30 to 60 s here) it is waiting out."""
+    listener = Listener(get_declarations(["durableapp"]))
+    assert listener.durable is not None
+    connect = listener._open
+    reconnecting = threading.Event()
+
+    async def first_connect_only():
+        if listener.ready.is_set():
+            reconnecting.set()
+            raise psycopg.OperationalError("connection refused")
+        return await connect()
+
+    async def failing(stop, executor):
+        while not reconnecting.is_set():
+            await asyncio.sleep(0.01)
+        raise RuntimeError("a bug in durable processing")
+
+    listener._open = first_connect_only  # type: ignore[method-assign]
+    listener.durable.run = failing  # type: ignore[method-assign]
+    thread, failures = listener_thread(listener)
+    thread.start()
+    try:
+        assert listener.ready.wait(10), "the listener did not start"
+        other_connection.execute("SELECT pg_terminate_backend(%s)", [listener.health.backend_pid])
+        assert reconnecting.wait(10), "the listener did not try to reconnect"
+        thread.join(10)
+        assert not thread.is_alive(), "the listener waited out its reconnect delay"
+    finally:
+        listener.stop()
+        thread.join(10)
+
+    assert [str(e) for e in failures] == ["a bug in durable processing"]

@@ -283,14 +283,50 @@ def test_migrating_a_durable_app_before_django_pgnotify_installs_its_triggers_on
     # At startup, as for a missing table: the durable worker would wait on it for ever.
     assert listen.returncode == 1
     assert (
-        "Durable declaration(s) durableapp.Job:default have no event table in database "
-        "'default': durable declarations write to table \"pgnotify_event\""
+        "Durable declaration(s) durableapp.Job:default cannot use the event table of "
+        "database 'default': durable declarations write to table \"pgnotify_event\""
     ) in listen.stderr
     assert "Traceback" not in listen.stderr
     assert everything.returncode == 0, everything.stderr
     assert events == (1,)
     final = run_manage("pgnotify_install", "--check", "durableapp", env=env)
     assert final.returncode == 0, final.stdout + final.stderr
+
+
+def test_an_event_table_behind_this_versions_migrations_gets_no_triggers_that_need_them(
+    empty_database_url,
+):
+    """django_pgnotify upgraded, another app migrated or pgnotify_install run before
+    migrate django_pgnotify: triggers writing the new columns would fail every write."""
+    env = django_env(DATABASE_URL=empty_database_url)
+    insert = "INSERT INTO durableapp_job (name, body, n) VALUES ('written', '', 0)"
+
+    behind = run_manage("migrate", "django_pgnotify", "0003", env=env)
+    alone = run_manage("migrate", "durableapp", env=env)
+    install = run_manage("pgnotify_install", "durableapp", env=env)
+    listen = run_manage("pgnotify_listen", "durableapp", env=env, timeout=30)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute(insert)  # nothing of ours is in its way
+
+        everything = run_manage("migrate", env=env)
+        conn.execute(insert)
+        events = conn.execute("SELECT count(*) FROM pgnotify_event").fetchone()
+
+    assert behind.returncode == 0, behind.stderr
+    assert alone.returncode == 0, alone.stderr
+    lacks = (
+        'table "pgnotify_event" of database \'default\' lacks columns "size", "handled" of '
+        "django_pgnotify's latest migrations, which durable declarations use: run manage.py "
+        "migrate django_pgnotify --database default"
+    )
+    assert lacks in alone.stderr
+    assert install.returncode == 1
+    assert lacks in install.stderr
+    assert listen.returncode == 1
+    assert lacks in listen.stderr
+    assert "Traceback" not in listen.stderr
+    assert everything.returncode == 0, everything.stderr
+    assert events == (1,)
 
 
 def test_an_event_table_dropped_by_hand_comes_back_as_the_advice_says(empty_database_url):

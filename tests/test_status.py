@@ -97,13 +97,16 @@ def test_status_exits_1_and_names_a_missing_trigger(listener_process, restore_tr
 
 
 def test_status_reports_a_query_that_fails_for_what_it_is_and_keeps_the_rest(other_connection):
-    # As before django_pgnotify's migration that adds the column the backlog reads.
-    other_connection.execute("ALTER TABLE pgnotify_event RENAME COLUMN handled TO handled_later")
+    # A column of a type the backlog's query cannot use (changed by hand, say).
+    other_connection.execute(
+        "ALTER TABLE pgnotify_event ALTER COLUMN handled TYPE text USING handled::text"
+    )
     try:
         result = status("--json")
     finally:
         other_connection.execute(
-            "ALTER TABLE pgnotify_event RENAME COLUMN handled_later TO handled"
+            "ALTER TABLE pgnotify_event ALTER COLUMN handled TYPE integer[]"
+            " USING handled::integer[]"
         )
 
     assert result.returncode == 1, result.stderr
@@ -111,7 +114,7 @@ def test_status_reports_a_query_that_fails_for_what_it_is_and_keeps_the_rest(oth
     (failed,) = [p for p in database["problems"] if "durable backlog" in p]
     assert failed.startswith(
         "counting the durable backlog in database 'default' failed: "
-        'column "handled" does not exist'
+        "function cardinality(text) does not exist"
     )
     assert not [p for p in database["problems"] if "cannot reach" in p]
     assert {d["status"] for d in database["declarations"]} == {"installed"}

@@ -185,7 +185,8 @@ class Command(BaseCommand):
         if no_event_table:  # the durable worker would wait on it for ever
             names = ", ".join(s.uri for s in no_event_table)
             raise CommandError(
-                f"Durable declaration(s) {names} have no event table in database {using!r}: "
+                f"Durable declaration(s) {names} cannot use the event table of database "
+                f"{using!r}: "
                 f"{no_event_table[0].detail}."
             )
         refused = [s for s in declared if s.status in installation.NEEDS_CHANGE]
