@@ -9,6 +9,7 @@ deploys cannot interleave.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -429,6 +430,30 @@ def detach_triggers(affected: Callable[[str], bool], using: str = DEFAULT_DB_ALI
     return [f"{uri} on {table}" for uri, table in dropped.items()]
 
 
+# One statement of the installer's DROP SQL: anything up to a semicolon outside
+# double-quoted identifiers (a name may hold one).
+_STATEMENT = re.compile(r'(?:[^";]|"(?:[^"]|"")*")+;')
+
+
+def split_drops(*scripts: str) -> tuple[list[str], list[str]]:
+    """The ``DROP TRIGGER`` and the other (``DROP FUNCTION``) statements of ``scripts``.
+
+    Run every trigger's drop before any function's: a trigger depends on the
+    function it calls, which the statements of another declaration or URI
+    may drop (the former triggers of a renamed model call the function of the
+    declaration that has its table now).
+    """
+    statements = [m.group().strip() for script in scripts for m in _STATEMENT.finditer(script)]
+    drop_triggers = [s for s in statements if s.startswith("DROP TRIGGER ")]
+    return drop_triggers, [s for s in statements if not s.startswith("DROP TRIGGER ")]
+
+
+def _drop_all(cursor, scripts: Iterable[str]) -> None:
+    drop_triggers, drop_functions = split_drops(*scripts)
+    if drop_triggers or drop_functions:
+        cursor.execute("\n".join(drop_triggers + drop_functions))
+
+
 def prune_triggers(
     selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS
 ) -> list[TriggerState]:
@@ -441,8 +466,8 @@ def prune_triggers(
             for s in _inspect(cursor, declarations_for(selectors, using), selectors)
             if s.status == UNKNOWN
         ]
+        _drop_all(cursor, [state.drop_sql for state in unknown])
         for state in unknown:
-            cursor.execute(state.drop_sql)
             logger.info("pgnotify: pruned %s on %s", state.uri, state.table)
     return unknown
 
@@ -467,9 +492,10 @@ def uninstall_triggers(
     removed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
-        for state in _inspect(cursor, declarations_for(selectors, using), selectors):
+        states = _inspect(cursor, declarations_for(selectors, using), selectors)
+        _drop_all(cursor, [state.uninstall_sql for state in states])
+        for state in states:
             if state.uninstall_sql:
-                cursor.execute(state.uninstall_sql)
                 logger.info("pgnotify: removed %s on %s", state.uri, state.table)
             if state.kept:
                 logger.info("pgnotify: %s", state.kept_detail)

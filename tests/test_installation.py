@@ -904,6 +904,42 @@ def test_uninstall_drops_unknown_triggers_too(gone):
     assert catalogue() == set()
 
 
+def test_uninstall_drops_every_trigger_before_any_function():
+    """A trigger left under another URI (a model since renamed, say) that calls the
+    Tag declaration's function: dropping that function before this trigger, which
+    the later state drops, would fail and roll back the whole uninstall."""
+    tag = build_trigger_sql(declaration("testapp.Tag"))
+    execute(
+        sql.SQL(
+            "CREATE TRIGGER pgnotify_renamed_insert AFTER INSERT ON testapp_tag"
+            " FOR EACH ROW EXECUTE FUNCTION {}(); COMMENT ON TRIGGER pgnotify_renamed_insert"
+            " ON testapp_tag IS {}"
+        )
+        .format(tag.function, triggers.format_comment("testapp.Renamed:default", "0" * 16))
+        .as_string(None)
+    )
+    preview = run("--uninstall", "--sql", "testapp")
+
+    removed = uninstall_triggers(["testapp"])
+
+    assert "testapp.Renamed:default" in {s.uri for s in removed}
+    assert trigger_names("testapp_tag") == set()
+    assert [name for kind, _, name, _, _ in catalogue() if "testapp" in name] == []
+    # The preview runs as it stands, as the command does.
+    uninstall_triggers()
+    install_triggers()
+    execute(
+        sql.SQL(
+            "CREATE TRIGGER pgnotify_renamed_insert AFTER INSERT ON testapp_tag"
+            " FOR EACH ROW EXECUTE FUNCTION {}()"
+        )
+        .format(tag.function)
+        .as_string(None)
+    )
+    execute(preview)
+    assert trigger_names("testapp_tag") == set()
+
+
 # Selectors and databases
 
 

@@ -97,13 +97,15 @@ class Command(BaseCommand):
             self.print_declared_sql(selectors, using, exc)
             return
         if options["uninstall"]:
+            drops = []
             for state in installation.inspect_triggers(selectors, using):
                 if state.status == installation.UNKNOWN:
-                    self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
+                    drops.append((f"prune {state.uri}", state.drop_sql))
                 elif state.uninstall_sql:
-                    self.stdout.write(f"-- remove {state.uri}\n{state.uninstall_sql}\n")
+                    drops.append((f"remove {state.uri}", state.uninstall_sql))
                 if state.kept:
                     self.stdout.write(f"-- {state.uri}: {state.kept_detail}.\n")
+            self.write_drops(drops)
             return
         changes = installation.install_plan(selectors, using, awaiting_migrate=True)
         awaiting = (installation.NO_TABLE, installation.NO_EVENT_TABLE)
@@ -125,8 +127,7 @@ class Command(BaseCommand):
             superseded = state.status == installation.UNKNOWN
             heading = f"remove {state.uri}" if superseded else state.uri
             self.stdout.write(f"-- {heading}\n{state.install_sql}\n")
-        for state in pruned:
-            self.stdout.write(f"-- prune {state.uri}\n{state.drop_sql}\n")
+        self.write_drops([(f"prune {state.uri}", state.drop_sql) for state in pruned])
         for state in waiting:  # the SQL for the DBA, ahead of migrate
             assert state.sql is not None
             reason = state.detail or f"table {state.table} does not exist yet"
@@ -137,6 +138,19 @@ class Command(BaseCommand):
             )
         if not changes and not pruned and not waiting:
             self.stdout.write("-- Nothing to run: all triggers are up to date.\n")
+
+    def write_drops(self, drops: list[tuple[str, str]]) -> None:
+        """Each ``(heading, SQL)``'s trigger drops under its heading, then every
+        function drop, as the installer runs them: a function may be called by
+        triggers under another heading."""
+        functions = []
+        for heading, script in drops:
+            drop_triggers, drop_functions = installation.split_drops(script)
+            self.stdout.write("".join(f"{line}\n" for line in [f"-- {heading}", *drop_triggers]))
+            functions += drop_functions
+        if functions:
+            lines = ["-- functions, once no trigger calls them", *functions]
+            self.stdout.write("".join(f"{line}\n" for line in lines))
 
     def print_declared_sql(self, selectors: tuple[str, ...], using: str, error: Exception) -> None:
         """Without the database: the SQL of every selected declaration, in the form
