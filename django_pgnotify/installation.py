@@ -862,6 +862,19 @@ def _event_table_problem(cursor) -> _EventTableProblem | None:
             "must; triggers already installed are left as they are",
             gone=False,
         )
+    from .models import DurableEvent
+
+    if not router.allow_migrate_model(using, DurableEvent):
+        # Its migrations are recorded there all the same (Django records what a router
+        # skips): not a table dropped by hand, whose advice would change nothing.
+        return _EventTableProblem(
+            f'durable declarations write to table "{name}", which is not in database '
+            f"{using!r}, and a database router keeps django_pgnotify's migrations off it "
+            "(pgnotify.W006): make the router's allow_migrate() allow app 'django_pgnotify' "
+            f"on {using!r} and run manage.py migrate django_pgnotify --database {using}, or "
+            "route the model to a database that has the event table",
+            gone=True,
+        )
     recorded = _recorded_migrations(cursor)
     if recorded:
         # Not "migrate django_pgnotify zero --fake" then migrate: that also unrecords

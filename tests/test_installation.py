@@ -14,6 +14,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, connections
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from psycopg import sql
 
@@ -422,6 +423,30 @@ def test_triggers_still_calling_the_function_of_a_former_table_name_count_withou
     assert 'dropped the triggers of durableapp.Job:default on "durableapp_job"' in caplog.text
     assert trigger_names("durableapp_job") == set()
     Job.objects.create(name="written")  # the triggers left would have failed it
+
+
+class EventTableOnDefaultOnly:
+    """A router that keeps django_pgnotify off every database but "default"."""
+
+    def allow_migrate(self, db: str, app_label: str, **hints: object) -> bool | None:
+        return db == "default" if app_label == "django_pgnotify" else None
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+@override_settings(DATABASE_ROUTERS=[f"{__name__}.EventTableOnDefaultOnly"])
+def test_an_event_table_a_router_keeps_off_the_database_is_not_taken_for_one_dropped_by_hand():
+    """Django records the migrations a router skips: the table was never there, and
+    running their SQL by hand is not the advice (pgnotify.W006's is)."""
+    drop_the_event_table("other")
+
+    (state,) = inspect_triggers(["durableapp"], "other")
+
+    assert state.status == NO_EVENT_TABLE
+    assert (
+        "a database router keeps django_pgnotify's migrations off it (pgnotify.W006): make "
+        "the router's allow_migrate() allow app 'django_pgnotify' on 'other'"
+    ) in state.detail
+    assert "sqlmigrate" not in state.detail
 
 
 def test_the_event_table_dropped_by_hand_is_not_migrate_django_pgnotifys_to_create_again():
