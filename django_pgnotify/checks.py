@@ -6,12 +6,13 @@ E008 ``durable`` or ``max_attempts``; E009 database is not PostgreSQL; E010
 ``PGNOTIFY`` setting; E011 composite primary key; E012 column names too
 long for a notification; E013 ``level``; E014 two models' declarations on one
 table under one name; E015 ``old``; W002 ``when_changed`` or ``old=False``
-without update; W003 unknown ``PGNOTIFY`` key; W004 column names leave a long
-context no room; W005 two models' declarations on one table under one name,
-if the search path finds an unqualified table in "public"; W006 a durable
-model migrates to a PostgreSQL database the event table does not. (W001,
-"durable not available yet", is retired.) E012 and W004 come from ``resolve_model``,
-so the commands refuse such a declaration even with the checks skipped.
+without update, or ``channel`` on a durable declaration; W003 unknown
+``PGNOTIFY`` key; W004 column names leave a long context no room; W005 two
+models' declarations on one table under one name, if the search path finds an
+unqualified table in "public"; W006 a durable model migrates to a PostgreSQL
+database the event table does not. (W001, "durable not available yet", is
+retired.) E012 and W004 come from ``resolve_model``, so the commands refuse
+such a declaration even with the checks skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from django.core import checks
 from django.db import connections, router
 
 from .conf import DEFAULTS
-from .declarations import Declaration, raw_declarations, resolve_model
+from .declarations import Declaration, raw_declarations, resolve_model, settings_label
 from .naming import TableName
 from .wire import EVENT_TABLE
 
@@ -193,17 +194,64 @@ def check_settings() -> list[checks.CheckMessage]:
                 id="pgnotify.E010",
             )
         )
-        return messages
-    messages.extend(
-        checks.Error(
-            f'PGNOTIFY["MODELS"] names {label!r}, which is not an installed model.',
-            hint='Use "app_label.ModelName", e.g. "auth.User".',
-            id="pgnotify.E010",
-        )
-        for label in declared
-        if not _is_installed_model(label)
-    )
+    else:
+        messages.extend(_check_model_labels(declared))
     messages.extend(_check_values(config))
+    return messages
+
+
+def _check_model_labels(declared: dict[Any, Any]) -> list[checks.CheckMessage]:
+    """Each ``PGNOTIFY["MODELS"]`` key must name, once, a model whose declarations are
+    read: an installed model with a table of its own (pgnotify.E010)."""
+    messages: list[checks.CheckMessage] = []
+    models = {
+        model._meta.label_lower: model
+        for model in apps.get_models(include_auto_created=True, include_swapped=True)
+    }
+    seen: dict[str, Any] = {}
+    for label in declared:
+        model = models.get(settings_label(label))  # type: ignore[arg-type]
+        if model is None:
+            messages.append(
+                checks.Error(
+                    f'PGNOTIFY["MODELS"] names {label!r}, which is not an installed model.',
+                    hint='Use "app_label.ModelName", e.g. "auth.User".',
+                    id="pgnotify.E010",
+                )
+            )
+        elif model._meta.swapped:
+            messages.append(
+                checks.Error(
+                    f'PGNOTIFY["MODELS"] names {label!r}, which is swapped out for '
+                    f"{model._meta.swapped!r} (settings.{model._meta.swappable}): it has no "
+                    "table, and its declaration would never be installed.",
+                    hint=f"Declare the model that replaces it, {model._meta.swapped!r}.",
+                    id="pgnotify.E010",
+                )
+            )
+        elif model._meta.auto_created:
+            messages.append(
+                checks.Error(
+                    f'PGNOTIFY["MODELS"] names {label!r}, the table Django creates for a '
+                    "many-to-many field, whose declarations are not read.",
+                    hint="Give the ManyToManyField a through model of your own and declare "
+                    "that model.",
+                    id="pgnotify.E010",
+                )
+            )
+        elif model._meta.label_lower in seen:
+            messages.append(
+                checks.Error(
+                    f'PGNOTIFY["MODELS"] names {model._meta.label} twice, as '
+                    f"{seen[model._meta.label_lower]!r} and {label!r}: keys are "
+                    "case-insensitive, and only the first one is used.",
+                    hint="Keep one key per model; give it a list of Notify(...) for several "
+                    "declarations.",
+                    id="pgnotify.E010",
+                )
+            )
+        else:
+            seen[model._meta.label_lower] = label
     return messages
 
 
@@ -349,13 +397,3 @@ def _check_delay_ranges(config: dict[str, Any]) -> list[checks.CheckMessage]:
                 )
             )
     return messages
-
-
-def _is_installed_model(label: Any) -> bool:
-    if not isinstance(label, str):
-        return False
-    try:
-        apps.get_model(label)
-    except (LookupError, ValueError):
-        return False
-    return True

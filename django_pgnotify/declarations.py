@@ -15,10 +15,10 @@ from typing import Any
 
 from django.apps import apps
 from django.core import checks
-from django.core.exceptions import FieldDoesNotExist, ImproperlyConfigured
+from django.core.exceptions import FieldDoesNotExist, FieldError, ImproperlyConfigured
 from django.db import connections, models
 
-from . import naming
+from . import naming, wire
 from .conf import get_setting
 from .meta import META_OPTION
 from .notify import ALL_FIELDS, EVENTS, LEVELS, ROW, Notify
@@ -99,9 +99,15 @@ def raw_declarations(model: type[models.Model]) -> Any:
     configured = get_setting("MODELS")
     if isinstance(configured, dict):
         for label, value in configured.items():
-            if isinstance(label, str) and label.lower() == model._meta.label_lower:
+            if settings_label(label) == model._meta.label_lower:
                 return value
     return getattr(model._meta, META_OPTION, None)
+
+
+def settings_label(label: Any) -> str | None:
+    """A ``PGNOTIFY["MODELS"]`` key as the ``label_lower`` of the model it names
+    (keys are case-insensitive); ``None`` if it is not a string."""
+    return label.lower() if isinstance(label, str) else None
 
 
 def resolve_model(
@@ -130,8 +136,13 @@ def resolve_model(
             )
         ]
     if opts.proxy:
-        if raw == raw_declarations(opts.concrete_model):  # type: ignore[arg-type]
-            return [], []  # e.g. inherited through Meta: the concrete model announces it
+        concrete = opts.concrete_model
+        if raw == raw_declarations(concrete) or (  # type: ignore[arg-type]
+            # Inherited through Meta from the concrete model's, which settings replace.
+            raw is getattr(opts, META_OPTION, None)
+            and raw == getattr(concrete._meta, META_OPTION, None)  # type: ignore[union-attr]
+        ):
+            return [], []  # the concrete model announces it
         return [], [
             checks.Error(
                 f"{label} is a proxy model; it shares the table of "
@@ -156,6 +167,19 @@ def resolve_model(
             )
         ]
 
+    try:
+        pk = _column(opts.pk)
+    except _UNREADABLE as exc:
+        return [], [
+            checks.Error(
+                f"{label}: its primary key {opts.pk.name!r} is a relation whose column type "
+                f"cannot be read: {exc}",
+                hint="Point the relation at an installed model (see Django's own checks).",
+                obj=model,
+                id="pgnotify.E003",
+            )
+        ]
+
     names = _declaration_names(notifies)
     for index, name in enumerate(names):
         if names.count(name) > 1 or not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -171,7 +195,7 @@ def resolve_model(
 
     declarations = []
     for notify, name in zip(notifies, names, strict=True):
-        found, messages = _resolve_one(model, notify, name)
+        found, messages = _resolve_one(model, notify, name, pk)
         errors.extend(messages)
         if found is not None:
             declarations.append(found)
@@ -187,7 +211,7 @@ def _declaration_names(notifies: list[Notify]) -> list[Any]:
 
 
 def _resolve_one(
-    model: type[models.Model], notify: Notify, name: str
+    model: type[models.Model], notify: Notify, name: str, pk: Column
 ) -> tuple[Declaration | None, list[checks.CheckMessage]]:
     opts = model._meta
     where = f"{naming.uri(opts.label, str(name))}"
@@ -214,8 +238,12 @@ def _resolve_one(
         events = tuple(e for e in EVENTS if e in events)
 
     if notify.fields == ALL_FIELDS:
-        fields = tuple(
-            _column(f) for f in opts.local_concrete_fields if not f.primary_key and f.column
+        fields = _columns(
+            model,
+            tuple(f.name for f in opts.local_concrete_fields if not f.primary_key and f.column),
+            "fields",
+            "pgnotify.E003",
+            error,
         )
     else:
         fields = _columns(model, notify.fields, "fields", "pgnotify.E003", error)
@@ -251,15 +279,35 @@ def _resolve_one(
         channel = naming.default_channel(opts.app_label, opts.model_name)  # type: ignore[arg-type]
     elif not isinstance(channel, str) or not channel or "\0" in channel:
         error(f"channel must be a non-empty string, got {channel!r}.", "pgnotify.E005")
+    elif not _encodes(channel):
+        error(f"channel {channel!r} is not valid Unicode text.", "pgnotify.E005")
     elif len(channel.encode()) > naming.MAX_IDENTIFIER_BYTES:
         error(
             f"channel {channel!r} is {len(channel.encode())} bytes; PostgreSQL "
             f"channel names are identifiers of at most {naming.MAX_IDENTIFIER_BYTES} bytes.",
             "pgnotify.E005",
         )
+    elif channel == wire.DURABLE_CHANNEL:
+        # The listener takes every notification on it for a durable wake-up.
+        error(
+            f"channel {channel!r} is the channel of durable declarations' wake-ups; "
+            "a listener would take the changes sent on it for wake-ups and drop them.",
+            "pgnotify.E005",
+            hint="Choose another channel name, or leave the default.",
+        )
 
     if not isinstance(notify.durable, bool):
         error(f"durable must be True or False, got {notify.durable!r}.", "pgnotify.E008")
+    elif notify.durable and notify.channel is not None:
+        errors.append(
+            checks.Warning(
+                f"{where}: channel has no effect because the declaration is durable: its "
+                "changes are stored in the event table, not sent on a channel.",
+                hint="Drop channel, or durable=True.",
+                obj=model,
+                id="pgnotify.W002",
+            )
+        )
     max_attempts = notify.max_attempts
     if max_attempts is not None and (
         type(max_attempts) is not int or max_attempts < 1 or not notify.durable
@@ -293,7 +341,7 @@ def _resolve_one(
         table=naming.parse_db_table(opts.db_table),
         channel=channel,
         events=events,
-        pk=_column(opts.pk),
+        pk=pk,
         fields=fields,
         when_changed=when_changed,
     )
@@ -374,8 +422,29 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
                 ),
             )
         else:
-            columns.append(_column(field))
+            try:
+                columns.append(_column(field))
+            except _UNREADABLE as exc:
+                error(
+                    f"{option} names {name!r}, a relation whose column type cannot be read: {exc}",
+                    id,
+                    hint="Point the relation at an installed model (see Django's own checks).",
+                )
     return tuple(dict.fromkeys(columns))
+
+
+# What reading a relation's target raises while it points at a model that is not
+# installed (a pending lazy reference), or at several columns.
+_UNREADABLE = (ValueError, LookupError, FieldError)
+
+
+def _encodes(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogates), as PostgreSQL needs."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _declared_by_an_abstract_ancestor(model: type[models.Model]) -> bool:

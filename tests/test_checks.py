@@ -9,6 +9,7 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.apps import apps
 from django.apps.registry import Apps
 from django.core import checks
 from django.core.management import call_command
@@ -159,6 +160,44 @@ def test_e003_fields_given_as_a_bare_string(registry):
     assert "testapp.Shipment:default: fields must be a list" in message.msg
 
 
+@pytest.mark.parametrize(
+    ("notify", "text"),
+    [
+        (Notify(fields="__all__"), "fields names 'agent', a relation whose column type"),
+        (Notify(fields=["agent"]), "fields names 'agent', a relation whose column type"),
+        (Notify(when_changed=["agent"]), "when_changed names 'agent', a relation whose"),
+    ],
+    ids=["all-fields", "fields", "when-changed"],
+)
+def test_e003_e004_a_relation_to_a_model_that_is_not_installed(registry, notify, text):
+    """Not a crash of the checks that hides Django's own fields.E300."""
+
+    class Shipment(models.Model):
+        agent = models.ForeignKey("testapp.Agent", on_delete=models.CASCADE)
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = notify
+
+    (message,) = check_models(registry)
+    assert message.id in {"pgnotify.E003", "pgnotify.E004"}
+    assert f"testapp.Shipment:default: {text}" in message.msg
+    assert "'testapp.Agent' cannot be resolved" in message.msg
+
+
+def test_e003_a_primary_key_relation_to_a_model_that_is_not_installed(registry):
+    class Shipment(models.Model):
+        agent = models.OneToOneField("testapp.Agent", on_delete=models.CASCADE, primary_key=True)
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = Notify()
+
+    message = only(check_models(registry), "pgnotify.E003")
+    assert message.msg.startswith("testapp.Shipment: its primary key 'agent' is a relation")
+    assert "'testapp.Agent' cannot be resolved" in message.msg
+
+
 def test_e004_unknown_when_changed_field(registry):
     declare(Notify(when_changed=["colour"]))
 
@@ -168,8 +207,24 @@ def test_e004_unknown_when_changed_field(registry):
 
 @pytest.mark.parametrize(
     ("channel", "shown"),
-    [("c" * 64, "64 bytes"), ("é" * 32, "64 bytes"), ("", "''"), (5, "5"), ("a\0b", "'a\\x00b'")],
-    ids=["too-long", "too-long-in-bytes", "empty", "not-a-string", "nul"],
+    [
+        ("c" * 64, "64 bytes"),
+        ("é" * 32, "64 bytes"),
+        ("", "''"),
+        (5, "5"),
+        ("a\0b", "'a\\x00b'"),
+        ("orders\ud800", "is not valid Unicode text"),
+        ("pgnotify_durable", "the channel of durable declarations' wake-ups"),
+    ],
+    ids=[
+        "too-long",
+        "too-long-in-bytes",
+        "empty",
+        "not-a-string",
+        "nul",
+        "lone-surrogate",
+        "durable-wake-ups",
+    ],
 )
 def test_e005_channel(registry, channel, shown):
     declare(Notify(channel=channel))
@@ -327,6 +382,15 @@ def test_w002_old_false_without_update(registry):
 
     message = only(check_models(registry), "pgnotify.W002")
     assert "testapp.Shipment:default: old=False has no effect" in message.msg
+
+
+def test_w002_channel_of_a_durable_declaration(registry):
+    declare(Notify(durable=True, channel="shipments"))
+
+    message = only(check_models(registry), "pgnotify.W002")
+    assert message.msg.startswith(
+        "testapp.Shipment:default: channel has no effect because the declaration is durable"
+    )
 
 
 def test_every_mistake_of_a_declaration_is_reported_at_once(registry):
@@ -497,6 +561,54 @@ def test_e010_pgnotify_setting(setting, shown):
         message = only(check_declarations(), "pgnotify.E010")
 
     assert shown in message.msg
+
+
+@pytest.mark.parametrize(
+    ("declared", "shown"),
+    [
+        (
+            {"auth.User_groups": Notify()},
+            "names 'auth.User_groups', the table Django creates for a many-to-many field",
+        ),
+        (
+            {"testapp.Tag": Notify(), "testapp.tag": Notify(fields=["colour"])},
+            "names testapp.Tag twice, as 'testapp.Tag' and 'testapp.tag'",
+        ),
+    ],
+    ids=["auto-created-through-model", "same-model-twice"],
+)
+def test_e010_models_entries_that_would_be_ignored(declared, shown):
+    with override_settings(PGNOTIFY={"MODELS": declared}):
+        message = only(check_declarations(), "pgnotify.E010")
+
+    assert shown in message.msg
+
+
+def test_e010_models_entry_for_a_swapped_out_model():
+    """Swapped out (here for a model of the test app), auth.User has no table: the
+    test settings' declaration of it would never be installed."""
+    with override_settings(AUTH_USER_MODEL="testapp.Customer"):
+        message = only(check_declarations(), "pgnotify.E010")
+
+    assert message.msg.startswith(
+        "PGNOTIFY[\"MODELS\"] names 'auth.User', which is swapped out for 'testapp.Customer' "
+        "(settings.AUTH_USER_MODEL)"
+    )
+
+
+def test_models_keys_are_case_insensitive_for_the_checks_too():
+    declared = Notify(fields=["colour"])
+    with override_settings(PGNOTIFY={"MODELS": {"TestApp.TAG": declared}}):
+        assert check_declarations() == []
+        assert raw_declarations(apps.get_model("testapp", "Tag")) is declared
+
+
+def test_models_that_is_not_a_dict_does_not_hide_the_other_settings_mistakes():
+    with override_settings(PGNOTIFY={"MODELS": ["auth.User"], "POLL_INTERVAL": 0}):
+        messages = check_declarations()
+
+    assert [m.id for m in messages] == ["pgnotify.E010", "pgnotify.E010"]
+    assert 'PGNOTIFY["POLL_INTERVAL"]' in messages[1].msg
 
 
 def test_e001_for_a_model_declared_in_settings_with_something_else_than_notify():

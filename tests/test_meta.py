@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.test.utils import isolate_apps
 
 from django_pgnotify import Notify
-from django_pgnotify.declarations import get_declarations, resolve_model
+from django_pgnotify.declarations import get_declarations, raw_declarations, resolve_model
 from tests.conftest import ROOT
 from tests.testapp.models import (
     Article,
@@ -118,6 +118,32 @@ def test_a_multi_table_child_without_meta_takes_its_parents_abstract_declaration
 def test_a_proxy_without_pgnotify_has_no_declarations_of_its_own():
     assert get_declarations(["testapp.OrderProxy"]) == []
     assert OrderProxy not in {d.model for d in get_declarations()}
+
+
+@isolate_apps("tests.testapp")
+def test_a_proxy_inheriting_the_meta_declaration_of_a_model_that_settings_redeclare():
+    """The proxy declares nothing of its own: no E006 for a declaration it inherits."""
+
+    class Titled(models.Model):
+        title = models.CharField(max_length=50)
+
+        class Meta:
+            abstract = True
+            app_label = "testapp"
+            pgnotify = Notify(fields=["title"])
+
+    class Post(Titled):
+        pass
+
+    class PostProxy(Post):
+        class Meta(Post.Meta):
+            proxy = True
+
+    with override_settings(PGNOTIFY={"MODELS": {"testapp.Post": Notify()}}):
+        assert resolve_model(PostProxy, raw_declarations(PostProxy)) == ([], [])
+        ((declaration,), []) = resolve_model(Post, raw_declarations(Post))
+
+    assert fields_of(declaration) == ()
 
 
 def test_settings_declare_models_whose_meta_you_cannot_edit():
