@@ -13,7 +13,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
 
-from .transaction_settings import CONTEXT, encode_context, setting_frame
+from .transaction_settings import CONTEXT, enclosing_context, encode_context, setting_frame
 
 
 @contextmanager
@@ -31,8 +31,15 @@ def context(*, using: str = DEFAULT_DB_ALIAS, **values: Any) -> Iterator[None]:
 
     Raises:
         TypeError: A value JSON cannot represent.
-        ValueError: The values are too large.
+        ValueError: The values are too large, alone or merged with those of the
+            enclosing blocks.
     """
     encode_context(values)  # fail here, not in the middle of a write
+    enclosing = enclosing_context(using)
+    if enclosing:
+        try:
+            encode_context({**enclosing, **values})
+        except ValueError as exc:
+            raise ValueError(f"{exc} (merged with the enclosing context() blocks)") from None
     with setting_frame(using, CONTEXT, dict(values)):
         yield

@@ -35,8 +35,10 @@ class AuditContextMiddleware:
     The request id is the ``X-Request-ID`` header when it is a plain string of
     at most 100 characters, else a new UUID; it is also stored as
     ``request.request_id``. The user is looked up only when the request
-    first writes, so read-only requests cost nothing, and a user who logs in
-    during the request is the actor of what follows. Covers every
+    first writes (or first queries inside a transaction, as with
+    ``ATOMIC_REQUESTS``), so read-only requests outside a transaction cost
+    nothing, and a user who logs in during the request is the actor of what
+    follows. Covers every
     PostgreSQL database alias.
     """
 

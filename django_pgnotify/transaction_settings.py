@@ -13,13 +13,16 @@ values set. Raw SQL through Django's cursors carries them too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from django.core.exceptions import SynchronousOnlyOperation
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, transaction
 
@@ -108,6 +111,22 @@ class LazyContext:
                 self._computing = False
         return self._value
 
+    def computed(self) -> dict[str, Any]:
+        """The values computed so far, without computing them."""
+        return self._value or {}
+
+
+def enclosing_context(using: str) -> dict[str, Any]:
+    """The context the blocks open on ``using`` give now, merged as a write would
+    carry it; a lazy one counts only once it has been computed."""
+    merged: dict[str, Any] = {}
+    for wrapper in connections[using].execute_wrappers:
+        if isinstance(wrapper, _SettingsWrapper):
+            for kind, value in wrapper.frames:
+                if kind == CONTEXT:
+                    merged.update(value.computed() if isinstance(value, LazyContext) else value)
+    return merged
+
 
 class _SettingsWrapper:
     """The execute wrapper of one connection; one per connection at most."""
@@ -152,7 +171,7 @@ class _SettingsWrapper:
     ) -> Any:
         if self._busy or not self.frames:
             return execute(sql, params, many, context)
-        connection, cursor = context["connection"], context["cursor"]
+        connection = context["connection"]
         autocommit = connection.get_autocommit()
         if autocommit and not _MAY_WRITE.match(sql):
             return execute(sql, params, many, context)  # a read: it makes no event
@@ -163,7 +182,7 @@ class _SettingsWrapper:
             self._busy = False
         if autocommit:
             with transaction.atomic(using=connection.alias):
-                _apply(cursor, values)
+                _apply(connection, values)
                 result = execute(sql, params, many, context)
             self.applied, self.set_in_transaction = None, False
             return result
@@ -171,7 +190,7 @@ class _SettingsWrapper:
             self.applied = None  # this statement starts a new transaction
             self.set_in_transaction = False
         if values != self.applied:
-            _apply(cursor, values)
+            _apply(connection, values)
             self.applied = values
             self.set_in_transaction = True
         try:
@@ -181,9 +200,13 @@ class _SettingsWrapper:
                 self.applied = None  # a savepoint rollback may have undone them
 
 
-def _apply(cursor: Any, values: tuple[str, str]) -> None:
-    # The driver's own cursor: no execute wrappers, no recursion.
-    cursor.cursor.execute(_SET, [wire.PAUSED_SETTING, values[0], wire.CONTEXT_SETTING, values[1]])
+def _apply(connection: Any, values: tuple[str, str]) -> None:
+    # A plain cursor of the driver's connection: no execute wrappers, no recursion,
+    # and not the statement's own cursor, which may be a server-side one
+    # (``QuerySet.iterator()``): there ``set_config()`` would only be declared as
+    # a cursor, never run, and the statement's own declaration would replace it.
+    with connection.connection.cursor() as cursor:
+        cursor.execute(_SET, [wire.PAUSED_SETTING, values[0], wire.CONTEXT_SETTING, values[1]])
 
 
 def transaction_open(connection: Any) -> bool:
@@ -204,9 +227,32 @@ def _transaction_usable(connection: Any) -> bool:
     return info is not None and info.transaction_status.name == "INTRANS"
 
 
+def _refuse_in_event_loop(kind: str) -> None:
+    # Django's connections belong to a thread. In async code the ORM's queries
+    # (``acreate()``, ``sync_to_async``) run in another thread, on another
+    # connection: a block entered here would cover none of them, silently.
+    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+        return  # the sync ORM runs in this thread (a notebook, say)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    name = "paused()" if kind == PAUSED else "context()"
+    raise SynchronousOnlyOperation(
+        f"{name} was entered in async code, where it would cover none of the writes: "
+        "the ORM's queries run in another thread, on that thread's connection. Enter it "
+        f"in a sync function that makes the writes, and run that with sync_to_async()."
+    )
+
+
 @contextmanager
 def setting_frame(using: str, kind: str, value: Any) -> Iterator[None]:
-    """Add ``value`` to the settings of every transaction on ``using`` for the block."""
+    """Add ``value`` to the settings of every transaction on ``using`` for the block.
+
+    Raises:
+        SynchronousOnlyOperation: Entered in a thread that runs an event loop.
+    """
+    _refuse_in_event_loop(kind)
     connection = connections[using]
     wrapper = next(
         (w for w in connection.execute_wrappers if isinstance(w, _SettingsWrapper)), None
@@ -225,5 +271,4 @@ def setting_frame(using: str, kind: str, value: Any) -> Iterator[None]:
             # The transaction may go on after the block: it must not keep the
             # values. An aborted one is rolled back, and the values with it.
             if wrapper.set_in_transaction and _transaction_usable(connection):
-                with connection.cursor() as cursor:
-                    _apply(cursor, ("", ""))
+                _apply(connection, ("", ""))

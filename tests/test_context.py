@@ -9,8 +9,9 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import User
+from django.core.exceptions import SynchronousOnlyOperation
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.test import AsyncClient, Client, override_settings
@@ -281,3 +282,45 @@ def test_the_middleware_looks_the_user_up_only_when_a_request_writes(transaction
 
     assert user_queries(reading) == []
     assert len(user_queries(writing)) == 1
+
+
+def test_a_transaction_that_starts_with_a_server_side_cursor_read_carries_the_context(changes):
+    # QuerySet.iterator() reads through a named (server-side) cursor first.
+    Order.objects.create(status="existing")
+    changes.wait(1)
+    with context(actor="user:3"), transaction.atomic():
+        assert [o.status for o in Order.objects.iterator(chunk_size=10)] == ["existing"]
+        Order.objects.create(status="after the read")
+
+    event = changes.wait_for(lambda e: e.fields.get("status") == "after the read")
+    assert event.context == {"actor": "user:3"}
+
+
+def test_context_entered_in_async_code_is_refused_and_works_in_a_sync_function(changes):
+    # In async code the ORM's writes run in another thread, on another connection:
+    # a block entered there would cover none of them.
+    def write() -> None:
+        with context(actor="user:8"):
+            Order.objects.create(status="from async")
+
+    async def handler() -> None:
+        refused = pytest.raises(SynchronousOnlyOperation, match=r"context\(\).*sync_to_async")
+        with refused, context(actor="user:8"):
+            await Order.objects.acreate(status="never written")
+        await sync_to_async(write)()
+
+    async_to_sync(handler)()
+
+    (event,) = changes.wait(1)
+    assert (event.fields["status"], event.context) == ("from async", {"actor": "user:8"})
+
+
+def test_an_inner_context_too_large_with_the_outer_one_is_refused_when_entered(changes):
+    with context(actor="user:1", note="a" * 600):
+        with pytest.raises(ValueError, match="enclosing"), context(reason="b" * 600):
+            pass
+        with context(reason="fits"):
+            Order.objects.create(status="merged")
+
+    (event,) = changes.wait(1)
+    assert event.context == {"actor": "user:1", "note": "a" * 600, "reason": "fits"}

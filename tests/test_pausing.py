@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from django.core.exceptions import SynchronousOnlyOperation
 from django.core.management import call_command
 from django.db import connection, transaction
 
@@ -146,4 +148,36 @@ def test_pgnotify_run_paused_runs_a_command_without_announcing_its_writes(change
     call_command("pgnotify_run", "--paused", "loaddata", str(fixture), verbosity=0)
 
     assert Order.objects.filter(pk=990001, status="loaded").exists()
+    assert announced(changes) == []
+
+
+def test_a_transaction_that_starts_with_a_server_side_cursor_read_is_paused_too(changes):
+    # QuerySet.iterator() reads through a named (server-side) cursor; the pause set
+    # before it must really run, not be declared as a cursor of its own.
+    Order.objects.create(status="existing")
+    changes_before_marker(changes)
+    changes.clear()
+    with paused(), transaction.atomic():
+        for order in Order.objects.filter(status="existing").iterator(chunk_size=10):
+            order.status = "quiet backfill"
+            order.save()
+
+    assert announced(changes) == []
+
+
+def test_paused_entered_in_async_code_is_refused_and_works_in_a_sync_function(changes):
+    # In async code the ORM's writes run in another thread, on another connection:
+    # a block entered there would pause none of them.
+    def write() -> None:
+        with paused(Order):
+            Order.objects.create(status="quiet from async")
+
+    async def handler() -> None:
+        refused = pytest.raises(SynchronousOnlyOperation, match=r"paused\(\).*sync_to_async")
+        with refused, paused(Order):
+            await Order.objects.acreate(status="never written")
+        await sync_to_async(write)()
+
+    async_to_sync(handler)()
+
     assert announced(changes) == []
