@@ -536,8 +536,7 @@ class _Layout:
             if type(bits) is not int:
                 raise DecodeError(f"changed mask {mask!r} is not an integer")
             names = frozenset(wire.changed_names(self.watched, bits))
-            if len(self._changed) < 1024:  # masks repeat; a bound keeps memory flat
-                self._changed[mask] = names
+            wire.remember(self._changed, mask, names)  # masks repeat
         return names
 
     def _rows_reader(self, codec: _ModelCodec) -> Callable[..., list[RowChange]]:
@@ -666,9 +665,7 @@ class _ModelCodec:
         layout = self._layouts.get(key)
         if layout is None:
             layout = _Layout(self, fields, watched, action, old)
-            # Anyone may notify on our channels: a bound keeps memory flat.
-            if len(self._layouts) < 1024:
-                self._layouts[key] = layout
+            wire.remember(self._layouts, key, layout)
         return layout
 
     def value(self, converter: Converter, column: str, value: Any) -> Any:
@@ -758,8 +755,7 @@ class Decoder:
                 )
             assert shape.fields is not None and shape.watched is not None
             layout = codec.layout(shape.fields, shape.watched, shape.action, shape.old)
-            if len(self._layouts) < 1024:  # shapes repeat; a bound keeps memory flat
-                self._layouts[shape] = layout
+            wire.remember(self._layouts, shape, layout)  # shapes repeat
         if type(seconds) is float:  # as triggers send it: _timestamp inlined
             try:
                 timestamp = _fromtimestamp(seconds, _UTC)

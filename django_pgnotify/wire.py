@@ -336,10 +336,23 @@ def _check(payload: str | bytes, data: Any) -> tuple[dict[str, Any], Shape]:
     )
     _check_rows(rows, shape.full)
     # As read_shape looks them up: a bound keeps memory flat.
-    if len(_shapes) < 1024 and (watching is None or type(watching) is list):
+    if watching is None or type(watching) is list:
         watching = None if watching is None else tuple(watching)
-        _shapes[(version, model, action, fields, watching, sent_old)] = shape
+        remember(_shapes, (version, model, action, fields, watching, sent_old), shape)
     return data, shape
+
+
+def remember(cache: dict[Any, Any], key: Any, value: Any, limit: int = 1024) -> None:
+    """Keep ``value`` in ``cache``, emptied first when it holds ``limit`` entries.
+
+    For caches of what payloads send: anyone may notify on our channels, so
+    their keys are unbounded. Emptying when full keeps memory flat, and the
+    shapes that keep coming are cached again at once; a cache that stopped
+    taking entries would decode every later new shape the slow way for good.
+    """
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
 
 
 def _check_rows(rows: list[Any], full: int) -> None:
