@@ -870,8 +870,12 @@ def _value(record: str, column: Column) -> sql.Composable:
     if column.internal_type == "DurationField":
         # IntervalStyle is per session too; seconds are unambiguous. As text, like
         # numeric, so that every digit survives a reader that parses JSON numbers
-        # as floats.
-        return sql.SQL("extract(epoch FROM {})::text").format(ref)
+        # as floats. extract(epoch) counts a year as 365.25 days, where psycopg (and
+        # so the ORM) counts 365, as for intervals written outside Django: the
+        # quarter days of its years are taken off again.
+        return sql.SQL("(extract(epoch FROM {0}) - 21600 * extract(year FROM {0}))::text").format(
+            ref
+        )
     if column.internal_type in _AS_TEXT:
         return sql.SQL("{}::text").format(ref)
     if column.element_type == "DecimalField":
