@@ -86,13 +86,29 @@ class HealthFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        #: The error of the last touch that failed, until one succeeds again.
+        self.failing: str | None = None
 
     def touch(self) -> None:
+        """Create or touch the file. A failure is logged once, not on every touch (the
+        listener touches it several times a second), and so is the recovery."""
         try:
             self.path.touch()
             os.utime(self.path)
         except OSError as exc:  # a read-only volume must not stop the listener
-            logger.warning("pgnotify: cannot touch health file %s: %s", self.path, exc)
+            error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            if error != self.failing:
+                logger.warning(
+                    "pgnotify: cannot touch health file %s: %s (said once; a liveness "
+                    "probe that checks the file will fail)",
+                    self.path,
+                    exc,
+                )
+            self.failing = error
+        else:
+            if self.failing is not None:
+                logger.warning("pgnotify: health file %s is touched again", self.path)
+            self.failing = None
 
     def remove(self) -> None:
         try:

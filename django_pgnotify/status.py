@@ -31,7 +31,10 @@ class DatabaseStatus:
         queue_usage: ``pg_notification_queue_usage()`` (0 to 1), or ``None``
             when the database could not be reached or the query failed.
         listeners: Sessions named ``PGNOTIFY["APPLICATION_NAME"]`` on this
-            database, from ``pg_stat_activity``.
+            database, from ``pg_stat_activity``: ``pid``, ``since``, ``client``,
+            ``state``. ``since`` and ``state`` are ``None`` (and ``client`` says
+            so) for a session of another role when this one lacks
+            ``pg_read_all_stats``.
         durable: For durable declarations: ``pending`` (backlog size),
             ``oldest_pending_age`` (seconds), ``dead`` (dead letters) and
             ``done`` (kept for retention); ``None`` when none is declared, or
@@ -69,7 +72,7 @@ def _connect_timeout(wrapper: BaseDatabaseWrapper, timeout: float) -> tuple[int 
     return seconds, f'{seconds}s (PGNOTIFY["PROBE_TIMEOUT"])'
 
 
-def _connect_within(wrapper: BaseDatabaseWrapper, timeout: float) -> None:
+def connect_within(wrapper: BaseDatabaseWrapper, timeout: float) -> None:
     """Open ``wrapper``'s connection, giving up after its ``connect_timeout``.
 
     Django's connection has none by default: a server that accepts and stays
@@ -87,7 +90,7 @@ def _connect_within(wrapper: BaseDatabaseWrapper, timeout: float) -> None:
         wrapper.settings_dict = configured
 
 
-def _bound(using: str, exc: DatabaseError, timeout: float | None) -> str | None:
+def exhausted_bound(using: str, exc: DatabaseError, timeout: float | None) -> str | None:
     """The bound that ran out, if ``exc`` is one of ours giving up, for messages."""
     if timeout is not None and isinstance(exc.__cause__, psycopg.errors.ConnectionTimeout):
         return _connect_timeout(connections[using], timeout)[1]
@@ -105,14 +108,14 @@ def _connected(wrapper: BaseDatabaseWrapper) -> bool:
 def _ends_report(using: str, exc: DatabaseError, timeout: float | None) -> bool:
     """Whether nothing more can be asked: the connection is lost, or the server did not
     answer within the bound (asking on would wait as long again)."""
-    return not _connected(connections[using]) or _bound(using, exc, timeout) is not None
+    return not _connected(connections[using]) or exhausted_bound(using, exc, timeout) is not None
 
 
 def _problem(using: str, exc: DatabaseError, timeout: float | None, what: str = "") -> str:
     """The problem a database error makes, in one line: the bound that ran out, a
     database that cannot be reached, or else the error itself and ``what`` it failed."""
     text = " ".join(str(exc).split())
-    bound = _bound(using, exc, timeout)
+    bound = exhausted_bound(using, exc, timeout)
     if bound is not None:
         return f"database {using!r} did not answer within {bound}: {text}"
     if not _connected(connections[using]):
@@ -141,12 +144,17 @@ def _read(
         return None
 
 
+# A role that is not the listener's, without pg_read_all_stats, sees another role's
+# session with its pid, database and application_name, and NULL for the rest.
 _LISTENERS = """
-SELECT pid, backend_start, host(client_addr), state
+SELECT pid, backend_start, host(client_addr), client_port, state
 FROM pg_stat_activity
 WHERE application_name = %s AND datname = current_database()
-ORDER BY backend_start
+ORDER BY backend_start NULLS LAST, pid
 """
+
+#: ``client`` of a listener whose session's details the role may not see.
+HIDDEN = "details hidden from this role (it needs pg_read_all_stats to see them)"
 
 
 def _activity(wrapper: BaseDatabaseWrapper) -> tuple[float, list[dict[str, Any]]]:
@@ -158,11 +166,12 @@ def _activity(wrapper: BaseDatabaseWrapper) -> tuple[float, list[dict[str, Any]]
         listeners = [
             {
                 "pid": pid,
-                "since": started.isoformat(),
-                "client": client or "local socket",
+                "since": started.isoformat() if started is not None else None,
+                "client": client
+                or ("local socket" if port == -1 else HIDDEN if started is None else "unknown"),
                 "state": state,
             }
-            for pid, started, client, state in cursor.fetchall()
+            for pid, started, client, port, state in cursor.fetchall()
         ]
     return usage, listeners
 
@@ -184,7 +193,7 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
     activity: tuple[float, list[dict[str, Any]]] | None = None
     try:
         if timeout is not None and wrapper.connection is None:
-            _connect_within(wrapper, timeout)
+            connect_within(wrapper, timeout)
         # One transaction, with the statement timeout set for it alone: a session setting
         # would outlive it on a server connection a transaction-pooling PgBouncer shares.
         with transaction.atomic(using=using):

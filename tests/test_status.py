@@ -13,6 +13,7 @@ import pytest
 
 from django_pgnotify.installation import uninstall_triggers
 from tests.conftest import django_env, run_manage
+from tests.conftest import test_database_url as database_url
 
 LISTENER_SETTINGS = "tests.settings_listener"  # its listeners are named pgnotify_listen_tests
 
@@ -221,3 +222,65 @@ def test_status_gives_up_on_a_query_that_waits_past_the_probe_timeout(other_conn
         '(PGNOTIFY["PROBE_TIMEOUT"]): canceling statement due to statement timeout'
     ) in result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def monitoring_role(other_connection) -> Iterator[str]:
+    """A login role that is neither a superuser nor the listener's, as a monitoring
+    job's: it may read the event table, and not pg_read_all_stats."""
+    import uuid
+
+    from psycopg import sql
+
+    role = f"pgnotify_monitor_{uuid.uuid4().hex[:8]}"
+    other_connection.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    other_connection.execute(
+        sql.SQL("GRANT SELECT ON pgnotify_event TO {}").format(sql.Identifier(role))
+    )
+    schemas = other_connection.execute(
+        "SELECT nspname FROM pg_namespace"
+        " WHERE nspname !~ '^pg_' AND nspname <> 'information_schema'"
+    ).fetchall()
+    for (schema,) in schemas:  # the test database's other schemas, to inspect their triggers
+        other_connection.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(role)
+            )
+        )
+    try:
+        yield role
+    finally:
+        other_connection.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        other_connection.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_status_run_by_another_role_counts_a_listener_whose_details_it_cannot_see(
+    listener_process, monitoring_role
+):
+    # pg_stat_activity shows another role's session with its pid and application_name,
+    # and NULL for its start, address and state.
+    listener_process("--settings", LISTENER_SETTINGS)
+    env = django_env(DATABASE_URL=database_url(user=monitoring_role))
+
+    result = run_manage(
+        "pgnotify_status", "--database", "default", "--settings", LISTENER_SETTINGS, env=env
+    )
+    as_json = run_manage(
+        "pgnotify_status",
+        "--json",
+        "--database",
+        "default",
+        "--settings",
+        LISTENER_SETTINGS,
+        env=env,
+    )
+
+    assert "Traceback" not in result.stderr + as_json.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "details hidden from this role (it needs pg_read_all_stats" in result.stdout
+    assert result.stdout.rstrip().endswith("OK")
+    assert as_json.returncode == 0, as_json.stderr
+    (database,) = json.loads(as_json.stdout)["databases"]
+    (listener,) = database["listeners"]
+    assert listener["since"] is None and listener["state"] is None
+    assert "pg_read_all_stats" in listener["client"]

@@ -6,10 +6,15 @@ import re
 from datetime import timedelta
 from typing import Any
 
+import psycopg
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
+from django_pgnotify.conf import get_setting
+from django_pgnotify.connection import NotPostgreSQL, connection_params, describe
 from django_pgnotify.durable import prune_events
+from django_pgnotify.status import connect_within, exhausted_bound
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -21,7 +26,10 @@ def parse_age(text: str) -> timedelta:
         raise CommandError(
             f"--older-than {text!r}: give a number and a unit (s, m, h, d or w), e.g. 7d."
         )
-    return timedelta(**{_UNITS[match[2]]: float(match[1])})
+    try:
+        return timedelta(**{_UNITS[match[2]]: float(match[1])})
+    except OverflowError:
+        raise CommandError(f"--older-than {text!r} is too long ago to be a date.") from None
 
 
 class Command(BaseCommand):
@@ -52,10 +60,30 @@ class Command(BaseCommand):
             raise CommandError(f"Unknown database alias {options['database']!r}.")
         if options["batch_size"] < 1:
             raise CommandError("--batch-size must be at least 1.")
-        deleted = prune_events(
-            parse_age(options["older_than"]),
-            dead=options["dead"],
-            batch_size=options["batch_size"],
-            using=options["database"],
-        )
+        using = options["database"]
+        older_than = parse_age(options["older_than"])
+        try:
+            where = describe(connection_params(using))
+        except (NotPostgreSQL, ImproperlyConfigured) as exc:
+            raise CommandError(str(exc)) from exc
+        wrapper = connections[using]
+        timeout = float(get_setting("PROBE_TIMEOUT"))
+        try:
+            # A server that accepts and says nothing must not hold a cron job for ever.
+            if wrapper.connection is None:
+                connect_within(wrapper, timeout)
+            deleted = prune_events(
+                older_than, dead=options["dead"], batch_size=options["batch_size"], using=using
+            )
+        except DatabaseError as exc:
+            text = " ".join(str(exc).split())
+            bound = exhausted_bound(using, exc, timeout)
+            if bound is not None and isinstance(exc.__cause__, psycopg.errors.ConnectionTimeout):
+                text = f"did not answer within {bound}: {text}"
+            elif isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
+                text += (
+                    f" (django_pgnotify's migrations are not applied there: run manage.py "
+                    f"migrate django_pgnotify --database {using})"
+                )
+            raise CommandError(f"Database {using!r} ({where}): {text}") from exc
         self.stdout.write(f"Deleted {deleted} durable event(s).")

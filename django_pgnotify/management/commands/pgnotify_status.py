@@ -72,11 +72,14 @@ class Command(BaseCommand):
         if status.queue_usage is not None:
             self.stdout.write(f"  notification queue: {status.queue_usage:.2%} used")
         for listener in status.listeners:
+            if listener["since"] is None:  # another role's session, its details hidden
+                self.stdout.write(f"  listener: pid {listener['pid']}, {listener['client']}")
+                continue
             self.stdout.write(
                 f"  listener: pid {listener['pid']} since {listener['since']} "
                 f"from {listener['client']}"
             )
-        if not status.listeners:
+        if not status.listeners and status.queue_usage is not None:  # else not looked at
             self.stdout.write("  listeners: none")
         if status.durable is not None:
             age = status.durable["oldest_pending_age"]
