@@ -36,20 +36,33 @@ class CapturedChanges(list):
         self.stats: Counter[str] = stats if stats is not None else Counter()
         self.listener = listener
         self._arrived = threading.Condition()
+        self._failure: BaseException | None = None
 
     def add(self, event: RowChange) -> None:
         with self._arrived:
             self.append(event)
             self._arrived.notify_all()
 
+    def fail(self, exc: BaseException) -> None:
+        """Record that the listener ended with ``exc``: waits end at once, saying so."""
+        with self._arrived:
+            self._failure = exc
+            self._arrived.notify_all()
+
     def wait(self, count: int = 1, timeout: float = 5.0) -> list[RowChange]:
         """Block until at least ``count`` changes arrived; return them.
 
         Raises:
-            AssertionError: Fewer arrived within ``timeout`` seconds.
+            AssertionError: Fewer arrived within ``timeout`` seconds, or the
+                listener failed first (its error is the cause).
         """
         with self._arrived:
-            if not self._arrived.wait_for(lambda: len(self) >= count, timeout):
+            arrived = self._arrived.wait_for(
+                lambda: len(self) >= count or self._failure is not None, timeout
+            )
+            if len(self) < count:
+                self._check_listener(f"expected {count} row change(s)")
+            if not arrived:
                 raise AssertionError(
                     f"expected {count} row change(s) within {timeout}s, "
                     f"got {len(self)}: {list(self)!r}"
@@ -60,19 +73,29 @@ class CapturedChanges(list):
         """Block until a change matching ``predicate`` arrived; return the first.
 
         Raises:
-            AssertionError: None arrived within ``timeout`` seconds.
+            AssertionError: None arrived within ``timeout`` seconds, or the
+                listener failed first (its error is the cause).
         """
 
         def first_match() -> RowChange | None:
             return next((event for event in self if predicate(event)), None)
 
         with self._arrived:
-            found = self._arrived.wait_for(first_match, timeout)
+            self._arrived.wait_for(lambda: first_match() or self._failure is not None, timeout)
+            found = first_match()
             if found is None:
+                self._check_listener("no matching row change")
                 raise AssertionError(
                     f"no matching row change within {timeout}s; got {list(self)!r}"
                 )
             return found
+
+    def _check_listener(self, expected: str) -> None:
+        if self._failure is not None:
+            raise AssertionError(
+                f"{expected}, but the pgnotify listener failed: {self._failure!r}; "
+                f"got {list(self)!r}"
+            ) from self._failure
 
 
 @contextmanager
@@ -113,6 +136,7 @@ def capture_row_changes(
             listener.run()
         except BaseException as exc:  # surfaced to the test below
             failure.append(exc)
+            changes.fail(exc)
             listener.ready.set()
 
     row_changed.connect(receive, weak=False)

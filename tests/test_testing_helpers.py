@@ -7,6 +7,7 @@ import pytest
 from django.test import TransactionTestCase
 
 from django_pgnotify import row_changed
+from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import test_database_url as database_url
 from tests.testapp.models import Order, Tag
@@ -78,3 +79,26 @@ def test_a_plain_test_transaction_never_commits_so_nothing_is_announced():
             other.execute("DELETE FROM testapp_tag WHERE name = 'committed'")
 
     assert changes.index(marker) == 0
+
+
+class BrokenDispatcher(Dispatcher):
+    """Dispatching that ends the listener, as a bug in it would."""
+
+    def send_sync(self, *args, **kwargs):
+        raise RuntimeError("a bug in dispatching")
+
+
+def test_a_wait_ends_as_soon_as_the_listener_fails_and_says_why(transactional_db):
+    """Not after its timeout, with "got 0" and nothing about the cause."""
+    with (
+        pytest.raises(RuntimeError, match="the pgnotify listener failed"),
+        capture_row_changes("testapp.Order", dispatcher=BrokenDispatcher()) as changes,
+    ):
+        Order.objects.create(status="never received")
+        with pytest.raises(AssertionError, match="a bug in dispatching") as waited:
+            changes.wait(1, timeout=60)
+        with pytest.raises(AssertionError, match="a bug in dispatching"):
+            changes.wait_for(lambda event: True, timeout=60)
+
+    assert "the pgnotify listener failed" in str(waited.value)
+    assert isinstance(waited.value.__cause__, RuntimeError)
