@@ -777,14 +777,19 @@ def prune_events(
     Pending events are never touched. Returns how many rows were deleted.
     """
     statuses = [DONE, DEAD] if dead else [DONE]
+    # The condition twice: a row the subquery picked may be changed before the DELETE
+    # gets its lock (a dead letter retried, now pending), and PostgreSQL then checks
+    # the DELETE's own condition again on the new row, not the subquery's.
+    condition = sql.SQL("status = ANY(%s) AND coalesce(done_at, created_at) < now() - %s")
     query = sql.SQL(
-        "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE status = ANY(%s) "
-        "AND coalesce(done_at, created_at) < now() - %s LIMIT %s)"
-    ).format(table=_TABLE)
+        "DELETE FROM {table} WHERE {condition} AND id IN "
+        "(SELECT id FROM {table} WHERE {condition} LIMIT %s)"
+    ).format(table=_TABLE, condition=condition)
     total = 0
     with connections[using].cursor() as cursor:
         while True:
-            cursor.execute(query.as_string(None), [statuses, older_than, batch_size])
+            params = [statuses, older_than, statuses, older_than, batch_size]
+            cursor.execute(query.as_string(None), params)
             total += cursor.rowcount
             if cursor.rowcount < batch_size:
                 return total

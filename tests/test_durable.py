@@ -617,6 +617,48 @@ def test_pruning_deletes_only_old_done_events_and_dead_letters_when_asked(transa
     }
 
 
+def test_pruning_leaves_a_dead_letter_made_pending_while_it_waited_on_the_row(other_connection):
+    """A Retry (dead -> pending) that commits while prune waits on the row's lock:
+    PostgreSQL checks the DELETE's own condition again on the new row, not the
+    subquery's, so that condition must say what may be deleted."""
+    dead = DurableEvent.objects.create(
+        declaration="durableapp.Job:default",
+        model="durableapp.job",
+        action="insert",
+        payload='{"pk": 1}',
+        status="dead",
+        done_at=Now() - timedelta(days=8),
+    ).id
+    other_connection.execute("BEGIN")
+    other_connection.execute("UPDATE pgnotify_event SET status = 'pending' WHERE id = %s", [dead])
+    pruned: list[int] = []
+
+    def prune() -> None:
+        try:
+            pruned.append(durable.prune_events(timedelta(days=7), dead=True))
+        finally:
+            connections.close_all()
+
+    def prune_waits() -> bool:
+        with connection.cursor() as cursor:  # not other_connection's: its snapshot stays
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'DELETE FROM %%pgnotify_event%%'"
+            )
+            return cursor.fetchone()[0] == 1
+
+    thread = threading.Thread(target=prune)
+    thread.start()
+    try:
+        wait_until(prune_waits, what="prune waiting on the row")
+    finally:
+        other_connection.execute("COMMIT")
+        thread.join(10)
+
+    assert pruned == [0]
+    assert DurableEvent.objects.get(id=dead).status == "pending"
+
+
 def test_status_reports_backlog_oldest_pending_age_and_dead_letters(other_connection):
     from django_pgnotify.status import database_status
 
