@@ -46,22 +46,37 @@ _COUNTER_HELP = {
 }
 
 
-class ListenerCollector(Collector):
-    """A prometheus-client collector reading one listener's counters and gauges."""
+_CONNECTED_HELP = "1 while the listener is listening."
 
-    def __init__(self, listener: Listener) -> None:
+
+class ListenerCollector(Collector):
+    """A prometheus-client collector reading one listener's counters and gauges.
+
+    Until ``listener`` is set (``pgnotify_listen`` waits for its database to
+    answer before it makes one), only ``pgnotify_connected`` is reported, 0:
+    an alert on it fires while the database is unreachable at start-up too.
+    """
+
+    def __init__(self, listener: Listener | None = None, using: str | None = None) -> None:
         self.listener = listener
+        self.using = using if using is not None or listener is None else listener.using
 
     def collect(self) -> Iterator[Metric]:
         labels = ["database"]
-        using = [self.listener.using]
-        for key in self.listener.counters:
+        listener = self.listener
+        if listener is None:
+            gauge = GaugeMetricFamily("pgnotify_connected", _CONNECTED_HELP, labels=labels)
+            gauge.add_metric([str(self.using)], 0.0)
+            yield gauge
+            return
+        using = [listener.using]
+        for key in listener.counters:
             family = CounterMetricFamily(f"pgnotify_{key}", _COUNTER_HELP[key], labels=labels)
-            family.add_metric(using, self.listener.stats[key])
+            family.add_metric(using, listener.stats[key])
             yield family
-        health = self.listener.health
+        health = listener.health
         gauges = {
-            "connected": ("1 while the listener is listening.", float(health.connected)),
+            "connected": (_CONNECTED_HELP, float(health.connected)),
             "last_event_lag_seconds": (
                 "Seconds from trigger to end of dispatch, of the last event.",
                 health.last_event_lag,
@@ -80,8 +95,11 @@ class ListenerCollector(Collector):
             yield gauge
 
 
-def start_metrics_server(listener: Listener, port: int, addr: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` for ``listener`` on ``addr:port`` from a daemon thread."""
+def start_metrics_server(
+    collector: ListenerCollector, port: int, addr: str = "0.0.0.0"
+) -> ListenerCollector:
+    """Serve ``/metrics`` from ``collector`` on ``addr:port`` from a daemon thread."""
     registry = CollectorRegistry()
-    registry.register(ListenerCollector(listener))
+    registry.register(collector)
     start_http_server(port, addr=addr, registry=registry)
+    return collector

@@ -150,6 +150,30 @@ def test_listen_waits_for_an_unreachable_server_naming_it_and_stops_on_sigterm()
     assert not any("Traceback" in line for line in listener.output("err"))
 
 
+def test_listen_serves_metrics_while_it_waits_for_the_database(transactional_db):
+    """pgnotify_connected 0 from the start, so that an alert on it fires; Prometheus
+    would otherwise see a target down, or nothing while the port is not yet served."""
+    pytest.importorskip("prometheus_client")
+    from tests.test_listener_resilience import free_port, scrape
+
+    port = free_port()
+    url = f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere?connect_timeout=5"
+    listener = ManagedProcess(
+        [sys.executable, "-m", "django", "pgnotify_listen", "--metrics-port", str(port),
+         "--metrics-address", "127.0.0.1"],
+        django_env(DATABASE_URL=url),
+    )  # fmt: skip
+    try:
+        listener.wait_for(r"cannot reach database 'default'", stream="err")
+        body = scrape(port)
+
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+    assert 'pgnotify_connected{database="default"} 0.0' in body
+    assert "pgnotify_received_total" not in body
+
+
 @pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install"])
 def test_commands_report_tables_that_are_not_migrated(command, empty_database_url):
     result = run_manage(command, env=django_env(DATABASE_URL=empty_database_url))

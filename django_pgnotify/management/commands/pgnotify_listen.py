@@ -96,6 +96,12 @@ class Command(BaseCommand):
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
+            # Before the wait for the database: pgnotify_connected says 0 meanwhile.
+            metrics = None
+            if options["metrics_port"] is not None:
+                metrics = self.serve_metrics(
+                    using, options["metrics_port"], options["metrics_address"]
+                )
             states = retry_until_reachable(
                 lambda: installation.inspect_triggers(selectors, using), using, stopping
             )
@@ -114,8 +120,8 @@ class Command(BaseCommand):
             )
             if stopping.is_set():
                 return
-            if options["metrics_port"] is not None:
-                self.serve_metrics(listener[0], options["metrics_port"], options["metrics_address"])
+            if metrics is not None:
+                metrics.listener = listener[0]
             if self.verbosity >= 2:
                 row_changed.connect(
                     self.print_event, weak=False, dispatch_uid="pgnotify_listen_print"
@@ -153,11 +159,12 @@ class Command(BaseCommand):
         except (ImproperlyConfigured, ValueError) as exc:
             raise CommandError(str(exc)) from exc
 
-    def serve_metrics(self, listener: Listener, port: int, address: str) -> None:
+    def serve_metrics(self, using: str, port: int, address: str) -> Any:
+        """Serve /metrics; the listener is set on the collector returned once it exists."""
         try:
-            from django_pgnotify.metrics import start_metrics_server
+            from django_pgnotify.metrics import ListenerCollector, start_metrics_server
 
-            start_metrics_server(listener, port, address)
+            return start_metrics_server(ListenerCollector(using=using), port, address)
         except ImportError as exc:
             raise CommandError(
                 '--metrics-port needs prometheus-client: pip install "django-pgnotify[prometheus]".'
