@@ -13,6 +13,7 @@ from django.test import override_settings
 from django.test.utils import isolate_apps
 
 from django_pgnotify import Notify
+from django_pgnotify.checks import check_declarations
 from django_pgnotify.declarations import get_declarations, raw_declarations, resolve_model
 from tests.conftest import ROOT
 from tests.testapp.models import (
@@ -160,6 +161,15 @@ def test_settings_replace_a_meta_declaration():
 
     assert fields_of(declaration) == ("note",)
     assert declaration.when_changed == ()
+
+
+def test_settings_turn_a_meta_declaration_off_with_none():
+    """For a model whose Meta declares (a third-party app's, say) and announces nothing
+    here: no declaration, no check message, nothing installed for it."""
+    with override_settings(PGNOTIFY={"MODELS": {"testapp.Order": None}}):
+        assert resolve_model(Order, raw_declarations(Order)) == ([], [])
+        assert Order not in {d.model for d in get_declarations()}
+        assert not [m for m in check_declarations() if m.obj is Order]
 
 
 def test_selecting_an_app_gives_the_declarations_of_its_models():
