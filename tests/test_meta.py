@@ -87,10 +87,10 @@ def test_a_multi_table_child_announces_only_its_own_declaration_and_table():
     assert fields_of(place) == ("name",)
 
 
-@isolate_apps("tests.testapp")
-def test_a_multi_table_child_without_meta_takes_its_parents_abstract_declaration():
-    # Django's rule: a child with no Meta of its own takes the first Meta along its
-    # bases, here the abstract grandparent's. The check says so when fields clash.
+def titled_and_post() -> tuple[type[models.Model], type[models.Model]]:
+    """An abstract model whose Meta declares, and a concrete child without a Meta of its
+    own (it takes the abstract one's). Call it inside ``isolate_apps``."""
+
     class Titled(models.Model):
         title = models.CharField(max_length=50)
 
@@ -101,6 +101,15 @@ def test_a_multi_table_child_without_meta_takes_its_parents_abstract_declaration
 
     class Post(Titled):
         pass
+
+    return Titled, Post
+
+
+@isolate_apps("tests.testapp")
+def test_a_multi_table_child_without_meta_takes_its_parents_abstract_declaration():
+    # Django's rule: a child with no Meta of its own takes the first Meta along its
+    # bases, here the abstract grandparent's. The check says so when fields clash.
+    Titled, Post = titled_and_post()
 
     class LongPost(Post):
         body = models.TextField()
@@ -124,17 +133,7 @@ def test_a_proxy_without_pgnotify_has_no_declarations_of_its_own():
 @isolate_apps("tests.testapp")
 def test_a_proxy_inheriting_the_meta_declaration_of_a_model_that_settings_redeclare():
     """The proxy declares nothing of its own: no E006 for a declaration it inherits."""
-
-    class Titled(models.Model):
-        title = models.CharField(max_length=50)
-
-        class Meta:
-            abstract = True
-            app_label = "testapp"
-            pgnotify = Notify(fields=["title"])
-
-    class Post(Titled):
-        pass
+    _, Post = titled_and_post()
 
     class PostProxy(Post):
         class Meta(Post.Meta):
