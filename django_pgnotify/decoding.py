@@ -24,6 +24,7 @@ from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, connections, models
 from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
+from psycopg.types.range import Range
 
 from . import wire
 from .declarations import innermost_field, stored_field
@@ -289,6 +290,41 @@ def _same(value: Any) -> Any:
     return value
 
 
+# A range as PostgreSQL writes it: "empty", or a bracket, each bound (nothing for an
+# infinite one; in double quotes, with " and \\ doubled, when it holds special
+# characters, as a timestamptz's space does), and a bracket.
+_RANGE = re.compile(r'([\[(])("(?:[^"\\]|""|\\.)*"|[^,]*),("(?:[^"\\]|""|\\.)*"|[^\])]*)([\])])')
+_RANGE_ESCAPE = re.compile(r'""|\\(.)')
+
+
+def _range_bound(text: str, convert: Converter) -> Any:
+    if not text:
+        return None  # infinite
+    if text[0] == '"':
+        text = _RANGE_ESCAPE.sub(lambda m: m[1] or '"', text[1:-1])
+    return convert(text)
+
+
+def _range(convert: Converter) -> Converter:
+    """A range column's converter: its text (``to_json`` of a range is the range's
+    text, its bounds rendered in the writer's session, as a timestamptz's offset)
+    to the ``Range`` the database adapter gives, each bound read by ``convert``."""
+
+    def convert_range(value: Any) -> Any:
+        if type(value) is not str:
+            raise TypeError(f"not a range: {value!r}")
+        if value == "empty":
+            return Range(empty=True)
+        match = _RANGE.fullmatch(value)
+        if match is None:
+            raise ValueError(f"not a range: {value!r}")
+        lower = _range_bound(match[2], convert)
+        upper = _range_bound(match[3], convert)
+        return Range(lower, upper, match[1] + match[4])
+
+    return convert_range
+
+
 _CONVERTERS: dict[str, Converter] = {
     "DecimalField": _decimal,
     "FloatField": float,
@@ -302,6 +338,16 @@ _CONVERTERS: dict[str, Converter] = {
     "CharField": _same,
     "TextField": _same,
 }
+# Range fields (django.contrib.postgres), by the type of their bounds.
+_CONVERTERS.update(
+    {
+        "IntegerRangeField": _range(int),
+        "BigIntegerRangeField": _range(int),
+        "DecimalRangeField": _range(Decimal),
+        "DateRangeField": _range(date.fromisoformat),
+        "DateTimeRangeField": _range(_datetime),
+    }
+)
 
 # The elements of an array, which triggers send as to_json() renders them (numeric
 # as strings, see triggers._value): timestamptz with the writer's session offset,

@@ -1,0 +1,110 @@
+"""Statements a DBA or an application runs, against real triggers on tables made for
+the test; payloads read with LISTEN and decoded as the listener decodes them."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from decimal import Decimal
+
+import psycopg
+import pytest
+from django.contrib.postgres.fields import (
+    ArrayField,
+    BigIntegerRangeField,
+    DateRangeField,
+    DateTimeRangeField,
+    DecimalRangeField,
+    IntegerRangeField,
+)
+from django.db import connection, models
+from django.test.utils import isolate_apps
+from psycopg.types.range import Range
+
+from django_pgnotify import Notify
+from django_pgnotify.declarations import resolve_model
+from django_pgnotify.decoding import Decoder
+from django_pgnotify.triggers import build_trigger_sql
+
+TABLE = "pgnotify_test_ranges"
+RANGE_FIELDS = ["ints", "bigs", "decimals", "moments", "days", "spans"]
+
+
+@pytest.fixture
+def ranges_table(other_connection):
+    """A table of range columns, with its model; dropped (triggers and function) after."""
+    other_connection.execute(
+        f"CREATE TABLE {TABLE} (id integer PRIMARY KEY, ints int4range, bigs int8range,"
+        " decimals numrange, moments tstzrange, days daterange, spans int4range[])"
+    )
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type("Meta", (), {"app_label": "testapp", "db_table": TABLE, "managed": False})
+            model = type(
+                "RangesRow",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "id": models.IntegerField(primary_key=True),
+                    "ints": IntegerRangeField(null=True),
+                    "bigs": BigIntegerRangeField(null=True),
+                    "decimals": DecimalRangeField(null=True),
+                    "moments": DateTimeRangeField(null=True),
+                    "days": DateRangeField(null=True),
+                    "spans": ArrayField(IntegerRangeField(), null=True),
+                    "Meta": meta,
+                },
+            )
+            yield model
+    finally:
+        other_connection.execute(f"DROP TABLE IF EXISTS {TABLE} CASCADE")
+        for function in installed:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        installed.clear()
+
+
+installed: list[str] = []
+
+
+def install(model, other_connection, **options):
+    (declaration,), errors = resolve_model(model, Notify(fields=RANGE_FIELDS, **options))
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    installed.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    return declaration
+
+
+@pytest.mark.parametrize("options", [{}, {"level": "row"}, {"old": False}])
+def test_range_fields_arrive_as_the_ranges_the_orm_reads(ranges_table, other_connection, options):
+    declaration = install(ranges_table, other_connection, **options)
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(f"LISTEN {declaration.channel}")
+        # The writer's time zone is in the text of a tstzrange's bounds.
+        other_connection.execute("SET TimeZone = 'Asia/Kolkata'")
+        other_connection.execute(
+            f"INSERT INTO {TABLE} VALUES"
+            " (1, 'empty', '(,)', '[1.50,2.25]', '[2024-01-01 10:00+00,)', '(,2024-02-01)',"
+            " ARRAY['[1,2)'::int4range, 'empty']),"
+            " (2, '[3,4]', '[-9000000000,9000000000)', '(,0)',"
+            " '[\"1890-06-01 12:00:00+00\",\"2030-01-01 00:00:00+00\"]', '[2024-01-01,2024-01-01]',"
+            " NULL)"
+        )
+        other_connection.execute(f"UPDATE {TABLE} SET ints = '[5,6)' WHERE id = 1")
+        payloads = [n.payload for n in listening.notifies(timeout=1, stop_after=3)]
+
+    events = [e for p in payloads for e in Decoder([ranges_table]).decode(p)]
+    assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2), ("update", 1)]
+    read = {row.pk: row for row in ranges_table.objects.all()}
+    assert events[0].fields == {
+        "ints": Range(empty=True),
+        "bigs": Range(None, None, "()"),
+        "decimals": Range(Decimal("1.50"), Decimal("2.25"), "[]"),
+        "moments": Range(datetime(2024, 1, 1, 10, tzinfo=timezone.utc), None, "[)"),
+        "days": Range(None, date(2024, 2, 1), "()"),
+        "spans": [Range(1, 2, "[)"), Range(empty=True)],
+    }
+    for event in events[1:]:
+        assert event.fields == {name: getattr(read[event.pk], name) for name in RANGE_FIELDS}
+    if options.get("old") is not False:
+        assert events[2].old == events[0].fields
+        assert events[2].changed == {"ints"}
