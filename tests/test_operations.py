@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import django_env, run_manage, wait_until
 from tests.test_status import LISTENER_SETTINGS, silent_port  # noqa: F401 (a fixture)
 
@@ -60,9 +62,17 @@ def test_prune_of_a_database_without_the_event_table_says_so_and_what_to_run(
     assert "Traceback" not in result.stderr
 
 
-def test_prune_refuses_an_age_too_long_ago_to_be_a_date_without_a_traceback(transactional_db):
-    result = run_manage("pgnotify_prune", "--older-than", "99999999999d")
+@pytest.mark.parametrize(
+    "age",
+    [
+        "99999999999d",  # more days than a timedelta holds
+        "3000000d",  # a timedelta, but before 4713 BC: PostgreSQL's "timestamp out of range"
+    ],
+)
+def test_prune_refuses_an_age_too_long_ago_to_be_a_date_without_a_traceback(transactional_db, age):
+    result = run_manage("pgnotify_prune", "--older-than", age)
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "--older-than '99999999999d' is too long ago to be a date." in result.stderr
+    assert f"--older-than {age!r} is too long ago to be a date." in result.stderr
+    assert "out of range" not in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -27,9 +27,13 @@ def parse_age(text: str) -> timedelta:
             f"--older-than {text!r}: give a number and a unit (s, m, h, d or w), e.g. 7d."
         )
     try:
-        return timedelta(**{_UNITS[match[2]]: float(match[1])})
+        age = timedelta(**{_UNITS[match[2]]: float(match[1])})
+        # Before the year 1 (and so, further on, before PostgreSQL's 4713 BC): the
+        # server would fail the DELETE with "timestamp out of range".
+        datetime.now(timezone.utc) - age
     except OverflowError:
         raise CommandError(f"--older-than {text!r} is too long ago to be a date.") from None
+    return age
 
 
 class Command(BaseCommand):
