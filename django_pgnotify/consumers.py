@@ -104,7 +104,10 @@ def _forget_declarations(setting: str, **kwargs: Any) -> None:
         _announces.cache_clear()
 
 
-#: Seconds leaving the groups (a consumer ends) or joining them again (renewal) may take.
+#: Seconds joining or leaving the groups (a subscription, a renewal, a consumer that
+#: ends) may take. A layer that does not answer (Redis stalled, a read timeout of
+#: ``None``) must not keep a consumer alive once its socket closed: the ASGI server
+#: waits for it at shutdown.
 LEAVE_TIMEOUT = 5.0
 #: Group memberships are renewed this many times per ``group_expiry`` of the layer, so
 #: that a membership lapses only when several renewals in a row failed (Redis restarting).
@@ -323,13 +326,15 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 wanted.add(groups.resync_group(label))
                 wanted.update(groups.row_group(label, pk) for pk in entry["rows"])
         async with self._groups_lock:
-            for group in sorted(wanted - self.joined):
-                # Before the add: cancelled during it, the consumer still leaves the group.
-                self.joined.add(group)
-                await self.channel_layer.group_add(group, self.channel_name)
-            for group in sorted(self.joined - wanted):
-                await self.channel_layer.group_discard(group, self.channel_name)
-                self.joined.discard(group)
+            try:
+                # Bounded: Channels handles a client's messages one at a time, so the
+                # disconnect of a socket closed meanwhile waits for this to end.
+                await asyncio.wait_for(self._apply_groups(wanted), LEAVE_TIMEOUT)
+            except asyncio.TimeoutError:
+                # As a layer that fails: the consumer ends (and leaves its groups).
+                raise TimeoutError(
+                    f"channel layer did not join or leave groups within {LEAVE_TIMEOUT}s"
+                ) from None
         if self.joined and self._renewing is None:
             expiry = getattr(self.channel_layer, "group_expiry", None)
             if expiry:  # channels_redis's core layer and the in-memory one forget members
@@ -337,6 +342,15 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                     self._renew_groups(expiry / RENEWALS_PER_EXPIRY),
                     name="pgnotify-renew-groups",
                 )
+
+    async def _apply_groups(self, wanted: set[str]) -> None:
+        for group in sorted(wanted - self.joined):
+            # Before the add: cancelled during it, the consumer still leaves the group.
+            self.joined.add(group)
+            await self.channel_layer.group_add(group, self.channel_name)
+        for group in sorted(self.joined - wanted):
+            await self.channel_layer.group_discard(group, self.channel_name)
+            self.joined.discard(group)
 
     async def _renew_groups(self, interval: float) -> None:
         """Join the joined groups again every ``interval`` seconds.

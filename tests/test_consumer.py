@@ -1118,3 +1118,96 @@ def test_a_renewal_the_layer_never_answers_does_not_hold_up_subscriptions(
 
     run(scenario)
     assert any("could not renew" in r.getMessage() for r in caplog.records)
+
+
+# A stalled channel layer, with a real ASGI server
+
+STALLED_SETTINGS = """
+from tests.settings_channels import *  # noqa: F403
+from tests.settings_channels import CHANNEL_LAYERS
+
+# No read timeout (redis-py before 6, or one configured so): a stalled Redis never answers.
+_config = CHANNEL_LAYERS["default"]["CONFIG"]
+_config["hosts"] = [{**host, "socket_timeout": None} for host in _config["hosts"]]
+"""
+
+STALLED_ASGI = """
+from tests.channels_asgi import application  # noqa: F401
+
+from django_pgnotify import consumers
+
+consumers.LEAVE_TIMEOUT = 1.0
+"""
+
+
+def test_a_subscription_in_flight_when_redis_stalls_does_not_keep_the_server_from_exiting(
+    transactional_db, tmp_path
+):
+    """The socket closed while its consumer waited for Redis to join a group: Channels
+    handles the disconnect only after that, so without a bound the consumer, and the
+    ASGI server with it ("Waiting for background tasks to complete"), waited forever."""
+    pytest.importorskip("channels_redis", reason="the channels extra is not installed")
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed")
+    import signal
+    import subprocess
+    import sys
+
+    from django.contrib.auth.models import Permission, User
+    from websockets.asyncio.client import connect as ws_connect
+
+    from django_pgnotify.embedded_redis import EmbeddedRedis, find_redis_server
+    from tests import conftest
+    from tests.test_channels import free_port, session_cookie
+
+    try:
+        find_redis_server()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    viewer = User.objects.create_user("viewer", password="secret")
+    viewer.user_permissions.add(Permission.objects.get(codename="view_order"))
+    (tmp_path / "stalled_settings.py").write_text(STALLED_SETTINGS)
+    (tmp_path / "stalled_asgi.py").write_text(STALLED_ASGI)
+    redis = EmbeddedRedis()
+    redis.start()
+    server = None
+    try:
+        env = conftest.django_env(
+            DJANGO_SETTINGS_MODULE="stalled_settings",
+            DATABASE_URL=conftest.test_database_url(),
+            REDIS_URL=redis.url,
+            PGNOTIFY_TEST_REDIS_PREFIX=f"pgnotify-test-{uuid.uuid4().hex[:8]}",
+        )
+        env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+        port = free_port()
+        server = conftest.ManagedProcess(
+            [sys.executable, "-m", "uvicorn", "stalled_asgi:application", "--port", str(port)],
+            env,
+        )
+        server.wait_for(r"Uvicorn running on", timeout=TIMEOUT, stream="err")
+        headers = {"Cookie": session_cookie(viewer)}
+
+        async def scenario() -> None:
+            url = f"ws://127.0.0.1:{port}/ws/pgnotify/"
+            async with ws_connect(url, additional_headers=headers) as ws:
+                await ws.send(json.dumps({"subscribe": "testapp.order"}))
+                answer = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                assert answer["type"] == "subscribed"
+                assert redis.process is not None
+                redis.process.send_signal(signal.SIGSTOP)
+                # Read before the close frame: the consumer handles it, then waits on Redis.
+                await ws.send(json.dumps({"subscribe": "testapp.order", "pk": 1}))
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the ASGI server did not exit within 10s of SIGTERM")
+        server.wait_for(r"Finished server process", timeout=TIMEOUT, stream="err")
+    finally:
+        if server is not None:
+            server.process.kill()
+            server.process.wait(10)
+        if redis.process is not None:
+            redis.process.send_signal(signal.SIGCONT)
+        redis.close()
