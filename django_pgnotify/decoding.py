@@ -59,7 +59,11 @@ class ModelNotServed(DecodeError):
 def _datetime(value: Any) -> datetime:
     # A column's value comes in UTC without an offset (see triggers._value); an
     # array's elements with the writer's session offset, read as such.
-    parsed = parse_datetime(value) or _datetime_with_seconds_offset(value)
+    parsed = (
+        parse_datetime(value)
+        or _datetime_with_seconds_offset(value)
+        or _datetime_past_the_limits(value)
+    )
     if parsed is None:
         raise ValueError(f"not a datetime: {value!r}")
     if parsed.tzinfo is None:
@@ -83,6 +87,35 @@ def _datetime_with_seconds_offset(value: Any) -> datetime | None:
         return None
     offset = timedelta(hours=int(match[3]), minutes=int(match[4]), seconds=int(match[5]))
     return parsed.replace(tzinfo=timezone(-offset if match[2] == "-" else offset))
+
+
+# A local time on the day after 9999-12-31 or before 0001-01-01 (1 BC), with its offset:
+# a writer ahead of or behind UTC renders so a moment datetime holds in UTC.
+_PAST_THE_LIMITS = re.compile(
+    r"(10000-01-01|0001-12-31)[ T](\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?"
+    r"([+-])(\d\d)(?::?(\d\d))?(?::(\d\d))?( BC)?"
+)
+
+
+def _datetime_past_the_limits(value: Any) -> datetime | None:
+    match = _PAST_THE_LIMITS.fullmatch(value)
+    if match is None or (match[1] == "0001-12-31") != bool(match[10]):
+        return None
+    day, hours, minutes, seconds, fraction, sign = match.groups()[:6]
+    # The same time of day on the last or first day datetime has, then a day on or off.
+    local = datetime(9999, 12, 31) if day.startswith("1") else datetime(1, 1, 1)
+    local = local.replace(
+        hour=int(hours),
+        minute=int(minutes),
+        second=int(seconds),
+        microsecond=int(fraction.ljust(6, "0")) if fraction else 0,
+    )
+    offset = timedelta(hours=int(match[7]), minutes=int(match[8] or 0), seconds=int(match[9] or 0))
+    if sign == "-":
+        offset = -offset
+    # One step: either part alone is past the limit. OverflowError if the sum is too.
+    step = timedelta(days=1 if day.startswith("1") else -1) - offset
+    return (local + step).replace(tzinfo=timezone.utc)
 
 
 def _time(value: Any) -> Any:

@@ -77,12 +77,17 @@ class CapturedChanges(list):
                 listener failed first (its error is the cause).
         """
 
-        def first_match() -> RowChange | None:
-            return next((event for event in self if predicate(event)), None)
+        found: RowChange | None = None
+
+        def matched_or_failed() -> bool:
+            # The predicate sees each change once per look, as it did before the
+            # listener's failure was waited for too.
+            nonlocal found
+            found = next((event for event in self if predicate(event)), None)
+            return found is not None or self._failure is not None
 
         with self._arrived:
-            self._arrived.wait_for(lambda: first_match() or self._failure is not None, timeout)
-            found = first_match()
+            self._arrived.wait_for(matched_or_failed, timeout)
             if found is None:
                 self._check_listener("no matching row change")
                 raise AssertionError(

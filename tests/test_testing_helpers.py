@@ -102,3 +102,23 @@ def test_a_wait_ends_as_soon_as_the_listener_fails_and_says_why(transactional_db
 
     assert "the pgnotify listener failed" in str(waited.value)
     assert isinstance(waited.value.__cause__, RuntimeError)
+
+
+def test_wait_for_asks_the_predicate_about_each_change_once_per_look():
+    """As before waits ended on a listener's failure: a predicate that counts or
+    collects what it is shown sees each change that arrived once."""
+    from django_pgnotify import RowChange
+    from django_pgnotify.testing import CapturedChanges
+
+    changes = CapturedChanges()
+    first, second = RowChange(model=Order, action="insert", pk=1), RowChange(Order, "insert", 2)
+    changes.add(first)
+    changes.add(second)
+    shown = []
+
+    def is_the_second(event):
+        shown.append(event.pk)
+        return event.pk == 2
+
+    assert changes.wait_for(is_the_second, timeout=1) is second
+    assert shown == [1, 2]

@@ -108,3 +108,32 @@ def test_range_fields_arrive_as_the_ranges_the_orm_reads(ranges_table, other_con
     if options.get("old") is not False:
         assert events[2].old == events[0].fields
         assert events[2].changed == {"ints"}
+
+
+def test_moments_within_a_day_of_the_first_and_last_years_arrive_as_the_orm_reads_them(
+    ranges_table, other_connection
+):
+    """A writer ahead of UTC renders 9999-12-31 23:00 UTC in the year 10000, one behind
+    it renders 0001-01-01 00:00 UTC in 1 BC: moments the ORM reads, which came as text."""
+    declaration = install(ranges_table, other_connection, level="row", old=False)
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(f"LISTEN {declaration.channel}")
+        for pk, zone, moments in [
+            (1, "Asia/Kolkata", "[9999-12-31 00:00:00+00,9999-12-31 23:00:00.5+00]"),
+            (2, "America/St_Johns", "[0001-01-01 00:00:00+00,0001-01-02 00:00:00+00)"),
+        ]:
+            other_connection.execute(f"SET TimeZone = '{zone}'")
+            other_connection.execute(
+                f"INSERT INTO {TABLE} (id, moments) VALUES (%s, %s)", (pk, moments)
+            )
+        payloads = [n.payload for n in listening.notifies(timeout=5, stop_after=2)]
+
+    events = [e for p in payloads for e in Decoder([ranges_table]).decode(p)]
+    read = {row.pk: row.moments for row in ranges_table.objects.all()}
+    assert [(e.pk, e.fields["moments"]) for e in events] == [(1, read[1]), (2, read[2])]
+    assert read[1] == Range(
+        datetime(9999, 12, 31, tzinfo=timezone.utc),
+        datetime(9999, 12, 31, 23, 0, 0, 500000, tzinfo=timezone.utc),
+        "[]",
+    )
+    assert read[2].lower == datetime(1, 1, 1, tzinfo=timezone.utc)
