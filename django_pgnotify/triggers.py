@@ -878,6 +878,17 @@ def _value(record: str, column: Column) -> sql.Composable:
         )
     if column.internal_type in _AS_TEXT:
         return sql.SQL("{}::text").format(ref)
+    if column.internal_type in _MOMENT_RANGES:
+        # A range's text renders its bounds in the writer's DateStyle, which may put
+        # the day first or name a zone by an abbreviation: the same text, its bounds
+        # rendered by to_json (ISO 8601, with the offset) instead.
+        return sql.SQL(
+            "CASE WHEN {0} IS NULL THEN NULL WHEN isempty({0}) THEN 'empty' ELSE"
+            " CASE WHEN lower_inc({0}) THEN '[' ELSE '(' END"
+            " || coalesce(to_json(lower({0}))::text, '') || ','"
+            " || coalesce(to_json(upper({0}))::text, '')"
+            " || CASE WHEN upper_inc({0}) THEN ']' ELSE ')' END END"
+        ).format(ref)
     if column.element_type == "DecimalField":
         # numeric arrays too, element by element: text[] keeps the dimensions and
         # the NULL elements, and its JSON holds strings where numeric[]'s holds numbers.
@@ -891,6 +902,7 @@ def _value(record: str, column: Column) -> sql.Composable:
 # Sent as JSON strings: numeric keeps every digit, and a JSON column its text, which
 # the decoder reads with the field's own decoder as the ORM does.
 _AS_TEXT = frozenset({"DecimalField", "JSONField"})
+_MOMENT_RANGES = frozenset({"DateRangeField", "DateTimeRangeField"})
 
 
 def _pause_check(declaration: Declaration) -> sql.Composable:
