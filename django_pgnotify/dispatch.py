@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.db import connections
 
 from .events import RowChange
 from .signals import row_changed
@@ -47,6 +48,17 @@ class Dispatcher:
         #: Durable events whose async receivers have all run, a running count: the
         #: durable worker watches it grow to tell a slow batch from a stuck one.
         self.durable_awaited = 0
+        self._connections_lost = False
+
+    def connections_lost(self) -> None:
+        """The listener lost its connection: the database may have restarted.
+
+        The sync receivers' thread closes its Django connections before the
+        next event (they reconnect when next used), so that a receiver using
+        the ORM gets a working connection, not the broken one of before.
+        Thread-safe.
+        """
+        self._connections_lost = True
 
     def dispatch(self, event: RowChange) -> None:
         """Send ``row_changed`` for ``event`` to every receiver, sync and async."""
@@ -75,6 +87,9 @@ class Dispatcher:
         """
         if done is None:
             done = []
+        if self._connections_lost:
+            self._connections_lost = False
+            close_thread_connections()
         # Django's own lookup; once per model and batch. (Django 5+ splits sync and async.)
         by_model: dict[Any, list[Any]] = {}
         try:
@@ -153,6 +168,15 @@ class Dispatcher:
     def measure_lag(self, event: RowChange) -> None:
         if event.timestamp is not None:
             self.last_event_lag = max(0.0, time.time() - event.timestamp.timestamp())
+
+
+def close_thread_connections() -> None:
+    """Close the calling thread's Django connections; each reconnects when next used."""
+    for wrapper in connections.all(initialized_only=True):
+        try:
+            wrapper.close()
+        except Exception:  # a broken connection may fail to close: it is gone either way
+            logger.debug("pgnotify: closing database connection %r failed", wrapper.alias)
 
 
 def error_text(exc: BaseException) -> str:

@@ -653,7 +653,7 @@ class DurableWorker:
                         _FAIL,
                         {
                             "ids": [row.id for row, _, _ in failed],
-                            "errors": [error[:2000] for _, error, _ in failed],
+                            "errors": [_storable(error)[:2000] for _, error, _ in failed],
                             "dead": [dead for _, _, dead in failed],
                             "delays": [
                                 0.0 if dead else retry_delay(row.attempts)
@@ -687,6 +687,16 @@ class DurableWorker:
                     )
                 )
         return {row_id for cursor in cursors for (row_id,) in await cursor.fetchall()}
+
+
+def _storable(text: str) -> str:
+    """``text`` as a ``text`` column takes it: receivers raise what they like, but
+    PostgreSQL refuses a NUL character and UTF-8 has no encoding for a lone surrogate
+    (a file name decoded with ``surrogateescape``, say). Either would fail the whole
+    settlement, the changes handled beside it included. Both are written escaped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _int_array(values: Sequence[int]) -> str:
@@ -750,17 +760,31 @@ def retry_events(queryset: Any) -> int:
     """Make event rows (typically dead letters) pending again, with a fresh attempt count.
 
     Changes of a row that were handled stay handled: only the others are delivered
-    again. Returns how many rows were made pending.
+    again. A pending row whose lease runs (a listener is dispatching it) is left
+    alone: taking its lease away would hand it to another listener at once, to be
+    dispatched twice at the same time. Returns how many rows were made pending.
     """
     from django.db.models.functions import Now
 
-    return queryset.exclude(status=DONE).update(
-        status=PENDING,
-        attempts=0,
-        available_at=Now(),
-        lease_owner="",
-        lease_until=None,
+    return (
+        queryset.exclude(status=DONE)
+        .exclude(in_hand())
+        .update(
+            status=PENDING,
+            attempts=0,
+            available_at=Now(),
+            lease_owner="",
+            lease_until=None,
+        )
     )
+
+
+def in_hand() -> Any:
+    """The rows a listener holds now: pending, with a lease that has not run out."""
+    from django.db.models import Q
+    from django.db.models.functions import Now
+
+    return Q(status=PENDING, lease_until__gte=Now())
 
 
 def prune_events(

@@ -32,6 +32,7 @@ from contextlib import suppress
 from typing import Any, TypeVar
 
 import psycopg
+from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, OperationalError, close_old_connections, connections
 from django.dispatch import Signal
 from psycopg import pq, sql
@@ -42,7 +43,7 @@ from .backoff import Backoff
 from .conf import get_setting
 from .declarations import Declaration
 from .decoding import DecodeError, Decoder, ModelNotServed
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, close_thread_connections
 from .durable import DurableWorker
 from .events import RowChange
 from .health import COUNTERS, DURABLE_COUNTERS, HealthFile, ListenerHealth, format_record
@@ -237,6 +238,9 @@ class Listener:
             self._wake_all()
             self._started.set()
             await asyncio.gather(dispatching, durable, return_exceptions=True)
+            # The receivers' ORM sessions end with the listener, not at a garbage
+            # collection some time after (a test database could not be dropped meanwhile).
+            executor.submit(close_thread_connections)
             executor.shutdown(wait=True)
             self.health.connected = False
             if self._pending or self._undispatched:
@@ -318,6 +322,10 @@ class Listener:
                     downtime,
                     pid,
                 )
+                # The database may have restarted: receivers get fresh ORM connections,
+                # listener_reconnected's sync receivers (a cache resync) first of all.
+                self.dispatcher.connections_lost()
+                await sync_to_async(close_thread_connections)()
                 await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
             try:
                 await self._until_stopped(self._listen(conn))
@@ -326,6 +334,7 @@ class Listener:
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
                 lost_at = time.monotonic()
                 self.health.connected = False
+                self.dispatcher.connections_lost()
                 logger.warning(
                     "pgnotify: lost the listening connection to %s: %s; reconnecting",
                     where,

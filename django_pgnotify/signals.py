@@ -24,8 +24,10 @@
     Sent when the listener returns, after the event in hand was finished.
     ``sender`` and ``using`` as above; ``stats`` is a copy of its counters.
 
-The listener signals are sent from the listener's event loop thread, to sync
-and async receivers alike; a receiver that raises is logged and ignored.
+The listener signals are sent from the listener's event loop thread: async
+receivers run on it, sync ones in the thread of asgiref's ``sync_to_async``,
+whose Django connections are closed before ``listener_reconnected`` is sent
+(the database may have restarted). A receiver that raises is logged and ignored.
 """
 
 from django.dispatch import Signal

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.db.models.functions import Now
 from django.test import Client
 
 from django_pgnotify.models import DurableEvent
@@ -69,3 +72,32 @@ def test_a_user_who_may_change_retries(dead_letter):
     assert response.status_code == 302
     dead_letter.refresh_from_db()
     assert (dead_letter.status, dead_letter.attempts) == ("pending", 0)
+
+
+def test_retry_leaves_a_row_a_listener_is_delivering_and_says_so(dead_letter):
+    in_hand = DurableEvent.objects.create(
+        declaration="testapp.Order:default",
+        model="testapp.order",
+        action="insert",
+        payload="[2]",
+        attempts=1,
+        lease_owner="host:4242:abcd1234",
+        lease_until=Now() + timedelta(minutes=5),
+    )
+    client = staff_client("view_durableevent", "change_durableevent")
+
+    response = client.post(
+        CHANGELIST,
+        {"action": "retry", "_selected_action": [dead_letter.pk, in_hand.pk]},
+        follow=True,
+    )
+
+    in_hand.refresh_from_db()
+    assert (in_hand.lease_owner, in_hand.attempts) == ("host:4242:abcd1234", 1)
+    dead_letter.refresh_from_db()
+    assert (dead_letter.status, dead_letter.attempts) == ("pending", 0)
+    shown = [str(m) for m in response.context["messages"]]
+    assert shown == [
+        "1 event(s) will be delivered again.",
+        "1 event(s) left as they are: a listener is delivering them now.",
+    ]

@@ -24,6 +24,7 @@ from django_pgnotify.decoding import Decoder
 from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.durable import DurableWorker
 from django_pgnotify.listener import Listener
+from django_pgnotify.models import DurableEvent
 from tests.durableapp.models import Job
 
 
@@ -37,6 +38,8 @@ class Receiver:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
         self.failing: set[int] = set()
+        #: What a failing job raises with, if not the default message.
+        self.error: str | None = None
         self.held_thread = ""
         self.holding = threading.Event()
         self.release = threading.Event()
@@ -48,7 +51,7 @@ class Receiver:
             self.holding.set()
             assert self.release.wait(10), "never released"
         if event.pk in self.failing:
-            raise RuntimeError(f"job {event.pk} fails on purpose")
+            raise RuntimeError(self.error or f"job {event.pk} fails on purpose")
 
 
 @pytest.fixture
@@ -177,6 +180,63 @@ def test_a_stale_listener_keeps_its_hands_off_a_row_another_listener_holds(
     handled_by_a = [pk for thread, pk in receiver.calls if thread.startswith("a")]
     assert handled_by_a == (pks[:1] if a_stops else pks)
     assert [pk for thread, pk in receiver.calls if thread.startswith("b")] == pks
+
+
+@pytest.mark.parametrize(
+    ("message", "stored"),
+    [("nul \x00 byte", "nul \\x00 byte"), ("/data/\udcff.csv", "/data/\\udcff.csv")],
+    ids=["nul", "lone-surrogate"],
+)
+def test_a_receiver_error_no_text_column_takes_is_stored_escaped_and_the_batch_settles(
+    receiver, other_connection, message, stored
+):
+    for n in range(3):  # three statements: three event rows, one batch
+        other_connection.execute(
+            "INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', %s)", [n]
+        )
+    pks = [pk for (pk,) in other_connection.execute("SELECT id FROM durableapp_job ORDER BY id")]
+    receiver.failing, receiver.error = {pks[1]}, message
+    worker = listener()
+
+    async def scenario() -> None:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1, "b") as thread:
+                assert await worker.process_batch(conn, thread) == 3
+
+    run(scenario())
+
+    # The two handled are settled, not left leased to be dispatched again.
+    assert other_connection.execute("SELECT count(*) FROM pgnotify_event").fetchone()[0] == 1
+    assert event_row(other_connection) == {
+        "status": "pending",
+        "attempts": 1,
+        "handled": [],
+        "lease_owner": "",
+    }
+    (error,) = other_connection.execute("SELECT last_error FROM pgnotify_event").fetchone()
+    assert error.endswith(f"RuntimeError: {stored}")
+    assert worker.stats["retries"] == 1
+
+
+def test_retrying_a_row_a_listener_holds_leaves_it_to_that_listener(receiver, other_connection):
+    pks = three_jobs(other_connection)
+    receiver.held_thread = "a"
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            # Retry in the admin while A's receivers run: no second listener gets it.
+            assert await asyncio.to_thread(durable.retry_events, DurableEvent.objects.all()) == 0
+            assert event_row(other_connection)["lease_owner"] == a.owner
+            assert await b.process_batch(b_conn, b_thread) == 0
+            receiver.release.set()
+            assert await a_batch == 1
+
+    run(scenario())
+
+    assert event_row(other_connection) is None  # A's settlement counted
+    assert [pk for _, pk in receiver.calls] == pks  # each change once, by A
+    assert a.stats["durable_lost_leases"] == 0
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ a database that is not up yet, slow receivers; and it says what happened."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
 from psycopg import sql
 
@@ -121,6 +122,103 @@ def test_terminated_listener_reconnects_and_sends_listener_reconnected(other_con
     assert sent["backend_pid"] not in (None, first_pid)
     assert 0 < sent["downtime"] < 5
     assert changes.stats["reconnects"] == 1
+
+
+def orm_pid() -> int:
+    """The backend PID of the calling thread's Django connection (opened if need be)."""
+    connection.ensure_connection()
+    return connection.connection.info.backend_pid
+
+
+def test_a_sync_receiver_gets_a_working_orm_connection_after_the_database_went_away(
+    other_connection,
+):
+    """As after a restart: the listener's session and the receivers' thread's ORM
+    session both end. The first change after the reconnect reaches a receiver
+    whose query works, not one that fails on the connection of before."""
+    seen: list[tuple[str, int]] = []
+    pids: list[int] = []
+
+    def query(sender, event, **kwargs):
+        pids.append(orm_pid())
+        seen.append((event.fields["status"], Tag.objects.count()))
+
+    row_changed.connect(query, sender=Order, weak=False)
+    try:
+        with fast_listener(), capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="before")
+            changes.wait_for(lambda e: e.fields["status"] == "before")
+            listening = changes.listener.health.backend_pid
+            terminate(other_connection, pids[0])
+            terminate(other_connection, listening)
+            wait_until(lambda: changes.stats["reconnects"] == 1, what="a reconnect")
+            Order.objects.create(status="after")
+            changes.wait_for(lambda e: e.fields["status"] == "after")
+    finally:
+        row_changed.disconnect(query, sender=Order)
+
+    assert seen == [("before", 0), ("after", 0)]
+    assert changes.stats["receiver_errors"] == 0
+    assert pids[1] != pids[0]
+
+
+def test_a_listener_reconnected_receiver_gets_a_working_orm_connection(other_connection):
+    """The resync that docs/signals.md suggests: a sync receiver of listener_reconnected
+    querying the database it lost, in the thread whose connection listener_started's
+    receiver opened before the database went away."""
+    seen: list[tuple[str, object]] = []
+
+    def started(sender, **kwargs):
+        seen.append(("started", orm_pid()))
+
+    def reconnected(sender, **kwargs):
+        try:
+            seen.append(("reconnected", Tag.objects.count()))
+        except Exception as exc:
+            seen.append(("reconnected", exc))
+
+    def stopped(sender, **kwargs):
+        connection.close()  # this thread outlives the test
+
+    signals = [(listener_started, started), (listener_reconnected, reconnected)]
+    signals.append((listener_stopped, stopped))
+    for signal, receiver in signals:
+        signal.connect(receiver, weak=False)
+    try:
+        with fast_listener(), capture_row_changes("testapp.Order") as changes:
+            terminate(other_connection, seen[0][1])
+            terminate(other_connection, changes.listener.health.backend_pid)
+            wait_until(lambda: len(seen) == 2, what="listener_reconnected")
+    finally:
+        for signal, receiver in signals:
+            signal.disconnect(receiver)
+
+    assert seen[1] == ("reconnected", 0)
+
+
+def test_the_receivers_orm_session_ends_when_the_listener_stops(other_connection):
+    """Not at a garbage collection some time later: a test database with a session
+    left on it cannot be dropped."""
+    pids: list[int] = []
+
+    def query(sender, event, **kwargs):
+        pids.append(orm_pid())
+
+    def session_open() -> bool:
+        row = other_connection.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", pids)
+        return row.fetchone() is not None
+
+    row_changed.connect(query, sender=Order, weak=False)
+    gc.disable()  # the wrapper is in reference cycles: only the collector would free it
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="new")
+            changes.wait(1)
+            assert session_open()
+        wait_until(lambda: not session_open(), timeout=5, what="the receivers' session ended")
+    finally:
+        gc.enable()
+        row_changed.disconnect(query, sender=Order)
 
 
 def test_lifecycle_signals_are_sent_to_sync_and_async_receivers(transactional_db):
