@@ -9,7 +9,7 @@ from django.contrib.auth import get_permission_codename
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from .durable import in_hand, retry_events
+from .durable import retry_events_counted
 from .models import DurableEvent
 
 
@@ -65,8 +65,7 @@ class DurableEventAdmin(admin.ModelAdmin):
         description="Retry the selected events (attempts start again)", permissions=["retry"]
     )
     def retry(self, request: HttpRequest, queryset: QuerySet[DurableEvent]) -> None:
-        held = queryset.filter(in_hand()).count()
-        count = retry_events(queryset)
+        count, held = retry_events_counted(queryset)
         self.message_user(request, f"{count} event(s) will be delivered again.", messages.SUCCESS)
         if held:
             self.message_user(

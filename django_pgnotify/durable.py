@@ -764,27 +764,43 @@ def retry_events(queryset: Any) -> int:
     alone: taking its lease away would hand it to another listener at once, to be
     dispatched twice at the same time. Returns how many rows were made pending.
     """
+    return retry_events_counted(queryset)[0]
+
+
+def retry_events_counted(queryset: Any) -> tuple[int, int]:
+    """As :func:`retry_events`; returns how many rows were made pending and how many
+    were left to the listener holding them.
+
+    Both are decided at one moment, the rows locked meanwhile: a lease that runs out,
+    or a claim made, between a count and the update would make them disagree.
+    """
+    from django.contrib.postgres.functions import TransactionNow
+    from django.db import transaction
     from django.db.models.functions import Now
 
-    return (
-        queryset.exclude(status=DONE)
-        .exclude(in_hand())
-        .update(
+    table = queryset.model._default_manager.db_manager(queryset.db)
+    with transaction.atomic(using=queryset.db):
+        selected = queryset.exclude(status=DONE).values("pk")  # a subquery: any queryset
+        locked = table.filter(pk__in=selected).select_for_update().order_by("pk")
+        rows = table.filter(pk__in=list(locked.values_list("pk", flat=True)))
+        held = rows.filter(in_hand(TransactionNow())).count()  # the transaction's start
+        count = rows.exclude(in_hand(TransactionNow())).update(
             status=PENDING,
             attempts=0,
             available_at=Now(),
             lease_owner="",
             lease_until=None,
         )
-    )
+    return count, held
 
 
-def in_hand() -> Any:
-    """The rows a listener holds now: pending, with a lease that has not run out."""
+def in_hand(now: Any = None) -> Any:
+    """The rows a listener holds (at ``now``, default the statement's time): pending,
+    with a lease that has not run out."""
     from django.db.models import Q
     from django.db.models.functions import Now
 
-    return Q(status=PENDING, lease_until__gte=Now())
+    return Q(status=PENDING, lease_until__gte=Now() if now is None else now)
 
 
 def prune_events(

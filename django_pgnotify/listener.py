@@ -224,6 +224,11 @@ class Listener:
         self._stats_interval = float(get_setting("STATS_INTERVAL"))
         self._next_stats = time.monotonic() + self._stats_interval
         executor = ThreadPoolExecutor(1, thread_name_prefix="pgnotify-dispatch")
+        # The sync receivers of the listener signals run in a thread of the listener's
+        # own, not in asgiref's sync_to_async thread: in an ASGI server that thread is
+        # shared with other code (Channels consumers, the async ORM), whose connections
+        # the listener must not close when it closes its receivers' (see _connect_loop).
+        self._signals_thread = ThreadPoolExecutor(1, thread_name_prefix="pgnotify-signals")
         dispatching = asyncio.ensure_future(self._dispatch_loop(executor))
         durable = asyncio.ensure_future(self._durable_loop(executor))
         # Either ending before a stop is a bug: the listener ends with its error, at
@@ -240,8 +245,7 @@ class Listener:
             await asyncio.gather(dispatching, durable, return_exceptions=True)
             # The receivers' ORM sessions end with the listener, not at a garbage
             # collection some time after (a test database could not be dropped meanwhile).
-            executor.submit(close_thread_connections)
-            executor.shutdown(wait=True)
+            _end_thread(executor)
             self.health.connected = False
             if self._pending or self._undispatched:
                 logger.info(
@@ -252,7 +256,10 @@ class Listener:
                 )
             if self.health_file:
                 self.health_file.remove()
-            await self._send(listener_stopped, stats=Counter(self.stats))
+            try:
+                await self._send(listener_stopped, stats=Counter(self.stats))
+            finally:
+                _end_thread(self._signals_thread)
             logger.info("pgnotify: listener stopped (%s)", _summary(self.stats, self.counters))
         if dispatching.cancelled():
             # Nothing here cancels it: an async receiver raised CancelledError of its
@@ -325,7 +332,9 @@ class Listener:
                 # The database may have restarted: receivers get fresh ORM connections,
                 # listener_reconnected's sync receivers (a cache resync) first of all.
                 self.dispatcher.connections_lost()
-                await sync_to_async(close_thread_connections)()
+                await asyncio.get_running_loop().run_in_executor(
+                    self._signals_thread, close_thread_connections
+                )
                 await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
             try:
                 await self._until_stopped(self._listen(conn))
@@ -889,14 +898,60 @@ class Listener:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def _send(self, signal: Signal, **kwargs: Any) -> None:
-        """Send a lifecycle signal; a receiver that raises is logged, never fatal."""
-        for receiver, result in await signal.asend_robust(sender=self, using=self.using, **kwargs):
+        """Send a lifecycle signal; a receiver that raises is logged, never fatal.
+
+        As ``Signal.asend_robust``, but the sync receivers run in the listener's
+        signals thread (see :meth:`serve`), then the async ones on the event loop.
+        """
+        named = {"sender": self, "using": self.using, **kwargs}
+        sync_receivers, async_receivers = signal._live_receivers(self)
+        results: list[tuple[Any, Any]] = []
+        if sync_receivers:
+
+            def send_sync() -> list[tuple[Any, Any]]:
+                return [(receiver, _robust(receiver, signal, named)) for receiver in sync_receivers]
+
+            results += await sync_to_async(
+                send_sync, thread_sensitive=False, executor=self._signals_thread
+            )()
+        if async_receivers:
+
+            async def send(receiver: Any) -> Any:
+                try:
+                    return await receiver(signal=signal, **named)
+                except Exception as exc:
+                    return exc
+
+            outcomes = await asyncio.gather(*(send(receiver) for receiver in async_receivers))
+            results += zip(async_receivers, outcomes, strict=True)
+        for receiver, result in results:
             if isinstance(result, Exception):
                 logger.error(
                     "pgnotify: receiver %s of a listener signal failed",
                     getattr(receiver, "__qualname__", receiver),
                     exc_info=result,
                 )
+
+
+def _robust(receiver: Any, signal: Signal, named: dict[str, Any]) -> Any:
+    """``receiver``'s response, or the exception it raised."""
+    try:
+        return receiver(signal=signal, **named)
+    except Exception as exc:
+        return exc
+
+
+def _end_thread(executor: ThreadPoolExecutor) -> None:
+    """Close the Django connections of ``executor``'s thread, then end it.
+
+    Its receivers' ORM sessions end with the listener, not at a garbage collection some
+    time after (a test database could not be dropped meanwhile). At interpreter exit
+    (a listener stopped by an ``atexit`` handler) ``concurrent.futures`` refuses new
+    work: its threads have already ended, their connections with them.
+    """
+    with suppress(RuntimeError):
+        executor.submit(close_thread_connections)
+    executor.shutdown(wait=True)
 
 
 def retry_until_reachable(

@@ -25,9 +25,11 @@
     ``sender`` and ``using`` as above; ``stats`` is a copy of its counters.
 
 The listener signals are sent from the listener's event loop thread: async
-receivers run on it, sync ones in the thread of asgiref's ``sync_to_async``,
-whose Django connections are closed before ``listener_reconnected`` is sent
-(the database may have restarted). A receiver that raises is logged and ignored.
+receivers run on it, sync ones in a thread of the listener's own (one for all
+three signals; not asgiref's ``sync_to_async`` thread, which an ASGI server
+shares with other code). That thread's Django connections are closed before
+``listener_reconnected`` is sent (the database may have restarted) and when the
+listener stops. A receiver that raises is logged and ignored.
 """
 
 from django.dispatch import Signal

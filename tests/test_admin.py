@@ -10,6 +10,7 @@ from django.db.models.functions import Now
 from django.test import Client
 
 from django_pgnotify.models import DurableEvent
+from tests.conftest import wait_until
 
 CHANGELIST = "/admin/django_pgnotify/durableevent/"
 
@@ -101,3 +102,48 @@ def test_retry_leaves_a_row_a_listener_is_delivering_and_says_so(dead_letter):
         "1 event(s) will be delivered again.",
         "1 event(s) left as they are: a listener is delivering them now.",
     ]
+
+
+def test_retry_counts_what_it_did_when_a_lease_runs_out_meanwhile(dead_letter, other_connection):
+    """The lease of the row in hand ends while Retry runs: the row is counted once,
+    as left or as retried, never as both."""
+    from django.db import connection
+
+    in_hand = DurableEvent.objects.create(
+        declaration="testapp.Order:default",
+        model="testapp.order",
+        action="insert",
+        payload="[2]",
+        attempts=1,
+        lease_owner="host:4242:abcd1234",
+        lease_until=Now() + timedelta(seconds=1),
+    )
+    in_hand.refresh_from_db()
+
+    def lease_over() -> bool:
+        query = "SELECT clock_timestamp() > %s"
+        return other_connection.execute(query, [in_hand.lease_until]).fetchone()[0]
+
+    def update_once_the_lease_is_over(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("UPDATE") and "pgnotify_event" in sql:
+            wait_until(lease_over, timeout=10, what="the lease ran out")
+        return execute(sql, params, many, context)
+
+    client = staff_client("view_durableevent", "change_durableevent")
+    with connection.execute_wrapper(update_once_the_lease_is_over):
+        response = client.post(
+            CHANGELIST,
+            {"action": "retry", "_selected_action": [dead_letter.pk, in_hand.pk]},
+            follow=True,
+        )
+
+    in_hand.refresh_from_db()
+    retried = in_hand.lease_owner == ""
+    shown = [str(m) for m in response.context["messages"]]
+    if retried:
+        assert shown == ["2 event(s) will be delivered again."]
+    else:
+        assert shown == [
+            "1 event(s) will be delivered again.",
+            "1 event(s) left as they are: a listener is delivering them now.",
+        ]

@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 from django_pgnotify import durable, row_changed
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.decoding import Decoder
-from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify.dispatch import Dispatcher, close_thread_connections
 from django_pgnotify.durable import DurableWorker
 from django_pgnotify.listener import Listener
 from django_pgnotify.models import DurableEvent
@@ -218,6 +218,14 @@ def test_a_receiver_error_no_text_column_takes_is_stored_escaped_and_the_batch_s
     assert worker.stats["retries"] == 1
 
 
+def retry_all() -> int:
+    """``retry_events`` of every row, from a passing thread: its session ends with it."""
+    try:
+        return durable.retry_events(DurableEvent.objects.all())
+    finally:
+        close_thread_connections()
+
+
 def test_retrying_a_row_a_listener_holds_leaves_it_to_that_listener(receiver, other_connection):
     pks = three_jobs(other_connection)
     receiver.held_thread = "a"
@@ -226,7 +234,7 @@ def test_retrying_a_row_a_listener_holds_leaves_it_to_that_listener(receiver, ot
     async def scenario() -> None:
         async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
             # Retry in the admin while A's receivers run: no second listener gets it.
-            assert await asyncio.to_thread(durable.retry_events, DurableEvent.objects.all()) == 0
+            assert await asyncio.to_thread(retry_all) == 0
             assert event_row(other_connection)["lease_owner"] == a.owner
             assert await b.process_batch(b_conn, b_thread) == 0
             receiver.release.set()

@@ -27,7 +27,7 @@ from django_pgnotify import row_changed
 from django_pgnotify.backoff import Backoff
 from django_pgnotify.connection import connection_params
 from django_pgnotify.declarations import get_declarations
-from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify.dispatch import Dispatcher, close_thread_connections
 from django_pgnotify.listener import Listener
 from django_pgnotify.signals import listener_reconnected, listener_started, listener_stopped
 from django_pgnotify.testing import capture_row_changes
@@ -196,6 +196,39 @@ def test_a_listener_reconnected_receiver_gets_a_working_orm_connection(other_con
     assert seen[1] == ("reconnected", 0)
 
 
+def test_a_reconnect_leaves_the_orm_sessions_of_other_async_code_alone(other_connection):
+    """Async code outside a request (a Channels consumer, say) streams a queryset with
+    aiterator(): between chunks its server-side cursor lives on the connection of
+    asgiref's shared sync_to_async thread. A listener in the same process that
+    reconnects meanwhile must not close that connection under it."""
+    from asgiref.sync import sync_to_async
+
+    Tag.objects.bulk_create(Tag(name=f"tag{n}") for n in range(4))
+    reconnected = threading.Event()
+
+    async def on_reconnected(sender, **kwargs):
+        reconnected.set()
+
+    async def stream(changes) -> list[str]:
+        names: list[str] = []
+        async for tag in Tag.objects.order_by("name").aiterator(chunk_size=2):
+            names.append(tag.name)
+            if len(names) == 2:  # between the chunks
+                terminate(other_connection, changes.listener.health.backend_pid)
+                assert await asyncio.to_thread(reconnected.wait, 10), "no reconnect"
+        return names
+
+    listener_reconnected.connect(on_reconnected, weak=False)
+    try:
+        with fast_listener(), capture_row_changes("testapp.Order") as changes:
+            names = asyncio.run(stream(changes))
+    finally:
+        listener_reconnected.disconnect(on_reconnected)
+        asyncio.run(sync_to_async(close_thread_connections)())  # that thread outlives the test
+
+    assert names == ["tag0", "tag1", "tag2", "tag3"]
+
+
 def test_the_receivers_orm_session_ends_when_the_listener_stops(other_connection):
     """Not at a garbage collection some time later: a test database with a session
     left on it cannot be dropped."""
@@ -219,6 +252,55 @@ def test_the_receivers_orm_session_ends_when_the_listener_stops(other_connection
     finally:
         gc.enable()
         row_changed.disconnect(query, sender=Order)
+
+
+STOPPED_AT_EXIT = """
+import atexit, threading
+import django
+
+django.setup()
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.listener import Listener
+
+listener = Listener(get_declarations(["testapp.Order"]), "default")
+failures = []
+
+
+def run():
+    try:
+        listener.run()
+    except BaseException as exc:
+        failures.append(exc)
+
+
+thread = threading.Thread(target=run, daemon=True)
+thread.start()
+assert listener.ready.wait(20), "the listener did not start"
+
+
+@atexit.register
+def stop():
+    listener.stop()
+    thread.join(20)
+    print("running" if thread.is_alive() else f"stopped {failures!r}", flush=True)
+"""
+
+
+def test_a_listener_stopped_by_an_atexit_handler_stops_cleanly(transactional_db):
+    """By then concurrent.futures takes no new work: ending the dispatch thread
+    must not fail the stop (nor keep listener_stopped from being sent)."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_AT_EXIT],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=django_env(DATABASE_URL=database_url()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped []"), done.stderr
 
 
 def test_lifecycle_signals_are_sent_to_sync_and_async_receivers(transactional_db):
