@@ -13,7 +13,9 @@ import os
 
 from django_pgnotify.embedded import database_settings
 
-SECRET_KEY = "example-project-only-not-a-secret"
+# Development settings. A real project reads its secret from the environment, with no
+# default, and never runs with DEBUG: do not copy these two lines into one.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-project-only-not-a-secret")
 DEBUG = True
 ALLOWED_HOSTS: list[str] = []
 USE_TZ = True
