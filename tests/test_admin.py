@@ -75,16 +75,21 @@ def test_a_user_who_may_change_retries(dead_letter):
     assert (dead_letter.status, dead_letter.attempts) == ("pending", 0)
 
 
-def test_retry_leaves_a_row_a_listener_is_delivering_and_says_so(dead_letter):
-    in_hand = DurableEvent.objects.create(
+def leased_event(lease: timedelta) -> DurableEvent:
+    """A pending event a listener holds, its lease running out after ``lease``."""
+    return DurableEvent.objects.create(
         declaration="testapp.Order:default",
         model="testapp.order",
         action="insert",
         payload="[2]",
         attempts=1,
         lease_owner="host:4242:abcd1234",
-        lease_until=Now() + timedelta(minutes=5),
+        lease_until=Now() + lease,
     )
+
+
+def test_retry_leaves_a_row_a_listener_is_delivering_and_says_so(dead_letter):
+    in_hand = leased_event(timedelta(minutes=5))
     client = staff_client("view_durableevent", "change_durableevent")
 
     response = client.post(
@@ -109,15 +114,7 @@ def test_retry_counts_what_it_did_when_a_lease_runs_out_meanwhile(dead_letter, o
     as left or as retried, never as both."""
     from django.db import connection
 
-    in_hand = DurableEvent.objects.create(
-        declaration="testapp.Order:default",
-        model="testapp.order",
-        action="insert",
-        payload="[2]",
-        attempts=1,
-        lease_owner="host:4242:abcd1234",
-        lease_until=Now() + timedelta(seconds=1),
-    )
+    in_hand = leased_event(timedelta(seconds=1))
     in_hand.refresh_from_db()
 
     def lease_over() -> bool:
