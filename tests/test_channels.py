@@ -52,7 +52,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(params=["core", "pubsub"])
-def channels_env(request, transactional_db) -> dict[str, str]:
+def channels_env(request, transactional_db) -> Iterator[dict[str, str]]:
     """Environment of the child processes: test database, Redis, a prefix of our own.
 
     Each test runs with both of channels_redis's layers.
@@ -61,13 +61,29 @@ def channels_env(request, transactional_db) -> dict[str, str]:
         url = redis_url()
     except RuntimeError as exc:  # no REDIS_URL and no redis-server to start
         pytest.skip(str(exc))
-    return django_env(
+    env = django_env(
         DJANGO_SETTINGS_MODULE="tests.settings_channels",
         DATABASE_URL=conftest.test_database_url(),
         REDIS_URL=url,
         PGNOTIFY_TEST_REDIS_PREFIX=f"pgnotify-test-{uuid.uuid4().hex[:8]}",
         PGNOTIFY_TEST_CHANNEL_LAYER=request.param,
     )
+    yield env
+    forget_keys(url, env["PGNOTIFY_TEST_REDIS_PREFIX"])
+
+
+def forget_keys(url: str, prefix: str) -> None:
+    """Delete the keys under ``prefix``: the consumers of a server the test killed never
+    left their groups, whose keys would stay in a shared Redis for a day."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture
