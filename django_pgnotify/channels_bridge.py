@@ -40,6 +40,7 @@ from django.utils.duration import duration_iso_string
 from . import groups
 from .backoff import Backoff
 from .conf import get_setting
+from .connection import cancel_and_wait
 from .dispatch import Dispatcher
 from .events import RowChange
 from .health import FORWARD_COUNTERS
@@ -445,8 +446,7 @@ class ChannelLayerForwarder:
                 break
             await asyncio.sleep(0.02)
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         self._sending = 0
 

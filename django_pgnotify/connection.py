@@ -134,6 +134,22 @@ async def within(conn: psycopg.AsyncConnection, work: Awaitable[T], timeout: flo
     return task.result()
 
 
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again while it runs on.
+
+    Before Python 3.12, ``asyncio.wait_for()`` drops a cancellation that arrives
+    as the work it waits for ends (it returns or raises that work's outcome
+    instead), and a task in a retry loop would then go on for good.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CANCEL_AGAIN)
+    await asyncio.gather(task, return_exceptions=True)  # its error, if any, is seen
+
+
+_CANCEL_AGAIN = 0.05
+
+
 async def until_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T:
     """The result of ``work``, or ``work`` cancelled as soon as ``stop`` is set.
 
@@ -150,8 +166,7 @@ async def until_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T:
     finally:
         stopped.cancel()
         if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait(task)
     if task.cancelled():
         raise Stopped
     return task.result()

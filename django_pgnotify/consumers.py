@@ -36,6 +36,7 @@ from django.utils import timezone
 
 from . import groups
 from .conf import get_setting
+from .connection import cancel_and_wait
 from .declarations import get_declarations
 
 logger = logging.getLogger("django_pgnotify.consumers")
@@ -154,8 +155,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         """Leave every group joined, each one even when leaving another fails."""
         renewing = getattr(self, "_renewing", None)
         if renewing is not None:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            await cancel_and_wait(renewing)
             self._renewing = None
         joined: set[str] = getattr(self, "joined", set())
         self.joined = set()

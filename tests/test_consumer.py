@@ -10,6 +10,7 @@ import json
 import logging
 import uuid
 from collections import Counter
+from contextlib import suppress
 from decimal import Decimal
 from typing import Any
 
@@ -544,6 +545,28 @@ def test_messages_not_sent_when_the_drain_at_stop_times_out_are_logged_and_count
         "2 message(s) for channel layer 'default' not sent at stop" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def deaf_to_one_cancellation() -> None:
+    """What a task does when ``asyncio.wait_for()`` (before Python 3.12) drops a
+    cancellation that arrives as the work it waits for ends: it goes on."""
+    with suppress(asyncio.CancelledError):
+        await asyncio.sleep(60)
+    await asyncio.sleep(60)
+
+
+def test_a_drain_ends_when_the_forwarder_drops_a_cancellation(settings):
+    """The forwarder's send is in wait_for(): a cancellation dropped there left it
+    retrying with backoff, and the listener's stop waiting for it."""
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default", row_groups=False)
+        forwarder._task = asyncio.ensure_future(deaf_to_one_cancellation())
+        await asyncio.sleep(0)  # it waits in its first sleep
+        await forwarder.drain(timeout=0)
+        assert forwarder._task is None
+
+    run(scenario)
 
 
 def test_events_that_do_not_wait_are_sent_at_once_one_per_batch(settings):

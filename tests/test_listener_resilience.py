@@ -1664,3 +1664,18 @@ def test_a_listener_waiting_to_reconnect_ends_as_soon_as_durable_processing_ends
         thread.join(10)
 
     assert [str(e) for e in failures] == ["a bug in durable processing"]
+
+
+def test_a_stop_ends_work_that_drops_a_cancellation():
+    """Before Python 3.12, wait_for() may drop a cancellation that arrives as the work
+    it waits for ends: until_stopped() cancels again until the work has ended."""
+    from django_pgnotify.connection import Stopped, until_stopped
+    from tests.test_consumer import deaf_to_one_cancellation
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.05, stop.set)
+        with pytest.raises(Stopped):
+            await until_stopped(stop, deaf_to_one_cancellation())
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
