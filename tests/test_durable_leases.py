@@ -112,6 +112,18 @@ def run(scenario) -> None:
     asyncio.run(asyncio.wait_for(scenario, 60))
 
 
+def batches(worker: DurableWorker, count: int = 1) -> list[int]:
+    """What ``count`` ``process_batch`` calls in a row of ``worker`` return (the changes
+    each dispatched), on one connection of its own."""
+
+    async def scenario() -> list[int]:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1, "b") as thread:
+                return [await worker.process_batch(conn, thread) for _ in range(count)]
+
+    return asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 def test_a_stale_failure_neither_stores_handled_positions_twice_nor_makes_the_row_loop(
     receiver, other_connection, caplog
 ):
@@ -197,13 +209,7 @@ def test_a_receiver_error_no_text_column_takes_is_stored_escaped_and_the_batch_s
     pks = [pk for (pk,) in other_connection.execute("SELECT id FROM durableapp_job ORDER BY id")]
     receiver.failing, receiver.error = {pks[1]}, message
     worker = listener()
-
-    async def scenario() -> None:
-        async with await worker._connect() as conn:
-            with ThreadPoolExecutor(1, "b") as thread:
-                assert await worker.process_batch(conn, thread) == 3
-
-    run(scenario())
+    assert batches(worker) == [3]
 
     # The two handled are settled, not left leased to be dispatched again.
     assert other_connection.execute("SELECT count(*) FROM pgnotify_event").fetchone()[0] == 1
@@ -260,14 +266,7 @@ def test_a_row_that_stored_a_handled_position_twice_is_done_once_all_are_handled
 ):
     pks = row_with_a_position_stored_twice
     worker = listener()
-
-    async def scenario() -> None:
-        async with await worker._connect() as conn:
-            with ThreadPoolExecutor(1, "b") as thread:
-                assert await worker.process_batch(conn, thread) == 1
-                assert await worker.process_batch(conn, thread) == 0  # not claimed again
-
-    run(scenario())
+    assert batches(worker, 2) == [1, 0]  # not claimed again
 
     assert event_row(other_connection) is None
     assert [pk for _, pk in receiver.calls] == [pks[1]]
@@ -279,13 +278,7 @@ def test_a_row_that_stored_a_handled_position_twice_is_mended_when_settled_again
 ):
     receiver.failing = {row_with_a_position_stored_twice[1]}
     worker = listener()
-
-    async def scenario() -> None:
-        async with await worker._connect() as conn:
-            with ThreadPoolExecutor(1, "b") as thread:
-                assert await worker.process_batch(conn, thread) == 1
-
-    run(scenario())
+    assert batches(worker) == [1]
 
     assert event_row(other_connection)["handled"] == [0, 2]  # each position once
     assert durable.backlog().pending == 1
@@ -374,15 +367,8 @@ def test_a_row_claimed_past_its_attempts_and_never_settled_is_a_dead_letter_not_
     other_connection.execute("UPDATE pgnotify_event SET handled = '{0}'")
     abandon(other_connection, attempts=3)
     worker = listener()
-
-    async def scenario() -> None:
-        async with await worker._connect() as conn:
-            with ThreadPoolExecutor(1, "b") as thread:
-                assert await worker.process_batch(conn, thread) == 1
-                assert await worker.process_batch(conn, thread) == 0
-
     with caplog.at_level(logging.ERROR, logger="django_pgnotify.durable"):
-        run(scenario())
+        assert batches(worker, 2) == [1, 0]
 
     assert receiver.calls == []
     assert event_row(other_connection) == {
