@@ -69,9 +69,10 @@ def terminate(conn: psycopg.Connection, pid: int) -> None:
 # Backoff
 
 
-def listener_thread(listener: Listener) -> tuple[threading.Thread, list[BaseException]]:
-    """A thread (not started) that runs ``listener``, and the list it puts what
-    ``run()`` raised in."""
+@contextmanager
+def listener_thread(listener: Listener) -> Iterator[tuple[threading.Thread, list[BaseException]]]:
+    """Run ``listener`` in a thread for the block; yield the thread and the list it
+    puts what ``run()`` raised in. The block's end stops the listener and waits for it."""
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -80,7 +81,13 @@ def listener_thread(listener: Listener) -> tuple[threading.Thread, list[BaseExce
         except BaseException as exc:
             failures.append(exc)
 
-    return threading.Thread(target=run, daemon=True), failures
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield thread, failures
+    finally:
+        listener.stop()
+        thread.join(10)
 
 
 def test_backoff_doubles_with_jitter_up_to_its_cap():
@@ -1589,16 +1596,13 @@ def test_a_dispatch_ended_by_cancelled_error_stops_the_listener_loudly(transacti
 
     listener = Listener(get_declarations(["testapp.Order"]), dispatcher=CancelledDispatcher())
     row_changed.connect(receiver, sender=Order, weak=False)
-    thread, failures = listener_thread(listener)
     try:
-        thread.start()
-        assert listener.ready.wait(10), "the listener did not start"
-        Order.objects.create()
-        thread.join(10)
+        with listener_thread(listener) as (thread, failures):
+            assert listener.ready.wait(10), "the listener did not start"
+            Order.objects.create()
+            thread.join(10)
     finally:
         row_changed.disconnect(receiver, sender=Order)
-        listener.stop()
-        thread.join(10)
 
     assert not thread.is_alive()
     assert [str(e) for e in failures] == [
@@ -1616,14 +1620,9 @@ def test_a_listener_whose_durable_processing_ends_ends_with_its_error(transactio
         raise RuntimeError("a bug in durable processing")
 
     listener.durable.run = failing  # type: ignore[method-assign]
-    thread, failures = listener_thread(listener)
-    thread.start()
-    try:
+    with listener_thread(listener) as (thread, failures):
         thread.join(10)
         assert not thread.is_alive(), "the listener went on without durable processing"
-    finally:
-        listener.stop()
-        thread.join(10)
 
     assert [str(e) for e in failures] == ["a bug in durable processing"]
 
@@ -1651,17 +1650,12 @@ def test_a_listener_waiting_to_reconnect_ends_as_soon_as_durable_processing_ends
 
     listener._open = first_connect_only  # type: ignore[method-assign]
     listener.durable.run = failing  # type: ignore[method-assign]
-    thread, failures = listener_thread(listener)
-    thread.start()
-    try:
+    with listener_thread(listener) as (thread, failures):
         assert listener.ready.wait(10), "the listener did not start"
         other_connection.execute("SELECT pg_terminate_backend(%s)", [listener.health.backend_pid])
         assert reconnecting.wait(10), "the listener did not try to reconnect"
         thread.join(10)
         assert not thread.is_alive(), "the listener waited out its reconnect delay"
-    finally:
-        listener.stop()
-        thread.join(10)
 
     assert [str(e) for e in failures] == ["a bug in durable processing"]
 
