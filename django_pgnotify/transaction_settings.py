@@ -122,9 +122,8 @@ def enclosing_context(using: str) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for wrapper in connections[using].execute_wrappers:
         if isinstance(wrapper, _SettingsWrapper):
-            for kind, value in wrapper.frames:
-                if kind == CONTEXT:
-                    merged.update(value.computed() if isinstance(value, LazyContext) else value)
+            for own in wrapper.contexts(compute=False):
+                merged.update(own)
     return merged
 
 
@@ -141,20 +140,30 @@ class _SettingsWrapper:
         self._busy = False
         self._warned = False
 
+    def contexts(self, *, compute: bool = True) -> list[dict[str, Any]]:
+        """The values of each ``context()`` frame, outermost first; a lazy one's
+        computed now, or with ``compute=False`` as far as it has been (maybe none)."""
+        return [
+            (value.get() if compute else value.computed())
+            if isinstance(value, LazyContext)
+            else value
+            for kind, value in self.frames
+            if kind == CONTEXT
+        ]
+
     def values(self) -> tuple[str, str]:
         """``(pgnotify.paused, pgnotify.context)`` as the frames say now."""
         labels: set[str] = set()
         paused_all = False
-        merged: dict[str, Any] = {}
-        innermost = ""
         for kind, value in self.frames:
             if kind == PAUSED:
                 paused_all = paused_all or not value
                 labels.update(value)
-            else:
-                own = value.get() if isinstance(value, LazyContext) else value
-                merged.update(own)
-                innermost = context_text(own)
+        contexts = self.contexts()
+        merged: dict[str, Any] = {}
+        for own in contexts:
+            merged.update(own)
+        innermost = context_text(contexts[-1]) if contexts else ""
         paused = wire.PAUSED_ALL if paused_all else ",".join(sorted(labels))
         if not merged:
             return paused, ""
