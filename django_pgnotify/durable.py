@@ -774,7 +774,6 @@ def retry_events_counted(queryset: Any) -> tuple[int, int]:
     Both are decided at one moment, the rows locked meanwhile: a lease that runs out,
     or a claim made, between a count and the update would make them disagree.
     """
-    from django.contrib.postgres.functions import TransactionNow
     from django.db import transaction
     from django.db.models.functions import Now
 
@@ -783,8 +782,8 @@ def retry_events_counted(queryset: Any) -> tuple[int, int]:
         selected = queryset.exclude(status=DONE).values("pk")  # a subquery: any queryset
         locked = table.filter(pk__in=selected).select_for_update().order_by("pk")
         rows = table.filter(pk__in=list(locked.values_list("pk", flat=True)))
-        held = rows.filter(in_hand(TransactionNow())).count()  # the transaction's start
-        count = rows.exclude(in_hand(TransactionNow())).update(
+        held = rows.filter(_held_by_a_listener()).count()
+        count = rows.exclude(_held_by_a_listener()).update(
             status=PENDING,
             attempts=0,
             available_at=Now(),
@@ -794,13 +793,13 @@ def retry_events_counted(queryset: Any) -> tuple[int, int]:
     return count, held
 
 
-def in_hand(now: Any = None) -> Any:
-    """The rows a listener holds (at ``now``, default the statement's time): pending,
-    with a lease that has not run out."""
+def _held_by_a_listener() -> Any:
+    """The rows a listener holds at the start of the transaction: pending, with a
+    lease that has not run out."""
+    from django.contrib.postgres.functions import TransactionNow
     from django.db.models import Q
-    from django.db.models.functions import Now
 
-    return Q(status=PENDING, lease_until__gte=Now() if now is None else now)
+    return Q(status=PENDING, lease_until__gte=TransactionNow())
 
 
 def prune_events(

@@ -243,8 +243,6 @@ class Listener:
             self._wake_all()
             self._started.set()
             await asyncio.gather(dispatching, durable, return_exceptions=True)
-            # The receivers' ORM sessions end with the listener, not at a garbage
-            # collection some time after (a test database could not be dropped meanwhile).
             _end_thread(executor)
             self.health.connected = False
             if self._pending or self._undispatched:

@@ -59,7 +59,7 @@ class ListenerCollector(Collector):
 
     def __init__(self, listener: Listener | None = None, using: str | None = None) -> None:
         self.listener = listener
-        self.using = using if using is not None or listener is None else listener.using
+        self.using = using  # the database label before the listener is set
 
     def collect(self) -> Iterator[Metric]:
         labels = ["database"]

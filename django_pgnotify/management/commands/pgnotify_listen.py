@@ -193,8 +193,7 @@ class Command(BaseCommand):
             names = ", ".join(s.uri for s in no_event_table)
             raise CommandError(
                 f"Durable declaration(s) {names} cannot use the event table of database "
-                f"{using!r}: "
-                f"{no_event_table[0].detail}."
+                f"{using!r}: {no_event_table[0].detail}."
             )
         refused = [s for s in declared if s.status in installation.NEEDS_CHANGE]
         if refused:  # their channels would never fire
