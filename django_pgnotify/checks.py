@@ -211,47 +211,34 @@ def _check_model_labels(declared: dict[Any, Any]) -> list[checks.CheckMessage]:
     seen: dict[str, Any] = {}
     for label in declared:
         model = models.get(settings_label(label))  # type: ignore[arg-type]
+        names = f'PGNOTIFY["MODELS"] names {label!r},'
         if model is None:
-            messages.append(
-                checks.Error(
-                    f'PGNOTIFY["MODELS"] names {label!r}, which is not an installed model.',
-                    hint='Use "app_label.ModelName", e.g. "auth.User".',
-                    id="pgnotify.E010",
-                )
-            )
+            message = f"{names} which is not an installed model."
+            hint = 'Use "app_label.ModelName", e.g. "auth.User".'
         elif model._meta.swapped:
-            messages.append(
-                checks.Error(
-                    f'PGNOTIFY["MODELS"] names {label!r}, which is swapped out for '
-                    f"{model._meta.swapped!r} (settings.{model._meta.swappable}): it has no "
-                    "table, and its declaration would never be installed.",
-                    hint=f"Declare the model that replaces it, {model._meta.swapped!r}.",
-                    id="pgnotify.E010",
-                )
+            message = (
+                f"{names} which is swapped out for {model._meta.swapped!r} "
+                f"(settings.{model._meta.swappable}): it has no table, and its declaration "
+                "would never be installed."
             )
+            hint = f"Declare the model that replaces it, {model._meta.swapped!r}."
         elif model._meta.auto_created:
-            messages.append(
-                checks.Error(
-                    f'PGNOTIFY["MODELS"] names {label!r}, the table Django creates for a '
-                    "many-to-many field, whose declarations are not read.",
-                    hint="Give the ManyToManyField a through model of your own and declare "
-                    "that model.",
-                    id="pgnotify.E010",
-                )
+            message = (
+                f"{names} the table Django creates for a many-to-many field, whose "
+                "declarations are not read."
             )
+            hint = "Give the ManyToManyField a through model of your own and declare that model."
         elif model._meta.label_lower in seen:
-            messages.append(
-                checks.Error(
-                    f'PGNOTIFY["MODELS"] names {model._meta.label} twice, as '
-                    f"{seen[model._meta.label_lower]!r} and {label!r}: keys are "
-                    "case-insensitive, and only the first one is used.",
-                    hint="Keep one key per model; give it a list of Notify(...) for several "
-                    "declarations.",
-                    id="pgnotify.E010",
-                )
+            message = (
+                f'PGNOTIFY["MODELS"] names {model._meta.label} twice, as '
+                f"{seen[model._meta.label_lower]!r} and {label!r}: keys are "
+                "case-insensitive, and only the first one is used."
             )
+            hint = "Keep one key per model; give it a list of Notify(...) for several declarations."
         else:
             seen[model._meta.label_lower] = label
+            continue
+        messages.append(checks.Error(message, hint=hint, id="pgnotify.E010"))
     return messages
 
 
