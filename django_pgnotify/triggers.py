@@ -11,8 +11,9 @@ and no query, so a single-row write costs about half as much extra, but a
 bulk write calls the function and ``pg_notify()`` once per row, which makes
 it two to three times slower than without the trigger.
 
-An update's old and new rows are paired by primary key; rows whose watched
-columns did not change are left out in the same query. With ``old=False`` an
+An update's old and new rows are paired by primary key (by position, for the
+rare statement that changed a row twice); rows whose watched columns did not
+change are left out in the same query. With ``old=False`` an
 update's trigger keeps its new rows alone and renders them as an insert's.
 Every name is quoted with ``psycopg.sql``; values embedded in the function
 (channel, model label, column names) are quoted literals.
@@ -44,7 +45,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 9
+TEMPLATE_VERSION = 10
 
 #: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
 #: how to render its argument's type once per query, where ``to_json()`` does so for
@@ -250,6 +251,72 @@ _BULK_WORK_MEM = "64MB"
 _NOT_SEPARATOR = "\\x" + "".join(f"{i:02x}" for i in range(256) if i != 1)
 
 
+# What a live statement trigger does with its rows once ``room`` is set (see _live_body).
+_SENDING = sql.SQL(
+    "{small_query}"
+    "    IF counted <= {small} AND octet_length(batch) < room THEN\n"
+    "      -- An IF rather than PERFORM: PL/pgSQL evaluates it without the executor.\n"
+    "      IF pg_notify({channel}, {head} || batch || ']}}') IS NULL THEN END IF;\n"
+    "    ELSIF counted > {small} OR batch IS NOT NULL THEN\n"
+    "      saved := ARRAY[current_setting('jit'), current_setting('work_mem'),"
+    " current_setting('enable_mergejoin'), current_setting('enable_nestloop')];\n"
+    "      PERFORM set_config('jit', 'off', true),"
+    " set_config('work_mem', {work_mem}, true),"
+    " set_config('enable_mergejoin', 'off', true),"
+    " set_config('enable_nestloop', 'off', true);\n"
+    "      joinable := least({joinable}, room);\n"
+    "      SELECT string_agg(r, chr(1)) FILTER (WHERE octet_length(r) < joinable),"
+    " count(*), count(r) FILTER (WHERE octet_length(r) >= joinable){unsure}"
+    " INTO batch, counted, larger\n"
+    "        FROM (SELECT {joined_row} AS r FROM {joined_source} LIMIT {first})"
+    " AS rendered;\n"
+    "      IF counted > {joined_rows} THEN\n"
+    "        batch := NULL;\n"
+    "        joinable := 0;\n"
+    "      END IF;\n"
+    "      bytes := convert_to(batch, current_setting('server_encoding'));\n"
+    "      batch := NULL;\n"
+    "      size := coalesce(octet_length(bytes), 0);\n"
+    "      pos := 0;\n"
+    "      WHILE pos < size LOOP\n"
+    "        IF size - pos < room THEN\n"
+    "          cut := size - pos + 1;\n"
+    "        ELSE\n"
+    "          cut := octet_length(rtrim(substring(bytes FROM pos + 1 FOR room),"
+    " {others}));\n"
+    "        END IF;\n"
+    "        IF pg_notify({channel}, {head} || replace(convert_from(substring(bytes"
+    " FROM pos + 1 FOR cut - 1), current_setting('server_encoding')), chr(1), ',')"
+    " || ']}}') IS NULL THEN END IF;\n"
+    "        pos := pos + cut;\n"
+    "      END LOOP;\n"
+    "      bytes := NULL;\n"
+    "      IF counted > {joined_rows} OR larger > 0 THEN\n"
+    "        short := room / 8;\n"
+    "        half := room / 2;\n"
+    "        PERFORM pg_notify({channel}, {head} || string_agg(r, ',') || ']}}')\n"
+    "        FROM (SELECT r, total, CASE"
+    " WHEN octet_length(r) < short THEN total / (room - short) * 3"
+    " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
+    " ELSE total * 3 + 2 END AS chunk\n"
+    "          FROM (SELECT r, sum(octet_length(r) + 1) OVER (ROWS UNBOUNDED PRECEDING)"
+    " AS total\n"
+    "            FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
+    " WHEN octet_length(json_build_array(key)::text) < room"
+    " THEN json_build_array(key)::text ELSE '[null]' END AS r\n"
+    "              FROM (SELECT {row} AS r, {key} AS key{joined} FROM {source}"
+    " OFFSET 0) AS rendered WHERE octet_length(r) >= joinable{unjoined}) AS sized)"
+    " AS totalled) AS grouped\n"
+    "        GROUP BY chunk ORDER BY min(total);\n"
+    "      END IF;\n"
+    "      PERFORM set_config('jit', saved[1], true),"
+    " set_config('work_mem', saved[2], true),"
+    " set_config('enable_mergejoin', saved[3], true),"
+    " set_config('enable_nestloop', saved[4], true);\n"
+    "    END IF;\n"
+)
+
+
 def _live_body(declaration: Declaration, scalar: str) -> str:
     """Send the statement's rows, as many per notification as fit.
 
@@ -295,6 +362,11 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
     }
     if not declaration.sends_old:  # an update's new rows alone, as an insert's
         sources["update"] = joined_sources["update"] = sources["insert"]
+    # The same, for a statement that changed a row twice: paired by position.
+    twice_sources = {
+        "update": sql.SQL("{} WHERE {}").format(_pairs_by_position(declaration), changed)
+    }
+    twice_joined_sources = {"update": _pairs_by_position(declaration)}
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
@@ -318,92 +390,55 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
                 unjoined = sql.SQL(" OR NOT joined")
         base = rows_room(declaration, event)
         head = _head(declaration, event)
+        parts = {
+            "row": row,
+            "joined_row": joined_row,
+            "unsure": unsure,
+            "joined": joined,
+            "unjoined": unjoined,
+            "small": sql.Literal(_SMALL_STATEMENT),
+            "joined_rows": sql.Literal(_JOINED_ROWS),
+            "first": sql.Literal(_JOINED_ROWS + 1),
+            "joinable": sql.Literal(_JOINED_ROW),
+            "others": sql.SQL("{}::bytea").format(sql.Literal(_NOT_SEPARATOR)),
+            "work_mem": sql.Literal(_BULK_WORK_MEM),
+            "channel": sql.Literal(declaration.channel),
+            "head": head,
+            "key": _value(record, declaration.pk),
+        }
+
+        sent = _SENDING.format(
+            source=sources[event],
+            joined_source=joined_sources[event],
+            small_query=_small_statement_query(paired, row, sources[event]),
+            **parts,
+        )
+        if paired:
+            sent = sql.SQL(
+                "{counting}{twice}    IF twice THEN\n{by_position}    ELSE\n{by_pk}    END IF;\n"
+            ).format(
+                counting=_counting_query(),
+                twice=_changed_twice(declaration),
+                by_position=_indented(
+                    _SENDING.format(
+                        source=twice_sources[event],
+                        joined_source=twice_joined_sources[event],
+                        small_query=_small_statement_query(paired, row, twice_sources[event]),
+                        **parts,
+                    )
+                ),
+                by_pk=_indented(sent),
+            )
         branches.append(
             sql.SQL(
                 "  {keyword} TG_OP = {op} THEN\n"
                 "    room := {base} - coalesce(octet_length(ctx), 0);\n"
-                "{small_query}"
-                "    IF counted <= {small} AND octet_length(batch) < room THEN\n"
-                "      -- An IF rather than PERFORM: PL/pgSQL evaluates it without the executor.\n"
-                "      IF pg_notify({channel}, {head} || batch || ']}}') IS NULL THEN END IF;\n"
-                "    ELSIF counted > {small} OR batch IS NOT NULL THEN\n"
-                "      saved := ARRAY[current_setting('jit'), current_setting('work_mem'),"
-                " current_setting('enable_mergejoin'), current_setting('enable_nestloop')];\n"
-                "      PERFORM set_config('jit', 'off', true),"
-                " set_config('work_mem', {work_mem}, true),"
-                " set_config('enable_mergejoin', 'off', true),"
-                " set_config('enable_nestloop', 'off', true);\n"
-                "      joinable := least({joinable}, room);\n"
-                "      SELECT string_agg(r, chr(1)) FILTER (WHERE octet_length(r) < joinable),"
-                " count(*), count(r) FILTER (WHERE octet_length(r) >= joinable){unsure}"
-                " INTO batch, counted, larger\n"
-                "        FROM (SELECT {joined_row} AS r FROM {joined_source} LIMIT {first})"
-                " AS rendered;\n"
-                "      IF counted > {joined_rows} THEN\n"
-                "        batch := NULL;\n"
-                "        joinable := 0;\n"
-                "      END IF;\n"
-                "      bytes := convert_to(batch, current_setting('server_encoding'));\n"
-                "      batch := NULL;\n"
-                "      size := coalesce(octet_length(bytes), 0);\n"
-                "      pos := 0;\n"
-                "      WHILE pos < size LOOP\n"
-                "        IF size - pos < room THEN\n"
-                "          cut := size - pos + 1;\n"
-                "        ELSE\n"
-                "          cut := octet_length(rtrim(substring(bytes FROM pos + 1 FOR room),"
-                " {others}));\n"
-                "        END IF;\n"
-                "        IF pg_notify({channel}, {head} || replace(convert_from(substring(bytes"
-                " FROM pos + 1 FOR cut - 1), current_setting('server_encoding')), chr(1), ',')"
-                " || ']}}') IS NULL THEN END IF;\n"
-                "        pos := pos + cut;\n"
-                "      END LOOP;\n"
-                "      bytes := NULL;\n"
-                "      IF counted > {joined_rows} OR larger > 0 THEN\n"
-                "        short := room / 8;\n"
-                "        half := room / 2;\n"
-                "        PERFORM pg_notify({channel}, {head} || string_agg(r, ',') || ']}}')\n"
-                "        FROM (SELECT r, total, CASE"
-                " WHEN octet_length(r) < short THEN total / (room - short) * 3"
-                " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
-                " ELSE total * 3 + 2 END AS chunk\n"
-                "          FROM (SELECT r, sum(octet_length(r) + 1) OVER (ROWS UNBOUNDED PRECEDING)"
-                " AS total\n"
-                "            FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
-                " WHEN octet_length(json_build_array(key)::text) < room"
-                " THEN json_build_array(key)::text ELSE '[null]' END AS r\n"
-                "              FROM (SELECT {row} AS r, {key} AS key{joined} FROM {source}"
-                " OFFSET 0) AS rendered WHERE octet_length(r) >= joinable{unjoined}) AS sized)"
-                " AS totalled) AS grouped\n"
-                "        GROUP BY chunk ORDER BY min(total);\n"
-                "      END IF;\n"
-                "      PERFORM set_config('jit', saved[1], true),"
-                " set_config('work_mem', saved[2], true),"
-                " set_config('enable_mergejoin', saved[3], true),"
-                " set_config('enable_nestloop', saved[4], true);\n"
-                "    END IF;\n"
+                "{sent}"
             ).format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
                 op=sql.Literal(event.upper()),
-                row=row,
-                joined_row=joined_row,
-                unsure=unsure,
-                joined=joined,
-                unjoined=unjoined,
-                source=sources[event],
-                joined_source=joined_sources[event],
-                small_query=_small_statement_query(paired, row, sources[event]),
-                small=sql.Literal(_SMALL_STATEMENT),
-                joined_rows=sql.Literal(_JOINED_ROWS),
-                first=sql.Literal(_JOINED_ROWS + 1),
-                joinable=sql.Literal(_JOINED_ROW),
-                others=sql.SQL("{}::bytea").format(sql.Literal(_NOT_SEPARATOR)),
                 base=sql.Literal(base),
-                work_mem=sql.Literal(_BULK_WORK_MEM),
-                channel=sql.Literal(declaration.channel),
-                head=head,
-                key=_value(record, declaration.pk),
+                sent=sent,
             )
         )
     return _live_function(
@@ -419,7 +454,8 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
         "  pos integer;\n"
         "  cut integer;\n"
         "  short integer;\n"
-        "  half integer;\n",
+        "  half integer;\n"
+        "  twice boolean;\n",
         branches,
     )
 
@@ -607,27 +643,94 @@ def _small_statement_query(
     """Set ``counted`` (rows written, up to one past the short path's limit) and ``batch``.
 
     An update's ``paired`` rows come from a join; with a ``LIMIT`` the planner
-    picks a nested loop, quadratic in a bulk update, so the rows are counted first.
+    picks a nested loop, quadratic in a bulk update, so the rows are counted
+    first (``_counting_query``) and rendered only if they are few.
     """
-    limit = sql.Literal(_SMALL_STATEMENT + 1)
     if paired:
         return sql.SQL(
-            "    SELECT count(*) INTO counted\n"
-            "      FROM (SELECT FROM {new} LIMIT {limit}) AS first_rows;\n"
             "    IF counted <= {small} THEN\n"
             "      SELECT string_agg({row}, ',') INTO batch FROM {source};\n"
             "    END IF;\n"
-        ).format(
-            new=sql.Identifier(_NEW_ROWS),
-            limit=limit,
-            small=sql.Literal(_SMALL_STATEMENT),
-            row=row,
-            source=source,
-        )
+        ).format(small=sql.Literal(_SMALL_STATEMENT), row=row, source=source)
     return sql.SQL(
         "    SELECT string_agg(r, ','), count(*) INTO batch, counted\n"
         "      FROM (SELECT {row} AS r FROM {source} LIMIT {limit}) AS first_rows;\n"
-    ).format(row=row, source=source, limit=limit)
+    ).format(row=row, source=source, limit=sql.Literal(_SMALL_STATEMENT + 1))
+
+
+def _counting_query() -> sql.Composable:
+    """Set ``counted`` to an update's rows, up to one past the short path's limit."""
+    return sql.SQL(
+        "    SELECT count(*) INTO counted\n"
+        "      FROM (SELECT FROM {new} LIMIT {limit}) AS first_rows;\n"
+    ).format(new=sql.Identifier(_NEW_ROWS), limit=sql.Literal(_SMALL_STATEMENT + 1))
+
+
+def _changed_twice(declaration: Declaration, counted: str = "counted") -> sql.Composable:
+    """Set ``twice``: whether the statement changed a row twice (see ``_pairs_by_position``).
+
+    Only the actions of foreign keys declared in the database do, and only to a
+    statement of two rows or more, so the transition table is searched for a
+    repeated primary key only where the table has such a foreign key. The
+    nested ``IF`` keeps a single-row update from running either query.
+    """
+    return sql.SQL(
+        "    twice := false;\n"
+        "    IF {counted} > 1 THEN\n"
+        "      twice := EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = TG_RELID"
+        " AND contype = 'f' AND (confdeltype IN ('n', 'd') OR confupdtype IN ('c', 'n', 'd')))"
+        " AND EXISTS (SELECT FROM {new} GROUP BY {pk} HAVING count(*) > 1);\n"
+        "    END IF;\n"
+    ).format(
+        counted=sql.SQL(counted),
+        new=sql.Identifier(_NEW_ROWS),
+        pk=sql.Identifier(declaration.pk.column),
+    )
+
+
+def _pairs_by_position(declaration: Declaration) -> sql.Composable:
+    """An update's old rows ``o`` and new rows ``n``, paired by their position.
+
+    A row changed twice by one statement (two ``ON DELETE SET NULL`` foreign
+    keys of the row that reference the same deleted row, or an ``ON UPDATE
+    CASCADE`` one beside the statement's own change) has two old and two new
+    versions in the transition tables, and a join by primary key would pair
+    each with each. PostgreSQL appends each change's old and new row to the two
+    tables together, so their positions pair them as row-level triggers see
+    them. Each row is numbered as a whole and cast to the table's row type,
+    then expanded, so the aliases ``n`` and ``o`` have the table's columns and
+    no other, whatever they are called. Pairing by position costs about twice
+    what the primary key join does, hence only for such statements.
+    """
+    table = table_identifier(declaration)
+    numbered = sql.SQL(
+        "(SELECT row_number() OVER () AS position, ROW({alias}.*)::{table} AS r"
+        " FROM {rows} AS {alias}) AS {numbered}"
+    )
+    return sql.SQL(
+        "{new} JOIN {old} ON old_rows.position = new_rows.position"
+        " CROSS JOIN LATERAL (SELECT (new_rows.r).*) AS n"
+        " CROSS JOIN LATERAL (SELECT (old_rows.r).*) AS o"
+    ).format(
+        new=numbered.format(
+            alias=sql.Identifier("n"),
+            table=table,
+            rows=sql.Identifier(_NEW_ROWS),
+            numbered=sql.Identifier("new_rows"),
+        ),
+        old=numbered.format(
+            alias=sql.Identifier("o"),
+            table=table,
+            rows=sql.Identifier(_OLD_ROWS),
+            numbered=sql.Identifier("old_rows"),
+        ),
+    )
+
+
+def _indented(composable: sql.Composable) -> sql.Composable:
+    """``composable``'s lines, two spaces further in, to nest them in an ``IF``."""
+    lines = _render(composable).splitlines(keepends=True)
+    return sql.SQL("".join("  " + line if line.strip() else line for line in lines))
 
 
 def _json_items(items: dict[str, object]) -> str:
@@ -757,6 +860,19 @@ _DURABLE_ROW_BYTES = 65_536
 _DURABLE_ROW_WEIGHT = _DURABLE_ROW_BYTES // wire.DURABLE_ID_STEP
 
 
+# One durable branch's insert: the statement's changes from {source}, in runs.
+_DURABLE_INSERT = sql.SQL(
+    "    INSERT INTO {table}"
+    " (declaration, model, action, xid, changed_at, context, layout, payload, pid, size)\n"
+    "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout},"
+    " string_agg(r, ','), writer, count(*)\n"
+    "      FROM (SELECT r, sum(greatest(octet_length(r) + 1, {weight}))"
+    " OVER (ROWS UNBOUNDED PRECEDING) / {span} AS run\n"
+    "        FROM (SELECT {row} AS r FROM {source} OFFSET 0) AS rendered) AS totalled\n"
+    "      GROUP BY run ORDER BY run;\n"
+)
+
+
 def _durable_body(declaration: Declaration, scalar: str) -> str:
     """Insert the statement's changes into the event table, set-based, in the writing
     transaction: one event row per run of up to ``wire.DURABLE_ID_STEP`` changes.
@@ -772,8 +888,9 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
     bytes, so a row stays near 64 kB whatever the changes' size. The
     statement's rows come from its transition tables; an update's old and new
     rows are paired by primary key (an update that changes the primary key is
-    not announced), unless ``old=False``: then its new rows are stored as an
-    insert's. No size limit applies, so nothing is truncated.
+    not announced; see ``_pairs_by_position`` for the exception), unless
+    ``old=False``: then its new rows are stored as an insert's. No size limit
+    applies, so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
     transaction into one; ``PGNOTIFY["DURABLE_WAKEUP"] = False`` leaves it out
     (listeners then poll). The context is stored unparsed, as in the wire
@@ -790,32 +907,41 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
     }
     if not declaration.sends_old:  # an update's new rows alone, as an insert's
         sources["update"] = sources["insert"]
-    branches = sql.SQL("").join(
-        sql.SQL(
-            "  {keyword} TG_OP = {op} THEN\n"
-            "    INSERT INTO {table}"
-            " (declaration, model, action, xid, changed_at, context, layout, payload, pid, size)\n"
-            "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout},"
-            " string_agg(r, ','), writer, count(*)\n"
-            "      FROM (SELECT r, sum(greatest(octet_length(r) + 1, {weight}))"
-            " OVER (ROWS UNBOUNDED PRECEDING) / {span} AS run\n"
-            "        FROM (SELECT {row} AS r FROM {source} OFFSET 0) AS rendered) AS totalled\n"
-            "      GROUP BY run ORDER BY run;\n"
-        ).format(
-            keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
-            op=sql.Literal(event.upper()),
-            table=sql.Identifier(wire.EVENT_TABLE),
-            uri=sql.Literal(declaration.uri),
-            label=sql.Literal(declaration.label),
-            action=sql.Literal(event),
-            layout=sql.Literal(_durable_layout(declaration, event)),
-            row=_row_text(declaration, event, "o" if event == "delete" else "n", scalar),
-            source=sources[event],
-            weight=sql.Literal(_DURABLE_ROW_WEIGHT),
-            span=sql.Literal(_DURABLE_ROW_BYTES),
+    branches = []
+    for index, event in enumerate(declaration.events):
+        parts = {
+            "table": sql.Identifier(wire.EVENT_TABLE),
+            "uri": sql.Literal(declaration.uri),
+            "label": sql.Literal(declaration.label),
+            "action": sql.Literal(event),
+            "layout": sql.Literal(_durable_layout(declaration, event)),
+            "row": _row_text(declaration, event, "o" if event == "delete" else "n", scalar),
+            "weight": sql.Literal(_DURABLE_ROW_WEIGHT),
+            "span": sql.Literal(_DURABLE_ROW_BYTES),
+        }
+        inserting = _DURABLE_INSERT.format(source=sources[event], **parts)
+        if declaration.pairs_rows(event):
+            by_position = _DURABLE_INSERT.format(
+                source=sql.SQL("{} WHERE {}").format(
+                    _pairs_by_position(declaration), _update_filter(declaration)
+                ),
+                **parts,
+            )
+            inserting = sql.SQL(
+                "{counting}{twice}    IF twice THEN\n{by_position}    ELSE\n{by_pk}    END IF;\n"
+            ).format(
+                counting=_counting_query(),
+                twice=_changed_twice(declaration),
+                by_position=_indented(by_position),
+                by_pk=_indented(inserting),
+            )
+        branches.append(
+            sql.SQL("  {keyword} TG_OP = {op} THEN\n{inserting}").format(
+                keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
+                op=sql.Literal(event.upper()),
+                inserting=inserting,
+            )
         )
-        for index, event in enumerate(declaration.events)
-    )
     wakeup: sql.Composable = sql.SQL("")
     if get_setting("DURABLE_WAKEUP"):
         wakeup = sql.SQL("  IF FOUND THEN\n    PERFORM pg_notify({}, '');\n  END IF;\n").format(
@@ -827,11 +953,13 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
         "  changed_at timestamptz := clock_timestamp();\n"
         "  writer integer := pg_backend_pid();\n"
         "  ctx text := coalesce(current_setting({context}, true), '');\n"
+        "  counted bigint;\n"
+        "  twice boolean;\n"
         "BEGIN\n{paused}{branches}  END IF;\n{wakeup}  RETURN NULL;\nEND;\n"
     ).format(
         context=sql.Literal(wire.CONTEXT_SETTING),
         paused=_pause_check(declaration),
-        branches=branches,
+        branches=sql.SQL("").join(branches),
         wakeup=wakeup,
     )
     return _render(body)

@@ -118,9 +118,10 @@ def test_the_bulk_query_runs_without_jit_and_merge_joins_and_restores_them():
 
     # The planner cannot know a transition table's size: compiling, sorting
     # and spilling a bulk statement's query took longer than running it.
-    assert body.count("set_config('jit', 'off', true)") == 3  # one per event
-    assert body.count("set_config('enable_mergejoin', 'off', true)") == 3
-    assert body.count("set_config('jit', saved[1], true)") == 3
+    # One per event, and one for an update whose rows are paired by position.
+    assert body.count("set_config('jit', 'off', true)") == 4
+    assert body.count("set_config('enable_mergejoin', 'off', true)") == 4
+    assert body.count("set_config('jit', saved[1], true)") == 4
 
 
 def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify():
@@ -128,8 +129,9 @@ def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify
 
     assert "LIMIT 21) AS first_rows" in body
     assert "IF counted <= 20 AND octet_length(batch) < room THEN" in body
-    # The short path's notification and the bulk path's loop, for each event.
-    assert body.count("IF pg_notify(") == 6
+    # The short path's notification and the bulk path's loop, for each event (an
+    # update's twice: its rows paired by primary key, or by position).
+    assert body.count("IF pg_notify(") == 8
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])

@@ -3,7 +3,9 @@ the test; payloads read with LISTEN and decoded as the listener decodes them."""
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
@@ -175,3 +177,129 @@ def test_moment_ranges_arrive_as_the_orm_reads_them_whatever_the_writers_datesty
         assert event.fields["moments"] == read[event.pk].moments
         assert event.fields["days"] == read[event.pk].days
     assert events[0].fields["days"] == Range(date(2024, 3, 4), date(2024, 4, 4), "[)")
+
+
+PARENTS, CHILDREN = "pgnotify_test_parents", "pgnotify_test_children"
+
+
+@pytest.fixture
+def children_table(other_connection):
+    """Rows with two foreign keys declared in the database, both ``ON DELETE SET NULL``
+    to one parent table, with their model; dropped (triggers and function) after."""
+    other_connection.execute(
+        f"CREATE TABLE {PARENTS} (id integer PRIMARY KEY);"
+        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
+        f" first integer REFERENCES {PARENTS} ON DELETE SET NULL,"
+        f" second integer REFERENCES {PARENTS} ON DELETE SET NULL, label text)"
+    )
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type(
+                "Meta", (), {"app_label": "testapp", "db_table": CHILDREN, "managed": False}
+            )
+            yield type(
+                "Child",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "id": models.IntegerField(primary_key=True),
+                    "first": models.IntegerField(null=True),
+                    "second": models.IntegerField(null=True),
+                    "label": models.TextField(),
+                    "Meta": meta,
+                },
+            )
+    finally:
+        other_connection.execute(f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE")
+        other_connection.execute("DELETE FROM pgnotify_event WHERE model = 'testapp.child'")
+        for function in installed:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        installed.clear()
+
+
+@pytest.mark.parametrize("rows", [1, 25], ids=["short path", "bulk"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"level": "row"}, {"old": False}, {"durable": True}],
+    ids=["statement", "row", "new values alone", "durable"],
+)
+def test_a_row_changed_twice_by_one_statement_arrives_as_two_updates(
+    children_table, other_connection, options, rows
+):
+    (declaration,), errors = resolve_model(
+        children_table, Notify(fields=["first", "second"], **options)
+    )
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    installed.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    other_connection.execute(f"INSERT INTO {PARENTS} VALUES (1), (2)")
+    # One DELETE nulls both keys of each of the first ``rows`` rows, and one key of the
+    # last; then an UPDATE changes every row once, which pairs them by primary key.
+    other_connection.execute(
+        f"INSERT INTO {CHILDREN} SELECT g, 1, CASE WHEN g <= %s THEN 1 ELSE 2 END, 'x'"
+        " FROM generate_series(1, %s + 1) AS g",
+        [rows, rows],
+    )
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(f"LISTEN {declaration.channel}")
+        other_connection.execute(f"DELETE FROM {PARENTS} WHERE id = 1")
+        other_connection.execute(f"UPDATE {CHILDREN} SET label = 'y'")
+        if options.get("durable"):
+            arrays = [
+                row
+                for (payload,) in other_connection.execute(
+                    "SELECT payload FROM pgnotify_event WHERE model = 'testapp.child'"
+                    " AND action = 'update' ORDER BY id"
+                )
+                for row in json.loads(f"[{payload}]")
+            ]
+            changes = [
+                (pk, (first, second), (old_first, old_second))
+                for pk, first, second, old_first, old_second, _mask in arrays
+            ]
+        else:
+            events = receive(listening, children_table, 3 * rows + 2)
+            assert all(e.action == "update" for e in events)
+            changes = [
+                (e.pk, (e.fields["first"], e.fields["second"]), e.old and tuple(e.old.values()))
+                for e in events
+            ]
+
+    def update(pk: int, new: tuple, old: tuple) -> tuple:
+        return (pk, new, old if options.get("old") is not False else None)
+
+    assert Counter(changes) == Counter(
+        [
+            *(update(pk, (None, 1), (1, 1)) for pk in range(1, rows + 1)),
+            *(update(pk, (None, None), (None, 1)) for pk in range(1, rows + 1)),
+            update(rows + 1, (None, 2), (1, 2)),
+            *(update(pk, (None, None), (None, None)) for pk in range(1, rows + 1)),
+            update(rows + 1, (None, 2), (None, 2)),
+        ]
+    )
+
+
+def test_a_renumbered_row_whose_reference_cascades_to_itself_arrives_as_two_updates(
+    children_table, other_connection
+):
+    """A self-referencing ``ON UPDATE CASCADE`` key: one UPDATE renumbers rows 1 and 2,
+    and the cascade changes row 2 again (its reference to row 1) and row 3."""
+    other_connection.execute(
+        f"ALTER TABLE {CHILDREN} DROP CONSTRAINT {CHILDREN}_first_fkey,"
+        f" ADD FOREIGN KEY (first) REFERENCES {CHILDREN} ON UPDATE CASCADE"
+    )
+    (declaration,), errors = resolve_model(children_table, Notify(fields=["first"]))
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    installed.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    other_connection.execute(f"INSERT INTO {CHILDREN} VALUES (1, NULL), (2, 1), (3, 2)")
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(f"LISTEN {declaration.channel}")
+        other_connection.execute(f"UPDATE {CHILDREN} SET id = id + 100 WHERE id IN (1, 2)")
+        events = receive(listening, children_table, 4)
+
+    assert Counter((e.pk, e.fields["first"], e.old["first"]) for e in events) == Counter(
+        [(101, None, None), (102, 1, 1), (102, 101, 1), (3, 102, 2)]
+    )
