@@ -30,8 +30,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 class Column:
     """A model field as it is stored: field name, column, the Django internal
     type of its values (for a foreign key, that of the field it points to),
-    whether PostgreSQL compares its values with ``=`` (``json``, ``xml`` and
-    ``point`` columns, for instance, cannot be), and for an array (``ArrayField``,
+    whether PostgreSQL compares its values with ``=`` and finds only the same
+    value equal (``json``, ``xml`` and ``point`` columns, for instance, have no
+    ``=``; ``citext`` and nondeterministic collations find ``'a'`` and ``'A'``
+    equal), and for an array (``ArrayField``,
     nested or not) the internal type of its innermost elements."""
 
     field: str
@@ -494,11 +496,17 @@ def element_type(field: models.Field) -> str | None:
 
 
 def _comparable(field: models.Field) -> bool:
-    """Whether the field's column type is one PostgreSQL compares with ``=``.
+    """Whether the field's column type is one PostgreSQL compares with ``=``, and
+    values it finds equal are the same value.
 
     Read from the column type the field creates on PostgreSQL; a type not
-    known to have ``=``, or none found, is taken for one without.
+    known to have ``=``, or none found, is taken for one without. A column
+    with a collation of its own may have a nondeterministic one, which finds
+    ``'abc'`` and ``'ABC'`` equal, as ``citext`` does: an update from one to
+    the other must still count as a change.
     """
+    if getattr(innermost_field(field)[0], "db_collation", None):
+        return False
     postgresql = [connections[a] for a in connections if connections[a].vendor == "postgresql"]
     try:
         db_type = field.db_type(postgresql[0]) if postgresql else None
@@ -522,7 +530,6 @@ _COMPARABLE_TYPES = frozenset(
         "character",
         "character varying",
         "cidr",
-        "citext",
         "date",
         "daterange",
         "double precision",

@@ -303,3 +303,62 @@ def test_a_renumbered_row_whose_reference_cascades_to_itself_arrives_as_two_upda
     assert Counter((e.pk, e.fields["first"], e.old["first"]) for e in events) == Counter(
         [(101, None, None), (102, 1, 1), (102, 101, 1), (3, 102, 2)]
     )
+
+
+@pytest.fixture
+def case_blind_table(other_connection):
+    """A text column of a nondeterministic collation ('abc' = 'ABC'), with its model."""
+    if not other_connection.execute("SELECT FROM pg_collation WHERE collprovider = 'i'").rowcount:
+        pytest.skip("this PostgreSQL has no ICU collations")
+    other_connection.execute(
+        "CREATE COLLATION pgnotify_test_blind"
+        " (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
+        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY, label text COLLATE pgnotify_test_blind)"
+    )
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type(
+                "Meta", (), {"app_label": "testapp", "db_table": CHILDREN, "managed": False}
+            )
+            yield type(
+                "Blind",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "id": models.IntegerField(primary_key=True),
+                    "label": models.TextField(db_collation="pgnotify_test_blind"),
+                    "Meta": meta,
+                },
+            )
+    finally:
+        other_connection.execute(
+            f"DROP TABLE IF EXISTS {CHILDREN}; DROP COLLATION IF EXISTS pgnotify_test_blind"
+        )
+        for function in installed:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        installed.clear()
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_change_that_a_nondeterministic_collation_finds_equal_is_announced(
+    case_blind_table, other_connection, level
+):
+    (declaration,), errors = resolve_model(
+        case_blind_table, Notify(fields=["label"], when_changed=["label"], level=level)
+    )
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    installed.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    other_connection.execute(f"INSERT INTO {CHILDREN} VALUES (1, 'abc')")
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(f"LISTEN {declaration.channel}")
+        other_connection.execute(f"UPDATE {CHILDREN} SET label = 'ABC'")
+        (event,) = receive(listening, case_blind_table, 1)
+
+    assert (event.action, event.fields, event.old, event.changed) == (
+        "update",
+        {"label": "ABC"},
+        {"label": "abc"},
+        {"label"},
+    )
