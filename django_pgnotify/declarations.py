@@ -242,7 +242,11 @@ def _resolve_one(
     if notify.fields == ALL_FIELDS:
         fields = _columns(
             model,
-            tuple(f.name for f in opts.local_concrete_fields if not f.primary_key and f.column),
+            tuple(
+                f.name
+                for f in opts.local_concrete_fields
+                if not f.primary_key and f.column and not _virtual(f)
+            ),
             "fields",
             "pgnotify.E003",
             error,
@@ -423,6 +427,14 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
                     else ""
                 ),
             )
+        elif _virtual(field):
+            error(
+                f"{option} names {name!r}, a virtual generated column "
+                "(GeneratedField with db_persist=False).",
+                id,
+                hint="Virtual generated columns cannot be read by triggers; use "
+                "db_persist=True or leave it out.",
+            )
         else:
             try:
                 columns.append(_column(field))
@@ -447,6 +459,13 @@ def _encodes(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _virtual(field: models.Field) -> bool:
+    """Whether the field is a virtual generated column (``GeneratedField`` with
+    ``db_persist=False``): PostgreSQL computes it when a query reads it, so a
+    trigger's rows have no value for it (transition tables refuse it)."""
+    return bool(getattr(field, "generated", False)) and getattr(field, "db_persist", None) is False
 
 
 def _declared_by_an_abstract_ancestor(model: type[models.Model]) -> bool:

@@ -205,6 +205,63 @@ def test_e004_unknown_when_changed_field(registry):
     assert "testapp.Shipment:default: when_changed names 'colour'" in message.msg
 
 
+def declare_generated(declared) -> type[models.Model]:
+    """A ``testapp.Gauge`` with a virtual and a stored generated column."""
+
+    class Gauge(models.Model):
+        value = models.IntegerField()
+        double = models.GeneratedField(
+            expression=models.F("value") * 2, output_field=models.IntegerField(), db_persist=False
+        )
+        triple = models.GeneratedField(
+            expression=models.F("value") * 3, output_field=models.IntegerField(), db_persist=True
+        )
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = declared
+
+    return Gauge
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_all_fields_leaves_virtual_generated_columns_out(registry, level):
+    """A trigger cannot read them: transition tables refuse them, row-level NEW has NULL."""
+    gauge = declare_generated(Notify(fields="__all__", level=level))
+
+    (declaration,), messages = resolve_model(gauge, raw_declarations(gauge))
+    assert messages == []
+    assert [c.field for c in declaration.fields] == ["value", "triple"]
+
+
+@pytest.mark.parametrize(
+    ("notify", "id", "option"),
+    [
+        (Notify(fields=["value", "double"]), "pgnotify.E003", "fields"),
+        (Notify(fields=["double"], durable=True), "pgnotify.E003", "fields"),
+        (Notify(when_changed=["double"]), "pgnotify.E004", "when_changed"),
+        (
+            Notify(fields=["value"], when_changed=["double"], level="row"),
+            "pgnotify.E004",
+            "when_changed",
+        ),
+    ],
+    ids=["fields", "durable-fields", "when-changed", "row-level-when-changed"],
+)
+def test_e003_e004_a_virtual_generated_column(registry, notify, id, option):
+    declare_generated(notify)
+
+    message = only(check_models(registry), id)
+    assert f"testapp.Gauge:default: {option} names 'double', a virtual generated" in message.msg
+    assert "cannot be read by triggers; use db_persist=True" in message.hint
+
+
+def test_a_stored_generated_column_is_accepted(registry):
+    declare_generated(Notify(fields=["triple"], when_changed=["triple"]))
+
+    assert check_models(registry) == []
+
+
 @pytest.mark.parametrize(
     ("channel", "shown"),
     [
