@@ -198,7 +198,9 @@ class _SettingsWrapper:
         if not transaction_open(connection):
             self.applied = None  # this statement starts a new transaction
             self.set_in_transaction = False
-        if values != self.applied:
+        # In a failed transaction nothing runs but a rollback (to a savepoint,
+        # which may undo the values: they are applied again after it).
+        if values != self.applied and not _transaction_failed(connection):
             _apply(connection, values)
             self.applied = values
             self.set_in_transaction = True
@@ -214,7 +216,8 @@ def _apply(connection: Any, values: tuple[str, str]) -> None:
     # and not the statement's own cursor, which may be a server-side one
     # (``QuerySet.iterator()``): there ``set_config()`` would only be declared as
     # a cursor, never run, and the statement's own declaration would replace it.
-    with connection.connection.cursor() as cursor:
+    # Its errors are Django's, as the statement's own would be.
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
         cursor.execute(_SET, [wire.PAUSED_SETTING, values[0], wire.CONTEXT_SETTING, values[1]])
 
 
@@ -228,6 +231,12 @@ def transaction_open(connection: Any) -> bool:
         return info.transaction_status.name != "IDLE"
     status = getattr(raw, "get_transaction_status", None)  # psycopg2
     return bool(status()) if status is not None else True
+
+
+def _transaction_failed(connection: Any) -> bool:
+    raw = connection.connection
+    info = getattr(raw, "info", None)
+    return info is not None and info.transaction_status.name == "INERROR"
 
 
 def _transaction_usable(connection: Any) -> bool:

@@ -13,13 +13,13 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.contrib.auth.models import User
 from django.core.exceptions import SynchronousOnlyOperation
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.test import AsyncClient, Client, override_settings
 from django.test.utils import CaptureQueriesContext
 
-from django_pgnotify import context
+from django_pgnotify import context, paused
 from tests.conftest import changes_before_marker, order_rolled_back_to_a_savepoint_last
-from tests.testapp.models import Order
+from tests.testapp.models import Order, Tag
 
 AUDITED = {
     "ROOT_URLCONF": "tests.audit_urls",
@@ -106,6 +106,22 @@ def test_a_savepoint_rolled_back_last_in_the_block_does_not_keep_the_context_aft
 
     assert [e.fields["status"] for e in (first, second)] == ["with", "without"]
     assert (first.context, second.context) == ({"actor": "user:5"}, None)
+
+
+@pytest.mark.parametrize("inner", ["context", "paused"])
+def test_a_block_left_inside_a_failed_savepoint_fails_nothing_after_its_rollback(changes, inner):
+    Tag.objects.create(name="taken")
+    with context(actor="user:6"), transaction.atomic():
+        Order.objects.create(status="before")
+        block = context(reason="inner") if inner == "context" else paused(Tag)
+        with pytest.raises(IntegrityError), transaction.atomic(), block:
+            Tag.objects.create(name="taken")  # the transaction fails here
+        Order.objects.create(status="after")
+
+    *_, before, after = changes.wait(3)
+
+    assert [e.fields["status"] for e in (before, after)] == ["before", "after"]
+    assert before.context == after.context == {"actor": "user:6"}
 
 
 def test_other_connections_never_see_the_context(changes, other_connection):
