@@ -469,19 +469,66 @@ def _live_function(
         "\nDECLARE\n"
         "{ctx}"
         "{variables}"
+        "{digits}"
         "BEGIN\n"
         "{paused}"
         "{context}"
+        "{exact}"
         "{branches}  END IF;\n"
+        "{restore}"
         "  RETURN NULL;\nEND;\n"
     ).format(
         ctx=_CONTEXT_DECLARATION,
         variables=sql.SQL(variables),
+        digits=_DIGITS_DECLARATION if _renders_floats(declaration) else sql.SQL(""),
         paused=_pause_check(declaration),
         context=_context_rendering(declaration),
+        # A row-level function sets them in each branch, past its early return.
+        exact=_exact_floats(declaration) if not declaration.row_level else sql.SQL(""),
         branches=sql.SQL("").join(branches),
+        restore=_restored_floats(declaration),
     )
     return _render(body)
+
+
+def _renders_floats(declaration: Declaration) -> bool:
+    """Whether the declaration sends ``double precision`` values (scalars or arrays)."""
+    return any(
+        "FloatField" in (column.internal_type, column.element_type)
+        for column in (declaration.pk, *declaration.fields)
+    )
+
+
+# ``extra_float_digits`` below 1 (a writer's session may set it: 0 gives 15
+# significant digits) makes PostgreSQL print floats rounded: 0.1 + 0.2 as 0.3,
+# the largest double as "Infinity". A function that sends floats sets it to 1
+# (the shortest text that reads back exactly) for its own rendering alone, and
+# gives the writer's value back. The check is one current_setting() while the
+# setting is right; a function SET clause would cost every call more.
+_DIGITS_DECLARATION = sql.SQL("  digits text;\n")
+
+
+def _exact_floats(declaration: Declaration, indent: str = "  ") -> sql.Composable:
+    """Set ``extra_float_digits`` to 1 if the writer's is lower, keeping it in ``digits``."""
+    if not _renders_floats(declaration):
+        return sql.SQL("")
+    return sql.SQL(
+        "{i}IF current_setting('extra_float_digits')::integer < 1 THEN\n"
+        "{i}  digits := current_setting('extra_float_digits');\n"
+        "{i}  PERFORM set_config('extra_float_digits', '1', true);\n"
+        "{i}END IF;\n"
+    ).format(i=sql.SQL(indent))
+
+
+def _restored_floats(declaration: Declaration) -> sql.Composable:
+    """Give the writer's ``extra_float_digits`` back, if ``_exact_floats`` changed it."""
+    if not _renders_floats(declaration):
+        return sql.SQL("")
+    return sql.SQL(
+        "  IF digits IS NOT NULL THEN\n"
+        "    PERFORM set_config('extra_float_digits', digits, true);\n"
+        "  END IF;\n"
+    )
 
 
 # The ``ctx`` variable: the setting as it is, then, only when it is set, the
@@ -559,6 +606,7 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
             sql.SQL(
                 "  {keyword} TG_OP = {op} THEN\n"
                 "{skip}"
+                "{exact}"
                 "    r := {row};\n"
                 "    IF octet_length(r) + coalesce(octet_length(ctx), 0) >= {base} THEN\n"
                 "      r := CASE WHEN octet_length({key}) + coalesce(octet_length(ctx), 0) < {base}"
@@ -569,6 +617,7 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
                 op=sql.Literal(event.upper()),
                 skip=skip,
+                exact=_exact_floats(declaration, indent="    "),
                 base=sql.Literal(rows_room(declaration, event)),
                 row=_row_text(declaration, event, record, scalar),
                 key=key,
@@ -955,11 +1004,15 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
         "  ctx text := coalesce(current_setting({context}, true), '');\n"
         "  counted bigint;\n"
         "  twice boolean;\n"
-        "BEGIN\n{paused}{branches}  END IF;\n{wakeup}  RETURN NULL;\nEND;\n"
+        "{digits}"
+        "BEGIN\n{paused}{exact}{branches}  END IF;\n{wakeup}{restore}  RETURN NULL;\nEND;\n"
     ).format(
         context=sql.Literal(wire.CONTEXT_SETTING),
+        digits=_DIGITS_DECLARATION if _renders_floats(declaration) else sql.SQL(""),
         paused=_pause_check(declaration),
+        exact=_exact_floats(declaration),
         branches=sql.SQL("").join(branches),
+        restore=_restored_floats(declaration),
         wakeup=wakeup,
     )
     return _render(body)

@@ -362,3 +362,75 @@ def test_a_change_that_a_nondeterministic_collation_finds_equal_is_announced(
         {"label": "abc"},
         {"label"},
     )
+
+
+FLOATS = "pgnotify_test_floats"
+
+
+@pytest.fixture
+def floats_table(other_connection):
+    other_connection.execute(
+        f"CREATE TABLE {FLOATS} (id integer PRIMARY KEY, ratio float8, ratios float8[])"
+    )
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type("Meta", (), {"app_label": "testapp", "db_table": FLOATS, "managed": False})
+            yield type(
+                "Floats",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "id": models.IntegerField(primary_key=True),
+                    "ratio": models.FloatField(null=True),
+                    "ratios": ArrayField(models.FloatField(), null=True),
+                    "Meta": meta,
+                },
+            )
+    finally:
+        other_connection.execute(f"DROP TABLE IF EXISTS {FLOATS}")
+        other_connection.execute("DELETE FROM pgnotify_event WHERE model = 'testapp.floats'")
+        for function in installed:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        installed.clear()
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"level": "row"}, {"durable": True}], ids=["statement", "row", "durable"]
+)
+def test_floats_arrive_exact_whatever_the_writers_extra_float_digits(
+    floats_table, other_connection, options
+):
+    (declaration,), errors = resolve_model(
+        floats_table, Notify(fields=["ratio", "ratios"], **options)
+    )
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    installed.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(f"LISTEN {declaration.channel}")
+        # 15 significant digits: 0.1 + 0.2 prints as 0.3, the largest double as Infinity.
+        other_connection.execute("SET extra_float_digits = 0")
+        other_connection.execute(
+            f"INSERT INTO {FLOATS} VALUES"
+            " (1, 0.1::float8 + 0.2::float8, ARRAY[1.7976931348623157e308, 0.1::float8 + 0.2])"
+        )
+        other_connection.execute(f"UPDATE {FLOATS} SET ratio = ratio * 3")
+        assert other_connection.execute("SHOW extra_float_digits").fetchone() == ("0",)
+        if options.get("durable"):
+            rows = [
+                json.loads(payload)
+                for (payload,) in other_connection.execute(
+                    "SELECT payload FROM pgnotify_event WHERE model = 'testapp.floats' ORDER BY id"
+                )
+            ]
+            changes = [(row[1], row[2], row[3] if len(row) > 3 else None) for row in rows]
+        else:
+            changes = [
+                (e.fields["ratio"], e.fields["ratios"], e.old and e.old["ratio"])
+                for e in receive(listening, floats_table, 2)
+            ]
+
+    read = floats_table.objects.get()
+    assert read.ratio == (0.1 + 0.2) * 3 and read.ratios == [1.7976931348623157e308, 0.1 + 0.2]
+    assert changes == [(0.1 + 0.2, read.ratios, None), (read.ratio, read.ratios, 0.1 + 0.2)]
