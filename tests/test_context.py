@@ -124,6 +124,29 @@ def test_a_block_left_inside_a_failed_savepoint_fails_nothing_after_its_rollback
     assert before.context == after.context == {"actor": "user:6"}
 
 
+def test_a_procedure_that_commits_runs_in_autocommit_mode_with_the_context(changes):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE PROCEDURE pgnotify_test_batch() LANGUAGE plpgsql AS $$ BEGIN"
+            " INSERT INTO testapp_order (status, total, note) VALUES ('one', 0, '');"
+            " COMMIT;"
+            " INSERT INTO testapp_order (status, total, note) VALUES ('two', 0, ''); END $$"
+        )
+        try:
+            with context(actor="batch"):
+                cursor.execute("CALL pgnotify_test_batch()")
+                cursor.execute("DO $$ BEGIN COMMIT; END $$")
+            Order.objects.create(status="after")
+        finally:
+            cursor.execute("DROP PROCEDURE pgnotify_test_batch()")
+
+    one, two, after = changes.wait(3)
+
+    assert [e.fields["status"] for e in (one, two, after)] == ["one", "two", "after"]
+    assert one.context == two.context == {"actor": "batch"}
+    assert one.xid != two.xid and after.context is None
+
+
 def test_other_connections_never_see_the_context(changes, other_connection):
     with context(actor="user:9"), transaction.atomic():
         Order.objects.create(status="mine")
