@@ -1,8 +1,8 @@
 """``paused()``: writes that announce nothing, for backfills and data migrations.
 
-The triggers check the transaction-local setting ``pgnotify.paused`` in their
-``WHEN`` clause, so pausing needs no DDL, costs next to nothing per row and
-concerns only the transactions of the block, on one connection.
+The trigger functions check the transaction-local setting ``pgnotify.paused``
+first, so pausing needs no DDL, costs next to nothing per row and concerns
+only the transactions of the block, on one connection.
 """
 
 from __future__ import annotations
