@@ -8,9 +8,8 @@ when the values change within it), runs ``set_config(name, value, true)``:
 PostgreSQL forgets such a value when the transaction ends, so it never leaks
 into the next transaction on a pooled connection. A statement that can change
 rows in autocommit mode runs in a short transaction of its own with the
-values set, except a ``CALL`` or ``DO``, which may commit: the values are set
-for the session around it, and cleared after it. Raw SQL through Django's
-cursors carries them too.
+values set, except a ``CALL`` or ``DO``, which may commit: it runs as it is,
+not covered. Raw SQL through Django's cursors carries them too.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ _MAY_COMMIT = re.compile(
 _ROLLBACK = re.compile(r"\s*ROLLBACK\b", re.IGNORECASE)
 
 _SET = "SELECT set_config(%s, %s, true), set_config(%s, %s, true)"
-_SET_FOR_SESSION = "SELECT set_config(%s, %s, false), set_config(%s, %s, false)"
 
 #: Kinds of frame: pausing (a set of model labels, empty for all) and context.
 PAUSED = "paused"
@@ -197,7 +195,10 @@ class _SettingsWrapper:
         finally:
             self._busy = False
         if autocommit and _MAY_COMMIT.match(sql):
-            return _for_the_session(connection, values, lambda: execute(sql, params, many, context))
+            # It may commit, which PostgreSQL refuses in a transaction block, and a
+            # value set for the session would reach other clients through a pooler
+            # in transaction mode: it runs as it is, not covered.
+            return execute(sql, params, many, context)
         if autocommit:
             with transaction.atomic(using=connection.alias):
                 _apply(connection, values)
@@ -220,34 +221,14 @@ class _SettingsWrapper:
                 self.applied = None  # a savepoint rollback may have undone them
 
 
-def _for_the_session(connection: Any, values: tuple[str, str], run: Callable[[], Any]) -> Any:
-    """``run()`` a ``CALL`` or ``DO`` in autocommit mode with the values set for the
-    session, which every transaction it commits inherits, then cleared again.
-
-    In a transaction block of its own, as other writes in autocommit mode run, a
-    procedure that commits would fail (``invalid transaction termination``).
-    """
-    _apply(connection, values, _SET_FOR_SESSION)
-    try:
-        result = run()
-    except BaseException:
-        if connection.connection is not None and not connection.connection.closed:
-            _apply(connection, ("", ""), _SET_FOR_SESSION)
-        raise
-    _apply(connection, ("", ""), _SET_FOR_SESSION)
-    return result
-
-
-def _apply(connection: Any, values: tuple[str, str], statement: str = _SET) -> None:
+def _apply(connection: Any, values: tuple[str, str]) -> None:
     # A plain cursor of the driver's connection: no execute wrappers, no recursion,
     # and not the statement's own cursor, which may be a server-side one
     # (``QuerySet.iterator()``): there ``set_config()`` would only be declared as
     # a cursor, never run, and the statement's own declaration would replace it.
     # Its errors are Django's, as the statement's own would be.
     with connection.wrap_database_errors, connection.connection.cursor() as cursor:
-        cursor.execute(
-            statement, [wire.PAUSED_SETTING, values[0], wire.CONTEXT_SETTING, values[1]]
-        )
+        cursor.execute(_SET, [wire.PAUSED_SETTING, values[0], wire.CONTEXT_SETTING, values[1]])
 
 
 def transaction_open(connection: Any) -> bool:
