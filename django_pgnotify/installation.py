@@ -252,7 +252,9 @@ def inspect_triggers(
     one per URI of ours in the database that no selected declaration has
     (unknown). Triggers a declaration no longer asks for (an event removed)
     make it outdated. With selectors, unknown ones are reported only for the
-    selected apps and models.
+    selected apps and models. What a declaration of a model the router sends
+    to another alias has installed is not unknown here: that alias may name
+    this same database (a pooler in front of it), and it is that alias's.
     """
     selectors = list(selectors)
     # A transaction: the trigger hashes are taken with a search_path set for it.
@@ -356,6 +358,9 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     back alone. Everything left alone is logged as an error naming the model.
     Triggers of apps that are no longer installed are left to
     ``pgnotify_install --prune``: another project may share the database.
+    So are those of declarations the router sends to another alias, which may
+    name this same database (``inspect_triggers``): an alias the router keeps
+    the models off must not prune what they installed through the other.
     Returns the states of what was created, updated or dropped.
     """
     declarations, invalid = _valid_declarations(using)
@@ -457,7 +462,11 @@ def _drop_all(cursor, scripts: Iterable[str]) -> None:
 def prune_triggers(
     selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS
 ) -> list[TriggerState]:
-    """Drop triggers and functions of ours that no declaration asks for any more."""
+    """Drop triggers and functions of ours that no declaration asks for any more.
+
+    Those of a declaration the router sends to another alias stay: they are
+    not unknown (``inspect_triggers``).
+    """
     selectors = list(selectors)
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
@@ -569,6 +578,27 @@ def _valid_declarations(using: str, *, log: bool = True) -> tuple[list[Declarati
         elif router.allow_migrate_model(using, model):
             declarations.extend(found)
     return declarations, invalid
+
+
+def _declared_elsewhere(using: str) -> set[str]:
+    """URIs of the valid declarations of models the router sends to another
+    PostgreSQL alias but not to ``using``.
+
+    Their triggers may well be in this database: that alias can name it too
+    (a pooler in front of it). They are that alias's to install, report and
+    drop, not leftovers of this one.
+    """
+    others = [a for a in connections if a != using and connections[a].vendor == "postgresql"]
+    found: set[str] = set()
+    for model in apps.get_models():
+        if router.allow_migrate_model(using, model) or not any(
+            router.allow_migrate_model(alias, model) for alias in others
+        ):
+            continue
+        declarations, errors = resolve_model(model, raw_declarations(model))
+        if not any(e.is_serious() for e in errors):
+            found.update(d.uri for d in declarations)
+    return found
 
 
 def _model_label(uri: str) -> str:
@@ -1004,6 +1034,7 @@ def _inspect(
     targets = [_target(cursor, d, server_version) for d in declarations]
     if declared is None:
         declared = _valid_declarations(cursor.db.alias, log=False)[0]
+    elsewhere = _declared_elsewhere(cursor.db.alias)
     neighbours = _neighbours(cursor, declarations, declared, server_version)
     declared_functions = {t.function_oid for t in [*targets, *neighbours]} - {None}
     declared_names = {d.function for d in declared}
@@ -1063,7 +1094,12 @@ def _inspect(
     leftovers: dict[str, _Leftovers] = {}
     for key, row in installed.items():
         parsed = trigger_sql.parse_comment(row.comment)
-        if key in expected_triggers or parsed is None or not _selected(parsed[0], selectors):
+        if (
+            key in expected_triggers
+            or parsed is None
+            or parsed[0] in elsewhere
+            or not _selected(parsed[0], selectors)
+        ):
             continue
         found = leftovers.setdefault(parsed[0], _Leftovers())
         found.triggers.append((key[1], row.table))
@@ -1072,7 +1108,12 @@ def _inspect(
     cursor.execute(_ORPHAN_FUNCTIONS, [trigger_sql.MARKER + ":%"])
     for oid, function, comment in cursor.fetchall():
         parsed = trigger_sql.parse_comment(comment)
-        if parsed is None or oid in expected_functions or not _selected(parsed[0], selectors):
+        if (
+            parsed is None
+            or oid in expected_functions
+            or parsed[0] in elsewhere
+            or not _selected(parsed[0], selectors)
+        ):
             continue
         leftovers.setdefault(parsed[0], _Leftovers()).functions.add(tuple(function))
     # A declaration's own triggers that still call another function of ours,

@@ -449,6 +449,42 @@ def test_an_event_table_a_router_keeps_off_the_database_is_not_taken_for_one_dro
     assert "sqlmigrate" not in state.detail
 
 
+class DeclaringAppsOnDefaultOnly:
+    """A router that keeps the apps that declare pgnotify off every database but "default"."""
+
+    def allow_migrate(self, db: str, app_label: str, **hints: object) -> bool | None:
+        return db == "default" if app_label in ("testapp", "durableapp", "auth") else None
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_an_alias_the_router_keeps_the_models_off_leaves_their_triggers_alone(caplog):
+    """That alias may name the same database (a pooler in front of it): what the models
+    installed through the other is neither unknown nor pruned there; true leftovers are."""
+    install_triggers(using="other")
+    declared = states(using="other")
+    gone = install_stray_declaration("Gone", "gone")
+    with connections["other"].cursor() as cursor:
+        cursor.execute(gone.install)
+
+    with override_settings(DATABASE_ROUTERS=[f"{__name__}.DeclaringAppsOnDefaultOnly"]):
+        seen = states(using="other")
+        with pytest.raises(CommandError, match="1 trigger problem"):
+            run("--check", "--database", "other")
+        with caplog.at_level(logging.INFO, "django_pgnotify.installation"):
+            synced = sync_triggers("other")
+        pruned = prune_triggers(using="other")
+        removed = uninstall_triggers(using="other")
+        out = run("--prune", "--database", "other")
+
+    assert declared and set(declared.values()) == {INSTALLED}
+    assert seen == {"testapp.Gone:gone": UNKNOWN}
+    assert [s.uri for s in synced] == ["testapp.Gone:gone"]
+    assert caplog.text.count("pgnotify: pruned") == 1
+    assert pruned == removed == []
+    assert out == "All triggers are up to date.\nNothing to prune.\n"
+    assert states(using="other") == declared
+
+
 def test_the_event_table_dropped_by_hand_is_not_migrate_django_pgnotifys_to_create_again():
     """Its migrations are still recorded: plain ``migrate django_pgnotify`` applies nothing."""
     drop_the_event_table()

@@ -9,6 +9,7 @@ triggers send.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from psycopg import sql
 
 from django_pgnotify import wire
 from django_pgnotify.migrating import models_touched
-from tests.conftest import django_env, run_manage
+from tests.conftest import ROOT, django_env, run_manage
 from tests.conftest import test_database_url as database_url
 
 CHANNEL = "pgnotify_evolving_gadget"
@@ -291,6 +292,55 @@ def test_migrating_a_durable_app_before_django_pgnotify_installs_its_triggers_on
     assert events == (1,)
     final = run_manage("pgnotify_install", "--check", "durableapp", env=env)
     assert final.returncode == 0, final.stdout + final.stderr
+
+
+POOLED_SETTINGS = """\
+import os
+
+from django_pgnotify.embedded import database_settings
+
+SECRET_KEY = "tests-only"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+DATABASES = {"default": database_settings(os.environ["DATABASE_URL"])}
+DATABASES["pooled"] = dict(DATABASES["default"])  # a pooler in front of the same database
+INSTALLED_APPS = ["django_pgnotify", "tests.durableapp"]
+DATABASE_ROUTERS = ["pooled_settings.DirectOnly"]
+SILENCED_SYSTEM_CHECKS = ["pgnotify.W006"]
+
+
+class DirectOnly:
+    def allow_migrate(self, db, app_label, **hints):
+        return db == "default"
+"""
+
+
+def test_migrate_through_an_alias_the_router_keeps_the_models_off_prunes_none_of_theirs(
+    empty_database_url, tmp_path
+):
+    """Its plan is empty, but its post_migrate rebuild ran with no declaration and took
+    every trigger of the database for a leftover."""
+    (tmp_path / "pooled_settings.py").write_text(POOLED_SETTINGS)
+    env = django_env(
+        DATABASE_URL=empty_database_url,
+        DJANGO_SETTINGS_MODULE="pooled_settings",
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
+    )
+    migrated = run_manage("migrate", "-v", "0", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+
+    pooled = run_manage("migrate", "--database", "pooled", env=env)
+    after_migrate = run_manage("pgnotify_install", "--check", "-v", "2", env=env)
+    run_manage("pgnotify_install", "-v", "0", env=env)  # puts back what it dropped, if any
+    pruned = run_manage("pgnotify_install", "--prune", "--database", "pooled", env=env)
+    after_prune = run_manage("pgnotify_install", "--check", "-v", "2", env=env)
+
+    assert pooled.returncode == 0, pooled.stderr
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout == "All triggers are up to date.\nNothing to prune.\n"
+    for check in (after_migrate, after_prune):
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert 'installed: durableapp.Job:default on "durableapp_job"' in check.stdout
 
 
 def test_an_event_table_behind_this_versions_migrations_gets_no_triggers_that_need_them(
