@@ -315,6 +315,8 @@ class DurableWorker:
         self.dispatcher = dispatcher
         self.stopping = stopping
         self.ignore_own_changes = ignore_own_changes
+        #: The server of the event table, whose PIDs the events' are (``None``: not known).
+        self._server: own_changes.Server | None = None
         self.owner = lease_owner()
         self.batch_size = int(get_setting("DURABLE_BATCH_SIZE"))
         self.lease = float(get_setting("DURABLE_LEASE"))
@@ -380,7 +382,15 @@ class DurableWorker:
         params["application_name"] = f"{get_setting('APPLICATION_NAME')} durable"[:63]
         # As the listening connection's: PROBE_TIMEOUT, unless OPTIONS set one.
         params.setdefault("connect_timeout", connection.connect_timeout(self.timeout))
-        return await psycopg.AsyncConnection.connect(**params, **connection.PSYCOPG_OPTIONS)
+        conn = await psycopg.AsyncConnection.connect(**params, **connection.PSYCOPG_OPTIONS)
+        if self.ignore_own_changes:  # PIDs are a server's: our connections' count on it only
+            try:
+                read = own_changes.read_server(conn)
+                self._server = await connection.within(conn, read, self.timeout)
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
 
     async def _retry(
         self,
@@ -507,7 +517,7 @@ class DurableWorker:
             if (
                 self.ignore_own_changes
                 and row.pid is not None
-                and own_changes.is_own_write(row.pid, claim_started - row.age)
+                and own_changes.is_own_write(row.pid, claim_started - row.age, self._server)
             ):
                 self.stats["own_changes"] += row.unhandled
                 outcome.skipped.add(row.id)

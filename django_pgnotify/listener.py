@@ -133,6 +133,8 @@ class Listener:
         if ignore_own_changes is None:
             ignore_own_changes = bool(get_setting("IGNORE_OWN_CHANGES"))
         self.ignore_own_changes = ignore_own_changes
+        #: The server listened to, whose PIDs the notifications' are (``None``: not known).
+        self._server: own_changes.Server | None = None
         if ignore_own_changes:  # here, to find the creating thread's open connections
             own_changes.track_own_connections()
         self.health_file = HealthFile(health_file) if health_file else None
@@ -370,6 +372,9 @@ class Listener:
                     " is a read-only standby (pg_is_in_recovery() is true): changes are not made"
                     " and NOTIFY cannot be sent there. Point the listener at the primary."
                 )
+            if self.ignore_own_changes:  # PIDs are a server's: our connections' count on it only
+                cursor = await self._query(conn, own_changes.SERVER_QUERY)
+                self._server = own_changes.server_of(await cursor.fetchone())
             for channel in [*self.channels, self.probe_channel]:
                 await self._query(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             await self._send_probe(conn)
@@ -518,6 +523,7 @@ class Listener:
         pending, append = self._pending, self._pending.append
         control_channels = (self._probe_name, self._durable_channel)
         own = own_changes.is_own_pid if self.ignore_own_changes else None
+        server = self._server
         received = skipped = 0
         while len(pending) < limit:
             notify = pgconn.notifies()
@@ -527,7 +533,7 @@ class Listener:
                 control(notify)
                 continue
             received += 1
-            if own is not None and own(notify.be_pid):
+            if own is not None and own(notify.be_pid, server):
                 skipped += _changes_in(notify.extra)
             else:
                 append(notify)
@@ -553,7 +559,7 @@ class Listener:
             return
         with self._read_lock:  # the worker may be taking a batch from the queue
             self.stats["received"] += 1
-            if self.ignore_own_changes and own_changes.is_own_pid(raw.be_pid):
+            if self.ignore_own_changes and own_changes.is_own_pid(raw.be_pid, self._server):
                 self.stats["own_changes"] += _changes_in(raw.extra)
                 return
             self._pending.append(raw)

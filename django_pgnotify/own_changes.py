@@ -6,6 +6,13 @@ listener compares it with the PIDs of the connections Django opened in this
 process, in any thread. PostgreSQL reuses PIDs, so a PID counts as ours only
 while the connection that had it is open, and briefly after it closed.
 
+PIDs are unique only within one server, and a process may also be connected to
+others (a read replica, another database server, one in a container whose PIDs
+overlap): a PID is ours only on the server our connection has it on. Each new
+connection asks its server who it is (:data:`SERVER_QUERY`, one round trip), and
+so does the listener; a connection whose server does not answer, or whose PID
+is not its server's (a pooler's), is not recorded: its changes are delivered.
+
 Django sends a signal when it opens a connection but none when it closes one,
 so the first time a connection is opened its wrapper's ``close`` is wrapped to
 retire the PID then. A wrapper that is garbage-collected without being closed
@@ -20,22 +27,44 @@ server's clock, so the clocks need not agree, only tick at the same rate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from django.db import connections
 from django.db.backends.signals import connection_created
 
+#: A server, as :data:`SERVER_QUERY` tells it apart: when it started (in microseconds
+#: since the epoch), its address the session came in at (``None`` over a Unix socket) and
+#: its port.
+Server = tuple[Any, ...]
+#: A PID on the server it belongs to.
+Key = tuple[Server, int]
+
+#: The session's PID, then the server's identity (:func:`server_of`): a replica has its
+#: own start time (not its own ``system_identifier``), servers started in the same
+#: microsecond have their own addresses. Needs no privilege.
+SERVER_QUERY = (
+    "SELECT pg_backend_pid(),"
+    " (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint,"
+    " host(inet_server_addr()), current_setting('port')"
+)
+
 _lock = threading.Lock()
-#: PID -> the wrapper whose open connection has it.
-_pids: dict[int, weakref.ref[Any]] = {}
-#: PID -> when its connection closed (``time.monotonic()``).
-_closed: dict[int, float] = {}
-#: PID -> when it became ours (``time.monotonic()``), while open or closed lately.
-_opened: dict[int, float] = {}
+#: (server, PID) -> the wrapper whose open connection has it.
+_pids: dict[Key, weakref.ref[Any]] = {}
+#: (server, PID) -> when its connection closed (``time.monotonic()``).
+_closed: dict[Key, float] = {}
+#: (server, PID) -> when it became ours (``time.monotonic()``), while open or closed lately.
+_opened: dict[Key, float] = {}
+#: psycopg connection -> its key, or ``None`` if not ours to record: asked once per
+#: session, not again each time a pool hands it to a wrapper.
+_keys: weakref.WeakKeyDictionary[Any, Key | None] = weakref.WeakKeyDictionary()
 
 #: Seconds a PID still counts as ours after its connection closed.
 CLOSED_GRACE = 10.0
@@ -59,25 +88,74 @@ def _backend_pid(wrapper: Any) -> int | None:
         return None
 
 
+def server_of(row: Sequence[Any]) -> Server:
+    """The server identity in a row of :data:`SERVER_QUERY`."""
+    return tuple(row[1:])
+
+
+async def read_server(conn: psycopg.AsyncConnection) -> Server:
+    """The identity of the server ``conn`` is connected to."""
+    cursor = await conn.execute(SERVER_QUERY)
+    row = await cursor.fetchone()
+    assert row is not None
+    return server_of(row)
+
+
+def _key(wrapper: Any) -> Key | None:
+    """The key of ``wrapper``'s session: its PID on its server; ``None`` if unknown.
+
+    The query runs on the raw connection, outside Django's query log and
+    instrumentation, and leaves no transaction behind that was not open before.
+    """
+    raw = wrapper.connection
+    try:
+        with _lock:
+            return _keys[raw]
+    except (KeyError, TypeError):
+        pass
+    pid = _backend_pid(wrapper)
+    key: Key | None = None
+    if pid:
+        try:
+            # Outside a transaction, without autocommit, the query would begin one.
+            begins = not raw.autocommit and raw.info.transaction_status == 0
+            try:
+                with raw.cursor() as cursor:
+                    cursor.execute(SERVER_QUERY)
+                    row = cursor.fetchone()
+            finally:
+                if begins:
+                    raw.rollback()
+        except Exception:  # the changes of a session we cannot place are delivered
+            return None
+        # Through a pooler the PID the client was given is not its server session's,
+        # which other clients share: none of it is ours.
+        if row is not None and row[0] == pid:
+            key = (server_of(row), pid)
+    with _lock, contextlib.suppress(TypeError):  # a connection that takes no weak reference
+        _keys[raw] = key
+    return key
+
+
 def _remember(sender: Any, connection: Any, **kwargs: Any) -> None:
     """A wrapper opened a session: its PID is ours, its earlier one (if any) no longer."""
     if connection.vendor != "postgresql":
         return
     _watch_close(connection)
-    pid = _backend_pid(connection)
+    key = _key(connection)
     with _lock:
-        _retire(connection, keep=pid)
+        _retire(connection, keep=key)
         _sweep()
-        if pid:
+        if key is not None:
             # Its callback may run in any thread, even one holding this lock.
-            _pids[pid] = weakref.ref(connection, functools.partial(_collected, pid))
-            _closed.pop(pid, None)
-            _opened[pid] = time.monotonic()
+            _pids[key] = weakref.ref(connection, functools.partial(_collected, key))
+            _closed.pop(key, None)
+            _opened[key] = time.monotonic()
 
 
-def _collected(pid: int, ref: weakref.ref[Any]) -> None:
+def _collected(key: Key, ref: weakref.ref[Any]) -> None:
     """A wrapper was garbage-collected open, ending its session: one store, no lock."""
-    _closed[pid] = time.monotonic()
+    _closed[key] = time.monotonic()
 
 
 def _watch_close(wrapper: Any) -> None:
@@ -102,26 +180,26 @@ def _watch_close(wrapper: Any) -> None:
     wrapper.close = close_and_retire
 
 
-def _retire(wrapper: Any, keep: int | None = None) -> None:
+def _retire(wrapper: Any, keep: Key | None = None) -> None:
     """Move the PIDs of ``wrapper`` but ``keep`` from open to closed. Holds ``_lock``."""
-    for pid, ref in list(_pids.items()):
-        if ref() is wrapper and pid != keep:
-            del _pids[pid]
-            _closed[pid] = time.monotonic()
+    for key, ref in list(_pids.items()):
+        if ref() is wrapper and key != keep:
+            del _pids[key]
+            _closed[key] = time.monotonic()
 
 
 def _sweep() -> None:
     """Forget collected wrappers and PIDs past their grace. Holds ``_lock``."""
-    for pid, ref in list(_pids.items()):
+    for key, ref in list(_pids.items()):
         if ref() is None:  # its callback has filed the PID as closed
-            del _pids[pid]
+            del _pids[key]
     expired = time.monotonic() - CLOSED_GRACE
-    for pid, at in list(_closed.items()):
+    for key, at in list(_closed.items()):
         if at <= expired:
-            _closed.pop(pid, None)
-    for pid in list(_opened):
-        if pid not in _pids and pid not in _closed:
-            _opened.pop(pid, None)
+            _closed.pop(key, None)
+    for key in list(_opened):
+        if key not in _pids and key not in _closed:
+            _opened.pop(key, None)
 
 
 def track_own_connections() -> None:
@@ -135,22 +213,30 @@ def track_own_connections() -> None:
             _remember(None, wrapper)
 
 
-def is_own_pid(pid: int) -> bool:
-    """Whether ``pid`` is the backend of a Django connection of this process.
+def is_own_pid(pid: int, server: Server | None) -> bool:
+    """Whether ``pid`` on ``server`` is the backend of a Django connection of this process.
 
     A connection closed less than ``CLOSED_GRACE`` seconds ago still counts:
     its last notifications may still be on their way (a request's connection
     is closed right after its commit). Two dictionary lookups: it runs for
     every notification.
+
+    Args:
+        pid: The writing session's backend PID.
+        server: The server it wrote on (:func:`read_server`); ``None`` (not
+            known) matches nothing.
     """
-    ref = _pids.get(pid)
+    if server is None:
+        return False
+    key = (server, pid)
+    ref = _pids.get(key)
     if ref is not None and ref() is not None:
         return True
-    closed = _closed.get(pid)
+    closed = _closed.get(key)
     return closed is not None and time.monotonic() - closed < CLOSED_GRACE
 
 
-def is_own_write(pid: int, written_at: float) -> bool:
+def is_own_write(pid: int, written_at: float, server: Server | None) -> bool:
     """Whether a change by backend ``pid`` written at ``written_at`` came from this process.
 
     As :func:`is_own_pid`, for a change that may be old (a durable event):
@@ -163,8 +249,9 @@ def is_own_write(pid: int, written_at: float) -> bool:
         written_at: When the change was written, as a ``time.monotonic()`` reading
             (an estimate no later than the truth: an error that way only lets an
             own change through).
+        server: The server it wrote on, as for :func:`is_own_pid`.
     """
-    if not is_own_pid(pid):
+    if server is None or not is_own_pid(pid, server):
         return False
-    opened = _opened.get(pid)
+    opened = _opened.get((server, pid))
     return opened is not None and written_at >= opened - OPENED_MARGIN

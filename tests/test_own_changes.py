@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import threading
 import types
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 from django.db import connections
+from django.db.backends.base.base import NO_DB_ALIAS
 
-from django_pgnotify import own_changes
-from django_pgnotify.own_changes import CLOSED_GRACE, OPENED_MARGIN, is_own_pid, is_own_write
+from django_pgnotify import durable, own_changes, row_changed
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.decoding import Decoder
+from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify.embedded import EmbeddedPostgres, database_settings
+from django_pgnotify.own_changes import (
+    CLOSED_GRACE,
+    OPENED_MARGIN,
+    SERVER_QUERY,
+    Server,
+    is_own_pid,
+    is_own_write,
+    server_of,
+)
+from tests.durableapp.models import Job
 
 
 @pytest.fixture
@@ -30,33 +49,67 @@ def wrapper(transactional_db):
     wrapper.close()
 
 
+@pytest.fixture(scope="module")
+def another_server() -> Iterator[dict]:
+    """The ``DATABASES`` entry of a PostgreSQL server other than the tests' own."""
+    postgres = EmbeddedPostgres()
+    try:
+        yield database_settings(postgres.url)
+    finally:
+        postgres.close()
+
+
+@pytest.fixture
+def elsewhere(transactional_db, another_server) -> Iterator[object]:
+    """A Django connection of this process to another server (a read replica, say).
+
+    Under the alias Django's own connections without a database have: one the
+    test case lets connect, and django.contrib.postgres leaves alone.
+    """
+    databases = {"default": {}, NO_DB_ALIAS: dict(another_server)}  # it wants a default
+    settings = connections.configure_settings(databases)[NO_DB_ALIAS]
+    wrapper = type(connections["default"])(settings, NO_DB_ALIAS)
+    yield wrapper
+    wrapper.close()
+
+
 def open_pid(wrapper) -> int:
     wrapper.ensure_connection()
     return wrapper.connection.info.backend_pid
 
 
-def test_a_closed_connection_counts_as_own_for_the_grace_after_it_closed(clock, wrapper):
+def server(conn: psycopg.Connection) -> Server:
+    return server_of(conn.execute(SERVER_QUERY).fetchone())
+
+
+@pytest.fixture
+def here(other_connection) -> Server:
+    """The tests' server, as the listener's connection (not Django's) tells it."""
+    return server(other_connection)
+
+
+def test_a_closed_connection_counts_as_own_for_the_grace_after_it_closed(clock, wrapper, here):
     pid = open_pid(wrapper)
-    assert is_own_pid(pid)
+    assert is_own_pid(pid, here)
 
     wrapper.close()
     clock.value += CLOSED_GRACE / 2
-    assert is_own_pid(pid)  # its last notifications may still be on their way
+    assert is_own_pid(pid, here)  # its last notifications may still be on their way
 
     clock.value += CLOSED_GRACE / 2
-    assert not is_own_pid(pid)  # the PID may be another client's by now
+    assert not is_own_pid(pid, here)  # the PID may be another client's by now
 
 
-def test_a_connection_closed_long_ago_is_not_own_when_first_asked_about(clock, wrapper):
+def test_a_connection_closed_long_ago_is_not_own_when_first_asked_about(clock, wrapper, here):
     pid = open_pid(wrapper)
     wrapper.close()
 
     clock.value += 3600
 
-    assert not is_own_pid(pid)
+    assert not is_own_pid(pid, here)
 
 
-def test_a_connection_collected_without_closing_counts_as_closed_then(clock, wrapper):
+def test_a_connection_collected_without_closing_counts_as_closed_then(clock, wrapper, here):
     unclosed = connections.create_connection("default")
     pid = open_pid(unclosed)
 
@@ -65,13 +118,13 @@ def test_a_connection_collected_without_closing_counts_as_closed_then(clock, wra
         del unclosed
         gc.collect()
     clock.value += CLOSED_GRACE / 2
-    assert is_own_pid(pid)
+    assert is_own_pid(pid, here)
 
     clock.value += CLOSED_GRACE / 2
-    assert not is_own_pid(pid)
+    assert not is_own_pid(pid, here)
 
 
-def test_the_registry_holds_open_connections_and_recent_closes_only(clock, wrapper):
+def test_the_registry_holds_open_connections_and_recent_closes_only(clock, wrapper, here):
     pids = []
     for _ in range(50):  # a request each, with CONN_MAX_AGE = 0
         pids.append(open_pid(wrapper))
@@ -79,21 +132,98 @@ def test_the_registry_holds_open_connections_and_recent_closes_only(clock, wrapp
         clock.value += 1
 
     recent = set(pids[-int(CLOSED_GRACE) :])
-    assert not set(own_changes._pids) & set(pids)
-    assert set(own_changes._closed) & set(pids) <= recent
-    assert not any(is_own_pid(pid) for pid in set(pids) - recent)
+    assert not {pid for _, pid in own_changes._pids} & set(pids)
+    assert {pid for _, pid in own_changes._closed} & set(pids) <= recent
+    assert not any(is_own_pid(pid, here) for pid in set(pids) - recent)
 
 
-def test_an_old_change_counts_as_own_only_if_written_once_its_pid_was_ours(clock, wrapper):
+def test_an_old_change_counts_as_own_only_if_written_once_its_pid_was_ours(clock, wrapper, here):
     """A durable event may wait for hours: its writer's PID may be ours since."""
     opened = clock.value
     pid = open_pid(wrapper)
     clock.value += 60
 
-    assert is_own_write(pid, opened + 30)
-    assert is_own_write(pid, opened - OPENED_MARGIN / 2)  # within a round trip's doubt
-    assert not is_own_write(pid, opened - 3600)  # by the session that had the PID before
+    assert is_own_write(pid, opened + 30, here)
+    assert is_own_write(pid, opened - OPENED_MARGIN / 2, here)  # within a round trip's doubt
+    assert not is_own_write(pid, opened - 3600, here)  # by the session that had the PID before
 
     wrapper.close()
     clock.value += CLOSED_GRACE
-    assert not is_own_write(pid, opened + 30)  # the PID may be another client's by now
+    assert not is_own_write(pid, opened + 30, here)  # the PID may be another client's by now
+
+
+# Other servers: PIDs are unique within one server only
+
+
+def test_a_pid_counts_as_own_only_on_the_server_of_its_connection(clock, elsewhere, here):
+    pid = open_pid(elsewhere)
+    there = server(elsewhere.connection)
+
+    assert there != here
+    assert is_own_pid(pid, there)
+    # A writer with this PID on the listener's server is another process (PID
+    # namespaces overlap: containers, other hosts).
+    assert not is_own_pid(pid, here)
+    assert not is_own_write(pid, clock.value, here)
+
+
+@pytest.fixture
+def job_names(transactional_db) -> Iterator[list[str]]:
+    names: list[str] = []
+
+    def record(sender, event, **kwargs) -> None:
+        names.append(event.fields["name"])
+
+    row_changed.connect(record, sender=Job, weak=False, dispatch_uid="test_own_changes_jobs")
+    yield names
+    row_changed.disconnect(sender=Job, dispatch_uid="test_own_changes_jobs")
+
+
+def test_a_durable_change_by_the_pid_of_a_connection_to_another_server_is_delivered(
+    other_connection, elsewhere, job_names
+):
+    """Not settled unseen (deleted) as this process's own."""
+    own_changes.track_own_connections()
+    pid = open_pid(elsewhere)
+    other_connection.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('theirs', '', 1)")
+    # Its writer had, on this server, the PID this process's connection has on the other.
+    other_connection.execute("UPDATE pgnotify_event SET pid = %s", [pid])
+    worker = durable.DurableWorker(
+        [d for d in get_declarations() if d.model is Job],
+        "default",
+        Decoder([Job]),
+        Dispatcher(),
+        threading.Event(),
+        ignore_own_changes=True,
+    )
+
+    async def one_batch() -> int:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1) as executor:
+                return await worker.process_batch(conn, executor)
+
+    assert asyncio.run(asyncio.wait_for(one_batch(), 30)) == 1
+    assert job_names == ["theirs"]
+    assert worker.stats["own_changes"] == 0
+
+
+def test_a_connection_whose_pid_is_not_its_server_sessions_is_not_recorded(
+    clock, wrapper, here, monkeypatch
+):
+    """A pooler hands its clients PIDs of its own, and shares the server's sessions."""
+    monkeypatch.setattr(own_changes, "_backend_pid", lambda w: w.connection.info.backend_pid + 1)
+    pid = open_pid(wrapper)
+
+    assert not is_own_pid(pid, here)
+    assert not is_own_pid(pid + 1, here)
+
+
+def test_asking_the_server_leaves_no_transaction_open(clock, transactional_db, here):
+    settings = {**connections["default"].settings_dict, "AUTOCOMMIT": False}
+    wrapper = type(connections["default"])(settings, "default")
+    try:
+        pid = open_pid(wrapper)
+        assert wrapper.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert is_own_pid(pid, here)
+    finally:
+        wrapper.close()
