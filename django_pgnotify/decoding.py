@@ -403,6 +403,63 @@ def _integer(value: Any) -> int:
 _AS_SENT = frozenset({_same, _integer})
 
 
+def _naive_datetime(value: Any) -> datetime:
+    parsed = parse_datetime(value)
+    if parsed is None or parsed.tzinfo is not None:
+        raise ValueError(f"not a timestamp without time zone: {value!r}")
+    return parsed
+
+
+# A field of an internal type not named above (a custom field, a subclass of a range
+# field) is rendered by PostgreSQL's to_json, as an array's elements are (see
+# triggers._value), and read by its column type: into what the database adapter makes
+# of the type, for these. Any other type (inet and cidr, which Django has psycopg
+# load as text; hstore, which it loads as the dict to_json gives; varchar, tsvector...)
+# is taken as sent: its JSON value is already what the ORM reads.
+_COLUMN_TYPES: dict[str, Converter] = {
+    "uuid": uuid.UUID,
+    "numeric": _decimal,
+    "decimal": _decimal,
+    "date": date.fromisoformat,
+    "timestamp with time zone": _datetime,
+    "timestamptz": _datetime,
+    "timestamp": _naive_datetime,
+    "timestamp without time zone": _naive_datetime,
+    "time": _time,
+    "time without time zone": _time,
+    "interval": _interval_text,
+    "bytea": _binary_text,
+    "double precision": float,
+    "float8": float,
+    "real": float,
+    "float4": float,
+    "int4range": _range(int),
+    "int8range": _range(int),
+    "numrange": _range(Decimal),
+    "daterange": _range(date.fromisoformat),
+    "tstzrange": _range(_datetime),
+}
+_COLUMN_TYPE_MODIFIERS = re.compile(r"\s*\([^)]*\)")
+_ARRAY_DIMENSIONS = re.compile(r"(?:\s*\[\d*\])+$")
+
+
+def _by_column_type(field: models.Field, using: str) -> Converter:
+    """A payload value of ``field``'s column read by the column's type (``db_type``),
+    whatever the field's Python side does with values it is given."""
+    try:
+        db_type = field.db_type(connections[using])
+    except Exception:  # a custom field's own code: its values are taken as sent
+        return _same
+    if not isinstance(db_type, str) or not db_type:
+        return _same
+    name = _COLUMN_TYPE_MODIFIERS.sub("", db_type).strip().lower()
+    element = _ARRAY_DIMENSIONS.sub("", name)
+    convert = _COLUMN_TYPES.get(element, _same)
+    if convert is _same or element == name:
+        return convert
+    return _elements(convert)
+
+
 def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Converter:
     """The function that turns a payload value into ``field``'s value, as the ORM gives it.
 
@@ -418,33 +475,41 @@ def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Convert
     """
     stored = stored_field(field)
     if not (hasattr(field, "from_db_value") or hasattr(stored, "from_db_value")):
-        return _typed(stored)
+        return _typed(stored, using)
     # The column as the ORM selects it: for a foreign key, the field it points to
     # gives the converters, then the foreign key itself.
     expression = field.get_col(field.model._meta.db_table)
     converters = expression.get_db_converters(connections[using])
     if not converters or _typed_as_the_orm_reads(stored, converters):
-        return _typed(stored)
-    return _DatabaseConverters(_adapted(stored), converters, expression, using)
+        return _typed(stored, using)
+    return _DatabaseConverters(_adapted(stored, using), converters, expression, using)
 
 
-def _typed(field: models.Field) -> Converter:
-    """A payload value of ``field``'s column to its Python value, ``from_db_value`` aside."""
+def _typed(field: models.Field, using: str) -> Converter:
+    """A payload value of ``field``'s column to its Python value, ``from_db_value`` aside.
+
+    Never the field's ``to_python``: that validates and cleans what a form or a
+    fixture gives (``GenericIPAddressField(unpack_ipv4=True)`` makes
+    ``'::ffff:10.0.0.1'`` ``'10.0.0.1'``), which the ORM does not do to what it reads.
+    """
     internal = field.get_internal_type()
     if internal == "JSONField":
         return _json_converter(field)
     if internal == "ArrayField":
-        return _array_converter(field)
+        return _array_converter(field, using)
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
         return _integer
-    return field.to_python
+    return _by_column_type(field, using)
 
 
-def _array_converter(field: models.Field) -> Converter:
+def _array_converter(field: models.Field, using: str) -> Converter:
     element, _ = innermost_field(field)
-    convert = _ELEMENT_CONVERTERS.get(element.get_internal_type(), _same)
+    convert = _ELEMENT_CONVERTERS.get(element.get_internal_type())
+    if convert is None:
+        # Rendered by to_json as an element of any type is: read by its column type.
+        convert = _by_column_type(element, using)
     return _same if convert in _AS_SENT else _elements(convert)
 
 
@@ -497,7 +562,7 @@ def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
     return element.decoder is None
 
 
-def _adapted(field: models.Field) -> Converter:
+def _adapted(field: models.Field, using: str) -> Converter:
     """A payload value of ``field``'s column to what the database adapter gives for it,
     which ``from_db_value`` receives: JSON as its text (triggers send it so)."""
     internal = field.get_internal_type()
@@ -507,12 +572,12 @@ def _adapted(field: models.Field) -> Converter:
         element, depth = innermost_field(field)
         if element.get_internal_type() == "JSONField":
             return _json_texts(depth)
-        return _array_converter(field)
+        return _array_converter(field, using)
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
         return _integer
-    return _same
+    return _by_column_type(field, using)
 
 
 def _json_texts(depth: int) -> Converter:

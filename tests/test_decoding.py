@@ -10,13 +10,18 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
-from django.db import models
+from django.contrib.postgres.fields import ArrayField, DateTimeRangeField
+from django.db import connection, models
 from django.test import override_settings
 from django.test.utils import isolate_apps
+from psycopg import sql
 
-from django_pgnotify import wire
+from django_pgnotify import Notify, wire
+from django_pgnotify.declarations import resolve_model
 from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
+from django_pgnotify.triggers import build_trigger_sql
 from tests.testapp.models import Measurement, Order, Reading, Tag, Weird
 
 READING_ID = uuid.UUID("6f1c2a4e-6b1f-4c8e-9a57-0c3b7d1e2f90")
@@ -809,3 +814,190 @@ def test_payloads_of_ever_new_shapes_keep_the_decoders_memory_bounded(monkeypatc
     assert wire.read_shape(payload)[0] is shape
     assert shape in decoder._layouts
     assert (("name",), (), "insert", True) in codec._layouts
+
+
+# Fields the decoder reads by their column type: what the ORM reads, not what the
+# field's to_python would make of it
+
+
+class ShoutedField(models.Field):
+    """A text column whose ``to_python`` cleans what forms give (the ORM never calls it)."""
+
+    def db_type(self, connection):
+        return "text"
+
+    def to_python(self, value):
+        return value if value is None else value.upper()
+
+
+class TokenField(models.Field):
+    """A ``uuid`` column, which the database adapter reads into a ``UUID``."""
+
+    def db_type(self, connection):
+        return "uuid"
+
+
+class SpanField(models.Field):
+    """An ``interval`` column, which the database adapter reads into a ``timedelta``."""
+
+    def db_type(self, connection):
+        return "interval"
+
+
+class StampField(models.Field):
+    """A ``timestamp(3) with time zone`` column, read into an aware ``datetime``."""
+
+    def db_type(self, connection):
+        return "timestamp(3) with time zone"
+
+
+class ShiftField(DateTimeRangeField):
+    """A range field's subclass: its internal type is its class name."""
+
+
+BY_TYPE_TABLE = "pgnotify_test_by_type"
+BY_TYPE_FIELDS = ["unpacked", "address", "slug", "shouted", "token", "span", "stamp", "shift"]
+
+
+@pytest.fixture
+def by_type_table(other_connection):
+    """A table of columns the decoder reads by their type, with its model; dropped (with
+    its triggers and their function) after."""
+    other_connection.execute(
+        f"CREATE TABLE {BY_TYPE_TABLE} (id integer PRIMARY KEY, unpacked inet, address inet,"
+        " slug varchar(50), shouted text, token uuid, span interval,"
+        " stamp timestamp(3) with time zone, shift tstzrange)"
+    )
+    functions: list[str] = []
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type(
+                "Meta", (), {"app_label": "testapp", "db_table": BY_TYPE_TABLE, "managed": False}
+            )
+            model = type(
+                "ByTypeRow",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "id": models.IntegerField(primary_key=True),
+                    "unpacked": models.GenericIPAddressField(unpack_ipv4=True, null=True),
+                    "address": models.GenericIPAddressField(null=True),
+                    "slug": models.SlugField(null=True),
+                    "shouted": ShoutedField(null=True),
+                    "token": TokenField(null=True),
+                    "span": SpanField(null=True),
+                    "stamp": StampField(null=True),
+                    "shift": ShiftField(null=True),
+                    "Meta": meta,
+                },
+            )
+            yield model, functions
+    finally:
+        other_connection.execute(f"DROP TABLE IF EXISTS {BY_TYPE_TABLE} CASCADE")
+        for function in functions:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_fields_read_by_column_type_arrive_as_the_orm_reads_them_not_as_to_python_cleans_them(
+    by_type_table, other_connection, level, caplog
+):
+    model, functions = by_type_table
+    (declaration,), errors = resolve_model(model, Notify(fields=BY_TYPE_FIELDS, level=level))
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    functions.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        # Written by hand, in a session whose settings show in to_json's renderings.
+        other_connection.execute("SET TimeZone = 'Asia/Kolkata'")
+        other_connection.execute("SET IntervalStyle = 'sql_standard'")
+        other_connection.execute(
+            f"INSERT INTO {BY_TYPE_TABLE} VALUES"
+            " (1, '::ffff:10.0.0.1', '2001:db8::1/64', 'a-slug', 'quiet',"
+            " '0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41', '1 day -02:00:00.5',"
+            " '2025-03-30 00:59:59.123+00', '[\"2024-01-01 10:00+00\",)'),"
+            " (2, '10.0.0.1', '10.1.2.3/8', NULL, NULL, NULL, NULL, NULL, 'empty')"
+        )
+        other_connection.execute(
+            f"UPDATE {BY_TYPE_TABLE} SET unpacked = '::ffff:192.0.2.1' WHERE id = 2"
+        )
+        decoder, events = Decoder([model]), []
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+            # One notification per statement or per row, as the level has it.
+            for notify in listening.notifies(timeout=10, stop_after=3 if level == "row" else 2):
+                events += decoder.decode(notify.payload)
+    read = {row.pk: row for row in model.objects.all()}
+
+    assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2), ("update", 2)]
+    # What the ORM reads: as stored, typed as the database adapter types the column.
+    assert read[1].unpacked == "::ffff:10.0.0.1"
+    assert read[1].address == "2001:db8::1/64"
+    assert read[1].shouted == "quiet"
+    assert read[1].token == uuid.UUID("0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41")
+    assert read[1].span == timedelta(days=1, hours=-2, milliseconds=-500)
+    assert read[2].unpacked == "::ffff:192.0.2.1"
+    for event in events:
+        # repr() tells an aware UTC datetime from one in another zone, and str from UUID.
+        expected = {name: getattr(read[event.pk], name) for name in BY_TYPE_FIELDS}
+        if event.action == "insert" and event.pk == 2:
+            expected["unpacked"] = "10.0.0.1"
+        assert repr(event.fields) == repr(expected)
+    assert events[2].old["unpacked"] == "10.0.0.1"
+    assert events[2].changed == {"unpacked"}
+    assert caplog.records == []  # nothing was passed on as sent
+
+
+@isolate_apps("tests.testapp")
+@pytest.mark.parametrize(
+    "sent", ["::ffff:10.0.0.1", "2001:db8::1/64", "::ffff:10.0.0.1/128", "10.1.2.3/8"]
+)
+def test_an_inet_arrives_as_its_text_whatever_the_fields_to_python_would_clean(sent, caplog):
+    """The ORM reads inet as PostgreSQL's text: it does not unpack an IPv4-mapped address,
+    and an address with a netmask, which to_python refuses, is no value it cannot read."""
+
+    class Host(models.Model):
+        unpacked = models.GenericIPAddressField(unpack_ipv4=True)
+        address = models.GenericIPAddressField()
+
+        class Meta:
+            app_label = "testapp"
+
+    row = {"pk": 1, "fields": {"unpacked": sent, "address": sent}}
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        change = decode_one(Host, message("testapp.host", "insert", row))
+
+    assert change.fields == {"unpacked": sent, "address": sent}
+    assert caplog.records == []
+
+
+class Wrapped(str):
+    """What ``WrappedTokenField.from_db_value`` returns: the text of what it was given."""
+
+
+class WrappedTokenField(models.Field):
+    """A ``uuid`` column whose ``from_db_value`` shows what the database adapter gave it."""
+
+    def db_type(self, connection):
+        return "uuid"
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else Wrapped(f"{type(value).__name__}:{value}")
+
+
+@isolate_apps("tests.testapp")
+def test_a_from_db_value_of_a_field_read_by_column_type_is_given_what_the_adapter_gives():
+    class Ticket(models.Model):
+        token = WrappedTokenField(null=True)
+        tokens = ArrayField(TokenField(), null=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    row = {"pk": 1, "fields": {"token": str(TOKEN), "tokens": [[str(TOKEN)], [None]]}}
+
+    change = decode_one(Ticket, message("testapp.ticket", "insert", row))
+
+    assert change.fields == {"token": f"UUID:{TOKEN}", "tokens": [[TOKEN], [None]]}
