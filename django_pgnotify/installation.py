@@ -55,16 +55,17 @@ _LOCK_KEY = "django-pgnotify installation"
 
 # What a trigger does, as PostgreSQL prints it, and whether it is enabled.
 # Hashed into its comment at install, so a trigger changed in place (CREATE OR
-# REPLACE TRIGGER, ALTER TABLE DISABLE TRIGGER, a renamed column in its WHEN
-# clause) no longer matches. pg_get_triggerdef() leaves out the schema of the
-# names the session's search_path finds, so the hash stored is taken with an
-# empty one (``_trigger_hashes``).
+# REPLACE TRIGGER, ALTER TABLE DISABLE TRIGGER, its table renamed) no longer
+# matches. pg_get_triggerdef() leaves out the schema of the names the session's
+# search_path finds, so the hash stored is taken with an empty one
+# (``_trigger_hashes``).
 _TRIGGER_STATE = "left(md5(t.tgenabled::text || pg_get_triggerdef(t.oid)), 16)"
 
 _OURS = """
 SELECT t.oid::oid, t.tgrelid, t.tgname, obj_description(t.oid, 'pg_trigger'),
        ARRAY[n.nspname::text, c.relname::text], p.oid::oid,
-       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc'), p.prosrc
+       ARRAY[pn.nspname::text, p.proname::text], obj_description(p.oid, 'pg_proc'), p.prosrc,
+       t.tgenabled::text
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -147,8 +148,14 @@ class TriggerState:
     kept: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        text = f"{self.status}: {self.uri} on {self.table}"
+        text = f"{self.status}: {self.subject}"
         return f"{text} ({self.detail})" if self.detail else text
+
+    @property
+    def subject(self) -> str:
+        """``<uri> on <table>``, or the URI alone for functions of ours with no
+        trigger (``table`` is ``"-"``): what messages name."""
+        return self.uri if self.table == "-" else f"{self.uri} on {self.table}"
 
     @property
     def kept_detail(self) -> str:
@@ -289,7 +296,7 @@ def install_triggers(
         for state in changes:
             if state.status == UNKNOWN:
                 _refused_by_database(_drop_leftovers, cursor, state)
-                logger.info("pgnotify: removed superseded %s on %s", state.uri, state.table)
+                logger.info("pgnotify: removed superseded %s", state.subject)
             else:
                 _refused_by_database(_apply, cursor, state)
     return changes
@@ -340,7 +347,9 @@ def _install_plan(
     return changes
 
 
-def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
+def sync_triggers(
+    using: str = DEFAULT_DB_ALIAS, detached: Iterable[Detached] = ()
+) -> list[TriggerState]:
     """Make ``using`` match the declarations of every installed app: what ``migrate`` runs.
 
     Like ``install_triggers`` followed by ``prune_triggers`` for the installed
@@ -353,9 +362,15 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     database lacks django_pgnotify's migrations) gets none either, and loses
     the installed triggers that write to it, which would fail every write to
     its table; one whose event table is in a schema this session's
-    search_path misses gets none and keeps what it has. Each declaration
-    is installed in a savepoint of its own: one the database refuses is rolled
-    back alone. Everything left alone is logged as an error naming the model.
+    search_path misses gets none and keeps what it has; so does one whose
+    table or function this role cannot look up (no ``USAGE`` on its schema).
+    Each declaration is installed in a savepoint of its own: one the database
+    refuses is rolled back alone. Everything left alone is logged as an error
+    naming the model.
+
+    ``detached`` are the triggers ``detach_triggers`` disabled before the
+    migration: those this sync neither rebuilt nor dropped are enabled again
+    as they were, so that what it keeps is what the model had before.
     Triggers of apps that are no longer installed are left to
     ``pgnotify_install --prune``: another project may share the database.
     So are those of declarations the router sends to another alias, which may
@@ -368,8 +383,10 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
     changed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
-        states = _inspect(cursor, declarations, app_labels, declarations)
-        kept = invalid | {_model_label(s.uri) for s in states if s.status == CONFLICT}
+        readable = _readable(cursor, declarations)
+        hidden = {_model_label(d.uri) for d in declarations if d not in readable}
+        states = _inspect(cursor, readable, app_labels, declarations)
+        kept = invalid | hidden | {_model_label(s.uri) for s in states if s.status == CONFLICT}
         durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
         problem = _event_table_problem(cursor) if durable else None
         if problem is not None and not problem.gone:
@@ -402,37 +419,228 @@ def sync_triggers(using: str = DEFAULT_DB_ALIAS) -> list[TriggerState]:
                 and _model_label(state.uri) not in kept
                 and _in_savepoint(using, _drop_leftovers, cursor, state)
             ):
-                logger.info("pgnotify: pruned %s on %s", state.uri, state.table)
+                logger.info("pgnotify: pruned %s", state.subject)
                 changed.append(state)
+        # Those it dropped because they fail every write to their table stay dropped.
+        failing = {s.uri for s in states if s.status == NO_EVENT_TABLE and s.drop_sql}
+        for record in detached:
+            if record.uri not in failing:
+                _enable_again(cursor, record)
     return changed
 
 
-def detach_triggers(affected: Callable[[str], bool], using: str = DEFAULT_DB_ALIAS) -> list[str]:
-    """Drop our triggers on the tables of models for which ``affected(label)`` is true.
+def _readable(cursor, declarations: list[Declaration]) -> list[Declaration]:
+    """The declarations whose table and function this role can look up; each other
+    is logged as an error naming its model (a schema it lacks ``USAGE`` on)."""
+    server_version = cursor.connection.info.server_version
+    found = []
+    for declaration in declarations:
+        try:
+            with transaction.atomic(using=cursor.db.alias):
+                _target(cursor, declaration, server_version)
+        except OperationalError:
+            raise  # the connection or the statement timeout: not this declaration's
+        except DatabaseError as exc:
+            table = trigger_sql.build_trigger_sql(declaration, server_version).table
+            logger.error(
+                "pgnotify: %s on %s is not installed, and keeps what it has: its table or "
+                "function cannot be looked up: %s",
+                declaration.uri,
+                table.as_string(None),
+                " ".join(str(exc).split()),
+            )
+        else:
+            found.append(declaration)
+    return found
 
-    ``label`` is the ``app_label.Model`` of the trigger's declaration URI. The
-    functions stay (nothing calls them), so ``inspect_triggers`` reports the
-    declarations outdated until ``install_triggers`` or ``sync_triggers``
-    puts the triggers back. Returns ``"<uri> on <table>"`` for each declaration
-    whose triggers were dropped.
+
+@dataclass(frozen=True)
+class Detached:
+    """The triggers of one declaration on one table that ``detach_triggers`` disabled.
+
+    ``triggers`` are ``(name, pg_trigger.tgenabled)`` as they were, ``columns``
+    the table's columns then: ``sync_triggers`` enables again the triggers it
+    neither rebuilt nor dropped, unless the migration renamed or dropped a
+    column their function names, which would fail every write to the table.
     """
-    dropped: dict[str, str] = {}
+
+    uri: str
+    relid: int
+    table: str
+    triggers: tuple[tuple[str, str], ...]
+    columns: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.uri} on {self.table}"
+
+
+_COLUMNS = (
+    "SELECT ARRAY(SELECT attname::text FROM pg_attribute"
+    " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum)"
+)
+
+# ALTER TABLE ... <this> TRIGGER, for each pg_trigger.tgenabled.
+_ENABLE = {"O": "ENABLE", "A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
+
+
+def _enable_again(cursor, record: Detached) -> None:
+    """Put back the state ``record``'s triggers had before the migration, if the sync
+    kept them: they are still there, disabled (a rebuilt trigger is enabled)."""
+    cursor.execute(
+        "SELECT t.tgname::text, p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+        " WHERE t.tgrelid = %s AND t.tgenabled = 'D' AND t.tgname = ANY(%s)",
+        [record.relid, [name for name, enabled in record.triggers if enabled != "D"]],
+    )
+    bodies = dict(cursor.fetchall())
+    if not bodies:
+        return
+    cursor.execute(
+        "SELECT ARRAY[n.nspname::text, c.relname::text] FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s",
+        [record.relid],
+    )
+    table = sql.Identifier(*cursor.fetchone()[0])
+    cursor.execute(_COLUMNS, [record.relid])
+    (columns,) = cursor.fetchone()
+    gone = [c for c in record.columns if c not in columns]
+    read = [c for c in gone if any(_names(c, body) for body in bodies.values())]
+    where = table.as_string(None)
+    if read:
+        logger.error(
+            "pgnotify: the triggers of %s on %s stay disabled: the migration renamed or "
+            "dropped %s, which they read (every write to the table would fail); once it "
+            "can be installed, manage.py pgnotify_install rebuilds them",
+            record.uri,
+            where,
+            ", ".join(_qualified((c,)) for c in read),
+        )
+        return
+    unwritable = _event_columns_missing(cursor, bodies.values())
+    if unwritable:
+        logger.error(
+            "pgnotify: the triggers of %s on %s stay disabled: the event table lacks %s, "
+            "which they write (every write to the table would fail); once django_pgnotify's "
+            "migrations are applied, manage.py pgnotify_install rebuilds them",
+            record.uri,
+            where,
+            ", ".join(_qualified((c,)) for c in unwritable),
+        )
+        return
+    statements = [
+        sql.SQL("ALTER TABLE {} {} TRIGGER {}")
+        .format(table, sql.SQL(_ENABLE.get(enabled, "ENABLE")), sql.Identifier(name))
+        .as_string(None)
+        for name, enabled in record.triggers
+        if name in bodies
+    ]
+    try:
+        with transaction.atomic(using=cursor.db.alias):
+            cursor.execute(";\n".join(statements))
+    except DatabaseError as exc:
+        logger.error(
+            "pgnotify: the triggers of %s on %s stay disabled: %s",
+            record.uri,
+            where,
+            " ".join(str(exc).split()),
+        )
+        return
+    logger.info(
+        "pgnotify: the triggers of %s on %s are back as they were before the migration",
+        record.uri,
+        where,
+    )
+
+
+# The column list of a durable function's insert into the event table.
+_EVENT_INSERT = re.compile(
+    r"INSERT INTO\s+(?:\"?[^\s\"(]+\"?\.)?\"?" + re.escape(wire.EVENT_TABLE) + r"\"?\s*\(([^)]*)\)"
+)
+
+
+def _event_columns_missing(cursor, bodies: Iterable[str]) -> list[str]:
+    """The columns that durable functions of these ``bodies`` write and the event table
+    (as this session finds it) lacks: all of them if it finds none.
+
+    The table of the triggers installed before an upgrade may lack columns of later
+    migrations that they do not write, and keep working; one rolled back to an
+    earlier migration lacks columns they do write.
+    """
+    written = {
+        column.strip().strip('"')
+        for body in bodies
+        for match in _EVENT_INSERT.finditer(body)
+        for column in match.group(1).split(",")
+    }
+    if not written:
+        return []
+    cursor.execute(
+        "SELECT ARRAY(SELECT attname::text FROM pg_attribute"
+        " WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped)",
+        [wire.EVENT_TABLE],
+    )
+    (present,) = cursor.fetchone()
+    return sorted(written - set(present))
+
+
+def _names(column: str, body: str) -> bool:
+    """Whether a function's body may name ``column``: quoted, or as a bare word."""
+    if _qualified((column,)) in body:
+        return True
+    return (
+        re.search(rf"(?<![\w$\"]){re.escape(column)}(?![\w$\"])", body, re.IGNORECASE) is not None
+    )
+
+
+def detach_triggers(
+    affected: Callable[[str], bool], using: str = DEFAULT_DB_ALIAS
+) -> list[Detached]:
+    """Disable our triggers on the tables of models for which ``affected(label)`` is true.
+
+    ``label`` is the ``app_label.Model`` of the trigger's declaration URI. A
+    disabled trigger does not call its function, which may read a column the
+    migration renames or drops. ``inspect_triggers`` reports the declarations
+    outdated until ``install_triggers`` or ``sync_triggers`` (given what this
+    returns) rebuilds them or enables them again. A table whose triggers this
+    role cannot alter (no ``USAGE`` on its schema) is logged and left alone.
+    Returns what was disabled, one record per declaration and table.
+    """
+    found: dict[tuple[str, int], tuple[tuple[str, str], list[tuple[str, str]]]] = {}
+    detached = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
-        for _, _, name, comment, table, *_rest in cursor.fetchall():
+        for _, relid, name, comment, table, *_rest, enabled in cursor.fetchall():
             parsed = trigger_sql.parse_comment(comment)
             if parsed is None or not affected(parsed[0].split(":", 1)[0]):
                 continue
-            cursor.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(name), sql.Identifier(*table)
+            found.setdefault((parsed[0], relid), (tuple(table), []))[1].append((name, enabled))
+        for (uri, relid), (table, triggers) in found.items():
+            try:
+                with transaction.atomic(using=using):
+                    cursor.execute(_COLUMNS, [relid])
+                    (columns,) = cursor.fetchone()
+                    for name, enabled in triggers:
+                        if enabled != "D":
+                            cursor.execute(
+                                sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}")
+                                .format(sql.Identifier(*table), sql.Identifier(name))
+                                .as_string(None)
+                            )
+            except OperationalError:
+                raise  # the connection or the statement timeout: not this table's
+            except DatabaseError as exc:
+                logger.error(
+                    "pgnotify: the triggers of %s on %s stay enabled during the migration: %s",
+                    uri,
+                    _qualified(table),
+                    " ".join(str(exc).split()),
                 )
-            )
-            dropped[parsed[0]] = _qualified(table)
-    for uri, table in dropped.items():
-        logger.info("pgnotify: dropped the triggers of %s on %s until migrate ends", uri, table)
-    return [f"{uri} on {table}" for uri, table in dropped.items()]
+                continue
+            record = Detached(uri, relid, _qualified(table), tuple(triggers), tuple(columns))
+            detached.append(record)
+    for record in detached:
+        logger.info("pgnotify: disabled the triggers of %s until migrate ends", record)
+    return detached
 
 
 # One statement of the installer's DROP SQL: anything up to a semicolon outside
@@ -477,7 +685,7 @@ def prune_triggers(
         ]
         _drop_all(cursor, [state.drop_sql for state in unknown])
         for state in unknown:
-            logger.info("pgnotify: pruned %s on %s", state.uri, state.table)
+            logger.info("pgnotify: pruned %s", state.subject)
     return unknown
 
 
@@ -710,6 +918,7 @@ class _Installed(NamedTuple):
     function: tuple[str, str]
     function_comment: str | None
     function_body: str | None
+    enabled: str  # pg_trigger.tgenabled: "D" when disabled
 
 
 @dataclass
@@ -1078,7 +1287,10 @@ def _inspect(
         for key in target.keys:
             row = installed.get(key)
             if row is not None and not _matches(row.comment, hashes.get(row.oid, ""), reference):
-                problems.append(f"trigger {key[1]} differs")
+                # Disabled: by hand, or by a migrate that failed (``detach_triggers``).
+                problems.append(
+                    f"trigger {key[1]} {'disabled' if row.enabled == 'D' else 'differs'}"
+                )
             elif row is None and key[1] in target.on_table:
                 problems.append(f"trigger {key[1]} lacks our comment")
             elif row is None:

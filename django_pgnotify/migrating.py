@@ -1,20 +1,22 @@
 """Keeping triggers out of the way of ``migrate`` and in step after it.
 
-A trigger names columns: its function body reads them, and the update
-trigger's ``WHEN`` clause compares them. PostgreSQL refuses ``ALTER COLUMN ...
-TYPE`` of a column a ``WHEN`` clause uses, ``DROP COLUMN ... CASCADE`` drops
-the trigger silently, and a renamed or dropped column makes every later write
-that calls the function fail. So, with ``INSTALL_ON_MIGRATE``, ``pre_migrate``
-drops our triggers on the tables of every model the migration plan may touch,
-and ``post_migrate`` rebuilds every declaration and prunes what no
-declaration asks for, once the whole plan has run.
+A trigger's function names the columns it sends (the triggers themselves,
+with no ``WHEN`` clause nor column list, depend on none): once a migration
+renames or drops one, every write that calls the function fails, also the
+writes of the migration itself (a data migration later in the plan, the
+``UPDATE`` Django runs to fill a column made ``NOT NULL``). So, with
+``INSTALL_ON_MIGRATE``, ``pre_migrate`` disables our triggers on the tables of
+every model the migration plan may touch, and ``post_migrate``, once the whole
+plan has run, rebuilds every declaration, prunes what no declaration asks
+for, and enables again, as they were, the disabled triggers of declarations
+it keeps as they are (one it cannot install now, see ``sync_triggers``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig, apps
 from django.db import connections
@@ -22,11 +24,18 @@ from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 
 from .conf import get_setting
 
+if TYPE_CHECKING:
+    from .installation import Detached
+
 logger = logging.getLogger("django_pgnotify.migrating")
 
 # The (alias, plan) last handled: both signals are sent once per app, with
 # the same plan object, and one pass per migrate run is enough.
 _handled: dict[str, tuple[Any, Any]] = {}
+
+# By alias, the triggers pre_migrate disabled, for post_migrate to enable
+# again those it keeps.
+_detached: dict[str, list[Detached]] = {}
 
 
 def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
@@ -95,23 +104,25 @@ def _applies(using: str, plan: Any) -> bool:
 
 
 def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwargs: Any) -> None:
-    """``pre_migrate``: drop our triggers on the tables the plan may change.
+    """``pre_migrate``: disable our triggers on the tables the plan may change.
 
     Writes to those tables during the migration (data migrations, and other
-    processes writing meanwhile) are not announced; ``post_migrate`` puts the
-    triggers back. If the migration fails, they stay dropped until the next
-    ``migrate`` or ``pgnotify_install``, and ``pgnotify_install --check``
-    reports them.
+    processes writing meanwhile) are not announced; ``post_migrate`` rebuilds
+    the triggers or enables them again. If the migration fails, they stay
+    disabled until the next ``migrate`` or ``pgnotify_install``, and
+    ``pgnotify_install --check`` reports them.
     """
     from .installation import detach_triggers
 
     if not plan or not _applies(using, plan) or not _first_time("pre", using, plan):
         return
-    dropped = detach_triggers(models_touched(plan), using)
-    if dropped:
+    detached = detach_triggers(models_touched(plan), using)
+    _detached[using] = detached
+    if detached:
         logger.info(
-            "pgnotify: triggers dropped for the migration, rebuilt at its end: %s",
-            ", ".join(dropped),
+            "pgnotify: triggers disabled for the migration, rebuilt or enabled again at its "
+            "end: %s",
+            ", ".join(str(record) for record in detached),
         )
 
 
@@ -125,4 +136,4 @@ def sync_after_migrate(sender: AppConfig, using: str, plan: Any = None, **kwargs
 
     if not _applies(using, plan) or not _first_time("post", using, plan):
         return
-    sync_triggers(using)
+    sync_triggers(using, _detached.pop(using, []))

@@ -350,6 +350,31 @@ def test_uninstalling_one_of_two_models_on_a_table_leaves_the_others_triggers_wo
     assert (message.model, message.action) == ("oddtables.note", "insert")
 
 
+@TWINS
+def test_a_migrate_touching_a_table_two_models_declare_leaves_it_the_triggers_it_had(
+    oddtables, twin
+):
+    """Both keep what they have (conflict): the triggers migrate disabled for the
+    plan (a RunSQL, which may touch any table) are enabled again at its end."""
+    triggers = oddtables.triggers()
+
+    migrated = manage_with_twin(oddtables, twin, "migrate", "django_pgnotify", "0003")
+
+    assert migrated.returncode == 0, migrated.stderr
+    assert "oddtables.NoteTwin:default also declares it" in migrated.stderr
+    assert oddtables.triggers() == triggers
+    disabled = oddtables.connection.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'oddtables_note'::regclass"
+        " AND tgenabled = 'D'"
+    )
+    assert disabled.fetchone() == (0,)
+    with psycopg.connect(oddtables.url, autocommit=True) as listening:
+        listening.execute("LISTEN pgnotify_oddtables_note")
+        oddtables.connection.execute("INSERT INTO oddtables_note (text) VALUES ('still heard')")
+        note = next(listening.notifies(timeout=10, stop_after=1), None)
+    assert note is not None, "no notification from oddtables.Note's triggers"
+
+
 def test_uninstalling_one_of_two_models_on_a_table_drops_what_is_its_own_and_only_that(oddtables):
     """The insert trigger installed for NoteTwin (by hand, say, from SQL of an earlier
     version), the others and the function (one name for both: the twins write the

@@ -920,9 +920,39 @@ def test_install_drops_the_triggers_of_a_renamed_declaration_of_the_same_model()
 
 
 def test_unknown_triggers_are_left_alone_without_prune(gone):
-    run()
+    out = run()
 
     assert states()["testapp.Gone:gone"] == UNKNOWN
+    assert out == (
+        "All triggers are up to date.\n"
+        "1 leftover(s) of ours that no declaration asks for any more (unknown, for --check): "
+        'testapp.Gone:gone on "public"."testapp_tag"; pgnotify_install --prune removes them.\n'
+    )
+    assert run("-v", "0") == ""
+
+
+def test_a_function_of_ours_without_a_trigger_is_named_without_a_table(gone, caplog):
+    execute(sql.SQL("DROP TRIGGER pgnotify_gone_insert ON testapp_tag"))
+
+    with pytest.raises(CommandError):
+        run("--check")
+    check = (state for state in inspect_triggers() if state.status == UNKNOWN)
+    with caplog.at_level(logging.INFO, "django_pgnotify.installation"):
+        out = run("--prune")
+
+    assert str(next(check)) == (
+        'unknown: testapp.Gone:gone (function "public".'
+        f"{gone.function.as_string(None)} has no trigger)"
+    )
+    assert out == "All triggers are up to date.\nPruned testapp.Gone:gone\n"
+    assert "pgnotify: pruned testapp.Gone:gone\n" in caplog.text
+
+
+def test_check_and_sql_together_are_refused():
+    with pytest.raises(CommandError, match="--check and --sql exclude each other") as info:
+        run("--check", "--sql")
+
+    assert info.value.returncode == 2
 
 
 # Uninstall
@@ -1057,3 +1087,128 @@ def test_database_option_picks_the_alias():
     assert "Installed testapp.Tag:default on" in out
     assert set(states(using="other").values()) == {INSTALLED}
     assert states("testapp.Tag") == {"testapp.Tag:default": MISSING}
+
+
+# migrate: what the sync keeps is what the model had before
+
+
+def migrate_signals(app_label: str, *operations) -> None:
+    """What migrate's signals do around a plan of these operations (not run)."""
+    from django.db import migrations
+
+    from django_pgnotify.migrating import detach_before_migrate, sync_after_migrate
+
+    migration = migrations.Migration("0099_test", app_label)
+    migration.operations = list(operations)
+    plan = [(migration, False)]
+    detach_before_migrate(None, "default", plan)
+    sync_after_migrate(None, "default", plan)
+
+
+def job_events() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pgnotify_event WHERE model = 'durableapp.job'")
+        return cursor.fetchone()[0]
+
+
+def test_migrate_keeps_working_the_durable_triggers_of_an_event_table_behind(caplog):
+    """django_pgnotify upgraded, migrate shop before migrate django_pgnotify: the
+    installed triggers (which do not write the column the table lacks) keep working."""
+    from django.db import migrations, models
+
+    execute("ALTER TABLE pgnotify_event DROP COLUMN handled")
+    before = job_events()
+
+    with caplog.at_level(logging.INFO, "django_pgnotify"):
+        migrate_signals("durableapp", migrations.AddField("job", "extra", models.TextField()))
+    Job.objects.create(name="recorded")
+    events = job_events()
+
+    assert trigger_names("durableapp_job") == {
+        "pgnotify_insert",
+        "pgnotify_update",
+        "pgnotify_delete",
+    }
+    assert events == before + 1
+    assert 'lacks column "handled"' in caplog.text
+    assert "disabled the triggers of durableapp.Job:default" in caplog.text
+    assert states("durableapp") == {"durableapp.Job:default": NO_EVENT_TABLE}
+    execute("ALTER TABLE pgnotify_event ADD COLUMN handled text")  # as it was
+    assert states("durableapp") == {"durableapp.Job:default": INSTALLED}
+
+
+def test_migrate_leaves_disabled_the_durable_triggers_that_write_a_column_the_event_table_lost(
+    caplog,
+):
+    """django_pgnotify's migrations rolled back past one the installed triggers write:
+    enabled again, they would fail every write to the table."""
+    from django.db import migrations, models
+
+    execute("ALTER TABLE pgnotify_event DROP COLUMN size")
+    before = job_events()
+    try:
+        with caplog.at_level(logging.INFO, "django_pgnotify"):
+            migrate_signals("durableapp", migrations.AddField("job", "extra", models.TextField()))
+        Job.objects.create(name="not recorded")  # the write works
+
+        assert job_events() == before
+        assert (
+            'the triggers of durableapp.Job:default on "public"."durableapp_job" stay disabled:'
+            ' the event table lacks "size", which they write'
+        ) in caplog.text
+    finally:
+        execute("ALTER TABLE pgnotify_event ADD COLUMN size integer NOT NULL DEFAULT 1")
+        call_command("pgnotify_install", "durableapp", verbosity=0)
+    assert states("durableapp") == {"durableapp.Job:default": INSTALLED}
+
+
+def test_migrate_leaves_disabled_the_kept_triggers_that_read_a_column_it_renamed(caplog):
+    """Enabled again, they would fail every write to the table."""
+    from django.db import migrations
+
+    from django_pgnotify.migrating import detach_before_migrate, sync_after_migrate
+
+    execute("ALTER TABLE pgnotify_event DROP COLUMN handled")
+    migration = migrations.Migration("0099_test", "durableapp")
+    migration.operations = [migrations.RenameField("job", "n", "count")]
+    plan = [(migration, False)]
+
+    with caplog.at_level(logging.INFO, "django_pgnotify"):
+        detach_before_migrate(None, "default", plan)
+        execute('ALTER TABLE durableapp_job RENAME COLUMN "body" TO "text"')  # the migration
+        sync_after_migrate(None, "default", plan)
+    execute("INSERT INTO durableapp_job (name, text, n) VALUES ('written', '', 0)")
+
+    assert (
+        'the triggers of durableapp.Job:default on "public"."durableapp_job" stay disabled: '
+        'the migration renamed or dropped "body", which they read'
+    ) in caplog.text
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT DISTINCT tgenabled FROM pg_trigger WHERE tgrelid = 'durableapp_job'::regclass"
+        )
+        assert cursor.fetchall() == [("D",)]
+
+
+def test_migrate_sync_names_a_model_whose_schema_the_role_may_not_use_and_syncs_the_others(
+    narrow_role, caplog
+):
+    from django.db import migrations, models
+
+    execute("RESET ROLE")
+    uninstall_triggers(["testapp.Tag"])
+    execute(sql.SQL("ALTER TABLE testapp_tag OWNER TO {}").format(sql.Identifier(narrow_role)))
+    execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(narrow_role)))
+    execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(narrow_role)))
+
+    with caplog.at_level(logging.ERROR, "django_pgnotify"):
+        migrate_signals("testapp", migrations.AddField("tag", "extra", models.TextField()))
+
+    execute("RESET ROLE")
+    assert states("testapp.Tag") == {"testapp.Tag:default": INSTALLED}
+    assert (
+        'testapp.Weird:default on "pgnotify odd"."Weird Table\'s $$" is not installed, and '
+        "keeps what it has: its table or function cannot be looked up: permission denied for "
+        "schema pgnotify odd"
+    ) in caplog.text
+    assert states("testapp.Weird") == {"testapp.Weird:default": INSTALLED}

@@ -61,6 +61,15 @@ class Command(BaseCommand):
         using = options["database"]
         if using not in connections:
             raise CommandError(f"Unknown database alias {using!r}.")
+        if options["check"] and options["sql"]:
+            # --check reports and exits 1 on a problem, --sql prints SQL and exits 0:
+            # one would silently win (as --check and --uninstall, wrong usage).
+            raise CommandError(
+                "--check and --sql exclude each other: --check reports what is off and "
+                "exits 1 if anything is; --sql prints the SQL that would fix it (add --prune "
+                "for the unknown ones).",
+                returncode=2,
+            )
         if connections[using].vendor != "postgresql":
             raise CommandError(
                 f"Database {using!r} uses {connections[using].settings_dict['ENGINE']}; "
@@ -81,6 +90,8 @@ class Command(BaseCommand):
                 self.report(installation.install_triggers(selectors, using), "Installed")
                 if options["prune"]:
                     self.report(installation.prune_triggers(selectors, using), "Pruned")
+                else:
+                    self.report_leftovers(selectors, using)
         except (ImproperlyConfigured, installation.CannotInstall) as exc:
             raise CommandError(str(exc)) from exc
         except DatabaseError as exc:
@@ -88,7 +99,7 @@ class Command(BaseCommand):
             raise CommandError(f"Database {using!r} ({where}): {exc}".strip()) from exc
 
     def print_sql(self, selectors: tuple[str, ...], using: str, options: dict[str, Any]) -> None:
-        pruning = options["prune"] or options["check"]
+        pruning = options["prune"]
         try:
             connections[using].ensure_connection()
         except OperationalError as exc:
@@ -194,13 +205,33 @@ class Command(BaseCommand):
                 self.style.SUCCESS(f"All {len(states)} declaration(s) are installed and current.")
             )
 
+    def report_leftovers(self, selectors: tuple[str, ...], using: str) -> None:
+        """Say that triggers or functions of ours no declaration asks for remain:
+        ``--check`` counts them, and only ``--prune`` drops them."""
+        if self.verbosity < 1:
+            return
+        unknown = [
+            state
+            for state in installation.inspect_triggers(selectors, using)
+            if state.status == installation.UNKNOWN
+        ]
+        if unknown:
+            names = ", ".join(state.subject for state in unknown)
+            self.stdout.write(
+                self.style.WARNING(
+                    f"{len(unknown)} leftover(s) of ours that no declaration asks for any "
+                    f"more (unknown, for --check): {names}; pgnotify_install --prune removes "
+                    "them."
+                )
+            )
+
     def report(self, states: list[installation.TriggerState], verb: str) -> None:
         installed_words = {installation.OUTDATED: "Updated", installation.UNKNOWN: "Removed"}
         changed = False
         for state in states:
             if verb != "Removed" or state.uninstall_sql:  # else uninstall left it all
                 word = installed_words.get(state.status, verb) if verb == "Installed" else verb
-                self.stdout.write(self.style.SUCCESS(f"{word} {state.uri} on {state.table}"))
+                self.stdout.write(self.style.SUCCESS(f"{word} {state.subject}"))
                 changed = True
             if verb == "Removed" and state.kept:
                 detail = state.kept_detail
