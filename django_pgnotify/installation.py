@@ -943,16 +943,23 @@ class _Target:
 
 def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
     """Look up the declaration's table and function, and what its table has."""
-    built = trigger_sql.build_trigger_sql(declaration, server_version)
-    table = built.table.as_string(None)
+    named = trigger_sql.build_trigger_sql(declaration, server_version)
+    table = named.table.as_string(None)
     cursor.execute(
         "SELECT r::oid, (SELECT relkind::text FROM pg_class WHERE oid = r), f::oid,"
         " (SELECT prosrc FROM pg_proc WHERE oid = f), obj_description(f, 'pg_proc'),"
-        " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = r AND NOT tgisinternal)"
-        " FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
-        [table, built.function.as_string(None) + "()"],
+        " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = r AND NOT tgisinternal),"
+        " EXISTS (SELECT FROM pg_constraint WHERE conrelid = r AND "
+        + trigger_sql.FOREIGN_KEY_ACTIONS
+        + ") FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
+        [table, named.function.as_string(None) + "()"],
     )
-    relid, relkind, function_oid, body, function_comment, on_table = cursor.fetchone()
+    relid, relkind, function_oid, body, function_comment, on_table, actions = cursor.fetchone()
+    # What the table's foreign keys do decides whether its updates may change a row
+    # twice: the SQL for the table as it is (adding such a key makes it outdated).
+    built = trigger_sql.build_trigger_sql(
+        declaration, server_version, actions if relid is not None else None
+    )
     reference = built
     if body is not None and (body, function_comment) != (built.body, built.comment):
         # ``--sql`` does not connect, so it prints SQL that every server runs:

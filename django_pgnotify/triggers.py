@@ -119,14 +119,22 @@ def table_identifier(declaration: Declaration) -> sql.Identifier:
     return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
 
-def build_trigger_sql(declaration: Declaration, server_version: int | None = None) -> TriggerSQL:
+def build_trigger_sql(
+    declaration: Declaration,
+    server_version: int | None = None,
+    foreign_key_actions: bool | None = None,
+) -> TriggerSQL:
     """Render the function and triggers of one declaration.
 
     ``server_version`` (``server_version_num`` of the database, as psycopg's
     ``connection.info.server_version``) lets the SQL use what that server
-    offers; ``None`` renders SQL that every supported server runs. The
-    installer passes its database's, so the checksums it compares are those
-    of the SQL it would install.
+    offers; ``None`` renders SQL that every supported server runs.
+    ``foreign_key_actions`` says whether the table has a foreign key whose
+    action updates its rows, which alone make a statement change a row twice
+    (``_pairs_by_position``): ``False`` leaves out the search for such a
+    statement, ``None`` (not known) makes the function look the keys up when
+    an update has two rows or more. The installer passes what its database
+    has, so the checksums it compares are those of the SQL it would install.
     """
     schema = declaration.table.schema
     function = (
@@ -136,7 +144,7 @@ def build_trigger_sql(declaration: Declaration, server_version: int | None = Non
     )
     table = table_identifier(declaration)
     scalar = "JSON_SCALAR" if (server_version or 0) >= JSON_SCALAR_SINCE else "to_json"
-    body = _function_body(declaration, scalar)
+    body = _function_body(declaration, scalar, foreign_key_actions)
     tag = _DOLLAR_TAG if _DOLLAR_TAG not in body else None
     quoted_body = sql.SQL(f"{tag}{body}{tag}") if tag else sql.Literal(body)
 
@@ -215,13 +223,14 @@ def _render(composable: sql.Composable) -> str:
     return composable.as_string(None)
 
 
-def _function_body(declaration: Declaration, scalar: str) -> str:
-    """``scalar`` names the function that renders one value as JSON (see ``_json_text``)."""
+def _function_body(declaration: Declaration, scalar: str, foreign_key_actions: bool | None) -> str:
+    """``scalar`` names the function that renders one value as JSON (see ``_json_text``);
+    ``foreign_key_actions`` is ``build_trigger_sql``'s."""
     if declaration.notify.durable:
-        return _durable_body(declaration, scalar)
+        return _durable_body(declaration, scalar, foreign_key_actions)
     if declaration.row_level:
         return _row_body(declaration, scalar)
-    return _live_body(declaration, scalar)
+    return _live_body(declaration, scalar, foreign_key_actions)
 
 
 # The longest payload sent: PostgreSQL refuses 8000 bytes and more.
@@ -317,7 +326,7 @@ _SENDING = sql.SQL(
 )
 
 
-def _live_body(declaration: Declaration, scalar: str) -> str:
+def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool | None) -> str:
     """Send the statement's rows, as many per notification as fit.
 
     Most statements write a row or a few: the first query renders at most
@@ -414,20 +423,15 @@ def _live_body(declaration: Declaration, scalar: str) -> str:
             **parts,
         )
         if paired:
-            sent = sql.SQL(
-                "{counting}{twice}    IF twice THEN\n{by_position}    ELSE\n{by_pk}    END IF;\n"
-            ).format(
-                counting=_counting_query(),
-                twice=_changed_twice(declaration),
-                by_position=_indented(
-                    _SENDING.format(
-                        source=twice_sources[event],
-                        joined_source=twice_joined_sources[event],
-                        small_query=_small_statement_query(paired, row, twice_sources[event]),
-                        **parts,
-                    )
-                ),
-                by_pk=_indented(sent),
+            by_position = _SENDING.format(
+                source=twice_sources[event],
+                joined_source=twice_joined_sources[event],
+                small_query=_small_statement_query(paired, row, twice_sources[event]),
+                **parts,
+            )
+            sent = sql.SQL("{}{}").format(
+                _counting_query(),
+                _by_need(declaration, foreign_key_actions, sent, by_position),
             )
         branches.append(
             sql.SQL(
@@ -715,26 +719,48 @@ def _counting_query() -> sql.Composable:
     ).format(new=sql.Identifier(_NEW_ROWS), limit=sql.Literal(_SMALL_STATEMENT + 1))
 
 
-def _changed_twice(declaration: Declaration, counted: str = "counted") -> sql.Composable:
-    """Set ``twice``: whether the statement changed a row twice (see ``_pairs_by_position``).
+def _by_need(
+    declaration: Declaration,
+    foreign_key_actions: bool | None,
+    by_pk: sql.Composable,
+    by_position: sql.Composable,
+) -> sql.Composable:
+    """An update's statements once ``counted`` is set: ``by_pk``, or ``by_position``
+    for a statement that changed a row twice (``_pairs_by_position``).
 
-    Only the actions of foreign keys declared in the database do, and only to a
-    statement of two rows or more, so the transition table is searched for a
-    repeated primary key only where the table has such a foreign key. The
-    nested ``IF`` keeps a single-row update from running either query.
+    Only the actions of foreign keys declared in the database make one, and
+    only in a statement of two rows or more, so the nested ``IF`` keeps a
+    single-row update from any query, a table without such keys
+    (``foreign_key_actions`` false) has no search at all, and one not known
+    to have them looks them up in ``pg_constraint`` first.
     """
+    if foreign_key_actions is False:
+        return by_pk
+    repeated = sql.SQL(
+        "EXISTS (SELECT FROM {new} AS n GROUP BY n.{pk} HAVING count(*) > 1)"
+    ).format(new=sql.Identifier(_NEW_ROWS), pk=sql.Identifier(declaration.pk.column))
+    if foreign_key_actions is None:
+        repeated = sql.SQL("{} AND {}").format(_HAS_FOREIGN_KEY_ACTIONS, repeated)
     return sql.SQL(
         "    twice := false;\n"
-        "    IF {counted} > 1 THEN\n"
-        "      twice := EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = TG_RELID"
-        " AND contype = 'f' AND (confdeltype IN ('n', 'd') OR confupdtype IN ('c', 'n', 'd')))"
-        " AND EXISTS (SELECT FROM {new} GROUP BY {pk} HAVING count(*) > 1);\n"
+        "    IF counted > 1 THEN\n"
+        "      twice := {repeated};\n"
         "    END IF;\n"
-    ).format(
-        counted=sql.SQL(counted),
-        new=sql.Identifier(_NEW_ROWS),
-        pk=sql.Identifier(declaration.pk.column),
-    )
+        "    IF twice THEN\n{by_position}    ELSE\n{by_pk}    END IF;\n"
+    ).format(repeated=repeated, by_position=_indented(by_position), by_pk=_indented(by_pk))
+
+
+#: Whether the trigger's table has a foreign key whose action updates its rows
+#: (``ON DELETE SET NULL`` or ``SET DEFAULT``, ``ON UPDATE`` but ``RESTRICT`` and
+#: ``NO ACTION``), as a condition of ``pg_constraint`` on ``conrelid``.
+FOREIGN_KEY_ACTIONS = (
+    "contype = 'f' AND (confdeltype IN ('n', 'd') OR confupdtype IN ('c', 'n', 'd'))"
+)
+_HAS_FOREIGN_KEY_ACTIONS = sql.SQL(
+    "EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = TG_RELID AND "
+    + FOREIGN_KEY_ACTIONS
+    + ")"
+)
 
 
 def _pairs_by_position(declaration: Declaration) -> sql.Composable:
@@ -746,34 +772,27 @@ def _pairs_by_position(declaration: Declaration) -> sql.Composable:
     versions in the transition tables, and a join by primary key would pair
     each with each. PostgreSQL appends each change's old and new row to the two
     tables together, so their positions pair them as row-level triggers see
-    them. Each row is numbered as a whole and cast to the table's row type,
-    then expanded, so the aliases ``n`` and ``o`` have the table's columns and
-    no other, whatever they are called. Pairing by position costs about twice
-    what the primary key join does, hence only for such statements.
+    them. Each row is numbered in a column ``pgnotify_position`` beside the
+    table's (a column of that name would make the join's reference to it
+    ambiguous); the row type is never named, so the writer's ``search_path``
+    plays no part. Pairing by position costs about twice what the primary key
+    join does, hence only for such statements.
     """
-    table = table_identifier(declaration)
-    numbered = sql.SQL(
-        "(SELECT row_number() OVER () AS position, ROW({alias}.*)::{table} AS r"
-        " FROM {rows} AS {alias}) AS {numbered}"
-    )
-    return sql.SQL(
-        "{new} JOIN {old} ON old_rows.position = new_rows.position"
-        " CROSS JOIN LATERAL (SELECT (new_rows.r).*) AS n"
-        " CROSS JOIN LATERAL (SELECT (old_rows.r).*) AS o"
-    ).format(
+    numbered = sql.SQL("(SELECT row_number() OVER () AS {position}, * FROM {rows}) AS {alias}")
+    position = sql.Identifier(POSITION)
+    return sql.SQL("{new} JOIN {old} ON o.{position} = n.{position}").format(
         new=numbered.format(
-            alias=sql.Identifier("n"),
-            table=table,
-            rows=sql.Identifier(_NEW_ROWS),
-            numbered=sql.Identifier("new_rows"),
+            position=position, rows=sql.Identifier(_NEW_ROWS), alias=sql.Identifier("n")
         ),
         old=numbered.format(
-            alias=sql.Identifier("o"),
-            table=table,
-            rows=sql.Identifier(_OLD_ROWS),
-            numbered=sql.Identifier("old_rows"),
+            position=position, rows=sql.Identifier(_OLD_ROWS), alias=sql.Identifier("o")
         ),
+        position=position,
     )
+
+
+#: The column ``_pairs_by_position`` numbers rows in, beside the table's.
+POSITION = "pgnotify_position"
 
 
 def _indented(composable: sql.Composable) -> sql.Composable:
@@ -922,7 +941,7 @@ _DURABLE_INSERT = sql.SQL(
 )
 
 
-def _durable_body(declaration: Declaration, scalar: str) -> str:
+def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bool | None) -> str:
     """Insert the statement's changes into the event table, set-based, in the writing
     transaction: one event row per run of up to ``wire.DURABLE_ID_STEP`` changes.
 
@@ -976,14 +995,11 @@ def _durable_body(declaration: Declaration, scalar: str) -> str:
                 ),
                 **parts,
             )
-            inserting = sql.SQL(
-                "{counting}{twice}    IF twice THEN\n{by_position}    ELSE\n{by_pk}    END IF;\n"
-            ).format(
-                counting=_counting_query(),
-                twice=_changed_twice(declaration),
-                by_position=_indented(by_position),
-                by_pk=_indented(inserting),
-            )
+            if foreign_key_actions is not False:
+                inserting = sql.SQL("{}{}").format(
+                    _counting_query(),
+                    _by_need(declaration, foreign_key_actions, inserting, by_position),
+                )
         branches.append(
             sql.SQL("  {keyword} TG_OP = {op} THEN\n{inserting}").format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),

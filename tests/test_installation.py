@@ -1212,3 +1212,35 @@ def test_migrate_sync_names_a_model_whose_schema_the_role_may_not_use_and_syncs_
         "schema pgnotify odd"
     ) in caplog.text
     assert states("testapp.Weird") == {"testapp.Weird:default": INSTALLED}
+
+
+def function_body(declaration_uri: str) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT prosrc FROM pg_proc WHERE obj_description(oid, 'pg_proc') LIKE %s",
+            [f"%{declaration_uri} %"],
+        )
+        (body,) = cursor.fetchone()
+        return body
+
+
+def test_an_update_looks_for_a_row_changed_twice_only_on_a_table_with_foreign_key_actions():
+    """Only such keys make a statement change a row twice: other tables' updates pay
+    nothing for it, and adding one makes the declaration outdated until rebuilt."""
+    assert "twice :=" not in function_body("testapp.Order:default")
+
+    execute(
+        "ALTER TABLE testapp_order ADD COLUMN pgnotify_test_parent integer"
+        " REFERENCES testapp_order ON DELETE SET NULL"
+    )
+    try:
+        assert states("testapp.Order") == {"testapp.Order:default": OUTDATED}
+        call_command("pgnotify_install", "testapp.Order", verbosity=0)
+        body = function_body("testapp.Order:default")
+        # Known to have such a key: the repeated pk is looked for, the keys are not.
+        assert 'GROUP BY n."id" HAVING count(*) > 1' in body
+        assert "pg_constraint" not in body
+    finally:
+        execute("ALTER TABLE testapp_order DROP COLUMN pgnotify_test_parent")
+        call_command("pgnotify_install", "testapp.Order", verbosity=0)
+    assert states("testapp.Order") == {"testapp.Order:default": INSTALLED}

@@ -280,6 +280,83 @@ def test_a_row_changed_twice_by_one_statement_arrives_as_two_updates(
     )
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_a_row_changed_twice_is_paired_whatever_the_writers_search_path_and_pk_name(
+    other_connection, durable
+):
+    """The pairing by position names no type (the writer's search_path would find it, or
+    another of that name), and the primary key may have the name of a variable of the
+    function (``size``, ``xid``)."""
+    other_connection.execute(
+        f"CREATE TABLE {PARENTS} (id integer PRIMARY KEY);"
+        f" CREATE TABLE {CHILDREN} (size integer PRIMARY KEY,"
+        f" first integer REFERENCES {PARENTS} ON DELETE SET NULL,"
+        f" xid integer REFERENCES {PARENTS} ON DELETE SET NULL)"
+    )
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type(
+                "Meta", (), {"app_label": "testapp", "db_table": CHILDREN, "managed": False}
+            )
+            model = type(
+                "Child",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "size": models.IntegerField(primary_key=True),
+                    "first": models.IntegerField(null=True),
+                    "xid": models.IntegerField(null=True),
+                    "Meta": meta,
+                },
+            )
+            (declaration,), errors = resolve_model(
+                model, Notify(fields=["first", "xid"], durable=durable)
+            )
+        assert not errors
+        built = build_trigger_sql(declaration, connection.pg_version)
+        installed.append(built.function.as_string(None))
+        other_connection.execute(built.install)
+        other_connection.execute(
+            f"INSERT INTO {PARENTS} VALUES (1);"
+            f" INSERT INTO {CHILDREN} VALUES (1, 1, 1), (2, 1, NULL)"
+        )
+        with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+            listening.execute(f"LISTEN {declaration.channel}")
+            if not durable:  # a durable function finds its event table on the search_path
+                other_connection.execute("SET search_path = pg_catalog")
+            other_connection.execute(f"DELETE FROM public.{PARENTS} WHERE id = 1")
+            other_connection.execute("RESET search_path")
+            if durable:
+                rows = [
+                    row
+                    for (payload,) in other_connection.execute(
+                        "SELECT payload FROM pgnotify_event WHERE model = 'testapp.child'"
+                        " AND action = 'update' ORDER BY id"
+                    )
+                    for row in json.loads(f"[{payload}]")
+                ]
+                changes = [
+                    (pk, (first, xid), (old_first, old_xid))
+                    for pk, first, xid, old_first, old_xid, _ in rows
+                ]
+            else:
+                changes = [
+                    (e.pk, (e.fields["first"], e.fields["xid"]), tuple(e.old.values()))
+                    for e in receive(listening, model, 3)
+                ]
+    finally:
+        other_connection.execute("RESET search_path")
+        other_connection.execute(f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE")
+        other_connection.execute("DELETE FROM pgnotify_event WHERE model = 'testapp.child'")
+        for function in installed:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        installed.clear()
+
+    assert Counter(changes) == Counter(
+        [(1, (None, 1), (1, 1)), (2, (None, None), (1, None)), (1, (None, None), (None, 1))]
+    )
+
+
 def test_a_renumbered_row_whose_reference_cascades_to_itself_arrives_as_two_updates(
     children_table, other_connection
 ):
