@@ -421,11 +421,11 @@ def sync_triggers(
             ):
                 logger.info("pgnotify: pruned %s", state.subject)
                 changed.append(state)
-        # Those it dropped because they fail every write to their table stay dropped.
-        failing = {s.uri for s in states if s.status == NO_EVENT_TABLE and s.drop_sql}
-        for record in detached:
-            if record.uri not in failing:
-                _enable_again(cursor, record)
+        # What it kept as it is: enabled again, in the state it had before the
+        # migration (a rebuilt trigger is enabled; one left disabled, by this
+        # migration or a failed one, is of a declaration the sync keeps).
+        managed = {_model_label(d.uri) for d in declarations} | invalid
+        _enable_kept(cursor, managed, {(r.relid, n): e for r in detached for n, e in r.triggers})
     return changed
 
 
@@ -458,17 +458,15 @@ def _readable(cursor, declarations: list[Declaration]) -> list[Declaration]:
 class Detached:
     """The triggers of one declaration on one table that ``detach_triggers`` disabled.
 
-    ``triggers`` are ``(name, pg_trigger.tgenabled)`` as they were, ``columns``
-    the table's columns then: ``sync_triggers`` enables again the triggers it
-    neither rebuilt nor dropped, unless the migration renamed or dropped a
-    column their function names, which would fail every write to the table.
+    ``triggers`` are ``(name, pg_trigger.tgenabled)`` as they were:
+    ``sync_triggers`` enables again, in that state, those it neither rebuilt
+    nor dropped (``_enable_kept``).
     """
 
     uri: str
     relid: int
     table: str
     triggers: tuple[tuple[str, str], ...]
-    columns: tuple[str, ...]
 
     def __str__(self) -> str:
         return f"{self.uri} on {self.table}"
@@ -483,72 +481,93 @@ _COLUMNS = (
 _ENABLE = {"O": "ENABLE", "A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
 
 
-def _enable_again(cursor, record: Detached) -> None:
-    """Put back the state ``record``'s triggers had before the migration, if the sync
-    kept them: they are still there, disabled (a rebuilt trigger is enabled)."""
-    cursor.execute(
-        "SELECT t.tgname::text, p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
-        " WHERE t.tgrelid = %s AND t.tgenabled = 'D' AND t.tgname = ANY(%s)",
-        [record.relid, [name for name, enabled in record.triggers if enabled != "D"]],
-    )
-    bodies = dict(cursor.fetchall())
-    if not bodies:
-        return
-    cursor.execute(
-        "SELECT ARRAY[n.nspname::text, c.relname::text] FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s",
-        [record.relid],
-    )
-    table = sql.Identifier(*cursor.fetchone()[0])
-    cursor.execute(_COLUMNS, [record.relid])
-    (columns,) = cursor.fetchone()
-    gone = [c for c in record.columns if c not in columns]
-    read = [c for c in gone if any(_names(c, body) for body in bodies.values())]
-    where = table.as_string(None)
-    if read:
-        logger.error(
-            "pgnotify: the triggers of %s on %s stay disabled: the migration renamed or "
-            "dropped %s, which they read (every write to the table would fail); once it "
-            "can be installed, manage.py pgnotify_install rebuilds them",
-            record.uri,
+def _enable_kept(cursor, managed: set[str], before: dict[tuple[int, str], str]) -> None:
+    """Enable the disabled triggers of ours whose model is among ``managed``, in the
+    state ``before`` gives (``(relid, name)``: ``pg_trigger.tgenabled`` before the
+    migration), ``ENABLE`` otherwise; those of one table in a savepoint.
+
+    Left disabled, with an error naming the model: triggers whose function reads
+    a column its table no longer has (the migration renamed or dropped it), or
+    writes one the event table lacks (its migrations rolled back): enabled,
+    they would fail every write to the table. One disabled before the migration
+    (by hand, or by a migrate that failed) is enabled, as the rebuild of a
+    declaration the sync does not keep would enable it.
+    """
+    cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
+    # (uri, relid) -> the table, its disabled triggers with the state to restore, and
+    # the bodies of the functions they call.
+    found: dict[tuple[str, int], tuple[tuple[str, ...], list[tuple[str, str]], set[str]]] = {}
+    for _, relid, name, comment, table, _, _, _, body, enabled in cursor.fetchall():
+        parsed = trigger_sql.parse_comment(comment)
+        if enabled != "D" or parsed is None or _model_label(parsed[0]) not in managed:
+            continue
+        # Disabled before too (by hand, or by a migrate that failed): enabled, as a
+        # rebuild would enable it.
+        state = before.get((relid, name), "O").replace("D", "O")
+        _, triggers, bodies = found.setdefault((parsed[0], relid), (tuple(table), [], set()))
+        triggers.append((name, state))
+        bodies.add(body or "")
+    for (uri, relid), (names, triggers, bodies) in found.items():
+        table = sql.Identifier(*names)
+        where = table.as_string(None)
+        cursor.execute(_COLUMNS, [relid])
+        (columns,) = cursor.fetchone()
+        read = sorted({c for body in bodies for c in _columns_read(body)} - set(columns))
+        if read:
+            logger.error(
+                "pgnotify: the triggers of %s on %s stay disabled: its table no longer has %s, "
+                "which they read (every write to the table would fail); once it can be "
+                "installed, manage.py pgnotify_install rebuilds them",
+                uri,
+                where,
+                ", ".join(_qualified((c,)) for c in read),
+            )
+            continue
+        unwritable = _event_columns_missing(cursor, bodies)
+        if unwritable:
+            logger.error(
+                "pgnotify: the triggers of %s on %s stay disabled: the event table lacks %s, "
+                "which they write (every write to the table would fail); once django_pgnotify's "
+                "migrations are applied, manage.py pgnotify_install rebuilds them",
+                uri,
+                where,
+                ", ".join(_qualified((c,)) for c in unwritable),
+            )
+            continue
+        statements = [
+            sql.SQL("ALTER TABLE {} {} TRIGGER {}")
+            .format(table, sql.SQL(_ENABLE.get(state, "ENABLE")), sql.Identifier(name))
+            .as_string(None)
+            for name, state in triggers
+        ]
+        try:
+            with transaction.atomic(using=cursor.db.alias):
+                cursor.execute(";\n".join(statements))
+        except DatabaseError as exc:
+            logger.error(
+                "pgnotify: the triggers of %s on %s stay disabled: %s",
+                uri,
+                where,
+                " ".join(str(exc).split()),
+            )
+            continue
+        logger.info(
+            "pgnotify: the triggers of %s on %s are enabled again as they were before the "
+            "migration",
+            uri,
             where,
-            ", ".join(_qualified((c,)) for c in read),
         )
-        return
-    unwritable = _event_columns_missing(cursor, bodies.values())
-    if unwritable:
-        logger.error(
-            "pgnotify: the triggers of %s on %s stay disabled: the event table lacks %s, "
-            "which they write (every write to the table would fail); once django_pgnotify's "
-            "migrations are applied, manage.py pgnotify_install rebuilds them",
-            record.uri,
-            where,
-            ", ".join(_qualified((c,)) for c in unwritable),
-        )
-        return
-    statements = [
-        sql.SQL("ALTER TABLE {} {} TRIGGER {}")
-        .format(table, sql.SQL(_ENABLE.get(enabled, "ENABLE")), sql.Identifier(name))
-        .as_string(None)
-        for name, enabled in record.triggers
-        if name in bodies
-    ]
-    try:
-        with transaction.atomic(using=cursor.db.alias):
-            cursor.execute(";\n".join(statements))
-    except DatabaseError as exc:
-        logger.error(
-            "pgnotify: the triggers of %s on %s stay disabled: %s",
-            record.uri,
-            where,
-            " ".join(str(exc).split()),
-        )
-        return
-    logger.info(
-        "pgnotify: the triggers of %s on %s are back as they were before the migration",
-        record.uri,
-        where,
-    )
+
+
+# A column a trigger function reads: by the alias of a row (``n``, ``o``, ``NEW``,
+# ``OLD``), quoted as every template renders it.
+_COLUMN_READ = re.compile(r'(?<![\w"$])"?(?:n|o|NEW|OLD)"?\."((?:[^"]|"")+)"')
+
+
+def _columns_read(body: str) -> set[str]:
+    """The table columns a function of ours reads (the position it numbers rows in aside)."""
+    names = {match.group(1).replace('""', '"') for match in _COLUMN_READ.finditer(body)}
+    return names - {trigger_sql.POSITION}
 
 
 # The column list of a durable function's insert into the event table.
@@ -582,15 +601,6 @@ def _event_columns_missing(cursor, bodies: Iterable[str]) -> list[str]:
     return sorted(written - set(present))
 
 
-def _names(column: str, body: str) -> bool:
-    """Whether a function's body may name ``column``: quoted, or as a bare word."""
-    if _qualified((column,)) in body:
-        return True
-    return (
-        re.search(rf"(?<![\w$\"]){re.escape(column)}(?![\w$\"])", body, re.IGNORECASE) is not None
-    )
-
-
 def detach_triggers(
     affected: Callable[[str], bool], using: str = DEFAULT_DB_ALIAS
 ) -> list[Detached]:
@@ -617,8 +627,6 @@ def detach_triggers(
         for (uri, relid), (table, triggers) in found.items():
             try:
                 with transaction.atomic(using=using):
-                    cursor.execute(_COLUMNS, [relid])
-                    (columns,) = cursor.fetchone()
                     for name, enabled in triggers:
                         if enabled != "D":
                             cursor.execute(
@@ -636,10 +644,11 @@ def detach_triggers(
                     " ".join(str(exc).split()),
                 )
                 continue
-            record = Detached(uri, relid, _qualified(table), tuple(triggers), tuple(columns))
+            record = Detached(uri, relid, _qualified(table), tuple(triggers))
             detached.append(record)
     for record in detached:
-        logger.info("pgnotify: disabled the triggers of %s until migrate ends", record)
+        if any(enabled != "D" for _, enabled in record.triggers):
+            logger.info("pgnotify: disabled the triggers of %s until migrate ends", record)
     return detached
 
 

@@ -1181,13 +1181,39 @@ def test_migrate_leaves_disabled_the_kept_triggers_that_read_a_column_it_renamed
 
     assert (
         'the triggers of durableapp.Job:default on "public"."durableapp_job" stay disabled: '
-        'the migration renamed or dropped "body", which they read'
+        'its table no longer has "body", which they read'
     ) in caplog.text
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT DISTINCT tgenabled FROM pg_trigger WHERE tgrelid = 'durableapp_job'::regclass"
         )
         assert cursor.fetchall() == [("D",)]
+
+
+def test_the_next_migrate_enables_the_kept_triggers_a_failed_one_left_disabled(caplog):
+    """Whatever its plan, and whatever column the failed one added and removed."""
+    from django.db import migrations, models
+
+    from django_pgnotify.migrating import detach_before_migrate
+
+    execute("ALTER TABLE pgnotify_event DROP COLUMN handled")  # the declaration is kept
+    before = job_events()
+    failed = migrations.Migration("0098_test", "durableapp")
+    failed.operations = [migrations.AddField("job", "key", models.TextField())]
+    detach_before_migrate(None, "default", [(failed, False)])  # and post_migrate never comes
+    execute("ALTER TABLE durableapp_job ADD COLUMN key text")
+    Job.objects.create(name="not recorded")
+    assert job_events() == before
+
+    with caplog.at_level(logging.INFO, "django_pgnotify"):
+        migrate_signals("durableapp", migrations.RemoveField("job", "key"))
+        execute("ALTER TABLE durableapp_job DROP COLUMN key")  # what the plan did
+    Job.objects.create(name="recorded")
+
+    assert job_events() == before + 1
+    assert "are enabled again as they were before the migration" in caplog.text
+    execute("ALTER TABLE pgnotify_event ADD COLUMN handled text")  # as it was
+    assert states("durableapp") == {"durableapp.Job:default": INSTALLED}
 
 
 def test_migrate_sync_names_a_model_whose_schema_the_role_may_not_use_and_syncs_the_others(
