@@ -373,8 +373,14 @@ class Listener:
                     " and NOTIFY cannot be sent there. Point the listener at the primary."
                 )
             if self.ignore_own_changes:  # PIDs are a server's: our connections' count on it only
-                cursor = await self._query(conn, own_changes.SERVER_QUERY)
-                self._server = own_changes.server_of(await cursor.fetchone())
+                try:
+                    cursor = await self._query(conn, own_changes.SERVER_QUERY)
+                    self._server = own_changes.server_of(await cursor.fetchone())
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:  # refused: deliver all rather than nothing
+                    own_changes.unknown_server(exc)
+                    self._server = None
             for channel in [*self.channels, self.probe_channel]:
                 await self._query(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             await self._send_probe(conn)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import time
 import weakref
@@ -38,6 +39,8 @@ from typing import Any
 import psycopg
 from django.db import connections
 from django.db.backends.signals import connection_created
+
+logger = logging.getLogger("django_pgnotify.own_changes")
 
 #: A server, as :data:`SERVER_QUERY` tells it apart: when it started (in microseconds
 #: since the epoch), its address the session came in at (``None`` over a Unix socket) and
@@ -93,12 +96,34 @@ def server_of(row: Sequence[Any]) -> Server:
     return tuple(row[1:])
 
 
-async def read_server(conn: psycopg.AsyncConnection) -> Server:
-    """The identity of the server ``conn`` is connected to."""
-    cursor = await conn.execute(SERVER_QUERY)
-    row = await cursor.fetchone()
+async def read_server(conn: psycopg.AsyncConnection) -> Server | None:
+    """The identity of the server ``conn`` is connected to; ``None`` (and a warning) if
+    the server refuses to tell (``EXECUTE`` on one of its functions revoked): every
+    change is then delivered, rather than none for want of telling own ones apart.
+
+    Raises:
+        psycopg.OperationalError: The connection failed.
+    """
+    try:
+        cursor = await conn.execute(SERVER_QUERY)
+        row = await cursor.fetchone()
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        unknown_server(exc)
+        return None
     assert row is not None
     return server_of(row)
+
+
+def unknown_server(exc: BaseException) -> None:
+    """A listening connection's :data:`SERVER_QUERY` failed with ``exc`` (not the
+    connection): warned once; no change counts as its own."""
+    _warn_once(
+        "pgnotify: cannot tell which server the listener is on (%s): the changes of this "
+        "process are not recognised as its own",
+        exc,
+    )
 
 
 def _key(wrapper: Any) -> Key | None:
@@ -117,16 +142,13 @@ def _key(wrapper: Any) -> Key | None:
     key: Key | None = None
     if pid:
         try:
-            # Outside a transaction, without autocommit, the query would begin one.
-            begins = not raw.autocommit and raw.info.transaction_status == 0
-            try:
-                with raw.cursor() as cursor:
-                    cursor.execute(SERVER_QUERY)
-                    row = cursor.fetchone()
-            finally:
-                if begins:
-                    raw.rollback()
-        except Exception:  # the changes of a session we cannot place are delivered
+            row = _ask(raw)
+        except Exception as exc:  # the changes of a session we cannot place are delivered
+            _warn_once(
+                "pgnotify: cannot tell which server a connection of this process is on (%s): "
+                "the changes it makes are not recognised as its own",
+                exc,
+            )
             return None
         # Through a pooler the PID the client was given is not its server session's,
         # which other clients share: none of it is ours.
@@ -135,6 +157,44 @@ def _key(wrapper: Any) -> Key | None:
     with _lock, contextlib.suppress(TypeError):  # a connection that takes no weak reference
         _keys[raw] = key
     return key
+
+
+def _ask(raw: Any) -> Any:
+    """The row of :data:`SERVER_QUERY` on the raw connection ``raw``, leaving its
+    transaction state as it was: outside a transaction without autocommit, the
+    query would begin one (rolled back); inside one, it runs in a savepoint, so
+    that its failure does not abort the transaction."""
+    status = raw.info.transaction_status
+    begins = not raw.autocommit and status == psycopg.pq.TransactionStatus.IDLE
+    inside = status == psycopg.pq.TransactionStatus.INTRANS
+    try:
+        with raw.cursor() as cursor:
+            if inside:
+                cursor.execute("SAVEPOINT pgnotify_server")
+            try:
+                cursor.execute(SERVER_QUERY)
+                row = cursor.fetchone()
+            except Exception:
+                if inside:
+                    cursor.execute("ROLLBACK TO SAVEPOINT pgnotify_server")
+                raise
+            if inside:
+                cursor.execute("RELEASE SAVEPOINT pgnotify_server")
+            return row
+    finally:
+        if begins:
+            raw.rollback()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, exc: BaseException) -> None:
+    """Log ``message`` once per kind of error, not for every connection."""
+    kind = type(exc).__name__
+    if kind not in _warned:
+        _warned.add(kind)
+        logger.warning(message, " ".join(str(exc).split()) or kind)
 
 
 def _remember(sender: Any, connection: Any, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.db.backends.base.base import NO_DB_ALIAS
 
 from django_pgnotify import durable, own_changes, row_changed
@@ -29,6 +29,7 @@ from django_pgnotify.own_changes import (
     is_own_write,
     server_of,
 )
+from django_pgnotify.testing import capture_row_changes
 from tests.durableapp.models import Job
 
 
@@ -227,3 +228,35 @@ def test_asking_the_server_leaves_no_transaction_open(clock, transactional_db, h
         assert is_own_pid(pid, here)
     finally:
         wrapper.close()
+
+
+@pytest.fixture
+def refused(monkeypatch):
+    """The server refuses to say who it is (EXECUTE revoked on one of the functions)."""
+    monkeypatch.setattr(own_changes, "SERVER_QUERY", "SELECT 1 / 0")
+    monkeypatch.setattr(own_changes, "_warned", set(), raising=False)
+
+
+def test_a_server_that_will_not_say_who_it_is_leaves_every_change_delivered(
+    refused, transactional_db, caplog
+):
+    """Rather than none: the listener starts, and no connection is recorded as its own."""
+    with capture_row_changes("durableapp.Job", ignore_own_changes=True) as changes:
+        Job.objects.create(name="mine")
+        (change,) = changes.wait(1)
+
+    assert change.fields["name"] == "mine"
+    assert changes.listener.stats["own_changes"] == 0
+    assert "cannot tell which server the listener is on" in caplog.text
+
+
+def test_asking_the_server_inside_a_transaction_leaves_it_usable_when_refused(
+    refused, transactional_db, caplog
+):
+    with transaction.atomic():
+        Job.objects.create(name="before")
+        own_changes.track_own_connections()  # as a Listener made here does
+        Job.objects.create(name="after")  # the transaction was not aborted
+
+    assert sorted(Job.objects.values_list("name", flat=True)) == ["after", "before"]
+    assert "cannot tell which server a connection of this process is on" in caplog.text
