@@ -513,25 +513,32 @@ def _enable_kept(cursor, managed: set[str], before: dict[tuple[int, str], str]) 
         cursor.execute(_COLUMNS, [relid])
         (columns,) = cursor.fetchone()
         read = sorted({c for body in bodies for c in _columns_read(body)} - set(columns))
+        # What would fail every write to the table, and what makes it installable again.
         if read:
-            logger.error(
-                "pgnotify: the triggers of %s on %s stay disabled: its table no longer has %s, "
-                "which they read (every write to the table would fail); once it can be "
-                "installed, manage.py pgnotify_install rebuilds them",
-                uri,
-                where,
-                ", ".join(_qualified((c,)) for c in read),
+            lacking, missing, verb, until = (
+                "its table no longer has",
+                read,
+                "read",
+                "it can be installed",
             )
-            continue
-        unwritable = _event_columns_missing(cursor, bodies)
-        if unwritable:
+        else:
+            lacking, missing, verb, until = (
+                "the event table lacks",
+                _event_columns_missing(cursor, bodies),
+                "write",
+                "django_pgnotify's migrations are applied",
+            )
+        if missing:
             logger.error(
-                "pgnotify: the triggers of %s on %s stay disabled: the event table lacks %s, "
-                "which they write (every write to the table would fail); once django_pgnotify's "
-                "migrations are applied, manage.py pgnotify_install rebuilds them",
+                "pgnotify: the triggers of %s on %s stay disabled: %s %s, which they %s "
+                "(every write to the table would fail); once %s, manage.py pgnotify_install "
+                "rebuilds them",
                 uri,
                 where,
-                ", ".join(_qualified((c,)) for c in unwritable),
+                lacking,
+                ", ".join(_qualified((c,)) for c in missing),
+                verb,
+                until,
             )
             continue
         statements = [

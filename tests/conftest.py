@@ -372,3 +372,19 @@ def install_stray_declaration(
     with connection.cursor() as cursor:
         cursor.execute(built.install)
     return built
+
+
+@pytest.fixture
+def job_names(transactional_db) -> Iterator[list[str]]:
+    """The names of the durable jobs a receiver was called for, in order."""
+    from django_pgnotify import row_changed
+    from tests.durableapp.models import Job
+
+    names: list[str] = []
+
+    def record(sender, event, **kwargs) -> None:
+        names.append(event.fields["name"])
+
+    row_changed.connect(record, sender=Job, weak=False, dispatch_uid="test_durable_job_names")
+    yield names
+    row_changed.disconnect(sender=Job, dispatch_uid="test_durable_job_names")

@@ -718,12 +718,23 @@ def test_retry_delays_stay_at_their_cap_past_1024_attempts(settings):
     assert [retry_delay(n) for n in (1025, 1026, 10**6)] == [300.0] * 3
 
 
-def job_worker(using: str = "default") -> durable.DurableWorker:
+def job_worker(using: str = "default", **options: Any) -> durable.DurableWorker:
     """The durable worker of a listener in this process serving Job."""
     declarations = [d for d in get_declarations() if d.model is Job]
     return durable.DurableWorker(
-        declarations, using, Decoder([Job]), Dispatcher(), threading.Event()
+        declarations, using, Decoder([Job]), Dispatcher(), threading.Event(), **options
     )
+
+
+def one_batch(worker: durable.DurableWorker) -> int:
+    """Claim and dispatch one batch, on a connection of the worker's own: changes handled."""
+
+    async def run() -> int:
+        async with await worker._connect() as conn:
+            with ThreadPoolExecutor(1) as executor:
+                return await worker.process_batch(conn, executor)
+
+    return asyncio.run(asyncio.wait_for(run(), 30))
 
 
 def test_neither_listener_connection_prepares_statements_which_pgbouncer_would_break(
@@ -916,21 +927,6 @@ def run_worker(worker: durable.DurableWorker, until, timeout: float = 20.0) -> N
     asyncio.run(scenario())
 
 
-@pytest.fixture
-def job_names(transactional_db) -> Iterator[list[str]]:
-    """The names of the jobs a receiver was called for, in order."""
-    from django_pgnotify import row_changed
-
-    names: list[str] = []
-
-    def record(sender, event, **kwargs) -> None:
-        names.append(event.fields["name"])
-
-    row_changed.connect(record, sender=Job, weak=False, dispatch_uid="test_durable_job_names")
-    yield names
-    row_changed.disconnect(sender=Job, dispatch_uid="test_durable_job_names")
-
-
 def test_an_unexpected_error_in_a_batch_is_logged_and_durable_processing_goes_on(
     other_connection, job_names, settings, caplog
 ):
@@ -1079,21 +1075,8 @@ def test_ignore_own_changes_skips_the_durable_events_this_process_wrote_only(
         )
         with mine.cursor() as cursor:
             cursor.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('mine', '', 0)")
-        worker = durable.DurableWorker(
-            [d for d in get_declarations() if d.model is Job],
-            "default",
-            Decoder([Job]),
-            Dispatcher(),
-            threading.Event(),
-            ignore_own_changes=True,
-        )
-
-        async def one_batch() -> int:
-            async with await worker._connect() as conn:
-                with ThreadPoolExecutor(1) as executor:
-                    return await worker.process_batch(conn, executor)
-
-        assert asyncio.run(asyncio.wait_for(one_batch(), 30)) == 2
+        worker = job_worker(ignore_own_changes=True)
+        assert one_batch(worker) == 2
     finally:
         mine.close()
 

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import threading
 import types
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 from django.db import connections, transaction
 from django.db.backends.base.base import NO_DB_ALIAS
 
-from django_pgnotify import durable, own_changes, row_changed
-from django_pgnotify.declarations import get_declarations
-from django_pgnotify.decoding import Decoder
-from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify import own_changes
 from django_pgnotify.embedded import EmbeddedPostgres, database_settings
 from django_pgnotify.own_changes import (
     CLOSED_GRACE,
@@ -31,6 +25,7 @@ from django_pgnotify.own_changes import (
 )
 from django_pgnotify.testing import capture_row_changes
 from tests.durableapp.models import Job
+from tests.test_durable import job_worker, one_batch
 
 
 @pytest.fixture
@@ -168,18 +163,6 @@ def test_a_pid_counts_as_own_only_on_the_server_of_its_connection(clock, elsewhe
     assert not is_own_write(pid, clock.value, here)
 
 
-@pytest.fixture
-def job_names(transactional_db) -> Iterator[list[str]]:
-    names: list[str] = []
-
-    def record(sender, event, **kwargs) -> None:
-        names.append(event.fields["name"])
-
-    row_changed.connect(record, sender=Job, weak=False, dispatch_uid="test_own_changes_jobs")
-    yield names
-    row_changed.disconnect(sender=Job, dispatch_uid="test_own_changes_jobs")
-
-
 def test_a_durable_change_by_the_pid_of_a_connection_to_another_server_is_delivered(
     other_connection, elsewhere, job_names
 ):
@@ -189,21 +172,9 @@ def test_a_durable_change_by_the_pid_of_a_connection_to_another_server_is_delive
     other_connection.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('theirs', '', 1)")
     # Its writer had, on this server, the PID this process's connection has on the other.
     other_connection.execute("UPDATE pgnotify_event SET pid = %s", [pid])
-    worker = durable.DurableWorker(
-        [d for d in get_declarations() if d.model is Job],
-        "default",
-        Decoder([Job]),
-        Dispatcher(),
-        threading.Event(),
-        ignore_own_changes=True,
-    )
+    worker = job_worker(ignore_own_changes=True)
 
-    async def one_batch() -> int:
-        async with await worker._connect() as conn:
-            with ThreadPoolExecutor(1) as executor:
-                return await worker.process_batch(conn, executor)
-
-    assert asyncio.run(asyncio.wait_for(one_batch(), 30)) == 1
+    assert one_batch(worker) == 1
     assert job_names == ["theirs"]
     assert worker.stats["own_changes"] == 0
 
