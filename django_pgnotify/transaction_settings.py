@@ -189,16 +189,16 @@ class _SettingsWrapper:
         autocommit = connection.get_autocommit()
         if autocommit and not _MAY_WRITE.match(sql):
             return execute(sql, params, many, context)  # a read: it makes no event
-        self._busy = True  # computing values may query (a lazy user)
-        try:
-            values = self.values()
-        finally:
-            self._busy = False
         if autocommit and _MAY_COMMIT.match(sql):
             # It may commit, which PostgreSQL refuses in a transaction block, and a
             # value set for the session would reach other clients through a pooler
             # in transaction mode: it runs as it is, not covered.
             return execute(sql, params, many, context)
+        self._busy = True  # computing values may query (a lazy user)
+        try:
+            values = self.values()
+        finally:
+            self._busy = False
         if autocommit:
             with transaction.atomic(using=connection.alias):
                 _apply(connection, values)
