@@ -480,12 +480,13 @@ def _column(field: models.Field) -> Column:
     # A foreign key column holds the value of the field it points to, and the
     # trigger renders it by that type (a timestamptz pk must be sent in UTC).
     stored = stored_field(field)
+    internal_type, element = rendering_types(stored)
     return Column(
         field=field.name,
         column=field.column,  # type: ignore[arg-type]
-        internal_type=stored.get_internal_type(),
+        internal_type=internal_type,
         comparable=_comparable(stored),
-        element_type=element_type(stored),
+        element_type=element,
     )
 
 
@@ -509,9 +510,153 @@ def innermost_field(field: models.Field) -> tuple[models.Field, int]:
 def element_type(field: models.Field) -> str | None:
     """The internal type of an array field's innermost elements; ``None`` if not
     an array. The trigger renders the column by it."""
-    if field.get_internal_type() != "ArrayField":
-        return None
-    return innermost_field(field)[0].get_internal_type()
+    return rendering_types(field)[1]
+
+
+def rendering_types(field: models.Field) -> tuple[str, str | None]:
+    """The internal types the trigger renders ``field``'s column by: its own, and for
+    an array that of its innermost elements (``None`` if not an array).
+
+    The triggers know Django's own fields. A field of another internal type (a
+    custom one, whose internal type is its class name, a subclass of a range
+    field) is taken for the Django field of its column type, where that is a
+    type whose JSON rendering depends on the writer's session or loses digits
+    (``numeric``, ``timestamptz``, ``interval``, ranges of moments...): it is
+    rendered as that field is, and the decoder, which reads such a field by its
+    column type, reads it as the ORM does. Any other keeps its own (rendered by
+    ``to_json``).
+    """
+    internal = field.get_internal_type()
+    if internal == "ArrayField":
+        innermost = innermost_field(field)[0]
+        element = innermost.get_internal_type()
+        if element not in DJANGO_INTERNAL_TYPES:
+            element = _TYPES_BY_COLUMN_TYPE.get(column_type(innermost)[0] or "", element)
+        return internal, element
+    if internal in DJANGO_INTERNAL_TYPES:
+        return internal, None
+    base, array = column_type(field)
+    rendered = _TYPES_BY_COLUMN_TYPE.get(base or "")
+    if rendered is None:
+        return internal, None
+    return ("ArrayField", rendered) if array else (rendered, None)
+
+
+# The internal types of Django's own fields (django.db.models and
+# django.contrib.postgres), which the triggers render by; a subclass that does not
+# override get_internal_type() has its class name instead.
+DJANGO_INTERNAL_TYPES = frozenset(
+    {
+        "AutoField",
+        "BigAutoField",
+        "BigIntegerField",
+        "BinaryField",
+        "BooleanField",
+        "CharField",
+        "DateField",
+        "DateTimeField",
+        "DecimalField",
+        "DurationField",
+        "FileField",
+        "FilePathField",
+        "FloatField",
+        "ForeignKey",
+        "GenericIPAddressField",
+        "IPAddressField",
+        "IntegerField",
+        "JSONField",
+        "ManyToManyField",
+        "OneToOneField",
+        "PositiveBigIntegerField",
+        "PositiveIntegerField",
+        "PositiveSmallIntegerField",
+        "SlugField",
+        "SmallAutoField",
+        "SmallIntegerField",
+        "TextField",
+        "TimeField",
+        "UUIDField",
+        # django.contrib.postgres
+        "ArrayField",
+        "BigIntegerRangeField",
+        "DateRangeField",
+        "DateTimeRangeField",
+        "DecimalRangeField",
+        "HStoreField",
+        "IntegerRangeField",
+        "SearchQueryField",
+        "SearchVectorField",
+    }
+)
+
+# The Django field whose rendering a column type takes when its field's internal type
+# is not one of Django's (see rendering_types). By the name column_type gives.
+_TYPES_BY_COLUMN_TYPE = {
+    "numeric": "DecimalField",
+    "decimal": "DecimalField",
+    "jsonb": "JSONField",
+    "timestamp with time zone": "DateTimeField",
+    "timestamptz": "DateTimeField",
+    "interval": "DurationField",
+    "daterange": "DateRangeField",
+    "tstzrange": "DateTimeRangeField",
+    "int4range": "IntegerRangeField",
+    "int8range": "BigIntegerRangeField",
+    "numrange": "DecimalRangeField",
+    "date": "DateField",
+    "time": "TimeField",
+    "time without time zone": "TimeField",
+    "uuid": "UUIDField",
+    "bytea": "BinaryField",
+    "double precision": "FloatField",
+    "float8": "FloatField",
+    "smallint": "IntegerField",
+    "int2": "IntegerField",
+    "integer": "IntegerField",
+    "int": "IntegerField",
+    "int4": "IntegerField",
+    "smallserial": "IntegerField",
+    "serial2": "IntegerField",
+    "serial": "IntegerField",
+    "serial4": "IntegerField",
+    "bigint": "BigIntegerField",
+    "int8": "BigIntegerField",
+    "bigserial": "BigIntegerField",
+    "serial8": "BigIntegerField",
+}
+
+_TYPE_MODIFIERS = re.compile(r"\s*\([^)]*\)")
+_ARRAY_DIMENSIONS = re.compile(r"(?:\s*\[\d*\])+$")
+# An interval's fields (``interval day to second``): its values are intervals all the same.
+_INTERVAL_FIELDS = re.compile(r"interval (?:year|month|day|hour|minute|second)(?: to \w+)?")
+
+
+def column_type(field: models.Field, connection: Any = None) -> tuple[str | None, bool]:
+    """``field``'s column type on PostgreSQL (``db_type()`` on ``connection``, else
+    on the first PostgreSQL alias) without its modifiers and array dimensions, in
+    lower case with single spaces (``interval`` for one with fields), and whether it
+    is an array; ``None`` if none is found.
+
+    A domain or a schema-qualified type name is what ``db_type()`` says, not the
+    type it stands for.
+    """
+    if connection is None:
+        postgresql = [connections[a] for a in connections if connections[a].vendor == "postgresql"]
+        if not postgresql:
+            return None, False
+        connection = postgresql[0]
+    try:
+        db_type = field.db_type(connection)
+    except Exception:  # a custom field's own code: any failure means "not known"
+        return None, False
+    if not isinstance(db_type, str) or not db_type:
+        return None, False
+    name = " ".join(_TYPE_MODIFIERS.sub("", db_type).lower().split())
+    base = _ARRAY_DIMENSIONS.sub("", name)
+    array = base != name
+    if _INTERVAL_FIELDS.fullmatch(base):
+        base = "interval"
+    return base, array
 
 
 def _comparable(field: models.Field) -> bool:

@@ -27,7 +27,7 @@ from django.utils.dateparse import parse_datetime, parse_time
 from psycopg.types.range import Range
 
 from . import wire
-from .declarations import innermost_field, stored_field
+from .declarations import column_type, innermost_field, stored_field
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -411,10 +411,13 @@ def _naive_datetime(value: Any) -> datetime:
 
 
 # A field of an internal type not named above (a custom field, a subclass of a range
-# field) is rendered by PostgreSQL's to_json, as an array's elements are (see
-# triggers._value), and read by its column type: into what the database adapter makes
-# of the type, for these. Any other type (inet and cidr, which Django has psycopg
-# load as text; hstore, which it loads as the dict to_json gives; varchar, tsvector...)
+# field) is read by its column type. The triggers render it as the Django field of
+# that type where there is one whose rendering they choose (numeric as its text,
+# timestamptz in UTC, interval in seconds...: see declarations.rendering_types), and
+# any other by PostgreSQL's to_json, as an array's elements are; either way it is
+# read into what the database adapter makes of the type, for these. Any other type
+# (inet and cidr, which Django has psycopg load as text; jsonb, which it loads as
+# text too; hstore, which it loads as the dict to_json gives; varchar, tsvector...)
 # is taken as sent: its JSON value is already what the ORM reads.
 _COLUMN_TYPES: dict[str, Converter] = {
     "uuid": uuid.UUID,
@@ -439,25 +442,35 @@ _COLUMN_TYPES: dict[str, Converter] = {
     "daterange": _range(date.fromisoformat),
     "tstzrange": _range(_datetime),
 }
-_COLUMN_TYPE_MODIFIERS = re.compile(r"\s*\([^)]*\)")
-_ARRAY_DIMENSIONS = re.compile(r"(?:\s*\[\d*\])+$")
 
 
-def _by_column_type(field: models.Field, using: str) -> Converter:
-    """A payload value of ``field``'s column read by the column's type (``db_type``),
-    whatever the field's Python side does with values it is given."""
+def _seconds_or_interval_text(value: Any) -> timedelta:
+    # A scalar interval comes in seconds, as a DurationField's; in its IntervalStyle
+    # from a trigger installed before such a column was rendered so.
     try:
-        db_type = field.db_type(connections[using])
-    except Exception:  # a custom field's own code: its values are taken as sent
+        return _duration(value)
+    except ArithmeticError:
+        return _interval_text(value)
+
+
+# Scalars whose rendering is not to_json's: an array's elements are to_json's.
+_SCALAR_COLUMN_TYPES: dict[str, Converter] = {
+    **_COLUMN_TYPES,
+    "interval": _seconds_or_interval_text,
+}
+
+
+def _by_column_type(field: models.Field, using: str, element: bool = False) -> Converter:
+    """A payload value of ``field``'s column read by the column's type (``db_type``),
+    whatever the field's Python side does with values it is given; an array's
+    element if ``element``."""
+    base, array = column_type(field, connections[using])
+    if base is None:  # a custom field's own code failed: its values are taken as sent
         return _same
-    if not isinstance(db_type, str) or not db_type:
-        return _same
-    name = _COLUMN_TYPE_MODIFIERS.sub("", db_type).strip().lower()
-    element = _ARRAY_DIMENSIONS.sub("", name)
-    convert = _COLUMN_TYPES.get(element, _same)
-    if convert is _same or element == name:
-        return convert
-    return _elements(convert)
+    if not (array or element):
+        return _SCALAR_COLUMN_TYPES.get(base, _same)
+    convert = _COLUMN_TYPES.get(base, _same)
+    return convert if convert is _same or not array else _elements(convert)
 
 
 def converter_for(field: models.Field, using: str = DEFAULT_DB_ALIAS) -> Converter:
@@ -509,7 +522,7 @@ def _array_converter(field: models.Field, using: str) -> Converter:
     convert = _ELEMENT_CONVERTERS.get(element.get_internal_type())
     if convert is None:
         # Rendered by to_json as an element of any type is: read by its column type.
-        convert = _by_column_type(element, using)
+        convert = _by_column_type(element, using, element=True)
     return _same if convert in _AS_SENT else _elements(convert)
 
 

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
-from django.contrib.postgres.fields import ArrayField, DateTimeRangeField
+from django.contrib.postgres.fields import ArrayField, DateRangeField, DateTimeRangeField
 from django.db import connection, models
 from django.test import override_settings
 from django.test.utils import isolate_apps
@@ -22,7 +22,14 @@ from django_pgnotify import Notify, wire
 from django_pgnotify.declarations import resolve_model
 from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
 from django_pgnotify.triggers import build_trigger_sql
-from tests.testapp.models import Measurement, Order, Reading, Tag, Weird
+from tests.testapp.models import (
+    Measurement,
+    Order,
+    Reading,
+    Tag,
+    WallClockDateTimeField,
+    Weird,
+)
 
 READING_ID = uuid.UUID("6f1c2a4e-6b1f-4c8e-9a57-0c3b7d1e2f90")
 TOKEN = uuid.UUID("0b7e4c1a-93d2-4f65-8a10-5c2e9f3d7a41")
@@ -947,6 +954,190 @@ def test_fields_read_by_column_type_arrive_as_the_orm_reads_them_not_as_to_pytho
     assert events[2].old["unpacked"] == "10.0.0.1"
     assert events[2].changed == {"unpacked"}
     assert caplog.records == []  # nothing was passed on as sent
+
+
+class MoneyField(models.Field):
+    """A ``numeric(30, 2)`` column, which the database adapter reads into an exact ``Decimal``."""
+
+    def db_type(self, connection):
+        return "numeric(30, 2)"
+
+
+class MoniesField(models.Field):
+    """A ``numeric(30, 2)[]`` column of a field that is no ``ArrayField``."""
+
+    def db_type(self, connection):
+        return "numeric(30, 2)[]"
+
+
+class JsonbTextField(models.Field):
+    """A ``jsonb`` column, which Django has the database adapter read as its text."""
+
+    def db_type(self, connection):
+        return "jsonb"
+
+
+class ParsedJsonbField(JsonbTextField):
+    """A ``jsonb`` column whose ``from_db_value`` parses the text the ORM reads."""
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else json.loads(value)
+
+
+class DaysField(DateRangeField):
+    """A range field's subclass: its internal type is its class name."""
+
+
+class ClockField(models.Field):
+    """An ``interval`` column with field qualifiers and a precision."""
+
+    def db_type(self, connection):
+        return "interval day to second(3)"
+
+
+CUSTOM_TABLE = "pgnotify_test_custom_types"
+CUSTOM_FIELDS = ["money", "doc", "parsed", "stamp", "span", "shift", "days", "monies", "amounts"]
+
+
+@pytest.fixture
+def custom_types_table(other_connection):
+    """A table of custom fields whose internal type is not Django's, with its model;
+    dropped (with its triggers and their function) after."""
+    other_connection.execute(
+        f"CREATE TABLE {CUSTOM_TABLE} (id integer PRIMARY KEY, money numeric(30, 2),"
+        " doc jsonb, parsed jsonb, stamp timestamp(3) with time zone, span interval,"
+        " shift tstzrange, days daterange, monies numeric(30, 2)[], amounts numeric(30, 2)[])"
+    )
+    functions: list[str] = []
+    try:
+        with isolate_apps("tests.testapp"):
+            meta = type(
+                "Meta", (), {"app_label": "testapp", "db_table": CUSTOM_TABLE, "managed": False}
+            )
+            model = type(
+                "CustomTypesRow",
+                (models.Model,),
+                {
+                    "__module__": __name__,
+                    "id": models.IntegerField(primary_key=True),
+                    "money": MoneyField(null=True),
+                    "doc": JsonbTextField(null=True),
+                    "parsed": ParsedJsonbField(null=True),
+                    "stamp": StampField(null=True),
+                    "span": SpanField(null=True),
+                    "shift": ShiftField(null=True),
+                    "days": DaysField(null=True),
+                    "monies": ArrayField(MoneyField(), null=True),
+                    "amounts": MoniesField(null=True),
+                    "Meta": meta,
+                },
+            )
+            yield model, functions
+    finally:
+        other_connection.execute(f"DROP TABLE IF EXISTS {CUSTOM_TABLE} CASCADE")
+        for function in functions:
+            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_custom_fields_are_rendered_by_their_column_type_and_arrive_as_the_orm_reads_them(
+    custom_types_table, other_connection, level, caplog
+):
+    """A custom field's numeric keeps every digit, its jsonb arrives as the text the ORM
+    reads, its timestamptz and ranges of moments whatever the writer's session."""
+    model, functions = custom_types_table
+    (declaration,), errors = resolve_model(model, Notify(fields=CUSTOM_FIELDS, level=level))
+    assert not errors
+    built = build_trigger_sql(declaration, connection.pg_version)
+    functions.append(built.function.as_string(None))
+    other_connection.execute(built.install)
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        # Written by hand, in a session whose settings show in to_json's renderings.
+        other_connection.execute("SET DateStyle = 'SQL, DMY'")
+        other_connection.execute("SET TimeZone = 'America/New_York'")
+        other_connection.execute("SET IntervalStyle = 'sql_standard'")
+        other_connection.execute(
+            f"INSERT INTO {CUSTOM_TABLE} VALUES"
+            ' (1, \'1234567890123456789012.34\', \'{"b": [1, 2.50], "a": "x"}\','
+            " '{\"n\": 1.10}', '2025-03-30 00:59:59.123+00', '1 day -02:00:00.5',"
+            " '[\"2024-01-01 10:00+00\",\"2024-07-01 10:00+00\")', '[2024-01-31,2024-02-29)',"
+            " '{{1.50,NULL},{1234567890123456789012.34,2}}', '{1.50,2.00}'),"
+            " (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)"
+        )
+        before = {row.pk: row for row in model.objects.all()}
+        other_connection.execute(
+            f"UPDATE {CUSTOM_TABLE} SET money = '1.50', parsed = '[1.0, null]',"
+            " stamp = stamp + interval '1 day', span = span * 3, days = '[2024-03-01,)',"
+            " shift = '(,\"2025-11-21 09:02:11.5-05\"]', monies = '{0.10}',"
+            " amounts = '{NULL,10.00}' WHERE id = 1"
+        )
+        decoder, events = Decoder([model]), []
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+            # One notification per statement or per row, as the level has it.
+            for notify in listening.notifies(timeout=10, stop_after=3 if level == "row" else 2):
+                events += decoder.decode(notify.payload)
+    after = {row.pk: row for row in model.objects.all()}
+
+    assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2), ("update", 1)]
+    # What the ORM reads: every digit, jsonb as its text (parsed by from_db_value), in UTC.
+    assert before[1].money == Decimal("1234567890123456789012.34")
+    assert after[1].money == Decimal("1.50") and str(after[1].money) == "1.50"
+    assert before[1].doc == '{"a": "x", "b": [1, 2.50]}'
+    assert before[1].parsed == {"n": 1.1}
+    assert before[1].days.lower == date(2024, 1, 31)
+
+    def orm(row):
+        return {name: getattr(row, name) for name in CUSTOM_FIELDS}
+
+    # repr() tells Decimal('1.50') from Decimal('1.5'), str from dict, and the zone.
+    assert repr(events[0].fields) == repr(orm(before[1]))
+    assert repr(events[1].fields) == repr(orm(before[2]))
+    assert repr(events[2].fields) == repr(orm(after[1]))
+    assert repr(events[2].old) == repr(orm(before[1]))
+    assert events[2].changed == {
+        "money",
+        "parsed",
+        "stamp",
+        "span",
+        "days",
+        "shift",
+        "monies",
+        "amounts",
+    }
+    assert caplog.records == []  # nothing was passed on as sent
+
+
+@isolate_apps("tests.testapp")
+def test_custom_fields_are_rendered_as_the_django_field_of_their_column_type():
+    """Other column types, and Django's own fields, keep their internal type."""
+
+    class Odd(models.Model):
+        money = MoneyField()
+        amounts = MoniesField()
+        monies = ArrayField(ArrayField(MoneyField()))
+        span = SpanField()
+        clock = ClockField()
+        shift = ShiftField()
+        shouted = ShoutedField()
+        wall = WallClockDateTimeField()
+
+        class Meta:
+            app_label = "testapp"
+
+    (declaration,), errors = resolve_model(Odd, Notify(fields="__all__"))
+    assert not errors
+
+    assert {c.field: (c.internal_type, c.element_type) for c in declaration.fields} == {
+        "money": ("DecimalField", None),
+        "amounts": ("ArrayField", "DecimalField"),
+        "monies": ("ArrayField", "DecimalField"),
+        "span": ("DurationField", None),
+        "clock": ("DurationField", None),
+        "shift": ("DateTimeRangeField", None),
+        "shouted": ("ShoutedField", None),
+        "wall": ("DateTimeField", None),
+    }
 
 
 @isolate_apps("tests.testapp")
