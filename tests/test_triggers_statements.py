@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
@@ -32,49 +34,70 @@ TABLE = "pgnotify_test_ranges"
 RANGE_FIELDS = ["ints", "bigs", "decimals", "moments", "days", "spans"]
 
 
-@pytest.fixture
-def ranges_table(other_connection):
-    """A table of range columns, with its model; dropped (triggers and function) after."""
-    other_connection.execute(
-        f"CREATE TABLE {TABLE} (id integer PRIMARY KEY, ints int4range, bigs int8range,"
-        " decimals numrange, moments tstzrange, days daterange, spans int4range[])"
-    )
+installed: list[str] = []
+
+
+@contextmanager
+def throwaway_model(
+    other_connection: psycopg.Connection,
+    table: str,
+    ddl: str,
+    drop: str,
+    name: str,
+    **fields: models.Field,
+) -> Iterator[type[models.Model]]:
+    """The tables ``ddl`` makes, and an unmanaged model ``name`` of ``fields`` on
+    ``table``; then ``drop``, with the trigger functions installed and the model's
+    durable events."""
+    other_connection.execute(ddl)
     try:
         with isolate_apps("tests.testapp"):
-            meta = type("Meta", (), {"app_label": "testapp", "db_table": TABLE, "managed": False})
-            model = type(
-                "RangesRow",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "id": models.IntegerField(primary_key=True),
-                    "ints": IntegerRangeField(null=True),
-                    "bigs": BigIntegerRangeField(null=True),
-                    "decimals": DecimalRangeField(null=True),
-                    "moments": DateTimeRangeField(null=True),
-                    "days": DateRangeField(null=True),
-                    "spans": ArrayField(IntegerRangeField(), null=True),
-                    "Meta": meta,
-                },
-            )
-            yield model
+            meta = type("Meta", (), {"app_label": "testapp", "db_table": table, "managed": False})
+            yield type(name, (models.Model,), {"__module__": __name__, "Meta": meta, **fields})
     finally:
-        other_connection.execute(f"DROP TABLE IF EXISTS {TABLE} CASCADE")
+        other_connection.execute("RESET search_path")
+        other_connection.execute(drop)
+        other_connection.execute(
+            "DELETE FROM pgnotify_event WHERE model = %s", [f"testapp.{name.lower()}"]
+        )
         for function in installed:
             other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
         installed.clear()
 
 
-installed: list[str] = []
-
-
-def install(model, other_connection, **options):
-    (declaration,), errors = resolve_model(model, Notify(fields=RANGE_FIELDS, **options))
+def install(model: type[models.Model], other_connection: psycopg.Connection, notify: Notify):
+    """Install ``notify`` of ``model``, as the listener's tests' triggers are; its declaration."""
+    (declaration,), errors = resolve_model(model, notify)
     assert not errors
     built = build_trigger_sql(declaration, connection.pg_version)
     installed.append(built.function.as_string(None))
     other_connection.execute(built.install)
     return declaration
+
+
+@pytest.fixture
+def ranges_table(other_connection):
+    """A table of range columns, with its model."""
+    with throwaway_model(
+        other_connection,
+        TABLE,
+        f"CREATE TABLE {TABLE} (id integer PRIMARY KEY, ints int4range, bigs int8range,"
+        " decimals numrange, moments tstzrange, days daterange, spans int4range[])",
+        f"DROP TABLE IF EXISTS {TABLE}",
+        "RangesRow",
+        id=models.IntegerField(primary_key=True),
+        ints=IntegerRangeField(null=True),
+        bigs=BigIntegerRangeField(null=True),
+        decimals=DecimalRangeField(null=True),
+        moments=DateTimeRangeField(null=True),
+        days=DateRangeField(null=True),
+        spans=ArrayField(IntegerRangeField(), null=True),
+    ) as model:
+        yield model
+
+
+def install_ranges(model, other_connection, **options):
+    return install(model, other_connection, Notify(fields=RANGE_FIELDS, **options))
 
 
 def receive(listening: psycopg.Connection, model, count: int, timeout: float = 10) -> list:
@@ -90,9 +113,21 @@ def receive(listening: psycopg.Connection, model, count: int, timeout: float = 1
     return events
 
 
+def stored_rows(other_connection: psycopg.Connection, model: str, action: str = "%") -> list:
+    """The row arrays of the durable events of ``model`` (a label) and ``action``, in order."""
+    return [
+        row
+        for (payload,) in other_connection.execute(
+            "SELECT payload FROM pgnotify_event WHERE model = %s AND action LIKE %s ORDER BY id",
+            [model, action],
+        )
+        for row in json.loads(f"[{payload}]")
+    ]
+
+
 @pytest.mark.parametrize("options", [{}, {"level": "row"}, {"old": False}])
 def test_range_fields_arrive_as_the_ranges_the_orm_reads(ranges_table, other_connection, options):
-    declaration = install(ranges_table, other_connection, **options)
+    declaration = install_ranges(ranges_table, other_connection, **options)
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(f"LISTEN {declaration.channel}")
         # The writer's time zone is in the text of a tstzrange's bounds.
@@ -130,7 +165,7 @@ def test_moments_within_a_day_of_the_first_and_last_years_arrive_as_the_orm_read
 ):
     """A writer ahead of UTC renders 9999-12-31 23:00 UTC in the year 10000, one behind
     it renders 0001-01-01 00:00 UTC in 1 BC: moments the ORM reads, which came as text."""
-    declaration = install(ranges_table, other_connection, level="row", old=False)
+    declaration = install_ranges(ranges_table, other_connection, level="row", old=False)
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(f"LISTEN {declaration.channel}")
         for pk, zone, moments in [
@@ -159,7 +194,7 @@ def test_moment_ranges_arrive_as_the_orm_reads_them_whatever_the_writers_datesty
 ):
     """A range's own text follows the writer's DateStyle (day first, zone abbreviations),
     which cannot be read back for certain: the bounds are sent in ISO 8601."""
-    declaration = install(ranges_table, other_connection, **options)
+    declaration = install_ranges(ranges_table, other_connection, **options)
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(f"LISTEN {declaration.channel}")
         other_connection.execute("SET DateStyle = 'SQL, DMY'")
@@ -185,36 +220,22 @@ PARENTS, CHILDREN = "pgnotify_test_parents", "pgnotify_test_children"
 @pytest.fixture
 def children_table(other_connection):
     """Rows with two foreign keys declared in the database, both ``ON DELETE SET NULL``
-    to one parent table, with their model; dropped (triggers and function) after."""
-    other_connection.execute(
+    to one parent table, with their model."""
+    with throwaway_model(
+        other_connection,
+        CHILDREN,
         f"CREATE TABLE {PARENTS} (id integer PRIMARY KEY);"
         f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
         f" first integer REFERENCES {PARENTS} ON DELETE SET NULL,"
-        f" second integer REFERENCES {PARENTS} ON DELETE SET NULL, label text)"
-    )
-    try:
-        with isolate_apps("tests.testapp"):
-            meta = type(
-                "Meta", (), {"app_label": "testapp", "db_table": CHILDREN, "managed": False}
-            )
-            yield type(
-                "Child",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "id": models.IntegerField(primary_key=True),
-                    "first": models.IntegerField(null=True),
-                    "second": models.IntegerField(null=True),
-                    "label": models.TextField(),
-                    "Meta": meta,
-                },
-            )
-    finally:
-        other_connection.execute(f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE")
-        other_connection.execute("DELETE FROM pgnotify_event WHERE model = 'testapp.child'")
-        for function in installed:
-            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
-        installed.clear()
+        f" second integer REFERENCES {PARENTS} ON DELETE SET NULL, label text)",
+        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
+        "Child",
+        id=models.IntegerField(primary_key=True),
+        first=models.IntegerField(null=True),
+        second=models.IntegerField(null=True),
+        label=models.TextField(),
+    ) as model:
+        yield model
 
 
 @pytest.mark.parametrize("rows", [1, 25], ids=["short path", "bulk"])
@@ -226,13 +247,9 @@ def children_table(other_connection):
 def test_a_row_changed_twice_by_one_statement_arrives_as_two_updates(
     children_table, other_connection, options, rows
 ):
-    (declaration,), errors = resolve_model(
-        children_table, Notify(fields=["first", "second"], **options)
+    declaration = install(
+        children_table, other_connection, Notify(fields=["first", "second"], **options)
     )
-    assert not errors
-    built = build_trigger_sql(declaration, connection.pg_version)
-    installed.append(built.function.as_string(None))
-    other_connection.execute(built.install)
     other_connection.execute(f"INSERT INTO {PARENTS} VALUES (1), (2)")
     # One DELETE nulls both keys of each of the first ``rows`` rows, and one key of the
     # last; then an UPDATE changes every row once, which pairs them by primary key.
@@ -246,17 +263,11 @@ def test_a_row_changed_twice_by_one_statement_arrives_as_two_updates(
         other_connection.execute(f"DELETE FROM {PARENTS} WHERE id = 1")
         other_connection.execute(f"UPDATE {CHILDREN} SET label = 'y'")
         if options.get("durable"):
-            arrays = [
-                row
-                for (payload,) in other_connection.execute(
-                    "SELECT payload FROM pgnotify_event WHERE model = 'testapp.child'"
-                    " AND action = 'update' ORDER BY id"
-                )
-                for row in json.loads(f"[{payload}]")
-            ]
             changes = [
                 (pk, (first, second), (old_first, old_second))
-                for pk, first, second, old_first, old_second, _mask in arrays
+                for pk, first, second, old_first, old_second, _mask in stored_rows(
+                    other_connection, "testapp.child", "update"
+                )
             ]
         else:
             events = receive(listening, children_table, 3 * rows + 2)
@@ -287,35 +298,22 @@ def test_a_row_changed_twice_is_paired_whatever_the_writers_search_path_and_pk_n
     """The pairing by position names no type (the writer's search_path would find it, or
     another of that name), and the primary key may have the name of a variable of the
     function (``size``, ``xid``)."""
-    other_connection.execute(
+    with throwaway_model(
+        other_connection,
+        CHILDREN,
         f"CREATE TABLE {PARENTS} (id integer PRIMARY KEY);"
         f" CREATE TABLE {CHILDREN} (size integer PRIMARY KEY,"
         f" first integer REFERENCES {PARENTS} ON DELETE SET NULL,"
-        f" xid integer REFERENCES {PARENTS} ON DELETE SET NULL)"
-    )
-    try:
-        with isolate_apps("tests.testapp"):
-            meta = type(
-                "Meta", (), {"app_label": "testapp", "db_table": CHILDREN, "managed": False}
-            )
-            model = type(
-                "Child",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "size": models.IntegerField(primary_key=True),
-                    "first": models.IntegerField(null=True),
-                    "xid": models.IntegerField(null=True),
-                    "Meta": meta,
-                },
-            )
-            (declaration,), errors = resolve_model(
-                model, Notify(fields=["first", "xid"], durable=durable)
-            )
-        assert not errors
-        built = build_trigger_sql(declaration, connection.pg_version)
-        installed.append(built.function.as_string(None))
-        other_connection.execute(built.install)
+        f" xid integer REFERENCES {PARENTS} ON DELETE SET NULL)",
+        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
+        "Child",
+        size=models.IntegerField(primary_key=True),
+        first=models.IntegerField(null=True),
+        xid=models.IntegerField(null=True),
+    ) as model:
+        declaration = install(
+            model, other_connection, Notify(fields=["first", "xid"], durable=durable)
+        )
         other_connection.execute(
             f"INSERT INTO {PARENTS} VALUES (1);"
             f" INSERT INTO {CHILDREN} VALUES (1, 1, 1), (2, 1, NULL)"
@@ -327,30 +325,17 @@ def test_a_row_changed_twice_is_paired_whatever_the_writers_search_path_and_pk_n
             other_connection.execute(f"DELETE FROM public.{PARENTS} WHERE id = 1")
             other_connection.execute("RESET search_path")
             if durable:
-                rows = [
-                    row
-                    for (payload,) in other_connection.execute(
-                        "SELECT payload FROM pgnotify_event WHERE model = 'testapp.child'"
-                        " AND action = 'update' ORDER BY id"
-                    )
-                    for row in json.loads(f"[{payload}]")
-                ]
                 changes = [
                     (pk, (first, xid), (old_first, old_xid))
-                    for pk, first, xid, old_first, old_xid, _ in rows
+                    for pk, first, xid, old_first, old_xid, _ in stored_rows(
+                        other_connection, "testapp.child", "update"
+                    )
                 ]
             else:
                 changes = [
                     (e.pk, (e.fields["first"], e.fields["xid"]), tuple(e.old.values()))
                     for e in receive(listening, model, 3)
                 ]
-    finally:
-        other_connection.execute("RESET search_path")
-        other_connection.execute(f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE")
-        other_connection.execute("DELETE FROM pgnotify_event WHERE model = 'testapp.child'")
-        for function in installed:
-            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
-        installed.clear()
 
     assert Counter(changes) == Counter(
         [(1, (None, 1), (1, 1)), (2, (None, None), (1, None)), (1, (None, None), (None, 1))]
@@ -366,11 +351,7 @@ def test_a_renumbered_row_whose_reference_cascades_to_itself_arrives_as_two_upda
         f"ALTER TABLE {CHILDREN} DROP CONSTRAINT {CHILDREN}_first_fkey,"
         f" ADD FOREIGN KEY (first) REFERENCES {CHILDREN} ON UPDATE CASCADE"
     )
-    (declaration,), errors = resolve_model(children_table, Notify(fields=["first"]))
-    assert not errors
-    built = build_trigger_sql(declaration, connection.pg_version)
-    installed.append(built.function.as_string(None))
-    other_connection.execute(built.install)
+    declaration = install(children_table, other_connection, Notify(fields=["first"]))
     other_connection.execute(f"INSERT INTO {CHILDREN} VALUES (1, NULL), (2, 1), (3, 2)")
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(f"LISTEN {declaration.channel}")
@@ -392,44 +373,27 @@ def case_blind_table(other_connection):
         )
     except psycopg.errors.FeatureNotSupported:
         pytest.skip("this PostgreSQL is built without ICU")
-    other_connection.execute(
-        f"CREATE TABLE {CHILDREN} (id integer PRIMARY KEY, label text COLLATE pgnotify_test_blind)"
-    )
-    try:
-        with isolate_apps("tests.testapp"):
-            meta = type(
-                "Meta", (), {"app_label": "testapp", "db_table": CHILDREN, "managed": False}
-            )
-            yield type(
-                "Blind",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "id": models.IntegerField(primary_key=True),
-                    "label": models.TextField(db_collation="pgnotify_test_blind"),
-                    "Meta": meta,
-                },
-            )
-    finally:
-        other_connection.execute(
-            f"DROP TABLE IF EXISTS {CHILDREN}; DROP COLLATION IF EXISTS pgnotify_test_blind"
-        )
-        for function in installed:
-            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
-        installed.clear()
+    with throwaway_model(
+        other_connection,
+        CHILDREN,
+        f"CREATE TABLE {CHILDREN} (id integer PRIMARY KEY, label text COLLATE pgnotify_test_blind)",
+        f"DROP TABLE IF EXISTS {CHILDREN}; DROP COLLATION IF EXISTS pgnotify_test_blind",
+        "Blind",
+        id=models.IntegerField(primary_key=True),
+        label=models.TextField(db_collation="pgnotify_test_blind"),
+    ) as model:
+        yield model
 
 
 @pytest.mark.parametrize("level", ["statement", "row"])
 def test_a_change_that_a_nondeterministic_collation_finds_equal_is_announced(
     case_blind_table, other_connection, level
 ):
-    (declaration,), errors = resolve_model(
-        case_blind_table, Notify(fields=["label"], when_changed=["label"], level=level)
+    declaration = install(
+        case_blind_table,
+        other_connection,
+        Notify(fields=["label"], when_changed=["label"], level=level),
     )
-    assert not errors
-    built = build_trigger_sql(declaration, connection.pg_version)
-    installed.append(built.function.as_string(None))
-    other_connection.execute(built.install)
     other_connection.execute(f"INSERT INTO {CHILDREN} VALUES (1, 'abc')")
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(f"LISTEN {declaration.channel}")
@@ -449,29 +413,17 @@ FLOATS = "pgnotify_test_floats"
 
 @pytest.fixture
 def floats_table(other_connection):
-    other_connection.execute(
-        f"CREATE TABLE {FLOATS} (id integer PRIMARY KEY, ratio float8, ratios float8[])"
-    )
-    try:
-        with isolate_apps("tests.testapp"):
-            meta = type("Meta", (), {"app_label": "testapp", "db_table": FLOATS, "managed": False})
-            yield type(
-                "Floats",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "id": models.IntegerField(primary_key=True),
-                    "ratio": models.FloatField(null=True),
-                    "ratios": ArrayField(models.FloatField(), null=True),
-                    "Meta": meta,
-                },
-            )
-    finally:
-        other_connection.execute(f"DROP TABLE IF EXISTS {FLOATS}")
-        other_connection.execute("DELETE FROM pgnotify_event WHERE model = 'testapp.floats'")
-        for function in installed:
-            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
-        installed.clear()
+    with throwaway_model(
+        other_connection,
+        FLOATS,
+        f"CREATE TABLE {FLOATS} (id integer PRIMARY KEY, ratio float8, ratios float8[])",
+        f"DROP TABLE IF EXISTS {FLOATS}",
+        "Floats",
+        id=models.IntegerField(primary_key=True),
+        ratio=models.FloatField(null=True),
+        ratios=ArrayField(models.FloatField(), null=True),
+    ) as model:
+        yield model
 
 
 @pytest.mark.parametrize(
@@ -480,13 +432,9 @@ def floats_table(other_connection):
 def test_floats_arrive_exact_whatever_the_writers_extra_float_digits(
     floats_table, other_connection, options
 ):
-    (declaration,), errors = resolve_model(
-        floats_table, Notify(fields=["ratio", "ratios"], **options)
+    declaration = install(
+        floats_table, other_connection, Notify(fields=["ratio", "ratios"], **options)
     )
-    assert not errors
-    built = build_trigger_sql(declaration, connection.pg_version)
-    installed.append(built.function.as_string(None))
-    other_connection.execute(built.install)
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(f"LISTEN {declaration.channel}")
         # 15 significant digits: 0.1 + 0.2 prints as 0.3, the largest double as Infinity.
@@ -498,13 +446,10 @@ def test_floats_arrive_exact_whatever_the_writers_extra_float_digits(
         other_connection.execute(f"UPDATE {FLOATS} SET ratio = ratio * 3")
         assert other_connection.execute("SHOW extra_float_digits").fetchone() == ("0",)
         if options.get("durable"):
-            rows = [
-                json.loads(payload)
-                for (payload,) in other_connection.execute(
-                    "SELECT payload FROM pgnotify_event WHERE model = 'testapp.floats' ORDER BY id"
-                )
+            changes = [
+                (row[1], row[2], row[3] if len(row) > 3 else None)
+                for row in stored_rows(other_connection, "testapp.floats")
             ]
-            changes = [(row[1], row[2], row[3] if len(row) > 3 else None) for row in rows]
         else:
             changes = [
                 (e.fields["ratio"], e.fields["ratios"], e.old and e.old["ratio"])
