@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 from django.contrib.postgres.fields import ArrayField, DateRangeField, DateTimeRangeField
-from django.db import connection, models
+from django.db import models
 from django.test import override_settings
 from django.test.utils import isolate_apps
 from psycopg import sql
@@ -21,7 +21,7 @@ from psycopg import sql
 from django_pgnotify import Notify, wire
 from django_pgnotify.declarations import resolve_model
 from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
-from django_pgnotify.triggers import build_trigger_sql
+from tests.test_triggers_statements import install, throwaway_model
 from tests.testapp.models import (
     Measurement,
     Order,
@@ -868,53 +868,34 @@ BY_TYPE_FIELDS = ["unpacked", "address", "slug", "shouted", "token", "span", "st
 
 @pytest.fixture
 def by_type_table(other_connection):
-    """A table of columns the decoder reads by their type, with its model; dropped (with
-    its triggers and their function) after."""
-    other_connection.execute(
+    """A table of columns the decoder reads by their type, with its model."""
+    with throwaway_model(
+        other_connection,
+        BY_TYPE_TABLE,
         f"CREATE TABLE {BY_TYPE_TABLE} (id integer PRIMARY KEY, unpacked inet, address inet,"
         " slug varchar(50), shouted text, token uuid, span interval,"
-        " stamp timestamp(3) with time zone, shift tstzrange)"
-    )
-    functions: list[str] = []
-    try:
-        with isolate_apps("tests.testapp"):
-            meta = type(
-                "Meta", (), {"app_label": "testapp", "db_table": BY_TYPE_TABLE, "managed": False}
-            )
-            model = type(
-                "ByTypeRow",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "id": models.IntegerField(primary_key=True),
-                    "unpacked": models.GenericIPAddressField(unpack_ipv4=True, null=True),
-                    "address": models.GenericIPAddressField(null=True),
-                    "slug": models.SlugField(null=True),
-                    "shouted": ShoutedField(null=True),
-                    "token": TokenField(null=True),
-                    "span": SpanField(null=True),
-                    "stamp": StampField(null=True),
-                    "shift": ShiftField(null=True),
-                    "Meta": meta,
-                },
-            )
-            yield model, functions
-    finally:
-        other_connection.execute(f"DROP TABLE IF EXISTS {BY_TYPE_TABLE} CASCADE")
-        for function in functions:
-            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        " stamp timestamp(3) with time zone, shift tstzrange)",
+        f"DROP TABLE IF EXISTS {BY_TYPE_TABLE}",
+        "ByTypeRow",
+        id=models.IntegerField(primary_key=True),
+        unpacked=models.GenericIPAddressField(unpack_ipv4=True, null=True),
+        address=models.GenericIPAddressField(null=True),
+        slug=models.SlugField(null=True),
+        shouted=ShoutedField(null=True),
+        token=TokenField(null=True),
+        span=SpanField(null=True),
+        stamp=StampField(null=True),
+        shift=ShiftField(null=True),
+    ) as model:
+        yield model
 
 
 @pytest.mark.parametrize("level", ["statement", "row"])
 def test_fields_read_by_column_type_arrive_as_the_orm_reads_them_not_as_to_python_cleans_them(
     by_type_table, other_connection, level, caplog
 ):
-    model, functions = by_type_table
-    (declaration,), errors = resolve_model(model, Notify(fields=BY_TYPE_FIELDS, level=level))
-    assert not errors
-    built = build_trigger_sql(declaration, connection.pg_version)
-    functions.append(built.function.as_string(None))
-    other_connection.execute(built.install)
+    model = by_type_table
+    declaration = install(model, other_connection, Notify(fields=BY_TYPE_FIELDS, level=level))
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
         # Written by hand, in a session whose settings show in to_json's renderings.
@@ -1001,42 +982,27 @@ CUSTOM_FIELDS = ["money", "doc", "parsed", "stamp", "span", "shift", "days", "mo
 
 @pytest.fixture
 def custom_types_table(other_connection):
-    """A table of custom fields whose internal type is not Django's, with its model;
-    dropped (with its triggers and their function) after."""
-    other_connection.execute(
+    """A table of custom fields whose internal type is not Django's, with its model."""
+    with throwaway_model(
+        other_connection,
+        CUSTOM_TABLE,
         f"CREATE TABLE {CUSTOM_TABLE} (id integer PRIMARY KEY, money numeric(30, 2),"
         " doc jsonb, parsed jsonb, stamp timestamp(3) with time zone, span interval,"
-        " shift tstzrange, days daterange, monies numeric(30, 2)[], amounts numeric(30, 2)[])"
-    )
-    functions: list[str] = []
-    try:
-        with isolate_apps("tests.testapp"):
-            meta = type(
-                "Meta", (), {"app_label": "testapp", "db_table": CUSTOM_TABLE, "managed": False}
-            )
-            model = type(
-                "CustomTypesRow",
-                (models.Model,),
-                {
-                    "__module__": __name__,
-                    "id": models.IntegerField(primary_key=True),
-                    "money": MoneyField(null=True),
-                    "doc": JsonbTextField(null=True),
-                    "parsed": ParsedJsonbField(null=True),
-                    "stamp": StampField(null=True),
-                    "span": SpanField(null=True),
-                    "shift": ShiftField(null=True),
-                    "days": DaysField(null=True),
-                    "monies": ArrayField(MoneyField(), null=True),
-                    "amounts": MoniesField(null=True),
-                    "Meta": meta,
-                },
-            )
-            yield model, functions
-    finally:
-        other_connection.execute(f"DROP TABLE IF EXISTS {CUSTOM_TABLE} CASCADE")
-        for function in functions:
-            other_connection.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        " shift tstzrange, days daterange, monies numeric(30, 2)[], amounts numeric(30, 2)[])",
+        f"DROP TABLE IF EXISTS {CUSTOM_TABLE}",
+        "CustomTypesRow",
+        id=models.IntegerField(primary_key=True),
+        money=MoneyField(null=True),
+        doc=JsonbTextField(null=True),
+        parsed=ParsedJsonbField(null=True),
+        stamp=StampField(null=True),
+        span=SpanField(null=True),
+        shift=ShiftField(null=True),
+        days=DaysField(null=True),
+        monies=ArrayField(MoneyField(), null=True),
+        amounts=MoniesField(null=True),
+    ) as model:
+        yield model
 
 
 @pytest.mark.parametrize("level", ["statement", "row"])
@@ -1045,12 +1011,8 @@ def test_custom_fields_are_rendered_by_their_column_type_and_arrive_as_the_orm_r
 ):
     """A custom field's numeric keeps every digit, its jsonb arrives as the text the ORM
     reads, its timestamptz and ranges of moments whatever the writer's session."""
-    model, functions = custom_types_table
-    (declaration,), errors = resolve_model(model, Notify(fields=CUSTOM_FIELDS, level=level))
-    assert not errors
-    built = build_trigger_sql(declaration, connection.pg_version)
-    functions.append(built.function.as_string(None))
-    other_connection.execute(built.install)
+    model = custom_types_table
+    declaration = install(model, other_connection, Notify(fields=CUSTOM_FIELDS, level=level))
     with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
         listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
         # Written by hand, in a session whose settings show in to_json's renderings.
