@@ -37,7 +37,8 @@ from django.utils import timezone
 from . import groups
 from .conf import get_setting
 from .connection import cancel_and_wait
-from .declarations import get_declarations
+from .declarations import DJANGO_INTERNAL_TYPES, get_declarations, stored_field
+from .decoding import converter_for
 
 logger = logging.getLogger("django_pgnotify.consumers")
 
@@ -54,7 +55,8 @@ class SubscriptionError(Exception):
 def _pk_value(model: type[models.Model], value: Any) -> Any:
     """The Python value of ``model``'s pk that ``value`` (as JSON carries it) spells.
 
-    The pk field's ``to_python``, and for a datetime the time zone the listener
+    The pk field's ``to_python`` (for a custom field, what the listener's
+    decoder makes of it), and for a datetime the time zone the listener
     decodes with: a naive one is in ``TIME_ZONE`` with ``USE_TZ``, as a query
     takes it; an aware one is made naive without. ``groups.pk_text`` of the
     result is then the text the listener names the row's group with.
@@ -65,7 +67,15 @@ def _pk_value(model: type[models.Model], value: Any) -> Any:
             value in the other time zone.
     """
     field = model._meta.pk
-    pk = field.to_python(value)
+    if stored_field(field).get_internal_type() in DJANGO_INTERNAL_TYPES:
+        pk = field.to_python(value)
+    else:
+        # A custom field's to_python is often the identity: read the pk as the
+        # listener decodes it, by its column type ("1.50" a Decimal, as 1.5 is).
+        try:
+            pk = converter_for(field)(value)
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise ValidationError(str(exc)) from None
     if isinstance(pk, Decimal):
         field.run_validators(pk)  # max_digits: no row has a pk past them
     elif isinstance(pk, datetime.datetime):

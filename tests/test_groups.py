@@ -6,8 +6,12 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from django.db import models
+from django.test.utils import isolate_apps
 
 from django_pgnotify import groups
+from django_pgnotify.consumers import _pk_value
+from django_pgnotify.decoding import converter_for
 
 VALID = re.compile(r"^[a-zA-Z\d\-_.]+$")  # Channels' rule, with length < 100
 
@@ -114,3 +118,42 @@ def test_a_pk_with_a_lone_surrogate_gets_a_valid_name_and_other_names_are_unchan
         "pgnotify.shop.tag.rowh.539138d518391ec4fc557ce35c37ead2"
     )
     assert groups.model_group("café.commande") == "pgnotify.h.43847478a7097ba4994fba64"
+
+
+class NumericKey(models.Field):
+    """A custom ``numeric`` primary key: its ``to_python`` (Field's) is the identity."""
+
+    def db_type(self, connection):
+        return "numeric(30, 2)"
+
+
+class TokenKey(models.Field):
+    def db_type(self, connection):
+        return "uuid"
+
+
+@pytest.mark.parametrize(
+    ("field", "stored", "spellings"),
+    [
+        (NumericKey, "1.50", ["1.50", "1.5", "15E-1"]),
+        (
+            TokenKey,
+            "6f1c2a4e-0b7e-4c1a-93d2-4f658a105c2e",
+            ["6F1C2A4E-0B7E-4C1A-93D2-4F658A105C2E"],
+        ),
+    ],
+)
+def test_a_client_names_a_custom_pks_row_group_as_the_listener_does(field, stored, spellings):
+    """The listener names the group from the pk it decodes by the column type."""
+    with isolate_apps("tests.testapp"):
+
+        class Keyed(models.Model):
+            id = field(primary_key=True)
+
+            class Meta:
+                app_label = "testapp"
+
+        decoded = converter_for(Keyed._meta.pk)(stored)  # as the trigger renders it
+
+    for spelling in spellings:
+        assert groups.pk_text(_pk_value(Keyed, spelling)) == groups.pk_text(decoded)
