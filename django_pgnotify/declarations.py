@@ -646,7 +646,8 @@ def column_type(field: models.Field, connection: Any = None) -> tuple[str | None
             return None, False
         connection = postgresql[0]
     try:
-        db_type = field.db_type(connection)
+        # db_parameters(), not db_type(): a GeneratedField has its output field's.
+        db_type = field.db_parameters(connection).get("type")
     except Exception:  # a custom field's own code: any failure means "not known"
         return None, False
     if not isinstance(db_type, str) or not db_type:

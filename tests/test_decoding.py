@@ -1083,6 +1083,9 @@ def test_custom_fields_are_rendered_as_the_django_field_of_their_column_type():
         shift = ShiftField()
         shouted = ShoutedField()
         wall = WallClockDateTimeField()
+        doubled = models.GeneratedField(
+            expression=models.F("money") * 2, output_field=MoneyField(), db_persist=True
+        )
 
         class Meta:
             app_label = "testapp"
@@ -1099,6 +1102,7 @@ def test_custom_fields_are_rendered_as_the_django_field_of_their_column_type():
         "shift": ("DateTimeRangeField", None),
         "shouted": ("ShoutedField", None),
         "wall": ("DateTimeField", None),
+        "doubled": ("DecimalField", None),  # its output field's column type
     }
 
 
