@@ -1323,9 +1323,13 @@ def frozen_durable_claim(proxy) -> ManagedProcess:
     try:
         listener.wait_for(r"listening on", stream="err")
         with psycopg.connect(database_url(), autocommit=True) as writer:
+            # Connected: the server shows a session as soon as it starts, before the
+            # client has the answer (a freeze then fails the connect, not a query);
+            # a query of the session's own shows the client had it.
             wait_until(
                 lambda: writer.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE '% durable'"
+                    "SELECT 1 FROM pg_stat_activity"
+                    " WHERE application_name LIKE '% durable' AND query <> ''"
                 ).fetchone(),
                 timeout=10,
                 what="the durable worker's connection",
