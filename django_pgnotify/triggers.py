@@ -131,7 +131,7 @@ def build_trigger_sql(
     offers; ``None`` renders SQL that every supported server runs.
     ``foreign_key_actions`` says whether the table has a foreign key whose
     action updates its rows, which alone make a statement change a row twice
-    (``_pairs_by_position``): ``False`` leaves out the search for such a
+    (``_PAIRED_BY_POSITION``): ``False`` leaves out the search for such a
     statement, ``None`` (not known) makes the function look the keys up when
     an update has two rows or more. The installer passes what its database
     has, so the checksums it compares are those of the SQL it would install.
@@ -371,11 +371,8 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
     }
     if not declaration.sends_old:  # an update's new rows alone, as an insert's
         sources["update"] = joined_sources["update"] = sources["insert"]
-    # The same, for a statement that changed a row twice: paired by position.
-    twice_sources = {
-        "update": sql.SQL("{} WHERE {}").format(_pairs_by_position(declaration), changed)
-    }
-    twice_joined_sources = {"update": _pairs_by_position(declaration)}
+    # Whether an update looks for a row changed twice (see _by_need).
+    looks = foreign_key_actions is not False and declaration.pairs_rows("update")
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
@@ -416,23 +413,24 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             "key": _value(record, declaration.pk),
         }
 
-        sent = _SENDING.format(
+        sent: sql.Composable = _SENDING.format(
             source=sources[event],
             joined_source=joined_sources[event],
             small_query=_small_statement_query(paired, row, sources[event]),
             **parts,
         )
-        if paired:
+        if paired and looks:
+            # The same, for a statement that changed a row twice: paired by position.
+            source = sql.SQL("{} WHERE {}").format(_PAIRED_BY_POSITION, changed)
             by_position = _SENDING.format(
-                source=twice_sources[event],
-                joined_source=twice_joined_sources[event],
-                small_query=_small_statement_query(paired, row, twice_sources[event]),
+                source=source,
+                joined_source=_PAIRED_BY_POSITION,
+                small_query=_small_statement_query(paired, row, source),
                 **parts,
             )
-            sent = sql.SQL("{}{}").format(
-                _counting_query(),
-                _by_need(declaration, foreign_key_actions, sent, by_position),
-            )
+            sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
+        if paired:
+            sent = sql.SQL("{}{}").format(_counting_query(), sent)
         branches.append(
             sql.SQL(
                 "  {keyword} TG_OP = {op} THEN\n"
@@ -458,8 +456,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
         "  pos integer;\n"
         "  cut integer;\n"
         "  short integer;\n"
-        "  half integer;\n"
-        "  twice boolean;\n",
+        "  half integer;\n" + ("  twice boolean;\n" if looks else ""),
         branches,
     )
 
@@ -721,25 +718,23 @@ def _counting_query() -> sql.Composable:
 
 def _by_need(
     declaration: Declaration,
-    foreign_key_actions: bool | None,
+    unknown_keys: bool,
     by_pk: sql.Composable,
     by_position: sql.Composable,
 ) -> sql.Composable:
     """An update's statements once ``counted`` is set: ``by_pk``, or ``by_position``
-    for a statement that changed a row twice (``_pairs_by_position``).
+    for a statement that changed a row twice (``_PAIRED_BY_POSITION``).
 
     Only the actions of foreign keys declared in the database make one, and
     only in a statement of two rows or more, so the nested ``IF`` keeps a
-    single-row update from any query, a table without such keys
-    (``foreign_key_actions`` false) has no search at all, and one not known
-    to have them looks them up in ``pg_constraint`` first.
+    single-row update from any query, and a table without such keys gets no
+    search at all (the callers leave it out); one not known to have them
+    (``unknown_keys``) looks them up in ``pg_constraint`` first.
     """
-    if foreign_key_actions is False:
-        return by_pk
     repeated = sql.SQL(
         "EXISTS (SELECT FROM {new} AS n GROUP BY n.{pk} HAVING count(*) > 1)"
     ).format(new=sql.Identifier(_NEW_ROWS), pk=sql.Identifier(declaration.pk.column))
-    if foreign_key_actions is None:
+    if unknown_keys:
         repeated = sql.SQL("{} AND {}").format(_HAS_FOREIGN_KEY_ACTIONS, repeated)
     return sql.SQL(
         "    twice := false;\n"
@@ -763,36 +758,34 @@ _HAS_FOREIGN_KEY_ACTIONS = sql.SQL(
 )
 
 
-def _pairs_by_position(declaration: Declaration) -> sql.Composable:
-    """An update's old rows ``o`` and new rows ``n``, paired by their position.
+# Transition tables of the statement-level triggers.
+_NEW_ROWS, _OLD_ROWS = "pgnotify_new", "pgnotify_old"
 
-    A row changed twice by one statement (two ``ON DELETE SET NULL`` foreign
-    keys of the row that reference the same deleted row, or an ``ON UPDATE
-    CASCADE`` one beside the statement's own change) has two old and two new
-    versions in the transition tables, and a join by primary key would pair
-    each with each. PostgreSQL appends each change's old and new row to the two
-    tables together, so their positions pair them as row-level triggers see
-    them. Each row is numbered in a column ``pgnotify_position`` beside the
-    table's (a column of that name would make the join's reference to it
-    ambiguous); the row type is never named, so the writer's ``search_path``
-    plays no part. Pairing by position costs about twice what the primary key
-    join does, hence only for such statements.
-    """
-    numbered = sql.SQL("(SELECT row_number() OVER () AS {position}, * FROM {rows}) AS {alias}")
-    position = sql.Identifier(POSITION)
-    return sql.SQL("{new} JOIN {old} ON o.{position} = n.{position}").format(
-        new=numbered.format(
-            position=position, rows=sql.Identifier(_NEW_ROWS), alias=sql.Identifier("n")
-        ),
-        old=numbered.format(
-            position=position, rows=sql.Identifier(_OLD_ROWS), alias=sql.Identifier("o")
-        ),
-        position=position,
-    )
-
-
-#: The column ``_pairs_by_position`` numbers rows in, beside the table's.
+#: The column ``_PAIRED_BY_POSITION`` numbers rows in, beside the table's.
 POSITION = "pgnotify_position"
+
+# An update's old rows ``o`` and new rows ``n``, paired by their position.
+#
+# A row changed twice by one statement (two ``ON DELETE SET NULL`` foreign
+# keys of the row that reference the same deleted row, or an ``ON UPDATE
+# CASCADE`` one beside the statement's own change) has two old and two new
+# versions in the transition tables, and a join by primary key would pair
+# each with each. PostgreSQL appends each change's old and new row to the two
+# tables together, so their positions pair them as row-level triggers see
+# them. Each row is numbered in a column ``pgnotify_position`` beside the
+# table's (a column of that name would make the join's reference to it
+# ambiguous); the row type is never named, so the writer's ``search_path``
+# plays no part. Pairing by position costs about twice what the primary key
+# join does, hence only for such statements.
+_PAIRED_BY_POSITION = sql.SQL("{new} JOIN {old} ON o.{position} = n.{position}").format(
+    new=sql.SQL("(SELECT row_number() OVER () AS {}, * FROM {}) AS n").format(
+        sql.Identifier(POSITION), sql.Identifier(_NEW_ROWS)
+    ),
+    old=sql.SQL("(SELECT row_number() OVER () AS {}, * FROM {}) AS o").format(
+        sql.Identifier(POSITION), sql.Identifier(_OLD_ROWS)
+    ),
+    position=sql.Identifier(POSITION),
+)
 
 
 def _indented(composable: sql.Composable) -> sql.Composable:
@@ -906,10 +899,6 @@ def _changed_mask(columns: tuple[Column, ...]) -> sql.Composable:
 _MASK_BITS = 62
 
 
-# Transition tables of the statement-level triggers.
-_NEW_ROWS, _OLD_ROWS = "pgnotify_new", "pgnotify_old"
-
-
 def _transition_tables(declaration: Declaration, event: str) -> tuple[tuple[str, str], ...]:
     """(kind, alias) of each transition table the trigger of ``event`` keeps.
 
@@ -956,7 +945,7 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
     bytes, so a row stays near 64 kB whatever the changes' size. The
     statement's rows come from its transition tables; an update's old and new
     rows are paired by primary key (an update that changes the primary key is
-    not announced; see ``_pairs_by_position`` for the exception), unless
+    not announced; see ``_PAIRED_BY_POSITION`` for the exception), unless
     ``old=False``: then its new rows are stored as an insert's. No size limit
     applies, so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
@@ -975,6 +964,8 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
     }
     if not declaration.sends_old:  # an update's new rows alone, as an insert's
         sources["update"] = sources["insert"]
+    # Whether an update looks for a row changed twice (see _by_need).
+    looks = foreign_key_actions is not False and declaration.pairs_rows("update")
     branches = []
     for index, event in enumerate(declaration.events):
         parts = {
@@ -988,18 +979,17 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
             "span": sql.Literal(_DURABLE_ROW_BYTES),
         }
         inserting = _DURABLE_INSERT.format(source=sources[event], **parts)
-        if declaration.pairs_rows(event):
+        if declaration.pairs_rows(event) and looks:
             by_position = _DURABLE_INSERT.format(
                 source=sql.SQL("{} WHERE {}").format(
-                    _pairs_by_position(declaration), _update_filter(declaration)
+                    _PAIRED_BY_POSITION, _update_filter(declaration)
                 ),
                 **parts,
             )
-            if foreign_key_actions is not False:
-                inserting = sql.SQL("{}{}").format(
-                    _counting_query(),
-                    _by_need(declaration, foreign_key_actions, inserting, by_position),
-                )
+            inserting = sql.SQL("{}{}").format(
+                _counting_query(),
+                _by_need(declaration, foreign_key_actions is None, inserting, by_position),
+            )
         branches.append(
             sql.SQL("  {keyword} TG_OP = {op} THEN\n{inserting}").format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
@@ -1018,12 +1008,12 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
         "  changed_at timestamptz := clock_timestamp();\n"
         "  writer integer := pg_backend_pid();\n"
         "  ctx text := coalesce(current_setting({context}, true), '');\n"
-        "  counted bigint;\n"
-        "  twice boolean;\n"
+        "{looking}"
         "{digits}"
         "BEGIN\n{paused}{exact}{branches}  END IF;\n{wakeup}{restore}  RETURN NULL;\nEND;\n"
     ).format(
         context=sql.Literal(wire.CONTEXT_SETTING),
+        looking=sql.SQL("  counted bigint;\n  twice boolean;\n" if looks else ""),
         digits=_DIGITS_DECLARATION if _renders_floats(declaration) else sql.SQL(""),
         paused=_pause_check(declaration),
         exact=_exact_floats(declaration),
