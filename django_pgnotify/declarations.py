@@ -507,12 +507,6 @@ def innermost_field(field: models.Field) -> tuple[models.Field, int]:
     return field, depth
 
 
-def element_type(field: models.Field) -> str | None:
-    """The internal type of an array field's innermost elements; ``None`` if not
-    an array. The trigger renders the column by it."""
-    return rendering_types(field)[1]
-
-
 def rendering_types(field: models.Field) -> tuple[str, str | None]:
     """The internal types the trigger renders ``field``'s column by: its own, and for
     an array that of its innermost elements (``None`` if not an array).
@@ -640,11 +634,9 @@ def column_type(field: models.Field, connection: Any = None) -> tuple[str | None
     A domain or a schema-qualified type name is what ``db_type()`` says, not the
     type it stands for.
     """
+    connection = connection or _postgresql()
     if connection is None:
-        postgresql = [connections[a] for a in connections if connections[a].vendor == "postgresql"]
-        if not postgresql:
-            return None, False
-        connection = postgresql[0]
+        return None, False
     try:
         # db_parameters(), not db_type(): a GeneratedField has its output field's.
         db_type = field.db_parameters(connection).get("type")
@@ -660,6 +652,14 @@ def column_type(field: models.Field, connection: Any = None) -> tuple[str | None
     return base, array
 
 
+def _postgresql() -> Any:
+    """The connection of the first PostgreSQL alias, whose ``db_type()`` a column
+    type is read by; ``None`` if there is none."""
+    return next(
+        (connections[a] for a in connections if connections[a].vendor == "postgresql"), None
+    )
+
+
 def _comparable(field: models.Field) -> bool:
     """Whether the field's column type is one PostgreSQL compares with ``=``, and
     values it finds equal are the same value.
@@ -672,9 +672,9 @@ def _comparable(field: models.Field) -> bool:
     """
     if getattr(innermost_field(field)[0], "db_collation", None):
         return False
-    postgresql = [connections[a] for a in connections if connections[a].vendor == "postgresql"]
+    connection = _postgresql()
     try:
-        db_type = field.db_type(postgresql[0]) if postgresql else None
+        db_type = field.db_type(connection) if connection is not None else None
     except Exception:  # a custom field's own code: any failure means "not known"
         return False
     if not isinstance(db_type, str):
