@@ -383,9 +383,10 @@ def sync_triggers(
     changed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
-        readable = _readable(cursor, declarations)
+        targets = _readable(cursor, declarations)
+        readable = [target.built.declaration for target in targets]
         hidden = {_model_label(d.uri) for d in declarations if d not in readable}
-        states = _inspect(cursor, readable, app_labels, declarations)
+        states = _inspect(cursor, readable, app_labels, declarations, targets)
         kept = invalid | hidden | {_model_label(s.uri) for s in states if s.status == CONFLICT}
         durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
         problem = _event_table_problem(cursor) if durable else None
@@ -429,15 +430,16 @@ def sync_triggers(
     return changed
 
 
-def _readable(cursor, declarations: list[Declaration]) -> list[Declaration]:
-    """The declarations whose table and function this role can look up; each other
-    is logged as an error naming its model (a schema it lacks ``USAGE`` on)."""
+def _readable(cursor, declarations: list[Declaration]) -> list[_Target]:
+    """The targets of the declarations whose table and function this role can look
+    up; each other is logged as an error naming its model (a schema it lacks
+    ``USAGE`` on)."""
     server_version = cursor.connection.info.server_version
     found = []
     for declaration in declarations:
         try:
             with transaction.atomic(using=cursor.db.alias):
-                _target(cursor, declaration, server_version)
+                target = _target(cursor, declaration, server_version)
         except OperationalError:
             raise  # the connection or the statement timeout: not this declaration's
         except DatabaseError as exc:
@@ -450,7 +452,7 @@ def _readable(cursor, declarations: list[Declaration]) -> list[Declaration]:
                 " ".join(str(exc).split()),
             )
         else:
-            found.append(declaration)
+            found.append(target)
     return found
 
 
@@ -1249,12 +1251,14 @@ def _inspect(
     declarations: list[Declaration],
     selectors: list[str],
     declared: list[Declaration] | None = None,
+    targets: list[_Target] | None = None,
 ) -> list[TriggerState]:
     """The state of each of ``declarations`` and of what is installed for ``selectors``.
 
     ``declared`` is every valid declaration of the database (resolved here
     unless the caller has them): a selected one must not take their triggers
-    over, nor drop a function one of them has.
+    over, nor drop a function one of them has. ``targets`` are those of
+    ``declarations``, in their order, if the caller looked them up already.
     """
     cursor.execute(_OURS, [trigger_sql.MARKER + ":%"])
     installed = {
@@ -1263,7 +1267,8 @@ def _inspect(
     }
     hashes = _trigger_hashes(cursor, [row.oid for row in installed.values()])
     server_version = cursor.connection.info.server_version
-    targets = [_target(cursor, d, server_version) for d in declarations]
+    if targets is None:
+        targets = [_target(cursor, d, server_version) for d in declarations]
     if declared is None:
         declared = _valid_declarations(cursor.db.alias, log=False)[0]
     elsewhere = _declared_elsewhere(cursor.db.alias)
