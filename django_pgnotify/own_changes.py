@@ -186,14 +186,14 @@ def _ask(raw: Any) -> Any:
             raw.rollback()
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
 def _warn_once(message: str, exc: BaseException) -> None:
     """Log ``message`` once per kind of error, not for every connection."""
     kind = type(exc).__name__
-    if kind not in _warned:
-        _warned.add(kind)
+    if (message, kind) not in _warned:
+        _warned.add((message, kind))
         logger.warning(message, " ".join(str(exc).split()) or kind)
 
 

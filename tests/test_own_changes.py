@@ -212,12 +212,14 @@ def test_a_server_that_will_not_say_who_it_is_leaves_every_change_delivered(
     refused, transactional_db, caplog
 ):
     """Rather than none: the listener starts, and no connection is recorded as its own."""
+    Job.objects.exists()  # a Django connection open first, its refusal warned first
     with capture_row_changes("durableapp.Job", ignore_own_changes=True) as changes:
         Job.objects.create(name="mine")
         (change,) = changes.wait(1)
 
     assert change.fields["name"] == "mine"
     assert changes.listener.stats["own_changes"] == 0
+    assert "cannot tell which server a connection of this process is on" in caplog.text
     assert "cannot tell which server the listener is on" in caplog.text
 
 
