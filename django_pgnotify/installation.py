@@ -50,6 +50,9 @@ NEEDS_CHANGE = (NOT_A_TABLE, CONFLICT)
 # A durable declaration's trigger writes to the event table: without it, every
 # write to the model's table would fail.
 _REFUSED = (NO_TABLE, NO_EVENT_TABLE, *NEEDS_CHANGE)
+#: Statuses of a declaration whose changes are not sent at all (one in conflict may
+#: still have its triggers).
+NOT_SENDING = (MISSING, NO_TABLE, NO_EVENT_TABLE, NOT_A_TABLE)
 
 _LOCK_KEY = "django-pgnotify installation"
 

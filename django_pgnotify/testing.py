@@ -15,6 +15,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
 
+from . import installation
 from .events import RowChange
 from .installation import declarations_for
 from .listener import Listener
@@ -37,6 +38,8 @@ class CapturedChanges(list):
         self.listener = listener
         self._arrived = threading.Condition()
         self._failure: BaseException | None = None
+        #: Why nothing may be arriving, told by a wait that failed ("" if no reason is seen).
+        self.diagnose: Callable[[], str] = lambda: ""
 
     def add(self, event: RowChange) -> None:
         with self._arrived:
@@ -65,7 +68,7 @@ class CapturedChanges(list):
             if not arrived:
                 raise AssertionError(
                     f"expected {count} row change(s) within {timeout}s, "
-                    f"got {len(self)}: {list(self)!r}"
+                    f"got {len(self)}: {list(self)!r}{self.diagnose()}"
                 )
             return list(self[:count])
 
@@ -91,7 +94,7 @@ class CapturedChanges(list):
             if found is None:
                 self._check_listener("no matching row change")
                 raise AssertionError(
-                    f"no matching row change within {timeout}s; got {list(self)!r}"
+                    f"no matching row change within {timeout}s; got {list(self)!r}{self.diagnose()}"
                 )
             return found
 
@@ -128,6 +131,7 @@ def capture_row_changes(
     models = {d.model for d in declarations}
     listener = Listener(declarations, using, poll_interval=_POLL_INTERVAL, **listener_options)
     changes = CapturedChanges(listener.stats, listener)
+    changes.diagnose = lambda: _not_sending(selectors, using)
     failure: list[BaseException] = []
 
     # Async, so that it runs after every sync receiver of the batch and after the
@@ -160,3 +164,22 @@ def capture_row_changes(
         row_changed.disconnect(receive)
     if failure:
         raise RuntimeError("the pgnotify listener failed") from failure[0]
+
+
+def _not_sending(selectors: tuple[str, ...], using: str) -> str:
+    """Which selected declarations have no triggers sending in ``using``, as the end of
+    a failed wait's message: a test database made without the migrate hook has none,
+    and a wait would only say that nothing arrived. ``""`` if all have, or if the
+    database cannot say (the wait's own message is then all there is)."""
+    try:
+        states = installation.inspect_triggers(selectors, using)
+    except Exception:  # e.g. the test's transaction is broken: no diagnosis
+        return ""
+    silent = [s for s in states if s.sql is not None and s.status in installation.NOT_SENDING]
+    if not silent:
+        return ""
+    names = "; ".join(str(state) for state in silent)
+    return (
+        f" (in database {using!r}: {names}; run manage.py pgnotify_install, or keep "
+        "PGNOTIFY['INSTALL_ON_MIGRATE'] on for the test database)"
+    )

@@ -8,6 +8,7 @@ from django.test import TransactionTestCase
 
 from django_pgnotify import row_changed
 from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify.installation import uninstall_triggers
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import test_database_url as database_url
 from tests.testapp.models import Order, Tag
@@ -64,6 +65,32 @@ def test_wait_fails_after_its_timeout_listing_what_arrived(row_changes):
 
     with pytest.raises(AssertionError, match=r"expected 2 row change\(s\) within 0.3s, got 1"):
         row_changes.wait(2, timeout=0.3)
+
+
+def test_a_failed_wait_names_the_declarations_without_triggers(restore_triggers):
+    """A test database made without the migrate hook has none: the wait said only
+    that nothing arrived, where pgnotify_listen says what to run."""
+    uninstall_triggers(["testapp.Tag"])
+
+    with capture_row_changes("testapp.Tag", "testapp.Order") as changes:
+        Tag.objects.create(name="never announced")
+        with pytest.raises(AssertionError) as waited:
+            changes.wait(1, timeout=0.3)
+        with pytest.raises(AssertionError) as waited_for:
+            changes.wait_for(lambda event: True, timeout=0.3)
+
+    for failure in (waited, waited_for):
+        message = str(failure.value)
+        assert "in database 'default': missing: testapp.Tag:default on" in message
+        assert "run manage.py pgnotify_install" in message
+        assert "testapp.Order" not in message  # installed: not named
+
+
+def test_a_failed_wait_with_every_trigger_installed_blames_nothing(row_changes):
+    with pytest.raises(AssertionError) as waited:
+        row_changes.wait(1, timeout=0.1)
+
+    assert str(waited.value) == "expected 1 row change(s) within 0.1s, got 0: []"
 
 
 @pytest.mark.django_db  # not transaction=True: the test runs in a transaction rolled back after
