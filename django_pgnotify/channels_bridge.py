@@ -67,6 +67,8 @@ QUEUE_SIZE = 10_000
 SEND_TIMEOUT = 5.0
 #: Seconds a stopping listener gives the queue to drain.
 DRAIN_TIMEOUT = 2.0
+#: Seconds between two warnings that the queue is full, at least: a burst fills it many times.
+FULL_WARNING_INTERVAL = 60.0
 #: What a channel layer raises for a message it cannot serialize (msgpack: a type it
 #: does not know, an integer past 64 bits, a string UTF-8 cannot encode). Retrying
 #: cannot help, so the batch is dropped and resynced instead of blocking every later one.
@@ -225,6 +227,7 @@ class ChannelLayerForwarder:
         self._min_interval = min_interval
         self._last_round = -math.inf
         self._dropped_models: set[str] = set()
+        self._full_warned = -math.inf
         # The id of the last message of each resync() call not sent yet: (reason, models).
         self._resync_notes: dict[str, tuple[str, int]] = {}
         self._wake: asyncio.Event | None = None
@@ -263,6 +266,15 @@ class ChannelLayerForwarder:
             self._dropped_models.add(oldest["model"])
             if oldest["type"] == RESYNC:
                 self._resync_notes.pop(oldest["id"], None)
+            if time.monotonic() - self._full_warned >= FULL_WARNING_INTERVAL:
+                self._full_warned = time.monotonic()
+                logger.warning(
+                    "pgnotify: the queue for channel layer %r is full (%d messages): dropping "
+                    "the oldest, their models' subscribers get a resync (%d dropped so far)",
+                    self.layer_alias,
+                    self._queue_size,
+                    self.stats["forward_dropped"],
+                )
         self._pending.append((targets, message))
         self._ensure_running()
         assert self._wake is not None
@@ -330,6 +342,7 @@ class ChannelLayerForwarder:
             taken, sends = self._take_round()
             self._sending = len(taken)
             failing_since: float | None = None
+            dropped_before = 0  # forward_dropped when sending started failing
             backoff = Backoff.from_settings()
             sent = 0
             unsendable: dict[int, dict[str, Any]] = {}  # by id(): dropped in this round
@@ -353,6 +366,7 @@ class ChannelLayerForwarder:
                     self.stats["forward_errors"] += 1
                     if failing_since is None:
                         failing_since = time.monotonic()
+                        dropped_before = self.stats["forward_dropped"]
                         first = taken[0]
                         logger.error(
                             "pgnotify: cannot forward %s %s%s to channel layer %r: %s; "
@@ -383,7 +397,7 @@ class ChannelLayerForwarder:
                     "(%d message(s) dropped meanwhile)",
                     self.layer_alias,
                     time.monotonic() - failing_since,
-                    self.stats["forward_dropped"],
+                    self.stats["forward_dropped"] - dropped_before,
                 )
             if self._dropped_models:
                 dropped, self._dropped_models = self._dropped_models, set()

@@ -96,6 +96,20 @@ def _row_key(label: str, pk: Any) -> str | None:
         return None
 
 
+def _has_perm_now(user: Any, perm: str) -> bool:
+    """``user.has_perm(perm)``, for the user as the database has it now.
+
+    The scope's user is loaded once per connection, and Django's ModelBackend
+    caches its permissions on it: asked directly, a permission revoked (or the
+    user deactivated or deleted) after the first subscription would never count.
+    """
+    if isinstance(user, models.Model):  # a LazyObject's __class__ is its user's
+        user = user.__class__._default_manager.filter(pk=user.pk).first()
+        if user is None:
+            return False
+    return bool(user.has_perm(perm))
+
+
 @functools.cache
 def _announces(label: str) -> bool:
     """Whether the model ``label`` (an installed model's) declares anything valid.
@@ -198,14 +212,15 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         """Whether this connection may follow ``model`` (``pk`` is ``None``) or one of its rows.
 
         Deny by default: only an authenticated user with the model's ``view``
-        permission (``user.has_perm("shop.view_order")``). Override for other
-        rules; ``self.scope["user"]`` is set by Channels' ``AuthMiddlewareStack``.
+        permission (``user.has_perm("shop.view_order")``), as the database has it
+        now. Override for other rules; ``self.scope["user"]`` is set by Channels'
+        ``AuthMiddlewareStack``.
         """
         user = self.scope.get("user")
         if user is None or not getattr(user, "is_authenticated", False):
             return False
         codename = f"{model._meta.app_label}.view_{model._meta.model_name}"
-        return bool(await database_sync_to_async(user.has_perm)(codename))
+        return await database_sync_to_async(_has_perm_now)(user, codename)
 
     async def filter_event(
         self, model: type[models.Model], event: dict[str, Any]

@@ -18,9 +18,11 @@ import pytest
 
 pytest.importorskip("channels", reason="the channels extra is not installed")
 
+from channels.auth import UserLazyObject
+from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import AnonymousUser
+from django.contrib.auth.models import AnonymousUser, Permission, User
 
 from django_pgnotify import Notify, RowChange, channels_bridge, context
 from django_pgnotify.channels_bridge import (
@@ -304,6 +306,36 @@ def test_filter_event_drops_and_transforms_events():
     run(scenario)
 
 
+def test_a_permission_revoked_during_a_connection_counts_at_its_next_subscription(
+    transactional_db,
+):
+    user = User.objects.create_user("revoked")
+    view_order = Permission.objects.get(codename="view_order")
+    user.user_permissions.add(view_order)
+    # As AuthMiddlewareStack puts it in the scope: loaded once, for the whole connection.
+    connected = UserLazyObject()
+    connected._wrapped = User.objects.get(pk=user.pk)
+
+    async def answer(client: WebsocketCommunicator, request: dict[str, Any]) -> str:
+        frame = await ask(client, request)
+        return str(frame.get("code", frame["type"]))
+
+    async def scenario() -> None:
+        client = await connect(connected)
+        assert await answer(client, {"subscribe": "testapp.order", "pk": 1}) == "subscribed"
+        await database_sync_to_async(user.user_permissions.remove)(view_order)
+        assert await answer(client, {"subscribe": "testapp.order"}) == "forbidden"
+        await database_sync_to_async(user.user_permissions.add)(view_order)
+        assert await answer(client, {"subscribe": "testapp.order"}) == "subscribed"
+        await database_sync_to_async(User.objects.filter(pk=user.pk).update)(is_active=False)
+        assert await answer(client, {"subscribe": "testapp.order", "pk": 2}) == "forbidden"
+        await database_sync_to_async(User.objects.filter(pk=user.pk).delete)()
+        assert await answer(client, {"subscribe": "testapp.order", "pk": 3}) == "forbidden"
+        await client.disconnect()
+
+    run(scenario)
+
+
 class EveryoneMayFollowTags(RowChangeConsumer):
     async def has_permission(self, model, pk):
         return model is Tag or await super().has_permission(model, pk)
@@ -479,6 +511,42 @@ def test_messages_dropped_while_the_layer_is_down_are_followed_by_a_resync(setti
         await forwarder.drain()
 
     run(scenario)
+
+
+def test_a_full_queue_is_logged_and_a_recovery_counts_only_what_its_outage_dropped(
+    settings, caplog
+):
+    settings.PGNOTIFY = {
+        **settings.PGNOTIFY,
+        "RECONNECT_DELAY_MIN": 0.01,
+        "RECONNECT_DELAY_MAX": 0.02,
+    }
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default", row_groups=False, queue_size=2)
+        layer = forwarder.layer = FlakyLayer(failures=0)  # type: ignore[assignment]
+        forwarder.submit([order_change(pk) for pk in range(1, 6)])  # a burst: 1 to 3 dropped
+        await sent(forwarder)
+        layer.failures = 2  # then an outage, which drops nothing
+        forwarder.submit([order_change(6)])
+        await sent(forwarder)
+        assert [m["seq"] for _, m in layer.sent if m["type"] == "pgnotify.row_changed"] == [
+            4,
+            5,
+            6,
+        ]
+        assert forwarder.stats["forward_dropped"] == 3
+        await forwarder.drain()
+
+    run(scenario)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # Once per burst, not once per message dropped.
+    assert [w for w in warnings if "full" in w] == [
+        "pgnotify: the queue for channel layer 'default' is full (2 messages): dropping the "
+        "oldest, their models' subscribers get a resync (1 dropped so far)"
+    ]
+    [recovered] = [w for w in warnings if "works again" in w]
+    assert recovered.endswith("(0 message(s) dropped meanwhile)"), recovered
 
 
 class MsgpackLayer(FlakyLayer):
