@@ -76,3 +76,18 @@ def test_prune_refuses_an_age_too_long_ago_to_be_a_date_without_a_traceback(tran
     assert f"--older-than {age!r} is too long ago to be a date." in result.stderr
     assert "out of range" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--older-than", "30x"], "--older-than '30x': give a number and a unit"),
+        (["--batch-size", "0"], "--batch-size must be at least 1."),
+    ],
+)
+def test_prune_exits_2_on_wrong_usage_as_on_an_unknown_flag(options, message):
+    result = run_manage("pgnotify_prune", *options)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

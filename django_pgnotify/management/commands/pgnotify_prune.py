@@ -24,7 +24,8 @@ def parse_age(text: str) -> timedelta:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if not match:
         raise CommandError(
-            f"--older-than {text!r}: give a number and a unit (s, m, h, d or w), e.g. 7d."
+            f"--older-than {text!r}: give a number and a unit (s, m, h, d or w), e.g. 7d.",
+            returncode=2,  # wrong usage, as argparse's own errors
         )
     try:
         age = timedelta(**{_UNITS[match[2]]: float(match[1])})
@@ -63,7 +64,7 @@ class Command(BaseCommand):
         if options["database"] not in connections:
             raise CommandError(f"Unknown database alias {options['database']!r}.")
         if options["batch_size"] < 1:
-            raise CommandError("--batch-size must be at least 1.")
+            raise CommandError("--batch-size must be at least 1.", returncode=2)
         using = options["database"]
         older_than = parse_age(options["older_than"])
         try:
