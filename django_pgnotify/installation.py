@@ -1326,6 +1326,8 @@ def _inspect(
                 problems.append(f"trigger {key[1]} lacks our comment")
             elif row is None:
                 problems.append(f"trigger {key[1]} missing")
+        if target.body is not None and problems and _fires(target, installed):
+            problems[:0] = _failing_reads(cursor, target)  # first: the worst of them
         if not problems:
             states.append(TriggerState(built.uri, INSTALLED, table, sql=built))
         elif target.body is None and not any(key[1] in target.on_table for key in target.keys):
@@ -1392,6 +1394,28 @@ def _inspect(
             table = _qualified(found.triggers[0][1]) if found.triggers else "-"
             states.append(TriggerState(uri, UNKNOWN, table, str(found), drop_sql=found.drop))
     return states
+
+
+def _fires(target: _Target, installed: dict[tuple[int, str], _Installed]) -> bool:
+    """Whether a trigger of ``target`` on its table is enabled."""
+    return any(installed[key].enabled != "D" for key in target.keys if key in installed)
+
+
+def _failing_reads(cursor, target: _Target) -> list[str]:
+    """What says that the installed function of ``target`` reads columns its table no
+    longer has (a migration run without the ``migrate`` hook dropped or renamed them):
+    the writes its enabled triggers fire on fail until it is installed again. ``[]`` if
+    it has them all."""
+    assert target.body is not None
+    cursor.execute(_COLUMNS, [target.relid])
+    (columns,) = cursor.fetchone()
+    missing = sorted(_columns_read(target.body) - set(columns))
+    if not missing:
+        return []
+    return [
+        f"its function reads {', '.join(_qualified((c,)) for c in missing)}, which the table "
+        "no longer has: writes to the table fail until it is installed"
+    ]
 
 
 @dataclass

@@ -207,6 +207,32 @@ def test_dropping_a_declared_field_succeeds_and_writes_notify_without_it(evolvin
     ]
 
 
+def test_check_says_when_writes_fail_for_a_column_dropped_without_the_hook(evolving):
+    """The function still reads it; "outdated (function differs)" did not say that the
+    table's writes fail meanwhile."""
+    evolving.migrate(4)
+    evolving.migrate(5, EVOLVING_INSTALL_ON_MIGRATE="0")  # RemoveField colour
+
+    check = evolving.manage("pgnotify_install", "--check", step=5)
+    with pytest.raises(psycopg.errors.UndefinedColumn):
+        evolving.write("INSERT INTO evolving_gadget (title, price) VALUES ('fails', 1)")
+    said = {}
+    for event in ("insert", "update", "delete"):
+        evolving.write(f"ALTER TABLE evolving_gadget DISABLE TRIGGER pgnotify_{event}")
+        said[event] = (
+            "its function reads" in evolving.manage("pgnotify_install", "--check", step=5).stdout
+        )
+
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert (
+        'outdated: evolving.Gadget:default on "evolving_gadget" (its function reads "colour", '
+        "which the table no longer has: writes to the table fail until it is installed; "
+        "function differs;"
+    ) in check.stdout
+    # Said while one of its triggers still fires, not once none does.
+    assert said == {"insert": True, "update": True, "delete": False}
+
+
 def test_a_declaration_that_still_names_the_dropped_field_is_reported_and_harmless(evolving):
     evolving.migrate(4)
 
