@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import heapq
 import json
 import logging
 import os
@@ -65,7 +66,13 @@ _TABLE = sql.Identifier(wire.EVENT_TABLE)
 _CLAIMABLE = """status = 'pending' AND declaration = ANY(%(uris)s) AND available_at <= now()
       AND (lease_until IS NULL OR lease_until < now())"""
 
-# Whole rows holding ``limit`` changes still to deliver (at least one row). The rows are
+# Whole rows holding ``limit`` changes still to deliver (at least one row), the rows
+# before the last holding less than ``bytes`` of payload: the claim's answer must arrive
+# within PROBE_TIMEOUT, and 500 wide changes (a payload has no size limit) can take far
+# longer; cut off, the claim rolled back, to be made and cut off again, for ever, and no
+# row behind was delivered. A row wider than ``bytes`` is claimed alone, and returned
+# without its payload, which is read once the claim has committed (see _claim).
+# (``octet_length`` reads a stored value's size without decompressing it.) The rows are
 # counted first, without locking: locked rows stay hidden from the other listeners until
 # the claim commits, so locking ``limit`` rows to claim the first (a bulk write's rows
 # hold up to 1,024 changes each) left a second listener nothing to claim.
@@ -76,7 +83,8 @@ _CLAIMABLE = """status = 'pending' AND declaration = ANY(%(uris)s) AND available
 _CLAIM = sql.SQL(
     """
 WITH head AS (
-    SELECT size - coalesce(cardinality(handled), 0) AS unhandled FROM {table}
+    SELECT size - coalesce(cardinality(handled), 0) AS unhandled, octet_length(payload) AS bytes
+    FROM {table}
     WHERE """
     + _CLAIMABLE
     + """
@@ -84,12 +92,15 @@ WITH head AS (
     LIMIT %(limit)s
 ), wanted AS (
     SELECT count(*) AS rows FROM (
-        SELECT sum(unhandled) OVER (ROWS UNBOUNDED PRECEDING) - unhandled AS before FROM head
+        SELECT sum(unhandled) OVER running - unhandled AS before,
+            sum(bytes) OVER running - bytes AS bytes_before
+        FROM head
+        WINDOW running AS (ROWS UNBOUNDED PRECEDING)
     ) AS running
-    WHERE before < %(limit)s
+    WHERE before < %(limit)s AND bytes_before < %(bytes)s
 ), locked AS (
     SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
-        lease_owner <> '' AS abandoned
+        octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
     FROM {table}
     WHERE """
     + _CLAIMABLE
@@ -101,22 +112,31 @@ WITH head AS (
     SELECT id, abandoned FROM (
         SELECT id, abandoned,
             sum(unhandled) OVER running - unhandled AS before,
-            count(*) FILTER (WHERE abandoned) OVER running AS abandoned_so_far,
+            sum(bytes) OVER running - bytes AS bytes_before,
+            count(*) FILTER (WHERE abandoned OR bytes > %(bytes)s) OVER running AS alone_so_far,
             row_number() OVER running AS nth
         FROM locked
         WINDOW running AS (ROWS UNBOUNDED PRECEDING)
     ) AS running
-    WHERE before < %(limit)s AND (abandoned_so_far = 0 OR nth = 1)
+    WHERE before < %(limit)s AND bytes_before < %(bytes)s AND (alone_so_far = 0 OR nth = 1)
 )
 UPDATE {table} AS e
 SET lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s),
     attempts = e.attempts + 1
 FROM claimable WHERE e.id = claimable.id
 RETURNING e.id, e.declaration, e.model, e.action, e.xid, extract(epoch FROM e.changed_at)::text,
-    e.context, e.layout, e.payload, e.pid, e.attempts, e.size, e.handled, claimable.abandoned,
+    e.context, e.layout, CASE WHEN octet_length(e.payload) <= %(bytes)s THEN e.payload END,
+    e.pid, e.attempts, e.size, e.handled, claimable.abandoned,
     extract(epoch FROM now() - e.created_at)::float8
 """
 ).format(table=_TABLE)
+
+#: Bytes of payload the rows of a claim hold before its last, at most (see _CLAIM): a
+#: second at 8 Mbit/s.
+CLAIM_BYTES = 1_048_576
+
+# The payload of a row wider than CLAIM_BYTES, claimed alone without it.
+_PAYLOAD = sql.SQL("SELECT payload FROM {table} WHERE id = %(id)s").format(table=_TABLE)
 
 # Run first in the claim's transaction. The planner settings keep its plan the pending
 # index read in id order, stopping after ``limit`` rows: a table just filled by a bulk
@@ -217,7 +237,8 @@ class Claimed(NamedTuple):
     context: str
     #: How ``payload`` is laid out (version 2 message keys), or "" (a version 1 object).
     layout: str
-    #: The changes' wire format rows, as comma-separated JSON text.
+    #: The changes' wire format rows, as comma-separated JSON text (None, from _CLAIM, for
+    #: a row wider than CLAIM_BYTES until read).
     payload: str
     pid: int | None
     attempts: int
@@ -328,6 +349,11 @@ class DurableWorker:
         self.wake = asyncio.Event()
         self.stats = dispatcher.stats
         self.working = False
+        #: When the retries this worker scheduled fall due (``time.monotonic()``), soonest
+        #: first: nothing wakes a listener for them, and the next poll may be far later.
+        self._retries_due: list[float] = []
+        #: When the last claim was made (``time.monotonic()``, before it).
+        self._looked_at = 0.0
         # The batch in hand and its receivers' progress, for the health check.
         self._in_hand: _Outcome | None = None
         self._progress = 0
@@ -361,7 +387,7 @@ class DurableWorker:
                         backoff.reset()
                         if not claimed:
                             break
-                    await self._wait(stop, self.poll_interval)
+                    await self._wait(stop, self._until_next_look())
             except (psycopg.Error, OSError) as exc:
                 if isinstance(exc, psycopg.errors.UndefinedTable):
                     message = (
@@ -383,13 +409,18 @@ class DurableWorker:
         # As the listening connection's: PROBE_TIMEOUT, unless OPTIONS set one.
         params.setdefault("connect_timeout", connection.connect_timeout(self.timeout))
         conn = await psycopg.AsyncConnection.connect(**params, **connection.PSYCOPG_OPTIONS)
-        if self.ignore_own_changes:  # PIDs are a server's: our connections' count on it only
-            try:
+        try:
+            # Claims and settlements count on read committed, whatever the role or database
+            # default: a claim skips the rows others lock and checks the newest version of
+            # those it takes. Under serializable, listeners racing for rows failed their
+            # claims and settlements (the rows were then dispatched again).
+            await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
+            if self.ignore_own_changes:  # PIDs are a server's: our connections' count on it
                 read = own_changes.read_server(conn)
                 self._server = await connection.within(conn, read, self.timeout)
-            except BaseException:
-                await conn.close()
-                raise
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def _retry(
@@ -419,6 +450,17 @@ class DurableWorker:
         _, pending = await asyncio.wait(waiters, timeout=seconds, return_when="FIRST_COMPLETED")
         for task in pending:
             task.cancel()
+
+    def _until_next_look(self) -> float:
+        """Seconds to wait for a wake-up: the poll interval, or less if a retry this
+        worker scheduled falls due sooner (DURABLE_RETRY_DELAY_MIN is far below the
+        poll interval by default)."""
+        due = self._retries_due
+        while due and due[0] <= self._looked_at:  # the last claim looked for it
+            heapq.heappop(due)
+        if not due:
+            return self.poll_interval
+        return min(self.poll_interval, max(0.0, due[0] - time.monotonic()))
 
     def healthy(self, now: float, patience: float) -> bool:
         """Whether claims succeed and the receivers of the batch in hand, if any,
@@ -458,7 +500,7 @@ class DurableWorker:
                 ``PROBE_TIMEOUT``; the connection is closed. Unsettled claims
                 are claimable again when their lease expires.
         """
-        claim_started = time.monotonic()
+        claim_started = self._looked_at = time.monotonic()
         claimed = await connection.within(conn, self._claim(conn), self.timeout)
         self.working = True
         if not claimed:
@@ -494,11 +536,20 @@ class DurableWorker:
                 {
                     "uris": list(self.max_attempts),
                     "limit": self.batch_size,
+                    "bytes": CLAIM_BYTES,
                     "owner": self.owner,
                     "lease": self.lease,
                 },
             )
-        return sorted(map(Claimed._make, await cursor.fetchall()))
+        claimed = sorted(map(Claimed._make, await cursor.fetchall()))
+        if len(claimed) == 1 and claimed[0].payload is None and not self._exhausted(claimed[0]):
+            # A row wider than CLAIM_BYTES, read once its claim has committed: should it
+            # not arrive within PROBE_TIMEOUT, the claim has counted an attempt, and the
+            # row ends as a dead letter (see _GIVE_UP) instead of holding up those behind.
+            cursor = await conn.execute(_PAYLOAD, {"id": claimed[0].id})
+            found = await cursor.fetchone()
+            claimed = [claimed[0]._replace(payload=found[0])] if found else []  # or discarded
+        return claimed
 
     def _decode_and_send(
         self, claimed: Sequence[Claimed], outcome: _Outcome, claim_started: float
@@ -611,6 +662,8 @@ class DurableWorker:
                 ", ".join(sorted({row.declaration for row in lost})),
                 self.lease,
             )
+        settled_at = time.monotonic()  # after the server's now(), which available_at counts from
+        retries_due: set[float] = set()  # a batch's rows that failed alike fall due together
         for row, error, dead in failed:
             if row.id not in settled:
                 continue  # its retries and dead letters are counted by whoever settles it
@@ -621,6 +674,9 @@ class DurableWorker:
                 self._dead_letter(row, row.attempts, changes, error)
             else:
                 self.stats["retries"] += changes
+                retries_due.add(settled_at + retry_delay(row.attempts))
+        for due in retries_due:
+            heapq.heappush(self._retries_due, due)
         for row in given_up:
             if row.id in settled:
                 self._dead_letter(row, row.attempts - 1, row.unhandled, NEVER_SETTLED)

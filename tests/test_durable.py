@@ -334,7 +334,13 @@ def test_a_claim_reads_the_pending_index_in_id_order_before_the_table_is_analyze
         """SELECT 'durableapp.Job:default', 'durableapp.job', 'insert', '"fields":["n"]', """
         "'[' || g || ',' || g || ']' FROM generate_series(1, 20000) g"
     )
-    params = {"uris": ["durableapp.Job:default"], "limit": 500, "owner": "test", "lease": 30.0}
+    params = {
+        "uris": ["durableapp.Job:default"],
+        "limit": 500,
+        "bytes": durable.CLAIM_BYTES,
+        "owner": "test",
+        "lease": 30.0,
+    }
 
     with other_connection.transaction():
         other_connection.execute(durable._CLAIM_SETTINGS)
@@ -347,6 +353,30 @@ def test_a_claim_reads_the_pending_index_in_id_order_before_the_table_is_analyze
 
     assert "Index Scan using pgnotify_event_pending" in plan, plan
     assert "Sort" not in plan and "Bitmap" not in plan, plan
+
+
+def test_a_claim_of_wide_changes_stops_at_claim_bytes_and_a_wider_one_is_claimed_alone(
+    other_connection,
+):
+    # A claim's answer must arrive within PROBE_TIMEOUT: 500 changes of 100 kB took 50 MB,
+    # which a slow link did not carry in time, so the claim rolled back, again and again.
+    for n in range(30):  # 30 statements: 30 rows of one 100 kB change
+        insert_jobs(other_connection, 1, name=f"wide-{n}", body="x" * 100_000)
+        if n == 14:
+            insert_jobs(other_connection, 1, name="wider", body="y" * durable.CLAIM_BYTES)
+    worker = job_worker()
+
+    async def claims() -> list[list[durable.Claimed]]:
+        async with await worker._connect() as conn:
+            return [await worker._claim(conn) for _ in range(7)]
+
+    taken = asyncio.run(asyncio.wait_for(claims(), 30))
+
+    assert [len(claimed) for claimed in taken] == [11, 4, 1, 11, 4, 0, 0]
+    (wider,) = taken[2]  # alone, its payload read once claimed
+    assert json.loads(f"[{wider.payload}]")[0][1:3] == ["wider-1", "y" * durable.CLAIM_BYTES]
+    for claimed in taken:
+        assert sum(len(row.payload) for row in claimed[:-1]) < durable.CLAIM_BYTES
 
 
 def test_event_fields_say_durable_and_carry_a_payload_far_above_8000_bytes(row_changes):
@@ -556,6 +586,23 @@ def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_
     )
     listing = client.get("/admin/django_pgnotify/durableevent/?status__exact=dead")
     assert listing.status_code == 200
+
+
+def test_a_retry_is_made_when_it_falls_due_not_at_the_next_poll(durable_listener, other_connection):
+    # Nothing wakes a listener for a retry: with retry delays of 0.3 s and 0.6 s and a
+    # poll interval of 10 s, the listener looks again when each retry falls due.
+    process = durable_listener(PGNOTIFY_TEST_POLL="10")
+    handled = Handled(process)
+    insert_jobs(other_connection, 1, name="fail")
+
+    # Before the two polls 10 s apart that the retries waited for.
+    wait_until(lambda: count(other_connection, "status = 'dead'") == 1, timeout=15, what="dead")
+    times = [t for _, t in handled.read().failing]
+    assert len(times) == 3  # max_attempts of the Job declaration
+    with override_settings(PGNOTIFY=DURABLE_SETTINGS):  # the listener's delays
+        delays = [retry_delay(1), retry_delay(2)]
+    for (first, then), delay in zip(itertools.pairwise(times), delays, strict=True):
+        assert delay <= then - first < 5
 
 
 def test_retries_and_dead_letters_are_counted_in_metrics_and_logs(
@@ -956,6 +1003,94 @@ def test_an_unexpected_error_in_a_batch_is_logged_and_durable_processing_goes_on
     (record,) = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert record.levelno == logging.ERROR and record.exc_info[0] is KeyError
     assert "unexpected error: 'a bug'; retrying in" in record.getMessage()
+
+
+class SlowLink:
+    """A TCP proxy to the test server whose answers arrive at ``rate`` bytes a second."""
+
+    def __init__(self, rate: float) -> None:
+        params = pgnotify_connection.connection_params("default")
+        host, port = params.get("host") or "/tmp", int(params.get("port") or 5432)
+        self.target = (
+            (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+            if host.startswith("/")
+            else (socket.AF_INET, (host, port))
+        )
+        self.rate = rate
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with suppress(OSError):  # closed at teardown
+            while True:
+                client = self.server.accept()[0]
+                server = socket.socket(self.target[0])
+                server.connect(self.target[1])
+                self.sockets += [client, server]
+                for source, sink, rate in ((client, server, 0.0), (server, client, self.rate)):
+                    threading.Thread(
+                        target=self._relay, args=(source, sink, rate), daemon=True
+                    ).start()
+
+    def _relay(self, source: socket.socket, sink: socket.socket, rate: float) -> None:
+        with suppress(OSError):
+            while data := source.recv(16_384):
+                sink.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        for each in (source, sink):  # either side gone: the connection is
+            with suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+        for each in self.sockets:
+            each.close()
+
+
+@pytest.fixture
+def slow_link(monkeypatch) -> Iterator[SlowLink]:
+    """Durable workers connect through a link carrying 500 kB a second."""
+    link = SlowLink(500_000)
+    params = pgnotify_connection.connection_params
+
+    def through_link(using: str) -> dict[str, Any]:
+        return {**params(using), "host": "127.0.0.1", "port": link.port}
+
+    monkeypatch.setattr(pgnotify_connection, "connection_params", through_link)
+    yield link
+    link.close()
+
+
+def test_a_change_too_wide_to_arrive_in_probe_timeout_holds_up_no_other_and_ends_dead(
+    other_connection, job_names, settings, slow_link, caplog
+):
+    settings.PGNOTIFY = {
+        **settings.PGNOTIFY,
+        "PROBE_TIMEOUT": 1.0,
+        "DURABLE_LEASE": 1.0,
+        "DURABLE_POLL_INTERVAL": 0.2,
+        "RECONNECT_DELAY_MIN": 0.05,
+        "RECONNECT_DELAY_MAX": 0.2,
+    }
+    insert_jobs(other_connection, 1, name="wide", body="x" * 2_000_000)  # 4 s on the link
+    insert_jobs(other_connection, 1, name="behind")
+    worker = job_worker()
+
+    # It was claimed, cut off by the timeout and rolled back, for ever, the change
+    # behind it never delivered.
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run_worker(worker, lambda: count(other_connection, "status = 'pending'") == 0, 30)
+
+    assert job_names == ["behind-1"]
+    ((attempts, error),) = other_connection.execute(
+        "SELECT attempts, last_error FROM pgnotify_event WHERE status = 'dead'"
+    )
+    assert (attempts, error) == (3, durable.NEVER_SETTLED)  # max_attempts of Job
+    assert worker.stats["dead_letters"] == 1
+    assert "no answer to a query within 1s" in caplog.text
 
 
 class UnprintableError(Exception):

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from django.db import connections
 from psycopg.rows import dict_row
 
 from django_pgnotify import durable, row_changed
@@ -383,3 +385,39 @@ def test_a_row_claimed_past_its_attempts_and_never_settled_is_a_dead_letter_not_
     (logged,) = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage()]
     assert "after 3 attempt(s) (2 of its 3 changes): never settled" in logged
     assert durable.backlog().dead == 2
+
+
+def test_listeners_racing_for_rows_under_a_serializable_default_neither_fail_nor_repeat(
+    receiver, other_connection, settings, monkeypatch, caplog
+):
+    # A role or database may default to serializable: claims racing for the same rows
+    # then failed, and so did settlements, whose rows were dispatched again later.
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_BATCH_SIZE": 5}
+    database = connections["default"].settings_dict
+    serializable = "-c default_transaction_isolation=serializable"
+    monkeypatch.setitem(database, "OPTIONS", {**database["OPTIONS"], "options": serializable})
+    other_connection.execute(  # 600 statements: 600 event rows
+        "DO $$ BEGIN FOR n IN 1..600 LOOP"
+        " INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', n); END LOOP; END $$"
+    )
+    workers = [listener() for _ in range(3)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        with ThreadPoolExecutor(1, "b") as thread:
+            running = [asyncio.ensure_future(w.run(stop, thread)) for w in workers]
+            while not any(task.done() for task in running) and other_connection.execute(
+                "SELECT count(*) FROM pgnotify_event"
+            ).fetchone() != (0,):
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*running)
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run(scenario())
+
+    assert [r.getMessage() for r in caplog.records] == []
+    assert durable.backlog().pending == 0
+    handled = Counter(pk for _, pk in receiver.calls)
+    assert len(handled) == 600 and set(handled.values()) == {1}
+    assert sum(w.stats["durable_claimed"] for w in workers) == 600  # no claim twice
