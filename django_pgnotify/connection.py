@@ -17,7 +17,7 @@ from django.db import connections
 # Keys Django adds for its own cursors, not libpq connection parameters.
 _DJANGO_ONLY = ("cursor_factory", "context", "prepare_threshold")
 
-#: psycopg's own options (not libpq parameters) for both of the listener's connections.
+#: psycopg's own options (not libpq parameters) for each of the listener's connections.
 #: No server-side prepared statements: psycopg prepares a statement once run 5 times,
 #: and a prepared statement is session state that a transaction-pooling PgBouncer does
 #: not keep ("prepared statement "_pg3_0" already exists"), which the durable connection

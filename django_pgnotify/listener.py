@@ -9,8 +9,10 @@ awaits the async receivers, all in commit order. While changes keep coming
 the worker reads them off the connection itself, and the event loop reads
 again once the worker is done or a receiver is slow: two threads reading in
 turn would fight over the GIL. A timer sends the self-probe, a NOTIFY to
-itself that proves delivery works and doubles as keepalive. A lost
-connection is reopened with capped exponential backoff.
+itself that proves delivery works and doubles as keepalive; at each connect
+the first probe comes from a second, short-lived connection, which proves
+that other sessions' notifications arrive too. A lost connection is reopened
+with capped exponential backoff.
 
 ``stop()`` may be called from a signal handler or another thread; the event
 in hand is finished first.
@@ -72,6 +74,10 @@ LINGER = 0.01
 
 # Errors that mean "the connection is gone or unusable": reconnect.
 _CONNECTION_ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
+
+# The probe: a NOTIFY to the listener's private channel, and a sample of the server's
+# notification queue in the same round trip.
+_PROBE = "SELECT pg_notify(%s, %s), pg_notification_queue_usage()"
 
 
 class ListenerError(Exception):
@@ -355,7 +361,8 @@ class Listener:
                 await _close(conn)
 
     async def _open(self) -> psycopg.AsyncConnection:
-        """Connect, refuse a standby, LISTEN, and prove delivery with a probe."""
+        """Connect, refuse a standby, LISTEN, and prove delivery with a probe sent
+        from another session (see ``_send_probe_from_another_session``)."""
         conn = await asyncio.wait_for(
             connection.connect_async(
                 self.using, get_setting("APPLICATION_NAME"), self._probe_timeout
@@ -364,8 +371,9 @@ class Listener:
         )
         try:
             self._attach(conn)
-            cursor = await self._query(conn, "SELECT pg_is_in_recovery()")
+            cursor = await self._query(conn, "SELECT pg_is_in_recovery(), pg_backend_pid()")
             row = await cursor.fetchone()
+            server_pid = row[1] if row else None  # a pooler's pid is not its server session's
             if row and row[0]:
                 raise ListenerError(
                     f"database {self.using!r} ({connection.describe(conn.info.get_parameters())})"
@@ -383,7 +391,7 @@ class Listener:
                     self._server = None
             for channel in [*self.channels, self.probe_channel]:
                 await self._query(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            await self._send_probe(conn)
+            await self._send_probe_from_another_session()
             assert self._lost is not None
             probe: asyncio.Future[Any] = asyncio.ensure_future(self._probe_back.wait())
             try:
@@ -397,20 +405,57 @@ class Listener:
             if self._lost.done():
                 self._lost.result()  # raises why
             if self._probe_sent is not None:
-                raise ListenerError(self._probe_lost_message())
+                pid = conn.info.backend_pid
+                if server_pid is not None and server_pid != pid:
+                    await self._leave_pooled_session(conn)
+                raise ListenerError(self._not_delivered_message(pid, server_pid))
             return conn
         except BaseException:
             self._detach()
             await _close(conn)
             raise
 
+    async def _leave_pooled_session(self, conn: psycopg.AsyncConnection) -> None:
+        """Undo, as far as a pooler lets us, what LISTEN left on the server session it lent.
+
+        A transaction pooler keeps that session for other clients: it would go on
+        listening (to be handed notifications of ours), named as the listener
+        (``pgnotify_status`` would count it as one). One query, so one session: the
+        one that ran the last of ours, usually, which the pooler lends first.
+        """
+        with suppress(*_CONNECTION_ERRORS, ConnectionLost):
+            await self._query(conn, "UNLISTEN *; RESET application_name")
+
     def _probe_lost_message(self) -> str:
         return (
             f"the self-probe (a NOTIFY on {self.probe_channel}) did not come back within "
-            f"{self._probe_timeout:g}s although LISTEN succeeded, so notifications are not "
-            "delivered to this connection. Usually a transaction-pooling proxy (PgBouncer "
-            "with pool_mode = transaction) sits between the listener and PostgreSQL: give the "
-            'listener a direct connection (PGNOTIFY["LISTEN_DATABASES"] or --database)'
+            f"{self._probe_timeout:g}s, so notifications are no longer delivered to this "
+            "connection"
+        )
+
+    def _not_delivered_message(self, pid: int, server_pid: int | None) -> str:
+        """Why the listener refuses: the start-up probe was lost, and the likely cause."""
+        text = (
+            f"the start-up self-probe (a NOTIFY on {self.probe_channel} sent from another "
+            f"session) did not come back within {self._probe_timeout:g}s although LISTEN "
+            "succeeded, so other sessions' notifications, and the changes they carry, are "
+            "not delivered to this connection. "
+        )
+        if server_pid is not None and server_pid != pid:
+            text += (
+                "A connection pooler sits between the listener and PostgreSQL (the "
+                f"connection's backend pid {pid} is not its server session's, {server_pid}): "
+                "a transaction-pooling proxy (PgBouncer with pool_mode = transaction) does "
+                "not keep the session that ran LISTEN"
+            )
+        else:
+            text += (
+                "Usually a transaction-pooling proxy (PgBouncer with pool_mode = transaction) "
+                "sits between the listener and PostgreSQL"
+            )
+        return (
+            f"{text}: give the listener a direct connection, or a session-pooling one "
+            '(PGNOTIFY["LISTEN_DATABASES"] or --database)'
         )
 
     # Reading: straight from libpq, in a callback of the event loop or in the
@@ -661,17 +706,55 @@ class Listener:
         if self._is_healthy(now):
             self._touch()
 
-    async def _send_probe(self, conn: psycopg.AsyncConnection) -> None:
-        """NOTIFY ourselves and sample the server's notification queue in one round trip."""
+    def _new_probe(self) -> list[str]:
+        """Start a probe: its ``_PROBE`` parameters."""
         self._probe_token = uuid.uuid4().hex
         self._probe_sent = time.monotonic()
         self._next_probe = self._probe_sent + self._probe_interval
-        cursor = await self._query(
-            conn,
-            "SELECT pg_notify(%s, %s), pg_notification_queue_usage()",
-            [self.probe_channel, self._probe_token],
-        )
-        row = await cursor.fetchone()
+        return [self.probe_channel, self._probe_token]
+
+    async def _send_probe(self, conn: psycopg.AsyncConnection) -> None:
+        """NOTIFY ourselves and sample the server's notification queue in one round trip.
+
+        Sent on the listening connection, this proves that it is alive and that
+        the server delivers to it, cheaply; not that other sessions' notifications
+        reach it (``_send_probe_from_another_session`` proves that at each connect).
+        """
+        cursor = await self._query(conn, _PROBE, self._new_probe())
+        self._sampled(await cursor.fetchone())
+
+    async def _send_probe_from_another_session(self) -> None:
+        """Send the probe from a short-lived connection of its own, with the same parameters.
+
+        Sent on the listening connection, the first probe would prove nothing about
+        other sessions: through a transaction-pooling PgBouncer its transaction runs
+        on the server session that ran LISTEN, which PostgreSQL delivers its own
+        notifications to at the end of the transaction, while no other session's
+        ever reach the listener. A second connection that cannot be opened fails the
+        connect, which is retried: a listener that runs has proved delivery.
+        """
+        name = f"{get_setting('APPLICATION_NAME')} probe"[:63]
+        try:
+            conn = await asyncio.wait_for(
+                connection.connect_async(self.using, name, self._probe_timeout),
+                self._probe_timeout * 2,
+            )
+            try:
+                cursor = await connection.within(
+                    conn, conn.execute(_PROBE, self._new_probe()), self._probe_timeout
+                )
+                row = await cursor.fetchone()
+            finally:
+                await _close(conn)
+        except _CONNECTION_ERRORS as exc:
+            raise ConnectionLost(
+                "cannot send the start-up self-probe from a second connection, which "
+                f"proves that other sessions' notifications reach the listener: {_one_line(exc)}"
+            ) from exc
+        self._sampled(row)
+
+    def _sampled(self, row: Any) -> None:
+        """Take the notification queue's usage from a probe's answer; warn when high."""
         usage = float(row[1]) if row else 0.0
         self.health.queue_usage = usage
         threshold = float(get_setting("QUEUE_USAGE_WARNING"))
