@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 from django.contrib.postgres.fields import ArrayField, DateRangeField, DateTimeRangeField
-from django.db import models
+from django.db import connection, models, transaction
 from django.test import override_settings
 from django.test.utils import isolate_apps
 from psycopg import sql
@@ -244,7 +244,7 @@ def test_a_model_the_decoder_does_not_serve_is_a_decode_error_naming_it():
     assert raised.value.model == "testapp.tag"
 
 
-@pytest.mark.parametrize("seconds", ["1e400", "-1e20"])
+@pytest.mark.parametrize("seconds", ["1e400", "-1e20", "-1e11"])
 def test_a_timestamp_no_datetime_can_hold_leaves_the_change_without_one(seconds):
     payload = message("testapp.tag", "insert", {"pk": "blue"}).replace(
         '"ts": 1.5', f'"ts": {seconds}'
@@ -281,7 +281,15 @@ def test_a_value_that_cannot_be_converted_is_passed_on_as_sent_and_logged_once(c
 
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("day", "infinity"), ("token", 17), ("amount", "lots"), ("took", "1 day")],
+    [
+        ("day", "infinity"),
+        ("token", 17),
+        ("amount", "lots"),
+        ("took", "1 day"),
+        ("data", 17),
+        # Not hex with its \x, which triggers always send: refused, not guessed at.
+        ("blob", "cafe"),
+    ],
 )
 def test_other_unconvertible_values_are_passed_on_as_sent(column, value):
     assert reading_with(**{column: value}).fields == {column: value}
@@ -300,6 +308,18 @@ def test_a_payload_without_context_decodes_with_context_none():
     assert decode_one(Tag, message("testapp.tag", "insert", {"pk": "a"})).context is None
 
 
+def test_a_context_set_by_hand_too_deeply_nested_to_read_is_dropped_not_the_change(changes):
+    """The trigger sends ``pgnotify.context`` unparsed; one that JSON cannot read for
+    its depth (a RecursionError, not a ValueError) leaves the change without one."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('pgnotify.context', %s, true)", ["[" * 2000])
+        order = Order.objects.create(status="deep")
+
+    (event,) = changes.wait(1)
+
+    assert (event.pk, event.fields["status"], event.context) == (order.pk, "deep", None)
+
+
 def test_version_1_payloads_still_decode():
     row = {"pk": 1, "fields": {"status": "paid"}, "old": {"status": "new"}, "changed": ["status"]}
 
@@ -311,6 +331,28 @@ def test_version_1_payloads_still_decode():
         frozenset({"status"}),
     )
     assert decode_one(Order, message_v1("testapp.order", "delete", {"pk": 2, "truncated": True}))
+
+
+def test_version_1_updates_name_changed_columns_by_field_and_a_truncated_one_has_no_old():
+    column = "La bel's $$ é"
+    row = {"pk": 3, "fields": {column: "new"}, "old": {column: "old"}, "changed": [column]}
+
+    change = decode_one(Weird, message_v1("testapp.weird", "update", row))
+    truncated = decode_one(
+        Weird, message_v1("testapp.weird", "update", {"pk": 4, "truncated": True})
+    )
+
+    assert (change.fields, change.old, change.changed) == (
+        {"label": "new"},
+        {"label": "old"},
+        frozenset({"label"}),
+    )
+    assert (truncated.truncated, truncated.fields, truncated.old, truncated.changed) == (
+        True,
+        {},
+        None,
+        frozenset(),
+    )
 
 
 def test_one_message_of_many_rows_gives_one_row_change_per_row_in_order():
@@ -1158,3 +1200,233 @@ def test_a_from_db_value_of_a_field_read_by_column_type_is_given_what_the_adapte
     change = decode_one(Ticket, message("testapp.ticket", "insert", row))
 
     assert change.fields == {"token": f"UUID:{TOKEN}", "tokens": [[TOKEN], [None]]}
+
+
+class WallTimestampField(models.Field):
+    """A ``timestamp(3)`` column, without time zone: read into a naive ``datetime``."""
+
+    def db_type(self, connection):
+        return "timestamp(3)"
+
+
+class LocalTimestampField(models.Field):
+    def db_type(self, connection):
+        return "timestamp without time zone"
+
+
+class SingleFloatField(models.Field):
+    """A ``real`` column: whole values are JSON integers, which the ORM reads as floats."""
+
+    def db_type(self, connection):
+        return "real"
+
+
+class DoubleFloatField(models.Field):
+    def db_type(self, connection):
+        return "double precision"
+
+
+class ClockTimeField(models.Field):
+    def db_type(self, connection):
+        return "time"
+
+
+class DayField(models.Field):
+    def db_type(self, connection):
+        return "date"
+
+
+class AmountsField(models.Field):
+    def db_type(self, connection):
+        return "numrange"
+
+
+class CountsField(models.Field):
+    def db_type(self, connection):
+        return "int8range"
+
+
+class PriceField(models.Field):
+    def db_type(self, connection):
+        return "decimal(30, 2)"
+
+
+class BlobField(models.Field):
+    """A ``bytea`` column: in an array, its elements come in the writer's ``bytea_output``."""
+
+    def db_type(self, connection):
+        return "bytea"
+
+
+MORE_TYPES_TABLE = "pgnotify_test_more_types"
+MORE_TYPES_FIELDS = [
+    "wall",
+    "local",
+    "single",
+    "double",
+    "clock",
+    "day",
+    "amounts",
+    "counts",
+    "price",
+    "blobs",
+    "decimals",
+    "bigs",
+    "took",
+    "doc",
+]
+
+
+@pytest.fixture
+def more_types_table(other_connection):
+    """A table of columns whose JSON value is not yet the Python value the ORM gives
+    (whole floats, exact range bounds, a naive timestamp...), with its model."""
+    from django.contrib.postgres.fields import BigIntegerRangeField, DecimalRangeField
+
+    with throwaway_model(
+        other_connection,
+        MORE_TYPES_TABLE,
+        f"CREATE TABLE {MORE_TYPES_TABLE} (id integer PRIMARY KEY, wall timestamp(3),"
+        " local timestamp, single real, double double precision, clock time, day date,"
+        " amounts numrange, counts int8range, price decimal(30, 2), blobs bytea[],"
+        " decimals numrange, bigs int8range, took interval, doc jsonb)",
+        f"DROP TABLE IF EXISTS {MORE_TYPES_TABLE}",
+        "MoreTypesRow",
+        id=models.IntegerField(primary_key=True),
+        wall=WallTimestampField(null=True),
+        local=LocalTimestampField(null=True),
+        single=SingleFloatField(null=True),
+        double=DoubleFloatField(null=True),
+        clock=ClockTimeField(null=True),
+        day=DayField(null=True),
+        amounts=AmountsField(null=True),
+        counts=CountsField(null=True),
+        price=PriceField(null=True),
+        blobs=ArrayField(BlobField(null=True), null=True),
+        decimals=DecimalRangeField(null=True),
+        bigs=BigIntegerRangeField(null=True),
+        took=models.DurationField(null=True),
+        doc=models.JSONField(null=True, decoder=DecimalDecoder),
+    ) as model:
+        yield model
+
+
+def test_values_json_gives_as_another_type_arrive_as_the_orm_reads_them(
+    more_types_table, other_connection, caplog
+):
+    """Whole floats are JSON integers, range bounds and durations must keep every
+    digit, a timestamp without time zone stays naive, a JSON field's decoder applies."""
+    model = more_types_table
+    declaration = install(model, other_connection, Notify(fields=MORE_TYPES_FIELDS))
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        # Written by hand, in a session whose settings show in to_json's renderings.
+        other_connection.execute("SET DateStyle = 'SQL, DMY'")
+        other_connection.execute("SET TimeZone = 'America/New_York'")
+        other_connection.execute("SET bytea_output = 'escape'")
+        other_connection.execute(
+            f"INSERT INTO {MORE_TYPES_TABLE} VALUES"
+            " (1, '2025-03-30 02:30:00.125', '2025-11-02 01:30:00', 2, 3, '23:59:59.5',"
+            " '2024-02-29', '[0.10,2.25)', '[-9000000000,9000000000)',"
+            " '1234567890123456789012.30', ARRAY['\\x00ff'::bytea, NULL, 'cafe', '\\x5c'],"
+            " '(,0.1]', '[1,9007199254740993]', '100 days 00:00:00.000004',"
+            ' \'{"n": 1.10, "m": [0.1]}\'),'
+            " (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
+            " NULL, NULL)"
+        )
+        decoder, events = Decoder([model]), []
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+            for notify in listening.notifies(timeout=10, stop_after=1):
+                events += decoder.decode(notify.payload)
+    read = {row.pk: row for row in model.objects.all()}
+
+    assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2)]
+    # What the ORM reads: the comparison below means something.
+    assert repr(read[1].wall) == repr(datetime(2025, 3, 30, 2, 30, 0, 125000))
+    assert repr(read[1].single) == repr(2.0)
+    assert read[1].blobs == [b"\x00\xff", None, b"cafe", b"\\"]
+    assert read[1].took == timedelta(days=100, microseconds=4)
+    assert read[1].doc == {"n": Decimal("1.10"), "m": [Decimal("0.1")]}
+    for event in events:
+        # repr() tells 2.0 from 2, Decimal('0.1') from 0.1 and a naive datetime from UTC.
+        expected = {name: getattr(read[event.pk], name) for name in MORE_TYPES_FIELDS}
+        assert repr(event.fields) == repr(expected)
+    assert caplog.records == []  # nothing was passed on as sent
+
+
+@isolate_apps("tests.testapp")
+def test_an_interval_of_a_custom_field_sent_in_its_interval_style_is_still_read(caplog):
+    """Triggers installed before such a column was sent in seconds sent the writer's
+    IntervalStyle text: read so until they are reinstalled."""
+
+    class Timer(models.Model):
+        span = SpanField(null=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    sent = {
+        "93784.5": timedelta(days=1, hours=2, minutes=3, seconds=4.5),
+        "1 day -02:00:00.5": timedelta(days=1, hours=-2, milliseconds=-500),
+        "@ 1 day -2 hours ago": timedelta(days=-1, hours=2),
+        "P-1DT2H": timedelta(days=-1, hours=2),
+    }
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        spans = {
+            text: decode_one(
+                Timer, message("testapp.timer", "insert", {"pk": 1, "fields": {"span": text}})
+            ).fields["span"]
+            for text in sent
+        }
+
+    assert spans == sent
+    assert caplog.records == []
+
+
+class NotNullTextField(models.TextField):
+    """Refuses a NULL it reads, as a field that never expects one may."""
+
+    def from_db_value(self, value, expression, connection):
+        if value is None:
+            raise ValueError("a NULL where none was expected")
+        return value
+
+
+@isolate_apps("tests.testapp")
+def test_a_from_db_value_that_raises_for_null_passes_none_on_and_warns(caplog):
+    class Note(models.Model):
+        text = NotNullTextField(null=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    row = {"pk": 1, "fields": {"text": None}}
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        change = decode_one(Note, message("testapp.note", "insert", row))
+
+    assert change.fields == {"text": None}
+    (record,) = caplog.records
+    assert "testapp.Note.text value None" in record.getMessage()
+    assert "a NULL where none was expected" in record.getMessage()
+
+
+class UntypedField(models.Field):
+    """A custom field whose ``db_type`` fails: its own code, which the decoder survives."""
+
+    def db_type(self, connection):
+        raise RuntimeError("no column type here")
+
+
+@isolate_apps("tests.testapp")
+def test_a_field_whose_column_type_cannot_be_found_is_taken_as_sent():
+    class Gadget(models.Model):
+        part = UntypedField(null=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    row = {"pk": 1, "fields": {"part": "x-1"}}
+
+    assert decode_one(Gadget, message("testapp.gadget", "insert", row)).fields == {"part": "x-1"}

@@ -176,6 +176,22 @@ def test_empty_and_null_arrays_and_nulls_of_custom_fields_arrive_as_the_orm_read
     assert repr(event.fields) == repr(stored)
 
 
+def test_old_nulls_of_custom_fields_arrive_as_the_orm_read_them(changes):
+    pk = Logbook.objects.create(**EMPTY).pk
+    changes.wait(1)
+    changes.clear()
+    before = as_the_orm_reads(pk)[pk]
+
+    Logbook.objects.filter(pk=pk).update(tags=["blue"], secret="now")
+    after = as_the_orm_reads(pk)[pk]
+
+    (event,) = changes.wait(1)
+    assert (before["tags"], before["secret"]) == ([], None)  # the NULLs, as the ORM reads them
+    assert repr(event.old) == repr(before)
+    assert repr(event.fields) == repr(after)
+    assert event.changed == {"tags", "secret"}
+
+
 def test_custom_fields_arrive_as_their_from_db_value_makes_them(changes):
     pk = Logbook.objects.create(**logbook_values(0)).pk
     with connection.cursor() as cursor:

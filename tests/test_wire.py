@@ -160,6 +160,20 @@ def test_a_missing_or_malformed_context_is_none_and_the_message_still_parses(con
     assert message.rows == [{"pk": 1}]
 
 
+@pytest.mark.parametrize("reader", ["installed", "standard library"])
+def test_a_payload_or_context_too_deeply_nested_to_read_is_refused_not_raised(reader, monkeypatch):
+    if reader == "standard library":
+        monkeypatch.setattr(wire, "loads", wire._loads_stdlib)
+    deep = "[" * 100_000
+    data = {"v": 2, "model": "shop.order", "action": "delete", "fields": [], "rows": [[1]]}
+
+    with pytest.raises(wire.WireError, match="not JSON"):
+        wire.parse('{"v": 2, "rows": ' + deep + "}")
+    message = wire.parse(json.dumps({**data, "context": deep}))
+
+    assert (message.rows, message.context) == ([[1]], None)
+
+
 def test_encode_then_parse_keeps_the_context():
     message = wire.Message(
         model="shop.order",
@@ -312,8 +326,21 @@ def test_version_2_insert_messages_carry_no_watched_list():
 
 @pytest.mark.parametrize(
     "rows",
-    [[[7, "paid"], {"pk": 8}], [[7, "paid"], []], [[7], [8, "paid", 1, "new", 1, 1, "extra"]]],
-    ids=["object-after-array", "empty-after-full", "too-long-after-truncated"],
+    [
+        [[7, "paid"], {"pk": 8}],
+        [[7, "paid"], []],
+        [[7], [8, "paid", 1, "new", 1, 1, "extra"]],
+        # Enough rows to be checked all at once rather than one by one.
+        [[7]] * 8 + [[]],
+        [[7]] * 8 + [[8, "paid", 1, "new", 1, 1, "extra"]],
+    ],
+    ids=[
+        "object-after-array",
+        "empty-after-full",
+        "too-long-after-truncated",
+        "empty-among-many",
+        "too-long-among-many",
+    ],
 )
 def test_parse_rejects_a_malformed_row_anywhere_in_the_message(rows):
     with pytest.raises(wire.WireError, match="arrays of 1 to 6 values"):
@@ -458,3 +485,42 @@ def test_a_known_shape_reads_its_xid_timestamp_and_context_as_the_first_sight_do
     first = wire.read_shape(payload_2(**changes))
 
     assert known[2:] == first[2:] == (xid, timestamp, context)
+
+
+def test_an_insert_message_carrying_update_keys_is_read_as_an_insert():
+    text = (
+        '{"v":2,"model":"shop.order","action":"insert","xid":1,"ts":1,"fields":["status"],'
+        '"watched":["status"],"old":false,"rows":[[7,"new"]]}'
+    )
+
+    message = wire.parse(text)
+
+    assert (message.watched, message.old, message.row_length()) == ((), True, 2)
+
+
+def test_rows_as_objects_of_a_message_without_fields_tell_a_truncated_pk():
+    # Without fields a full row is [pk], as long as the [null] of a pk too large to send.
+    text = (
+        '{"v":2,"model":"shop.tag","action":"insert","xid":1,"ts":1,"fields":[],'
+        '"rows":[["blue"],[null]]}'
+    )
+
+    full, truncated = wire.parse(text).row_objects()
+
+    assert full["pk"] == "blue" and not full.get("truncated")
+    assert truncated == {"pk": None, "truncated": True}
+
+
+def test_dumps_keeps_every_digit_in_tuples_and_writes_keys_as_json_does():
+    value = {1: (Decimal("12345678901234567890.10"), None), "é": [Decimal("1E+2")]}
+
+    text = wire.dumps(value)
+
+    assert text == '{"1":[12345678901234567890.10,null],"\\u00e9":[1E+2]}'
+    assert json.loads(text, parse_float=Decimal) == {
+        "1": [Decimal("12345678901234567890.10"), None],
+        "é": [Decimal("1E+2")],
+    }
+    for number in ["NaN", "Infinity", "-Infinity"]:
+        with pytest.raises(TypeError, match="no JSON form"):
+            wire.dumps([Decimal(number)])
