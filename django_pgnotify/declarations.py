@@ -604,6 +604,10 @@ _TYPES_BY_COLUMN_TYPE = {
     "bytea": "BinaryField",
     "double precision": "FloatField",
     "float8": "FloatField",
+    # Rendered as a FloatField is, with extra_float_digits at 1 (the writer's may
+    # round it): the shortest text of the real, which the ORM reads.
+    "real": "FloatField",
+    "float4": "FloatField",
     "smallint": "IntegerField",
     "int2": "IntegerField",
     "integer": "IntegerField",

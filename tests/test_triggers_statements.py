@@ -426,6 +426,41 @@ def floats_table(other_connection):
         yield model
 
 
+class SingleFloatField(models.Field):
+    """A custom ``real`` column: its internal type is its class name, not FloatField."""
+
+    def db_type(self, connection):
+        return "real"
+
+
+@pytest.mark.parametrize("options", [{}, {"level": "row"}], ids=["statement", "row"])
+def test_a_custom_real_column_arrives_exact_whatever_the_writers_extra_float_digits(
+    other_connection, options
+):
+    """Without a FloatField beside it, the function set no extra_float_digits of its own:
+    1.2345678 arrived as the writer's 1.23457."""
+    table = "pgnotify_test_singles"
+    with throwaway_model(
+        other_connection,
+        table,
+        f"CREATE TABLE {table} (id integer PRIMARY KEY, single real)",
+        f"DROP TABLE IF EXISTS {table}",
+        "Singles",
+        id=models.IntegerField(primary_key=True),
+        single=SingleFloatField(null=True),
+    ) as model:
+        declaration = install(model, other_connection, Notify(fields=["single"], **options))
+        with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+            listening.execute(f"LISTEN {declaration.channel}")
+            other_connection.execute("SET extra_float_digits = 0")
+            other_connection.execute(f"INSERT INTO {table} VALUES (1, 1.2345678)")
+            (event,) = receive(listening, model, 1)
+        read = model.objects.get()
+
+    assert read.single == 1.2345678
+    assert event.fields == {"single": read.single}
+
+
 @pytest.mark.parametrize(
     "options", [{}, {"level": "row"}, {"durable": True}], ids=["statement", "row", "durable"]
 )
