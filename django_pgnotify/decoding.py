@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -798,10 +799,20 @@ _new = object.__new__
 
 
 class _ModelCodec:
-    """Column name -> (attname, converter) for one model, whose rows come from ``using``."""
+    """Column name -> (attname, converter) for one model, whose rows come from ``using``.
 
-    def __init__(self, model: type[models.Model], using: str = DEFAULT_DB_ALIAS) -> None:
+    Values its fields cannot convert are passed on as sent, counted as
+    ``unconverted`` in ``stats``.
+    """
+
+    def __init__(
+        self,
+        model: type[models.Model],
+        using: str = DEFAULT_DB_ALIAS,
+        stats: Counter[str] | None = None,
+    ) -> None:
         self.model = model
+        self.stats: Counter[str] = Counter() if stats is None else stats
         self.pk = converter_for(model._meta.pk, using)
         self.columns = {
             f.column: (f.attname, converter_for(f, using))
@@ -843,7 +854,9 @@ class _ModelCodec:
             return self._as_sent(column, None, exc)
 
     def _as_sent(self, column: str, value: Any, exc: Exception) -> Any:
-        # Keep the raw value rather than lose the event (e.g. 'infinity').
+        # Keep the raw value rather than lose the event (e.g. 'infinity'); warned
+        # once per column, counted each time.
+        self.stats["unconverted"] += 1
         if column not in self._warned:
             self._warned.add(column)
             logger.warning(
@@ -872,13 +885,21 @@ class _ModelCodec:
 
 
 class Decoder:
-    """Turns payloads into ``RowChange`` objects for a set of models."""
+    """Turns payloads into ``RowChange`` objects for a set of models.
+
+    ``stats`` counts, as ``unconverted``, the values passed on as sent because
+    their field could not convert them (a listener passes its own counters).
+    """
 
     def __init__(
-        self, models_: Iterable[type[models.Model]], using: str = DEFAULT_DB_ALIAS
+        self,
+        models_: Iterable[type[models.Model]],
+        using: str = DEFAULT_DB_ALIAS,
+        stats: Counter[str] | None = None,
     ) -> None:
         self.using = using
-        self._codecs = {m._meta.label_lower: _ModelCodec(m, using) for m in models_}
+        self.stats: Counter[str] = Counter() if stats is None else stats
+        self._codecs = {m._meta.label_lower: _ModelCodec(m, using, self.stats) for m in models_}
         # By wire.Shape, which is the same object for every message of a shape.
         self._layouts: dict[wire.Shape, _Layout] = {}
 

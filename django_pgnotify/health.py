@@ -23,6 +23,7 @@ COUNTERS = (
     "dispatched",
     "receiver_errors",
     "undecodable",
+    "unconverted",
     "ignored",
     "own_changes",
     "reconnects",

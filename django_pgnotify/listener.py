@@ -133,7 +133,7 @@ class Listener:
         self.dispatcher = dispatcher or Dispatcher()
         self.poll_interval = poll_interval
         self.stats: Counter[str] = self.dispatcher.stats
-        self.decoder = Decoder({d.model for d in declarations}, using)
+        self.decoder = Decoder({d.model for d in declarations}, using, self.stats)
         self.ready = threading.Event()
         self.health = ListenerHealth(local_queue_size=int(get_setting("QUEUE_SIZE")))
         if ignore_own_changes is None:

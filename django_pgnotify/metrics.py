@@ -26,6 +26,10 @@ _COUNTER_HELP = {
         "Payloads the listener cannot read: notifications, or durable event rows (whose "
         "changes are dead letters)."
     ),
+    "unconverted": (
+        "Values passed on as sent because their field could not convert them (logged once "
+        "per model and column)."
+    ),
     "ignored": "Notifications of models this listener does not serve.",
     "own_changes": "Row changes skipped because this process made them.",
     "reconnects": "Times the listening connection was reopened.",

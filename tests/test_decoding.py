@@ -256,6 +256,21 @@ def test_a_timestamp_no_datetime_can_hold_leaves_the_change_without_one(seconds)
     assert change.timestamp is None
 
 
+def test_the_listener_counts_the_values_it_passes_on_as_sent(changes):
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO testapp_reading (id, taken_at, day, flag) VALUES"
+            " (%s, 'infinity', '-infinity', false), (%s, 'infinity', NULL, false)",
+            [uuid.uuid4(), uuid.uuid4()],
+        )
+
+    first, second = changes.wait(2)
+
+    assert (first.fields["taken_at"], first.fields["day"]) == ("infinity", "-infinity")
+    assert second.fields["taken_at"] == "infinity"
+    assert changes.stats["unconverted"] == 3
+
+
 def test_a_payload_that_is_not_our_format_is_a_decode_error():
     with pytest.raises(DecodeError):
         Decoder([Order]).decode("hello")
@@ -273,6 +288,7 @@ def test_a_value_that_cannot_be_converted_is_passed_on_as_sent_and_logged_once(c
 
     assert first.fields["taken_at"] == "infinity"
     assert second.fields["taken_at"] == "infinity"
+    assert decoder.stats["unconverted"] == 2  # logged once, counted each time
     (record,) = caplog.records
     assert "testapp.Reading" in record.getMessage()
     assert "taken_at" in record.getMessage()
