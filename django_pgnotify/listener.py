@@ -78,6 +78,12 @@ _CONNECTION_ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
 # The probe: a NOTIFY to the listener's private channel, and a sample of the server's
 # notification queue in the same round trip.
 _PROBE = "SELECT pg_notify(%s, %s), pg_notification_queue_usage()"
+# The sample taken from another session while the listener is busy: the queue's usage,
+# and whether the listening session (its pid) is idle, having sent all it had.
+_SAMPLE = (
+    "SELECT pg_notification_queue_usage(),"
+    " (SELECT wait_event = 'ClientRead' FROM pg_stat_activity WHERE pid = %s)"
+)
 
 
 class ListenerError(Exception):
@@ -181,6 +187,19 @@ class Listener:
         self._reading = False
         self._querying = False
         self._paused_at: float | None = None
+        # Since when changes may be missing should the connection be lost (see
+        # _missing_since): the last read from it, or when reading paused on a full
+        # local queue (so a backlog could wait on the server) and was not seen caught
+        # up since. Monotonic; one reading of the clock per read, not per notification.
+        self._read_at = 0.0
+        self._behind_since: float | None = None
+        self._paused = False  # reading paused on a full queue (after a query too)
+        self._pauses = 0  # times it paused, for a sample to tell that it did meanwhile
+        # The listening session's pid on the server (a pooler's differs); the task
+        # sampling the notification queue from another session while busy, if any.
+        self._server_pid: int | None = None
+        self._sampling: asyncio.Future[None] | None = None
+        self._sample_failed = False
         # Held, briefly, by whichever thread reads the connection or the local
         # queue; never across an await (see _dispatch_loop).
         self._read_lock = threading.Lock()
@@ -287,7 +306,8 @@ class Listener:
         where = connection.describe(
             connection.connection_params(connection.listen_alias(self.using))
         )
-        lost_at: float | None = None
+        lost_at: float | None = None  # when the loss was noticed
+        missing_since, fell_behind = 0.0, False  # see _missing_since
         while not self._stopping.is_set() and not self._worker_ended():
             try:
                 conn = await self._until_stopped(self._open())
@@ -326,14 +346,19 @@ class Listener:
                 self.ready.set()
                 self._started.set()
             else:
-                downtime = time.monotonic() - (lost_at or time.monotonic())
+                now = time.monotonic()
                 self.stats["reconnects"] += 1
                 logger.warning(
                     "pgnotify: reconnected to %s after %.1fs (backend pid %s); changes "
-                    "committed meanwhile were not delivered",
+                    "committed since %s, %.1fs ago, may not have been delivered%s",
                     where,
-                    downtime,
+                    now - (lost_at or now),
                     pid,
+                    "it fell behind" if fell_behind else "it last read the connection",
+                    now - missing_since,
+                    " (those waiting on the server for the lost connection were lost with it)"
+                    if fell_behind
+                    else "",
                 )
                 # The database may have restarted: receivers get fresh ORM connections,
                 # listener_reconnected's sync receivers (a cache resync) first of all.
@@ -341,6 +366,8 @@ class Listener:
                 await asyncio.get_running_loop().run_in_executor(
                     self._signals_thread, close_thread_connections
                 )
+                # As of now, for receivers that resync from now back.
+                downtime = time.monotonic() - missing_since
                 await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
             try:
                 await self._until_stopped(self._listen(conn))
@@ -348,6 +375,7 @@ class Listener:
                 return
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
                 lost_at = time.monotonic()
+                missing_since, fell_behind = self._missing_since()
                 self.health.connected = False
                 self.dispatcher.connections_lost()
                 logger.warning(
@@ -358,7 +386,27 @@ class Listener:
             finally:
                 self.health.connected, self.health.backend_pid = False, None
                 self._detach()
+                sampling, self._sampling = self._sampling, None
+                if sampling is not None:
+                    sampling.cancel()
+                    await asyncio.gather(sampling, return_exceptions=True)
                 await _close(conn)
+
+    def _missing_since(self) -> tuple[float, bool]:
+        """Since when changes may be missing, the connection lost now; whether it had
+        fallen behind.
+
+        While it reads, the listener has what the server sent: changes committed
+        since its last read may be missing (a connection that died silently is
+        noticed a probe later, and read nothing meanwhile). While reading is paused
+        on a full local queue, later changes wait on the server, for the lost
+        session, so from the moment it paused, until it is seen caught up: a probe's
+        answer, or the listening session seen idle from another one (see
+        ``_sample_from_another_session``). Changes it read are dispatched all the same.
+        """
+        if self._behind_since is not None:
+            return self._behind_since, True
+        return self._read_at, False
 
     async def _open(self) -> psycopg.AsyncConnection:
         """Connect, refuse a standby, LISTEN, and prove delivery with a probe sent
@@ -374,6 +422,7 @@ class Listener:
             cursor = await self._query(conn, "SELECT pg_is_in_recovery(), pg_backend_pid()")
             row = await cursor.fetchone()
             server_pid = row[1] if row else None  # a pooler's pid is not its server session's
+            self._server_pid = server_pid
             if row and row[0]:
                 raise ListenerError(
                     f"database {self.using!r} ({connection.describe(conn.info.get_parameters())})"
@@ -471,6 +520,7 @@ class Listener:
         self._lost = self._loop.create_future()
         self._reading = self._querying = False
         self._paused_at = None
+        self._read_at, self._behind_since, self._paused = time.monotonic(), None, False
         self._probe_back.clear()
         # Notifications that arrive while psycopg runs one of our queries reach us here.
         conn.add_notify_handler(self._on_notify)
@@ -492,8 +542,12 @@ class Listener:
         conn = self._conn
         if self._reading or self._querying or self._worker_reads or conn is None:
             return
-        if self._lost is None or self._lost.done() or len(self._pending) >= self._queue_size:
+        if self._lost is None or self._lost.done():
             return
+        if len(self._pending) >= self._queue_size:  # after a query, or a reconnect
+            self._fall_behind()
+            return
+        self._paused = False
         if self._paused_at is not None:
             if self._probe_sent is not None:  # it could not be read meanwhile
                 self._probe_sent += time.monotonic() - self._paused_at
@@ -525,6 +579,7 @@ class Listener:
         try:
             with self._read_lock:
                 if consume:
+                    self._read_at = time.monotonic()
                     _consume(pgconn)
                 received = self._drain(pgconn, self._queue_size, self._control)
         except Exception as exc:
@@ -561,6 +616,7 @@ class Listener:
         if not self._pending and conn is not None and loop is not None and not self._querying:
             try:
                 if not self._drain(conn.pgconn, limit, self._control_threadsafe):
+                    self._read_at = time.monotonic()
                     _consume(conn.pgconn)
                     self._drain(conn.pgconn, limit, self._control_threadsafe)
             except Exception as exc:
@@ -631,10 +687,18 @@ class Listener:
         elif self.durable is not None:
             self.durable.wake.set()
 
+    def _fall_behind(self) -> None:
+        """Reading pauses on a full local queue: later changes wait on the server."""
+        self._paused = True
+        self._pauses += 1
+        if self._behind_since is None:
+            self._behind_since = self._read_at
+
     def _queue_filled(self) -> None:
         """Backpressure: stop reading, so the backlog waits in PostgreSQL's queue
         (which pg_notification_queue_usage() shows), not in memory."""
         self._paused_at = time.monotonic()
+        self._fall_behind()
         self.health.local_queue = len(self._pending)
         if self._queue_full:
             return
@@ -692,9 +756,13 @@ class Listener:
             if received != self._received_at_probe or self._pending:
                 # Changes are arriving, so the connection is alive. A query now would
                 # make the server send the whole backlog ahead of its answer, all of
-                # it into memory at once: probe once the stream is quiet.
+                # it into memory at once: probe once the stream is quiet. The queue's
+                # usage matters most now (the listener may be behind): ask another session.
+                busy = self._pending or received > max(self._received_at_probe, 0)
                 self._received_at_probe = received
                 self._next_probe = now + self._probe_interval
+                if busy and (self._sampling is None or self._sampling.done()):
+                    self._sampling = asyncio.ensure_future(self._sample_from_another_session())
             else:
                 await self._send_probe(conn)
         if self._queue_full and len(self._pending) <= self._queue_size // 2:
@@ -721,7 +789,8 @@ class Listener:
         reach it (``_send_probe_from_another_session`` proves that at each connect).
         """
         cursor = await self._query(conn, _PROBE, self._new_probe())
-        self._sampled(await cursor.fetchone())
+        row = await cursor.fetchone()
+        self._sampled(row[1] if row else None)
 
     async def _send_probe_from_another_session(self) -> None:
         """Send the probe from a short-lived connection of its own, with the same parameters.
@@ -733,29 +802,66 @@ class Listener:
         ever reach the listener. A second connection that cannot be opened fails the
         connect, which is retried: a listener that runs has proved delivery.
         """
-        name = f"{get_setting('APPLICATION_NAME')} probe"[:63]
         try:
-            conn = await asyncio.wait_for(
-                connection.connect_async(self.using, name, self._probe_timeout),
-                self._probe_timeout * 2,
-            )
-            try:
-                cursor = await connection.within(
-                    conn, conn.execute(_PROBE, self._new_probe()), self._probe_timeout
-                )
-                row = await cursor.fetchone()
-            finally:
-                await _close(conn)
+            row = await self._ask_another_session(_PROBE, self._new_probe())
         except _CONNECTION_ERRORS as exc:
             raise ConnectionLost(
                 "cannot send the start-up self-probe from a second connection, which "
                 f"proves that other sessions' notifications reach the listener: {_one_line(exc)}"
             ) from exc
-        self._sampled(row)
+        self._sampled(row[1] if row else None)
 
-    def _sampled(self, row: Any) -> None:
-        """Take the notification queue's usage from a probe's answer; warn when high."""
-        usage = float(row[1]) if row else 0.0
+    async def _sample_from_another_session(self) -> None:
+        """Sample the notification queue, and whether the listening session has sent
+        all it had, from a short-lived connection (at most every ``PROBE_INTERVAL``).
+
+        For while the listener is busy: a query on its own connection would be
+        answered after the backlog, all of it read into memory first. The listening
+        session idle (waiting for a query) has sent every change committed before:
+        the listener, reading meanwhile, is caught up (see ``_missing_since``). A
+        failure is logged, once until a sample succeeds again, and listening goes on.
+        """
+        live, pauses, sent = not self._paused, self._pauses, time.monotonic()
+        try:
+            row = await self._ask_another_session(_SAMPLE, [self._server_pid])
+        except Exception as exc:  # never fatal: a bug here must not stop listening either
+            logger.log(
+                logging.DEBUG if self._sample_failed else logging.WARNING,
+                "pgnotify: cannot sample PostgreSQL's notification queue from a second "
+                "connection while the listener is busy: %s; queue_usage is left as last "
+                "sampled (said once until a sample succeeds)",
+                _one_line(exc),
+                exc_info=not isinstance(exc, _CONNECTION_ERRORS),
+            )
+            self._sample_failed = True
+            return
+        if self._sample_failed:
+            self._sample_failed = False
+            logger.info("pgnotify: sampling the notification queue works again")
+        self._sampled(row[0] if row else None)
+        # Caught up if reading went on meanwhile: once paused, a backlog may wait again.
+        if row and row[1] and live and not self._paused and self._pauses == pauses:
+            self._behind_since = None
+            self._read_at = max(self._read_at, sent)
+
+    async def _ask_another_session(self, query: str, params: list[Any]) -> Any:
+        """The row ``query`` returns on a short-lived connection of its own, named
+        ``<APPLICATION_NAME> probe``: connecting bounded by ``PROBE_TIMEOUT`` (libpq's
+        ``connect_timeout``, then twice that), the query by ``PROBE_TIMEOUT``."""
+        name = f"{get_setting('APPLICATION_NAME')} probe"[:63]
+        conn = await asyncio.wait_for(
+            connection.connect_async(self.using, name, self._probe_timeout),
+            self._probe_timeout * 2,
+        )
+        try:
+            cursor = await connection.within(conn, conn.execute(query, params), self._probe_timeout)
+            return await cursor.fetchone()
+        finally:
+            await _close(conn)
+
+    def _sampled(self, usage: Any) -> None:
+        """Take the notification queue's usage from a sample; warn when high."""
+        usage = float(usage) if usage is not None else 0.0
         self.health.queue_usage = usage
         threshold = float(get_setting("QUEUE_USAGE_WARNING"))
         if usage > threshold and not self._usage_high:
@@ -778,12 +884,15 @@ class Listener:
         self._stop_reading()
         with self._read_lock:  # a read of the worker's ends first; it starts none until done
             self._querying = True
+        sent = time.monotonic()
         try:
             result = await connection.within(conn, conn.execute(query, params), self._probe_timeout)
         except TimeoutError as exc:
             raise ConnectionLost(str(exc)) from None
         finally:
             self._querying = False
+        # Whatever was committed before the query was sent came ahead of its answer.
+        self._read_at, self._behind_since = max(self._read_at, sent), None
         self._start_reading()
         return result
 

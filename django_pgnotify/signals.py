@@ -16,9 +16,11 @@
 
 ``listener_reconnected``
     Sent after the listener lost its connection and is listening again.
-    ``sender``, ``using`` and ``backend_pid`` as above; ``downtime`` is the
-    number of seconds (float) it was not listening. Changes committed in that
-    gap were **not** delivered and never will be: resync caches here.
+    ``sender``, ``using`` and ``backend_pid`` as above; ``downtime`` is how many
+    seconds (float) back changes may be missing: since the listener last read
+    the connection, or since it fell behind (its local queue full, what it had
+    not read was lost with the connection). Changes committed in that window
+    may not have been delivered and never will be: resync caches here.
 
 ``listener_stopped``
     Sent when the listener returns, after the event in hand was finished.
