@@ -10,17 +10,19 @@ them with no row lock held, then settles them in one statement per outcome:
 rows whose changes were all handled are deleted (or marked done); a row with
 failed changes is scheduled again with exponential backoff, or becomes a dead
 letter, and records which of its changes were handled so that only the others
-are delivered again. A claim whose lease expired (its listener died) is
-claimable again, so every change is dispatched at least once; receivers
-deduplicate by ``event.event_id``, the row's id plus the change's position.
-A listener settles only the rows still leased to it: one whose lease expired
-and that another listener claimed is that listener's to settle.
+are delivered again. The listener renews the lease of the rows in hand while
+their receivers run, however long they take; a claim whose lease expired (its
+listener died or lost its connection) is claimable again, so every change is
+dispatched at least once; receivers deduplicate by ``event.event_id``, the
+row's id plus the change's position. A listener settles only the rows still
+leased to it: one whose lease expired and that another listener claimed is
+that listener's to settle.
 
 A row claimed again after its lease expired unsettled (its listener died, or
-its receivers ran past the lease) is suspect: it may be what killed the
-listener. It is claimed in a batch of its own, so that it cannot take other
-rows' attempts with it, and once it has used up its attempts that way it
-becomes a dead letter without being dispatched again.
+lost its connection) is suspect: it may be what killed the listener. It is
+claimed in a batch of its own, so that it cannot take other rows' attempts
+with it, and once it has used up its attempts that way it becomes a dead
+letter without being dispatched again.
 
 The functions below (status, retry, discard, prune) serve the admin and the
 management commands.
@@ -210,8 +212,17 @@ _GIVE_UP = sql.SQL(
 #: ``last_error`` of a row given up by ``_GIVE_UP``.
 NEVER_SETTLED = (
     "never settled after its last attempt (its listener was killed, lost its connection"
-    " or failed, or its receivers ran past DURABLE_LEASE): not dispatched again"
+    " or failed): not dispatched again"
 )
+
+# The rows in hand, while their receivers run (see DurableWorker._keep_leased): only
+# those still leased to this listener. A row discarded is gone; one retried in the admin
+# once its lease had run out has no owner, and one claimed since by another listener
+# has that listener's: renewing either would take it back from whoever holds it now.
+_RENEW = sql.SQL(
+    "UPDATE {table} SET lease_until = now() + make_interval(secs => %(lease)s) "
+    "WHERE id = ANY(%(ids)s) AND " + _STILL_LEASED + " RETURNING id"
+).format(table=_TABLE)
 
 # Claimed but not all dispatched (the listener is stopping): give them back, keeping
 # what was handled.
@@ -510,18 +521,82 @@ class DurableWorker:
         self.stats["durable_claimed"] += outcome.size
         self._progress, self._progress_at = self.dispatcher.durable_awaited, 0.0
         self._in_hand, self._stall_reported = outcome, False
+        dispatching = asyncio.ensure_future(
+            self._dispatch(claimed, outcome, claim_started, executor)
+        )
         try:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                executor, self._decode_and_send, claimed, outcome, claim_started
-            )
-            if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
-                await self.dispatcher.send_async(outcome.dispatched)
+            await self._keep_leased(conn, claimed, dispatching)
         finally:
             self._in_hand = None
+            if not dispatching.done():  # this batch is being cancelled
+                dispatching.cancel()
+        dispatching.result()  # a bug of the worker's own: raised as before
         errors = {**outcome.undecodable, **self.dispatcher.take_errors()}
         await self._settle(conn, claimed, outcome, errors)
         return len(claimed)
+
+    async def _dispatch(
+        self,
+        claimed: Sequence[Claimed],
+        outcome: _Outcome,
+        claim_started: float,
+        executor: Executor,
+    ) -> None:
+        """The batch's sync receivers in the dispatch thread, then its async ones here."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, self._decode_and_send, claimed, outcome, claim_started)
+        if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
+            await self.dispatcher.send_async(outcome.dispatched)
+
+    async def _keep_leased(
+        self,
+        conn: psycopg.AsyncConnection,
+        claimed: Sequence[Claimed],
+        dispatching: asyncio.Future[None],
+    ) -> None:
+        """Renew the lease of the rows in hand every third of ``DURABLE_LEASE`` until
+        ``dispatching`` ends.
+
+        The lease says that this listener is alive, not how long receivers may take:
+        the batch may wait for the dispatch thread behind slow live receivers, and a
+        row holds up to 1,024 changes. Another listener claiming it meanwhile would
+        dispatch it again while this one still does, each claim an attempt. A
+        receiver that makes no progress is the health check's to report, not the
+        lease's. Renewals run between the claim and the settlement, never beside
+        them, so the connection has one query at a time.
+        """
+        held = [row.id for row in claimed]
+        every = self.lease / 3
+        while True:
+            await asyncio.wait({dispatching}, timeout=every if held else None)
+            if dispatching.done():
+                return
+            held = await self._renew(conn, held)
+
+    async def _renew(self, conn: psycopg.AsyncConnection, held: list[int]) -> list[int]:
+        """Extend the lease of the rows ``held``; returns those still leased to this
+        listener (the others were discarded, or retried in the admin after their lease
+        ran out: no longer renewed, and left to their settlement to report).
+
+        A renewal that fails (the connection lost, no answer within PROBE_TIMEOUT, which
+        closes the connection) ends the renewals: the receivers go on, and the
+        settlement meets the connection's failure as it would have without them.
+        """
+        params = {"ids": held, "owner": self.owner, "lease": self.lease}
+        try:
+            cursor = await connection.within(conn, conn.execute(_RENEW, params), self.timeout)
+            renewed = {row_id for (row_id,) in await cursor.fetchall()}
+        except Exception as exc:
+            logger.warning(
+                "pgnotify: durable events of %r: the lease of the batch in hand could not be"
+                " renewed (%s): its receivers go on, and its changes may be delivered again"
+                " by another listener once the lease has run out",
+                self.using,
+                _one_line(exc),
+                exc_info=not isinstance(exc, psycopg.Error | OSError | TimeoutError),
+            )
+            return []
+        return [row_id for row_id in held if row_id in renewed]
 
     def _exhausted(self, row: Claimed) -> bool:
         """Whether ``row`` has used up its attempts on claims that were never settled."""

@@ -466,6 +466,35 @@ def test_killed_listener_leaves_no_event_behind_after_lease_expiry(
     assert handled.pks == job_pks(other_connection)  # every event dispatched at least once
 
 
+def test_receivers_running_past_the_lease_keep_it_and_each_change_is_handled_once(
+    durable_listener, other_connection
+):
+    # One event row of 6 changes taking 0.4 s each: 2.4 s of receivers, a 1 s lease.
+    # The other listener claimed the row each time the lease ran out and dispatched it
+    # again meanwhile, every claim an attempt: a dead letter, each change handled 3 times.
+    slow = {"PGNOTIFY_TEST_LEASE": "1", "PGNOTIFY_TEST_RECEIVER_DELAY": "0.4"}
+    processes = [durable_listener(**slow) for _ in range(2)]
+    insert_jobs(other_connection, 6)
+
+    wait_until(lambda: count(other_connection, "status = 'pending'") == 0, what="the row settled")
+    for process in processes:
+        assert process.stop() == 0
+    assert count(other_connection) == 0  # deleted, not a dead letter
+
+    handled = [
+        line.split()[5]
+        for p in processes
+        for line in p.output("out")
+        if line.startswith("handled ")
+    ]
+    assert Counter(map(int, handled)) == dict.fromkeys(job_pks(other_connection), 1)
+    stopped = [line for p in processes for line in p.output("err") if "listener stopped" in line]
+    assert len(stopped) == 2
+    assert all("dead_letters=0, durable_lost_leases=0)" in line for line in stopped)
+    claimed = [re.search(r"durable_claimed=(\d+)", line) for line in stopped]
+    assert sorted(int(m[1]) for m in claimed if m) == [0, 6]
+
+
 def test_a_long_transaction_with_a_lower_id_committing_later_is_not_skipped(
     durable_listener, other_connection
 ):
@@ -902,7 +931,8 @@ def test_a_durable_receiver_that_hangs_lets_the_health_file_age_and_says_why(
     durable_listener, other_connection, tmp_path
 ):
     health = tmp_path / "healthy"
-    process = durable_listener("--health-file", str(health))
+    # A 1 s lease, renewed all along: that hides the hanging receiver from no one.
+    process = durable_listener("--health-file", str(health), PGNOTIFY_TEST_LEASE="1")
     wait_until(health.exists, what="the health file")
     insert_jobs(other_connection, 1, name="hang")
     process.wait_for(r"^hanging ", stream="out")
@@ -913,6 +943,9 @@ def test_a_durable_receiver_that_hangs_lets_the_health_file_age_and_says_why(
     )
     line = process.wait_for(r"durable receivers of 'default' have handled no change", stream="err")
     assert "(0 of a batch of 1 handled): the listener is not healthy" in line
+    assert other_connection.execute(  # still its own, not handed to another listener
+        "SELECT lease_until > clock_timestamp() FROM pgnotify_event"
+    ).fetchone() == (True,)
 
 
 def test_slow_durable_receivers_that_keep_handling_changes_keep_the_listener_healthy(

@@ -2,7 +2,7 @@
 
 Two ``DurableWorker`` objects in this process stand for two listeners on a real
 database; a lease is made to expire by moving ``lease_until`` into the past, as
-time would while a listener's receivers run longer than ``DURABLE_LEASE``.
+time would once a listener stopped renewing it (its connection lost, say).
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from django.db import connections
+from django.db import connection, connections, transaction
 from psycopg.rows import dict_row
 
 from django_pgnotify import durable, row_changed
@@ -421,3 +422,199 @@ def test_listeners_racing_for_rows_under_a_serializable_default_neither_fail_nor
     handled = Counter(pk for _, pk in receiver.calls)
     assert len(handled) == 600 and set(handled.values()) == {1}
     assert sum(w.stats["durable_claimed"] for w in workers) == 600  # no claim twice
+
+
+# Renewal: a batch in hand keeps its lease however long its receivers take
+
+
+async def until(predicate, what: str, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (a quick query) from the event loop until it is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
+        await asyncio.sleep(0.02)
+
+
+def lease_until(conn: psycopg.Connection, row_id: int | None = None):
+    """The lease expiry of the one event row (or of ``row_id``)."""
+    where = "true" if row_id is None else f"id = {int(row_id)}"
+    return conn.execute(f"SELECT lease_until FROM pgnotify_event WHERE {where}").fetchone()[0]
+
+
+def server_past(conn: psycopg.Connection, moment, seconds: float = 0.0) -> bool:
+    """Whether the server's clock is ``seconds`` past ``moment``."""
+    query = "SELECT clock_timestamp() > %s + make_interval(secs => %s)"
+    return conn.execute(query, [moment, seconds]).fetchone()[0]
+
+
+@pytest.mark.parametrize("held", ["in-its-receivers", "waiting-for-the-dispatch-thread"])
+def test_a_batch_held_past_its_lease_keeps_it_and_each_change_is_handled_once(
+    receiver, other_connection, settings, held
+):
+    # A row of three changes whose receivers (or the live receivers ahead of it in the
+    # shared dispatch thread) take longer than DURABLE_LEASE. Another listener claimed
+    # it once the lease ran out and dispatched it again while the first still did,
+    # every claim an attempt: a dead letter once both had handled it several times.
+    lease = 1.5  # renewed every 0.5 s
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": lease, "DURABLE_KEEP_DONE": True}
+    pks = three_jobs(other_connection)
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with await a._connect() as a_conn, await b._connect() as b_conn:
+            with ThreadPoolExecutor(1, "a") as a_thread, ThreadPoolExecutor(1, "b") as b_thread:
+                if held == "in-its-receivers":
+                    receiver.held_thread = "a"
+                else:  # a slow live receiver has the dispatch thread
+                    a_thread.submit(receiver.release.wait, 10)
+                a_batch = asyncio.ensure_future(a.process_batch(a_conn, a_thread))
+                await until(lambda: event_row(other_connection)["lease_owner"], "the claim")
+                claimed_until = lease_until(other_connection)
+                # B looks for work until a whole lease past the claim's own expiry.
+                while not server_past(other_connection, claimed_until, lease):
+                    assert await b.process_batch(b_conn, b_thread) == 0
+                    await asyncio.sleep(0.05)
+                    assert not a_batch.done()
+                assert not server_past(other_connection, lease_until(other_connection))
+                assert event_row(other_connection)["attempts"] == 1
+                # Retry in the admin still sees the row in hand.
+                assert await asyncio.to_thread(retry_all) == 0
+                if held == "in-its-receivers":  # renewed, and still not healthy
+                    assert not a.healthy(time.monotonic(), lease / 2)
+                receiver.release.set()
+                assert await a_batch == 1
+                assert await b.process_batch(b_conn, b_thread) == 0
+
+    run(scenario())
+
+    assert event_row(other_connection) == {
+        "status": "done",
+        "attempts": 1,
+        "handled": None,
+        "lease_owner": "",
+    }
+    assert receiver.calls == [("a_0", pk) for pk in pks]  # each once, by A
+    assert (a.stats["durable_claimed"], b.stats["durable_claimed"]) == (3, 0)
+    assert a.stats["durable_lost_leases"] == a.stats["dead_letters"] == 0
+
+
+async def a_renewal(conn: psycopg.Connection, row_id: int) -> None:
+    """Wait until the lease of the row ``row_id`` is extended (well within the 10 s that
+    a receiver holds)."""
+    before = lease_until(conn, row_id)
+    await until(lambda: lease_until(conn, row_id) > before, "a renewal", 4)
+
+
+def two_rows(conn: psycopg.Connection) -> list[int]:
+    """Two statements: two event rows of one change each. Returns their ids in order."""
+    for n in range(2):
+        conn.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', %s)", [n])
+    return [row_id for (row_id,) in conn.execute("SELECT id FROM pgnotify_event ORDER BY id")]
+
+
+def take_away(row_id: int, how: str) -> int:
+    """Retry or discard one event row as the admin does, from a passing thread.
+
+    A row is retried once its lease has run out (Retry leaves a row in hand alone):
+    here in the same transaction, which a renewal on the way waits for.
+    """
+    try:
+        rows = DurableEvent.objects.filter(pk=row_id)
+        if how == "discarded":
+            return rows.delete()[0]
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "UPDATE pgnotify_event SET lease_until = now() - interval '1 second'"
+                    " WHERE id = %s",
+                    [row_id],
+                )
+            return durable.retry_events(rows)
+    finally:
+        close_thread_connections()
+
+
+def event_row_by_id(conn: psycopg.Connection, row_id: int) -> dict | None:
+    """As ``event_row``, with its lease expiry, for the row ``row_id``."""
+    return (
+        conn.cursor(row_factory=dict_row)
+        .execute(
+            "SELECT status, attempts, handled, lease_owner, lease_until FROM pgnotify_event"
+            " WHERE id = %s",
+            [row_id],
+        )
+        .fetchone()
+    )
+
+
+@pytest.mark.parametrize("how", ["retried", "discarded"])
+def test_a_row_taken_away_from_the_batch_in_hand_is_renewed_no_more(
+    receiver, other_connection, settings, how
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 1.0}
+    taken, kept = two_rows(other_connection)
+    receiver.held_thread = "a"
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            assert await asyncio.to_thread(take_away, taken, how) == 1
+            await a_renewal(other_connection, kept)  # the one that finds the row taken
+            await a_renewal(other_connection, kept)  # and the next: the rest is still held
+            if how == "retried":  # left unleased, for any listener to claim
+                assert event_row_by_id(other_connection, taken) == {
+                    "status": "pending",
+                    "attempts": 0,
+                    "handled": None,
+                    "lease_owner": "",
+                    "lease_until": None,
+                }
+                assert await b.process_batch(b_conn, b_thread) == 1
+            receiver.release.set()
+            assert await a_batch == 2
+
+    run(scenario())
+
+    assert other_connection.execute("SELECT count(*) FROM pgnotify_event").fetchone() == (0,)
+    assert a.stats["durable_lost_leases"] == 1  # the row taken away, settled by no one else
+    handled_by_b = [thread for thread, _ in receiver.calls if thread.startswith("b")]
+    assert len(handled_by_b) == (1 if how == "retried" else 0)
+
+
+def test_a_renewal_without_an_answer_gives_the_connection_up_and_the_receivers_go_on(
+    receiver, other_connection, settings, caplog
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 1.5, "PROBE_TIMEOUT": 1.0}
+    pks = three_jobs(other_connection)
+    receiver.held_thread = "a"
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            with other_connection.transaction():  # the renewal waits for this lock
+                other_connection.execute("SELECT id FROM pgnotify_event FOR UPDATE")
+
+                def given_up() -> bool:
+                    return "could not be renewed" in caplog.text
+
+                await until(given_up, "the renewal given up", 5)  # within the hold (10 s)
+            assert not a_batch.done()
+            receiver.release.set()
+            with pytest.raises(psycopg.OperationalError):  # the settlement, on no connection
+                await a_batch
+            # As after any connection lost mid-batch: claimable once the lease has run out
+            # (that of the renewal given up, should it have been made once the lock was
+            # released: its session lives on until it finds its client gone).
+            deadline = time.monotonic() + 10
+            while not await b.process_batch(b_conn, b_thread):
+                assert time.monotonic() < deadline, "never claimed again"
+                await asyncio.sleep(0.05)
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run(scenario())
+
+    assert [pk for thread, pk in receiver.calls if thread.startswith("a")] == pks  # all of them
+    assert [pk for thread, pk in receiver.calls if thread.startswith("b")] == pks
+    assert event_row(other_connection) is None
+    (renewal,) = [r.getMessage() for r in caplog.records if "renewed" in r.getMessage()]
+    assert "(no answer to a query within 1s): its receivers go on" in renewal
