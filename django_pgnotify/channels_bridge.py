@@ -16,12 +16,21 @@ message per group: one event when the load is light (nothing waits to fill a
 batch), more under load, so that the cost is paid per batch instead of per event.
 Rounds of sending start at most every ``MIN_INTERVAL``: the forwarder alone would
 keep up with a message per event where consumers, which pay more per message, fall behind.
+
+A channel layer drops messages to a consumer whose channel is full, without telling
+anyone; a consumer following many rows gets one message per row per round. So that
+consumers can tell, each event says the ``seq`` of its row's previous change (``prev``),
+and each model gets a ``pgnotify.checkpoint`` now and then, listing the rows changed since
+its last one with their last ``seq``: sent after a quiet spell too, it reveals a change
+lost last, which no later change of its row would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import contextlib
 import datetime
 import logging
 import math
@@ -52,8 +61,12 @@ logger = logging.getLogger("django_pgnotify.channels")
 ROW_CHANGED = "pgnotify.row_changed"
 #: The ``type`` of resync messages; a consumer handles them in ``pgnotify_resync``.
 RESYNC = "pgnotify.resync"
-#: The ``type`` of what the forwarder sends: ``messages``, a list of the two kinds above,
-#: in order; a consumer handles it in ``pgnotify_batch``.
+#: The ``type`` of checkpoint messages: the rows of a model changed since its previous
+#: checkpoint and the ``seq`` of the last change of each, so that a consumer can tell that
+#: it missed one; a consumer handles them in ``pgnotify_checkpoint``.
+CHECKPOINT = "pgnotify.checkpoint"
+#: The ``type`` of what the forwarder sends: ``messages``, a list of the kinds above, in
+#: order; a consumer handles it in ``pgnotify_batch``.
 BATCH = "pgnotify.batch"
 #: Messages taken from the queue for one round of sending, at most (one batch per group).
 BATCH_SIZE = 100
@@ -69,6 +82,13 @@ SEND_TIMEOUT = 5.0
 DRAIN_TIMEOUT = 2.0
 #: Seconds between two warnings that the queue is full, at least: a burst fills it many times.
 FULL_WARNING_INTERVAL = 60.0
+#: A model gets a checkpoint once this many of its rows changed since its previous one
+#: (which bounds the checkpoint's size)...
+CHECKPOINT_ROWS = 100
+#: ...this many seconds after its first change since its previous one, at the latest, and
+#: once more this long after its last change, when consumers have had time to catch up: a
+#: checkpoint sent to a full channel is lost too, and the next one must not be long after.
+CHECKPOINT_DELAY = 1.0
 #: What a channel layer raises for a message it cannot serialize (msgpack: a type it
 #: does not know, an integer past 64 bits, a string UTF-8 cannot encode). Retrying
 #: cannot help, so the batch is dropped and resynced instead of blocking every later one.
@@ -148,8 +168,15 @@ def _digits(value: Decimal) -> str:
     return str(value)
 
 
-def event_message(event: RowChange, seq: int, stream: str) -> dict[str, Any]:
-    """The channel-layer message for ``event`` (documented in docs/channels.md)."""
+def event_message(
+    event: RowChange, seq: int, stream: str, prev: int | None = None
+) -> dict[str, Any]:
+    """The channel-layer message for ``event`` (documented in docs/channels.md).
+
+    ``prev`` is the ``seq`` of the previous change of the same row since its
+    model's last checkpoint, if any: a consumer following the row that did not
+    get that one missed it.
+    """
     return {
         "type": ROW_CHANGED,
         "model": event.label,
@@ -166,11 +193,17 @@ def event_message(event: RowChange, seq: int, stream: str) -> dict[str, Any]:
         "event_id": json_safe(event.event_id),
         "seq": seq,
         "stream": stream,
+        "prev": prev,
     }
 
 
 def resync_message(label: str, reason: str, stream: str, **extra: Any) -> dict[str, Any]:
-    """The message telling subscribers of ``label`` that they missed changes."""
+    """The message telling subscribers of ``label`` that they missed changes.
+
+    The forwarder adds ``seq`` and ``checkpoint``, the model's last ``seq``
+    and checkpoint number before it: what reloading covers, so that a consumer
+    does not count it missing later.
+    """
     return {
         "type": RESYNC,
         "model": label,
@@ -179,6 +212,17 @@ def resync_message(label: str, reason: str, stream: str, **extra: Any) -> dict[s
         "id": uuid.uuid4().hex[:12],
         **extra,
     }
+
+
+class _Unchecked:
+    """What a model's next checkpoint covers: its rows' last ``seq`` since its previous one."""
+
+    __slots__ = ("first", "last", "rows")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}  # row group -> seq of its last change
+        self.first: float | None = None  # when the first change since then was queued
+        self.last = -math.inf  # when the last change was queued
 
 
 class ChannelLayerForwarder:
@@ -221,6 +265,17 @@ class ChannelLayerForwarder:
         #: tell a restarted listener (sequence numbers start over) from a gap.
         self.stream = uuid.uuid4().hex[:12]
         self.sequence: Counter[str] = Counter()
+        # Models changed since their last checkpoint, or whose last checkpoint came too
+        # soon after a change (another follows once they are quiet); checkpoints sent.
+        self._unchecked: dict[str, _Unchecked] = {}
+        self.checkpoints: Counter[str] = Counter()
+        # With row groups: when the round that sent each model's last checkpoint or resync
+        # ended; when the rounds that sent its changes since its last checkpoint ended,
+        # with the last seq of each; the models of both in the round being sent.
+        self._marked: dict[str, float] = {}
+        self._sent: dict[str, list[tuple[int, float]]] = {}
+        self._round_marks: set[str] = set()
+        self._round_seqs: dict[str, int] = {}
         self._pending: deque[tuple[list[str], dict[str, Any]]] = deque()
         self._queue_size = queue_size
         self._sending = 0  # messages taken off the queue, not yet sent
@@ -238,14 +293,67 @@ class ChannelLayerForwarder:
 
     def submit(self, events: Iterable[RowChange]) -> None:
         """Queue ``events`` for sending (on the event loop the forwarder runs on)."""
+        now = time.monotonic()
         for event in events:
             label = event.label
             self.sequence[label] += 1
-            message = event_message(event, self.sequence[label], self.stream)
+            seq = self.sequence[label]
+            unchecked = self._unchecked.get(label)
+            if unchecked is None:
+                unchecked = self._unchecked[label] = _Unchecked()
+            if unchecked.first is None:
+                unchecked.first = now
+            unchecked.last = now
             targets = [groups.model_group(label)]
+            prev = None
             if self.row_groups and event.pk is not None:
-                targets.append(groups.row_group(label, event.pk))
-            self._enqueue(targets, message)
+                row = groups.row_group(label, event.pk)
+                targets.append(row)
+                prev = unchecked.rows.get(row)
+                unchecked.rows[row] = seq
+            self._enqueue(targets, event_message(event, seq, self.stream, prev))
+            if len(unchecked.rows) >= CHECKPOINT_ROWS:
+                self._checkpoint(label, unchecked, now)
+
+    def _checkpoint(self, label: str, unchecked: _Unchecked, now: float) -> None:
+        """Queue ``label``'s checkpoint, after the changes it covers.
+
+        To the model group, whose subscribers check it against ``seq``, and with
+        row groups to the resync group, where every follower of one of its rows is.
+        """
+        model = groups.model_group(label)
+        self.checkpoints[label] += 1
+        message = {
+            "type": CHECKPOINT,
+            "model": label,
+            "stream": self.stream,
+            "n": self.checkpoints[label],
+            "seq": self.sequence[label],
+            "since": None,  # set as it is sent
+            # Row groups without their model group's name and dot: "row.42".
+            "rows": {row[len(model) + 1 :]: seq for row, seq in unchecked.rows.items()},
+        }
+        unchecked.rows = {}
+        unchecked.first = None
+        if now - unchecked.last >= CHECKPOINT_DELAY:
+            del self._unchecked[label]  # quiet: consumers had time to catch up before it
+        targets = [model, groups.resync_group(label)] if self.row_groups else [model]
+        self._enqueue(targets, message)
+
+    def _checkpoints_due(self) -> float | None:
+        """Queue the checkpoints that are due; seconds until the next one is, if any."""
+        now = time.monotonic()
+        wait = None
+        for label, unchecked in list(self._unchecked.items()):
+            if unchecked.first is not None:
+                due = unchecked.first + CHECKPOINT_DELAY
+            else:  # its last checkpoint came before it was quiet
+                due = unchecked.last + CHECKPOINT_DELAY
+            if due <= now:
+                self._checkpoint(label, unchecked, now)
+            elif wait is None or due - now < wait:
+                wait = due - now
+        return wait
 
     def resync(self, labels: Iterable[str], reason: str, **extra: Any) -> None:
         """Queue a ``resync`` message to the subscribers of each model of ``labels``.
@@ -254,7 +362,14 @@ class ChannelLayerForwarder:
         """
         labels = sorted(set(labels))
         for label in labels:
-            message = resync_message(label, reason, self.stream, **extra)
+            message = resync_message(
+                label,
+                reason,
+                self.stream,
+                seq=self.sequence[label],
+                checkpoint=self.checkpoints[label],
+                **extra,
+            )
             self._enqueue([groups.model_group(label), groups.resync_group(label)], message)
         if labels:
             self._resync_notes[message["id"]] = (reason, len(labels))
@@ -288,6 +403,8 @@ class ChannelLayerForwarder:
             self._loop = loop
             self._wake = asyncio.Event()
             self._sending = 0  # a task of a closed loop took them with it
+            self._round_marks = set()
+            self._round_seqs = {}
             self._task = loop.create_task(self._run(), name="pgnotify-channels-forwarder")
 
     @property
@@ -304,7 +421,10 @@ class ChannelLayerForwarder:
         interleaving), so do a row group's among its model's, and a ``resync``
         ends the round (its resync group is sent last). The model group comes
         before its row groups: a consumer in both gets every event from the
-        model's batch first and skips the row batch's repeats by ``seq``.
+        model's batch first and skips the row batch's repeats by ``seq``. A
+        checkpoint goes to the resync group after the row batches, so after the
+        changes it covers; a second one would too, after changes it does not
+        cover, so it waits for the next round.
         """
         taken: list[dict[str, Any]] = []
         batches: dict[str, list[dict[str, Any]]] = {}
@@ -316,24 +436,66 @@ class ChannelLayerForwarder:
                 if targets[0] in batches:
                     break
                 model_group, row_group = targets[0], None
-            if not resync and len(targets) > 1:
-                if targets[1] != row_group and targets[1] in batches:
+            if len(targets) > 1:
+                if message["type"] == ROW_CHANGED:
+                    if targets[1] != row_group and targets[1] in batches:
+                        break
+                    row_group = targets[1]
+                elif targets[1] in batches:  # a resync group's second checkpoint or resync
                     break
-                row_group = targets[1]
             self._pending.popleft()
             taken.append(message)
+            if self.row_groups:
+                self._stamp(message)
             for group in targets:
                 batches.setdefault(group, []).append(message)
             if resync:
                 break
         return taken, list(batches.items())
 
+    def _stamp(self, message: dict[str, Any]) -> None:
+        """Add to ``message``, taken for sending, how long before it what it names was sent.
+
+        Each is a lower bound, in seconds: from the end of the round that sent it
+        to the start of this one. A consumer that followed a row after the time
+        it arrived minus that knows the change was sent before it joined, not lost.
+        """
+        label, start = message["model"], self._last_round
+        if message["type"] == ROW_CHANGED:
+            self._round_seqs[label] = message["seq"]
+            if message["prev"] is not None:
+                message["prev_age"] = self._age(label, message["prev"], start)
+            return
+        if message["type"] == CHECKPOINT:
+            marked = self._marked.get(label)
+            if marked is not None:  # a consumer that subscribed before may have lost that
+                message["since"] = math.floor((start - marked) * 1000) / 1000
+            message["rows"] = {
+                row: [seq, self._age(label, seq, start)] for row, seq in message["rows"].items()
+            }
+            rounds = self._sent.get(label, [])
+            del rounds[: bisect.bisect_right(rounds, (message["seq"], math.inf))]
+        self._round_marks.add(label)
+
+    def _age(self, label: str, seq: int, start: float) -> float:
+        """Seconds from the sending of ``label``'s change ``seq`` to ``start``, at least."""
+        rounds = self._sent.get(label, [])
+        i = bisect.bisect_left(rounds, (seq, -math.inf))
+        if i == len(rounds):
+            return 0.0  # in this round
+        return math.floor((start - rounds[i][1]) * 1000) / 1000
+
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
+            due = self._checkpoints_due() if self._unchecked else None
             if not self._pending:
                 self._wake.clear()
-                await self._wake.wait()
+                if due is None:
+                    await self._wake.wait()
+                else:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), due)
                 continue
             wait = self._last_round + self._min_interval - time.monotonic()
             if wait > 0:  # under load only: let what follows join this round
@@ -372,7 +534,7 @@ class ChannelLayerForwarder:
                             "pgnotify: cannot forward %s %s%s to channel layer %r: %s; "
                             "retrying with backoff (signals are still dispatched)",
                             first["model"],
-                            first.get("action", "resync"),
+                            first.get("action", first["type"].removeprefix("pgnotify.")),
                             f" and {len(taken) - 1} more" if len(taken) > 1 else "",
                             self.layer_alias,
                             " ".join(str(exc).split()) or type(exc).__name__,
@@ -386,6 +548,14 @@ class ChannelLayerForwarder:
                         )
                     await asyncio.sleep(backoff.next())
             self._sending = 0
+            if self._round_marks or self._round_seqs:
+                now = time.monotonic()
+                for label in self._round_marks:
+                    self._marked[label] = now
+                for label, seq in self._round_seqs.items():
+                    self._sent.setdefault(label, []).append((seq, now))
+                self._round_marks = set()
+                self._round_seqs = {}
             self.stats["forwarded"] += sum(
                 1 for m in taken if m["type"] == ROW_CHANGED and id(m) not in unsendable
             )
@@ -417,7 +587,10 @@ class ChannelLayerForwarder:
         # A resync that cannot be sent is not followed by another: it would fail alike.
         self._dropped_models.update(m["model"] for m in new if m["type"] == ROW_CHANGED)
         first = batch[0]
-        what = f"{first['action']} pk={first['pk']}" if first["type"] == ROW_CHANGED else "resync"
+        if first["type"] == ROW_CHANGED:
+            what = f"{first['action']} pk={first['pk']}"
+        else:
+            what = first["type"].removeprefix("pgnotify.")
         logger.error(
             "pgnotify: channel layer %r cannot carry %s %s%s (group %s): %s; "
             "dropped, its subscribers get a resync",

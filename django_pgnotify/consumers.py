@@ -11,6 +11,12 @@ and :meth:`RowChangeConsumer.filter_event` for your own rules. Needs the
 Group memberships are renewed while the connection lasts (a layer forgets
 those older than its ``group_expiry``) and left however the consumer ends,
 a handler that raised included.
+
+A channel layer drops messages to a channel over its capacity without a word, so the
+consumer checks what it receives: a model's changes come with consecutive ``seq``, each
+change names its row's previous one (``prev``) and checkpoints list the rows changed
+since the last. Whatever it finds missing becomes a ``resync`` (reason ``gap``) to the
+client, logged.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ import datetime
 import functools
 import json
 import logging
+import math
+import time
+import uuid
+from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -137,6 +147,79 @@ LEAVE_TIMEOUT = 5.0
 #: Group memberships are renewed this many times per ``group_expiry`` of the layer, so
 #: that a membership lapses only when several renewals in a row failed (Redis restarting).
 RENEWALS_PER_EXPIRY = 4
+#: Seconds between two warnings that consumers of this process missed messages, at least.
+GAP_WARNING_INTERVAL = 60.0
+#: Listeners (``stream``) per model whose sequence a consumer follows at once: two overlap
+#: during a deploy, several share durable events; the oldest is forgotten beyond.
+MAX_STREAMS = 8
+
+#: What the listener adds to its messages for consumers to check them, not for clients.
+_CHANGE_CHECKS = frozenset({"type", "prev", "prev_age"})
+_RESYNC_CHECKS = frozenset({"type", "seq", "checkpoint"})
+
+#: What the consumers of this process found missing: ``gaps`` counts the ``resync``
+#: frames they sent for it (one per gap, whatever the changes it stands for).
+stats: Counter[str] = Counter()
+_gap_warned = -math.inf
+
+
+def _note_gap(consumer: RowChangeConsumer, label: str) -> None:
+    """Count a gap; log it, at most once per ``GAP_WARNING_INTERVAL`` in this process."""
+    global _gap_warned
+    stats["gaps"] += 1
+    now = time.monotonic()
+    if now - _gap_warned < GAP_WARNING_INTERVAL:
+        return
+    _gap_warned = now
+    layer = consumer.channel_layer
+    capacity = getattr(layer, "capacity", None)
+    if hasattr(layer, "get_capacity"):
+        capacity = layer.get_capacity(consumer.channel_name)
+    if capacity:
+        cause = (
+            f"A layer drops messages to a channel already holding its capacity ({capacity}) "
+            "of them, and a client following many rows that change together gets one "
+            "message per row: raise the layer's capacity, or follow the model instead of "
+            "many of its rows"
+        )
+    else:  # channels_redis's pub/sub layer
+        cause = "A layer without a capacity loses what is sent while it reconnects to Redis"
+    logger.warning(
+        "pgnotify: the channel layer lost messages of %s to a consumer, which sent its "
+        "client a resync (%d such gap(s) in this process so far). %s",
+        label,
+        stats["gaps"],
+        cause,
+    )
+
+
+class _Heard:
+    """What a consumer has of one model's changes from one listener (``stream``).
+
+    Seqs "up to which it has every change": received, or before a ``resync``
+    that made its client reload. ``None`` where it cannot tell yet.
+    """
+
+    __slots__ = ("checkpoint", "floor", "last", "model", "rows")
+
+    def __init__(self, rows: Any = ()) -> None:
+        #: The highest seq handled: a change that comes through two groups is sent once.
+        self.last = 0
+        #: While following the model: every change up to this seq (``None``: from the next).
+        self.model: int | None = None
+        #: Each followed row's last seq (``None``: none since it was followed, see ``floor``).
+        self.rows: dict[str, int | None] = dict.fromkeys(rows)
+        #: The ``n`` of the last checkpoint received.
+        self.checkpoint: int | None = None
+        #: The seq of that checkpoint: the changes of a row followed since have later ones.
+        self.floor = 0
+
+    def cover(self, seq: int, model: bool) -> None:
+        """Count every change up to ``seq`` as had: the client reloads them."""
+        if model:
+            self.model = max(self.model or 0, seq)
+        for key, had in self.rows.items():
+            self.rows[key] = max(self.floor if had is None else had, seq)
 
 
 class RowChangeConsumer(AsyncJsonWebsocketConsumer):
@@ -162,10 +245,13 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             await self.leave_groups()
 
     async def connect(self) -> None:
-        # model label -> {"model": bool, "rows": {pk text: pk as sent}}
+        # model label -> {"model": bool, "rows": {pk text: pk as sent},
+        #                 "names": {row group without the model group's name: pk text},
+        #                 "joined": {pk text: time.monotonic() as it began joining}}
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.joined: set[str] = set()
-        self.last_seq: dict[tuple[str, str], int] = {}
+        # model label -> {stream: what this consumer has of it}
+        self.heard: dict[str, dict[str, _Heard]] = {}
         self.seen_resyncs: set[Any] = set()
         self.row_groups = bool(get_setting("CHANNEL_ROW_GROUPS"))
         self._groups_lock = asyncio.Lock()
@@ -290,10 +376,22 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             raise SubscriptionError(
                 "too_many", f"At most {self.max_subscriptions} subscriptions per connection."
             )
-        entry = self.subscriptions.setdefault(label, {"model": False, "rows": {}})
+        entry = self.subscriptions.setdefault(
+            label, {"model": False, "rows": {}, "names": {}, "joined": {}}
+        )
+        streams = self.heard.get(label, {}).values()
         if key is None:
+            if not renewed:
+                for heard in streams:
+                    heard.model = None  # from its first change or checkpoint
             entry["model"] = True
         else:
+            if not renewed:
+                cut = len(groups.model_group(label)) + 1  # the row group's name from there
+                entry["names"][groups.row_group(label, key)[cut:]] = key
+                entry["joined"][key] = time.monotonic()
+                for heard in streams:  # with the model followed, it has had its changes
+                    heard.rows[key] = heard.model if entry["model"] else None
             entry["rows"][key] = request["pk"]
         await self.sync_groups()
         await self.send_frame("subscribed", request, label)
@@ -302,12 +400,21 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         model, label = self.resolve_model(request["unsubscribe"])
         entry = self.subscriptions.get(label)
         if entry is not None:
+            streams = self.heard.get(label, {}).values()
             if "pk" in request:
-                entry["rows"].pop(groups.pk_text(self.resolve_pk(model, request)), None)
+                key = groups.pk_text(self.resolve_pk(model, request))
+                entry["rows"].pop(key, None)
+                entry["joined"].pop(key, None)
+                entry["names"] = {n: k for n, k in entry["names"].items() if k != key}
+                for heard in streams:
+                    heard.rows.pop(key, None)
             else:
                 entry["model"] = False
+                for heard in streams:
+                    heard.model = None
             if not entry["model"] and not entry["rows"]:
                 del self.subscriptions[label]
+                self.heard.pop(label, None)
         await self.sync_groups()
         await self.send_frame("unsubscribed", request, label)
 
@@ -433,37 +540,144 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         handlers = {
             "pgnotify.row_changed": self.pgnotify_row_changed,
             "pgnotify.resync": self.pgnotify_resync,
+            "pgnotify.checkpoint": self.pgnotify_checkpoint,
         }
         for item in message.get("messages", ()):
             handler = handlers.get(item.get("type"))
             if handler is not None:  # a type of a newer listener is skipped, not fatal
                 await handler(item)
 
+    def _heard(self, label: str, stream: str) -> _Heard:
+        streams = self.heard.setdefault(label, {})
+        heard = streams.get(stream)
+        if heard is None:
+            if len(streams) >= MAX_STREAMS:
+                del streams[next(iter(streams))]
+            heard = streams[stream] = _Heard(self.subscriptions[label]["rows"])
+        return heard
+
     async def pgnotify_row_changed(self, message: dict[str, Any]) -> None:
         label = message.get("model", "")
         entry = self.subscriptions.get(label)
         if entry is None:
             return  # unsubscribed while the message was on its way
-        if not entry["model"] and _row_key(label, message.get("pk")) not in entry["rows"]:
-            return
+        key = _row_key(label, message.get("pk")) if entry["rows"] else None
+        if key not in entry["rows"]:
+            if not entry["model"]:
+                return
+            key = None
+        stream, seq = message.get("stream", ""), message.get("seq", 0)
+        heard = self._heard(label, stream)
         # Model and row groups both carry an event subscribed both ways: send it once.
-        key = (label, message.get("stream", ""))
-        if message.get("seq", 0) <= self.last_seq.get(key, 0):
+        if seq <= heard.last:
             return
-        self.last_seq[key] = message.get("seq", 0)
-        event = {k: v for k, v in message.items() if k != "type"}
+        heard.last = seq
+        if entry["model"]:  # every change of the model, one after the other
+            missed = heard.model is not None and seq > heard.model + 1
+            heard.model = seq
+            if key is not None:
+                heard.rows[key] = seq
+            if missed:
+                heard.cover(seq, model=True)
+                await self.send_gap(label, stream, None, sure=True)
+        elif key is not None:  # the row's previous change, since its model's last checkpoint
+            had = heard.rows.get(key)
+            heard.rows[key] = seq
+            prev = message.get("prev")
+            if isinstance(prev, int) and prev > (heard.floor if had is None else had):
+                if had is not None:
+                    await self.send_gap(label, stream, key, sure=True)
+                elif not self._before(entry, key, message.get("prev_age")):
+                    await self.send_gap(label, stream, key, sure=False)
+        event = {k: v for k, v in message.items() if k not in _CHANGE_CHECKS}
         event = {"type": "row_changed", **event}
         filtered = await self.filter_event(apps.get_model(label), event)
         if filtered is not None:
             await self.send_json(filtered)
 
+    async def pgnotify_checkpoint(self, message: dict[str, Any]) -> None:
+        """The rows of a model changed since its previous checkpoint, with their last ``seq``.
+
+        Reveals a change this consumer never got, even the last of its row.
+        Followers of the model compare ``seq`` instead; a checkpoint missed
+        hides which rows it named, so all the model's rows are resynced. Before
+        the first one since it subscribed, a consumer cannot count: the
+        previous one (or the listener's resync) was missed if it was sent after
+        the subscription, which ``since`` (its age when this one was sent, at
+        most) tells.
+        """
+        label = message.get("model", "")
+        entry = self.subscriptions.get(label)
+        n, seq = message.get("n"), message.get("seq")
+        if entry is None or not isinstance(n, int) or not isinstance(seq, int):
+            return
+        stream = message.get("stream", "")
+        heard = self._heard(label, stream)
+        if heard.checkpoint is not None and n <= heard.checkpoint:
+            return  # through the model group and the resync group
+        lost: list[str] = []  # rows
+        sure = True
+        if entry["model"]:
+            missed = heard.model is not None and seq > heard.model
+        else:
+            missed = heard.checkpoint is not None and n > heard.checkpoint + 1
+            since = message.get("since")
+            if heard.checkpoint is None and isinstance(since, (int, float)):
+                sent = time.monotonic() - since  # the previous one's sending, at the latest
+                missed = any(joined < sent for joined in entry["joined"].values())
+                sure = False  # or it was sent as the consumer joined, and arrived late
+        heard.checkpoint = n
+        if not entry["model"] and not missed:
+            rows = message.get("rows") or {}
+            for name, key in entry["names"].items():
+                had = heard.rows.get(key)
+                last, age = rows.get(name) or (None, None)  # its last change, how long ago
+                if not isinstance(last, int) or last <= (heard.floor if had is None else had):
+                    continue
+                if had is None and self._before(entry, key, age):
+                    continue  # a change sent before it subscribed
+                lost.append(key)
+                sure = sure and had is not None
+        heard.cover(seq, model=entry["model"])
+        heard.floor = seq
+        if missed or len(lost) > 1:
+            await self.send_gap(label, stream, None, sure=sure)
+        elif lost:
+            await self.send_gap(label, stream, lost[0], sure=sure)
+
+    def _before(self, entry: dict[str, Any], key: str, age: Any) -> bool:
+        """Whether a change of the row ``key`` was sent before the consumer began to follow
+        it, being ``age`` seconds older, at least, than what named it (just received)."""
+        return isinstance(age, (int, float)) and time.monotonic() - age < entry["joined"][key]
+
+    async def send_gap(self, label: str, stream: str, key: str | None, *, sure: bool) -> None:
+        """Tell the client to reload ``label`` (its row ``key``): it missed changes.
+
+        ``sure`` is false for a change that may have been sent as the consumer
+        subscribed: it is resynced all the same, but neither counted nor logged.
+        """
+        frame: dict[str, Any] = {"type": "resync", "model": label}
+        if key is not None:
+            frame["pk"] = self.subscriptions[label]["rows"][key]
+        frame.update(reason="gap", stream=stream, id=uuid.uuid4().hex[:12])
+        await self.send_json(frame)
+        if sure:
+            _note_gap(self, label)
+
     async def pgnotify_resync(self, message: dict[str, Any]) -> None:
         label = message.get("model", "")
-        if label not in self.subscriptions:
+        entry = self.subscriptions.get(label)
+        if entry is None:
             return
         # Sent to the model group and the resync group: a client in both gets it once.
         if message.get("id") in self.seen_resyncs:
             return
         self.seen_resyncs = {*list(self.seen_resyncs)[-20:], message.get("id")}
-        frame = {k: v for k, v in message.items() if k != "type"}
+        seq, checkpoint = message.get("seq"), message.get("checkpoint")
+        if isinstance(seq, int) and isinstance(checkpoint, int):  # what the client reloads
+            heard = self._heard(label, message.get("stream", ""))
+            heard.checkpoint = max(heard.checkpoint or 0, checkpoint)
+            heard.cover(seq, model=entry["model"])
+            heard.floor = max(heard.floor, seq)  # for rows followed later: not theirs
+        frame = {k: v for k, v in message.items() if k not in _RESYNC_CHECKS}
         await self.send_json({"type": "resync", **frame})

@@ -116,17 +116,22 @@ def start_listener(env: dict[str, str], processes: list[ManagedProcess]) -> Mana
     return listener
 
 
-@pytest.fixture
-def server(channels_env, processes) -> str:
-    """A Uvicorn process serving tests/channels_asgi.py; its WebSocket URL."""
+def start_server(env: dict[str, str], processes: list[ManagedProcess]) -> str:
+    """Start a Uvicorn process serving tests/channels_asgi.py; its WebSocket URL."""
     port = free_port()
     uvicorn = ManagedProcess(
         [sys.executable, "-m", "uvicorn", "tests.channels_asgi:application", "--port", str(port)],
-        channels_env,
+        env,
     )
     processes.append(uvicorn)
     uvicorn.wait_for(r"Uvicorn running on", timeout=TIMEOUT, stream="err")
     return f"ws://127.0.0.1:{port}/ws/pgnotify/"
+
+
+@pytest.fixture
+def server(channels_env, processes) -> str:
+    """A Uvicorn process serving tests/channels_asgi.py; its WebSocket URL."""
+    return start_server(channels_env, processes)
 
 
 def session_cookie(user: User) -> str:
@@ -480,3 +485,77 @@ def test_a_listener_of_its_own_forwarding_to_the_in_memory_layer_warns_that_no_c
     processes.append(listener)
     warning = listener.wait_for(r"in-memory layer", timeout=TIMEOUT, stream="err")
     assert "WARNING" in warning and "with_listener" in warning and "channels_redis" in warning
+
+
+SMALL_CAPACITY_SETTINGS = """
+from tests.settings_channels import *  # noqa: F403
+from tests.settings_channels import CHANNEL_LAYERS
+
+# Half the default: every round of 100 row messages overflows a consumer's channel.
+CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = 50
+"""
+
+
+@pytest.mark.parametrize("channels_env", ["core"], indirect=True)  # the layer with a capacity
+def test_a_client_following_many_rows_that_change_together_gets_every_change_or_a_resync(
+    channels_env, processes, viewer, other_connection, tmp_path
+):
+    """A batch reaches a consumer as one message per row group it is in: 100 followed rows
+    changed together are 100 messages, and channels_redis drops those past a channel's
+    capacity. Every change a row missed must be followed by a resync for it."""
+    (tmp_path / "small_capacity_settings.py").write_text(SMALL_CAPACITY_SETTINGS)
+    env = {
+        **channels_env,
+        "DJANGO_SETTINGS_MODULE": "small_capacity_settings",
+        "PYTHONPATH": f"{tmp_path}:{channels_env['PYTHONPATH']}",
+    }
+    server = start_server(env, processes)
+    rows = [insert_order(other_connection) for _ in range(100)]  # before any listener
+    start_listener(env, processes)
+    updates = 10
+
+    async def scenario() -> dict[int, list[int | None]]:
+        # Per row, in order of arrival: the update a change frame is of, None for a resync.
+        seen: dict[int, list[int | None]] = {pk: [] for pk in rows}
+        async with connect(server, additional_headers={"Cookie": session_cookie(viewer)}) as ws:
+            for pk in rows:
+                assert (await ask(ws, {"subscribe": "testapp.order", "pk": pk}))["type"] == (
+                    "subscribed"
+                )
+            for update in range(updates):
+                other_connection.execute(
+                    "UPDATE testapp_order SET status = %s WHERE id = ANY(%s)",
+                    [f"s{update}", rows],
+                )
+            while not all(len([u for u in seen[pk] if u is not None]) == updates for pk in rows):
+                try:
+                    # A checkpoint follows the last change once the listener has been
+                    # quiet for CHECKPOINT_DELAY (1 s): nothing for 4 s, nothing more comes.
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 4))
+                except asyncio.TimeoutError:
+                    break
+                if frame["type"] == "row_changed":
+                    seen[frame["pk"]].append(int(frame["fields"]["status"][1:]))
+                else:
+                    assert (frame["type"], frame["reason"]) == ("resync", "gap"), frame
+                    for pk in [frame["pk"]] if "pk" in frame else rows:
+                        seen[pk].append(None)
+        return seen
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 90))
+    silent: dict[int, list[int]] = {}  # row: updates missed with no resync after the one before
+    for pk, timeline in seen.items():
+        changes = [u for u in timeline if u is not None]
+        assert changes == sorted(changes), (pk, timeline)  # in order
+        for update in set(range(updates)) - set(changes):
+            before = max(
+                (i for i, u in enumerate(timeline) if u is not None and u < update), default=-1
+            )
+            if None not in timeline[before + 1 :]:
+                silent.setdefault(pk, []).append(update)
+    arrived = sum(len([u for u in t if u is not None]) for t in seen.values())
+    assert not silent, (
+        f"{len(silent)} of {len(rows)} rows missed changes without a resync after them "
+        f"({arrived} of {len(rows) * updates} changes arrived): {silent}"
+    )
+    assert arrived < len(rows) * updates  # the scenario lost changes: the check was exercised

@@ -8,11 +8,13 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import uuid
 from collections import Counter
 from contextlib import suppress
 from decimal import Decimal
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -27,6 +29,9 @@ from django.contrib.auth.models import AnonymousUser, Permission, User
 from django_pgnotify import Notify, RowChange, channels_bridge, context
 from django_pgnotify.channels_bridge import (
     BATCH,
+    CHECKPOINT,
+    RESYNC,
+    ROW_CHANGED,
     ChannelLayerForwarder,
     ChannelsDispatcher,
     json_safe,
@@ -506,7 +511,7 @@ def test_messages_dropped_while_the_layer_is_down_are_followed_by_a_resync(setti
         await sent(forwarder)
         kinds = [(m["type"], m.get("seq")) for _, m in layer.sent]
         assert kinds[:2] == [("pgnotify.row_changed", 3), ("pgnotify.row_changed", 4)]
-        assert ("pgnotify.resync", None) in kinds
+        assert ("pgnotify.resync", 4) in kinds  # with the last seq before it: what it covers
         assert forwarder.stats["forward_dropped"] == 2
         await forwarder.drain()
 
@@ -730,6 +735,445 @@ def test_events_of_interleaved_rows_and_models_reach_every_subscriber_once_in_or
             await client.disconnect()
         assert dispatcher.stats["forwarded"] == len(changes)
         await dispatcher.forwarder.drain()
+
+    run(scenario)
+
+
+# Messages the channel layer loses on their way to a consumer
+
+
+class Losing:
+    """The forwarder's layer, losing the batches ``lose(group, messages)`` picks, as a
+    channel layer does (without a word) to a channel over its capacity."""
+
+    def __init__(self, layer: Any, lose: Any) -> None:
+        self.layer = layer
+        self.lose = lose
+
+    async def group_send(self, group: str, message: dict) -> None:
+        if not self.lose(group, message["messages"]):
+            await self.layer.group_send(group, message)
+
+
+def losing(dispatcher: ChannelsDispatcher, lose: Any) -> None:
+    forwarder = dispatcher.forwarder
+    forwarder.layer = Losing(forwarder.layer, lose)  # type: ignore[assignment]
+
+
+def seqs(*wanted: int) -> Any:
+    """A ``lose`` for the batches holding a change of one of these seqs."""
+    return lambda group, messages: any(
+        m.get("seq") in wanted for m in messages if m["type"] == ROW_CHANGED
+    )
+
+
+def checkpoints(*wanted: int) -> Any:
+    """A ``lose`` for the batches holding a checkpoint of one of these numbers."""
+    return lambda group, messages: any(
+        m.get("n") in wanted for m in messages if m["type"] == CHECKPOINT
+    )
+
+
+def to(group: str, lose: Any) -> Any:
+    """``lose``, for the batches to ``group`` only."""
+    return lambda g, messages: g == group and lose(g, messages)
+
+
+async def checked(forwarder: ChannelLayerForwarder) -> None:
+    """Wait until ``forwarder`` sent its checkpoints too (``CHECKPOINT_DELAY`` after the last)."""
+    while forwarder._unchecked or forwarder.backlog:
+        await asyncio.sleep(0.01)
+
+
+async def frames(client: WebsocketCommunicator) -> list[tuple[Any, ...]]:
+    """What ``client`` was sent until it is quiet: (type, pk, seq) of changes, (type, pk,
+    reason) of resyncs (pk None: the whole model)."""
+    received = []
+    while not await client.receive_nothing(0.2):
+        frame = await client.receive_json_from(TIMEOUT)
+        if frame["type"] == "row_changed":
+            assert "prev" not in frame, frame  # the consumer's business, not the client's
+            received.append(("row_changed", frame["pk"], frame["seq"]))
+        else:
+            assert "seq" not in frame, frame
+            received.append((frame["type"], frame.get("pk"), frame.get("reason")))
+    return received
+
+
+@pytest.fixture
+def gaps(monkeypatch) -> Counter[str]:
+    """The consumers' count of gaps, from zero, and their warning not yet logged."""
+    from django_pgnotify import consumers
+
+    monkeypatch.setattr(consumers, "stats", Counter())
+    monkeypatch.setattr(consumers, "_gap_warned", -math.inf)
+    return consumers.stats
+
+
+@pytest.fixture
+def checkpoint_delay(monkeypatch) -> None:
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 0.05)
+
+
+def test_a_change_lost_on_its_way_to_a_row_follower_is_resynced_before_the_next_one(
+    gaps, caplog, monkeypatch
+):
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)  # this is prev's doing
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        losing(dispatcher, to("pgnotify.testapp.order.row.1", seqs(2, 5)))
+        rows, model = await connect(VIEWER), await connect(VIEWER)
+        await ask(rows, {"subscribe": "testapp.order", "pk": "1"})
+        await ask(model, {"subscribe": "testapp.order"})
+        pks = [1, 1, 1, 2, 1, 1]  # seqs 1 to 6: the row's 2 and 5 are lost
+        for pk in pks:
+            await forward(dispatcher, order_change(pk))
+        assert await frames(rows) == [
+            ("row_changed", 1, 1),
+            ("resync", "1", "gap"),  # the pk as the client sent it
+            ("row_changed", 1, 3),
+            ("resync", "1", "gap"),  # not for 4: another row's
+            ("row_changed", 1, 6),
+        ]
+        # Lost to the row group only: the model's follower has everything.
+        assert await frames(model) == [("row_changed", pk, seq) for seq, pk in enumerate(pks, 1)]
+        await rows.disconnect()
+        await model.disconnect()
+        await dispatcher.forwarder.drain()
+
+    with caplog.at_level(logging.WARNING, "django_pgnotify.consumers"):
+        run(scenario)
+    assert gaps["gaps"] == 2
+    [warning] = [r.getMessage() for r in caplog.records]  # once a minute at most
+    assert "lost messages of testapp.order to a consumer" in warning
+    assert "its capacity (100)" in warning, warning
+
+
+def test_the_last_changes_of_followed_rows_lost_are_resynced_by_the_checkpoint_after_them(
+    gaps, checkpoint_delay
+):
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER)
+        for pk in (1, 2, 3):
+            await ask(client, {"subscribe": "testapp.order", "pk": pk})
+        losing(dispatcher, seqs(4))
+        for pk in (1, 2, 3, 1):  # row 1's last change is lost: no change of it follows
+            await forward(dispatcher, order_change(pk))
+        await checked(forwarder)
+        assert await frames(client) == [
+            *[("row_changed", pk, pk) for pk in (1, 2, 3)],
+            ("resync", 1, "gap"),
+        ]
+        losing(dispatcher, seqs(5, 6))  # two rows at once: one resync for the model
+        for pk in (2, 3, 1):
+            await forward(dispatcher, order_change(pk))
+        await checked(forwarder)
+        assert await frames(client) == [("row_changed", 1, 7), ("resync", None, "gap")]
+        # Only the checkpoints after a quiet spell count: once it was sent, nothing more.
+        await forward(dispatcher, order_change(3))
+        await checked(forwarder)
+        assert await frames(client) == [("row_changed", 3, 8)]
+        await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 2
+
+
+def test_a_checkpoint_lost_makes_the_next_one_resync_every_followed_row(gaps, checkpoint_delay):
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER)
+        for pk in (1, 2):
+            await ask(client, {"subscribe": "testapp.order", "pk": pk})
+        # A change and the checkpoint that named it: the next checkpoint cannot name it.
+        losing(dispatcher, lambda g, m: seqs(1)(g, m) or checkpoints(1)(g, m))
+        await forward(dispatcher, order_change(1))
+        await checked(forwarder)
+        await forward(dispatcher, order_change(2))
+        await checked(forwarder)
+        # The first checkpoint it gets: the one before was sent after it subscribed.
+        assert await frames(client) == [("row_changed", 2, 2), ("resync", None, "gap")]
+        await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 0  # it might have been sent as the consumer joined: not counted
+
+
+def test_a_model_follower_gets_a_resync_for_a_gap_in_seq_and_for_its_last_changes_lost(
+    gaps, checkpoint_delay
+):
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order"})
+        losing(dispatcher, seqs(2, 4))
+        for pk in (1, 2, 3, 4):
+            await forward(dispatcher, order_change(pk))
+        await checked(forwarder)
+        assert await frames(client) == [
+            ("row_changed", 1, 1),
+            ("resync", None, "gap"),  # before the change after the gap
+            ("row_changed", 3, 3),
+            ("resync", None, "gap"),  # the checkpoint's seq is 4
+        ]
+        # A subscription after changes were sent: its first seq is 5, not a gap.
+        later = await connect(VIEWER)
+        await ask(later, {"subscribe": "testapp.order"})
+        losing(dispatcher, lambda group, messages: False)
+        for pk in (5, 6):
+            await forward(dispatcher, order_change(pk))
+        await checked(forwarder)
+        for each in (client, later):
+            assert await frames(each) == [("row_changed", 5, 5), ("row_changed", 6, 6)]
+            await each.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 2
+
+
+def test_events_filter_event_drops_are_not_gaps(gaps, checkpoint_delay):
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        model = await connect(VIEWER, OwnOrdersConsumer)  # odd pks dropped
+        rows = await connect(VIEWER, OwnOrdersConsumer)
+        await ask(model, {"subscribe": "testapp.order"})
+        for pk in (1, 2):
+            await ask(rows, {"subscribe": "testapp.order", "pk": pk})
+        for pk in (1, 2, 1, 2, 3, 4):
+            await forward(dispatcher, order_change(pk))
+        await checked(dispatcher.forwarder)
+        assert await frames(model) == [
+            ("row_changed", pk, seq) for seq, pk in [(2, 2), (4, 2), (6, 4)]
+        ]
+        assert await frames(rows) == [("row_changed", 2, 2), ("row_changed", 2, 4)]
+        for client in (model, rows):
+            await client.disconnect()
+        await dispatcher.forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 0
+
+
+def test_a_restarted_listener_and_two_listeners_at_once_are_not_gaps(gaps, checkpoint_delay):
+    from django_pgnotify.signals import listener_started
+
+    async def scenario() -> None:
+        old = ChannelsDispatcher("default", ["testapp.order"])
+        model, rows = await connect(VIEWER), await connect(VIEWER)
+        await ask(model, {"subscribe": "testapp.order"})
+        await ask(rows, {"subscribe": "testapp.order", "pk": 1})
+        for _ in range(3):
+            await forward(old, order_change(1))
+        # A deploy: the new listener's seqs start again at 1, in a stream of its own...
+        new = ChannelsDispatcher("default", ["testapp.order"])
+        await listener_started.asend(sender=StartedListener(new), using="default", backend_pid=1)
+        await sent(new.forwarder)
+        # ...and the old one still forwards for a moment: both streams interleave.
+        for dispatcher in (new, old, new, old, new):
+            await forward(dispatcher, order_change(1))
+        await checked(old.forwarder)
+        await checked(new.forwarder)
+        wanted = [("row_changed", 1, seq) for seq in (1, 2, 3)] + [("resync", None, "started")]
+        wanted += [("row_changed", 1, seq) for seq in (1, 4, 2, 5, 3)]
+        for client in (model, rows):
+            assert await frames(client) == wanted
+            await client.disconnect()
+        for dispatcher in (old, new):
+            await dispatcher.forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 0
+
+
+def test_a_new_listeners_resync_lost_is_found_at_its_first_checkpoint(gaps, checkpoint_delay):
+    """Changes committed while no listener listened are only told by that resync."""
+    from django_pgnotify.signals import listener_started
+
+    async def scenario() -> None:
+        old = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        await forward(old, order_change(1))
+        await checked(old.forwarder)
+        new = ChannelsDispatcher("default", ["testapp.order"])
+        losing(new, lambda group, messages: messages[0]["type"] == RESYNC)
+        await listener_started.asend(sender=StartedListener(new), using="default", backend_pid=1)
+        await forward(new, order_change(1))
+        await checked(new.forwarder)
+        assert await frames(client) == [
+            ("row_changed", 1, 1),
+            ("row_changed", 1, 1),  # the new listener's first
+            ("resync", None, "gap"),
+        ]
+        await client.disconnect()
+        for dispatcher in (old, new):
+            await dispatcher.forwarder.drain()
+
+    run(scenario)
+
+
+def test_changes_sent_before_a_subscription_are_not_gaps_once_a_checkpoint_named_them(
+    gaps, caplog, monkeypatch, checkpoint_delay
+):
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER)
+        await forward(dispatcher, order_change(1))  # before the subscription
+        await checked(forwarder)
+        # Not within its delivery time after the checkpoint was sent, which may have been
+        # lost as far as the consumer can tell (it would resync).
+        assert await frames(client) == []
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        await forward(dispatcher, order_change(1))
+        await checked(forwarder)
+        # The first checkpoint it gets is the second: the first was sent before it joined.
+        assert await frames(client) == [("row_changed", 1, 2)]
+        # Changed while it was not followed: not a gap either.
+        await ask(client, {"subscribe": "testapp.order", "pk": 2})  # still gets checkpoints
+        await ask(client, {"unsubscribe": "testapp.order", "pk": 1})
+        await forward(dispatcher, order_change(1))
+        await checked(forwarder)
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        await forward(dispatcher, order_change(1))
+        await checked(forwarder)
+        assert await frames(client) == [("row_changed", 1, 4)]
+        # A change just before the subscription, not named by a checkpoint yet: the next
+        # change names it, and says it was sent longer ago than the subscription.
+        monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)
+        await forward(dispatcher, order_change(3))
+        assert await frames(client) == []
+        await ask(client, {"subscribe": "testapp.order", "pk": 3})
+        await forward(dispatcher, order_change(3))
+        assert await frames(client) == [("row_changed", 3, 6)]
+        # The first change after a subscription lost is a gap. It is not counted: the
+        # consumer cannot tell it from one sent as it joined (it might have arrived late).
+        await ask(client, {"subscribe": "testapp.order", "pk": 5})
+        losing(dispatcher, seqs(7))
+        for _ in range(2):
+            await forward(dispatcher, order_change(5))
+        assert await frames(client) == [("resync", 5, "gap"), ("row_changed", 5, 8)]
+        await client.disconnect()
+        await forwarder.drain()
+
+    with caplog.at_level(logging.WARNING, "django_pgnotify.consumers"):
+        run(scenario)
+    assert gaps["gaps"] == 0
+    assert caplog.records == []
+
+
+def test_a_resync_covers_the_changes_before_it(gaps, checkpoint_delay):
+    """What the listener's resync makes the client reload is no gap later."""
+    from django_pgnotify.signals import listener_reconnected
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        model, rows = await connect(VIEWER), await connect(VIEWER)
+        await ask(model, {"subscribe": "testapp.order"})
+        await ask(rows, {"subscribe": "testapp.order", "pk": 1})
+        await forward(dispatcher, order_change(1))
+        losing(dispatcher, seqs(2))
+        await forward(dispatcher, order_change(1))  # lost while the listener reconnects
+        await listener_reconnected.asend(
+            sender=StartedListener(dispatcher), using="default", downtime=1.0
+        )
+        await sent(forwarder)
+        await forward(dispatcher, order_change(1))
+        await checked(forwarder)
+        for client in (model, rows):
+            assert await frames(client) == [
+                ("row_changed", 1, 1),
+                ("resync", None, "reconnected"),
+                ("row_changed", 1, 3),
+            ]
+            await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 0
+
+
+def test_row_changes_name_their_rows_previous_one_and_checkpoints_follow_them(
+    settings, monkeypatch
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "CHANNEL_ROW_GROUPS": True}
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 0.05)
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_ROWS", 2)
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default")
+        layer = forwarder.layer = FlakyLayer(failures=0)  # type: ignore[assignment]
+        # Rows 1 and 2: two rows, a checkpoint; rows 3, 3 and 4: another.
+        forwarder.submit([order_change(pk) for pk in (1, 2, 3, 3, 4)])
+        await checked(forwarder)
+
+        def short(message: dict[str, Any]) -> Any:
+            if message["type"] == CHECKPOINT:
+                return f"checkpoint {message['n']}"
+            return (message["seq"], message["prev"])  # prev: the row's previous change
+
+        batches = [
+            (group.removeprefix("pgnotify.testapp.order"), [short(m) for m in batch["messages"]])
+            for group, batch in layer.batches
+        ]
+        assert batches == [
+            ("", [(1, None), (2, None), "checkpoint 1", (3, None), (4, 3), (5, None)]),
+            (".row.1", [(1, None)]),
+            (".row.2", [(2, None)]),
+            (".resync", ["checkpoint 1"]),  # after the changes it names, before the next
+            (".row.3", [(3, None), (4, 3)]),
+            (".row.4", [(5, None)]),
+            ("", ["checkpoint 2"]),  # a second one waits for a round of its own
+            (".resync", ["checkpoint 2"]),
+            ("", ["checkpoint 3"]),  # and once the model is quiet, one naming nothing
+            (".resync", ["checkpoint 3"]),
+        ]
+        sent = [batch["messages"][0] for group, batch in layer.batches if "resync" in group]
+        # Each row's last seq, and the seconds since it was sent, at least: 0 in the same
+        # round, the time between the rounds otherwise.
+        assert [(c["seq"], c["rows"], c["stream"]) for c in sent] == [
+            (2, {"row.1": [1, 0.0], "row.2": [2, 0.0]}, forwarder.stream),
+            (5, {"row.3": [4, ANY], "row.4": [5, ANY]}, forwarder.stream),
+            (5, {}, forwarder.stream),
+        ]
+        assert sent[1]["rows"]["row.3"][1] >= 0
+        # The seconds since the previous one was sent, at most; none before the first.
+        assert sent[0]["since"] is None
+        assert sent[1]["since"] >= 0 and sent[2]["since"] >= 0
+        # A change with a previous one says how long before it that was sent, at least.
+        [fourth] = [m for g, m in layer.sent if g.endswith("row.3") and m["seq"] == 4]
+        assert fourth["prev_age"] == 0.0  # the same round
+        await forwarder.drain()
+
+    run(scenario)
+
+
+def test_a_model_changed_once_gets_one_checkpoint_and_without_row_groups_only_its_group(
+    settings, checkpoint_delay
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "CHANNEL_ROW_GROUPS": False}
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default")
+        layer = forwarder.layer = FlakyLayer(failures=0)  # type: ignore[assignment]
+        forwarder.submit([order_change(1)])
+        await checked(forwarder)
+        assert [(g, m["type"], m.get("prev")) for g, m in layer.sent] == [
+            ("pgnotify.testapp.order", ROW_CHANGED, None),
+            ("pgnotify.testapp.order", CHECKPOINT, None),
+        ]
+        assert layer.sent[1][1]["rows"] == {}
+        assert forwarder.stats["forwarded"] == 1
+        await forwarder.drain()
 
     run(scenario)
 
