@@ -176,9 +176,11 @@ class Message:
         return objects
 
 
-def changed_names(watched: Sequence[T], mask: int) -> list[T]:
-    """The items of ``watched`` whose bit is set in an update row's ``changed`` mask."""
-    return [name for i, name in enumerate(watched) if mask >> i & 1]
+def changed_names(watched: Sequence[T], mask: int | str) -> list[T]:
+    """The items of ``watched`` whose bit is set in an update row's ``changed`` mask
+    (a string of digits past 62 watched columns: JSON readers round larger numbers)."""
+    bits = int(mask)
+    return [name for i, name in enumerate(watched) if bits >> i & 1]
 
 
 def row_length(action: str, field_count: int, old: bool = True) -> int:

@@ -511,6 +511,28 @@ def test_rows_as_objects_of_a_message_without_fields_tell_a_truncated_pk():
     assert truncated == {"pk": None, "truncated": True}
 
 
+def test_rows_as_objects_read_a_mask_past_62_watched_columns():
+    """Triggers send such a mask as a string of digits; row_objects() raised TypeError."""
+    watched = [f"f{i}" for i in range(64)]
+    mask = str(1 << 63 | 1 << 62 | 1)
+    text = json.dumps(
+        {
+            "v": 2,
+            "model": "shop.wide",
+            "action": "update",
+            "xid": 1,
+            "ts": 1,
+            "fields": [],
+            "watched": watched,
+            "rows": [[7, mask]],
+        }
+    )
+
+    (row,) = wire.parse(text).row_objects()
+
+    assert row == {"pk": 7, "changed": ["f0", "f62", "f63"]}
+
+
 def test_dumps_keeps_every_digit_in_tuples_and_writes_keys_as_json_does():
     value = {1: (Decimal("12345678901234567890.10"), None), "é": [Decimal("1E+2")]}
 
