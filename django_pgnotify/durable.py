@@ -467,11 +467,18 @@ class DurableWorker:
         worker scheduled falls due sooner (DURABLE_RETRY_DELAY_MIN is far below the
         poll interval by default)."""
         due = self._retries_due
-        while due and due[0] <= self._looked_at:  # the last claim looked for it
-            heapq.heappop(due)
+        self._forget_looked_for()
         if not due:
             return self.poll_interval
         return min(self.poll_interval, max(0.0, due[0] - time.monotonic()))
+
+    def _forget_looked_for(self) -> None:
+        """Drop the retries that fell due before the last claim: it looked for them.
+        Also while claims go on back to back, which may last as long as a backlog: one
+        entry per failing batch would otherwise be kept all that time."""
+        due = self._retries_due
+        while due and due[0] <= self._looked_at:
+            heapq.heappop(due)
 
     def healthy(self, now: float, patience: float) -> bool:
         """Whether claims succeed and the receivers of the batch in hand, if any,
@@ -578,25 +585,38 @@ class DurableWorker:
         listener (the others were discarded, or retried in the admin after their lease
         ran out: no longer renewed, and left to their settlement to report).
 
-        A renewal that fails (the connection lost, no answer within PROBE_TIMEOUT, which
-        closes the connection) ends the renewals: the receivers go on, and the
-        settlement meets the connection's failure as it would have without them.
+        A renewal that fails on a working connection (cancelled, a lock or statement
+        timeout, a deadlock) is made again at the next turn: the lease is still running.
+        One that loses the connection (no answer within PROBE_TIMEOUT closes it) ends
+        the renewals: the receivers go on, and the settlement meets the connection's
+        failure as it would have without them.
         """
-        params = {"ids": held, "owner": self.owner, "lease": self.lease}
         try:
-            cursor = await connection.within(conn, conn.execute(_RENEW, params), self.timeout)
-            renewed = {row_id for (row_id,) in await cursor.fetchall()}
+            renewed = await connection.within(conn, self._renewal(conn, held), self.timeout)
         except Exception as exc:
+            again = not conn.closed
             logger.warning(
                 "pgnotify: durable events of %r: the lease of the batch in hand could not be"
-                " renewed (%s): its receivers go on, and its changes may be delivered again"
-                " by another listener once the lease has run out",
+                " renewed (%s): its receivers go on, and %s",
                 self.using,
                 _one_line(exc),
+                f"it is tried again in {self.lease / 3:g}s"
+                if again
+                else "its changes may be delivered again by another listener once the lease"
+                " has run out",
                 exc_info=not isinstance(exc, psycopg.Error | OSError | TimeoutError),
             )
-            return []
+            return held if again else []
         return [row_id for row_id in held if row_id in renewed]
+
+    async def _renewal(self, conn: psycopg.AsyncConnection, held: list[int]) -> set[int]:
+        """The renewal, in a transaction of its own: read committed, as claims and
+        settlements are (an autocommit statement runs at the role's or database's default
+        isolation; serializable, a row of the batch discarded meanwhile failed it)."""
+        params = {"ids": held, "owner": self.owner, "lease": self.lease}
+        async with conn.pipeline(), conn.transaction():
+            cursor = await conn.execute(_RENEW, params)
+        return {row_id for (row_id,) in await cursor.fetchall()}
 
     def _exhausted(self, row: Claimed) -> bool:
         """Whether ``row`` has used up its attempts on claims that were never settled."""
@@ -750,6 +770,7 @@ class DurableWorker:
             else:
                 self.stats["retries"] += changes
                 retries_due.add(settled_at + retry_delay(row.attempts))
+        self._forget_looked_for()
         for due in retries_due:
             heapq.heappush(self._retries_due, due)
         for row in given_up:

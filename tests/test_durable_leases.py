@@ -618,3 +618,96 @@ def test_a_renewal_without_an_answer_gives_the_connection_up_and_the_receivers_g
     assert event_row(other_connection) is None
     (renewal,) = [r.getMessage() for r in caplog.records if "renewed" in r.getMessage()]
     assert "(no answer to a query within 1s): its receivers go on" in renewal
+
+
+def waiting_for_a_row_lock(conn: psycopg.Connection) -> list[int]:
+    """The backends waiting for a row lock (pg_locks is read live, not per transaction)."""
+    query = "SELECT pid FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+    return [pid for (pid,) in conn.execute(query)]
+
+
+def test_a_renewal_under_a_serializable_default_goes_past_a_row_discarded_under_it(
+    receiver, other_connection, settings, monkeypatch, caplog
+):
+    # The renewal ran as an autocommit statement, under the role's or database's
+    # default isolation: serializable, a row deleted while the renewal waited for it
+    # failed the renewal (could not serialize access due to concurrent delete), and
+    # the rows still in hand were renewed no more.
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 1.5}
+    database = connections["default"].settings_dict
+    serializable = "-c default_transaction_isolation=serializable"
+    monkeypatch.setitem(database, "OPTIONS", {**database["OPTIONS"], "options": serializable})
+    taken, kept = two_rows(other_connection)
+    receiver.held_thread = "a"
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, _, _):
+            with other_connection.transaction():  # discarded while a renewal waits for it
+                other_connection.execute("DELETE FROM pgnotify_event WHERE id = %s", [taken])
+                await until(lambda: waiting_for_a_row_lock(other_connection), "a renewal", 5)
+            await a_renewal(other_connection, kept)
+            receiver.release.set()
+            assert await a_batch == 2
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run(scenario())
+
+    assert "could not be renewed" not in caplog.text
+    assert event_row(other_connection) is None
+    assert a.stats["durable_lost_leases"] == 1  # the row discarded
+
+
+def test_a_renewal_that_fails_on_a_working_connection_is_made_again_at_the_next_turn(
+    receiver, other_connection, settings, caplog
+):
+    # A renewal cancelled (as a lock_timeout, a statement_timeout or a deadlock would
+    # end it) ended the renewals, the connection working on: the lease ran out under
+    # the receivers, for another listener to dispatch the batch again.
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 1.5}
+    pks = three_jobs(other_connection)
+    receiver.held_thread = "a"
+    a, b = listener(), listener()
+
+    async def scenario() -> None:
+        async with a_holding_its_batch(a, b, receiver) as (a_batch, b_conn, b_thread):
+            with other_connection.transaction():
+                other_connection.execute("SELECT id FROM pgnotify_event FOR UPDATE")
+                await until(lambda: waiting_for_a_row_lock(other_connection), "a renewal", 5)
+                (renewal,) = waiting_for_a_row_lock(other_connection)
+                other_connection.execute("SELECT pg_cancel_backend(%s)", [renewal])
+                await until(lambda: "could not be renewed" in caplog.text, "the failure", 5)
+            (row_id,) = other_connection.execute("SELECT id FROM pgnotify_event").fetchone()
+            await a_renewal(other_connection, row_id)
+            assert await b.process_batch(b_conn, b_thread) == 0
+            receiver.release.set()
+            assert await a_batch == 1
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.durable"):
+        run(scenario())
+
+    assert receiver.calls == [("a_0", pk) for pk in pks]
+    assert event_row(other_connection) is None
+    (renewal,) = [r.getMessage() for r in caplog.records if "renewed" in r.getMessage()]
+    assert "canceling statement due to user request" in renewal
+    assert "it is tried again in 0.5s" in renewal
+
+
+def test_retries_scheduled_while_claims_go_on_back_to_back_are_not_all_kept(
+    receiver, other_connection, settings
+):
+    # When each retry falls due was kept until the worker next waited: a worker with a
+    # backlog that never ran dry kept one entry per failing batch, for as long as the
+    # backlog lasted, although each next claim had already looked for the rows.
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_BATCH_SIZE": 1}
+    for n in range(10):  # 10 statements: 10 rows of one change
+        other_connection.execute(
+            "INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', %s)", [n]
+        )
+    receiver.failing = {pk for (pk,) in other_connection.execute("SELECT id FROM durableapp_job")}
+    worker = listener()
+
+    assert batches(worker, 30) == [1] * 30  # 10 rows, 3 attempts each: every claim fails
+
+    assert len(worker._retries_due) <= 1  # the last batch's, not yet looked for
+    assert worker.stats["dead_letters"] == 10
