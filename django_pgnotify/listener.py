@@ -78,12 +78,9 @@ _CONNECTION_ERRORS = (psycopg.Error, OSError, asyncio.TimeoutError)
 # The probe: a NOTIFY to the listener's private channel, and a sample of the server's
 # notification queue in the same round trip.
 _PROBE = "SELECT pg_notify(%s, %s), pg_notification_queue_usage()"
-# The sample taken from another session while the listener is busy: the queue's usage,
-# and whether the listening session (its pid) is idle, having sent all it had.
-_SAMPLE = (
-    "SELECT pg_notification_queue_usage(),"
-    " (SELECT wait_event = 'ClientRead' FROM pg_stat_activity WHERE pid = %s)"
-)
+# Samples sent from another session while the listener is busy whose marker (a probe's
+# NOTIFY with a token of its own) has not been read yet, at most: the oldest is dropped.
+_MARKERS = 100
 
 
 class ListenerError(Exception):
@@ -188,17 +185,16 @@ class Listener:
         self._querying = False
         self._paused_at: float | None = None
         # Since when changes may be missing should the connection be lost (see
-        # _missing_since): the last read from it, or when reading paused on a full
-        # local queue (so a backlog could wait on the server) and was not seen caught
-        # up since. Monotonic; one reading of the clock per read, not per notification.
-        self._read_at = 0.0
-        self._behind_since: float | None = None
-        self._paused = False  # reading paused on a full queue (after a query too)
-        self._pauses = 0  # times it paused, for a sample to tell that it did meanwhile
-        # The listening session's pid on the server (a pooler's differs); the task
-        # sampling the notification queue from another session while busy, if any.
-        self._server_pid: int | None = None
+        # _missing_since): the last moment everything committed before it is known to
+        # have been read (monotonic), and whether reading paused on a full local queue
+        # since. Only proofs move it on, never a read: one proves nothing about what
+        # still waits on the server, or on the way.
+        self._caught_up_at = 0.0
+        self._fell_behind = False
+        # The task sampling the notification queue from another session while busy, if
+        # any; its markers not read yet, oldest first: (token, when it was sent).
         self._sampling: asyncio.Future[None] | None = None
+        self._markers: deque[tuple[bytes, float]] = deque(maxlen=_MARKERS)
         self._sample_failed = False
         # Held, briefly, by whichever thread reads the connection or the local
         # queue; never across an await (see _dispatch_loop).
@@ -350,13 +346,14 @@ class Listener:
                 self.stats["reconnects"] += 1
                 logger.warning(
                     "pgnotify: reconnected to %s after %.1fs (backend pid %s); changes "
-                    "committed since %s, %.1fs ago, may not have been delivered%s",
+                    "committed since it was last seen caught up, %.1fs ago, may not have "
+                    "been delivered%s",
                     where,
                     now - (lost_at or now),
                     pid,
-                    "it fell behind" if fell_behind else "it last read the connection",
                     now - missing_since,
-                    " (those waiting on the server for the lost connection were lost with it)"
+                    " (it had fallen behind since: those waiting on the server for the lost "
+                    "connection were lost with it)"
                     if fell_behind
                     else "",
                 )
@@ -394,19 +391,17 @@ class Listener:
 
     def _missing_since(self) -> tuple[float, bool]:
         """Since when changes may be missing, the connection lost now; whether it had
-        fallen behind.
+        fallen behind (its local queue full) since.
 
-        While it reads, the listener has what the server sent: changes committed
-        since its last read may be missing (a connection that died silently is
-        noticed a probe later, and read nothing meanwhile). While reading is paused
-        on a full local queue, later changes wait on the server, for the lost
-        session, so from the moment it paused, until it is seen caught up: a probe's
-        answer, or the listening session seen idle from another one (see
-        ``_sample_from_another_session``). Changes it read are dispatched all the same.
+        Notifications arrive in commit order, so everything committed before a query
+        was sent, or before a marker that the listener read was sent, has been read
+        (see ``_query`` and ``_sample_from_another_session``): changes committed since
+        the last such proof may be missing. A read proves nothing of the kind: a
+        backlog may wait on the server, or in a connection that died silently, while
+        the listener reads what came before it. Changes it read are dispatched all
+        the same.
         """
-        if self._behind_since is not None:
-            return self._behind_since, True
-        return self._read_at, False
+        return self._caught_up_at, self._fell_behind
 
     async def _open(self) -> psycopg.AsyncConnection:
         """Connect, refuse a standby, LISTEN, and prove delivery with a probe sent
@@ -422,7 +417,6 @@ class Listener:
             cursor = await self._query(conn, "SELECT pg_is_in_recovery(), pg_backend_pid()")
             row = await cursor.fetchone()
             server_pid = row[1] if row else None  # a pooler's pid is not its server session's
-            self._server_pid = server_pid
             if row and row[0]:
                 raise ListenerError(
                     f"database {self.using!r} ({connection.describe(conn.info.get_parameters())})"
@@ -520,7 +514,8 @@ class Listener:
         self._lost = self._loop.create_future()
         self._reading = self._querying = False
         self._paused_at = None
-        self._read_at, self._behind_since, self._paused = time.monotonic(), None, False
+        self._caught_up_at, self._fell_behind = time.monotonic(), False
+        self._markers.clear()  # those of the connection before cannot come
         self._probe_back.clear()
         # Notifications that arrive while psycopg runs one of our queries reach us here.
         conn.add_notify_handler(self._on_notify)
@@ -545,9 +540,8 @@ class Listener:
         if self._lost is None or self._lost.done():
             return
         if len(self._pending) >= self._queue_size:  # after a query, or a reconnect
-            self._fall_behind()
+            self._fell_behind = True
             return
-        self._paused = False
         if self._paused_at is not None:
             if self._probe_sent is not None:  # it could not be read meanwhile
                 self._probe_sent += time.monotonic() - self._paused_at
@@ -579,7 +573,6 @@ class Listener:
         try:
             with self._read_lock:
                 if consume:
-                    self._read_at = time.monotonic()
                     _consume(pgconn)
                 received = self._drain(pgconn, self._queue_size, self._control)
         except Exception as exc:
@@ -616,7 +609,6 @@ class Listener:
         if not self._pending and conn is not None and loop is not None and not self._querying:
             try:
                 if not self._drain(conn.pgconn, limit, self._control_threadsafe):
-                    self._read_at = time.monotonic()
                     _consume(conn.pgconn)
                     self._drain(conn.pgconn, limit, self._control_threadsafe)
             except Exception as exc:
@@ -684,21 +676,30 @@ class Listener:
                 self.health.last_probe_ok = time.monotonic()
                 self.stats["probes"] += 1
                 self._probe_back.set()
+            else:
+                self._marker_read(notify.extra)
         elif self.durable is not None:
             self.durable.wake.set()
 
-    def _fall_behind(self) -> None:
-        """Reading pauses on a full local queue: later changes wait on the server."""
-        self._paused = True
-        self._pauses += 1
-        if self._behind_since is None:
-            self._behind_since = self._read_at
+    def _marker_read(self, token: bytes) -> None:
+        """A sample's marker arrived: everything committed before it was sent has been
+        read (notifications come in commit order); older markers will not come."""
+        markers = self._markers
+        if not any(marker == token for marker, _ in markers):
+            return
+        while markers:
+            marker, sent = markers.popleft()
+            if marker == token:
+                break
+        self._caught_up_at = max(self._caught_up_at, sent)
+        if len(self._pending) < self._queue_size:  # else it fell behind after the marker
+            self._fell_behind = False
 
     def _queue_filled(self) -> None:
         """Backpressure: stop reading, so the backlog waits in PostgreSQL's queue
         (which pg_notification_queue_usage() shows), not in memory."""
         self._paused_at = time.monotonic()
-        self._fall_behind()
+        self._fell_behind = True
         self.health.local_queue = len(self._pending)
         if self._queue_full:
             return
@@ -812,18 +813,21 @@ class Listener:
         self._sampled(row[1] if row else None)
 
     async def _sample_from_another_session(self) -> None:
-        """Sample the notification queue, and whether the listening session has sent
-        all it had, from a short-lived connection (at most every ``PROBE_INTERVAL``).
+        """Sample the notification queue from a short-lived connection (at most every
+        ``PROBE_INTERVAL``), with a marker: a NOTIFY on the probe channel.
 
         For while the listener is busy: a query on its own connection would be
-        answered after the backlog, all of it read into memory first. The listening
-        session idle (waiting for a query) has sent every change committed before:
-        the listener, reading meanwhile, is caught up (see ``_missing_since``). A
-        failure is logged, once until a sample succeeds again, and listening goes on.
+        answered after the backlog, all of it read into memory first. Once the
+        listener reads the marker it has read every change committed before the
+        sample was sent (see ``_missing_since``); the listening session seen idle
+        from here would not tell that much (what it sent may wait in a connection
+        that died silently). A failure is logged, once until a sample succeeds
+        again, and listening goes on.
         """
-        live, pauses, sent = not self._paused, self._pauses, time.monotonic()
+        token = uuid.uuid4().hex
+        self._markers.append((token.encode(), time.monotonic()))
         try:
-            row = await self._ask_another_session(_SAMPLE, [self._server_pid])
+            row = await self._ask_another_session(_PROBE, [self.probe_channel, token])
         except Exception as exc:  # never fatal: a bug here must not stop listening either
             logger.log(
                 logging.DEBUG if self._sample_failed else logging.WARNING,
@@ -838,11 +842,7 @@ class Listener:
         if self._sample_failed:
             self._sample_failed = False
             logger.info("pgnotify: sampling the notification queue works again")
-        self._sampled(row[0] if row else None)
-        # Caught up if reading went on meanwhile: once paused, a backlog may wait again.
-        if row and row[1] and live and not self._paused and self._pauses == pauses:
-            self._behind_since = None
-            self._read_at = max(self._read_at, sent)
+        self._sampled(row[1] if row else None)
 
     async def _ask_another_session(self, query: str, params: list[Any]) -> Any:
         """The row ``query`` returns on a short-lived connection of its own, named
@@ -892,7 +892,7 @@ class Listener:
         finally:
             self._querying = False
         # Whatever was committed before the query was sent came ahead of its answer.
-        self._read_at, self._behind_since = max(self._read_at, sent), None
+        self._caught_up_at, self._fell_behind = max(self._caught_up_at, sent), False
         self._start_reading()
         return result
 

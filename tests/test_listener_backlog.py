@@ -119,12 +119,12 @@ def test_downtime_of_a_listener_that_had_fallen_behind_covers_the_changes_it_los
     assert changes.stats["reconnects"] == 1
 
 
-def test_downtime_counts_from_the_last_read_once_the_listener_is_seen_caught_up(
+def test_downtime_counts_from_when_the_listener_was_last_seen_caught_up(
     transactional_db, other_connection
 ):
     """Caught up again while changes still wait for a receiver (so its own probe waits),
-    the listener learns it from another session, which sees its server session idle: a
-    later loss does not count from when it fell behind."""
+    the listener learns it from the marker of a sample sent from another session, once it
+    reads it: a later loss does not count from when it fell behind."""
     with (
         held("hold", "again") as hold,
         reconnects() as sent,
@@ -137,11 +137,12 @@ def test_downtime_counts_from_the_last_read_once_the_listener_is_seen_caught_up(
         create_orders_one_by_one(3)
         Order.objects.create(status="again")
         wait_until(lambda: changes.stats["queue_full"] >= 1, what="a full local queue")
+        released = time.monotonic()
         hold["hold released"].set()
         assert hold["again"].wait(10), "the second held order did not reach its receiver"
         Order.objects.create(status="waiting")  # read, and waits: the listener is busy
-        wait_until(lambda: listener._behind_since is None, what="seen caught up")
-        caught_up = time.monotonic()
+        wait_until(lambda: listener._caught_up_at > released, what="seen caught up")
+        assert not listener._fell_behind
 
         terminate(other_connection, listener.health.backend_pid)
         wait_until(lambda: sent, what="listener_reconnected")
@@ -149,7 +150,7 @@ def test_downtime_counts_from_the_last_read_once_the_listener_is_seen_caught_up(
         changes.wait_for(lambda e: e.fields["status"] == "waiting")
 
     (since,) = sent
-    assert since > caught_up  # not since it fell behind: it read on after
+    assert since > released  # not since it fell behind: it read on after
     assert statuses(changes) == ["hold", "n0", "n1", "n2", "again", "waiting"]
 
 
@@ -160,7 +161,7 @@ def cut(transactional_db) -> Iterator[Proxy]:
     proxy.close()
 
 
-def test_downtime_of_a_connection_that_died_silently_counts_from_its_last_read(cut):
+def test_downtime_of_a_connection_that_died_silently_counts_from_its_last_probe(cut):
     """Nothing tells that it died until a probe goes unanswered (PROBE_TIMEOUT, 2 s in
     tests.settings_listener): changes committed meanwhile were lost too."""
     listener = start_listener(django_env(DATABASE_URL=cut.url()))
@@ -173,12 +174,70 @@ def test_downtime_of_a_connection_that_died_silently_counts_from_its_last_read(c
     finally:
         listener.kill()
 
-    found = re.search(
-        r" after ([0-9.]+)s .*since it last read the connection, ([0-9.]+)s ago", line
-    )
+    found = re.search(r" after ([0-9.]+)s .*since it was last seen caught up, ([0-9.]+)s ago", line)
     assert found, line
     offline, downtime = float(found[1]), float(found[2])
     assert downtime - offline >= 1.9  # each rounded to 0.1 s
+
+
+@pytest.fixture
+def cut_alias(transactional_db) -> Iterator[Proxy]:
+    """A database alias ``cut`` that reaches the test database through a ``Proxy``."""
+    from django.db import connections
+
+    proxy = Proxy()
+    connections.settings["cut"] = {
+        **connections.settings["default"],
+        "HOST": "127.0.0.1",
+        "PORT": str(proxy.port),
+        "OPTIONS": {
+            **connections.settings["default"].get("OPTIONS", {}),
+            "sslmode": "disable",
+            "gssencmode": "disable",
+        },
+    }
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        del connections.settings["cut"]
+        if hasattr(connections._connections, "cut"):
+            connections["cut"].close()
+            del connections["cut"]
+
+
+def test_downtime_covers_changes_sent_into_a_dead_connection_while_the_listener_was_busy(
+    cut_alias,
+):
+    """A connection cut silently while a receiver is slow: the server's session, having
+    handed a change to the network, is idle, yet the listener never reads it. Samples
+    taken from another session meanwhile must not count as reading it: the downtime
+    covers that change."""
+    with (
+        held("hold") as hold,
+        reconnects() as sent,
+        fast_listener(LISTEN_DATABASES={"default": "cut"}, PROBE_INTERVAL=0.2),
+        capture_row_changes("testapp.Order") as changes,
+    ):
+        Order.objects.create(status="hold")
+        assert hold["hold"].wait(10), "the held order did not reach its receiver"
+        Order.objects.create(status="waiting")  # read, and waits: the listener is busy
+        wait_until(lambda: changes.listener.health.local_queue == 1, what="one waiting")
+
+        cut_alias.freeze()
+        before_lost = time.monotonic()
+        Order.objects.create(status="lost")  # sent into the cut connection, never read
+        # Two samples started after it, each from a connection of its own, the first ended.
+        opened = len(cut_alias.pairs)
+        wait_until(lambda: len(cut_alias.pairs) >= opened + 3, what="two samples")
+        hold["hold released"].set()
+        wait_until(lambda: sent, what="listener_reconnected", timeout=15)
+        Order.objects.create(status="after")
+        changes.wait_for(lambda e: e.fields["status"] == "after")
+
+    (since,) = sent
+    assert statuses(changes) == ["hold", "waiting", "after"]
+    assert since <= before_lost  # unfixed: since the last sample, after the lost change
 
 
 # The server's notification queue, sampled while the listener is behind
