@@ -205,7 +205,8 @@ class _Heard:
     def __init__(self, rows: Any = ()) -> None:
         #: The highest seq handled: a change that comes through two groups is sent once.
         self.last = 0
-        #: While following the model: every change up to this seq (``None``: from the next).
+        #: While following the model: every change up to this seq (``None``: from the next
+        #: message that only the model group carries, see ``RowChangeConsumer._counts``).
         self.model: int | None = None
         #: Each followed row's last seq (``None``: none since it was followed, see ``floor``).
         self.rows: dict[str, int | None] = dict.fromkeys(rows)
@@ -572,7 +573,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         if seq <= heard.last:
             return
         heard.last = seq
-        if entry["model"]:  # every change of the model, one after the other
+        if self._counts(entry, heard, key is None):  # every change, one after the other
             missed = heard.model is not None and seq > heard.model + 1
             heard.model = seq
             if key is not None:
@@ -604,7 +605,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         the first one since it subscribed, a consumer cannot count: the
         previous one (or the listener's resync) was missed if it was sent after
         the subscription, which ``since`` (its age when this one was sent, at
-        most) tells.
+        least) tells: ``now - since`` is when it was sent, at the latest.
         """
         label = message.get("model", "")
         entry = self.subscriptions.get(label)
@@ -617,7 +618,8 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             return  # through the model group and the resync group
         lost: list[str] = []  # rows
         sure = True
-        if entry["model"]:
+        model = self._counts(entry, heard, not entry["rows"])
+        if model:
             missed = heard.model is not None and seq > heard.model
         else:
             missed = heard.checkpoint is not None and n > heard.checkpoint + 1
@@ -627,7 +629,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 missed = any(joined < sent for joined in entry["joined"].values())
                 sure = False  # or it was sent as the consumer joined, and arrived late
         heard.checkpoint = n
-        if not entry["model"] and not missed:
+        if not model and not missed:
             rows = message.get("rows") or {}
             for name, key in entry["names"].items():
                 had = heard.rows.get(key)
@@ -638,12 +640,23 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                     continue  # a change sent before it subscribed
                 lost.append(key)
                 sure = sure and had is not None
-        heard.cover(seq, model=entry["model"])
+        heard.cover(seq, model=model)
         heard.floor = seq
         if missed or len(lost) > 1:
             await self.send_gap(label, stream, None, sure=sure)
         elif lost:
             await self.send_gap(label, stream, lost[0], sure=sure)
+
+    @staticmethod
+    def _counts(entry: dict[str, Any], heard: _Heard, model_group_only: bool) -> bool:
+        """Whether a message is checked against the model's every ``seq``.
+
+        Once following the model, from the first message that only its group
+        carries (``model_group_only``): a row's change or a checkpoint can come
+        through the row or resync group from a round whose model batch was sent
+        before the consumer joined the model group, and a later round's too.
+        """
+        return bool(entry["model"]) and (heard.model is not None or model_group_only)
 
     def _before(self, entry: dict[str, Any], key: str, age: Any) -> bool:
         """Whether a change of the row ``key`` was sent before the consumer began to follow
@@ -677,7 +690,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         if isinstance(seq, int) and isinstance(checkpoint, int):  # what the client reloads
             heard = self._heard(label, message.get("stream", ""))
             heard.checkpoint = max(heard.checkpoint or 0, checkpoint)
-            heard.cover(seq, model=entry["model"])
+            heard.cover(seq, model=self._counts(entry, heard, not entry["rows"]))
             heard.floor = max(heard.floor, seq)  # for rows followed later: not theirs
         frame = {k: v for k, v in message.items() if k not in _RESYNC_CHECKS}
         await self.send_json({"type": "resync", **frame})

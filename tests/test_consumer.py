@@ -1070,6 +1070,109 @@ def test_changes_sent_before_a_subscription_are_not_gaps_once_a_checkpoint_named
     assert caplog.records == []
 
 
+class HoldingRows:
+    """The forwarder's layer, holding its row groups' batches until ``release`` is set, as
+    when a consumer joins a model group between a round's model batch and its row batches."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.release = asyncio.Event()
+        self.model_sent = asyncio.Event()
+
+    async def group_send(self, group: str, message: dict) -> None:
+        if ".row." in group:
+            await self.release.wait()
+        await self.layer.group_send(group, message)
+        if group == "pgnotify.testapp.order":
+            self.model_sent.set()
+
+
+def test_following_the_model_as_a_rounds_row_batches_arrive_is_not_a_gap(gaps, checkpoint_delay):
+    """A client following rows 1 and 3 subscribes to the model after a round's model batch
+    was sent, before its row batches: changes 1 and 3 arrive through the row groups, and
+    change 2 (another row's) was sent before the subscription, so it is no gap."""
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        layer = HoldingRows(forwarder.layer)
+        forwarder.layer = layer  # type: ignore[assignment]
+        client = await connect(VIEWER)
+        for pk in (1, 3):
+            await ask(client, {"subscribe": "testapp.order", "pk": pk})
+        await dispatcher.send_async([order_change(pk) for pk in (1, 2, 3)])
+        await asyncio.wait_for(layer.model_sent.wait(), TIMEOUT)
+        await ask(client, {"subscribe": "testapp.order"})
+        layer.release.set()
+        await checked(forwarder)
+        await forward(dispatcher, order_change(4), order_change(1))
+        await checked(forwarder)
+        assert await frames(client) == [
+            ("row_changed", 1, 1),
+            ("row_changed", 3, 3),
+            ("row_changed", 4, 4),
+            ("row_changed", 1, 5),
+        ]
+        # Checking starts from the model's own messages: one lost is still found.
+        losing(dispatcher, to("pgnotify.testapp.order", seqs(6)))
+        await forward(dispatcher, order_change(2))
+        await forward(dispatcher, order_change(4))
+        await checked(forwarder)
+        assert await frames(client) == [("resync", None, "gap"), ("row_changed", 4, 7)]
+        await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 1
+
+
+class BusyConsumer(RowChangeConsumer):
+    """A consumer that takes its time over its first event: its channel fills meanwhile."""
+
+    gate: asyncio.Event
+
+    async def filter_event(self, model, event):
+        await self.gate.wait()
+        return event
+
+
+def test_following_the_model_with_row_batches_and_a_checkpoint_in_the_channel_is_not_a_gap(
+    gaps, checkpoint_delay
+):
+    """Rounds sent while the consumer was busy reach it through the row and resync groups
+    only, after its subscription to the model: neither their changes nor the checkpoint
+    among them tell where the model's own messages start."""
+
+    async def scenario() -> None:
+        BusyConsumer.gate = asyncio.Event()
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER, BusyConsumer)
+        for pk in (1, 3):
+            await ask(client, {"subscribe": "testapp.order", "pk": pk})
+        await forward(dispatcher, order_change(1))  # the consumer is busy with it
+        await forward(dispatcher, order_change(1), order_change(2), order_change(3))
+        await checked(forwarder)  # a checkpoint (seq 4) waits in the channel too
+        await forward(dispatcher, order_change(2), order_change(3))
+        await client.send_json_to({"subscribe": "testapp.order"})
+        BusyConsumer.gate.set()
+        assert await frames(client) == [
+            ("row_changed", 1, 1),
+            ("subscribed", None, None),
+            ("row_changed", 1, 2),
+            ("row_changed", 3, 4),
+            ("row_changed", 3, 6),
+        ]
+        await forward(dispatcher, order_change(4))
+        await checked(forwarder)
+        assert await frames(client) == [("row_changed", 4, 7)]
+        await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 0
+
+
 def test_a_resync_covers_the_changes_before_it(gaps, checkpoint_delay):
     """What the listener's resync makes the client reload is no gap later."""
     from django_pgnotify.signals import listener_reconnected
@@ -1146,7 +1249,7 @@ def test_row_changes_name_their_rows_previous_one_and_checkpoints_follow_them(
             (5, {}, forwarder.stream),
         ]
         assert sent[1]["rows"]["row.3"][1] >= 0
-        # The seconds since the previous one was sent, at most; none before the first.
+        # The seconds since the previous one was sent, at least; none before the first.
         assert sent[0]["since"] is None
         assert sent[1]["since"] >= 0 and sent[2]["since"] >= 0
         # A change with a previous one says how long before it that was sent, at least.
