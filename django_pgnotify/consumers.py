@@ -630,10 +630,12 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 sure = False  # or it was sent as the consumer joined, and arrived late
         heard.checkpoint = n
         if not model and not missed:
-            rows = message.get("rows") or {}
+            rows = message.get("rows")
+            rows = rows if isinstance(rows, dict) else {}  # of a newer listener: not fatal
             for name, key in entry["names"].items():
                 had = heard.rows.get(key)
-                last, age = rows.get(name) or (None, None)  # its last change, how long ago
+                named = rows.get(name)  # its last change, how long ago
+                last, age = named if isinstance(named, list) and len(named) == 2 else (None, None)
                 if not isinstance(last, int) or last <= (heard.floor if had is None else had):
                     continue
                 if had is None and self._before(entry, key, age):

@@ -1173,6 +1173,36 @@ def test_following_the_model_with_row_batches_and_a_checkpoint_in_the_channel_is
     assert gaps["gaps"] == 0
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [["not", "a", "dict"], {"row.1": 3}, {"row.1": [3]}, {"row.1": "3, 0.1"}],
+    ids=["list", "number", "one-item", "text"],
+)
+def test_a_checkpoint_of_another_shape_is_skipped_and_the_socket_stays_open(gaps, rows):
+    """Of a newer listener, say: as a message type the consumer does not know."""
+    from channels.layers import get_channel_layer
+
+    from django_pgnotify import groups
+
+    async def scenario() -> None:
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        checkpoint = {"type": "pgnotify.checkpoint", "model": "testapp.order"}
+        checkpoint.update(stream="s", n=1, seq=3, since=0.5, rows=rows)
+        await get_channel_layer().group_send(
+            groups.row_group("testapp.order", 1),
+            {"type": "pgnotify.batch", "messages": [checkpoint]},
+        )
+        assert await ask(client, {"subscribe": "testapp.order", "pk": 2}) == {
+            "type": "subscribed",
+            "model": "testapp.order",
+            "pk": 2,
+        }
+        await client.disconnect()
+
+    run(scenario)
+
+
 def test_a_resync_covers_the_changes_before_it(gaps, checkpoint_delay):
     """What the listener's resync makes the client reload is no gap later."""
     from django_pgnotify.signals import listener_reconnected
