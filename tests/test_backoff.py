@@ -28,3 +28,13 @@ def test_backoff_starts_again_from_its_minimum_after_reset():
     assert backoff.attempts == 0
     for ceiling in (0.001, 0.002, 0.004, 0.008):
         assert ceiling / 2 <= backoff.next() <= ceiling
+
+
+def test_a_cap_below_the_first_delay_waits_the_first_delay():
+    """A maximum below the minimum (settings not checked: a Listener run in a process
+    of one's own) is raised to it: no delay is ever shorter than the minimum asked."""
+    backoff = Backoff(0.004, 0.001)
+
+    delays = [backoff.next() for _ in range(20)]
+
+    assert all(0.002 <= delay <= 0.004 for delay in delays)

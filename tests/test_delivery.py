@@ -509,6 +509,32 @@ def test_failing_receiver_is_logged_counted_and_does_not_stop_delivery(changes, 
     assert "Traceback" in caplog.text and "ValueError: receiver bug" in caplog.text
 
 
+def test_a_durable_change_keeps_the_error_of_its_first_failing_receiver():
+    """What its row records (last_error) when several receivers fail on it; each
+    failure is still counted."""
+
+    def first(sender, event, **kwargs):
+        raise ValueError("first")
+
+    def second(sender, event, **kwargs):
+        raise KeyError("second")
+
+    dispatcher = Dispatcher()
+    change = RowChange(model=Order, action="insert", pk=1, durable=True, event_id=7)
+    row_changed.connect(first, sender=Order, weak=False)
+    row_changed.connect(second, sender=Order, weak=False)
+    try:
+        dispatcher.send_sync([change])
+    finally:
+        row_changed.disconnect(first, sender=Order)
+        row_changed.disconnect(second, sender=Order)
+
+    errors = dispatcher.take_errors()
+    assert list(errors) == [7]
+    assert errors[7].endswith("first: ValueError: first")
+    assert dispatcher.stats["receiver_errors"] == 2
+
+
 async def async_cancelled(sender, event, **kwargs):
     raise asyncio.CancelledError  # e.g. awaiting a task of its own that was cancelled
 
@@ -566,6 +592,17 @@ def test_cancelling_the_dispatch_still_cancels_it_in_an_async_receiver():
         return task.cancelled(), dispatcher.stats["receiver_errors"]
 
     assert asyncio.run(scenario()) == (True, 0)
+
+
+def test_the_lag_of_a_change_stamped_ahead_of_the_listeners_clock_is_zero_not_negative():
+    """The database server's clock may run ahead of the listener's: a negative lag
+    would read as a change dispatched before it was made."""
+    dispatcher = Dispatcher()
+    ahead = RowChange(model=Order, action="insert", pk=1, timestamp=now() + timedelta(seconds=5))
+
+    dispatcher.send_sync([ahead])
+
+    assert dispatcher.last_event_lag == 0.0
 
 
 @pytest.mark.parametrize(

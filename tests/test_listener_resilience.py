@@ -131,6 +131,32 @@ def test_terminated_listener_reconnects_and_sends_listener_reconnected(other_con
     assert changes.stats["reconnects"] == 1
 
 
+def test_a_reconnect_starts_the_backoff_again_from_its_minimum(other_connection, caplog):
+    """The next outage's first retry waits the shortest delay again, and the log
+    counts its attempts from 1: an earlier outage does not carry over."""
+    caplog.set_level(logging.WARNING, logger="django_pgnotify.listener")
+    listener = Listener(get_declarations(["testapp.Order"]))
+    connect = listener._open
+    refusals = [0]
+
+    async def refused_then_connect():
+        if refusals[0]:
+            refusals[0] -= 1
+            raise psycopg.OperationalError("refused by the test")
+        return await connect()
+
+    listener._open = refused_then_connect  # type: ignore[method-assign]
+    with fast_listener(), listener_thread(listener):
+        assert listener.ready.wait(10), "the listener did not start"
+        for outage, refused in enumerate([3, 1], start=1):
+            refusals[0] = refused
+            terminate(other_connection, listener.health.backend_pid)
+            wait_until(lambda: listener.stats["reconnects"] == outage, what="a reconnect")  # noqa: B023
+
+    attempts = [r.getMessage() for r in caplog.records if "cannot connect to" in r.getMessage()]
+    assert [line.split("(attempt ")[1].split(")")[0] for line in attempts] == ["1", "2", "3", "1"]
+
+
 def orm_pid() -> int:
     """The backend PID of the calling thread's Django connection (opened if need be)."""
     connection.ensure_connection()
@@ -161,11 +187,110 @@ def test_a_sync_receiver_gets_a_working_orm_connection_after_the_database_went_a
             wait_until(lambda: changes.stats["reconnects"] == 1, what="a reconnect")
             Order.objects.create(status="after")
             changes.wait_for(lambda e: e.fields["status"] == "after")
+            Order.objects.create(status="later")
+            changes.wait_for(lambda e: e.fields["status"] == "later")
     finally:
         row_changed.disconnect(query, sender=Order)
 
-    assert seen == [("before", 0), ("after", 0)]
+    assert seen == [("before", 0), ("after", 0), ("later", 0)]
     assert changes.stats["receiver_errors"] == 0
+    assert pids[1] != pids[0]
+    assert pids[2] == pids[1]  # once: the new session is kept for the changes after
+
+
+def test_a_receiver_that_failed_on_a_broken_orm_connection_gets_a_working_one_next(
+    other_connection,
+):
+    """Only the receivers' session ended (the listener's did not): the receiver fails
+    once, is counted, and the next change's receiver gets a new session, as Django
+    closes a broken connection after a request."""
+    seen: list[tuple[str, object]] = []
+    pids: list[int] = []
+
+    def query(sender, event, **kwargs):
+        if not pids:
+            pids.append(orm_pid())
+        try:
+            seen.append((event.fields["status"], Tag.objects.count()))
+        except Exception as exc:
+            seen.append((event.fields["status"], type(exc).__name__))
+            raise
+
+    row_changed.connect(query, sender=Order, weak=False)
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            for status in ("first", "broken", "next"):  # a batch each
+                Order.objects.create(status=status)
+                changes.wait_for(lambda e: e.fields["status"] == status)  # noqa: B023
+                if status == "first":
+                    terminate(other_connection, pids[0])
+                    wait_until(
+                        lambda: (
+                            not other_connection.execute(
+                                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pids
+                            ).fetchone()
+                        ),
+                        what="the receivers' session gone",
+                    )
+    finally:
+        row_changed.disconnect(query, sender=Order)
+
+    assert seen == [("first", 0), ("broken", "OperationalError"), ("next", 0)]
+    assert changes.stats["receiver_errors"] == 1
+    assert changes.stats["reconnects"] == 0
+
+
+def test_a_change_dispatched_while_the_listener_reconnects_gets_a_fresh_orm_connection(
+    other_connection, caplog
+):
+    """Fresh from the loss on, not from the reconnect: a change read before the
+    database went away and dispatched while the listener is still away gets a new
+    session, not the one of before."""
+    caplog.set_level(logging.WARNING, logger="django_pgnotify.listener")
+    seen: list[tuple[str, int]] = []
+    pids: list[int] = []
+    entered, release, back = threading.Event(), threading.Event(), threading.Event()
+
+    def query(sender, event, **kwargs):
+        pids.append(orm_pid())
+        seen.append((event.fields["status"], Tag.objects.count()))
+        if event.fields["status"] == "held":
+            entered.set()
+            release.wait(10)
+
+    listener = Listener(get_declarations(["testapp.Order"]), poll_interval=0.05)
+    connect = listener._open
+
+    async def away_until_back():
+        while listener.ready.is_set() and not back.is_set():
+            await asyncio.sleep(0.01)
+        return await connect()
+
+    listener._open = away_until_back  # type: ignore[method-assign]
+    row_changed.connect(query, sender=Order, weak=False)
+    try:
+        with fast_listener(), listener_thread(listener):
+            assert listener.ready.wait(10), "the listener did not start"
+            Order.objects.create(status="held")
+            assert entered.wait(10), "the change did not reach its receiver"
+            Order.objects.create(status="read before the loss")
+            wait_until(lambda: listener.stats["received"] == 2, what="the second change read")
+            terminate(other_connection, pids[0])
+            terminate(other_connection, listener.health.backend_pid)
+            wait_until(
+                lambda: "lost the listening connection" in caplog.text, what="the loss noticed"
+            )
+            release.set()
+            wait_until(lambda: listener.stats["dispatched"] == 2, what="the second dispatched")
+            back.set()
+            wait_until(lambda: listener.stats["reconnects"] == 1, what="a reconnect")
+    finally:
+        release.set()
+        back.set()
+        row_changed.disconnect(query, sender=Order)
+
+    assert seen == [("held", 0), ("read before the loss", 0)]
+    assert listener.stats["receiver_errors"] == 0
     assert pids[1] != pids[0]
 
 
@@ -331,6 +456,28 @@ def test_lifecycle_signals_are_sent_to_sync_and_async_receivers(transactional_db
     assert seen == [("sync started", "default"), ("async stopped", "default")]
 
 
+def test_listener_stopped_gets_a_copy_of_the_counters(transactional_db, caplog):
+    """Its receivers may keep or change what they are given: the listener's own
+    counters, and the line it logs at stop, stay as they were."""
+    caplog.set_level(logging.INFO, logger="django_pgnotify.listener")
+    given = []
+
+    def take(sender, stats, **kwargs):
+        given.append(dict(stats))
+        stats.clear()
+
+    listener_stopped.connect(take, weak=False)
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="counted")
+            changes.wait(1)
+    finally:
+        listener_stopped.disconnect(take)
+
+    assert given[0]["received"] == changes.listener.stats["received"] == 1
+    assert "listener stopped (received=1, dispatched=1," in caplog.text
+
+
 def test_killed_listener_process_reconnects_and_later_changes_arrive(
     listener_process, other_connection
 ):
@@ -478,7 +625,12 @@ def test_a_full_local_queue_applies_backpressure_with_one_warning(
     transactional_db, blocking_receiver, caplog
 ):
     caplog.set_level(logging.WARNING, logger="django_pgnotify")
-    with fast_listener(QUEUE_SIZE=50), capture_row_changes("testapp.Order") as changes:
+    # No probe: changes committed while its query runs come ahead of its answer, into
+    # the queue whatever it holds.
+    with (
+        fast_listener(QUEUE_SIZE=50, PROBE_INTERVAL=60.0),
+        capture_row_changes("testapp.Order") as changes,
+    ):
         create_orders_one_by_one(400)
 
         wait_until(lambda: changes.stats["queue_full"] >= 1, what="a full queue")
@@ -495,6 +647,99 @@ def test_a_full_local_queue_applies_backpressure_with_one_warning(
     full = [r for r in caplog.records if "local queue full" in r.getMessage()]
     assert len(full) == 1
     assert full[0].levelno == logging.WARNING
+
+
+def test_each_time_the_local_queue_fills_again_it_is_counted_and_warned_about_once_a_minute(
+    transactional_db, caplog
+):
+    """queue_full counts the times the queue filled, not only the first; the warning
+    stays at one a minute."""
+    caplog.set_level(logging.INFO, logger="django_pgnotify")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(sender, event, **kwargs):
+        if event.fields["status"] == "hold":
+            entered.set()
+            release.wait(20)
+
+    row_changed.connect(hold, sender=Order, weak=False)
+    try:
+        # No probe (see above); a stats record at every tick.
+        with (
+            fast_listener(QUEUE_SIZE=50, PROBE_INTERVAL=60.0, STATS_INTERVAL=0.01),
+            capture_row_changes("testapp.Order") as changes,
+        ):
+            for filling in (1, 2):
+                entered.clear()
+                release.clear()
+                Order.objects.create(status="hold")
+                assert entered.wait(10), "the held change did not reach its receiver"
+                # 50 fill the queue, 49 wait on the server: fewer than fill it again.
+                create_orders_one_by_one(99)
+                wait_until(lambda: changes.stats["queue_full"] == filling, what="a full queue")  # noqa: B023
+                release.set()
+                changes.wait(100 * filling, timeout=20)
+                # A tick that saw the queue empty (and says so) ends the filling.
+                logged = len(caplog.records)
+                wait_until(
+                    lambda: any(
+                        getattr(r, "pgnotify", {}).get("local_queue") == 0
+                        for r in caplog.records[logged:]  # noqa: B023 (called here)
+                    ),
+                    what="a tick with the queue empty",
+                )
+    finally:
+        release.set()
+        row_changed.disconnect(hold, sender=Order)
+
+    assert changes.stats["queue_full"] == 2
+    full = [r for r in caplog.records if "local queue full" in r.getMessage()]
+    assert len(full) == 1
+
+
+def test_a_full_queue_a_batch_leaves_half_empty_is_read_into_during_that_batch(
+    transactional_db, monkeypatch
+):
+    """Reading paused by a full queue goes on as soon as the batch taken from it
+    leaves it half empty, while that batch's receivers run (one slow here), not
+    only once they are done."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "BATCH_SIZE", 6)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 0.0)  # a hop takes no more
+    held = {"hold": threading.Event(), "n0": threading.Event()}
+    entered = {"hold": threading.Event(), "n0": threading.Event()}
+
+    def hold(sender, event, **kwargs):
+        status = event.fields["status"]
+        if status in held:
+            entered[status].set()
+            held[status].wait(20)
+
+    row_changed.connect(hold, sender=Order, weak=False)
+    try:
+        with (
+            fast_listener(QUEUE_SIZE=10, PROBE_INTERVAL=60.0),  # no probe: see above
+            capture_row_changes("testapp.Order") as changes,
+        ):
+            Order.objects.create(status="hold")
+            assert entered["hold"].wait(10), "the first change did not reach its receiver"
+            create_orders_one_by_one(40)
+            wait_until(lambda: changes.stats["queue_full"] == 1, what="a full queue")
+            assert changes.stats["received"] == 11
+            held["hold"].set()
+            # The next batch is n0 to n5, and n0's receiver is slow: the 4 left are
+            # at most half the queue, so 6 more are read meanwhile.
+            assert entered["n0"].wait(10), "n0 did not reach its receiver"
+            wait_until(lambda: changes.stats["received"] == 17, what="6 more read meanwhile")
+            held["n0"].set()
+            events = changes.wait(41, timeout=20)
+    finally:
+        for event in held.values():
+            event.set()
+        row_changed.disconnect(hold, sender=Order)
+
+    assert [e.fields["status"] for e in events] == ["hold"] + [f"n{i}" for i in range(40)]
 
 
 def test_the_worker_never_reads_more_at_a_time_than_queue_size(
@@ -768,15 +1013,21 @@ def test_a_hop_that_ran_for_hop_seconds_ends_after_its_batch_while_changes_keep_
     assert hops == [[status] for status in statuses]
 
 
+@pytest.mark.parametrize(
+    "bound, value, first_hop",
+    [("BATCH_SIZE", 3, 4), ("BATCH_PAYLOAD", 1, 1)],
+    ids=["size", "payload"],
+)
 def test_a_hop_holding_events_for_async_receivers_ends_once_it_holds_a_batchs_worth(
-    transactional_db, monkeypatch
+    transactional_db, monkeypatch, bound, value, first_hop
 ):
     """The worker reads on, but events kept for async receivers are all held until
-    the hop ends: it ends once it has taken BATCH_SIZE notifications, even though
+    the hop ends: it ends once it has taken BATCH_SIZE notifications, or payloads of
+    BATCH_PAYLOAD characters (one here: the first change reaches it), even though
     more are there to read."""
     from django_pgnotify import listener as listener_module
 
-    monkeypatch.setattr(listener_module, "BATCH_SIZE", 3)
+    monkeypatch.setattr(listener_module, bound, value)
     monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
     monkeypatch.setattr(listener_module, "READ_AHEAD_AFTER", 30.0)  # only the worker reads
     hops = record_hops(monkeypatch)
@@ -813,8 +1064,9 @@ def test_a_hop_holding_events_for_async_receivers_ends_once_it_holds_a_batchs_wo
     statuses = [f"c{i}" for i in range(10)]
     assert awaited == statuses
     assert [status for hop in hops for status in hop] == statuses
-    # The first change, then one batch read on: not the eight others it could read.
-    assert hops[0] == statuses[:4]
+    # By size: the first change, then one batch read on, not the eight others it
+    # could read. By payload: the first change alone.
+    assert hops[0] == statuses[:first_hop]
 
 
 def test_a_connection_the_worker_found_closed_is_replaced_not_read_by_the_event_loop(
@@ -865,11 +1117,12 @@ def test_a_connection_the_worker_found_closed_is_replaced_not_read_by_the_event_
     assert len(failed_in) == 1 and failed_in[0].startswith("pgnotify-dispatch")
 
 
+@pytest.mark.parametrize("read_ahead", [1, 0], ids=["read-ahead", "nothing-read-ahead"])
 def test_a_stop_during_a_batch_logs_what_was_read_and_decoded_but_not_dispatched(
-    transactional_db, caplog
+    transactional_db, caplog, read_ahead
 ):
     """A stop finishes the change in hand and drops the rest of its batch, and the
-    notifications read ahead meanwhile: the log at stop counts both."""
+    notifications read ahead meanwhile: the log at stop counts both, either alone."""
     caplog.set_level(logging.INFO, logger="django_pgnotify")
     entered, release = threading.Event(), threading.Event()
     seen = []
@@ -886,9 +1139,9 @@ def test_a_stop_during_a_batch_logs_what_was_read_and_decoded_but_not_dispatched
             # One statement: one notification, whose ten changes form one batch.
             Order.objects.bulk_create([Order(status=f"b{i}") for i in range(10)])
             assert entered.wait(10), "the third change did not reach its receiver"
-            # Read ahead by the event loop while the receiver blocks, not decoded.
-            Order.objects.create(status="read ahead")
-            wait_until(lambda: listener.stats["received"] == 2, what="the second read")
+            if read_ahead:  # by the event loop while the receiver blocks, not decoded
+                Order.objects.create(status="read ahead")
+                wait_until(lambda: listener.stats["received"] == 2, what="the second read")
             listener.stop()
             release.set()
     finally:
@@ -899,7 +1152,8 @@ def test_a_stop_during_a_batch_logs_what_was_read_and_decoded_but_not_dispatched
     assert listener.stats["dispatched"] == 3
     (line,) = [r.getMessage() for r in caplog.records if "at stop" in r.getMessage()]
     assert line == (
-        "pgnotify: 1 notification(s) read and 7 change(s) decoded but not dispatched at stop"
+        f"pgnotify: {read_ahead} notification(s) read and 7 change(s) decoded but not "
+        "dispatched at stop"
     )
 
 
@@ -943,6 +1197,23 @@ def test_an_async_receiver_that_raises_is_logged_counted_and_isolated(row_change
     assert isinstance(failures[0].exc_info[1], ValueError)
 
 
+def test_a_change_with_async_receivers_is_awaited_without_lingering_for_more(
+    transactional_db, monkeypatch
+):
+    """A hop that holds events for async receivers ends when nothing more is there,
+    instead of waiting up to LINGER for more (made long here, to be seen)."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "LINGER", 30.0)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 60.0)
+    with capture_row_changes("testapp.Order") as changes:  # whose receiver is async
+        order = Order.objects.create(status="alone")
+
+        (event,) = changes.wait(1, timeout=5)
+
+    assert event.pk == order.pk
+
+
 # Own changes
 
 
@@ -977,6 +1248,44 @@ def test_own_changes_are_delivered_by_default(row_changes):
 
     assert row_changes.wait(1)[0].pk == "mine"
     assert row_changes.stats["own_changes"] == 0
+
+
+def test_own_changes_that_arrive_during_a_query_of_the_listener_are_skipped_too(
+    transactional_db, other_connection
+):
+    """Notifications committed while the listener waits for a query's answer (its
+    probe) come ahead of that answer, through psycopg rather than the listener's
+    reader: this process's own are skipped and counted there too."""
+    Tag.objects.create(name="opens the connection first")
+    lock = 7_381_924
+    with capture_row_changes("testapp.Tag", ignore_own_changes=True) as changes:
+        listener = changes.listener
+        other_connection.execute("SELECT pg_advisory_lock(%s)", [lock])
+        try:
+            query = asyncio.run_coroutine_threadsafe(
+                listener._query(listener._conn, "SELECT pg_advisory_xact_lock(%s)", [lock]),
+                listener._loop,
+            )
+            wait_until(
+                lambda: other_connection.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                    [listener.health.backend_pid],
+                ).fetchone(),
+                what="the listener's query waiting",
+            )
+            Tag.objects.create(name="mine")
+            other_connection.execute(
+                "INSERT INTO testapp_tag (name, colour) VALUES ('theirs', 'red')"
+            )
+        finally:
+            other_connection.execute("SELECT pg_advisory_unlock(%s)", [lock])
+        query.result(10)
+        # Not this process's: what came before it has arrived.
+        other_connection.execute("INSERT INTO testapp_tag (name, colour) VALUES ('last', 'red')")
+        changes.wait_for(lambda e: e.pk == "last")
+
+    assert [e.pk for e in changes] == ["theirs", "last"]
+    assert changes.stats["own_changes"] == 1
 
 
 # A standby
@@ -1052,6 +1361,99 @@ def test_health_file_is_touched_while_listening_and_removed_at_stop(listener_pro
     assert not path.exists()
 
 
+def test_the_lag_gauge_is_set_by_a_hop_still_waiting_for_more_changes(
+    transactional_db, monkeypatch
+):
+    """Once its batch is dispatched, not when the hop ends: a hop of sync receivers
+    waits up to LINGER for more (made long here) before it ends."""
+    from django_pgnotify import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "LINGER", 5.0)
+    monkeypatch.setattr(listener_module, "HOP_SECONDS", 30.0)
+    seen: queue.Queue[str] = queue.Queue()
+
+    def record(sender, event, **kwargs):
+        seen.put(event.fields["status"])
+
+    row_changed.connect(record, sender=Order, weak=False)
+    try:
+        with sync_only_listener("testapp.Order") as listener:
+            Order.objects.create(status="measured")
+            assert seen.get(timeout=10) == "measured"
+
+            wait_until(lambda: listener.health.last_event_lag is not None, timeout=2, what="a lag")
+            assert listener._in_hop  # still waiting for more
+    finally:
+        row_changed.disconnect(record, sender=Order)
+
+
+def test_the_lag_gauge_is_that_of_the_last_change_of_a_batch(transactional_db):
+    """The newest: a batch holds changes of several ages, here two a transaction
+    made 0.3 s apart, both read while a receiver held the one before."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(sender, event, **kwargs):
+        if event.fields["status"] == "held":
+            entered.set()
+            release.wait(10)
+
+    row_changed.connect(hold, sender=Order, weak=False)
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="held")
+            assert entered.wait(10), "the change did not reach its receiver"
+            with transaction.atomic(), connection.cursor() as cursor:
+                Order.objects.create(status="older")
+                cursor.execute("SELECT pg_sleep(0.3)")  # the next trigger runs later
+                Order.objects.create(status="newer")
+            wait_until(lambda: changes.stats["received"] == 3, what="both read: one batch")
+            release.set()
+            older, newer = changes.wait(3)[1:]
+            lag, now = changes.listener.dispatcher.last_event_lag, time.time()
+    finally:
+        release.set()
+        row_changed.disconnect(hold, sender=Order)
+
+    assert (newer.timestamp - older.timestamp).total_seconds() >= 0.3
+    # Measured when the batch was dispatched, before now: the newer change's age at most.
+    assert lag <= now - newer.timestamp.timestamp()
+
+
+def test_the_health_file_ages_while_a_receiver_hangs_and_is_touched_once_it_returns(
+    transactional_db, tmp_path
+):
+    """Connected and probing is not enough: a batch that makes no progress for
+    PROBE_INTERVAL leaves the file to age, for a liveness probe to restart it."""
+    path = tmp_path / "healthy"
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(sender, event, **kwargs):
+        entered.set()
+        release.wait(20)
+
+    row_changed.connect(hang, sender=Order, weak=False)
+    try:
+        with (
+            fast_listener(PROBE_INTERVAL=0.3),
+            capture_row_changes("testapp.Order", health_file=str(path)),
+        ):
+            wait_until(path.exists, what="the health file")
+            Order.objects.create(status="hangs")
+            assert entered.wait(10), "the change did not reach its receiver"
+
+            wait_until(
+                lambda: time.time() - path.stat().st_mtime > 1.5,
+                what="the health file left to age",
+            )
+            release.set()
+            wait_until(
+                lambda: time.time() - path.stat().st_mtime < 0.5, what="the file touched again"
+            )
+    finally:
+        release.set()
+        row_changed.disconnect(hang, sender=Order)
+
+
 def free_port() -> int:
     import socket
 
@@ -1119,7 +1521,13 @@ def test_a_filling_server_queue_is_sampled_and_warned_about(transactional_db, ca
                 what="a queue usage warning",
             )
             assert changes.listener.health.queue_usage > 0
+            # Said once while it stays above the threshold, not at every probe.
+            probes = changes.stats["probes"]
+            wait_until(lambda: changes.stats["probes"] >= probes + 2, what="two more probes")
         stuck.rollback()
+
+    warnings = [r for r in caplog.records if "notification queue is" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 # Settings are checked
@@ -1292,6 +1700,29 @@ def test_a_silently_dead_connection_is_noticed_while_idle_and_replaced(proxy):
         listener.kill()
 
 
+def test_a_connection_that_stops_delivering_notifications_is_noticed_by_the_probe(proxy):
+    """Queries are still answered, but the probe's NOTIFY no longer comes back: the
+    connection is replaced as a dead one, and the failure counted."""
+    cut = proxy()
+    listener = start_listener(django_env(DATABASE_URL=cut.url()))
+    try:
+        listener.wait_for(r"listening on", stream="err")
+
+        cut.drop_notifications = True
+        line = listener.wait_for(r"lost the listening connection", stream="err", timeout=10)
+        assert "self-probe" in line and "did not come back within 2s" in line
+        cut.drop_notifications = False
+        listener.wait_for(r"reconnected to", stream="err", timeout=20)
+        order = Order.objects.create(status="after")
+
+        listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+        assert listener.stop() == 0
+    finally:
+        listener.kill()
+    (stopped,) = [line for line in listener.output("err") if "listener stopped" in line]
+    assert "probe_failures=1," in stopped
+
+
 def durable_listener_through(cut: Proxy, **env: str) -> ManagedProcess:
     """A listener of durable events whose worker connects through ``cut``.
 
@@ -1330,6 +1761,7 @@ def frozen_durable_claim(proxy) -> ManagedProcess:
                 lambda: writer.execute(
                     "SELECT 1 FROM pg_stat_activity"
                     " WHERE application_name LIKE '% durable' AND query <> ''"
+                    " AND datname = current_database()"
                 ).fetchone(),
                 timeout=10,
                 what="the durable worker's connection",
@@ -1461,6 +1893,38 @@ def test_no_probe_query_while_changes_are_arriving(transactional_db):
     assert asyncio.run(tick_twice()) == (False, True)
 
 
+def test_a_probe_waits_a_probe_interval_after_changes_and_while_any_are_queued(transactional_db):
+    """Changes seen at a tick put the probe off for PROBE_INTERVAL; notifications in
+    the local queue put it off although none arrived since the last tick."""
+    listener = Listener(get_declarations(["testapp.Order"]))
+    listener._probe_interval, listener._probe_timeout = 15.0, 5.0
+    listener._stats_interval = 0.0
+
+    async def ticks() -> list[bool]:
+        conn = await psycopg.AsyncConnection.connect(database_url(), autocommit=True)
+        probed = []
+
+        async def tick() -> None:
+            await listener._tick(conn)
+            probed.append(listener._probe_sent is not None)
+
+        try:
+            listener.stats["received"] += 1  # changes arrived
+            await tick()
+            await tick()  # none since, but PROBE_INTERVAL has not passed
+            listener._next_probe = 0.0  # it has passed...
+            listener._pending.append(object())  # ...but notifications wait for dispatch
+            await tick()
+            listener._pending.clear()
+            listener._next_probe = 0.0
+            await tick()  # quiet, and due
+        finally:
+            await conn.close()
+        return probed
+
+    assert asyncio.run(ticks()) == [False, False, False, True]
+
+
 def test_the_listener_connection_speaks_utf8_whatever_the_options_say(monkeypatch):
     """The listener reads payloads as bytes in the client encoding, and decodes UTF-8."""
     from django_pgnotify import connection
@@ -1483,15 +1947,16 @@ def test_a_batch_stops_at_its_size_or_payload_bound_and_keeps_the_order(monkeypa
     monkeypatch.setattr(listener_module, "BATCH_SIZE", 3)
     monkeypatch.setattr(listener_module, "BATCH_PAYLOAD", 10)
     listener = Listener(get_declarations(["testapp.Order"]))
-    sizes = [1, 1, 1, 8, 4, 1, 1]
+    sizes = [1, 1, 1, 8, 4, 10, 1, 1]
     listener._pending.extend(PGnotify(b"c", i, b"x" * size) for i, size in enumerate(sizes))
 
     batches = []
     while listener._pending:
         batches.append([n.be_pid for n in listener._next_batch()])
 
-    # Three at most; and a batch ends once its payloads reach 10 characters.
-    assert batches == [[0, 1, 2], [3, 4], [5, 6]]
+    # Three at most; and a batch ends once its payloads reach 10 characters, also
+    # when the queue holds no more than three.
+    assert batches == [[0, 1, 2], [3, 4], [5], [6, 7]]
 
 
 def test_the_worker_reads_changes_and_hands_a_probe_answer_to_the_event_loop(
@@ -1665,6 +2130,35 @@ def test_a_listener_waiting_to_reconnect_ends_as_soon_as_durable_processing_ends
         assert not thread.is_alive(), "the listener waited out its reconnect delay"
 
     assert [str(e) for e in failures] == ["a bug in durable processing"]
+
+
+def test_durable_changes_written_while_the_listener_was_away_are_claimed_once_it_is_back(
+    other_connection, job_names
+):
+    """Their wake-ups were sent while nobody listened: the listener looks for them as
+    soon as it listens again, not at its next poll (a minute away here)."""
+    with fast_listener(DURABLE_POLL_INTERVAL=60.0):
+        listener = Listener(get_declarations(["durableapp"]))
+        connect = listener._open
+
+        async def written_meanwhile_then_connect():
+            if listener.ready.is_set():  # reconnecting, not listening yet
+                with psycopg.connect(database_url(), autocommit=True) as writer:
+                    writer.execute(
+                        "INSERT INTO durableapp_job (name, body, n) VALUES ('meanwhile', '', 1)"
+                    )
+            return await connect()
+
+        listener._open = written_meanwhile_then_connect  # type: ignore[method-assign]
+        with listener_thread(listener):
+            assert listener.ready.wait(10), "the listener did not start"
+            # Its first claim made (nothing yet), the worker waits for a wake-up.
+            wait_until(lambda: listener.durable.working, what="the first claim")
+            terminate(other_connection, listener.health.backend_pid)
+
+            wait_until(lambda: job_names == ["meanwhile"], what="the change written meanwhile")
+
+    assert listener.stats["reconnects"] == 1
 
 
 def test_a_stop_ends_work_that_drops_a_cancellation():

@@ -24,8 +24,10 @@ from django_pgnotify.own_changes import (
     server_of,
 )
 from django_pgnotify.testing import capture_row_changes
+from tests.conftest import wait_until
 from tests.durableapp.models import Job
 from tests.test_durable import job_worker, one_batch
+from tests.testapp.models import Tag
 
 
 @pytest.fixture
@@ -130,6 +132,7 @@ def test_the_registry_holds_open_connections_and_recent_closes_only(clock, wrapp
     recent = set(pids[-int(CLOSED_GRACE) :])
     assert not {pid for _, pid in own_changes._pids} & set(pids)
     assert {pid for _, pid in own_changes._closed} & set(pids) <= recent
+    assert {pid for _, pid in own_changes._opened} & set(pids) <= recent
     assert not any(is_own_pid(pid, here) for pid in set(pids) - recent)
 
 
@@ -233,3 +236,28 @@ def test_asking_the_server_inside_a_transaction_leaves_it_usable_when_refused(
 
     assert sorted(Job.objects.values_list("name", flat=True)) == ["after", "before"]
     assert "cannot tell which server a connection of this process is on" in caplog.text
+
+
+def test_a_listener_reconnected_to_a_server_that_will_not_say_who_it_is_delivers_every_change(
+    transactional_db, other_connection, monkeypatch, caplog
+):
+    """It forgets the server it was on (a failover, a grant revoked meanwhile): this
+    process's connections to that one are no reason to skip a change now."""
+    Tag.objects.create(name="opens the connection first")
+    with capture_row_changes("testapp.Tag", ignore_own_changes=True) as changes:
+        Tag.objects.create(name="mine")
+        other_connection.execute("INSERT INTO testapp_tag (name, colour) VALUES ('theirs', 'red')")
+        changes.wait_for(lambda e: e.pk == "theirs")
+        assert changes.stats["own_changes"] == 1
+
+        monkeypatch.setattr(own_changes, "SERVER_QUERY", "SELECT 1 / 0")
+        monkeypatch.setattr(own_changes, "_warned", set())
+        pid = changes.listener.health.backend_pid
+        other_connection.execute("SELECT pg_terminate_backend(%s)", [pid])
+        wait_until(lambda: changes.stats["reconnects"] == 1, what="a reconnect")
+        Tag.objects.create(name="mine again")
+        changes.wait_for(lambda e: e.pk == "mine again")
+
+    assert [e.pk for e in changes] == ["theirs", "mine again"]
+    assert changes.stats["own_changes"] == 1
+    assert "cannot tell which server the listener is on" in caplog.text
