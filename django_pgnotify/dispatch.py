@@ -100,11 +100,18 @@ class Dispatcher:
                 receivers = by_model.get(model)
                 if receivers is None:
                     receivers = by_model[model] = row_changed._live_receivers(model)[0]
+                failed = False
                 for receiver in receivers:
                     try:
                         receiver(signal=row_changed, sender=model, event=event)
                     except (Exception, asyncio.CancelledError) as exc:  # e.g. via async_to_sync
                         self.failed(receiver, event, exc)
+                        failed = True
+                if failed:
+                    # It may have failed on a broken ORM connection (the database
+                    # restarted, idle_session_timeout): Django replaces it, as after a
+                    # request, before the next event, not after the batch (up to 1,000).
+                    close_broken_connections()
                 done.append(event)
         finally:
             self.stats["dispatched"] += len(done)  # once per batch: a Counter is no list
@@ -175,6 +182,19 @@ def close_thread_connections() -> None:
     for wrapper in connections.all(initialized_only=True):
         try:
             wrapper.close()
+        except Exception:  # a broken connection may fail to close: it is gone either way
+            logger.debug("pgnotify: closing database connection %r failed", wrapper.alias)
+
+
+def close_broken_connections() -> None:
+    """Close the calling thread's Django connections that an error left unusable, as
+    Django does after a request (``close_old_connections``); those inside a
+    transaction are left to it."""
+    for wrapper in connections.all(initialized_only=True):
+        if wrapper.in_atomic_block:
+            continue
+        try:
+            wrapper.close_if_unusable_or_obsolete()
         except Exception:  # a broken connection may fail to close: it is gone either way
             logger.debug("pgnotify: closing database connection %r failed", wrapper.alias)
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from asgiref.sync import sync_to_async
-from django.db import DEFAULT_DB_ALIAS, OperationalError, close_old_connections, connections
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
 from django.dispatch import Signal
 from psycopg import pq, sql
 from psycopg.pq import PGnotify
@@ -1032,12 +1032,7 @@ class Listener:
                 events += decode(notify.extra, names.get(notify.relname, ""), notify.be_pid)
             except Exception as exc:
                 self._skip(exc, notify.extra, names.get(notify.relname, ""), notify.be_pid)
-        errors = self.stats["receiver_errors"]
         done = self.dispatcher.send_sync(events, self._stopping)
-        if self.stats["receiver_errors"] != errors:
-            # A receiver may have failed on a broken ORM connection (the
-            # database restarted): let Django replace it, as after a request.
-            close_old_connections()
         if len(done) < len(events):
             self._undispatched += len(events) - len(done)
         self._last_progress = time.monotonic()

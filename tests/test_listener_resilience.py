@@ -240,6 +240,48 @@ def test_a_receiver_that_failed_on_a_broken_orm_connection_gets_a_working_one_ne
     assert changes.stats["reconnects"] == 0
 
 
+def test_a_broken_orm_connection_fails_one_change_of_a_batch_not_every_one(other_connection):
+    """Replaced before the batch's next change, not after the batch: one bulk write is
+    one batch, of up to 1,000 notifications."""
+    seen: list[tuple[str, object]] = []
+    pids: list[int] = []
+
+    def query(sender, event, **kwargs):
+        if not pids:
+            pids.append(orm_pid())
+        try:
+            seen.append((event.fields["status"], Tag.objects.count()))
+        except Exception as exc:
+            seen.append((event.fields["status"], type(exc).__name__))
+            raise
+
+    row_changed.connect(query, sender=Order, weak=False)
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="first")
+            changes.wait_for(lambda e: e.fields["status"] == "first")
+            terminate(other_connection, pids[0])
+            wait_until(
+                lambda: (
+                    not other_connection.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pids
+                    ).fetchone()
+                ),
+                what="the receivers' session gone",
+            )
+            Order.objects.bulk_create(Order(status=f"bulk{i}") for i in range(4))
+            changes.wait_for(lambda e: e.fields["status"] == "bulk3")
+    finally:
+        row_changed.disconnect(query, sender=Order)
+
+    assert seen == [
+        ("first", 0),
+        ("bulk0", "OperationalError"),
+        *[(f"bulk{i}", 0) for i in range(1, 4)],
+    ]
+    assert changes.stats["receiver_errors"] == 1
+
+
 def test_a_change_dispatched_while_the_listener_reconnects_gets_a_fresh_orm_connection(
     other_connection, caplog
 ):
