@@ -388,15 +388,21 @@ def test_a_row_claimed_past_its_attempts_and_never_settled_is_a_dead_letter_not_
     assert durable.backlog().dead == 2
 
 
+def serializable_default(monkeypatch) -> None:
+    """Sessions of the default alias start serializable, as a role's or database's
+    ``default_transaction_isolation`` may make them."""
+    database = connections["default"].settings_dict
+    serializable = "-c default_transaction_isolation=serializable"
+    monkeypatch.setitem(database, "OPTIONS", {**database["OPTIONS"], "options": serializable})
+
+
 def test_listeners_racing_for_rows_under_a_serializable_default_neither_fail_nor_repeat(
     receiver, other_connection, settings, monkeypatch, caplog
 ):
     # A role or database may default to serializable: claims racing for the same rows
     # then failed, and so did settlements, whose rows were dispatched again later.
     settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_BATCH_SIZE": 5}
-    database = connections["default"].settings_dict
-    serializable = "-c default_transaction_isolation=serializable"
-    monkeypatch.setitem(database, "OPTIONS", {**database["OPTIONS"], "options": serializable})
+    serializable_default(monkeypatch)
     other_connection.execute(  # 600 statements: 600 event rows
         "DO $$ BEGIN FOR n IN 1..600 LOOP"
         " INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', n); END LOOP; END $$"
@@ -634,9 +640,7 @@ def test_a_renewal_under_a_serializable_default_goes_past_a_row_discarded_under_
     # failed the renewal (could not serialize access due to concurrent delete), and
     # the rows still in hand were renewed no more.
     settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 1.5}
-    database = connections["default"].settings_dict
-    serializable = "-c default_transaction_isolation=serializable"
-    monkeypatch.setitem(database, "OPTIONS", {**database["OPTIONS"], "options": serializable})
+    serializable_default(monkeypatch)
     taken, kept = two_rows(other_connection)
     receiver.held_thread = "a"
     a, b = listener(), listener()

@@ -198,12 +198,19 @@ def test_a_sync_receiver_gets_a_working_orm_connection_after_the_database_went_a
     assert pids[2] == pids[1]  # once: the new session is kept for the changes after
 
 
-def test_a_receiver_that_failed_on_a_broken_orm_connection_gets_a_working_one_next(
-    other_connection,
-):
-    """Only the receivers' session ended (the listener's did not): the receiver fails
-    once, is counted, and the next change's receiver gets a new session, as Django
-    closes a broken connection after a request."""
+def end_session(other_connection: psycopg.Connection, pid: int) -> None:
+    """Terminate the session ``pid`` and wait until it is gone."""
+    terminate(other_connection, pid)
+    query = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+    wait_until(
+        lambda: not other_connection.execute(query, [pid]).fetchone(), what=f"session {pid} gone"
+    )
+
+
+@contextmanager
+def querying_orders() -> Iterator[tuple[list[tuple[str, object]], list[int]]]:
+    """A receiver of orders that queries through the ORM: what each status got (a
+    count, or the error's name), and the PID of its session (once it has one)."""
     seen: list[tuple[str, object]] = []
     pids: list[int] = []
 
@@ -218,22 +225,23 @@ def test_a_receiver_that_failed_on_a_broken_orm_connection_gets_a_working_one_ne
 
     row_changed.connect(query, sender=Order, weak=False)
     try:
-        with capture_row_changes("testapp.Order") as changes:
-            for status in ("first", "broken", "next"):  # a batch each
-                Order.objects.create(status=status)
-                changes.wait_for(lambda e: e.fields["status"] == status)  # noqa: B023
-                if status == "first":
-                    terminate(other_connection, pids[0])
-                    wait_until(
-                        lambda: (
-                            not other_connection.execute(
-                                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pids
-                            ).fetchone()
-                        ),
-                        what="the receivers' session gone",
-                    )
+        yield seen, pids
     finally:
         row_changed.disconnect(query, sender=Order)
+
+
+def test_a_receiver_that_failed_on_a_broken_orm_connection_gets_a_working_one_next(
+    other_connection,
+):
+    """Only the receivers' session ended (the listener's did not): the receiver fails
+    once, is counted, and the next change's receiver gets a new session, as Django
+    closes a broken connection after a request."""
+    with querying_orders() as (seen, pids), capture_row_changes("testapp.Order") as changes:
+        for status in ("first", "broken", "next"):  # a batch each
+            Order.objects.create(status=status)
+            changes.wait_for(lambda e: e.fields["status"] == status)  # noqa: B023
+            if status == "first":
+                end_session(other_connection, pids[0])
 
     assert seen == [("first", 0), ("broken", "OperationalError"), ("next", 0)]
     assert changes.stats["receiver_errors"] == 1
@@ -243,36 +251,12 @@ def test_a_receiver_that_failed_on_a_broken_orm_connection_gets_a_working_one_ne
 def test_a_broken_orm_connection_fails_one_change_of_a_batch_not_every_one(other_connection):
     """Replaced before the batch's next change, not after the batch: one bulk write is
     one batch, of up to 1,000 notifications."""
-    seen: list[tuple[str, object]] = []
-    pids: list[int] = []
-
-    def query(sender, event, **kwargs):
-        if not pids:
-            pids.append(orm_pid())
-        try:
-            seen.append((event.fields["status"], Tag.objects.count()))
-        except Exception as exc:
-            seen.append((event.fields["status"], type(exc).__name__))
-            raise
-
-    row_changed.connect(query, sender=Order, weak=False)
-    try:
-        with capture_row_changes("testapp.Order") as changes:
-            Order.objects.create(status="first")
-            changes.wait_for(lambda e: e.fields["status"] == "first")
-            terminate(other_connection, pids[0])
-            wait_until(
-                lambda: (
-                    not other_connection.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pids
-                    ).fetchone()
-                ),
-                what="the receivers' session gone",
-            )
-            Order.objects.bulk_create(Order(status=f"bulk{i}") for i in range(4))
-            changes.wait_for(lambda e: e.fields["status"] == "bulk3")
-    finally:
-        row_changed.disconnect(query, sender=Order)
+    with querying_orders() as (seen, pids), capture_row_changes("testapp.Order") as changes:
+        Order.objects.create(status="first")
+        changes.wait_for(lambda e: e.fields["status"] == "first")
+        end_session(other_connection, pids[0])
+        Order.objects.bulk_create(Order(status=f"bulk{i}") for i in range(4))
+        changes.wait_for(lambda e: e.fields["status"] == "bulk3")
 
     assert seen == [
         ("first", 0),
@@ -938,15 +922,7 @@ def killing_receiver(other_connection, listener_of):
         seen.append(event.fields["status"])
         if not killed:
             killed.append(listener_of().health.backend_pid)
-            terminate(other_connection, killed[0])
-            wait_until(
-                lambda: (
-                    not other_connection.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", killed
-                    ).fetchone()
-                ),
-                what="the terminated backend gone",
-            )
+            end_session(other_connection, killed[0])
 
     return kill_the_connection, seen, killed
 
