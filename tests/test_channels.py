@@ -527,22 +527,31 @@ def test_a_client_following_many_rows_that_change_together_gets_every_change_or_
                     "UPDATE testapp_order SET status = %s WHERE id = ANY(%s)",
                     [f"s{update}", rows],
                 )
-            while not all(len([u for u in seen[pk] if u is not None]) == updates for pk in rows):
-                try:
-                    # A checkpoint follows the last change once the listener has been
-                    # quiet for CHECKPOINT_DELAY (1 s): nothing for 4 s, nothing more comes.
-                    frame = json.loads(await asyncio.wait_for(ws.recv(), 4))
-                except asyncio.TimeoutError:
-                    break
-                if frame["type"] == "row_changed":
-                    seen[frame["pk"]].append(int(frame["fields"]["status"][1:]))
-                else:
-                    assert (frame["type"], frame["reason"]) == ("resync", "gap"), frame
-                    for pk in [frame["pk"]] if "pk" in frame else rows:
-                        seen[pk].append(None)
+            await receive_until_quiet(ws, seen)
+            # The checkpoint after the quiet spell may be lost too, behind changes that
+            # still fill the channel (a loaded machine): the next checkpoint, after the
+            # model's next change, tells (documented).
+            insert_order(other_connection)
+            await receive_until_quiet(ws, seen)
         return seen
 
-    seen = asyncio.run(asyncio.wait_for(scenario(), 90))
+    async def receive_until_quiet(ws: Any, seen: dict[int, list[int | None]]) -> None:
+        while True:
+            try:
+                # A checkpoint follows the last change once the listener has been quiet
+                # for CHECKPOINT_DELAY (1 s): nothing for 4 s, nothing more comes.
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 4))
+            except asyncio.TimeoutError:
+                return
+            if frame["type"] == "row_changed":
+                if frame["pk"] in seen:  # not the change of another row, above
+                    seen[frame["pk"]].append(int(frame["fields"]["status"][1:]))
+            else:
+                assert (frame["type"], frame["reason"]) == ("resync", "gap"), frame
+                for pk in [frame["pk"]] if "pk" in frame else rows:
+                    seen[pk].append(None)
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 120))
     silent: dict[int, list[int]] = {}  # row: updates missed with no resync after the one before
     for pk, timeline in seen.items():
         changes = [u for u in timeline if u is not None]
