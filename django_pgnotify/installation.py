@@ -515,9 +515,7 @@ def _enable_kept(cursor, managed: set[str], before: dict[tuple[int, str], str]) 
     for (uri, relid), (names, triggers, bodies) in found.items():
         table = sql.Identifier(*names)
         where = table.as_string(None)
-        cursor.execute(_COLUMNS, [relid])
-        (columns,) = cursor.fetchone()
-        read = sorted({c for body in bodies for c in _columns_read(body)} - set(columns))
+        read = _columns_gone(cursor, relid, bodies)
         # What would fail every write to the table, and what makes it installable again.
         if read:
             lacking, missing, verb, until = (
@@ -580,6 +578,14 @@ def _columns_read(body: str) -> set[str]:
     """The table columns a function of ours reads (the position it numbers rows in aside)."""
     names = {match.group(1).replace('""', '"') for match in _COLUMN_READ.finditer(body)}
     return names - {trigger_sql.POSITION}
+
+
+def _columns_gone(cursor, relid: int, bodies: Iterable[str]) -> list[str]:
+    """The columns functions of ours with these ``bodies`` read and the table ``relid``
+    no longer has (a migration dropped or renamed them): each write they fire on fails."""
+    cursor.execute(_COLUMNS, [relid])
+    (columns,) = cursor.fetchone()
+    return sorted({c for body in bodies for c in _columns_read(body)} - set(columns))
 
 
 # The column list of a durable function's insert into the event table.
@@ -1406,10 +1412,8 @@ def _failing_reads(cursor, target: _Target) -> list[str]:
     longer has (a migration run without the ``migrate`` hook dropped or renamed them):
     the writes its enabled triggers fire on fail until it is installed again. ``[]`` if
     it has them all."""
-    assert target.body is not None
-    cursor.execute(_COLUMNS, [target.relid])
-    (columns,) = cursor.fetchone()
-    missing = sorted(_columns_read(target.body) - set(columns))
+    assert target.body is not None and target.relid is not None
+    missing = _columns_gone(cursor, target.relid, [target.body])
     if not missing:
         return []
     return [
