@@ -802,17 +802,12 @@ class _ModelCodec:
     """Column name -> (attname, converter) for one model, whose rows come from ``using``.
 
     Values its fields cannot convert are passed on as sent, counted as
-    ``unconverted`` in ``stats``.
+    ``unconverted`` in ``stats`` (its decoder's).
     """
 
-    def __init__(
-        self,
-        model: type[models.Model],
-        using: str = DEFAULT_DB_ALIAS,
-        stats: Counter[str] | None = None,
-    ) -> None:
+    def __init__(self, model: type[models.Model], using: str, stats: Counter[str]) -> None:
         self.model = model
-        self.stats: Counter[str] = Counter() if stats is None else stats
+        self.stats = stats
         self.pk = converter_for(model._meta.pk, using)
         self.columns = {
             f.column: (f.attname, converter_for(f, using))
