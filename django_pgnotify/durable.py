@@ -555,6 +555,11 @@ class DurableWorker:
         if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
             await self.dispatcher.send_async(outcome.dispatched)
 
+    @property
+    def renew_every(self) -> float:
+        """Seconds between two renewals of the lease of the rows in hand: a third of it."""
+        return self.lease / 3
+
     async def _keep_leased(
         self,
         conn: psycopg.AsyncConnection,
@@ -573,9 +578,8 @@ class DurableWorker:
         them, so the connection has one query at a time.
         """
         held = [row.id for row in claimed]
-        every = self.lease / 3
         while True:
-            await asyncio.wait({dispatching}, timeout=every if held else None)
+            await asyncio.wait({dispatching}, timeout=self.renew_every if held else None)
             if dispatching.done():
                 return
             held = await self._renew(conn, held)
@@ -600,7 +604,7 @@ class DurableWorker:
                 " renewed (%s): its receivers go on, and %s",
                 self.using,
                 _one_line(exc),
-                f"it is tried again in {self.lease / 3:g}s"
+                f"it is tried again in {self.renew_every:g}s"
                 if again
                 else "its changes may be delivered again by another listener once the lease"
                 " has run out",
