@@ -214,6 +214,11 @@ def resync_message(label: str, reason: str, stream: str, **extra: Any) -> dict[s
     }
 
 
+def _seconds_at_least(span: float) -> float:
+    """``span`` rounded down to the millisecond: an age consumers take as a lower bound."""
+    return math.floor(span * 1000) / 1000
+
+
 class _Unchecked:
     """What a model's next checkpoint covers: its rows' last ``seq`` since its previous one."""
 
@@ -469,7 +474,7 @@ class ChannelLayerForwarder:
         if message["type"] == CHECKPOINT:
             marked = self._marked.get(label)
             if marked is not None:  # a consumer that subscribed before may have lost that
-                message["since"] = math.floor((start - marked) * 1000) / 1000
+                message["since"] = _seconds_at_least(start - marked)
             message["rows"] = {
                 row: [seq, self._age(label, seq, start)] for row, seq in message["rows"].items()
             }
@@ -483,7 +488,7 @@ class ChannelLayerForwarder:
         i = bisect.bisect_left(rounds, (seq, -math.inf))
         if i == len(rounds):
             return 0.0  # in this round
-        return math.floor((start - rounds[i][1]) * 1000) / 1000
+        return _seconds_at_least(start - rounds[i][1])
 
     async def _run(self) -> None:
         assert self._wake is not None
