@@ -275,6 +275,16 @@ class ManagedProcess:
             self.process.wait(5)
 
 
+def delivers_after_reconnecting(listener: ManagedProcess, timeout: float = 15) -> None:
+    """Wait until the ``pgnotify_listen -v 2`` process ``listener`` says it reconnected,
+    then until an order created now is printed: it delivers again."""
+    from tests.testapp.models import Order
+
+    listener.wait_for(r"reconnected to", stream="err", timeout=timeout)
+    order = Order.objects.create(status="after the reconnect")
+    listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+
+
 @pytest.fixture
 def listener_process(transactional_db) -> Iterator[Callable[..., ManagedProcess]]:
     """Start ``manage.py pgnotify_listen -v 2`` as a real process, ready to receive."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,6 @@ import pytest
 from django.db import connection
 from psycopg import sql
 
-from django_pgnotify import row_changed
 from django_pgnotify.listener import Listener
 from django_pgnotify.signals import listener_reconnected
 from django_pgnotify.testing import CapturedChanges, capture_row_changes
@@ -29,31 +27,11 @@ from tests.test_listener_resilience import (
     Proxy,
     create_orders_one_by_one,
     fast_listener,
+    held,
     start_listener,
     terminate,
 )
 from tests.testapp.models import Order
-
-
-@contextmanager
-def held(*statuses: str) -> Iterator[dict[str, threading.Event]]:
-    """A receiver of orders that blocks on each order of ``statuses`` until the test
-    sets its event, ``"<status> released"``; ``"<status>"`` is set once it is held."""
-    events = {name: threading.Event() for s in statuses for name in (s, f"{s} released")}
-
-    def hold(sender, event, **kwargs):
-        status = event.fields.get("status")
-        if status in statuses:
-            events[status].set()
-            events[f"{status} released"].wait(20)
-
-    row_changed.connect(hold, sender=Order, weak=False)
-    try:
-        yield events
-    finally:
-        for event in events.values():
-            event.set()
-        row_changed.disconnect(hold, sender=Order)
 
 
 @contextmanager

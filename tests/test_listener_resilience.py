@@ -34,6 +34,7 @@ from django_pgnotify.testing import capture_row_changes
 from tests.conftest import (
     ManagedProcess,
     changes_before_marker,
+    delivers_after_reconnecting,
     django_env,
     orders_beside_a_failing_receiver,
     run_manage,
@@ -205,6 +206,27 @@ def end_session(other_connection: psycopg.Connection, pid: int) -> None:
     wait_until(
         lambda: not other_connection.execute(query, [pid]).fetchone(), what=f"session {pid} gone"
     )
+
+
+@contextmanager
+def held(*statuses: str) -> Iterator[dict[str, threading.Event]]:
+    """A receiver of orders that blocks on each order of ``statuses`` until the test
+    sets its event, ``"<status> released"``; ``"<status>"`` is set once it is held."""
+    events = {name: threading.Event() for s in statuses for name in (s, f"{s} released")}
+
+    def hold(sender, event, **kwargs):
+        status = event.fields.get("status")
+        if status in statuses:
+            events[status].set()
+            events[f"{status} released"].wait(20)
+
+    row_changed.connect(hold, sender=Order, weak=False)
+    try:
+        yield events
+    finally:
+        for event in events.values():
+            event.set()
+        row_changed.disconnect(hold, sender=Order)
 
 
 @contextmanager
@@ -681,42 +703,31 @@ def test_each_time_the_local_queue_fills_again_it_is_counted_and_warned_about_on
     """queue_full counts the times the queue filled, not only the first; the warning
     stays at one a minute."""
     caplog.set_level(logging.INFO, logger="django_pgnotify")
-    entered, release = threading.Event(), threading.Event()
-
-    def hold(sender, event, **kwargs):
-        if event.fields["status"] == "hold":
-            entered.set()
-            release.wait(20)
-
-    row_changed.connect(hold, sender=Order, weak=False)
-    try:
-        # No probe (see above); a stats record at every tick.
-        with (
-            fast_listener(QUEUE_SIZE=50, PROBE_INTERVAL=60.0, STATS_INTERVAL=0.01),
-            capture_row_changes("testapp.Order") as changes,
-        ):
-            for filling in (1, 2):
-                entered.clear()
-                release.clear()
-                Order.objects.create(status="hold")
-                assert entered.wait(10), "the held change did not reach its receiver"
-                # 50 fill the queue, 49 wait on the server: fewer than fill it again.
-                create_orders_one_by_one(99)
-                wait_until(lambda: changes.stats["queue_full"] == filling, what="a full queue")  # noqa: B023
-                release.set()
-                changes.wait(100 * filling, timeout=20)
-                # A tick that saw the queue empty (and says so) ends the filling.
-                logged = len(caplog.records)
-                wait_until(
-                    lambda: any(
-                        getattr(r, "pgnotify", {}).get("local_queue") == 0
-                        for r in caplog.records[logged:]  # noqa: B023 (called here)
-                    ),
-                    what="a tick with the queue empty",
-                )
-    finally:
-        release.set()
-        row_changed.disconnect(hold, sender=Order)
+    # No probe (see above); a stats record at every tick.
+    with (
+        held("hold") as hold,
+        fast_listener(QUEUE_SIZE=50, PROBE_INTERVAL=60.0, STATS_INTERVAL=0.01),
+        capture_row_changes("testapp.Order") as changes,
+    ):
+        for filling in (1, 2):
+            hold["hold"].clear()
+            hold["hold released"].clear()
+            Order.objects.create(status="hold")
+            assert hold["hold"].wait(10), "the held change did not reach its receiver"
+            # 50 fill the queue, 49 wait on the server: fewer than fill it again.
+            create_orders_one_by_one(99)
+            wait_until(lambda: changes.stats["queue_full"] == filling, what="a full queue")  # noqa: B023
+            hold["hold released"].set()
+            changes.wait(100 * filling, timeout=20)
+            # A tick that saw the queue empty (and says so) ends the filling.
+            logged = len(caplog.records)
+            wait_until(
+                lambda: any(
+                    getattr(r, "pgnotify", {}).get("local_queue") == 0
+                    for r in caplog.records[logged:]  # noqa: B023 (called here)
+                ),
+                what="a tick with the queue empty",
+            )
 
     assert changes.stats["queue_full"] == 2
     full = [r for r in caplog.records if "local queue full" in r.getMessage()]
@@ -1408,29 +1419,17 @@ def test_the_lag_gauge_is_set_by_a_hop_still_waiting_for_more_changes(
 def test_the_lag_gauge_is_that_of_the_last_change_of_a_batch(transactional_db):
     """The newest: a batch holds changes of several ages, here two a transaction
     made 0.3 s apart, both read while a receiver held the one before."""
-    entered, release = threading.Event(), threading.Event()
-
-    def hold(sender, event, **kwargs):
-        if event.fields["status"] == "held":
-            entered.set()
-            release.wait(10)
-
-    row_changed.connect(hold, sender=Order, weak=False)
-    try:
-        with capture_row_changes("testapp.Order") as changes:
-            Order.objects.create(status="held")
-            assert entered.wait(10), "the change did not reach its receiver"
-            with transaction.atomic(), connection.cursor() as cursor:
-                Order.objects.create(status="older")
-                cursor.execute("SELECT pg_sleep(0.3)")  # the next trigger runs later
-                Order.objects.create(status="newer")
-            wait_until(lambda: changes.stats["received"] == 3, what="both read: one batch")
-            release.set()
-            older, newer = changes.wait(3)[1:]
-            lag, now = changes.listener.dispatcher.last_event_lag, time.time()
-    finally:
-        release.set()
-        row_changed.disconnect(hold, sender=Order)
+    with held("held") as hold, capture_row_changes("testapp.Order") as changes:
+        Order.objects.create(status="held")
+        assert hold["held"].wait(10), "the change did not reach its receiver"
+        with transaction.atomic(), connection.cursor() as cursor:
+            Order.objects.create(status="older")
+            cursor.execute("SELECT pg_sleep(0.3)")  # the next trigger runs later
+            Order.objects.create(status="newer")
+        wait_until(lambda: changes.stats["received"] == 3, what="both read: one batch")
+        hold["held released"].set()
+        older, newer = changes.wait(3)[1:]
+        lag, now = changes.listener.dispatcher.last_event_lag, time.time()
 
     assert (newer.timestamp - older.timestamp).total_seconds() >= 0.3
     # Measured when the batch was dispatched, before now: the newer change's age at most.
@@ -1709,10 +1708,7 @@ def test_a_silently_dead_connection_is_noticed_while_idle_and_replaced(proxy):
         # PROBE_INTERVAL 0.5 s + PROBE_TIMEOUT 2 s in tests.settings_listener, plus slack.
         assert time.monotonic() - frozen_at < 5
         assert "no answer to a query within 2s" in line
-        listener.wait_for(r"reconnected to", stream="err")
-        order = Order.objects.create(status="after the cut")
-
-        listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+        delivers_after_reconnecting(listener)
         assert listener.stop() == 0
     finally:
         listener.kill()
@@ -1730,10 +1726,7 @@ def test_a_connection_that_stops_delivering_notifications_is_noticed_by_the_prob
         line = listener.wait_for(r"lost the listening connection", stream="err", timeout=10)
         assert "self-probe" in line and "did not come back within 2s" in line
         cut.drop_notifications = False
-        listener.wait_for(r"reconnected to", stream="err", timeout=20)
-        order = Order.objects.create(status="after")
-
-        listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+        delivers_after_reconnecting(listener, timeout=20)
         assert listener.stop() == 0
     finally:
         listener.kill()

@@ -23,7 +23,7 @@ import pytest
 from psycopg import sql
 
 from django_pgnotify.connection import connection_params
-from tests.conftest import ManagedProcess, django_env, run_manage
+from tests.conftest import ManagedProcess, delivers_after_reconnecting, django_env, run_manage
 from tests.conftest import test_database_url as database_url
 from tests.testapp.models import Order, Tag
 
@@ -194,10 +194,7 @@ def test_a_reconnect_through_a_pool_turned_transaction_pooling_is_refused_and_re
         line = listener.wait_for(r"from another session\) did not come back", stream="err")
         assert "A connection pooler sits between" in line and "retrying in" in line
         bouncer.restart("session")
-        listener.wait_for(r"reconnected to", stream="err", timeout=20)
-        order = Order.objects.create(status="after")
-
-        listener.wait_for(rf"^testapp\.order insert pk={order.pk} ", stream="out")
+        delivers_after_reconnecting(listener, timeout=20)
         assert listener.stop() == 0
     finally:
         listener.kill()
