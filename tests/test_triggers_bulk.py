@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
@@ -26,9 +27,26 @@ ARTICLE_CHANNEL = "pgnotify_testapp_article"
 TAG_CHANNEL = "pgnotify_testapp_tag"
 
 
-def notifications(conn: psycopg.Connection) -> list[str]:
-    """The payloads that arrived on ``conn`` so far."""
-    return [n.payload for n in conn.notifies(timeout=0.5)]
+MARKER_CHANNEL = "pgnotify_test_marker"
+
+
+def notifications(conn: psycopg.Connection, timeout: float = 10.0) -> list[str]:
+    """The payloads of what was committed before the call, for the channels ``conn``
+    (in autocommit mode) listens on.
+
+    Notifications arrive in commit order: once a marker ``conn`` sends itself now
+    is in, everything committed earlier has arrived too, however slowly, so this
+    also shows that something was *not* sent without waiting for a fixed time.
+    """
+    marker = uuid.uuid4().hex
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(MARKER_CHANNEL)))
+    conn.execute("SELECT pg_notify(%s, %s)", [MARKER_CHANNEL, marker])
+    payloads = []
+    for notify in conn.notifies(timeout=timeout):
+        if (notify.channel, notify.payload) == (MARKER_CHANNEL, marker):
+            return payloads
+        payloads.append(notify.payload)
+    raise AssertionError(f"the marker notification did not arrive within {timeout}s")
 
 
 @pytest.fixture
@@ -62,13 +80,13 @@ def body(i: int) -> str:
     return kinds[i % len(kinds)]
 
 
-def insert_articles(conn, count: int) -> list[int]:
-    """One statement inserting ``count`` articles with the bodies of ``body()``; their ids."""
+def insert_articles(conn, count: int, bodies: Callable[[int], str] = body) -> list[int]:
+    """One statement inserting ``count`` articles with the bodies of ``bodies()``; their ids."""
     cursor = conn.execute(
         "INSERT INTO testapp_article (title, body)"
         " SELECT 't' || i, b FROM unnest(%s::text[]) WITH ORDINALITY AS u(b, i)"
         " RETURNING id",
-        [[body(i) for i in range(count)]],
+        [[bodies(i) for i in range(count)]],
     )
     return [row[0] for row in cursor]
 
@@ -138,19 +156,29 @@ def test_a_bulk_update_that_changes_nothing_sends_nothing(other_connection, list
     )
 
 
+@pytest.mark.parametrize(
+    ("count", "short"),
+    [(100, False), (100, True), (30, True)],
+    ids=["rows of every size", "short rows alone", "as many short rows as are joined"],
+)
 def test_a_statement_of_more_rows_than_are_joined_takes_the_window_function_alone(
-    other_connection, listening, restore_triggers, monkeypatch
+    other_connection, listening, restore_triggers, monkeypatch, count, short
 ):
-    monkeypatch.setattr(triggers, "_JOINED_ROWS", 30)
     (article,) = [d for d in get_declarations(["testapp.Article"]) if d.name == "default"]
-    other_connection.execute(build_trigger_sql(article).install)
-    count = 100
+    # Patched while the SQL is built alone: restore_triggers then installs every
+    # declaration as it is, not as patched, for the tests that follow.
+    with monkeypatch.context() as patched:
+        patched.setattr(triggers, "_JOINED_ROWS", 30)
+        built = build_trigger_sql(article)
+    other_connection.execute(built.install)
 
-    ids = insert_articles(other_connection, count)
+    # Short rows alone would all be joined in a statement of fewer rows.
+    kinds = (lambda i: f"short {i}") if short else body
+    ids = insert_articles(other_connection, count, kinds)
 
     inserted = rows_of(notifications(listening), "insert")
     assert sorted(r[0] for r in inserted) == sorted(ids)
-    bodies = dict(zip(ids, (body(i) for i in range(count)), strict=True))
+    bodies = dict(zip(ids, (kinds(i) for i in range(count)), strict=True))
     assert all(len(r) == 1 or r[2] == bodies[r[0]] for r in inserted)
 
 
@@ -217,3 +245,89 @@ def test_json_scalar_renders_every_field_type_as_to_json_does(other_connection):
     assert len(rendered) == 3
     for portable, newer in rendered:
         assert newer == portable
+
+
+def rows_of_lengths(template: list, lengths: list[int]) -> list[list]:
+    """Rows like ``template``, whose third value is an empty string, with that string
+    grown so that each row is one of ``lengths`` bytes of JSON text as the trigger
+    renders it (ASCII only)."""
+    empty = len(json.dumps(template, separators=(",", ":")))
+    return [[*template[:2], "b" * (length - empty), *template[3:]] for length in lengths]
+
+
+def insert_articles_with(conn, ids: list[int], bodies: list[str]) -> None:
+    """One statement inserting articles of these ids and bodies, each titled ``t``."""
+    conn.execute(
+        "INSERT INTO testapp_article (id, title, body)"
+        " SELECT id, 't', body FROM unnest(%s::int[], %s::text[]) AS u(id, body)",
+        [ids, bodies],
+    )
+
+
+@pytest.mark.parametrize("event", ["insert", "update"])
+def test_rows_of_about_the_joined_rows_limit_arrive_once_and_whole(
+    other_connection, listening, event
+):
+    # Rows shorter than 512 bytes are joined into one string, longer ones go through
+    # the window function: rows either side of the limit, and at it, as the longest.
+    ids = list(range(10**7, 10**7 + 30))
+    lengths = [512 - i % 4 for i in range(30)]
+    inserted = rows_of_lengths([ids[0], "t", ""], lengths if event == "insert" else [100] * 30)
+    insert_articles_with(other_connection, ids, [row[2] for row in inserted])
+    expected = [[pk, *row[1:]] for pk, row in zip(ids, inserted, strict=True)]
+    if event == "update":
+        notifications(listening)
+        # [pk, title, body, old title, old body, changed]: the body changed (bit 1), from
+        # the same old body in every row.
+        updated = rows_of_lengths([ids[0], "t", "", "t", inserted[0][2], 2], lengths)
+        other_connection.execute(
+            "UPDATE testapp_article AS a SET body = u.body"
+            " FROM unnest(%s::int[], %s::text[]) AS u(id, body) WHERE a.id = u.id",
+            [ids, [row[2] for row in updated]],
+        )
+        expected = [[pk, *row[1:]] for pk, row in zip(ids, updated, strict=True)]
+    assert {len(json.dumps(r, separators=(",", ":"))) for r in expected} == {509, 510, 511, 512}
+
+    received = rows_of(notifications(listening), event)
+
+    assert sorted(received) == sorted(expected)
+
+
+def test_a_bulk_write_gives_the_writer_its_planner_settings_back(other_connection, listening):
+    # The bulk queries run without JIT, merge joins and nested loops, with more work_mem.
+    mine = {"jit": "on", "work_mem": "1234kB", "enable_mergejoin": "on", "enable_nestloop": "on"}
+    for name, value in mine.items():
+        other_connection.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), value))
+
+    def settings() -> dict[str, str]:
+        return {
+            name: other_connection.execute(
+                sql.SQL("SHOW {}").format(sql.Identifier(name))
+            ).fetchone()[0]
+            for name in mine
+        }
+
+    with other_connection.transaction():
+        insert_articles(other_connection, 100)
+        assert settings() == mine
+        other_connection.execute("UPDATE testapp_article SET title = title || '!'")
+        assert settings() == mine
+    assert settings() == mine
+    messages = [json.loads(payload) for payload in notifications(listening)]
+    assert sum(len(m["rows"]) for m in messages) == 200
+
+
+@pytest.mark.parametrize("length", [700, 2000], ids=["under an eighth of the room", "under half"])
+def test_rows_that_take_the_window_function_alone_fill_notifications_within_the_limit(
+    other_connection, listening, length
+):
+    # Grouped by their running total of bytes: a group ends within the room, whatever
+    # the rows' sizes add up to.
+    count = 200
+    ids = list(range(10**7, 10**7 + count))
+    rows = rows_of_lengths([ids[0], "t", ""], [length] * count)
+    insert_articles_with(other_connection, ids, [row[2] for row in rows])
+
+    received = rows_of(notifications(listening), "insert")
+
+    assert sorted(received) == [[pk, *row[1:]] for pk, row in zip(ids, rows, strict=True)]

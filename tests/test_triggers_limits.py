@@ -1,14 +1,19 @@
-"""Declarations at the edges of what a trigger can do, read as raw notifications.
+"""Declarations and writes at the edges of what a trigger can do, read as raw
+notifications.
 
 A user's write must never fail because of a declaration that passed the
 checks: not for a declared column whose type has no ``=`` operator, and not
 for a context that, beside a long header, would push a notification past
-PostgreSQL's 8000 bytes.
+PostgreSQL's 8000 bytes. At the limits (the room for rows, the longest
+context, rows and keys too long to send, rows changed twice by foreign keys,
+values equal but written differently, NULLs), every path sends the same.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -20,10 +25,12 @@ from psycopg import sql
 
 from django_pgnotify import Notify, triggers, wire
 from django_pgnotify.declarations import Declaration, resolve_model
+from django_pgnotify.decoding import Decoder
 from django_pgnotify.transaction_settings import encode_context
 from django_pgnotify.triggers import build_trigger_sql
-from tests.test_triggers_bulk import notifications, rows_of
-from tests.testapp.models import Legacy, PlainJSONField
+from tests.test_triggers_bulk import insert_articles_with, notifications, rows_of
+from tests.test_triggers_statements import install, stored_rows, throwaway_model
+from tests.testapp.models import Article, Legacy, Logbook, PlainJSONField
 
 
 @pytest.fixture
@@ -37,6 +44,13 @@ def declaration_of(model: type[models.Model], notify: Notify) -> Declaration:
     (declaration,), messages = resolve_model(model, notify)
     assert not [m for m in messages if m.is_serious()]
     return declaration
+
+
+def decoded(listening: psycopg.Connection, model: type[models.Model]) -> list:
+    """What was committed before the call on the channels ``listening`` listens on,
+    decoded as the listener decodes it."""
+    decoder = Decoder([model])
+    return [change for payload in notifications(listening) for change in decoder.decode(payload)]
 
 
 @pytest.mark.parametrize("level", ["statement", "row"])
@@ -143,9 +157,14 @@ def test_a_context_that_would_leave_rows_too_little_room_is_left_out(
     notifications(listening)
     # What context() accepts, of quotes, which JSON escapes twice: about 2000 bytes.
     large = encode_context({"q": '"' * ((wire.CONTEXT_LIMIT - 8) // 2)})
+    # Far shorter than what notifications of a few columns take, but the rows would
+    # keep less than MIN_ROWS_ROOM bytes beside it.
+    medium = encode_context({"q": "m" * 300})
+    assert triggers.least_rows_room(declaration) - len(medium) < triggers.MIN_ROWS_ROOM
     small = encode_context({"actor": "user:1"})
 
-    for context, where in [(large, "id = 1"), (large, "true"), (small, "id = 2")]:
+    contexts = [(large, "id = 1"), (large, "true"), (medium, "id = 2"), (small, "id = 3")]
+    for context, where in contexts:
         with other_connection.transaction():
             other_connection.execute("SELECT set_config('pgnotify.context', %s, true)", [context])
             other_connection.execute(
@@ -156,6 +175,363 @@ def test_a_context_that_would_leave_rows_too_little_room_is_left_out(
             )
 
     messages = [json.loads(p) for p in notifications(listening)]
-    assert sum(len(m["rows"]) for m in messages) == 1 + 30 + 1
+    assert sum(len(m["rows"]) for m in messages) == 1 + 30 + 1 + 1
     assert [m.get(wire.CONTEXT) for m in messages] == [None] * (len(messages) - 1) + [small]
     assert all(len(r) > 1 for m in messages for r in m["rows"])  # whole rows, not pks
+
+
+KEYED = "pgnotify_test_keyed"
+
+
+@pytest.fixture
+def keyed_table(other_connection):
+    """Rows with a text primary key, which may be longer than a notification holds."""
+    with throwaway_model(
+        other_connection,
+        KEYED,
+        f"CREATE TABLE {KEYED} (id text PRIMARY KEY, body text)",
+        f"DROP TABLE IF EXISTS {KEYED}",
+        "Keyed",
+        id=models.TextField(primary_key=True),
+        body=models.TextField(null=True),
+    ) as model:
+        yield model
+
+
+@pytest.mark.parametrize("filler", [0, 30], ids=["few rows", "bulk"])
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_row_too_long_arrives_as_its_pk_and_one_whose_pk_is_too_long_as_null(
+    keyed_table, other_connection, listening, level, filler
+):
+    declaration = install(keyed_table, other_connection, Notify(fields=["body"], level=level))
+    huge = "k" * 9000  # repetitive: compressed, it fits the primary key's index
+    rows = [("short", "x"), ("long", "y" * 9000), (huge, "z")]
+    rows += [(f"filler{i}", "f") for i in range(filler)]
+    listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+    other_connection.execute(
+        f"INSERT INTO {KEYED} SELECT * FROM unnest(%s::text[], %s::text[])",
+        [[pk for pk, _ in rows], [body for _, body in rows]],
+    )
+    other_connection.execute(f"UPDATE {KEYED} SET body = body || '!'")
+    other_connection.execute(f"DELETE FROM {KEYED}")
+    events = decoded(listening, keyed_table)
+
+    assert len(events) == 3 * len(rows)
+    for action in ["insert", "update", "delete"]:
+        sent = {e.pk: e for e in events if e.action == action}
+        assert len(sent) == len(rows)
+        assert (sent["short"].truncated, sent["short"].fields) == (
+            False,
+            {"body": "x" if action == "insert" else "x!"},
+        )
+        assert (sent["long"].truncated, sent["long"].fields) == (True, {})
+        assert (sent[None].truncated, sent[None].fields) == (True, {})
+        assert huge not in sent
+
+
+@pytest.mark.parametrize("count", [20, 200], ids=["few rows", "bulk"])
+def test_the_largest_context_travels_in_full_notifications_without_failing_the_write(
+    other_connection, listening, count
+):
+    listening.execute("LISTEN pgnotify_testapp_article")
+    # What context() accepts, of quotes, which JSON escapes twice: about 2000 bytes.
+    large = encode_context({"q": '"' * ((wire.CONTEXT_LIMIT - 8) // 2)})
+    with other_connection.transaction():
+        other_connection.execute("SELECT set_config('pgnotify.context', %s, true)", [large])
+        other_connection.execute(  # 300-byte rows: together, more than the room left
+            "INSERT INTO testapp_article (title, body)"
+            " SELECT 't' || i, repeat('b', 300) FROM generate_series(1, %s) AS i",
+            [count],
+        )
+
+    # The setting outlives the transaction, empty: the session's next write has no context.
+    other_connection.execute("INSERT INTO testapp_article (title, body) VALUES ('after', '')")
+
+    *messages, after = [json.loads(p) for p in notifications(listening)]
+    assert sum(len(m["rows"]) for m in messages) == count
+    assert [m[wire.CONTEXT] for m in messages] == [large] * len(messages)
+    assert all(len(r) == 3 for m in messages for r in m["rows"])  # whole rows, not pks
+    assert other_connection.execute("SHOW pgnotify.context").fetchone() == ("",)
+    assert wire.CONTEXT not in after
+
+
+NULLABLE = "pgnotify_test_nullable"
+
+
+@pytest.fixture
+def nullable_table(other_connection):
+    with throwaway_model(
+        other_connection,
+        NULLABLE,
+        f"CREATE TABLE {NULLABLE} (id integer PRIMARY KEY, label text, amount numeric)",
+        f"DROP TABLE IF EXISTS {NULLABLE}",
+        "Nullable",
+        id=models.IntegerField(primary_key=True),
+        label=models.TextField(null=True),
+        amount=models.DecimalField(max_digits=20, decimal_places=10, null=True),
+    ) as model:
+        yield model
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+@pytest.mark.parametrize("when_changed", [[], ["label"]], ids=["any column", "when_changed"])
+def test_an_update_from_null_to_a_value_and_back_is_a_change_of_that_field(
+    nullable_table, other_connection, listening, level, when_changed
+):
+    notify = Notify(fields=["label"], when_changed=when_changed, level=level)
+    declaration = install(nullable_table, other_connection, notify)
+    other_connection.execute(f"INSERT INTO {NULLABLE} SELECT generate_series(1, 25)")
+    listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+    other_connection.execute(f"UPDATE {NULLABLE} SET label = 'a'")  # the bulk path
+    other_connection.execute(f"UPDATE {NULLABLE} SET label = NULL WHERE id = 1")
+    events = decoded(listening, nullable_table)
+
+    assert Counter((e.pk, e.old["label"], e.fields["label"], e.changed) for e in events) == Counter(
+        [
+            *((pk, None, "a", frozenset({"label"})) for pk in range(1, 26)),
+            (1, "a", None, frozenset({"label"})),
+        ]
+    )
+
+
+PARENTS, CHILDREN = "pgnotify_test_parents", "pgnotify_test_children"
+
+
+@pytest.fixture(
+    params=[
+        "ON DELETE SET DEFAULT",
+        "ON UPDATE SET NULL",
+        "ON UPDATE SET DEFAULT",
+        "ON UPDATE CASCADE",
+    ]
+)
+def twice_referencing_table(request, other_connection):
+    """Rows with two foreign keys to one parent table, both with the action of the
+    parameter, which changes a row twice when its one parent row goes or is renumbered."""
+    with throwaway_model(
+        other_connection,
+        CHILDREN,
+        f"CREATE TABLE {PARENTS} (id integer PRIMARY KEY);"
+        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
+        f" first integer REFERENCES {PARENTS} {request.param},"
+        f" second integer REFERENCES {PARENTS} {request.param})",
+        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
+        "Child",
+        id=models.IntegerField(primary_key=True),
+        first=models.IntegerField(null=True),
+        second=models.IntegerField(null=True),
+    ) as model:
+        yield model, request.param
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_every_foreign_key_action_that_changes_the_only_row_twice_makes_two_updates(
+    twice_referencing_table, other_connection, listening, durable
+):
+    """One row changed twice is the statement's only row: two rows in each transition
+    table, paired by position whatever the action of the keys that changed it."""
+    model, action = twice_referencing_table
+    declaration = install(
+        model, other_connection, Notify(fields=["first", "second"], durable=durable)
+    )
+    other_connection.execute(
+        f"INSERT INTO {PARENTS} VALUES (1); INSERT INTO {CHILDREN} VALUES (1, 1, 1)"
+    )
+    value = 2 if "CASCADE" in action else None
+    listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+    if "DELETE" in action:
+        other_connection.execute(f"DELETE FROM {PARENTS}")
+    else:
+        other_connection.execute(f"UPDATE {PARENTS} SET id = 2")
+    if durable:
+        changes = [
+            (pk, (first, second), (old_first, old_second))
+            for pk, first, second, old_first, old_second, _ in stored_rows(
+                other_connection, "testapp.child", "update"
+            )
+        ]
+    else:
+        changes = [
+            (e.pk, (e.fields["first"], e.fields["second"]), tuple(e.old.values()))
+            for e in decoded(listening, model)
+        ]
+
+    # Each key's action changes one column; PostgreSQL runs them in either order.
+    assert Counter(changes) in [
+        Counter([(1, (value, 1), (1, 1)), (1, (value, value), (value, 1))]),
+        Counter([(1, (1, value), (1, 1)), (1, (value, value), (1, value))]),
+    ]
+
+
+@pytest.mark.parametrize("filler", [0, 30], ids=["alone", "bulk"])
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_the_room_for_rows_is_the_same_on_every_path(
+    other_connection, listening, restore_triggers, level, filler
+):
+    """A row as long as the room a notification leaves for rows is sent as its pk, one
+    a byte shorter whole: alone in its statement, among others, and at either level."""
+    notify = Notify(fields=["title", "body"], events=["insert", "update"], level=level)
+    declaration = declaration_of(Article, notify)
+    other_connection.execute(build_trigger_sql(declaration).install)
+    listening.execute("LISTEN pgnotify_testapp_article")
+    room = triggers.rows_room(declaration, "insert")
+    shorter, longest = 10**7, 10**7 + 1
+    empty = len(json.dumps([shorter, "t", ""], separators=(",", ":")))
+    rows = [(shorter, "b" * (room - 1 - empty)), (longest, "b" * (room - empty))]
+    rows += [(10**7 + 2 + i, "f") for i in range(filler)]
+    statements = [rows] if filler else [[row] for row in rows]
+    for written in statements:
+        insert_articles_with(other_connection, [pk for pk, _ in written], [b for _, b in written])
+
+    sent = {row[0]: row for row in rows_of(notifications(listening), "insert")}
+    assert len(json.dumps(sent[shorter], separators=(",", ":"))) == room - 1
+    assert sent[longest] == [longest]
+    assert len(sent) == len(rows)
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_context_set_by_hand_is_left_out_only_when_longer_than_the_limit(
+    other_connection, listening, restore_triggers, level
+):
+    notify = Notify(fields=["title", "body"], events=["insert", "update"], level=level)
+    declaration = declaration_of(Article, notify)
+    other_connection.execute(build_trigger_sql(declaration).install)
+    listening.execute("LISTEN pgnotify_testapp_article")
+    limit = triggers.context_limit(declaration)
+    assert limit == triggers.CONTEXT_MAX
+    key = f',"{wire.CONTEXT}":'
+    # The setting as the trigger adds it: a key and a JSON string, of the limit's length.
+    at_limit = "x" * (limit - len(key) - 2)
+    assert len(key + json.dumps(at_limit)) == limit
+
+    for context in [at_limit, at_limit + "x"]:
+        with other_connection.transaction():
+            other_connection.execute("SELECT set_config('pgnotify.context', %s, true)", [context])
+            other_connection.execute("INSERT INTO testapp_article (title, body) VALUES ('t', '')")
+
+    contexts = [json.loads(p).get(wire.CONTEXT) for p in notifications(listening)]
+    assert contexts == [at_limit, None]
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_floats_in_arrays_alone_arrive_exact_and_the_writer_keeps_its_float_digits(
+    other_connection, listening, restore_triggers, level
+):
+    # 15 significant digits print 0.1 + 0.2 as 0.3: the function renders floats with
+    # extra_float_digits = 1, and gives the writer its own back at once.
+    declaration = declaration_of(Logbook, Notify(fields=["ratios"], level=level))
+    other_connection.execute(build_trigger_sql(declaration).install)
+    listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+    other_connection.execute("SET extra_float_digits = 0")
+    with other_connection.transaction():
+        (pk,) = other_connection.execute(
+            "INSERT INTO testapp_logbook"
+            " (moments, days, times, tokens, blobs, ratios, names, secrets)"
+            " VALUES ('{}', '{}', '{}', '{}', '{}', ARRAY[0.1::float8 + 0.2], '{}', '{}')"
+            " RETURNING id"
+        ).fetchone()
+        assert other_connection.execute("SHOW extra_float_digits").fetchone() == ("0",)
+
+    assert rows_of(notifications(listening), "insert") == [[pk, [0.1 + 0.2]]]
+
+
+def test_the_two_changes_of_a_row_changed_twice_arrive_in_order_on_the_bulk_path(
+    other_connection, listening
+):
+    """Renaming a parent key changes each child twice (two ``ON UPDATE CASCADE`` keys):
+    a listener sees each child's changes in the order they were made, the last one last,
+    also when the statement's rows take the window function (a few kilobytes each)."""
+    with throwaway_model(
+        other_connection,
+        CHILDREN,
+        f"CREATE TABLE {PARENTS} (id text PRIMARY KEY);"
+        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
+        f" first text REFERENCES {PARENTS} ON UPDATE CASCADE,"
+        f" second text REFERENCES {PARENTS} ON UPDATE CASCADE, label text)",
+        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
+        "Child",
+        id=models.IntegerField(primary_key=True),
+        first=models.TextField(),
+        second=models.TextField(),
+        label=models.TextField(),
+    ) as model:
+        notify = Notify(fields=["first", "second", "label"])
+        declaration = install(model, other_connection, notify)
+        old, new = "o" * 300, "n" * 300
+        other_connection.execute(f"INSERT INTO {PARENTS} VALUES (%s)", [old])
+        other_connection.execute(
+            f"INSERT INTO {CHILDREN} SELECT g, %s, %s, repeat('l', 600)"
+            " FROM generate_series(1, 25) AS g",
+            [old, old],
+        )
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        other_connection.execute(f"UPDATE {PARENTS} SET id = %s", [new])
+        events = decoded(listening, model)
+
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for event in events:
+        seen.setdefault(event.pk, []).append((event.fields["first"], event.fields["second"]))
+    assert seen.keys() == set(range(1, 26))
+    assert all(len(changes) == 2 for changes in seen.values())
+    # Each key's action changes one column; PostgreSQL runs them in either order.
+    assert {tuple(changes) for changes in seen.values()} in [
+        {((new, old), (new, new))},
+        {((old, new), (new, new))},
+    ]
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+@pytest.mark.parametrize("when_changed", [[], ["amount"]], ids=["any column", "when_changed"])
+def test_a_value_written_again_in_another_form_is_no_change_of_that_field(
+    nullable_table, other_connection, listening, level, when_changed
+):
+    """Declared columns are compared by value, as the ORM reads them: 1.0 and 1.00 are
+    one number. The row's stored bytes changed, which announces it without when_changed."""
+    notify = Notify(fields=["amount"], when_changed=when_changed, level=level)
+    declaration = install(nullable_table, other_connection, notify)
+    other_connection.execute(
+        f"INSERT INTO {NULLABLE} SELECT g, NULL, 1.0 FROM generate_series(1, 25) AS g"
+    )
+    listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+    other_connection.execute(f"UPDATE {NULLABLE} SET amount = 1.00")  # the bulk path
+    other_connection.execute(f"UPDATE {NULLABLE} SET amount = 2 WHERE id = 1")
+
+    changes = [(e.pk, e.fields["amount"], e.changed) for e in decoded(listening, nullable_table)]
+
+    moved = (1, Decimal(2), {"amount"})
+    if when_changed:
+        assert changes == [moved]
+    else:
+        assert sorted(changes[:-1]) == [(pk, Decimal("1.00"), set()) for pk in range(1, 26)]
+        assert changes[-1] == moved
+
+
+def test_a_durable_statement_that_changes_nothing_stores_nothing_and_wakes_no_one(
+    nullable_table, other_connection, listening
+):
+    install(nullable_table, other_connection, Notify(fields=["label"], durable=True))
+    other_connection.execute(f"INSERT INTO {NULLABLE} SELECT generate_series(1, 25)")
+    listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(wire.DURABLE_CHANNEL)))
+    notifications(listening)
+
+    other_connection.execute(f"UPDATE {NULLABLE} SET label = label")
+    other_connection.execute(f"UPDATE {NULLABLE} SET label = 'a' WHERE id <= 2")
+
+    assert notifications(listening) == [""]  # the second statement's wake-up alone
+    assert sorted(stored_rows(other_connection, "testapp.nullable", "update")) == [
+        [pk, "a", None, 1] for pk in (1, 2)
+    ]
+
+
+def test_models_paused_by_hand_are_named_in_any_case_and_spacing(other_connection, listening):
+    listening.execute("LISTEN pgnotify_testapp_article")
+    # As Model._meta.label prints it, and as a list typed by hand.
+    for paused in ["testapp.Article", " testapp.tag , TESTAPP.ARTICLE "]:
+        with other_connection.transaction():
+            other_connection.execute("SELECT set_config('pgnotify.paused', %s, true)", [paused])
+            other_connection.execute(
+                "INSERT INTO testapp_article (title, body) VALUES ('quiet', '')"
+            )
+    other_connection.execute("INSERT INTO testapp_article (title, body) VALUES ('heard', '')")
+
+    assert [row[1] for row in rows_of(notifications(listening), "insert")] == ["heard"]
