@@ -260,6 +260,21 @@ _NUMBERS = {
     "DURABLE_RETRY_DELAY_MAX": (0, False, False),
 }
 
+# Seconds that SQL adds to now() (``now() + make_interval(secs => ...)``), and what a
+# value too large for that would fail at run time.
+_SECONDS_IN_SQL = {
+    "DURABLE_LEASE": "every claim of durable events",
+    # Retry delays never exceed it, whatever DURABLE_RETRY_DELAY_MIN is.
+    "DURABLE_RETRY_DELAY_MAX": "every retry of a durable event once its delay reaches the maximum",
+}
+
+# The most seconds ``_SECONDS_IN_SQL`` may be: from the year 10000 (no datetime reaches
+# it) to PostgreSQL's last timestamp, 294276-12-31 23:59:59.999999 UTC; about 284,277
+# years. Beyond it, now() plus the interval is "timestamp out of range"; and beyond 2**63
+# microseconds make_interval() itself fails ("interval out of range" on PostgreSQL 18)
+# or wraps around to a negative interval (PostgreSQL 15).
+_SQL_SECONDS_MAX = 8_970_915_715_199
+
 # Delays that double from the first setting of a pair up to the second.
 _DELAY_RANGES = (
     ("RECONNECT_DELAY_MIN", "RECONNECT_DELAY_MAX"),
@@ -300,6 +315,7 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
                 )
             )
     messages.extend(_check_delay_ranges(config))
+    messages.extend(_check_seconds_in_sql(config))
     usage = config.get("QUEUE_USAGE_WARNING", DEFAULTS["QUEUE_USAGE_WARNING"])
     if isinstance(usage, (int, float)) and usage > 1:
         messages.append(
@@ -384,3 +400,23 @@ def _check_delay_ranges(config: dict[str, Any]) -> list[checks.CheckMessage]:
                 )
             )
     return messages
+
+
+def _check_seconds_in_sql(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    """A number of seconds that SQL adds to now() and PostgreSQL's timestamps cannot
+    hold (pgnotify.E010): it would pass here and fail every statement that uses it.
+
+    Values that are not numbers are reported by ``_check_values`` alone.
+    """
+    return [
+        checks.Error(
+            f'PGNOTIFY["{key}"] must be at most {_SQL_SECONDS_MAX} seconds (about 284,000 '
+            f"years), got {value!r}.",
+            hint="PostgreSQL adds it to the current time, and its timestamps end in the year "
+            f'294276: a larger value fails {failing} with "timestamp out of range" or '
+            '"interval out of range".',
+            id="pgnotify.E010",
+        )
+        for key, failing in _SECONDS_IN_SQL.items()
+        if _is_number(value := config.get(key, DEFAULTS[key])) and value > _SQL_SECONDS_MAX
+    ]

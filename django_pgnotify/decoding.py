@@ -28,7 +28,7 @@ from django.utils.dateparse import parse_datetime, parse_time
 from psycopg.types.range import Range
 
 from . import wire
-from .declarations import column_type, innermost_field, stored_field
+from .declarations import column_type, stored_field
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -506,11 +506,11 @@ def _typed(field: models.Field, using: str) -> Converter:
     fixture gives (``GenericIPAddressField(unpack_ipv4=True)`` makes
     ``'::ffff:10.0.0.1'`` ``'10.0.0.1'``), which the ORM does not do to what it reads.
     """
+    if _is_array(field):
+        return _array_converter(field, using)
     internal = field.get_internal_type()
     if internal == "JSONField":
         return _json_converter(field)
-    if internal == "ArrayField":
-        return _array_converter(field, using)
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
@@ -518,8 +518,27 @@ def _typed(field: models.Field, using: str) -> Converter:
     return _by_column_type(field, using)
 
 
+def _is_array(field: models.Field) -> bool:
+    """Whether the ORM reads ``field``'s column as an array: an ``ArrayField``, or a
+    subclass of one (a ``ChoiceArrayField``...), whose internal type is its class name."""
+    if field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
+        return True
+    from django.contrib.postgres.fields import ArrayField
+
+    return isinstance(field, ArrayField)
+
+
+def _innermost(field: models.Field) -> tuple[models.Field, int]:
+    """An array's innermost base field and how many arrays hold it, as ``_is_array``
+    tells them (``declarations.innermost_field`` goes by internal type alone)."""
+    depth = 0
+    while _is_array(field):
+        field, depth = field.base_field, depth + 1  # type: ignore[attr-defined]  # an array's
+    return field, depth
+
+
 def _array_converter(field: models.Field, using: str) -> Converter:
-    element, _ = innermost_field(field)
+    element, _ = _innermost(field)
     convert = _ELEMENT_CONVERTERS.get(element.get_internal_type())
     if convert is None:
         # Rendered by to_json as an element of any type is: read by its column type.
@@ -558,7 +577,7 @@ def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
     """Whether ``_typed`` gives what ``converters`` would: those of ``JSONField``
     itself, which ``_json_converter`` applies, and of an array of it without a
     decoder, whose elements JSON embeds as the ORM would read them."""
-    element, depth = innermost_field(field)
+    element, depth = _innermost(field)
     if len(converters) != 1 or not isinstance(element, models.JSONField):
         return False
     if type(element).from_db_value is not models.JSONField.from_db_value:
@@ -579,14 +598,14 @@ def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
 def _adapted(field: models.Field, using: str) -> Converter:
     """A payload value of ``field``'s column to what the database adapter gives for it,
     which ``from_db_value`` receives: JSON as its text (triggers send it so)."""
-    internal = field.get_internal_type()
-    if internal == "JSONField":
-        return _same
-    if internal == "ArrayField":
-        element, depth = innermost_field(field)
+    if _is_array(field):
+        element, depth = _innermost(field)
         if element.get_internal_type() == "JSONField":
             return _json_texts(depth)
         return _array_converter(field, using)
+    internal = field.get_internal_type()
+    if internal == "JSONField":
+        return _same
     if internal in _CONVERTERS:
         return _CONVERTERS[internal]
     if internal.endswith(("IntegerField", "AutoField")):
@@ -687,10 +706,13 @@ class _Layout:
         self.rows = self._rows_reader(codec)
 
     def changed(self, mask: Any) -> frozenset[str]:
-        names = self._changed.get(mask)
+        kind = type(mask)
+        # Looked up by an int or a str alone: true and 1.0 equal 1 and would find its
+        # names, and a list cannot be looked up at all.
+        names = self._changed.get(mask) if kind is int or kind is str else None
         if names is None:
             # Beyond 62 watched columns, triggers send the mask as a string of digits.
-            bits = int(mask) if type(mask) is str and mask.isascii() and mask.isdigit() else mask
+            bits = int(mask) if kind is str and mask.isascii() and mask.isdigit() else mask
             if type(bits) is not int:
                 raise DecodeError(f"changed mask {mask!r} is not an integer")
             names = frozenset(wire.changed_names(self.watched, bits))
@@ -810,9 +832,7 @@ class _ModelCodec:
         self.stats = stats
         self.pk = converter_for(model._meta.pk, using)
         self.columns = {
-            f.column: (f.attname, converter_for(f, using))
-            for f in model._meta.concrete_fields
-            if f.column
+            f.column: (f.attname, converter_for(f, using)) for f in model._meta.concrete_fields
         }
         # Version 1 embeds JSON values rather than sending their text.
         self._embedded_json = {

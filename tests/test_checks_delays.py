@@ -1,14 +1,15 @@
-"""Number settings: a delay pair's minimum above its maximum, or a value that is not
-finite, fails ``manage.py check``."""
+"""Number settings: a delay pair's minimum above its maximum, a value that is not
+finite, or seconds too many for PostgreSQL to add to the time, fail ``manage.py check``."""
 
 from __future__ import annotations
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import DataError, connection, transaction
 from django.test import override_settings
 
-from django_pgnotify.checks import check_declarations
+from django_pgnotify.checks import _SQL_SECONDS_MAX, check_declarations
 
 
 @pytest.mark.parametrize(
@@ -78,3 +79,58 @@ def test_a_number_setting_that_is_not_finite_is_an_error(value):
 
     assert [m.id for m in messages] == ["pgnotify.E010"]
     assert 'PGNOTIFY["PROBE_TIMEOUT"] must be a number greater than 0' in messages[0].msg
+
+
+@pytest.mark.parametrize(
+    ("setting", "shown", "failing"),
+    [
+        (
+            {"DURABLE_LEASE": 1e13},
+            'PGNOTIFY["DURABLE_LEASE"] must be at most 8970915715199 seconds (about 284,000 '
+            "years), got 10000000000000.0.",
+            "every claim of durable events",
+        ),
+        (
+            {"DURABLE_RETRY_DELAY_MAX": 8_970_915_715_200},
+            'PGNOTIFY["DURABLE_RETRY_DELAY_MAX"] must be at most 8970915715199 seconds (about '
+            "284,000 years), got 8970915715200.",
+            "every retry of a durable event",
+        ),
+    ],
+    ids=["lease", "retry-delay-max"],
+)
+def test_seconds_added_to_the_time_in_sql_beyond_postgresqls_timestamps_are_an_error(
+    setting, shown, failing
+):
+    with override_settings(PGNOTIFY=setting):
+        messages = check_declarations()
+
+    assert [(m.id, m.msg) for m in messages] == [("pgnotify.E010", shown)]
+    assert "timestamps end in the year 294276" in messages[0].hint
+    assert failing in messages[0].hint
+
+
+def test_the_most_seconds_the_checks_accept_are_added_to_the_time_by_postgresql(db):
+    """The bound is PostgreSQL's: the time plus as many seconds as the checks accept is
+    a timestamp until the year 10000, and one second more is not even then; 1e13 is
+    none at any time."""
+    setting = {
+        "DURABLE_LEASE": _SQL_SECONDS_MAX,
+        "DURABLE_RETRY_DELAY_MIN": _SQL_SECONDS_MAX,
+        "DURABLE_RETRY_DELAY_MAX": float(_SQL_SECONDS_MAX),
+    }
+    with override_settings(PGNOTIFY=setting):
+        assert check_declarations() == []
+    later = "SELECT (%s::timestamptz + make_interval(secs => %s))::text"
+    last_year = "9999-12-31 23:59:59.999999+00"
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now() + make_interval(secs => %s)", [float(_SQL_SECONDS_MAX)])
+        cursor.execute(later, [last_year, float(_SQL_SECONDS_MAX)])
+        (latest,) = cursor.fetchone()
+        assert latest.startswith("294276-12-31 23:59:58.99")  # a second to spare
+        for seconds in [_SQL_SECONDS_MAX + 1.0, 1e13]:
+            with pytest.raises(DataError, match="out of range"), transaction.atomic():
+                cursor.execute(later, ["10000-01-01 00:00:00+00", seconds])
+        with pytest.raises(DataError, match="out of range"), transaction.atomic():
+            cursor.execute("SELECT now() + make_interval(secs => %s)", [1e13])

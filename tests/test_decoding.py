@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 from django.contrib.postgres.fields import ArrayField, DateRangeField, DateTimeRangeField
+from django.core.exceptions import ValidationError
 from django.db import connection, models, transaction
 from django.test import override_settings
 from django.test.utils import isolate_apps
@@ -311,6 +312,57 @@ def test_other_unconvertible_values_are_passed_on_as_sent(column, value):
     assert reading_with(**{column: value}).fields == {column: value}
 
 
+def test_an_integer_quoted_in_a_payload_made_by_hand_is_read_as_the_integer_it_spells():
+    """Triggers send integers as JSON numbers. A quoted one (a payload made by hand) is
+    read as the integer, as a pk, and in the object rows of version 1 as any value."""
+    order = decode_one(Order, message("testapp.order", "insert", {"pk": "7", "fields": {}}))
+    fields = {"order_id": "42", "count": "9007199254740993"}
+    reading = decode_one(
+        Reading,
+        message_v1("testapp.reading", "insert", {"pk": str(READING_ID), "fields": fields}),
+    )
+
+    assert order.pk == 7
+    assert reading.fields == {"order_id": 42, "count": 9007199254740993}
+
+
+class ValidatingDecoder(json.JSONDecoder):
+    """Refuses an object without a "kind", as a JSON field's decoder may, with Django's
+    ``ValidationError``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "object_hook": self.validated})
+
+    @staticmethod
+    def validated(value):
+        if "kind" not in value:
+            raise ValidationError("an object without a kind")
+        return value
+
+
+@isolate_apps("tests.testapp")
+def test_a_json_fields_decoder_that_raises_validation_error_passes_the_value_on_as_sent(caplog):
+    """The decoder is the field's own code, run as the ORM runs it: what it raises for
+    a value is a value that cannot be converted, not a payload that cannot be read."""
+
+    class Shipment(models.Model):
+        label = models.JSONField(null=True, decoder=ValidatingDecoder)
+        weight = models.DecimalField(max_digits=5, decimal_places=2, null=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    row = {"pk": 1, "fields": {"label": '{"to": "x"}', "weight": "1.50"}}
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        change = decode_one(Shipment, message("testapp.shipment", "insert", row))
+
+    assert change.fields == {"label": '{"to": "x"}', "weight": Decimal("1.50")}
+    (record,) = caplog.records
+    assert "testapp.Shipment.label value" in record.getMessage()
+    assert "an object without a kind" in record.getMessage()
+
+
 def test_the_context_of_the_writing_transaction_reaches_every_row_change():
     payload = json.loads(message("testapp.tag", "insert", {"pk": "a"}))
     payload["context"] = json.dumps({"actor": "user:42", "request_id": "r-1"})
@@ -420,6 +472,36 @@ def test_a_changed_mask_that_is_not_a_number_is_a_decode_error():
 
     with pytest.raises(DecodeError, match="mask"):
         Decoder([Order]).decode(payload)
+
+
+@pytest.mark.parametrize(
+    "mask", [True, 1.0, [1], {"1": 1}, "1.0"], ids=["true", "float", "array", "object", "text"]
+)
+@pytest.mark.parametrize("seen", ["first", "after a valid mask"])
+def test_a_changed_mask_of_another_type_is_a_decode_error_whatever_came_before(mask, seen):
+    """true and 1.0 equal 1 in Python: a mask 1 seen before must not make them valid."""
+
+    def update(mask):
+        return json.dumps(
+            {
+                "v": 2,
+                "model": "testapp.order",
+                "action": "update",
+                "xid": 1,
+                "ts": 1,
+                "fields": [],
+                "watched": ["status"],
+                "rows": [[1, mask]],
+            }
+        )
+
+    decoder = Decoder([Order])
+    if seen != "first":
+        assert decoder.decode(update(1))[0].changed == {"status"}
+        assert decoder.decode(update("1"))[0].changed == {"status"}
+
+    with pytest.raises(DecodeError, match=r"changed mask .* is not an integer"):
+        decoder.decode(update(mask))
 
 
 def test_decoded_changes_equal_those_built_by_the_constructor_and_stay_immutable():

@@ -18,17 +18,23 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
-from django.db import connection, transaction
+from django import forms
+from django.contrib.postgres.fields import ArrayField
+from django.db import connection, models, transaction
 from psycopg import sql
 
+from django_pgnotify import Notify
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.decoding import Decoder
 from tests.conftest import install_redeclared
-from tests.testapp.models import Logbook
+from tests.test_triggers_statements import install, receive, throwaway_model
+from tests.testapp.models import Logbook, SealedTextField
 
 UTC = timezone.utc
 # Instants around daylight saving changes, and one of 1890, when Kolkata, New York
@@ -245,6 +251,96 @@ def test_a_from_db_value_that_raises_passes_the_value_on_as_sent_and_warns_once(
         assert "passing it on as sent" in message
     assert "'written by hand' was not sealed" in secret
     assert "'by hand' was not sealed" in secrets
+
+
+class ChoiceArrayField(ArrayField):
+    """The common recipe: an ``ArrayField`` edited as a multiple choice. Its internal
+    type is its class name, not ``ArrayField``."""
+
+    def formfield(self, **kwargs):
+        defaults = {"form_class": forms.MultipleChoiceField, "choices": self.base_field.choices}
+        return super(ArrayField, self).formfield(**{**defaults, **kwargs})
+
+
+class DecimalDecoder(json.JSONDecoder):
+    """Reads JSON numbers with a fraction as ``Decimal``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "parse_float": Decimal})
+
+
+CHOICE_ARRAYS_TABLE = "pgnotify_test_choice_arrays"
+CHOICE_ARRAYS_FIELDS = ["labels", "docs", "exact", "grid", "sealed"]
+
+
+@pytest.fixture
+def choice_arrays_table(other_connection):
+    """A table of arrays declared with an ``ArrayField`` subclass, with its model."""
+    with throwaway_model(
+        other_connection,
+        CHOICE_ARRAYS_TABLE,
+        f"CREATE TABLE {CHOICE_ARRAYS_TABLE} (id integer PRIMARY KEY, labels varchar(5)[],"
+        " docs jsonb[], exact jsonb[], grid jsonb[][], sealed text[])",
+        f"DROP TABLE IF EXISTS {CHOICE_ARRAYS_TABLE}",
+        "ChoiceArraysRow",
+        id=models.IntegerField(primary_key=True),
+        labels=ChoiceArrayField(
+            models.CharField(max_length=5, choices=[("red", "Red"), ("green", "Green")]),
+            null=True,
+        ),
+        docs=ChoiceArrayField(models.JSONField(null=True), null=True),
+        exact=ChoiceArrayField(models.JSONField(null=True, decoder=DecimalDecoder), null=True),
+        grid=ArrayField(
+            ChoiceArrayField(models.JSONField(null=True, decoder=DecimalDecoder)), null=True
+        ),
+        sealed=ChoiceArrayField(SealedTextField(null=True), null=True),
+    ) as model:
+        yield model
+
+
+def test_arrays_of_an_array_field_subclass_arrive_as_the_orm_reads_them(
+    choice_arrays_table, other_connection, caplog
+):
+    """JSON elements too: JSONField.from_db_value is given each element's text, as
+    the ORM gives it, not the value to_json embeds (which it would read again)."""
+    model = choice_arrays_table
+    declaration = install(model, other_connection, Notify(fields=CHOICE_ARRAYS_FIELDS))
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+            model.objects.create(
+                id=1,
+                labels=["red", None],
+                # Strings that are JSON texts: read again, they would be 1 and [2].
+                docs=["1", "[2]", None],
+                exact=[{"n": 0.25}, 1.5, "x", None],
+                grid=[[{"a": 0.5}, "s"], [None, [2.75]]],
+                sealed=["one", None],
+            )
+            before = model.objects.get(pk=1)
+            model.objects.filter(pk=1).update(
+                docs=[{"n": 1}, "1"], exact=[0.125], grid=[["[1]"]], sealed=["two"]
+            )
+            after = model.objects.get(pk=1)
+            inserted, updated = receive(listening, model, 2)
+
+    def orm(row):
+        return {name: getattr(row, name) for name in CHOICE_ARRAYS_FIELDS}
+
+    # What the ORM reads: the comparison below means something.
+    assert orm(before) == {
+        "labels": ["red", None],
+        "docs": ["1", "[2]", None],
+        "exact": [{"n": Decimal("0.25")}, Decimal("1.5"), "x", None],
+        "grid": [[{"a": Decimal("0.5")}, "s"], [None, [Decimal("2.75")]]],
+        "sealed": ["one", None],
+    }
+    # repr() tells Decimal('0.25') from 0.25 and "1" from 1.
+    assert repr(inserted.fields) == repr(orm(before))
+    assert repr(updated.fields) == repr(orm(after))
+    assert repr(updated.old) == repr(orm(before))
+    assert updated.changed == {"docs", "exact", "grid", "sealed"}
+    assert caplog.records == []  # nothing was passed on as sent
 
 
 # Decoded from PostgreSQL's own renderings, without a listener

@@ -151,6 +151,30 @@ def test_an_old_change_counts_as_own_only_if_written_once_its_pid_was_ours(clock
     assert not is_own_write(pid, opened + 30, here)  # the PID may be another client's by now
 
 
+def test_a_connection_recorded_again_counts_as_own_all_along(clock, here, monkeypatch):
+    """Each Listener made in the process records the open connections again. The
+    listener thread asks without the registry's lock: the PID must never be seen
+    gone meanwhile, or an own change would be delivered."""
+    pid = open_pid(connections["default"])  # this thread's, which are recorded again
+    assert is_own_pid(pid, here)
+    seen, asking = [], False
+
+    def monotonic() -> float:
+        # Where the registry reads its clock, another thread may ask about the PID.
+        nonlocal asking
+        if not asking:
+            asking = True
+            seen.append(is_own_pid(pid, here))
+            asking = False
+        return clock.value
+
+    monkeypatch.setattr(own_changes, "time", types.SimpleNamespace(monotonic=monotonic))
+    own_changes.track_own_connections()  # as a second Listener made here does
+
+    assert seen and all(seen)
+    assert is_own_pid(pid, here)
+
+
 # Other servers: PIDs are unique within one server only
 
 
