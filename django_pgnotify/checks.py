@@ -18,6 +18,7 @@ such a declaration even with the checks skipped.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 from django.apps import apps
@@ -260,20 +261,49 @@ _NUMBERS = {
     "DURABLE_RETRY_DELAY_MAX": (0, False, False),
 }
 
-# Seconds that SQL adds to now() (``now() + make_interval(secs => ...)``), and what a
-# value too large for that would fail at run time.
-_SECONDS_IN_SQL = {
-    "DURABLE_LEASE": "every claim of durable events",
-    # Retry delays never exceed it, whatever DURABLE_RETRY_DELAY_MIN is.
-    "DURABLE_RETRY_DELAY_MAX": "every retry of a durable event once its delay reaches the maximum",
-}
-
-# The most seconds ``_SECONDS_IN_SQL`` may be: from the year 10000 (no datetime reaches
-# it) to PostgreSQL's last timestamp, 294276-12-31 23:59:59.999999 UTC; about 284,277
-# years. Beyond it, now() plus the interval is "timestamp out of range"; and beyond 2**63
-# microseconds make_interval() itself fails ("interval out of range" on PostgreSQL 18)
-# or wraps around to a negative interval (PostgreSQL 15).
+# The most seconds ``DURABLE_LEASE`` and ``DURABLE_RETRY_DELAY_MAX`` may be: SQL adds
+# them to now(). From the year 10000 (no datetime reaches it) to PostgreSQL's last
+# timestamp, 294276-12-31 23:59:59.999999 UTC; about 284,277 years. Beyond it, now() plus
+# the interval is "timestamp out of range"; and beyond 2**63 microseconds make_interval()
+# itself fails ("interval out of range" on PostgreSQL 18) or wraps around to a negative
+# interval (PostgreSQL 15).
 _SQL_SECONDS_MAX = 8_970_915_715_199
+
+# Seconds settings that pass the checks above but not where they are used, at any size:
+# their largest value and why, said in the message's hint.
+_SECONDS_MAX = {
+    "DURABLE_LEASE": (
+        _SQL_SECONDS_MAX,
+        "PostgreSQL adds it to the current time, and its timestamps end in the year 294276: "
+        'a larger value fails every claim of durable events with "timestamp out of range" '
+        'or "interval out of range".',
+    ),
+    # Retry delays never exceed it, whatever DURABLE_RETRY_DELAY_MIN is.
+    "DURABLE_RETRY_DELAY_MAX": (
+        _SQL_SECONDS_MAX,
+        "PostgreSQL adds it to the current time, and its timestamps end in the year 294276: "
+        "a larger value fails every retry of a durable event once its delay reaches the "
+        'maximum with "timestamp out of range" or "interval out of range".',
+    ),
+    # pgnotify_status bounds its queries by statement_timeout, in milliseconds.
+    "PROBE_TIMEOUT": (
+        2_147_483,
+        "pgnotify_status gives it to PostgreSQL as statement_timeout, which holds at most "
+        "2147483647 milliseconds, and to libpq as connect_timeout, an int: a larger value "
+        "fails them.",
+    ),
+    # A delay before reconnecting is waited out by a thread, which cannot wait longer.
+    "RECONNECT_DELAY_MIN": (
+        int(threading.TIMEOUT_MAX),
+        "The listener waits it out in a thread, which cannot wait longer "
+        "(threading.TIMEOUT_MAX): a larger delay fails its reconnect.",
+    ),
+    "RECONNECT_DELAY_MAX": (
+        int(threading.TIMEOUT_MAX),
+        "The listener waits it out in a thread, which cannot wait longer "
+        "(threading.TIMEOUT_MAX): a larger delay fails its reconnect.",
+    ),
+}
 
 # Delays that double from the first setting of a pair up to the second.
 _DELAY_RANGES = (
@@ -315,7 +345,7 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
                 )
             )
     messages.extend(_check_delay_ranges(config))
-    messages.extend(_check_seconds_in_sql(config))
+    messages.extend(_check_seconds_max(config))
     usage = config.get("QUEUE_USAGE_WARNING", DEFAULTS["QUEUE_USAGE_WARNING"])
     if isinstance(usage, (int, float)) and usage > 1:
         messages.append(
@@ -402,21 +432,24 @@ def _check_delay_ranges(config: dict[str, Any]) -> list[checks.CheckMessage]:
     return messages
 
 
-def _check_seconds_in_sql(config: dict[str, Any]) -> list[checks.CheckMessage]:
-    """A number of seconds that SQL adds to now() and PostgreSQL's timestamps cannot
-    hold (pgnotify.E010): it would pass here and fail every statement that uses it.
+def _check_seconds_max(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    """A number of seconds larger than where it is used can take (pgnotify.E010,
+    ``_SECONDS_MAX``): it would pass here and fail at run time.
 
     Values that are not numbers are reported by ``_check_values`` alone.
     """
     return [
         checks.Error(
-            f'PGNOTIFY["{key}"] must be at most {_SQL_SECONDS_MAX} seconds (about 284,000 '
-            f"years), got {value!r}.",
-            hint="PostgreSQL adds it to the current time, and its timestamps end in the year "
-            f'294276: a larger value fails {failing} with "timestamp out of range" or '
-            '"interval out of range".',
+            f'PGNOTIFY["{key}"] must be at most {bound} seconds{_as_years(bound)}, got {value!r}.',
+            hint=why,
             id="pgnotify.E010",
         )
-        for key, failing in _SECONDS_IN_SQL.items()
-        if _is_number(value := config.get(key, DEFAULTS[key])) and value > _SQL_SECONDS_MAX
+        for key, (bound, why) in _SECONDS_MAX.items()
+        if _is_number(value := config.get(key, DEFAULTS[key])) and value > bound
     ]
+
+
+def _as_years(seconds: int) -> str:
+    """`` (about N years)`` for a bound of more than a year, else nothing."""
+    years = seconds / (365.25 * 86400)
+    return f" (about {round(years, -3 if years > 10_000 else 0):,.0f} years)" if years > 1 else ""

@@ -3,6 +3,8 @@ finite, or seconds too many for PostgreSQL to add to the time, fail ``manage.py 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -134,3 +136,60 @@ def test_the_most_seconds_the_checks_accept_are_added_to_the_time_by_postgresql(
                 cursor.execute(later, ["10000-01-01 00:00:00+00", seconds])
         with pytest.raises(DataError, match="out of range"), transaction.atomic():
             cursor.execute("SELECT now() + make_interval(secs => %s)", [1e13])
+
+
+@pytest.mark.parametrize(
+    ("setting", "shown", "why"),
+    [
+        (
+            {"PROBE_TIMEOUT": 2_147_484},
+            'PGNOTIFY["PROBE_TIMEOUT"] must be at most 2147483 seconds, got 2147484.',
+            "statement_timeout, which holds at most 2147483647 milliseconds",
+        ),
+        (
+            {"RECONNECT_DELAY_MIN": 1e10, "RECONNECT_DELAY_MAX": 1e10},
+            'PGNOTIFY["RECONNECT_DELAY_MIN"] must be at most 9223372036 seconds (about 292 '
+            "years), got 10000000000.0.",
+            "threading.TIMEOUT_MAX",
+        ),
+    ],
+    ids=["probe-timeout", "reconnect-delay"],
+)
+def test_seconds_beyond_what_their_use_can_take_are_an_error(setting, shown, why):
+    with override_settings(PGNOTIFY=setting):
+        messages = check_declarations()
+
+    assert [m.id for m in messages] == ["pgnotify.E010"] * len(setting)
+    assert messages[0].msg == shown
+    assert why in messages[0].hint
+
+
+def test_the_most_probe_timeout_the_checks_accept_is_a_statement_timeout(db):
+    """pgnotify_status sets ``PROBE_TIMEOUT`` as ``statement_timeout`` in milliseconds:
+    the largest value the checks accept is one, a second more is not."""
+    with override_settings(PGNOTIFY={"PROBE_TIMEOUT": 2_147_483}):
+        assert check_declarations() == []
+    as_set = "SELECT set_config('statement_timeout', %s, true)"
+
+    with connection.cursor() as cursor, transaction.atomic():
+        cursor.execute(as_set, [f"{2_147_483 * 1000}ms"])
+        with pytest.raises(DataError, match="statement_timeout"), transaction.atomic():
+            cursor.execute(as_set, [f"{2_147_484 * 1000}ms"])
+
+
+def test_a_thread_cannot_wait_longer_than_the_reconnect_delays_the_checks_accept():
+    stopping = threading.Event()
+    raised: list[BaseException] = []
+
+    def wait(seconds: float) -> None:
+        try:
+            stopping.wait(seconds)
+        except OverflowError as exc:
+            raised.append(exc)
+
+    waiting = threading.Thread(target=wait, args=[threading.TIMEOUT_MAX + 1], daemon=True)
+    waiting.start()
+    waiting.join(timeout=10)
+    stopping.set()  # releases it, had it waited
+
+    assert [type(e) for e in raised] == [OverflowError]
