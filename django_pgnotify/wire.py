@@ -178,8 +178,18 @@ class Message:
 
 def changed_names(watched: Sequence[T], mask: int | str) -> list[T]:
     """The items of ``watched`` whose bit is set in an update row's ``changed`` mask
-    (a string of digits past 62 watched columns: JSON readers round larger numbers)."""
-    bits = int(mask)
+    (a string of digits past 62 watched columns: JSON readers round larger numbers).
+
+    Raises:
+        WireError: ``mask`` is neither an integer nor a string of digits (``true``
+            and ``1.0`` equal 1 in Python, but are no mask).
+    """
+    if type(mask) is int:
+        bits = mask
+    elif type(mask) is str and mask.isascii() and mask.isdigit():
+        bits = int(mask)
+    else:
+        raise WireError(f"changed mask {mask!r} is neither an integer nor a string of digits")
     return [name for i, name in enumerate(watched) if bits >> i & 1]
 
 

@@ -533,6 +533,26 @@ def test_rows_as_objects_read_a_mask_past_62_watched_columns():
     assert row == {"pk": 7, "changed": ["f0", "f62", "f63"]}
 
 
+@pytest.mark.parametrize("mask", [True, 1.0, " 1", "-1", [1]], ids=repr)
+def test_rows_as_objects_refuse_a_mask_that_is_no_integer(mask):
+    """``int()`` took ``true``, ``1.0`` and ``" 1"`` for 1 (and ``-1`` for every bit)."""
+    text = json.dumps(
+        {
+            "v": 2,
+            "model": "shop.order",
+            "action": "update",
+            "xid": 1,
+            "ts": 1,
+            "fields": [],
+            "watched": ["status"],
+            "rows": [[7, mask]],
+        }
+    )
+
+    with pytest.raises(wire.WireError, match=r"changed mask .* is neither an integer"):
+        wire.parse(text).row_objects()
+
+
 def test_dumps_keeps_every_digit_in_tuples_and_writes_keys_as_json_does():
     value = {1: (Decimal("12345678901234567890.10"), None), "é": [Decimal("1E+2")]}
 
