@@ -570,7 +570,18 @@ def _json_converter(field: models.Field) -> Converter:
     def convert(value: Any) -> Any:
         return json.loads(value, cls=decoder)
 
-    return convert
+    def convert_with_decoder(value: Any) -> Any:
+        # The decoder is the field's own code: whatever it raises for a value is a
+        # value that cannot be converted (as from_db_value's), not an unreadable payload.
+        try:
+            return json.loads(value, cls=decoder)
+        except _CONVERSION_ERRORS:
+            raise
+        except Exception as exc:
+            name = getattr(decoder, "__qualname__", repr(decoder))
+            raise _ConverterError(f"{name} raised {type(exc).__name__}: {exc}") from exc
+
+    return convert if decoder is None else convert_with_decoder
 
 
 def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:

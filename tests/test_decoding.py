@@ -363,6 +363,43 @@ def test_a_json_fields_decoder_that_raises_validation_error_passes_the_value_on_
     assert "an object without a kind" in record.getMessage()
 
 
+class KindDecoder(json.JSONDecoder):
+    """Reads an object's "kind", raising ``KeyError`` without one, as user code may."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "object_hook": lambda value: value["kind"]})
+
+
+@isolate_apps("tests.testapp")
+def test_whatever_a_json_fields_decoder_raises_passes_that_value_on_as_sent(caplog):
+    """A decoder raising anything else (``KeyError``) lost the whole change."""
+
+    class Parcel(models.Model):
+        label = models.JSONField(null=True, decoder=KindDecoder)
+        weight = models.DecimalField(max_digits=5, decimal_places=2, null=True)
+
+        class Meta:
+            app_label = "testapp"
+
+    rows = [
+        {"pk": 1, "fields": {"label": '{"to": "x"}', "weight": "1.50"}},
+        {"pk": 2, "fields": {"label": '{"kind": "box"}', "weight": "2.00"}},
+    ]
+    decoder = Decoder([Parcel])
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        changes = decoder.decode(message("testapp.parcel", "insert", *rows), "pgnotify_test", 1)
+
+    assert [c.fields for c in changes] == [
+        {"label": '{"to": "x"}', "weight": Decimal("1.50")},
+        {"label": "box", "weight": Decimal("2.00")},
+    ]
+    assert decoder.stats["unconverted"] == 1
+    (record,) = caplog.records
+    assert "testapp.Parcel.label value" in record.getMessage()
+    assert "KindDecoder raised KeyError" in record.getMessage()
+
+
 def test_the_context_of_the_writing_transaction_reaches_every_row_change():
     payload = json.loads(message("testapp.tag", "insert", {"pk": "a"}))
     payload["context"] = json.dumps({"actor": "user:42", "request_id": "r-1"})
