@@ -984,20 +984,30 @@ def prune_events(
     statuses = [DONE, DEAD] if dead else [DONE]
     # The condition twice: a row the subquery picked may be changed before the DELETE
     # gets its lock (a dead letter retried, now pending), and PostgreSQL then checks
-    # the DELETE's own condition again on the new row, not the subquery's.
-    condition = sql.SQL("status = ANY(%s) AND coalesce(done_at, created_at) < now() - %s")
+    # the DELETE's own condition again on the new row, not the subquery's. Each batch
+    # goes on after the last id the one before picked: read from the start again, it
+    # would step over the rows deleted so far, not yet vacuumed, every time.
+    condition = sql.SQL("status = ANY(%(statuses)s) AND coalesce(done_at, created_at) < %(before)s")
     query = sql.SQL(
-        "DELETE FROM {table} WHERE {condition} AND id IN "
-        "(SELECT id FROM {table} WHERE {condition} LIMIT %s)"
+        "WITH picked AS (SELECT id FROM {table} WHERE {condition} AND id > %(after)s"
+        " ORDER BY id LIMIT %(limit)s),"
+        " deleted AS (DELETE FROM {table} WHERE {condition}"
+        " AND id IN (SELECT id FROM picked) RETURNING id)"
+        " SELECT (SELECT count(*) FROM deleted), count(*), max(id) FROM picked"
     ).format(table=_TABLE, condition=condition)
     total = 0
     with connections[using].cursor() as cursor:
+        # One cut-off for every batch: rows that age past it meanwhile are left alone.
+        cursor.execute("SELECT now() - %s", [older_than])
+        (before,) = cursor.fetchone()
+        params = {"statuses": statuses, "before": before, "after": 0, "limit": batch_size}
         while True:
-            params = [statuses, older_than, statuses, older_than, batch_size]
             cursor.execute(query.as_string(None), params)
-            total += cursor.rowcount
-            if cursor.rowcount < batch_size:
+            deleted, picked, last = cursor.fetchone()
+            total += deleted
+            if picked < batch_size:
                 return total
+            params["after"] = last
 
 
 def _one_line(exc: BaseException) -> str:
