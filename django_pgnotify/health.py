@@ -46,8 +46,11 @@ class ListenerHealth:
         backend_pid: PID of the listening connection (``None`` when not connected).
         connected_since: ``time.time()`` of the last (re)connection.
         last_probe_ok: ``time.monotonic()`` of the last probe that came back.
-        last_event_lag: Seconds from trigger to end of dispatch, of the last event.
-        queue_usage: ``pg_notification_queue_usage()`` when last sampled (0 to 1).
+        last_event_lag: Seconds from trigger to end of dispatch, of the last event;
+            for a change read from a notification, that end is when its async
+            receivers have run too.
+        queue_usage: ``pg_notification_queue_usage()`` when last sampled (0 to 1);
+            1.0 also when a probe was refused because that queue is full.
         local_queue: Notifications read but not dispatched yet.
         local_queue_size: The local queue's bound (``PGNOTIFY["QUEUE_SIZE"]``).
     """

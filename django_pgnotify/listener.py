@@ -11,8 +11,10 @@ again once the worker is done or a receiver is slow: two threads reading in
 turn would fight over the GIL. A timer sends the self-probe, a NOTIFY to
 itself that proves delivery works and doubles as keepalive; at each connect
 the first probe comes from a second, short-lived connection, which proves
-that other sessions' notifications arrive too. A lost connection is reopened
-with capped exponential backoff.
+that other sessions' notifications arrive too. A probe that PostgreSQL refuses
+because its notification queue is full is no lost connection: listening goes
+on (reading is what drains it). A lost connection is reopened with capped
+exponential backoff.
 
 ``stop()`` may be called from a signal handler or another thread; the event
 in hand is finished first.
@@ -106,7 +108,9 @@ class Listener:
         health_file: A file to touch while healthy (for liveness probes).
 
     Attributes:
-        ready: Set once the listener is listening and its probe came back.
+        ready: Set once the listener is listening and its start-up probe came
+            back, or could not be sent because PostgreSQL's notification queue
+            was full (it is sent again until it comes back, see ``_open``).
         stats: Counters; those reported are named in ``counters``.
         counters: ``django_pgnotify.health.COUNTERS``, then ``DURABLE_COUNTERS``
             if it serves durable declarations and its dispatcher's own (the
@@ -183,7 +187,9 @@ class Listener:
         self._lost: asyncio.Future[None] | None = None
         self._reading = False
         self._querying = False
-        self._paused_at: float | None = None
+        # The start-up probe from another session was refused (the notification queue
+        # was full): it is sent again in its place until it comes back (see _open).
+        self._delivery_unproven = False
         # Since when changes may be missing should the connection be lost (see
         # _missing_since): the last moment everything committed before it is known to
         # have been read (monotonic), and whether reading paused on a full local queue
@@ -373,7 +379,6 @@ class Listener:
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
                 lost_at = time.monotonic()
                 missing_since, fell_behind = self._missing_since()
-                self.health.connected = False
                 self.dispatcher.connections_lost()
                 logger.warning(
                     "pgnotify: lost the listening connection to %s: %s; reconnecting",
@@ -434,7 +439,19 @@ class Listener:
                     self._server = None
             for channel in [*self.channels, self.probe_channel]:
                 await self._query(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            await self._send_probe_from_another_session()
+            if not await self._send_probe_from_another_session():
+                # Refused: the notification queue is full. This connection answered the
+                # LISTENs, so it works; refusing to run or reconnecting would not empty
+                # the queue, and reading is what drains this listener's part of it. The
+                # proof waits: the probe goes from another session again, in place of
+                # the next ones, until it comes back (see _send_probe and _tick).
+                self._delivery_unproven = True
+                logger.warning(
+                    "pgnotify: the start-up self-probe could not be sent: PostgreSQL's "
+                    "notification queue is full; listening all the same, and sending it "
+                    "again every PROBE_INTERVAL until it comes back"
+                )
+                return conn
             assert self._lost is not None
             probe: asyncio.Future[Any] = asyncio.ensure_future(self._probe_back.wait())
             try:
@@ -512,8 +529,7 @@ class Listener:
         with self._read_lock:
             self._conn, self._fd = conn, conn.fileno()
         self._lost = self._loop.create_future()
-        self._reading = self._querying = False
-        self._paused_at = None
+        self._reading = self._querying = self._delivery_unproven = False
         self._caught_up_at, self._fell_behind = time.monotonic(), False
         self._markers.clear()  # those of the connection before cannot come
         self._probe_back.clear()
@@ -542,10 +558,6 @@ class Listener:
         if len(self._pending) >= self._queue_size:  # after a query, or a reconnect
             self._fell_behind = True
             return
-        if self._paused_at is not None:
-            if self._probe_sent is not None:  # it could not be read meanwhile
-                self._probe_sent += time.monotonic() - self._paused_at
-            self._paused_at = None
         if conn.pgconn.status != pq.ConnStatus.OK:  # the worker found it closed: its fd is gone
             self._lose(conn, psycopg.OperationalError("the server closed the connection"))
             return
@@ -676,6 +688,12 @@ class Listener:
                 self.health.last_probe_ok = time.monotonic()
                 self.stats["probes"] += 1
                 self._probe_back.set()
+                if self._delivery_unproven:
+                    self._delivery_unproven = False
+                    logger.info(
+                        "pgnotify: the start-up self-probe came back: other sessions' "
+                        "notifications reach the listener"
+                    )
             else:
                 self._marker_read(notify.extra)
         elif self.durable is not None:
@@ -698,7 +716,6 @@ class Listener:
     def _queue_filled(self) -> None:
         """Backpressure: stop reading, so the backlog waits in PostgreSQL's queue
         (which pg_notification_queue_usage() shows), not in memory."""
-        self._paused_at = time.monotonic()
         self._fell_behind = True
         self.health.local_queue = len(self._pending)
         if self._queue_full:
@@ -749,8 +766,11 @@ class Listener:
     async def _tick(self, conn: psycopg.AsyncConnection) -> None:
         now = time.monotonic()
         if self._probe_sent is not None:
-            if now - self._probe_sent > self._probe_timeout and self._paused_at is None:
+            if self._probe_overdue(now):
                 self.stats["probe_failures"] += 1
+                if self._delivery_unproven:
+                    pid = self.health.backend_pid or conn.info.backend_pid
+                    raise ConnectionLost(self._not_delivered_message(pid, None))
                 raise ConnectionLost(self._probe_lost_message())
         elif now >= self._next_probe:
             received = self.stats["received"]
@@ -775,6 +795,19 @@ class Listener:
         if self._is_healthy(now):
             self._touch()
 
+    def _probe_overdue(self, now: float) -> bool:
+        """Whether the probe sent has not come back in time.
+
+        One sent on this connection comes back within its own query (a session gets
+        its own notifications before the server reports the query done), or never.
+        One sent from another session while the start-up proof is owed (see
+        ``_send_probe``) is read like any notification, maybe behind what the local
+        queue holds: it is overdue only once that is empty.
+        """
+        if self._probe_sent is None or now - self._probe_sent <= self._probe_timeout:
+            return False
+        return not (self._delivery_unproven and (self._pending or self._in_hop))
+
     def _new_probe(self) -> list[str]:
         """Start a probe: its ``_PROBE`` parameters."""
         self._probe_token = uuid.uuid4().hex
@@ -788,13 +821,25 @@ class Listener:
         Sent on the listening connection, this proves that it is alive and that
         the server delivers to it, cheaply; not that other sessions' notifications
         reach it (``_send_probe_from_another_session`` proves that at each connect).
+        While that proof is owed (see ``_open``), that probe is sent instead. A
+        probe refused because the notification queue is full still proves the
+        connection alive: the server answered.
         """
-        cursor = await self._query(conn, _PROBE, self._new_probe())
+        if self._delivery_unproven and await self._send_probe_from_another_session():
+            return  # its answer is read like any notification (see _tick)
+        try:
+            cursor = await self._query(conn, _PROBE, self._new_probe())
+        except psycopg.errors.ProgramLimitExceeded as exc:
+            self._probe_sent = None
+            self._probe_refused(exc)
+            self._start_reading()  # _query does not when its query fails
+            return
         row = await cursor.fetchone()
         self._sampled(row[1] if row else None)
 
-    async def _send_probe_from_another_session(self) -> None:
-        """Send the probe from a short-lived connection of its own, with the same parameters.
+    async def _send_probe_from_another_session(self) -> bool:
+        """Send the probe from a short-lived connection of its own, with the same parameters;
+        ``False`` if PostgreSQL refused it, its notification queue full.
 
         Sent on the listening connection, the first probe would prove nothing about
         other sessions: through a transaction-pooling PgBouncer its transaction runs
@@ -805,12 +850,17 @@ class Listener:
         """
         try:
             row = await self._ask_another_session(_PROBE, self._new_probe())
+        except psycopg.errors.ProgramLimitExceeded as exc:
+            self._probe_sent = None  # nothing will come back
+            self._probe_refused(exc)
+            return False
         except _CONNECTION_ERRORS as exc:
             raise ConnectionLost(
                 "cannot send the start-up self-probe from a second connection, which "
                 f"proves that other sessions' notifications reach the listener: {_one_line(exc)}"
             ) from exc
         self._sampled(row[1] if row else None)
+        return True
 
     async def _sample_from_another_session(self) -> None:
         """Sample the notification queue from a short-lived connection (at most every
@@ -828,6 +878,9 @@ class Listener:
         self._markers.append((token.encode(), time.monotonic()))
         try:
             row = await self._ask_another_session(_PROBE, [self.probe_channel, token])
+        except psycopg.errors.ProgramLimitExceeded as exc:  # a sample all the same
+            self._probe_refused(exc)
+            return
         except Exception as exc:  # never fatal: a bug here must not stop listening either
             logger.log(
                 logging.DEBUG if self._sample_failed else logging.WARNING,
@@ -858,6 +911,16 @@ class Listener:
             return await cursor.fetchone()
         finally:
             await _close(conn)
+
+    def _probe_refused(self, exc: psycopg.Error) -> None:
+        """A probe's NOTIFY refused: PostgreSQL's notification queue is full.
+
+        Its usage is 1.0 then, as far as anyone can tell. No lost connection:
+        the server answered, and reading, which drains this listener's part of
+        the queue, goes on.
+        """
+        logger.debug("pgnotify: a probe was refused: %s", _one_line(exc))
+        self._sampled(1.0)
 
     def _sampled(self, usage: Any) -> None:
         """Take the notification queue's usage from a sample; warn when high."""
@@ -901,7 +964,7 @@ class Listener:
         live or durable, has gone ``PROBE_INTERVAL`` without one."""
         if not self.health.connected:
             return False
-        if self._probe_sent is not None and now - self._probe_sent > self._probe_timeout:
+        if self._probe_overdue(now):
             return False
         busy = self._pending or self._in_hop
         if busy and now - self._last_progress > self._probe_interval:
@@ -962,6 +1025,8 @@ class Listener:
             events = hop.result()  # those that have async receivers
             if events:
                 await self.dispatcher.send_async(events)
+                # Their dispatch ends now, not when their sync receivers returned.
+                self.dispatcher.measure_lag(events[-1])
             self._last_progress = time.monotonic()
             self.health.local_queue = len(pending)
             self.health.last_event_lag = self.dispatcher.last_event_lag  # async receivers' too

@@ -1436,6 +1436,32 @@ def test_the_lag_gauge_is_that_of_the_last_change_of_a_batch(transactional_db):
     assert lag <= now - newer.timestamp.timestamp()
 
 
+def test_the_lag_gauge_covers_the_async_receivers_of_the_change(transactional_db):
+    """A change's dispatch ends once its async receivers have run too: the gauge is
+    at least the change's age when the last of them returned."""
+    returned: list[float] = []
+
+    async def slow(sender, event, **kwargs):
+        await asyncio.sleep(0.1)  # the receiver's own work
+        returned.append(time.time())
+
+    row_changed.connect(slow, sender=Order, weak=False)
+    try:
+        with capture_row_changes("testapp.Order") as changes:
+            Order.objects.create(status="measured")
+            (event,) = changes.wait(1)
+            wait_until(lambda: returned, what="the async receiver's return")
+            age = returned[0] - event.timestamp.timestamp()
+
+            def covered() -> bool:
+                lag = changes.listener.health.last_event_lag
+                return lag is not None and lag >= age
+
+            wait_until(covered, timeout=5, what="a lag that covers the async receiver")
+    finally:
+        row_changed.disconnect(slow, sender=Order)
+
+
 def test_the_health_file_ages_while_a_receiver_hangs_and_is_touched_once_it_returns(
     transactional_db, tmp_path
 ):
