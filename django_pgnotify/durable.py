@@ -58,6 +58,7 @@ from .declarations import Declaration
 from .decoding import DecodeError, Decoder
 from .dispatch import Dispatcher, error_text
 from .events import RowChange
+from .health import ListenerHealth
 
 logger = logging.getLogger("django_pgnotify.durable")
 
@@ -338,6 +339,7 @@ class DurableWorker:
         stopping: threading.Event,
         *,
         ignore_own_changes: bool = False,
+        health: ListenerHealth | None = None,
     ) -> None:
         durable = [d for d in declarations if d.notify.durable]
         default_attempts = int(get_setting("DURABLE_MAX_ATTEMPTS"))
@@ -347,6 +349,8 @@ class DurableWorker:
         self.dispatcher = dispatcher
         self.stopping = stopping
         self.ignore_own_changes = ignore_own_changes
+        #: The listener's health, whose ``last_event_lag`` durable changes set too.
+        self.health = health
         #: The server of the event table, whose PIDs the events' are (``None``: not known).
         self._server: own_changes.Server | None = None
         self.owner = lease_owner()
@@ -554,6 +558,10 @@ class DurableWorker:
         await loop.run_in_executor(executor, self._decode_and_send, claimed, outcome, claim_started)
         if outcome.dispatched and self.dispatcher.has_async_receivers(outcome.dispatched):
             await self.dispatcher.send_async(outcome.dispatched)
+            # Their dispatch ends now, not when their sync receivers returned.
+            self.dispatcher.measure_lag(outcome.dispatched[-1])
+        if self.health is not None and outcome.dispatched:
+            self.health.last_event_lag = self.dispatcher.last_event_lag
 
     @property
     def renew_every(self) -> float:

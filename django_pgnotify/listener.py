@@ -164,6 +164,7 @@ class Listener:
                 self.dispatcher,
                 self._stopping,
                 ignore_own_changes=ignore_own_changes,
+                health=self.health,
             )
             if durable
             else None

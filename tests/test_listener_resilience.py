@@ -43,6 +43,7 @@ from tests.conftest import (
 from tests.conftest import (
     test_database_url as database_url,
 )
+from tests.durableapp.models import Job
 from tests.testapp.models import Order, Tag
 
 LISTENER_SETTINGS = "tests.settings_listener"
@@ -1460,6 +1461,33 @@ def test_the_lag_gauge_covers_the_async_receivers_of_the_change(transactional_db
             wait_until(covered, timeout=5, what="a lag that covers the async receiver")
     finally:
         row_changed.disconnect(slow, sender=Order)
+
+
+def test_the_lag_gauge_covers_durable_changes_and_their_async_receivers(transactional_db):
+    """Durable changes set it too, once their async receivers have run: a listener
+    serving durable declarations alone had none."""
+    returned: list[float] = []
+
+    async def slow(sender, event, **kwargs):
+        await asyncio.sleep(0.1)  # the receiver's own work
+        returned.append(time.time())
+
+    row_changed.connect(slow, sender=Job, weak=False)
+    try:
+        with capture_row_changes("durableapp.Job") as changes:
+            Job.objects.create(name="measured")
+            (event,) = changes.wait(1)
+            assert event.durable
+            wait_until(lambda: returned, what="the async receiver's return")
+            age = returned[0] - event.timestamp.timestamp()
+
+            def covered() -> bool:
+                lag = changes.listener.health.last_event_lag
+                return lag is not None and lag >= age
+
+            wait_until(covered, timeout=5, what="a lag that covers the async receiver")
+    finally:
+        row_changed.disconnect(slow, sender=Job)
 
 
 def test_the_health_file_ages_while_a_receiver_hangs_and_is_touched_once_it_returns(
