@@ -334,46 +334,48 @@ class Listener:
                 )
                 await self._sleep(delay)
                 continue
-            backoff.reset()
-            if self.durable is not None:  # wake-ups sent while away were missed: look now
-                self.durable.wake.set()
-            pid = conn.info.backend_pid
-            self.health.connected, self.health.backend_pid = True, pid
-            self.health.connected_since = time.time()
-            self._touch()
-            if not self.ready.is_set():
-                logger.info(
-                    "pgnotify: listening on %s (backend pid %s)", ", ".join(self.channels), pid
-                )
-                await self._send(listener_started, backend_pid=pid)
-                self.ready.set()
-                self._started.set()
-            else:
-                now = time.monotonic()
-                self.stats["reconnects"] += 1
-                logger.warning(
-                    "pgnotify: reconnected to %s after %.1fs (backend pid %s); changes "
-                    "committed since it was last seen caught up, %.1fs ago, may not have "
-                    "been delivered%s",
-                    where,
-                    now - (lost_at or now),
-                    pid,
-                    now - missing_since,
-                    " (it had fallen behind since: those waiting on the server for the lost "
-                    "connection were lost with it)"
-                    if fell_behind
-                    else "",
-                )
-                # The database may have restarted: receivers get fresh ORM connections,
-                # listener_reconnected's sync receivers (a cache resync) first of all.
-                self.dispatcher.connections_lost()
-                await asyncio.get_running_loop().run_in_executor(
-                    self._signals_thread, close_thread_connections
-                )
-                # As of now, for receivers that resync from now back.
-                downtime = time.monotonic() - missing_since
-                await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
+            # From here on the connection is this loop's to close, whatever ends it (a
+            # cancellation while listener_started's receivers run, say).
             try:
+                backoff.reset()
+                if self.durable is not None:  # wake-ups sent while away were missed: look now
+                    self.durable.wake.set()
+                pid = conn.info.backend_pid
+                self.health.connected, self.health.backend_pid = True, pid
+                self.health.connected_since = time.time()
+                self._touch()
+                if not self.ready.is_set():
+                    logger.info(
+                        "pgnotify: listening on %s (backend pid %s)", ", ".join(self.channels), pid
+                    )
+                    await self._send(listener_started, backend_pid=pid)
+                    self.ready.set()
+                    self._started.set()
+                else:
+                    now = time.monotonic()
+                    self.stats["reconnects"] += 1
+                    logger.warning(
+                        "pgnotify: reconnected to %s after %.1fs (backend pid %s); changes "
+                        "committed since it was last seen caught up, %.1fs ago, may not have "
+                        "been delivered%s",
+                        where,
+                        now - (lost_at or now),
+                        pid,
+                        now - missing_since,
+                        " (it had fallen behind since: those waiting on the server for the lost "
+                        "connection were lost with it)"
+                        if fell_behind
+                        else "",
+                    )
+                    # The database may have restarted: receivers get fresh ORM connections,
+                    # listener_reconnected's sync receivers (a cache resync) first of all.
+                    self.dispatcher.connections_lost()
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._signals_thread, close_thread_connections
+                    )
+                    # As of now, for receivers that resync from now back.
+                    downtime = time.monotonic() - missing_since
+                    await self._send(listener_reconnected, backend_pid=pid, downtime=downtime)
                 await self._until_stopped(self._listen(conn))
             except connection.Stopped:
                 return

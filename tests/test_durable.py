@@ -719,7 +719,8 @@ def test_pruning_leaves_a_dead_letter_made_pending_while_it_waited_on_the_row(ot
         with connection.cursor() as cursor:  # not other_connection's: its snapshot stays
             cursor.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND datname = current_database() AND query LIKE '%%DELETE FROM %%pgnotify_event%%'"
+                " AND datname = current_database()"
+                " AND query LIKE '%%DELETE FROM %%pgnotify_event%%'"
             )
             return cursor.fetchone()[0] == 1
 

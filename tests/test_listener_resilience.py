@@ -505,6 +505,43 @@ def test_lifecycle_signals_are_sent_to_sync_and_async_receivers(transactional_db
     assert seen == [("sync started", "default"), ("async stopped", "default")]
 
 
+def test_a_listener_cancelled_while_listener_started_is_sent_closes_its_connection(
+    transactional_db,
+):
+    """Cancelled while ``listener_started``'s receivers run (its task cancelled by the
+    program that runs it), the listener left its listening session open."""
+    entered, release = threading.Event(), threading.Event()
+
+    def held_started(sender, backend_pid, **kwargs):
+        entered.set()
+        release.wait(10)
+
+    listener = Listener(get_declarations(["testapp.Order"]))
+    loop = asyncio.new_event_loop()
+    serving = loop.create_task(listener.serve())
+    running = threading.Thread(target=loop.run_until_complete, args=[serving], daemon=True)
+    listener_started.connect(held_started, weak=False)
+    try:
+        running.start()
+        assert entered.wait(15), "listener_started was not sent"
+        pid = listener.health.backend_pid
+        loop.call_soon_threadsafe(serving.cancel)
+    finally:
+        release.set()
+        listener_started.disconnect(held_started)
+        running.join(15)
+    loop.close()
+
+    assert serving.cancelled()
+
+    def session_gone() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+            return cursor.fetchone()[0] == 0
+
+    wait_until(session_gone, what=f"the listening session (pid {pid}) closed")
+
+
 def test_listener_stopped_gets_a_copy_of_the_counters(transactional_db, caplog):
     """Its receivers may keep or change what they are given: the listener's own
     counters, and the line it logs at stop, stay as they were."""
