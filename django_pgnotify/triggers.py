@@ -45,7 +45,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 10
+TEMPLATE_VERSION = 11
 
 #: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
 #: how to render its argument's type once per query, where ``to_json()`` does so for
@@ -303,17 +303,17 @@ _SENDING = sql.SQL(
     "      IF counted > {joined_rows} OR larger > 0 THEN\n"
     "        short := room / 8;\n"
     "        half := room / 2;\n"
-    "        PERFORM pg_notify({channel}, {head} || string_agg(r, ',') || ']}}')\n"
+    "        PERFORM pg_notify({channel}, {head} || string_agg(r, ','{by_total}) || ']}}')\n"
     "        FROM (SELECT r, total, CASE"
     " WHEN octet_length(r) < short THEN total / (room - short) * 3"
     " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
     " ELSE total * 3 + 2 END AS chunk\n"
-    "          FROM (SELECT r, sum(octet_length(r) + 1) OVER (ROWS UNBOUNDED PRECEDING)"
-    " AS total\n"
+    "          FROM (SELECT r, sum(octet_length(r) + 1)"
+    " OVER ({in_order}ROWS UNBOUNDED PRECEDING) AS total\n"
     "            FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
     " WHEN octet_length(json_build_array(key)::text) < room"
-    " THEN json_build_array(key)::text ELSE '[null]' END AS r\n"
-    "              FROM (SELECT {row} AS r, {key} AS key{joined} FROM {source}"
+    " THEN json_build_array(key)::text ELSE '[null]' END AS r{kept}\n"
+    "              FROM (SELECT {row} AS r, {key} AS key{joined}{numbered} FROM {source}"
     " OFFSET 0) AS rendered WHERE octet_length(r) >= joinable{unjoined}) AS sized)"
     " AS totalled) AS grouped\n"
     "        GROUP BY chunk ORDER BY min(total);\n"
@@ -346,7 +346,10 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
     restored after them, JIT, merge joins and nested loops are turned off
     and ``work_mem`` raised: the planner cannot know a transition table's
     size, so it guesses a join of billions of rows, and compiling, sorting
-    and spilling to disk took longer than the query itself.
+    and spilling to disk took longer than the query itself. A statement that
+    changed a row twice joins none: its rows all go through the second query,
+    sent in the order of the changes (``_BY_POSITION_ORDER``), so that a row's
+    last version arrives last.
     """
     new, old = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
     pk = sql.Identifier(declaration.pk.column)
@@ -418,15 +421,20 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             joined_source=joined_sources[event],
             small_query=_small_statement_query(paired, row, sources[event]),
             **parts,
+            **_AS_READ,
         )
         if paired and looks:
-            # The same, for a statement that changed a row twice: paired by position.
+            # The same, for a statement that changed a row twice: paired by position,
+            # and sent in that order, every row by the window function (joinable 0).
+            # Joined, a row's short version would go out before a longer one that
+            # came first, and the last one sent must be the row as it is now.
             source = sql.SQL("{} WHERE {}").format(_PAIRED_BY_POSITION, changed)
             by_position = _SENDING.format(
                 source=source,
                 joined_source=_PAIRED_BY_POSITION,
-                small_query=_small_statement_query(paired, row, source),
-                **parts,
+                small_query=_small_statement_query(paired, row, source, _IN_POSITION_ORDER),
+                **{**parts, "joinable": sql.Literal(0)},
+                **_BY_POSITION_ORDER,
             )
             sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
         if paired:
@@ -688,20 +696,26 @@ def least_rows_room(declaration: Declaration) -> int:
 
 
 def _small_statement_query(
-    paired: bool, row: sql.Composable, source: sql.Composable
+    paired: bool,
+    row: sql.Composable,
+    source: sql.Composable,
+    order: sql.Composable | None = None,
 ) -> sql.Composable:
     """Set ``counted`` (rows written, up to one past the short path's limit) and ``batch``.
 
     An update's ``paired`` rows come from a join; with a ``LIMIT`` the planner
     picks a nested loop, quadratic in a bulk update, so the rows are counted
-    first (``_counting_query``) and rendered only if they are few.
+    first (``_counting_query``) and rendered only if they are few. ``order``
+    (an ``ORDER BY`` within the aggregate) is for rows paired by position.
     """
     if paired:
         return sql.SQL(
             "    IF counted <= {small} THEN\n"
-            "      SELECT string_agg({row}, ',') INTO batch FROM {source};\n"
+            "      SELECT string_agg({row}, ','{order}) INTO batch FROM {source};\n"
             "    END IF;\n"
-        ).format(small=sql.Literal(_SMALL_STATEMENT), row=row, source=source)
+        ).format(
+            small=sql.Literal(_SMALL_STATEMENT), row=row, source=source, order=order or sql.SQL("")
+        )
     return sql.SQL(
         "    SELECT string_agg(r, ','), count(*) INTO batch, counted\n"
         "      FROM (SELECT {row} AS r FROM {source} LIMIT {limit}) AS first_rows;\n"
@@ -786,6 +800,28 @@ _PAIRED_BY_POSITION = sql.SQL("{new} JOIN {old} ON o.{position} = n.{position}")
     ),
     position=sql.Identifier(POSITION),
 )
+
+
+# The rows of the window queries (_SENDING's second query, _DURABLE_INSERT) as
+# the join reads them; paired by position, in that order, explicitly: a hash join
+# that spills to disk in batches, or a sort to group them, returns rows in another
+# order, and a row changed twice must arrive as it is now last. ``by_total`` orders
+# a live notification's rows, ``by_position`` a durable event row's.
+_AS_READ: dict[str, sql.Composable] = {
+    "numbered": sql.SQL(""),
+    "kept": sql.SQL(""),
+    "in_order": sql.SQL(""),
+    "by_total": sql.SQL(""),
+    "by_position": sql.SQL(""),
+}
+_BY_POSITION_ORDER: dict[str, sql.Composable] = {
+    "numbered": sql.SQL(", n.{}").format(sql.Identifier(POSITION)),
+    "kept": sql.SQL(", {}").format(sql.Identifier(POSITION)),
+    "in_order": sql.SQL("ORDER BY {} ").format(sql.Identifier(POSITION)),
+    "by_total": sql.SQL(" ORDER BY total"),
+    "by_position": sql.SQL(" ORDER BY {}").format(sql.Identifier(POSITION)),
+}
+_IN_POSITION_ORDER = sql.SQL(" ORDER BY n.{}").format(sql.Identifier(POSITION))
 
 
 def _indented(composable: sql.Composable) -> sql.Composable:
@@ -922,10 +958,11 @@ _DURABLE_INSERT = sql.SQL(
     "    INSERT INTO {table}"
     " (declaration, model, action, xid, changed_at, context, layout, payload, pid, size)\n"
     "    SELECT {uri}, {label}, {action}, xid, changed_at, ctx, {layout},"
-    " string_agg(r, ','), writer, count(*)\n"
-    "      FROM (SELECT r, sum(greatest(octet_length(r) + 1, {weight}))"
-    " OVER (ROWS UNBOUNDED PRECEDING) / {span} AS run\n"
-    "        FROM (SELECT {row} AS r FROM {source} OFFSET 0) AS rendered) AS totalled\n"
+    " string_agg(r, ','{by_position}), writer, count(*)\n"
+    "      FROM (SELECT r{kept}, sum(greatest(octet_length(r) + 1, {weight}))"
+    " OVER ({in_order}ROWS UNBOUNDED PRECEDING) / {span} AS run\n"
+    "        FROM (SELECT {row} AS r{numbered} FROM {source} OFFSET 0) AS rendered)"
+    " AS totalled\n"
     "      GROUP BY run ORDER BY run;\n"
 )
 
@@ -944,8 +981,9 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
     each): a run of them is one of each. Runs are cut by a running total of
     bytes, so a row stays near 64 kB whatever the changes' size. The
     statement's rows come from its transition tables; an update's old and new
-    rows are paired by primary key (an update that changes the primary key is
-    not announced; see ``_PAIRED_BY_POSITION`` for the exception), unless
+    rows are paired by primary key with a left join, as the live triggers pair
+    them (an update that changes the primary key is stored under its new pk,
+    its old values null; see ``_PAIRED_BY_POSITION`` for the exception), unless
     ``old=False``: then its new rows are stored as an insert's. No size limit
     applies, so nothing is truncated.
     The wake-up notification is constant, so PostgreSQL folds those of one
@@ -957,9 +995,11 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
     pk = sql.Identifier(declaration.pk.column)
     sources = {
         "insert": sql.SQL("{} AS n").format(new),
-        "update": sql.SQL("{new} AS n JOIN {old} AS o ON o.{pk} = n.{pk} WHERE {changed}").format(
-            new=new, old=old, pk=pk, changed=_update_filter(declaration)
-        ),
+        # A left join, as the live triggers': an update that changes the pk is
+        # stored with its old values null.
+        "update": sql.SQL(
+            "{new} AS n LEFT JOIN {old} AS o ON o.{pk} = n.{pk} WHERE o.{pk} IS NULL OR {changed}"
+        ).format(new=new, old=old, pk=pk, changed=_update_filter(declaration)),
         "delete": sql.SQL("{} AS o").format(old),
     }
     if not declaration.sends_old:  # an update's new rows alone, as an insert's
@@ -978,13 +1018,14 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
             "weight": sql.Literal(_DURABLE_ROW_WEIGHT),
             "span": sql.Literal(_DURABLE_ROW_BYTES),
         }
-        inserting = _DURABLE_INSERT.format(source=sources[event], **parts)
+        inserting = _DURABLE_INSERT.format(source=sources[event], **parts, **_AS_READ)
         if declaration.pairs_rows(event) and looks:
             by_position = _DURABLE_INSERT.format(
                 source=sql.SQL("{} WHERE {}").format(
                     _PAIRED_BY_POSITION, _update_filter(declaration)
                 ),
                 **parts,
+                **_BY_POSITION_ORDER,
             )
             inserting = sql.SQL("{}{}").format(
                 _counting_query(),
@@ -1094,7 +1135,8 @@ _MOMENT_RANGES = frozenset({"DateRangeField", "DateTimeRangeField"})
 
 def _pause_check(declaration: Declaration) -> sql.Composable:
     """The function's first statement: return at once while ``pgnotify.paused`` is
-    ``on`` or lists this model.
+    ``on`` (in any case, spaces around it ignored, as the labels of a list are
+    compared) or lists this model.
 
     In the function rather than a trigger ``WHEN`` clause: PostgreSQL reads
     and compiles a statement trigger's ``WHEN`` again for every statement,
@@ -1106,7 +1148,7 @@ def _pause_check(declaration: Declaration) -> sql.Composable:
     setting = sql.SQL("current_setting({}, true)").format(sql.Literal(wire.PAUSED_SETTING))
     return sql.SQL(
         "  IF {setting} <> '' THEN\n"
-        "    IF {setting} = {all} OR strpos(',' || "
+        "    IF lower(btrim({setting})) = {all} OR strpos(',' || "
         "replace(lower({setting}), ' ', '') || ',', {label}) > 0 THEN\n"
         "      RETURN NULL;\n"
         "    END IF;\n"

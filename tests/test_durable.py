@@ -1309,3 +1309,23 @@ def test_the_durable_health_check_follows_the_receivers_change_by_change(other_c
     before = [healthy for at, healthy in samples if at < stuck]
     assert len(before) > 10 and all(before)  # the batch ran past `patience`, changing
     assert samples[-1][0] - stuck >= patience  # unhealthy once stuck for longer than it
+
+
+def test_an_update_that_changes_the_pk_is_stored_and_delivered_as_live_triggers_announce_it(
+    other_connection,
+):
+    """Paired by primary key, the new row finds no old one: stored under its new pk with
+    its old values null, as a live declaration sends it, rather than left out."""
+    jobs = [Job.objects.create(name=f"moved-{i}", body="b", n=i) for i in range(3)]
+    other_connection.execute("UPDATE durableapp_job SET id = id + 1000")
+
+    with capture_row_changes("durableapp.Job") as changes:
+        events = changes.wait(6, timeout=15)
+
+    moved = sorted((e for e in events if e.action == "update"), key=lambda e: e.pk)
+    assert [e.pk for e in moved] == [job.pk + 1000 for job in jobs]
+    for event, job in zip(moved, jobs, strict=True):
+        assert event.durable and not event.truncated
+        assert event.fields == {"name": job.name, "body": "b", "n": job.n}
+        assert event.old == {"name": None, "body": None, "n": None}  # no old row had the pk
+        assert event.changed == frozenset({"name", "body", "n"})

@@ -14,7 +14,12 @@ from django.core.management import call_command
 from django.db import connection, transaction
 
 from django_pgnotify import paused
-from tests.conftest import changes_before_marker, order_rolled_back_to_a_savepoint_last
+from django_pgnotify.declarations import get_declarations
+from tests.conftest import (
+    changes_before_marker,
+    install_redeclared,
+    order_rolled_back_to_a_savepoint_last,
+)
 from tests.testapp.models import Order, OrderProxy, Tag
 
 
@@ -136,6 +141,25 @@ def test_non_django_writers_pause_with_the_transaction_local_setting(changes, ot
         ("testapp.order", "loud not listed"),
         ("testapp.order", "loud next"),
     ]
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_on_pauses_in_any_case_and_with_spaces_around_it(
+    changes, other_connection, restore_triggers, level
+):
+    """As the model labels of a list are compared: ``SET LOCAL pgnotify.paused = 'ON'``
+    by hand pauses every model, as ``'on'`` does."""
+    (declaration,) = [d for d in get_declarations() if d.model is Order]
+    install_redeclared(declaration, level=level)
+    for value in ["ON", " On ", "on  "]:
+        with other_connection.transaction():
+            other_connection.execute("SELECT set_config('pgnotify.paused', %s, true)", [value])
+            insert_order(other_connection, f"quiet {value!r}")
+    with other_connection.transaction():
+        other_connection.execute("SET LOCAL pgnotify.paused = 'ONE'")
+        insert_order(other_connection, "loud")
+
+    assert announced(changes) == [("testapp.order", "loud")]
 
 
 def test_pgnotify_run_paused_runs_a_command_without_announcing_its_writes(changes, tmp_path):

@@ -481,6 +481,50 @@ def test_the_two_changes_of_a_row_changed_twice_arrive_in_order_on_the_bulk_path
 
 
 @pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_row_changed_twice_arrives_in_order_when_one_change_is_long_and_the_other_short(
+    other_connection, listening, level
+):
+    """Renaming a long parent key to a short one changes each child twice (two ``ON UPDATE
+    CASCADE`` keys): the first change still holds the long key (a row the bulk path does not
+    join, 512 bytes or more), the second does not. Each child's changes arrive in the order
+    the row-level trigger sees them, the one that leaves both keys renamed last."""
+    with throwaway_model(
+        other_connection,
+        CHILDREN,
+        f"CREATE TABLE {PARENTS} (id text PRIMARY KEY);"
+        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
+        f" first text REFERENCES {PARENTS} ON UPDATE CASCADE,"
+        f" second text REFERENCES {PARENTS} ON UPDATE CASCADE)",
+        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
+        "Child",
+        id=models.IntegerField(primary_key=True),
+        first=models.TextField(),
+        second=models.TextField(),
+    ) as model:
+        declaration = install(model, other_connection, Notify(fields="__all__", level=level))
+        old, new = "p" * 200, "q"
+        other_connection.execute(f"INSERT INTO {PARENTS} VALUES (%s)", [old])
+        other_connection.execute(
+            f"INSERT INTO {CHILDREN} SELECT g, %s, %s FROM generate_series(1, 20) AS g",
+            [old, old],
+        )
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        other_connection.execute(f"UPDATE {PARENTS} SET id = %s", [new])
+        events = decoded(listening, model)
+
+    seen: dict[int, list[tuple[dict, dict]]] = {}
+    for event in events:
+        seen.setdefault(event.pk, []).append((event.old, event.fields))
+    assert seen.keys() == set(range(1, 21))
+    for pk, changes in seen.items():
+        (first_old, first_new), (second_old, second_new) = changes
+        assert first_old == {"first": old, "second": old}, pk
+        assert first_new in [{"first": new, "second": old}, {"first": old, "second": new}], pk
+        assert second_old == first_new, pk
+        assert second_new == {"first": new, "second": new}, pk
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
 @pytest.mark.parametrize("when_changed", [[], ["amount"]], ids=["any column", "when_changed"])
 def test_a_value_written_again_in_another_form_is_no_change_of_that_field(
     nullable_table, other_connection, listening, level, when_changed
