@@ -22,7 +22,9 @@ anyone; a consumer following many rows gets one message per row per round. So th
 consumers can tell, each event says the ``seq`` of its row's previous change (``prev``),
 and each model gets a ``pgnotify.checkpoint`` now and then, listing the rows changed since
 its last one with their last ``seq``: sent after a quiet spell too, it reveals a change
-lost last, which no later change of its row would.
+lost last, which no later change of its row would. That one is timed from when the model's
+last change was sent, not queued, and sent again later: a checkpoint that reaches a channel
+still full of the changes it names is dropped with them.
 """
 
 from __future__ import annotations
@@ -85,9 +87,10 @@ FULL_WARNING_INTERVAL = 60.0
 #: A model gets a checkpoint once this many of its rows changed since its previous one
 #: (which bounds the checkpoint's size)...
 CHECKPOINT_ROWS = 100
-#: ...this many seconds after its first change since its previous one, at the latest, and
-#: once more this long after its last change, when consumers have had time to catch up: a
-#: checkpoint sent to a full channel is lost too, and the next one must not be long after.
+#: ...this many seconds after the sending of its first change since its previous one, at
+#: the latest; once more this long after the sending of its last change, when consumers
+#: have had time to catch up; and that quiet one again this long after it was sent: a
+#: checkpoint sent to a channel still full of the changes it names is dropped with them.
 CHECKPOINT_DELAY = 1.0
 #: What a channel layer raises for a message it cannot serialize (msgpack: a type it
 #: does not know, an integer past 64 bits, a string UTF-8 cannot encode). Retrying
@@ -220,14 +223,22 @@ def _seconds_at_least(span: float) -> float:
 
 
 class _Unchecked:
-    """What a model's next checkpoint covers: its rows' last ``seq`` since its previous one."""
+    """What a model's next checkpoint covers: its rows' last ``seq`` since its previous one,
+    and when its changes were sent (the end of the round that sent them)."""
 
-    __slots__ = ("first", "last", "rows")
+    __slots__ = ("covered", "first", "quiet", "quiet_sent", "rows", "sent")
 
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}  # row group -> seq of its last change
-        self.first: float | None = None  # when the first change since then was queued
-        self.last = -math.inf  # when the last change was queued
+        self.covered = 0  # the seq of its last checkpoint
+        # When the first change after that one was sent; None: none sent yet.
+        self.first: float | None = None
+        # When its last change was sent; None while one waits to be.
+        self.sent: float | None = None
+        # Its last checkpoint, when it was sent after a quiet spell: it goes again once
+        # CHECKPOINT_DELAY passed since quiet_sent (None: not sent yet). A change cancels it.
+        self.quiet: dict[str, Any] | None = None
+        self.quiet_sent: float | None = None
 
 
 class ChannelLayerForwarder:
@@ -306,9 +317,8 @@ class ChannelLayerForwarder:
             unchecked = self._unchecked.get(label)
             if unchecked is None:
                 unchecked = self._unchecked[label] = _Unchecked()
-            if unchecked.first is None:
-                unchecked.first = now
-            unchecked.last = now
+            # Not quiet any more: the next checkpoint's number tells of a quiet one lost.
+            unchecked.sent = unchecked.quiet = unchecked.quiet_sent = None
             targets = [groups.model_group(label)]
             prev = None
             if self.row_groups and event.pk is not None:
@@ -325,6 +335,8 @@ class ChannelLayerForwarder:
 
         To the model group, whose subscribers check it against ``seq``, and with
         row groups to the resync group, where every follower of one of its rows is.
+        One sent ``CHECKPOINT_DELAY`` after the model's last change was is quiet:
+        it goes again as long after its own sending (see ``_checkpoints_due``).
         """
         model = groups.model_group(label)
         self.checkpoints[label] += 1
@@ -340,25 +352,89 @@ class ChannelLayerForwarder:
         }
         unchecked.rows = {}
         unchecked.first = None
-        if now - unchecked.last >= CHECKPOINT_DELAY:
-            del self._unchecked[label]  # quiet: consumers had time to catch up before it
-        targets = [model, groups.resync_group(label)] if self.row_groups else [model]
-        self._enqueue(targets, message)
+        unchecked.covered = self.sequence[label]
+        if unchecked.sent is not None and unchecked.sent + CHECKPOINT_DELAY <= now:
+            unchecked.quiet = message  # consumers had time to catch up before it
+        self._enqueue(self._checkpoint_targets(label), message)
+
+    def _checkpoint_targets(self, label: str) -> list[str]:
+        model = groups.model_group(label)
+        return [model, groups.resync_group(label)] if self.row_groups else [model]
 
     def _checkpoints_due(self) -> float | None:
-        """Queue the checkpoints that are due; seconds until the next one is, if any."""
+        """Queue the checkpoints that are due; seconds until the next one is, if any.
+
+        A model gets one ``CHECKPOINT_DELAY`` after the sending of its first change
+        since its previous one; when that one came before the model was quiet, another
+        as long after the sending of its last change; and that quiet one again as long
+        after it was sent, for a consumer whose channel was still full then. Then
+        nothing until the model changes again.
+        """
         now = time.monotonic()
         wait = None
         for label, unchecked in list(self._unchecked.items()):
-            if unchecked.first is not None:
+            if unchecked.quiet is not None:
+                if unchecked.quiet_sent is None:
+                    continue  # not sent yet
+                due = unchecked.quiet_sent + CHECKPOINT_DELAY
+            elif unchecked.first is not None:
                 due = unchecked.first + CHECKPOINT_DELAY
-            else:  # its last checkpoint came before it was quiet
-                due = unchecked.last + CHECKPOINT_DELAY
-            if due <= now:
+            elif unchecked.sent is not None:  # its last checkpoint came before it was quiet
+                due = unchecked.sent + CHECKPOINT_DELAY
+            else:
+                continue  # its changes wait to be sent
+            if due > now:
+                if wait is None or due - now < wait:
+                    wait = due - now
+            elif unchecked.quiet is not None:
+                del self._unchecked[label]
+                self._enqueue(self._checkpoint_targets(label), self._again(unchecked, now))
+            else:
                 self._checkpoint(label, unchecked, now)
-            elif wait is None or due - now < wait:
-                wait = due - now
         return wait
+
+    def _again(self, unchecked: _Unchecked, now: float) -> dict[str, Any]:
+        """The quiet checkpoint of ``unchecked`` to send again, its number unchanged.
+
+        A consumer that had it skips it; one that lost it checks this one as it.
+        Its ages (stamped as it was sent) grow by the time since, at least.
+        """
+        assert unchecked.quiet is not None and unchecked.quiet_sent is not None
+        quiet, later = unchecked.quiet, now - unchecked.quiet_sent
+        message = {**quiet, "again": True}
+        if self.row_groups:
+            if quiet["since"] is not None:
+                message["since"] = _seconds_at_least(quiet["since"] + later)
+            message["rows"] = {
+                row: [seq, _seconds_at_least(age + later)]
+                for row, (seq, age) in quiet["rows"].items()
+            }
+        return message
+
+    def _note_sent(self, taken: list[dict[str, Any]], now: float) -> None:
+        """Note when the changes and quiet checkpoints of a round were sent (``now``).
+
+        A resync counts as its model's changes up to its ``seq``: those dropped
+        before being sent are among them.
+        """
+        for message in taken:
+            label = message["model"]
+            unchecked = self._unchecked.get(label)
+            if unchecked is None:
+                continue
+            if message["type"] == CHECKPOINT:
+                if message is unchecked.quiet:
+                    unchecked.quiet_sent = now
+                continue
+            seq = message.get("seq")
+            if not isinstance(seq, int):
+                continue
+            # A resync is no change: it only tells that those before it were sent.
+            first = message["type"] == ROW_CHANGED and seq > unchecked.covered
+            if first and unchecked.first is None:
+                unchecked.first = now
+            if seq >= self.sequence[label]:
+                unchecked.sent = now
 
     def resync(self, labels: Iterable[str], reason: str, **extra: Any) -> None:
         """Queue a ``resync`` message to the subscribers of each model of ``labels``.
@@ -384,6 +460,9 @@ class ChannelLayerForwarder:
             _, oldest = self._pending.popleft()
             self.stats["forward_dropped"] += 1
             self._dropped_models.add(oldest["model"])
+            unchecked = self._unchecked.get(oldest["model"])
+            if unchecked is not None and oldest is unchecked.quiet:
+                unchecked.quiet = None  # never sent: another checkpoint follows the resync
             if oldest["type"] == RESYNC:
                 self._resync_notes.pop(oldest["id"], None)
             if time.monotonic() - self._full_warned >= FULL_WARNING_INTERVAL:
@@ -410,6 +489,9 @@ class ChannelLayerForwarder:
             self._sending = 0  # a task of a closed loop took them with it
             self._round_marks = set()
             self._round_seqs = {}
+            for unchecked in self._unchecked.values():
+                if unchecked.quiet_sent is None:
+                    unchecked.quiet = None  # perhaps among them
             self._task = loop.create_task(self._run(), name="pgnotify-channels-forwarder")
 
     @property
@@ -471,7 +553,7 @@ class ChannelLayerForwarder:
             if message["prev"] is not None:
                 message["prev_age"] = self._age(label, message["prev"], start)
             return
-        if message["type"] == CHECKPOINT:
+        if message["type"] == CHECKPOINT and not message.get("again"):
             marked = self._marked.get(label)
             if marked is not None:  # a consumer that subscribed before may have lost that
                 message["since"] = _seconds_at_least(start - marked)
@@ -553,8 +635,9 @@ class ChannelLayerForwarder:
                         )
                     await asyncio.sleep(backoff.next())
             self._sending = 0
+            now = time.monotonic()
+            self._note_sent(taken, now)
             if self._round_marks or self._round_seqs:
-                now = time.monotonic()
                 for label in self._round_marks:
                     self._marked[label] = now
                 for label, seq in self._round_seqs.items():

@@ -41,6 +41,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.signals import setting_changed
 from django.db import models
+from django.db.backends.base.operations import BaseDatabaseOperations
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -62,6 +63,10 @@ class SubscriptionError(Exception):
         self.message = message
 
 
+#: The integers each integer column type holds (PostgreSQL's, as Django's validators say).
+_INTEGER_RANGES = BaseDatabaseOperations.integer_field_ranges
+
+
 def _pk_value(model: type[models.Model], value: Any) -> Any:
     """The Python value of ``model``'s pk that ``value`` (as JSON carries it) spells.
 
@@ -72,12 +77,14 @@ def _pk_value(model: type[models.Model], value: Any) -> Any:
     result is then the text the listener names the row's group with.
 
     Raises:
-        ValidationError: ``value`` is not a pk of ``model``.
+        ValidationError: ``value`` is not a pk of ``model`` (an integer past
+            its column's range included).
         ArithmeticError: A datetime within hours of year 1 or 9999 has no
             value in the other time zone.
     """
     field = model._meta.pk
-    if stored_field(field).get_internal_type() in DJANGO_INTERNAL_TYPES:
+    internal_type = stored_field(field).get_internal_type()
+    if internal_type in DJANGO_INTERNAL_TYPES:
         pk = field.to_python(value)
     else:
         # A custom field's to_python is often the identity: read the pk as the
@@ -86,7 +93,11 @@ def _pk_value(model: type[models.Model], value: Any) -> Any:
             pk = converter_for(field)(value)
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise ValidationError(str(exc)) from None
-    if isinstance(pk, Decimal):
+    if isinstance(pk, int) and internal_type in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[internal_type]
+        if not low <= pk <= high:  # no row has it; 10**30 would name a group all the same
+            raise ValidationError(f"{internal_type} holds integers from {low} to {high}")
+    elif isinstance(pk, Decimal):
         field.run_validators(pk)  # max_digits: no row has a pk past them
     elif isinstance(pk, datetime.datetime):
         if settings.USE_TZ and timezone.is_naive(pk):
@@ -362,16 +373,21 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             await self.send_error(exc.code, exc.message, request)
 
     async def subscribe(self, request: dict[str, Any]) -> None:
+        """Follow a model or a row, as ``request`` asks; again what it follows renews it.
+
+        A renewal the permission hook refuses ends the subscription: what the
+        connection was allowed to follow it may not follow any more.
+        """
         model, label = self.resolve_model(request["subscribe"])
         pk = self.resolve_pk(model, request) if "pk" in request else None
+        key = None if pk is None else groups.pk_text(pk)
+        renewed = self._follows(label, key)
         if not await self.has_permission(model, pk):
+            if renewed:
+                self._forget(label, key)
+                await self.sync_groups()
             # The same answer whether the model or the row exists or not.
             raise SubscriptionError("forbidden", f"You may not follow {label}.")
-        key = None if pk is None else groups.pk_text(pk)
-        existing = self.subscriptions.get(label)
-        renewed = existing is not None and (
-            existing["model"] if key is None else key in existing["rows"]
-        )
         count = sum(int(e["model"]) + len(e["rows"]) for e in self.subscriptions.values())
         if count >= self.max_subscriptions and not renewed:
             raise SubscriptionError(
@@ -399,25 +415,39 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
 
     async def unsubscribe(self, request: dict[str, Any]) -> None:
         model, label = self.resolve_model(request["unsubscribe"])
-        entry = self.subscriptions.get(label)
-        if entry is not None:
-            streams = self.heard.get(label, {}).values()
-            if "pk" in request:
-                key = groups.pk_text(self.resolve_pk(model, request))
-                entry["rows"].pop(key, None)
-                entry["joined"].pop(key, None)
-                entry["names"] = {n: k for n, k in entry["names"].items() if k != key}
-                for heard in streams:
-                    heard.rows.pop(key, None)
-            else:
-                entry["model"] = False
-                for heard in streams:
-                    heard.model = None
-            if not entry["model"] and not entry["rows"]:
-                del self.subscriptions[label]
-                self.heard.pop(label, None)
+        if label in self.subscriptions:
+            key = groups.pk_text(self.resolve_pk(model, request)) if "pk" in request else None
+            self._forget(label, key)
         await self.sync_groups()
         await self.send_frame("unsubscribed", request, label)
+
+    def _follows(self, label: str, key: str | None) -> bool:
+        """Whether the connection follows the model ``label`` (``key`` None) or its row."""
+        entry = self.subscriptions.get(label)
+        if entry is None:
+            return False
+        return bool(entry["model"]) if key is None else key in entry["rows"]
+
+    def _forget(self, label: str, key: str | None) -> None:
+        """End the subscription to the model ``label`` (``key`` None) or to its row ``key``,
+        and what it expected of it (``sync_groups`` leaves its groups)."""
+        entry = self.subscriptions.get(label)
+        if entry is None:
+            return
+        streams = self.heard.get(label, {}).values()
+        if key is not None:
+            entry["rows"].pop(key, None)
+            entry["joined"].pop(key, None)
+            entry["names"] = {n: k for n, k in entry["names"].items() if k != key}
+            for heard in streams:
+                heard.rows.pop(key, None)
+        else:
+            entry["model"] = False
+            for heard in streams:
+                heard.model = None
+        if not entry["model"] and not entry["rows"]:
+            del self.subscriptions[label]
+            self.heard.pop(label, None)
 
     def resolve_model(self, value: Any) -> tuple[type[models.Model], str]:
         if not isinstance(value, str) or value.count(".") != 1 or len(value) > 200:
@@ -439,8 +469,16 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             if isinstance(value, str):
                 value.encode("utf-8")  # a lone surrogate (JSON's "\ud800") is no row's
             pk = _pk_value(model, value)
-        except (ValidationError, TypeError, ValueError, ArithmeticError):
-            raise SubscriptionError("invalid_pk", f"{value!r} is not a valid pk.") from None
+        except (ValidationError, TypeError, ValueError, ArithmeticError) as exc:
+            if isinstance(exc, ValidationError):
+                reason = " ".join(exc.messages)
+            else:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise SubscriptionError(
+                "invalid_pk",
+                f"{value!r} is not a valid pk of {model._meta.label_lower} "
+                f"(field {model._meta.pk.name}): {reason.rstrip('.')}.",
+            ) from None
         if not self.row_groups:
             raise SubscriptionError(
                 "rows_unavailable",
@@ -585,11 +623,14 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             had = heard.rows.get(key)
             heard.rows[key] = seq
             prev = message.get("prev")
-            if isinstance(prev, int) and prev > (heard.floor if had is None else had):
-                if had is not None:
-                    await self.send_gap(label, stream, key, sure=True)
-                elif not self._before(entry, key, message.get("prev_age")):
-                    await self.send_gap(label, stream, key, sure=False)
+            # One sent before the row was followed is none of its business, even after a
+            # change it got: one of an earlier subscription still on its way, say.
+            if (
+                isinstance(prev, int)
+                and prev > (heard.floor if had is None else had)
+                and not self._before(entry, key, message.get("prev_age"))
+            ):
+                await self.send_gap(label, stream, key, sure=had is not None)
         event = {k: v for k, v in message.items() if k not in _CHANGE_CHECKS}
         event = {"type": "row_changed", **event}
         filtered = await self.filter_event(apps.get_model(label), event)
@@ -638,7 +679,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 last, age = named if isinstance(named, list) and len(named) == 2 else (None, None)
                 if not isinstance(last, int) or last <= (heard.floor if had is None else had):
                     continue
-                if had is None and self._before(entry, key, age):
+                if self._before(entry, key, age):
                     continue  # a change sent before it subscribed
                 lost.append(key)
                 sure = sure and had is not None

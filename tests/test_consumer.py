@@ -221,8 +221,16 @@ def test_bad_requests_get_an_error_frame_and_the_connection_stays_usable(request
         ("testapp.price", "1E+999999999"),  # past max_digits, and a billion digits written out
         ("testapp.shift", "0001-01-01T00:00:00+01:00"),  # no value in the project's zone
         ("testapp.shift", "9999-12-31T23:59:59-01:00"),
+        ("testapp.order", 10**30),  # past a BigAutoField's 64 bits
+        ("testapp.order", "-9223372036854775809"),
     ],
-    ids=["decimal-exponent", "datetime-year-1", "datetime-year-9999"],
+    ids=[
+        "decimal-exponent",
+        "datetime-year-1",
+        "datetime-year-9999",
+        "integer-past-bigint",
+        "text-past-bigint",
+    ],
 )
 def test_a_pk_no_row_can_have_is_an_invalid_pk_and_the_connection_stays_usable(settings, label, pk):
     settings.USE_TZ = False  # naive datetimes: an aware pk is moved to TIME_ZONE
@@ -231,10 +239,34 @@ def test_a_pk_no_row_can_have_is_an_invalid_pk_and_the_connection_stays_usable(s
         client = await connect(FakeUser(f"testapp.view_{label.split('.')[1]}"))
         answer = await ask(client, {"subscribe": label, "pk": pk})
         assert (answer["type"], answer["code"]) == ("error", "invalid_pk"), answer
+        field = {"testapp.price": "amount", "testapp.shift": "starts_at"}.get(label, "id")
+        assert f"{pk!r} is not a valid pk of {label} (field {field}): " in answer["message"]
         assert (await ask(client, {"subscribe": label}))["type"] == "subscribed"
         await client.disconnect()
 
     run(scenario)
+
+
+def test_an_integer_pk_past_its_columns_range_is_refused_naming_the_range():
+    from django.core.exceptions import ValidationError
+    from django.db import models
+    from django.test.utils import isolate_apps
+
+    from django_pgnotify.consumers import _pk_value
+
+    with isolate_apps("tests.testapp"):
+
+        class Counter32(models.Model):  # an AutoField: a PostgreSQL integer
+            id = models.AutoField(primary_key=True)
+
+            class Meta:
+                app_label = "testapp"
+
+        assert _pk_value(Counter32, "2147483647") == 2**31 - 1
+        for pk in (2**31, -(2**31) - 1, "10000000000"):
+            with pytest.raises(ValidationError, match="AutoField holds integers from -2147"):
+                _pk_value(Counter32, pk)
+    assert _pk_value(Order, 2**63 - 1) == 2**63 - 1  # a BigAutoField
 
 
 def test_a_model_declared_in_the_settings_later_can_be_subscribed_to_at_once(settings):
@@ -339,6 +371,44 @@ def test_a_permission_revoked_during_a_connection_counts_at_its_next_subscriptio
         await client.disconnect()
 
     run(scenario)
+
+
+def test_subscribing_again_when_the_permission_was_revoked_ends_that_subscription():
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        user = FakeUser("testapp.view_order")
+        client = await connect(user)
+        await ask(client, {"subscribe": "testapp.order"})
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        await forward(dispatcher, order_change(2))
+        assert (await client.receive_json_from(TIMEOUT))["pk"] == 2
+        user.perms.clear()  # revoked: the next (re)subscription is refused
+        answer = await ask(client, {"subscribe": "testapp.order", "id": 7})
+        assert (answer["type"], answer["code"], answer["id"]) == ("error", "forbidden", 7)
+        # The model's subscription ended; the row's, another one, goes on until renewed.
+        await forward(dispatcher, order_change(2), order_change(1))
+        assert [f["pk"] for f in await frames_of_changes(client)] == [1]
+        answer = await ask(client, {"subscribe": "testapp.order", "pk": "1"})
+        assert (answer["type"], answer["code"]) == ("error", "forbidden")
+        await forward(dispatcher, order_change(1))
+        assert await client.receive_nothing(0.3)
+        # Allowed again: a subscription as any other.
+        user.perms.add("testapp.view_order")
+        assert (await ask(client, {"subscribe": "testapp.order"}))["type"] == "subscribed"
+        await forward(dispatcher, order_change(3))
+        assert [f["pk"] for f in await frames_of_changes(client)] == [3]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+
+    run(scenario)
+
+
+async def frames_of_changes(client: WebsocketCommunicator) -> list[dict[str, Any]]:
+    received = []
+    while not await client.receive_nothing(0.2):
+        received.append(await client.receive_json_from(TIMEOUT))
+    assert all(f["type"] == "row_changed" for f in received), received
+    return received
 
 
 class EveryoneMayFollowTags(RowChangeConsumer):
@@ -1173,6 +1243,50 @@ def test_following_the_model_with_row_batches_and_a_checkpoint_in_the_channel_is
     assert gaps["gaps"] == 0
 
 
+def test_following_a_row_again_while_changes_of_the_first_time_are_on_their_way_is_no_gap(
+    gaps, monkeypatch
+):
+    """Changes sent before a subscription are none of its business, even when one sent
+    before it (to the subscription before, still in the consumer's channel) arrived."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)  # this is prev's doing
+
+    async def scenario() -> None:
+        BusyConsumer.gate = asyncio.Event()
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER, BusyConsumer)
+        await ask(client, {"subscribe": "testapp.order", "pk": 1})
+        for _ in range(3):  # the consumer is busy with the first; two wait in its channel
+            await forward(dispatcher, order_change(1))
+        await client.send_json_to({"unsubscribe": "testapp.order", "pk": 1})
+        losing(dispatcher, seqs(4))  # sent before it follows the row again: not for it
+        await forward(dispatcher, order_change(1))
+        await client.send_json_to({"subscribe": "testapp.order", "pk": 1})
+        # Later: the ages the listener measures tell 4 from one sent after the subscription.
+        await asyncio.sleep(0.5)
+        BusyConsumer.gate.set()
+        # Channels takes a client message, then a channel message, in turn: the change 3
+        # of the first subscription is handled after the second one began.
+        assert await frames(client) == [
+            ("row_changed", 1, 1),
+            ("unsubscribed", 1, None),
+            ("subscribed", 1, None),
+            ("row_changed", 1, 3),
+        ]
+        losing(dispatcher, lambda group, messages: False)
+        await forward(dispatcher, order_change(1))
+        assert await frames(client) == [("row_changed", 1, 5)]
+        # A change lost after it is still found.
+        losing(dispatcher, seqs(6))
+        for _ in range(2):
+            await forward(dispatcher, order_change(1))
+        assert await frames(client) == [("resync", 1, "gap"), ("row_changed", 1, 7)]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 1
+
+
 @pytest.mark.parametrize(
     "rows",
     [["not", "a", "dict"], {"row.1": 3}, {"row.1": [3]}, {"row.1": "3, 0.1"}],
@@ -1269,6 +1383,8 @@ def test_row_changes_name_their_rows_previous_one_and_checkpoints_follow_them(
             (".resync", ["checkpoint 2"]),
             ("", ["checkpoint 3"]),  # and once the model is quiet, one naming nothing
             (".resync", ["checkpoint 3"]),
+            ("", ["checkpoint 3"]),  # and that one again, for a consumer that lost it
+            (".resync", ["checkpoint 3"]),
         ]
         sent = [batch["messages"][0] for group, batch in layer.batches if "resync" in group]
         # Each row's last seq, and the seconds since it was sent, at least: 0 in the same
@@ -1277,7 +1393,9 @@ def test_row_changes_name_their_rows_previous_one_and_checkpoints_follow_them(
             (2, {"row.1": [1, 0.0], "row.2": [2, 0.0]}, forwarder.stream),
             (5, {"row.3": [4, ANY], "row.4": [5, ANY]}, forwarder.stream),
             (5, {}, forwarder.stream),
+            (5, {}, forwarder.stream),
         ]
+        assert [c.get("again") for c in sent] == [None, None, None, True]
         assert sent[1]["rows"]["row.3"][1] >= 0
         # The seconds since the previous one was sent, at least; none before the first.
         assert sent[0]["since"] is None
@@ -1290,7 +1408,7 @@ def test_row_changes_name_their_rows_previous_one_and_checkpoints_follow_them(
     run(scenario)
 
 
-def test_a_model_changed_once_gets_one_checkpoint_and_without_row_groups_only_its_group(
+def test_a_model_changed_once_gets_one_checkpoint_twice_and_without_row_groups_only_its_group(
     settings, checkpoint_delay
 ):
     settings.PGNOTIFY = {**settings.PGNOTIFY, "CHANNEL_ROW_GROUPS": False}
@@ -1300,15 +1418,99 @@ def test_a_model_changed_once_gets_one_checkpoint_and_without_row_groups_only_it
         layer = forwarder.layer = FlakyLayer(failures=0)  # type: ignore[assignment]
         forwarder.submit([order_change(1)])
         await checked(forwarder)
-        assert [(g, m["type"], m.get("prev")) for g, m in layer.sent] == [
-            ("pgnotify.testapp.order", ROW_CHANGED, None),
-            ("pgnotify.testapp.order", CHECKPOINT, None),
+        assert [(g, m["type"], m.get("n"), m.get("again")) for g, m in layer.sent] == [
+            ("pgnotify.testapp.order", ROW_CHANGED, None, None),
+            ("pgnotify.testapp.order", CHECKPOINT, 1, None),
+            ("pgnotify.testapp.order", CHECKPOINT, 1, True),  # the same, later
         ]
-        assert layer.sent[1][1]["rows"] == {}
+        assert layer.sent[1][1]["rows"] == layer.sent[2][1]["rows"] == {}
         assert forwarder.stats["forwarded"] == 1
+        # Nothing more while the model stays quiet.
+        assert forwarder._checkpoints_due() is None and not forwarder.backlog
         await forwarder.drain()
 
     run(scenario)
+
+
+class SlowLayer(FlakyLayer):
+    """A layer whose sends of ``slow`` groups take ``seconds``, as a round of sends to many
+    groups on a loaded machine does: the changes go out long after they were queued."""
+
+    def __init__(self, slow: str, seconds: float) -> None:
+        super().__init__(failures=0)
+        self.slow, self.seconds = slow, seconds
+
+    async def group_send(self, group: str, message: dict) -> None:
+        if group == self.slow:
+            await asyncio.sleep(self.seconds)
+        await super().group_send(group, message)
+
+
+def test_the_quiet_checkpoint_follows_the_sending_of_the_last_change_not_its_queueing(
+    monkeypatch,
+):
+    """A checkpoint sent right after the changes reaches a consumer's channel while it is
+    still full of them, and is dropped with them: it waits CHECKPOINT_DELAY from their
+    sending, which the ages it carries (lower bounds the forwarder measured) tell."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 0.2)
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default")
+        # The row's batch takes longer than CHECKPOINT_DELAY to send.
+        layer = SlowLayer("pgnotify.testapp.order.row.1", 0.4)
+        forwarder.layer = layer  # type: ignore[assignment]
+        forwarder.submit([order_change(1)])
+        await checked(forwarder)
+        checkpoints = [m for g, m in layer.sent if g.endswith(".resync")]
+        for checkpoint in checkpoints:
+            [seq, age] = checkpoint["rows"]["row.1"]
+            assert seq == 1 and age >= 0.2 - 0.001, checkpoint  # ms rounded down
+        assert [(c["n"], c.get("again")) for c in checkpoints] == [(1, None), (1, True)]
+        # The one sent again says its change and the last checkpoint are older still.
+        assert checkpoints[1]["rows"]["row.1"][1] >= checkpoints[0]["rows"]["row.1"][1] + 0.199
+        await forwarder.drain()
+
+    run(scenario)
+
+
+def test_a_quiet_checkpoint_lost_behind_a_full_channel_is_sent_again(gaps, checkpoint_delay):
+    """The change lost last and the checkpoint after it, to a row follower and a model
+    follower: the same checkpoint, sent again, tells them."""
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        rows, model = await connect(VIEWER), await connect(VIEWER)
+        for pk in (1, 2):
+            await ask(rows, {"subscribe": "testapp.order", "pk": pk})
+        await ask(model, {"subscribe": "testapp.order"})
+        await forward(dispatcher, order_change(1), order_change(2))
+        await checked(forwarder)
+        assert await frames(rows) == [("row_changed", 1, 1), ("row_changed", 2, 2)]
+        assert await frames(model) == [("row_changed", 1, 1), ("row_changed", 2, 2)]
+        lost = {"again": False}
+
+        def full(group: str, messages: list[dict[str, Any]]) -> bool:
+            # The change, and the first sending of the checkpoint after it.
+            if seqs(3)(group, messages):
+                return True
+            if checkpoints(2)(group, messages) and not messages[0].get("again"):
+                lost["again"] = True
+                return True
+            return False
+
+        losing(dispatcher, full)
+        await forward(dispatcher, order_change(1))
+        await checked(forwarder)
+        assert lost["again"]  # the checkpoint was lost before it went again
+        assert await frames(rows) == [("resync", 1, "gap")]
+        assert await frames(model) == [("resync", None, "gap")]
+        for client in (rows, model):
+            await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 2
 
 
 # With channels_redis: what batching is for
