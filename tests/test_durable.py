@@ -696,22 +696,28 @@ def test_pruning_deletes_only_old_done_events_and_dead_letters_when_asked(transa
 def test_pruning_leaves_a_dead_letter_made_pending_while_it_waited_on_the_row(other_connection):
     """A Retry (dead -> pending) that commits while prune waits on the row's lock:
     PostgreSQL checks the DELETE's own condition again on the new row, not the
-    subquery's, so that condition must say what may be deleted."""
-    dead = DurableEvent.objects.create(
-        declaration="durableapp.Job:default",
-        model="durableapp.job",
-        action="insert",
-        payload='{"pk": 1}',
-        status="dead",
-        done_at=Now() - timedelta(days=8),
-    ).id
+    subquery's, so that condition must say what may be deleted. The batch that
+    deleted nothing is no end: the dead letter after it is pruned too (pruning
+    stopped at the first batch that deleted less than it picked)."""
+
+    def dead_letter() -> int:
+        return DurableEvent.objects.create(
+            declaration="durableapp.Job:default",
+            model="durableapp.job",
+            action="insert",
+            payload='{"pk": 1}',
+            status="dead",
+            done_at=Now() - timedelta(days=8),
+        ).id
+
+    dead, after = dead_letter(), dead_letter()
     other_connection.execute("BEGIN")
     other_connection.execute("UPDATE pgnotify_event SET status = 'pending' WHERE id = %s", [dead])
     pruned: list[int] = []
 
     def prune() -> None:
         try:
-            pruned.append(durable.prune_events(timedelta(days=7), dead=True))
+            pruned.append(durable.prune_events(timedelta(days=7), dead=True, batch_size=1))
         finally:
             connections.close_all()
 
@@ -732,8 +738,9 @@ def test_pruning_leaves_a_dead_letter_made_pending_while_it_waited_on_the_row(ot
         other_connection.execute("COMMIT")
         thread.join(10)
 
-    assert pruned == [0]
+    assert pruned == [1]
     assert DurableEvent.objects.get(id=dead).status == "pending"
+    assert not DurableEvent.objects.filter(id=after).exists()
 
 
 def test_status_reports_backlog_oldest_pending_age_and_dead_letters(other_connection):
