@@ -3,8 +3,10 @@
 A service that both writes and listens may not want to hear about its own
 writes. A notification carries the backend PID of the writing session, so the
 listener compares it with the PIDs of the connections Django opened in this
-process, in any thread. PostgreSQL reuses PIDs, so a PID counts as ours only
-while the connection that had it is open, and briefly after it closed.
+process, in any thread, since :func:`track_own_connections` was first called
+(and those the calling thread had open then). PostgreSQL reuses PIDs, so a PID
+counts as ours only while the connection that had it is open, and briefly after
+it closed.
 
 PIDs are unique only within one server, and a process may also be connected to
 others (a read replica, another database server, one in a container whose PIDs
@@ -202,6 +204,8 @@ def _remember(sender: Any, connection: Any, **kwargs: Any) -> None:
     if connection.vendor != "postgresql":
         return
     _watch_close(connection)
+    with _lock:
+        asked = _asked(connection.connection)
     key = _key(connection)
     with _lock:
         _retire(connection, keep=key)
@@ -210,7 +214,19 @@ def _remember(sender: Any, connection: Any, **kwargs: Any) -> None:
             # Its callback may run in any thread, even one holding this lock.
             _pids[key] = weakref.ref(connection, functools.partial(_collected, key))
             _closed.pop(key, None)
-            _opened[key] = time.monotonic()
+            # A session recorded again (by another Listener made, or handed out by a pool
+            # again) has been ours since it was first: its older durable events are ours.
+            if not asked or key not in _opened:
+                _opened[key] = time.monotonic()
+
+
+def _asked(raw: Any) -> bool:
+    """Whether the session of ``raw`` was asked who it is already (its key is known, or
+    known not to be ours). Holds ``_lock``."""
+    try:
+        return raw in _keys
+    except TypeError:  # a connection that takes no weak reference
+        return False
 
 
 def _collected(key: Key, ref: weakref.ref[Any]) -> None:
@@ -263,9 +279,15 @@ def _sweep() -> None:
 
 
 def track_own_connections() -> None:
-    """Start recording the backend PIDs of Django connections opened from now on.
+    """Start recording the backend PIDs of Django connections opened from now on, in
+    any thread, for the rest of the process.
 
-    Connections already open in the calling thread are recorded too.
+    Connections already open in the calling thread are recorded too, as ours since
+    they were first recorded. Those open in other threads are not, until they
+    connect again: Django keeps each thread's connections where only that thread
+    finds them, and placing a session takes a query on it, which only its thread
+    may make. Recording goes on after the listeners stop, so that a listener made
+    again later knows the connections opened meanwhile.
     """
     connection_created.connect(_remember, dispatch_uid="django_pgnotify.own_changes")
     for wrapper in connections.all(initialized_only=True):

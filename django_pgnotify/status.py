@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 import psycopg
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from psycopg import sql
 
-from . import durable, installation
+from . import durable, installation, wire
 from .conf import get_setting
 from .connection import connect_timeout, connection_params, describe
 
@@ -39,6 +40,11 @@ class DatabaseStatus:
             ``oldest_pending_age`` (seconds), ``dead`` (dead letters) and
             ``done`` (kept for retention); ``None`` when none is declared, or
             the backlog could not be counted (no event table, say).
+        undeclared_events: Pending changes in the event table per declaration URI
+            that no durable declaration routed to this database has (a model
+            removed, a declaration renamed or no longer durable): no listener
+            claims them. Empty when there are none, no event table, or the
+            role may not read it.
         problems: What needs action; empty when all is well.
     """
 
@@ -48,6 +54,7 @@ class DatabaseStatus:
     queue_usage: float | None = None
     listeners: list[dict[str, Any]] = field(default_factory=list)
     durable: dict[str, Any] | None = None
+    undeclared_events: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -176,6 +183,34 @@ def _activity(wrapper: BaseDatabaseWrapper) -> tuple[float, list[dict[str, Any]]
     return usage, listeners
 
 
+# Pending changes by declaration, of the declarations not in %s: listeners claim only
+# those of their own declarations (durable._CLAIMABLE).
+_UNDECLARED = sql.SQL(
+    "SELECT declaration, sum(size - coalesce(cardinality(handled), 0))::bigint FROM {}"
+    " WHERE status = 'pending' AND declaration <> ALL(%s::text[])"
+    " GROUP BY declaration ORDER BY declaration"
+).format(sql.Identifier(wire.EVENT_TABLE))
+
+
+def _undeclared_events(wrapper: BaseDatabaseWrapper, uris: list[str]) -> dict[str, int]:
+    """Pending changes per declaration URI not in ``uris``.
+
+    None without an event table on the search path, or the right to read it: the
+    durable declarations' state and backlog say so, if there are any; a project
+    without them, or a monitoring role that may not read the table, is not at fault.
+    """
+    with wrapper.cursor() as cursor:
+        cursor.execute(
+            "SELECT has_table_privilege(t, 'SELECT') FROM to_regclass(%s) AS t WHERE t IS NOT NULL",
+            [sql.Identifier(wire.EVENT_TABLE).as_string(None)],
+        )
+        readable = cursor.fetchone()
+        if readable is None or not readable[0]:
+            return {}
+        cursor.execute(_UNDECLARED.as_string(None), [uris])
+        return {uri: int(count) for uri, count in cursor.fetchall()}
+
+
 def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus:
     """Inspect ``using``: declared triggers, the notification queue, listeners.
 
@@ -230,6 +265,16 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                 )
                 if backlog is not None:
                     status.durable = asdict(backlog)
+            # Of the whole table, as the backlog: whatever the selectors, these wait for ever.
+            served = [d.uri for d in installation.declarations_for((), using) if d.notify.durable]
+            undeclared = _read(
+                "looking for durable events no declaration claims",
+                using,
+                timeout,
+                status.problems,
+                lambda: _undeclared_events(wrapper, served),
+            )
+            status.undeclared_events = undeclared or {}
     except DatabaseError as exc:
         status.problems.append(_problem(using, exc, timeout))
     finally:
@@ -261,6 +306,16 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
         status.problems.append(
             f"{status.durable['dead']} durable event(s) are dead letters: retry or discard "
             "them in the admin (Durable events, status: dead letter)"
+        )
+    if status.undeclared_events:
+        waiting = status.undeclared_events
+        status.problems.append(
+            f"{sum(waiting.values())} pending durable change(s) of declarations that database "
+            f"{using!r} no longer has as durable ones (a model removed, a declaration renamed "
+            "or made live), which no listener claims: "
+            + ", ".join(f"{uri} ({count})" for uri, count in waiting.items())
+            + "; declare them again to have them delivered, or discard them in the admin "
+            "(Durable events, search the URI): pgnotify_prune deletes no pending event"
         )
     if (
         activity is not None

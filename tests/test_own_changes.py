@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import queue
+import threading
+import time
 import types
 import warnings
 from collections.abc import Iterator
@@ -11,6 +15,7 @@ import psycopg
 import pytest
 from django.db import connections, transaction
 from django.db.backends.base.base import NO_DB_ALIAS
+from django.db.backends.signals import connection_created
 
 from django_pgnotify import own_changes
 from django_pgnotify.embedded import EmbeddedPostgres, database_settings
@@ -173,6 +178,131 @@ def test_a_connection_recorded_again_counts_as_own_all_along(clock, here, monkey
 
     assert seen and all(seen)
     assert is_own_pid(pid, here)
+
+
+def test_a_connection_recorded_again_keeps_the_moment_it_became_own(clock, here):
+    """A second Listener made in the process records the open connections again: a
+    durable event its connection wrote before must still count as its own."""
+    connections["default"].close()  # a session of this test's, recorded now
+    opened = clock.value
+    pid = open_pid(connections["default"])
+    clock.value += 60
+    own_changes.track_own_connections()  # as a second Listener made here does
+
+    assert is_own_write(pid, opened + 30, here)
+    assert not is_own_write(pid, opened - 3600, here)
+
+
+def test_an_own_durable_change_stays_own_when_another_listener_is_made_later(
+    job_names, monkeypatch
+):
+    # The registry's clock moves on an hour before the second Listener is made; the
+    # event's age, as the claim reads it, does not.
+    later = types.SimpleNamespace(value=0.0)
+    monkeypatch.setattr(
+        own_changes,
+        "time",
+        types.SimpleNamespace(monotonic=lambda: time.monotonic() + later.value),
+    )
+    connections["default"].close()
+    own_changes.track_own_connections()
+    Job.objects.create(name="mine")
+    later.value = 3600
+    own_changes.track_own_connections()
+    worker = job_worker(ignore_own_changes=True)
+
+    assert one_batch(worker) == 1
+    assert job_names == []
+    assert worker.stats["own_changes"] == 1
+
+
+# Other threads
+
+
+@pytest.fixture
+def untracked() -> Iterator[None]:
+    """No recording yet in this process, as before its first Listener is made."""
+    uid = "django_pgnotify.own_changes"
+    was_on = connection_created.disconnect(dispatch_uid=uid)
+    yield
+    connection_created.disconnect(dispatch_uid=uid)
+    if was_on:
+        connection_created.connect(own_changes._remember, dispatch_uid=uid)
+
+
+@contextlib.contextmanager
+def thread_connection() -> Iterator[types.SimpleNamespace]:
+    """``connections["default"]`` of another thread: ``pid`` after ``connect()``, open
+    until the block ends, reconnected by ``reconnect()``."""
+    asks: queue.Queue = queue.Queue()
+    answers: queue.Queue = queue.Queue()
+
+    def serve() -> None:
+        try:
+            while (ask := asks.get(timeout=30)) is not None:
+                if ask == "reconnect":
+                    connections["default"].close()
+                try:
+                    answers.put(open_pid(connections["default"]))
+                except Exception as exc:  # raised again in the test's thread
+                    answers.put(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=serve, name="another thread")
+    thread.start()
+    handle = types.SimpleNamespace(pid=None)
+
+    def ask(what: str) -> int:
+        asks.put(what)
+        answer = answers.get(timeout=30)
+        if isinstance(answer, Exception):
+            raise answer
+        handle.pid = answer
+        return answer
+
+    handle.connect = lambda: ask("connect")
+    handle.reconnect = lambda: ask("reconnect")
+    try:
+        yield handle
+    finally:
+        asks.put(None)
+        thread.join(30)
+
+
+def test_a_connection_another_thread_opens_once_tracking_started_counts_as_own(
+    untracked, transactional_db, here
+):
+    """Django announces a connection in the thread that opens it: a listener made in
+    one thread recognises the writes of the others (a web server's request threads)."""
+    own_changes.track_own_connections()
+    with thread_connection() as other:
+        other.connect()
+        assert is_own_pid(other.pid, here)
+    assert is_own_pid(other.pid, here)  # closed just now: within its grace
+
+
+def test_a_connection_another_thread_had_open_already_counts_once_it_connects_again(
+    untracked, transactional_db, here
+):
+    """Only its own thread finds it, and only its own thread may ask its server who
+    it is: its changes are delivered until it connects again."""
+    with thread_connection() as other:
+        before = other.connect()
+        own_changes.track_own_connections()
+        assert not is_own_pid(before, here)
+
+        after = other.reconnect()
+        assert is_own_pid(after, here)
+
+
+def test_connections_opened_after_the_listener_stopped_are_still_recorded(transactional_db, here):
+    """So that a listener made again later in the process (a restart) knows them."""
+    with capture_row_changes("testapp.Tag", ignore_own_changes=True):
+        pass
+    with thread_connection() as other:
+        other.connect()
+        assert is_own_pid(other.pid, here)
 
 
 # Other servers: PIDs are unique within one server only

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 
 import pytest
+from psycopg import sql
 
 from django_pgnotify.installation import uninstall_triggers
 from tests.conftest import django_env, run_manage
@@ -284,3 +285,76 @@ def test_status_run_by_another_role_counts_a_listener_whose_details_it_cannot_se
     (listener,) = database["listeners"]
     assert listener["since"] is None and listener["state"] is None
     assert "pg_read_all_stats" in listener["client"]
+
+
+def insert_event(conn, declaration: str, *, size: int = 1, handled=None, status="pending") -> None:
+    """An event row of ``declaration``, as its trigger would have written it."""
+    conn.execute(
+        "INSERT INTO pgnotify_event (declaration, model, action, payload, size, handled, status)"
+        " VALUES (%s, lower(split_part(%s, ':', 1)), 'insert', '[1]', %s, %s, %s)",
+        [declaration, declaration, size, handled, status],
+    )
+
+
+def test_status_exits_1_naming_pending_durable_events_no_declaration_claims(
+    listener_process, other_connection
+):
+    # A model removed since, and one whose declaration is no longer durable.
+    listener_process("--settings", LISTENER_SETTINGS)
+    insert_event(other_connection, "gone.Removed:default", size=3, handled=[0])
+    insert_event(other_connection, "gone.Removed:default")
+    insert_event(other_connection, "testapp.Tag:default")
+
+    result = status()
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "needs action: 4 pending durable change(s) of declarations that database 'default' "
+        "no longer has as durable ones"
+    ) in result.stdout
+    assert "claims: gone.Removed:default (3), testapp.Tag:default (1); " in result.stdout
+    assert "discard them in the admin" in result.stdout
+    assert "1 problem(s) need action" in result.stderr
+
+
+def test_database_status_counts_only_pending_events_of_undeclared_declarations(
+    other_connection,
+):
+    from django_pgnotify.status import database_status
+
+    insert_event(other_connection, "gone.Removed:default", size=2)
+    insert_event(other_connection, "gone.Removed:default", status="dead")
+    insert_event(other_connection, "gone.Removed:old", status="done")
+    insert_event(other_connection, "durableapp.Job:default")  # declared: a listener claims it
+
+    report = database_status("default", ["testapp"])  # the table's, whatever is selected
+
+    assert report.undeclared_events == {"gone.Removed:default": 2}
+    assert report.as_dict()["undeclared_events"] == {"gone.Removed:default": 2}
+    assert any("gone.Removed:default (2)" in problem for problem in report.problems)
+
+
+def test_status_of_live_declarations_by_a_role_that_may_not_read_the_event_table_is_ok(
+    listener_process, monitoring_role, other_connection
+):
+    # The event table is there (django_pgnotify's migrations), its events none of its
+    # business: not looked at, rather than a permission error to act on.
+    listener_process("--settings", LISTENER_SETTINGS)
+    other_connection.execute(
+        sql.SQL("REVOKE SELECT ON pgnotify_event FROM {}").format(sql.Identifier(monitoring_role))
+    )
+    insert_event(other_connection, "gone.Removed:default")
+    env = django_env(DATABASE_URL=database_url(user=monitoring_role))
+
+    result = run_manage(
+        "pgnotify_status",
+        "testapp",
+        "--database",
+        "default",
+        "--settings",
+        LISTENER_SETTINGS,
+        env=env,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("OK")
