@@ -489,9 +489,16 @@ class ChannelLayerForwarder:
             self._sending = 0  # a task of a closed loop took them with it
             self._round_marks = set()
             self._round_seqs = {}
-            for unchecked in self._unchecked.values():
+            # Models whose last change (or a resync in its place) is still to be sent.
+            waiting = {m["model"] for _, m in self._pending if m["type"] != CHECKPOINT}
+            now = time.monotonic()
+            for label, unchecked in self._unchecked.items():
                 if unchecked.quiet_sent is None:
                     unchecked.quiet = None  # perhaps among them
+                if unchecked.sent is None and label not in waiting:
+                    # Its last changes were among them and will never be sent: its
+                    # checkpoints are timed from now, and name them.
+                    unchecked.sent = now
             self._task = loop.create_task(self._run(), name="pgnotify-channels-forwarder")
 
     @property

@@ -48,7 +48,7 @@ from django.utils import timezone
 from . import groups
 from .conf import get_setting
 from .connection import cancel_and_wait
-from .declarations import DJANGO_INTERNAL_TYPES, get_declarations, stored_field
+from .declarations import DJANGO_INTERNAL_TYPES, column_type, get_declarations, stored_field
 from .decoding import converter_for
 
 logger = logging.getLogger("django_pgnotify.consumers")
@@ -65,6 +65,32 @@ class SubscriptionError(Exception):
 
 #: The integers each integer column type holds (PostgreSQL's, as Django's validators say).
 _INTEGER_RANGES = BaseDatabaseOperations.integer_field_ranges
+#: The Django field whose range each integer column type (as ``column_type`` names it) holds.
+_INTEGER_COLUMNS = {
+    "smallint": "SmallIntegerField",
+    "smallserial": "SmallIntegerField",
+    "integer": "IntegerField",
+    "serial": "IntegerField",
+    "bigint": "BigIntegerField",
+    "bigserial": "BigIntegerField",
+}
+
+
+def _integer_range(field: models.Field, internal_type: str) -> tuple[str, int, int] | None:
+    """What ``field``'s column holds: its class's range, named by its internal type,
+    unless its column is of another type (``db_type()`` overridden: the ``bigserial``
+    ``AutoField`` of old projects), whose range it is then; ``None`` for a column
+    that is no integer type known here (a domain, ``numeric``): no bound is known."""
+    low, high = _INTEGER_RANGES[internal_type]
+    column = column_type(field)[0]
+    if column is None:  # no PostgreSQL alias to ask: its class's
+        return internal_type, low, high
+    kind = _INTEGER_COLUMNS.get(column)
+    if kind is None:
+        return None
+    if _INTEGER_RANGES[kind][1] == high:  # its class's own column (Positive*: no negatives)
+        return internal_type, low, high
+    return (column, *_INTEGER_RANGES[kind])
 
 
 def _pk_value(model: type[models.Model], value: Any) -> Any:
@@ -95,8 +121,11 @@ def _pk_value(model: type[models.Model], value: Any) -> Any:
             raise ValidationError(str(exc)) from None
     if isinstance(pk, int) and internal_type in _INTEGER_RANGES:
         low, high = _INTEGER_RANGES[internal_type]
-        if not low <= pk <= high:  # no row has it; 10**30 would name a group all the same
-            raise ValidationError(f"{internal_type} holds integers from {low} to {high}")
+        # No row has it; 10**30 would name a group all the same. Past its class's range,
+        # the column's type decides (looked up then only: this runs for every event).
+        known = None if low <= pk <= high else _integer_range(stored_field(field), internal_type)
+        if known is not None and not known[1] <= pk <= known[2]:
+            raise ValidationError(f"{known[0]} holds integers from {known[1]} to {known[2]}")
     elif isinstance(pk, Decimal):
         field.run_validators(pk)  # max_digits: no row has a pk past them
     elif isinstance(pk, datetime.datetime):

@@ -691,7 +691,9 @@ class Listener:
                 self.health.last_probe_ok = time.monotonic()
                 self.stats["probes"] += 1
                 self._probe_back.set()
-                if self._delivery_unproven:
+                # Only one from another session proves what the start-up probe does: one
+                # sent on the listening connection comes back through a pooler too.
+                if self._delivery_unproven and self._probe_elsewhere:
                     self._delivery_unproven = False
                     logger.info(
                         "pgnotify: the start-up self-probe came back: other sessions' "
@@ -758,6 +760,7 @@ class Listener:
 
     _probe_token: str = ""
     _probe_sent: float | None = None
+    _probe_elsewhere: bool = False  # the probe was sent from another session
     _next_probe: float = 0.0
     _received_at_probe: int = -1
     _queue_full: bool = False
@@ -815,6 +818,7 @@ class Listener:
         """Start a probe: its ``_PROBE`` parameters."""
         self._probe_token = uuid.uuid4().hex
         self._probe_sent = time.monotonic()
+        self._probe_elsewhere = False  # see _send_probe_from_another_session
         self._next_probe = self._probe_sent + self._probe_interval
         return [self.probe_channel, self._probe_token]
 
@@ -851,8 +855,10 @@ class Listener:
         ever reach the listener. A second connection that cannot be opened fails the
         connect, which is retried: a listener that runs has proved delivery.
         """
+        params = self._new_probe()
+        self._probe_elsewhere = True
         try:
-            row = await self._ask_another_session(_PROBE, self._new_probe())
+            row = await self._ask_another_session(_PROBE, params)
         except psycopg.errors.ProgramLimitExceeded as exc:
             self._probe_sent = None  # nothing will come back
             self._probe_refused(exc)

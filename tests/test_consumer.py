@@ -269,6 +269,44 @@ def test_an_integer_pk_past_its_columns_range_is_refused_naming_the_range():
     assert _pk_value(Order, 2**63 - 1) == 2**63 - 1  # a BigAutoField
 
 
+def test_an_integer_pk_is_checked_against_its_columns_range_not_its_fields_class():
+    """A field of Django's integer classes whose column is wider (``db_type()``
+    overridden: the ``bigserial`` AutoField of old projects) holds pks past its
+    class's range: they are the rows' and are followed as any other."""
+    from django.core.exceptions import ValidationError
+    from django.db import models
+    from django.test.utils import isolate_apps
+
+    from django_pgnotify.consumers import _pk_value
+
+    class BigSerialField(models.AutoField):
+        def db_type(self, connection):
+            return "bigserial"
+
+    class BigintField(models.IntegerField):
+        def db_type(self, connection):
+            return "bigint"
+
+    with isolate_apps("tests.testapp"):
+
+        class LegacyCounter(models.Model):
+            id = BigSerialField(primary_key=True)
+
+            class Meta:
+                app_label = "testapp"
+
+        class Ledger(models.Model):
+            number = BigintField(primary_key=True)
+
+            class Meta:
+                app_label = "testapp"
+
+        assert _pk_value(LegacyCounter, "10000000000") == 10**10
+        assert _pk_value(Ledger, 2**63 - 1) == 2**63 - 1
+        with pytest.raises(ValidationError):
+            _pk_value(Ledger, 2**63)
+
+
 def test_a_model_declared_in_the_settings_later_can_be_subscribed_to_at_once(settings):
     # What a model declares is kept between subscribe messages, and forgotten
     # when PGNOTIFY changes.
@@ -1471,6 +1509,56 @@ def test_the_quiet_checkpoint_follows_the_sending_of_the_last_change_not_its_que
         await forwarder.drain()
 
     run(scenario)
+
+
+class StalledLayer(FlakyLayer):
+    """A layer whose sends hang while ``stalled``: a loop that ends meanwhile takes the
+    messages being sent with it."""
+
+    def __init__(self) -> None:
+        super().__init__(failures=0)
+        self.stalled = True
+
+    async def group_send(self, group: str, message: dict) -> None:
+        if self.stalled:
+            await asyncio.Event().wait()  # until its loop ends
+        await super().group_send(group, message)
+
+
+def test_a_change_lost_with_a_loop_that_ended_as_it_was_sent_is_named_by_a_checkpoint(
+    checkpoint_delay,
+):
+    """A forwarder used from another event loop, the one it sent from having ended as it
+    sent, sends from the new one; the change the old loop took with it never reached
+    the layer, and is never sent: a checkpoint still names it, so that its row's
+    followers find the gap, and the model is checked no more after."""
+    forwarder = ChannelLayerForwarder("default")
+    layer = forwarder.layer = StalledLayer()  # type: ignore[assignment]
+
+    async def first_loop() -> None:
+        forwarder.submit([order_change(1)])
+        while not forwarder._sending:  # taken off the queue, being sent
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(first_loop(), 30))  # its end cancels the forwarder's task
+
+    async def next_loop() -> None:
+        layer.stalled = False
+        forwarder.submit([RowChange(model=Tag, action="insert", pk="t")])
+
+        async def order_checkpoint() -> dict[str, Any]:
+            while True:
+                for _, message in layer.sent:
+                    if message["type"] == CHECKPOINT and message["model"] == "testapp.order":
+                        return message
+                await asyncio.sleep(0.01)
+
+        checkpoint = await asyncio.wait_for(order_checkpoint(), 5)
+        assert checkpoint["seq"] == 1 and checkpoint["rows"]["row.1"][0] == 1
+        await asyncio.wait_for(checked(forwarder), 5)
+        await forwarder.drain()
+
+    asyncio.run(asyncio.wait_for(next_loop(), 30))
 
 
 def test_a_quiet_checkpoint_lost_behind_a_full_channel_is_sent_again(gaps, checkpoint_delay):
