@@ -491,8 +491,9 @@ SMALL_CAPACITY_SETTINGS = """
 from tests.settings_channels import *  # noqa: F403
 from tests.settings_channels import CHANNEL_LAYERS
 
-# Half the default: every round of 100 row messages overflows a consumer's channel.
-CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = 50
+# A tenth of the default: every round of 100 row messages overflows a consumer's channel,
+# however fast the consumer reads it (at half, one that kept up lost nothing).
+CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = 10
 """
 
 
