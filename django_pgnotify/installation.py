@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import NamedTuple
 
 from django.apps import apps
@@ -189,16 +190,21 @@ class TriggerState:
     def install_sql(self) -> str:
         """What ``install_triggers`` runs for this state when it changes it ("" for nothing).
 
-        A missing or outdated declaration's function and triggers, then what an
-        earlier version left (the old triggers may have called it); an unknown
-        URI's drop, for a superseded declaration. The installer then adds to
-        each trigger's comment a hash of its state, which SQL run by hand lacks.
+        A missing or outdated declaration's function and triggers, between the
+        drops of the triggers an earlier version left and of its functions (the
+        old triggers may have called them); an unknown URI's drop, for a
+        superseded declaration. The old triggers go first: on a partitioned
+        table, a declaration's statement triggers on the partitions have the
+        names its row triggers, cloned onto them, would take. The installer then
+        adds to each trigger's comment a hash of its state, which SQL run by hand
+        lacks.
         """
         if self.status == UNKNOWN:
             return self.drop_sql
         if self.sql is None or self.status not in (MISSING, OUTDATED):
             return ""
-        return "\n".join(filter(None, [self.sql.install, self.drop_sql]))
+        drop_triggers, drop_functions = split_drops(self.drop_sql)
+        return "\n".join([*drop_triggers, self.sql.install, *drop_functions])
 
 
 def declarations_for(
@@ -841,17 +847,20 @@ def _model_label(uri: str) -> str:
 
 
 def _seal(cursor, built: trigger_sql.TriggerSQL) -> None:
-    """Append to each trigger's comment the hash of its state in the catalogue."""
+    """Append to each trigger's comment (on its table and its partitions) the hash of
+    its state in the catalogue."""
+    tables = [built.table, *built.partitions]
     cursor.execute(
-        "SELECT t.oid, t.tgname FROM pg_trigger t"
-        " WHERE t.tgrelid = to_regclass(%s) AND t.tgname = ANY(%s)",
-        [built.table.as_string(None), list(built.triggers.values())],
+        "SELECT t.oid, t.tgname, r.i FROM unnest(%s::text[]) WITH ORDINALITY AS r(name, i)"
+        " JOIN pg_trigger t ON t.tgrelid = to_regclass(r.name) WHERE t.tgname = ANY(%s)",
+        [[table.as_string(None) for table in tables], list(built.triggers.values())],
     )
-    names = dict(cursor.fetchall())
+    names = {oid: (name, tables[i - 1]) for oid, name, i in cursor.fetchall()}
     for oid, seal in _trigger_hashes(cursor, list(names)).items():
+        name, table = names[oid]
         cursor.execute(
             sql.SQL("COMMENT ON TRIGGER {} ON {} IS {}")
-            .format(sql.Identifier(names[oid]), built.table, sql.Literal(f"{built.comment} {seal}"))
+            .format(sql.Identifier(name), table, sql.Literal(f"{built.comment} {seal}"))
             .as_string(None)
         )
 
@@ -961,11 +970,31 @@ class _Target:
     body: str | None
     function_comment: str | None
     on_table: list[str]
+    #: ``(relid, (schema, name))`` of each partition that gets its statement triggers.
+    partitions: tuple[tuple[int, tuple[str, str]], ...] = ()
+    #: ``(relid, name)`` of the triggers on those partitions, ours or not.
+    on_partitions: frozenset[tuple[int, str]] = frozenset()
 
     @property
     def keys(self) -> list[tuple[int, str]]:
-        """``(relid, name)`` of each of its triggers."""
-        return [(self.relid, name) for name in self.built.triggers.values()] if self.relid else []
+        """``(relid, name)`` of each of its triggers: on its table, then on its partitions."""
+        if not self.relid:
+            return []
+        relids = [self.relid, *(relid for relid, _ in self.partitions)]
+        return [(relid, name) for relid in relids for name in self.built.triggers.values()]
+
+    def named(self, key: tuple[int, str]) -> bool:
+        """Whether a trigger of that name is on that table (ours or not)."""
+        return key[1] in self.on_table if key[0] == self.relid else key in self.on_partitions
+
+    def where(self, key: tuple[int, str]) -> str:
+        """`` on partition <name>`` for a key of a partition's trigger, "" for the table's."""
+        name = self._partition_names.get(key[0])
+        return f" on partition {_qualified(name)}" if name else ""
+
+    @cached_property
+    def _partition_names(self) -> dict[int, tuple[str, str]]:
+        return dict(self.partitions)
 
 
 def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
@@ -982,30 +1011,75 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
         [table, named.function.as_string(None) + "()"],
     )
     relid, relkind, function_oid, body, function_comment, on_table, actions = cursor.fetchone()
+    partitions: tuple[tuple[int, tuple[str, str]], ...] = ()
+    on_partitions: frozenset[tuple[int, str]] = frozenset()
+    if relkind == "p" and not declaration.row_level:
+        cursor.execute(_PARTITIONS, [relid])
+        found = cursor.fetchall()
+        partitions = tuple((oid, (schema, name)) for oid, schema, name, _, _ in found)
+        on_partitions = frozenset((oid, t) for oid, _, _, names, _ in found for t in names)
+        actions = actions or any(keys for *_, keys in found)
     # What the table's foreign keys do decides whether its updates may change a row
     # twice: the SQL for the table as it is (adding such a key makes it outdated).
     built = trigger_sql.build_trigger_sql(
-        declaration, server_version, actions if relid is not None else None
+        declaration,
+        server_version,
+        actions if relid is not None else None,
+        [name for _, name in partitions],
     )
     reference = built
     if body is not None and (body, function_comment) != (built.body, built.comment):
         # ``--sql`` does not connect, so it prints SQL that every server runs:
         # triggers installed from it count as installed, and a repair
         # rebuilds them in this server's own form.
-        portable = trigger_sql.build_trigger_sql(declaration)
+        portable = trigger_sql.build_trigger_sql(
+            declaration, partitions=[name for _, name in partitions]
+        )
         if (body, function_comment) == (portable.body, portable.comment):
             reference = portable
     return _Target(
-        built, reference, table, relid, relkind, function_oid, body, function_comment, on_table
+        built,
+        reference,
+        table,
+        relid,
+        relkind,
+        function_oid,
+        body,
+        function_comment,
+        on_table,
+        partitions,
+        on_partitions,
     )
 
 
+# The partitions of a partitioned table (``%s``, its oid) at every level below it,
+# those partitioned in turn too: a statement that names one fires only its own
+# statement triggers. Foreign tables are left out: PostgreSQL refuses transition
+# tables on them. With the names of their triggers, and whether they have foreign
+# keys of their own whose actions update their rows (``FOREIGN_KEY_ACTIONS``).
+_PARTITIONS = (
+    "SELECT c.oid::oid, n.nspname::text, c.relname::text,"
+    " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal),"
+    " EXISTS (SELECT FROM pg_constraint WHERE conrelid = c.oid AND "
+    + trigger_sql.FOREIGN_KEY_ACTIONS
+    + ") FROM pg_partition_tree(%s::oid::regclass) AS t"
+    " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE t.level > 0 AND c.relkind IN ('r', 'p') ORDER BY n.nspname, c.relname"
+)
+
+
 def _neighbours(
-    cursor, selected: list[Declaration], declared: list[Declaration], server_version: int
+    cursor,
+    selected: list[Declaration],
+    declared: list[Declaration],
+    server_version: int,
+    partitions: Collection[str] = (),
 ) -> list[_Target]:
     """The targets of declarations outside the selection that may be on a selected
     declaration's table: of the same name, and in the same schema or either
-    unqualified (the search_path decides where that one is).
+    unqualified (the search_path decides where that one is); or on a table named
+    as one of ``partitions``, which the selected declarations' statement triggers
+    go on too.
 
     The others are not looked up: one query each would slow every inspect, and
     a table in a schema this role may not use makes ``to_regclass()`` fail. A
@@ -1017,12 +1091,16 @@ def _neighbours(
         other
         for other in declared
         if other.uri not in chosen
-        and any(
-            other.table.name == d.table.name
-            and (
-                other.table.schema == d.table.schema or None in (other.table.schema, d.table.schema)
+        and (
+            other.table.name in partitions
+            or any(
+                other.table.name == d.table.name
+                and (
+                    other.table.schema == d.table.schema
+                    or None in (other.table.schema, d.table.schema)
+                )
+                for d in selected
             )
-            for d in selected
         )
     ]
     found = []
@@ -1082,7 +1160,7 @@ def _in_conflict(
     built = target.built
     kept: set[str] = set()
     kept_functions: set[int] = set()
-    dropped: list[str] = []
+    dropped: dict[str, tuple[sql.Composable, list[str]]] = {}
     for key in target.keys:
         row = installed.get(key)
         if row is None:
@@ -1092,8 +1170,9 @@ def _in_conflict(
             kept.add(owner[0])
             kept_functions.add(row.function_oid)
         else:
-            dropped.append(key[1])
-    statements = [trigger_sql.build_drop_sql(built.table, None, dropped)] if dropped else []
+            on = built.table if key[0] == target.relid else sql.Identifier(*row.table)
+            dropped.setdefault(on.as_string(None), (on, []))[1].append(key[1])
+    statements = [trigger_sql.build_drop_sql(on, None, names) for on, names in dropped.values()]
     function_owner = trigger_sql.parse_comment(target.function_comment)
     if (
         target.function_oid is not None
@@ -1241,9 +1320,11 @@ def _conflicts(targets: list[_Target]) -> dict[int, list[str]]:
     also use, the URIs of the others: each install would replace the other's."""
     owners: dict[tuple, list[int]] = {}  # a function's, or a trigger's on a table
     for index, target in enumerate(targets):
-        where = target.relid or target.table
+        # Its triggers on its partitions too: a model may be declared on one of them.
         names: list[tuple] = [("function", target.built.function.as_string(None))]
-        names += [("trigger", where, name) for name in target.built.triggers.values()]
+        names += [("trigger", *key) for key in target.keys]
+        if not target.keys:  # no table yet: by its name
+            names += [("trigger", target.table, name) for name in target.built.triggers.values()]
         for name in names:
             owners.setdefault(name, []).append(index)
     others: dict[int, set[str]] = {}
@@ -1281,7 +1362,8 @@ def _inspect(
     if declared is None:
         declared = _valid_declarations(cursor.db.alias, log=False)[0]
     elsewhere = _declared_elsewhere(cursor.db.alias)
-    neighbours = _neighbours(cursor, declarations, declared, server_version)
+    partitions = {name for target in targets for _, (_, name) in target.partitions}
+    neighbours = _neighbours(cursor, declarations, declared, server_version, partitions)
     declared_functions = {t.function_oid for t in [*targets, *neighbours]} - {None}
     declared_names = {d.function for d in declared}
     event_table = None
@@ -1306,9 +1388,10 @@ def _inspect(
         expected_triggers.update(target.keys)
         if index in conflicts:  # it keeps what it has
             others = " and ".join(conflicts[index])
+            where = "this table or a partition of it" if target.partitions else "this table"
             detail = (
                 f"{others} also declares it, with the same trigger names on "
-                "this table: each install would replace the other's; declare pgnotify on "
+                f"{where}: each install would replace the other's; declare pgnotify on "
                 "only one of the models, or give one of the declarations another name"
             )
             states.append(_in_conflict(target, installed, detail, unselected))
@@ -1323,20 +1406,21 @@ def _inspect(
             problems.append("function differs")
         for key in target.keys:
             row = installed.get(key)
+            where = target.where(key)
             if row is not None and not _matches(row.comment, hashes.get(row.oid, ""), reference):
                 # Disabled: by hand, or by a migrate that failed (``detach_triggers``).
                 problems.append(
-                    f"trigger {key[1]} {'disabled' if row.enabled == 'D' else 'differs'}"
+                    f"trigger {key[1]}{where} {'disabled' if row.enabled == 'D' else 'differs'}"
                 )
-            elif row is None and key[1] in target.on_table:
-                problems.append(f"trigger {key[1]} lacks our comment")
+            elif row is None and target.named(key):
+                problems.append(f"trigger {key[1]}{where} lacks our comment")
             elif row is None:
-                problems.append(f"trigger {key[1]} missing")
+                problems.append(f"trigger {key[1]}{where} missing")
         if target.body is not None and problems and _fires(target, installed):
             problems[:0] = _failing_reads(cursor, target)  # first: the worst of them
         if not problems:
             states.append(TriggerState(built.uri, INSTALLED, table, sql=built))
-        elif target.body is None and not any(key[1] in target.on_table for key in target.keys):
+        elif target.body is None and not any(target.named(key) for key in target.keys):
             states.append(TriggerState(built.uri, MISSING, table, sql=built))
         else:
             states.append(TriggerState(built.uri, OUTDATED, table, "; ".join(problems), built))
@@ -1442,8 +1526,11 @@ class _Leftovers:
 
     @property
     def detail(self) -> str:
-        """What they are, as part of the state of the declaration they were left by."""
-        parts = [f"no longer declared: {self}"] if self.triggers or self.functions else []
+        """What they are, as part of the state of the declaration they were left by:
+        with the table of each trigger, which may be another than the declaration's
+        (its former name, or a partition detached from it)."""
+        left = ", ".join(f"trigger {name} on {_qualified(table)}" for name, table in self.triggers)
+        parts = [f"no longer declared: {left or self}"] if self.triggers or self.functions else []
         parts += [f"its triggers call {_qualified(f)}" for f in sorted(self.replaced)]
         return "; ".join(parts)
 

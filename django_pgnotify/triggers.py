@@ -24,6 +24,12 @@ silence its own writes without DDL; the function adds the
 ``pgnotify.context`` setting to the payload as it is, unparsed, so a malformed
 value set by hand can never fail the write.
 
+On a partitioned table, every partition gets the same statement triggers
+(``partitions``): PostgreSQL fires a statement trigger only for statements
+that name its own table. The installer reads the partitions from the
+catalogue; SQL written without a database gives them their triggers with a
+``DO`` block that reads them when it runs (``build_partition_triggers_sql``).
+
 The rendered SQL is hashed and the hash stored as a comment on the function
 and each trigger, so the installer detects drift from the definition itself.
 ``TEMPLATE_VERSION`` changes whenever the rendered SQL of declarations in
@@ -77,6 +83,10 @@ class TriggerSQL:
     #: (and the installer may drop other functions between the two).
     drop_triggers: str
     drop_function: str
+    #: The partitions that get the statement triggers too (``partitions`` of
+    #: ``build_trigger_sql``), schema-qualified; their triggers come after the
+    #: table's in ``create_triggers`` and ``drop_triggers``.
+    partitions: tuple[sql.Identifier, ...] = ()
 
     @property
     def comment(self) -> str:
@@ -123,6 +133,7 @@ def build_trigger_sql(
     declaration: Declaration,
     server_version: int | None = None,
     foreign_key_actions: bool | None = None,
+    partitions: Sequence[tuple[str, str]] = (),
 ) -> TriggerSQL:
     """Render the function and triggers of one declaration.
 
@@ -135,6 +146,14 @@ def build_trigger_sql(
     statement, ``None`` (not known) makes the function look the keys up when
     an update has two rows or more. The installer passes what its database
     has, so the checksums it compares are those of the SQL it would install.
+
+    ``partitions`` are ``(schema, name)`` of the partitions of a partitioned
+    table (at every level of the tree): PostgreSQL fires a statement trigger
+    only for statements that name its own table, so each of them gets the
+    same statement triggers, calling the same function. They are left out of
+    the checksum, so a partition attached later leaves the declaration's hash
+    as it is and the installer names the partition that lacks them. Ignored
+    for ``level="row"``: PostgreSQL clones row triggers onto every partition.
     """
     schema = declaration.table.schema
     function = (
@@ -151,32 +170,17 @@ def build_trigger_sql(
     create_function = sql.SQL(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {body};"
     ).format(function=function, body=quoted_body)
-    create_triggers = []
-    for event, name in declaration.triggers.items():
-        # A statement's rows are read from its transition tables; an update's
-        # unchanged rows, and paused writes, are left out by the function.
-        level: sql.Composable = sql.SQL(" FOR EACH ROW")
-        if not declaration.row_level:
-            level = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
-                sql.SQL(" ").join(
-                    sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
-                    for kind, alias in _transition_tables(declaration, event)
-                )
-            )
-        create_triggers.append(
-            sql.SQL(
-                "DROP TRIGGER IF EXISTS {name} ON {table};\n"
-                "CREATE TRIGGER {name} AFTER {event} ON {table}{level}"
-                " EXECUTE FUNCTION {function}();"
-            ).format(
-                name=sql.Identifier(name),
-                table=table,
-                event=sql.SQL(event.upper()),
-                level=level,
-                function=function,
-            )
-        )
-    unhashed = "\n".join([_render(create_function), *(_render(t) for t in create_triggers)])
+    tables = [table]
+    parts: tuple[sql.Identifier, ...] = ()
+    if not declaration.row_level:
+        parts = tuple(sql.Identifier(*partition) for partition in partitions)
+        tables += parts
+    # The table's triggers alone: a partition's are the same but for the table.
+    table_triggers = (
+        _render(_create_trigger(declaration, event, table, function))
+        for event in declaration.triggers
+    )
+    unhashed = "\n".join([_render(create_function), *table_triggers])
     checksum = hashlib.sha256(f"{TEMPLATE_VERSION}\n{unhashed}".encode()).hexdigest()[:16]
     comment = sql.Literal(format_comment(declaration.uri, checksum))
 
@@ -188,10 +192,14 @@ def build_trigger_sql(
     create_trigger_sql = tuple(
         _render(
             sql.SQL("{create}\nCOMMENT ON TRIGGER {name} ON {table} IS {comment};").format(
-                create=create, name=sql.Identifier(name), table=table, comment=comment
+                create=_create_trigger(declaration, event, on, function),
+                name=sql.Identifier(name),
+                table=on,
+                comment=comment,
             )
         )
-        for create, name in zip(create_triggers, declaration.triggers.values(), strict=True)
+        for on in tables
+        for event, name in declaration.triggers.items()
     )
     return TriggerSQL(
         declaration=declaration,
@@ -203,8 +211,85 @@ def build_trigger_sql(
         checksum=checksum,
         create_function=create_function_sql,
         create_triggers=create_trigger_sql,
-        drop_triggers=build_drop_sql(table, None, declaration.triggers.values()),
+        drop_triggers="\n".join(
+            build_drop_sql(on, None, declaration.triggers.values()) for on in tables
+        ),
         drop_function=build_drop_sql(table, function, ()),
+        partitions=parts,
+    )
+
+
+def build_partition_triggers_sql(built: TriggerSQL) -> str:
+    """A ``DO`` block that gives each partition its table has when it runs the
+    statement triggers of ``built`` ("" for ``level="row"``, which needs none).
+
+    For SQL written without a database, which cannot know the partitions
+    (``pgnotify_install --sql`` when it cannot connect, or before ``migrate``
+    has made the table): the block reads them from ``pg_partition_tree()``,
+    every level below the table, foreign tables aside as the installer leaves
+    them. Its triggers carry the declaration's comment, so they count as
+    installed.
+    """
+    declaration = built.declaration
+    if declaration.row_level or not declaration.triggers:
+        return ""
+    # The partition, for format(): no identifier can hold a NUL, so no name collides.
+    placeholder = sql.SQL("\x00")
+    comment = sql.Literal(built.comment)
+    statements = "\n".join(
+        _render(
+            sql.SQL("{create}\nCOMMENT ON TRIGGER {name} ON {table} IS {comment};").format(
+                create=_create_trigger(declaration, event, placeholder, built.function),
+                name=sql.Identifier(name),
+                table=placeholder,
+                comment=comment,
+            )
+        )
+        for event, name in declaration.triggers.items()
+    )
+    template = statements.replace("%", "%%").replace("\x00", "%1$s")
+    body = _render(
+        sql.SQL(
+            "\nDECLARE\n"
+            "  part regclass;\n"
+            "BEGIN\n"
+            "  FOR part IN SELECT t.relid FROM pg_partition_tree(to_regclass({table})) AS t\n"
+            "      JOIN pg_class c ON c.oid = t.relid\n"
+            "      WHERE t.level > 0 AND c.relkind IN ('r', 'p') LOOP\n"
+            "    EXECUTE format({template}, part);\n"
+            "  END LOOP;\n"
+            "END;\n"
+        ).format(table=sql.Literal(_render(built.table)), template=sql.Literal(template))
+    )
+    tag = _DOLLAR_TAG if _DOLLAR_TAG not in body else None
+    quoted = sql.SQL(f"{tag}{body}{tag}") if tag else sql.Literal(body)
+    return _render(sql.SQL("DO {};").format(quoted))
+
+
+def _create_trigger(
+    declaration: Declaration, event: str, table: sql.Composable, function: sql.Composable
+) -> sql.Composable:
+    """(Re)create the trigger of ``event`` on ``table``, the declaration's or a partition's."""
+    # A statement's rows are read from its transition tables; an update's
+    # unchanged rows, and paused writes, are left out by the function.
+    level: sql.Composable = sql.SQL(" FOR EACH ROW")
+    if not declaration.row_level:
+        level = sql.SQL(" REFERENCING {} FOR EACH STATEMENT").format(
+            sql.SQL(" ").join(
+                sql.SQL("{} TABLE AS {}").format(sql.SQL(kind), sql.Identifier(alias))
+                for kind, alias in _transition_tables(declaration, event)
+            )
+        )
+    return sql.SQL(
+        "DROP TRIGGER IF EXISTS {name} ON {table};\n"
+        "CREATE TRIGGER {name} AFTER {event} ON {table}{level}"
+        " EXECUTE FUNCTION {function}();"
+    ).format(
+        name=sql.Identifier(declaration.triggers[event]),
+        table=table,
+        event=sql.SQL(event.upper()),
+        level=level,
+        function=function,
     )
 
 

@@ -10,7 +10,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connect
 
 from django_pgnotify import installation
 from django_pgnotify.connection import connection_params, describe
-from django_pgnotify.triggers import build_trigger_sql
+from django_pgnotify.triggers import TriggerSQL, build_partition_triggers_sql, build_trigger_sql
 
 
 class Command(BaseCommand):
@@ -147,6 +147,8 @@ class Command(BaseCommand):
                 "-- Run this only once migrate has created the table(s):\n"
                 f"{state.sql.install}\n"
             )
+            if state.status == installation.NO_TABLE:  # its partitions are not known either
+                self.write_partition_triggers(state.sql)
         if not changes and not pruned and not waiting:
             self.stdout.write("-- Nothing to run: all triggers are up to date.\n")
 
@@ -177,6 +179,18 @@ class Command(BaseCommand):
         for declaration in installation.declarations_for(selectors, using):
             built = build_trigger_sql(declaration)
             self.stdout.write(f"-- {built.uri}\n{built.install}\n")
+            self.write_partition_triggers(built)
+
+    def write_partition_triggers(self, built: TriggerSQL) -> None:
+        """The block that gives the partitions the table has when it runs the statement
+        triggers: written without the database, the SQL cannot name them."""
+        block = build_partition_triggers_sql(built)
+        if block:
+            self.stdout.write(
+                "-- The same triggers on each partition of the table, if it is partitioned,\n"
+                "-- as it is when this runs (none for a table that is not):\n"
+                f"{block}\n"
+            )
 
     def check_triggers(self, selectors: tuple[str, ...], using: str) -> None:
         states = installation.inspect_triggers(selectors, using)

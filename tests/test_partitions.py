@@ -1,0 +1,335 @@
+"""Partitioned tables: a write that names a partition is announced, and stored, once,
+as a write through the partitioned table is.
+
+The model is unmanaged, on a partitioned table made for the test: ``low`` (a leaf)
+and ``high``, in a schema of its own and partitioned in turn, whose leaf is ``top``.
+Triggers are installed by the installer and fire for real; changes are read by the
+listener (live) or from the event table (durable).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import StringIO
+
+import psycopg
+import pytest
+from django.apps import apps
+from django.core.management import CommandError, call_command
+from django.db import models
+
+from django_pgnotify import Notify, installation
+from django_pgnotify.declarations import get_declarations
+from django_pgnotify.status import database_status
+from django_pgnotify.testing import capture_row_changes
+from django_pgnotify.triggers import build_trigger_sql
+
+PARENT = "pgnotify_test_parts"
+SCHEMA = "pgnotify test parts"
+LOW = f'"{PARENT}_low"'
+HIGH = f'"{SCHEMA}"."High part"'
+TOP = f'"{SCHEMA}"."Top ""leaf"""'
+LATER = f'"{PARENT}_later"'
+
+DDL = f"""
+CREATE SCHEMA "{SCHEMA}";
+CREATE TABLE {PARENT} (id integer, k integer, label text, PRIMARY KEY (id, k))
+    PARTITION BY RANGE (k);
+CREATE TABLE {LOW} PARTITION OF {PARENT} FOR VALUES FROM (0) TO (100);
+CREATE TABLE {HIGH} PARTITION OF {PARENT} FOR VALUES FROM (100) TO (200)
+    PARTITION BY RANGE (k);
+CREATE TABLE {TOP} PARTITION OF {HIGH} FOR VALUES FROM (100) TO (200);
+"""
+DROP = f'DROP TABLE IF EXISTS {PARENT}, {LATER}; DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'
+
+# Each statement, and the (action, pk) of each change it makes, in order.
+STATEMENTS = [
+    (f"INSERT INTO {PARENT} VALUES (1, 10, 'a'), (2, 150, 'b')", [("insert", 1), ("insert", 2)]),
+    (f"INSERT INTO {LOW} VALUES (3, 20, 'c')", [("insert", 3)]),
+    (f"INSERT INTO {HIGH} VALUES (4, 160, 'd')", [("insert", 4)]),
+    (f"INSERT INTO {TOP} VALUES (5, 170, 'e')", [("insert", 5)]),
+    (f"COPY {LOW} FROM STDIN", [("insert", 6)]),
+    (f"UPDATE {PARENT} SET label = 'a2' WHERE id = 1", [("update", 1)]),
+    (f"UPDATE {LOW} SET label = 'c2' WHERE id = 3", [("update", 3)]),
+    (f"UPDATE {HIGH} SET label = 'd2' WHERE id = 4", [("update", 4)]),
+    (f"UPDATE {TOP} SET label = 'e2' WHERE id = 5", [("update", 5)]),
+    # Moved from low to top: one update, as the statement names the parent.
+    (f"UPDATE {PARENT} SET k = 120 WHERE id = 1", [("update", 1)]),
+    (f"DELETE FROM {PARENT} WHERE id = 2", [("delete", 2)]),
+    (f"DELETE FROM {LOW} WHERE id = 3", [("delete", 3)]),
+    (f"DELETE FROM {HIGH} WHERE id = 4", [("delete", 4)]),
+    (f"DELETE FROM {TOP} WHERE id = 5", [("delete", 5)]),
+]
+
+
+def run_statements(conn: psycopg.Connection) -> list[tuple[str, int]]:
+    """Run ``STATEMENTS``, each in a transaction of its own; the changes they make."""
+    for statement, _ in STATEMENTS:
+        if statement.startswith("COPY"):
+            with conn.cursor().copy(statement) as copy:
+                copy.write_row((6, 30, "f"))
+        else:
+            conn.execute(statement)
+    return [change for _, changes in STATEMENTS for change in changes]
+
+
+@contextmanager
+def partitioned_model(
+    conn: psycopg.Connection, name: str, notify: Notify
+) -> Iterator[type[models.Model]]:
+    """An unmanaged model ``testapp.<name>`` declaring ``notify`` on the partitioned
+    table, known to the project (the installer and listener find it) until the end."""
+    conn.execute(DDL)
+    try:
+        with registered_model(name, PARENT, notify) as model:
+            yield model
+    finally:
+        conn.execute(DROP)
+        conn.execute("DELETE FROM pgnotify_event WHERE model = %s", [f"testapp.{name.lower()}"])
+
+
+@contextmanager
+def registered_model(name: str, table: str, notify: Notify) -> Iterator[type[models.Model]]:
+    """An unmanaged model ``testapp.<name>`` on ``table``; its triggers uninstalled after."""
+    meta = type(
+        "Meta",
+        (),
+        {"app_label": "testapp", "db_table": table, "managed": False, "pgnotify": notify},
+    )
+    model = type(
+        name,
+        (models.Model,),
+        {
+            "__module__": __name__,
+            "Meta": meta,
+            "id": models.IntegerField(primary_key=True),
+            "k": models.IntegerField(),
+            "label": models.TextField(null=True),
+        },
+    )
+    try:
+        yield model
+    finally:
+        installation.uninstall_triggers([f"testapp.{name}"])
+        del apps.all_models["testapp"][name.lower()]
+        apps.clear_cache()
+
+
+def our_triggers(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """The names of the triggers of ours on each table, by its qualified name."""
+    rows = conn.execute(
+        "SELECT tgrelid::regclass::text, tgname::text FROM pg_trigger"
+        " WHERE obj_description(oid, 'pg_trigger') LIKE 'django-pgnotify:%'"
+        " ORDER BY 1, 2"
+    ).fetchall()
+    found: dict[str, list[str]] = {}
+    for table, name in rows:
+        found.setdefault(table, []).append(name)
+    return found
+
+
+def check(*selectors: str) -> str:
+    """``pgnotify_install --check``'s output; raises ``CommandError`` on a problem."""
+    out = StringIO()
+    try:
+        call_command("pgnotify_install", "--check", *selectors, stdout=out)
+    except CommandError as exc:
+        raise CommandError(f"{out.getvalue()}\n{exc}") from exc
+    return out.getvalue()
+
+
+@pytest.fixture
+def live_model(other_connection) -> Iterator[type[models.Model]]:
+    with partitioned_model(other_connection, "PartRow", Notify(fields=["k", "label"])) as model:
+        yield model
+
+
+@pytest.fixture
+def durable_model(other_connection) -> Iterator[type[models.Model]]:
+    notify = Notify(fields=["k", "label"], durable=True)
+    with partitioned_model(other_connection, "DurablePartRow", notify) as model:
+        yield model
+
+
+def test_writes_naming_a_partition_are_announced_once_as_writes_naming_the_parent(
+    live_model, other_connection
+):
+    installation.install_triggers(["testapp.PartRow"])
+
+    with capture_row_changes("testapp.PartRow") as changes:
+        expected = run_statements(other_connection)
+        other_connection.execute(f"INSERT INTO {PARENT} VALUES (99, 199, 'marker')")
+        changes.wait_for(lambda e: e.pk == 99, timeout=10)
+
+    assert [(e.action, e.pk) for e in changes] == [*expected, ("insert", 99)]
+    moved = [e for e in changes if e.pk == 1 and e.action == "update"][-1]
+    assert (moved.old["k"], moved.fields["k"]) == (10, 120)
+
+
+def test_durable_writes_naming_a_partition_are_stored_once(durable_model, other_connection):
+    installation.install_triggers(["testapp.DurablePartRow"])
+
+    expected = run_statements(other_connection)
+
+    rows = other_connection.execute(
+        "SELECT action, payload FROM pgnotify_event WHERE model = %s ORDER BY id",
+        ["testapp.durablepartrow"],
+    ).fetchall()
+    stored = [(action, row[0]) for action, payload in rows for row in json.loads(f"[{payload}]")]
+    assert stored == expected
+
+
+def test_a_partition_attached_later_is_reported_by_check_and_status_until_installed(
+    live_model, other_connection
+):
+    installation.install_triggers(["testapp.PartRow"])
+    check("testapp.PartRow")
+    other_connection.execute(f"CREATE TABLE {LATER} (LIKE {PARENT})")
+    other_connection.execute(
+        f"ALTER TABLE {PARENT} ATTACH PARTITION {LATER} FOR VALUES FROM (200) TO (300)"
+    )
+
+    missing = f'trigger pgnotify_insert on partition "public".{LATER} missing'
+    with pytest.raises(CommandError) as raised:
+        check("testapp.PartRow")
+    assert missing in str(raised.value)
+    problems = database_status("default", ["testapp.PartRow"]).problems
+    assert any(missing in problem for problem in problems), problems
+    preview = StringIO()
+    call_command("pgnotify_install", "--sql", "testapp.PartRow", stdout=preview)
+    assert (
+        f'CREATE TRIGGER "pgnotify_insert" AFTER INSERT ON "public".{LATER}' in preview.getvalue()
+    )
+
+    installation.install_triggers(["testapp.PartRow"])
+
+    check("testapp.PartRow")
+    with capture_row_changes("testapp.PartRow") as changes:
+        other_connection.execute(f"INSERT INTO {LATER} VALUES (7, 250, 'later')")
+        (event,) = changes.wait(1, timeout=10)
+    assert (event.action, event.pk, event.fields["label"]) == ("insert", 7, "later")
+
+
+def test_migrate_installs_the_triggers_of_a_partition_attached_later(live_model, other_connection):
+    installation.install_triggers(["testapp.PartRow"])
+    other_connection.execute(
+        f"CREATE TABLE {LATER} PARTITION OF {PARENT} FOR VALUES FROM (200) TO (300)"
+    )
+
+    installation.sync_triggers()
+
+    check("testapp.PartRow")
+    assert "pgnotify_update" in our_triggers(other_connection)[LATER.strip('"')]
+
+
+def test_install_puts_the_triggers_on_every_partition_and_uninstall_removes_them_all(
+    live_model, other_connection
+):
+    installation.install_triggers(["testapp.PartRow"])
+    names = [f"pgnotify_{event}" for event in ("delete", "insert", "update")]
+
+    found = our_triggers(other_connection)
+    for table in (PARENT, LOW.strip('"'), HIGH, TOP):
+        assert found.get(table) == names, (table, found)
+
+    installation.uninstall_triggers(["testapp.PartRow"])
+
+    assert not any(t in our_triggers(other_connection) for t in (PARENT, LOW.strip('"'), HIGH, TOP))
+
+
+def test_a_detached_partition_loses_the_triggers_at_install_and_a_dropped_one_breaks_nothing(
+    live_model, other_connection
+):
+    installation.install_triggers(["testapp.PartRow"])
+    other_connection.execute(f"ALTER TABLE {HIGH} DETACH PARTITION {TOP}")
+    other_connection.execute(f"DROP TABLE {LOW}")
+
+    with pytest.raises(CommandError) as raised:
+        check("testapp.PartRow")
+    assert "no longer declared: trigger pgnotify_" in str(raised.value)
+    assert f"trigger pgnotify_delete on {TOP}" in str(raised.value)
+
+    installation.install_triggers(["testapp.PartRow"])
+
+    check("testapp.PartRow")
+    assert TOP not in our_triggers(other_connection)
+
+
+def test_sql_written_without_a_database_covers_the_partitions_the_table_has_when_run(
+    durable_model, other_connection
+):
+    """``pgnotify_install --sql`` that cannot connect prints, after a declaration's SQL,
+    a block that gives each partition the triggers as the table has it when run."""
+    from django_pgnotify.triggers import build_partition_triggers_sql
+
+    (declaration,) = get_declarations(["testapp.DurablePartRow"])
+    built = build_trigger_sql(declaration)  # no database: no partition is known
+    other_connection.execute(built.install)
+    other_connection.execute(build_partition_triggers_sql(built))
+
+    check("testapp.DurablePartRow")  # installed, every partition included
+    expected = run_statements(other_connection)
+    rows = other_connection.execute(
+        "SELECT action, payload FROM pgnotify_event WHERE model = %s ORDER BY id",
+        ["testapp.durablepartrow"],
+    ).fetchall()
+    assert [(action, row[0]) for action, p in rows for row in json.loads(f"[{p}]")] == expected
+
+
+def test_a_model_declared_on_a_partition_with_the_same_trigger_names_is_a_conflict(
+    live_model, other_connection
+):
+    """Each install would replace the other's triggers on the partition: refused."""
+    with registered_model("LowRow", LOW.strip('"'), Notify(fields=["label"])):
+        with pytest.raises(installation.CannotInstall) as raised:
+            installation.install_triggers(["testapp.PartRow"])
+        assert "testapp.LowRow:default also declares it" in str(raised.value)
+        assert "this table or a partition of it" in str(raised.value)
+
+
+def test_sql_printed_before_migrate_gives_the_triggers_to_the_partitions_made_since(
+    other_connection,
+):
+    """The SQL ``--sql`` prints for a table that does not exist yet, run once it does."""
+    try:
+        with registered_model("EarlyRow", PARENT, Notify(fields=["label"])):
+            out = StringIO()
+            call_command("pgnotify_install", "--sql", "testapp.EarlyRow", stdout=out)
+            assert "refuses it now (no table" in out.getvalue()
+            other_connection.execute(DDL)
+
+            other_connection.execute(out.getvalue())
+
+            assert our_triggers(other_connection)[TOP] == [
+                f"pgnotify_{event}" for event in ("delete", "insert", "update")
+            ]
+            comments = other_connection.execute(
+                "SELECT DISTINCT obj_description(oid, 'pg_trigger') FROM pg_trigger"
+                " WHERE tgrelid = ANY(ARRAY[%s::regclass, %s::regclass])",
+                [PARENT, TOP],
+            ).fetchall()
+            assert len(comments) == 1  # the same as the table's: they count as installed
+    finally:
+        other_connection.execute(DROP)
+
+
+@pytest.mark.parametrize("first, then", [("statement", "row"), ("row", "statement")])
+def test_a_declaration_switching_level_is_rebuilt_on_every_partition(
+    live_model, other_connection, first, then
+):
+    """Row triggers are cloned onto the partitions under the names the statement
+    triggers have there: each rebuild makes room for the other."""
+    live_model._meta.pgnotify = Notify(fields=["k", "label"], level=first)
+    installation.install_triggers(["testapp.PartRow"])
+    live_model._meta.pgnotify = Notify(fields=["k", "label"], level=then)
+
+    installation.install_triggers(["testapp.PartRow"])
+
+    check("testapp.PartRow")
+    with capture_row_changes("testapp.PartRow") as changes:
+        other_connection.execute(f"INSERT INTO {TOP} VALUES (8, 180, 'top')")
+        other_connection.execute(f"INSERT INTO {PARENT} VALUES (99, 1, 'marker')")
+        changes.wait_for(lambda e: e.pk == 99, timeout=10)
+    assert [(e.action, e.pk) for e in changes] == [("insert", 8), ("insert", 99)]
