@@ -1029,14 +1029,18 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
     )
     reference = built
     if body is not None and (body, function_comment) != (built.body, built.comment):
-        # ``--sql`` does not connect, so it prints SQL that every server runs:
-        # triggers installed from it count as installed, and a repair
-        # rebuilds them in this server's own form.
-        portable = trigger_sql.build_trigger_sql(
-            declaration, partitions=[name for _, name in partitions]
-        )
-        if (body, function_comment) == (portable.body, portable.comment):
-            reference = portable
+        # SQL printed by ``--sql`` counts as installed, and a repair rebuilds it in this
+        # server's own form for the table as it is. Without a database ``--sql`` prints
+        # SQL that every server runs; before the table exists, this server's, for
+        # foreign keys not known.
+        names = [name for _, name in partitions]
+        for printed in (
+            trigger_sql.build_trigger_sql(declaration, partitions=names),
+            trigger_sql.build_trigger_sql(declaration, server_version, None, names),
+        ):
+            if (body, function_comment) == (printed.body, printed.comment):
+                reference = printed
+                break
     return _Target(
         built,
         reference,

@@ -136,3 +136,19 @@ def test_sql_before_migrate_prints_what_install_will_run_under_a_comment_saying_
     ) in out
     assert out.count("CREATE TRIGGER") >= 6  # three for each
     assert "testapp.Order" not in out  # installed and current: nothing to run
+
+
+def test_sql_printed_before_migrate_counts_as_installed_once_run_on_the_table_made_since():
+    """Printed with the table missing, the SQL is this server's (``JSON_SCALAR`` on
+    PostgreSQL 17 and later) and cannot know the table's foreign keys: run on the
+    table once made, it is installed, not ``outdated`` (function differs)."""
+    uninstall_triggers(["testapp.Tag"])
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE testapp_tag RENAME TO testapp_tag_away")
+        printed = preview("testapp.Tag")
+        cursor.execute("ALTER TABLE testapp_tag_away RENAME TO testapp_tag")
+    assert "pgnotify_install refuses it now (no table" in printed
+
+    run_as_psql_would(printed)
+
+    assert states()["testapp.Tag:default"] == INSTALLED
