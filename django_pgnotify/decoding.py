@@ -397,7 +397,13 @@ _ELEMENT_CONVERTERS: dict[str, Converter] = {
 
 
 def _integer(value: Any) -> int:
-    return value if isinstance(value, int) else int(value)
+    """An integer as JSON carries it; a quoted one (a payload made by hand) too. Not a
+    fraction, which ``int()`` would cut (``7.5`` a pk of 7), nor ``true``."""
+    if type(value) is int:
+        return value
+    if type(value) is str or (type(value) is float and value.is_integer()):
+        return int(value)
+    raise ValueError(f"not an integer: {value!r}")
 
 
 # Converters whose input, as JSON gives it, is already the Python value.

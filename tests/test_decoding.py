@@ -326,6 +326,25 @@ def test_an_integer_quoted_in_a_payload_made_by_hand_is_read_as_the_integer_it_s
     assert reading.fields == {"order_id": 42, "count": 9007199254740993}
 
 
+@pytest.mark.parametrize("pk", [7.5, True, [7]], ids=repr)
+def test_a_pk_that_is_no_integer_is_passed_on_as_sent_not_cut_to_one(pk, caplog):
+    """``int()`` made a pk of 7.5 the pk 7, another row's, and took ``true`` for 1."""
+    decoder = Decoder([Order])
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+        (change,) = decoder.decode(
+            message("testapp.order", "insert", {"pk": pk, "fields": {}}), "pgnotify_test", 1
+        )
+
+    assert change.pk == pk and type(change.pk) is type(pk)
+    assert decoder.stats["unconverted"] == 1
+    assert "testapp.Order.pk value" in caplog.text
+
+
+def test_an_integral_float_pk_made_by_hand_is_read_as_its_integer():
+    assert decode_one(Order, message("testapp.order", "insert", {"pk": 7.0, "fields": {}})).pk == 7
+
+
 class ValidatingDecoder(json.JSONDecoder):
     """Refuses an object without a "kind", as a JSON field's decoder may, with Django's
     ``ValidationError``."""
