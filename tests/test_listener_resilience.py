@@ -1525,20 +1525,30 @@ def test_the_lag_gauge_is_that_of_the_last_change_of_a_batch(transactional_db):
     assert lag <= now - newer.timestamp.timestamp()
 
 
-def test_the_lag_gauge_covers_the_async_receivers_of_the_change(transactional_db):
+@pytest.mark.parametrize(
+    ("model", "create"),
+    [
+        (Order, lambda: Order.objects.create(status="measured")),
+        (Job, lambda: Job.objects.create(name="measured")),
+    ],
+    ids=["live", "durable"],
+)
+def test_the_lag_gauge_covers_the_async_receivers_of_the_change(transactional_db, model, create):
     """A change's dispatch ends once its async receivers have run too: the gauge is
-    at least the change's age when the last of them returned."""
+    at least the change's age when the last of them returned. Durable changes set it
+    too: a listener serving durable declarations alone had none."""
     returned: list[float] = []
 
     async def slow(sender, event, **kwargs):
         await asyncio.sleep(0.1)  # the receiver's own work
         returned.append(time.time())
 
-    row_changed.connect(slow, sender=Order, weak=False)
+    row_changed.connect(slow, sender=model, weak=False)
     try:
-        with capture_row_changes("testapp.Order") as changes:
-            Order.objects.create(status="measured")
+        with capture_row_changes(model._meta.label) as changes:
+            create()
             (event,) = changes.wait(1)
+            assert event.durable is (model is Job)
             wait_until(lambda: returned, what="the async receiver's return")
             age = returned[0] - event.timestamp.timestamp()
 
@@ -1548,34 +1558,7 @@ def test_the_lag_gauge_covers_the_async_receivers_of_the_change(transactional_db
 
             wait_until(covered, timeout=5, what="a lag that covers the async receiver")
     finally:
-        row_changed.disconnect(slow, sender=Order)
-
-
-def test_the_lag_gauge_covers_durable_changes_and_their_async_receivers(transactional_db):
-    """Durable changes set it too, once their async receivers have run: a listener
-    serving durable declarations alone had none."""
-    returned: list[float] = []
-
-    async def slow(sender, event, **kwargs):
-        await asyncio.sleep(0.1)  # the receiver's own work
-        returned.append(time.time())
-
-    row_changed.connect(slow, sender=Job, weak=False)
-    try:
-        with capture_row_changes("durableapp.Job") as changes:
-            Job.objects.create(name="measured")
-            (event,) = changes.wait(1)
-            assert event.durable
-            wait_until(lambda: returned, what="the async receiver's return")
-            age = returned[0] - event.timestamp.timestamp()
-
-            def covered() -> bool:
-                lag = changes.listener.health.last_event_lag
-                return lag is not None and lag >= age
-
-            wait_until(covered, timeout=5, what="a lag that covers the async receiver")
-    finally:
-        row_changed.disconnect(slow, sender=Job)
+        row_changed.disconnect(slow, sender=model)
 
 
 def test_the_health_file_ages_while_a_receiver_hangs_and_is_touched_once_it_returns(
