@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import psycopg
@@ -297,6 +299,28 @@ def test_an_update_from_null_to_a_value_and_back_is_a_change_of_that_field(
 PARENTS, CHILDREN = "pgnotify_test_parents", "pgnotify_test_children"
 
 
+@contextmanager
+def cascading_children(conn: psycopg.Connection, *, labelled: bool = False) -> Iterator[type]:
+    """A throwaway ``Child`` model whose two keys, ``first`` and ``second``, reference
+    ``PARENTS`` ``ON UPDATE CASCADE``: renaming a parent changes each child twice."""
+    label = {"label": models.TextField()} if labelled else {}
+    with throwaway_model(
+        conn,
+        CHILDREN,
+        f"CREATE TABLE {PARENTS} (id text PRIMARY KEY);"
+        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
+        f" first text REFERENCES {PARENTS} ON UPDATE CASCADE,"
+        f" second text REFERENCES {PARENTS} ON UPDATE CASCADE{', label text' if label else ''})",
+        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
+        "Child",
+        id=models.IntegerField(primary_key=True),
+        first=models.TextField(),
+        second=models.TextField(),
+        **label,
+    ) as model:
+        yield model
+
+
 @pytest.fixture(
     params=[
         "ON DELETE SET DEFAULT",
@@ -441,20 +465,7 @@ def test_the_two_changes_of_a_row_changed_twice_arrive_in_order_on_the_bulk_path
     """Renaming a parent key changes each child twice (two ``ON UPDATE CASCADE`` keys):
     a listener sees each child's changes in the order they were made, the last one last,
     also when the statement's rows take the window function (a few kilobytes each)."""
-    with throwaway_model(
-        other_connection,
-        CHILDREN,
-        f"CREATE TABLE {PARENTS} (id text PRIMARY KEY);"
-        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
-        f" first text REFERENCES {PARENTS} ON UPDATE CASCADE,"
-        f" second text REFERENCES {PARENTS} ON UPDATE CASCADE, label text)",
-        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
-        "Child",
-        id=models.IntegerField(primary_key=True),
-        first=models.TextField(),
-        second=models.TextField(),
-        label=models.TextField(),
-    ) as model:
+    with cascading_children(other_connection, labelled=True) as model:
         notify = Notify(fields=["first", "second", "label"])
         declaration = install(model, other_connection, notify)
         old, new = "o" * 300, "n" * 300
@@ -488,19 +499,7 @@ def test_a_row_changed_twice_arrives_in_order_when_one_change_is_long_and_the_ot
     CASCADE`` keys): the first change still holds the long key (a row the bulk path does not
     join, 512 bytes or more), the second does not. Each child's changes arrive in the order
     the row-level trigger sees them, the one that leaves both keys renamed last."""
-    with throwaway_model(
-        other_connection,
-        CHILDREN,
-        f"CREATE TABLE {PARENTS} (id text PRIMARY KEY);"
-        f" CREATE TABLE {CHILDREN} (id integer PRIMARY KEY,"
-        f" first text REFERENCES {PARENTS} ON UPDATE CASCADE,"
-        f" second text REFERENCES {PARENTS} ON UPDATE CASCADE)",
-        f"DROP TABLE IF EXISTS {CHILDREN}, {PARENTS} CASCADE",
-        "Child",
-        id=models.IntegerField(primary_key=True),
-        first=models.TextField(),
-        second=models.TextField(),
-    ) as model:
+    with cascading_children(other_connection) as model:
         declaration = install(model, other_connection, Notify(fields="__all__", level=level))
         old, new = "p" * 200, "q"
         other_connection.execute(f"INSERT INTO {PARENTS} VALUES (%s)", [old])
