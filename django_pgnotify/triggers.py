@@ -51,7 +51,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 11
+TEMPLATE_VERSION = 12
 
 #: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
 #: how to render its argument's type once per query, where ``to_json()`` does so for
@@ -389,12 +389,9 @@ _SENDING = sql.SQL(
     "        short := room / 8;\n"
     "        half := room / 2;\n"
     "        PERFORM pg_notify({channel}, {head} || string_agg(r, ','{by_total}) || ']}}')\n"
-    "        FROM (SELECT r, total, CASE"
-    " WHEN octet_length(r) < short THEN total / (room - short) * 3"
-    " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
-    " ELSE total * 3 + 2 END AS chunk\n"
+    "        FROM (SELECT r, total, {chunk} AS chunk\n"
     "          FROM (SELECT r, sum(octet_length(r) + 1)"
-    " OVER ({in_order}ROWS UNBOUNDED PRECEDING) AS total\n"
+    " OVER ({in_order}ROWS UNBOUNDED PRECEDING) AS total{segment}\n"
     "            FROM (SELECT CASE WHEN octet_length(r) < room THEN r"
     " WHEN octet_length(json_build_array(key)::text) < room"
     " THEN json_build_array(key)::text ELSE '[null]' END AS r{kept}\n"
@@ -433,8 +430,10 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
     size, so it guesses a join of billions of rows, and compiling, sorting
     and spilling to disk took longer than the query itself. A statement that
     changed a row twice joins none: its rows all go through the second query,
-    sent in the order of the changes (``_BY_POSITION_ORDER``), so that a row's
-    last version arrives last.
+    sent in the order of the changes (``_BY_POSITION_ORDER``), each
+    notification holding consecutive rows (``_IN_SEQUENCE``), so that a row's
+    last version arrives last; with ``old=False`` too, whose new rows alone
+    hold both versions.
     """
     new, old = sql.Identifier(_NEW_ROWS), sql.Identifier(_OLD_ROWS)
     pk = sql.Identifier(declaration.pk.column)
@@ -459,8 +458,9 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
     }
     if not declaration.sends_old:  # an update's new rows alone, as an insert's
         sources["update"] = joined_sources["update"] = sources["insert"]
-    # Whether an update looks for a row changed twice (see _by_need).
-    looks = foreign_key_actions is not False and declaration.pairs_rows("update")
+    # Whether an update looks for a row changed twice (see _by_need): with
+    # old=False too, whose new rows then hold two versions of it, to send in order.
+    looks = foreign_key_actions is not False and "update" in declaration.events
     branches = []
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
@@ -507,6 +507,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             small_query=_small_statement_query(paired, row, sources[event]),
             **parts,
             **_AS_READ,
+            **_BY_SIZE,
         )
         if paired and looks:
             # The same, for a statement that changed a row twice: paired by position,
@@ -520,9 +521,22 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
                 small_query=_small_statement_query(paired, row, source, _IN_POSITION_ORDER),
                 **{**parts, "joinable": sql.Literal(0)},
                 **_BY_POSITION_ORDER,
+                **_IN_SEQUENCE,
             )
             sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
-        if paired:
+        elif event == "update" and looks:
+            # With old=False, nothing is paired: a row changed twice is in the new rows
+            # twice, sent as above, in the order of the changes.
+            by_position = _SENDING.format(
+                source=_NUMBERED_NEW,
+                joined_source=_NUMBERED_NEW,
+                small_query=_small_statement_query(True, row, _NUMBERED_NEW, _IN_POSITION_ORDER),
+                **{**parts, "joinable": sql.Literal(0)},
+                **_BY_POSITION_ORDER,
+                **_IN_SEQUENCE,
+            )
+            sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
+        if paired or (event == "update" and looks):
             sent = sql.SQL("{}{}").format(_counting_query(), sent)
         branches.append(
             sql.SQL(
@@ -863,6 +877,12 @@ _NEW_ROWS, _OLD_ROWS = "pgnotify_new", "pgnotify_old"
 #: The column ``_PAIRED_BY_POSITION`` numbers rows in, beside the table's.
 POSITION = "pgnotify_position"
 
+# An update's new rows ``n``, numbered in the order of the changes (see below):
+# an ``old=False`` update's, which reads no old rows, and one side of the pairing.
+_NUMBERED_NEW = sql.SQL("(SELECT row_number() OVER () AS {}, * FROM {}) AS n").format(
+    sql.Identifier(POSITION), sql.Identifier(_NEW_ROWS)
+)
+
 # An update's old rows ``o`` and new rows ``n``, paired by their position.
 #
 # A row changed twice by one statement (two ``ON DELETE SET NULL`` foreign
@@ -877,9 +897,7 @@ POSITION = "pgnotify_position"
 # plays no part. Pairing by position costs about twice what the primary key
 # join does, hence only for such statements.
 _PAIRED_BY_POSITION = sql.SQL("{new} JOIN {old} ON o.{position} = n.{position}").format(
-    new=sql.SQL("(SELECT row_number() OVER () AS {}, * FROM {}) AS n").format(
-        sql.Identifier(POSITION), sql.Identifier(_NEW_ROWS)
-    ),
+    new=_NUMBERED_NEW,
     old=sql.SQL("(SELECT row_number() OVER () AS {}, * FROM {}) AS o").format(
         sql.Identifier(POSITION), sql.Identifier(_OLD_ROWS)
     ),
@@ -907,6 +925,32 @@ _BY_POSITION_ORDER: dict[str, sql.Composable] = {
     "by_position": sql.SQL(" ORDER BY {}").format(sql.Identifier(POSITION)),
 }
 _IN_POSITION_ORDER = sql.SQL(" ORDER BY n.{}").format(sql.Identifier(POSITION))
+
+# How _SENDING's second query groups rows into notifications. By size: short rows
+# (under room / 8) several to a chunk, medium ones (under room / 2) two, long ones
+# alone; each class's chunks are cut by the running total, so a chunk may hold rows
+# with rows of another class between them. In the order of the changes, a chunk must
+# hold consecutive rows: a row of room / 8 or more is sent alone, and starts a
+# ``segment``, whose short rows after it are grouped by the running total; chunks
+# then go out in the order of their first row, each row after the one before.
+_BY_SIZE: dict[str, sql.Composable] = {
+    "chunk": sql.SQL(
+        "CASE WHEN octet_length(r) < short THEN total / (room - short) * 3"
+        " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
+        " ELSE total * 3 + 2 END"
+    ),
+    "segment": sql.SQL(""),
+}
+_IN_SEQUENCE: dict[str, sql.Composable] = {
+    "chunk": sql.SQL(
+        "CASE WHEN octet_length(r) < short THEN ROW(segment, total / (room - short))"
+        " ELSE ROW(-1::bigint, total) END"
+    ),
+    "segment": sql.SQL(
+        ", count(*) FILTER (WHERE octet_length(r) >= short)"
+        " OVER (ORDER BY {} ROWS UNBOUNDED PRECEDING) AS segment"
+    ).format(sql.Identifier(POSITION)),
+}
 
 
 def _indented(composable: sql.Composable) -> sql.Composable:

@@ -333,3 +333,63 @@ def test_a_declaration_switching_level_is_rebuilt_on_every_partition(
         other_connection.execute(f"INSERT INTO {PARENT} VALUES (99, 1, 'marker')")
         changes.wait_for(lambda e: e.pk == 99, timeout=10)
     assert [(e.action, e.pk) for e in changes] == [("insert", 8), ("insert", 99)]
+
+
+def test_migrate_disables_the_triggers_of_every_partition_and_enables_them_again(
+    live_model, other_connection
+):
+    """``pre_migrate`` disables the declaration's triggers on each partition too (a write
+    naming one would call the function while a column it reads is being dropped), and
+    ``post_migrate`` enables them all again."""
+    installation.install_triggers(["testapp.PartRow"])
+    tables = (PARENT, LOW.strip('"'), HIGH, TOP)
+
+    def states() -> dict[str, set[str]]:
+        rows = other_connection.execute(
+            "SELECT tgrelid::regclass::text, tgenabled::text FROM pg_trigger"
+            " WHERE obj_description(oid, 'pg_trigger') LIKE 'django-pgnotify:% testapp.PartRow:%'"
+        ).fetchall()
+        found: dict[str, set[str]] = {}
+        for table, enabled in rows:
+            found.setdefault(table, set()).add(enabled)
+        return found
+
+    detached = installation.detach_triggers(lambda label: label == "testapp.PartRow")
+
+    assert states() == {table: {"D"} for table in tables}
+    other_connection.execute(f"INSERT INTO {TOP} VALUES (1, 150, 'unannounced')")
+
+    installation.sync_triggers("default", detached)
+
+    assert states() == {table: {"O"} for table in tables}
+    check("testapp.PartRow")
+
+
+def test_a_partition_whose_columns_are_in_another_order_is_announced_as_its_table(
+    live_model, other_connection
+):
+    """Attached from a table of its own, a partition may hold the columns in another
+    order, with a dropped one among them: the function reads them by name."""
+    other_connection.execute(
+        f"CREATE TABLE {LATER} (junk integer, label text, k integer NOT NULL, id integer NOT NULL);"
+        f" ALTER TABLE {LATER} DROP COLUMN junk;"
+        f" ALTER TABLE {PARENT} ATTACH PARTITION {LATER} FOR VALUES FROM (200) TO (300)"
+    )
+    installation.install_triggers(["testapp.PartRow"])
+
+    with capture_row_changes("testapp.PartRow") as changes:
+        other_connection.execute(f"INSERT INTO {LATER} (id, k, label) VALUES (7, 250, 'x')")
+        other_connection.execute(f"UPDATE {LATER} SET label = 'y' WHERE id = 7")
+        other_connection.execute(f"INSERT INTO {PARENT} VALUES (1, 10, 'a')")
+        other_connection.execute(f"UPDATE {PARENT} SET k = 270 WHERE id = 1")
+        other_connection.execute(f"DELETE FROM {LATER} WHERE id = 1")
+        other_connection.execute(f"INSERT INTO {PARENT} VALUES (99, 1, 'marker')")
+        changes.wait_for(lambda e: e.pk == 99, timeout=10)
+
+    assert [(e.action, e.pk, e.fields, e.old) for e in changes][:-1] == [
+        ("insert", 7, {"k": 250, "label": "x"}, None),
+        ("update", 7, {"k": 250, "label": "y"}, {"k": 250, "label": "x"}),
+        ("insert", 1, {"k": 10, "label": "a"}, None),
+        ("update", 1, {"k": 270, "label": "a"}, {"k": 10, "label": "a"}),
+        ("delete", 1, {"k": 270, "label": "a"}, None),
+    ]

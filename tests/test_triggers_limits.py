@@ -578,3 +578,33 @@ def test_models_paused_by_hand_are_named_in_any_case_and_spacing(other_connectio
     other_connection.execute("INSERT INTO testapp_article (title, body) VALUES ('heard', '')")
 
     assert [row[1] for row in rows_of(notifications(listening), "insert")] == ["heard"]
+
+
+@pytest.mark.parametrize("old", [True, False], ids=["old", "old=False"])
+def test_a_row_changed_twice_arrives_in_order_when_short_rows_come_before_its_long_change(
+    other_connection, listening, old
+):
+    """The bulk path groups short rows by their running total: the second, short change of
+    a child (pk 100) whose first change is long (its old key, 600 bytes, in it) must not go
+    out with the short changes of other children made before both. Eleven children of a
+    short-keyed parent, then that one, and both parents renamed in one statement (the
+    short-keyed one first): 24 changes, more than the short path takes."""
+    with cascading_children(other_connection, labelled=True) as model:
+        notify = Notify(fields=["first", "second", "label"], old=old)
+        declaration = install(model, other_connection, notify)
+        long = "x" * 600
+        other_connection.execute(f"INSERT INTO {PARENTS} VALUES ('z'), (%s)", [long])
+        other_connection.execute(
+            f"INSERT INTO {CHILDREN} SELECT g, 'z', 'z', 'l' FROM generate_series(1, 11) AS g"
+        )
+        other_connection.execute(f"INSERT INTO {CHILDREN} VALUES (100, %s, %s, 'l')", [long, long])
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        other_connection.execute(
+            f"UPDATE {PARENTS} SET id = CASE WHEN id = 'z' THEN 'zz' ELSE 'y' END"
+        )
+        events = decoded(listening, model)
+
+    assert len(events) == 24
+    changes = [(e.fields["first"], e.fields["second"]) for e in events if e.pk == 100]
+    assert len(changes) == 2 and changes[0] in [("y", long), (long, "y")]
+    assert changes[1] == ("y", "y")
