@@ -336,7 +336,7 @@ def _check_values(config: dict[str, Any]) -> list[checks.CheckMessage]:
     for key, (low, inclusive, integer) in _NUMBERS.items():
         value = config.get(key, DEFAULTS[key])
         if not _is_number(value, integer) or value < low or (value == low and not inclusive):
-            what = "an integer" if integer else "a number"
+            what = "an integer" if integer else "a finite number"
             bound = f"at least {low}" if inclusive else f"greater than {low}"
             messages.append(
                 checks.Error(

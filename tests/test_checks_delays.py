@@ -80,7 +80,7 @@ def test_a_number_setting_that_is_not_finite_is_an_error(value):
         messages = check_declarations()
 
     assert [m.id for m in messages] == ["pgnotify.E010"]
-    assert 'PGNOTIFY["PROBE_TIMEOUT"] must be a number greater than 0' in messages[0].msg
+    assert 'PGNOTIFY["PROBE_TIMEOUT"] must be a finite number greater than 0' in messages[0].msg
 
 
 @pytest.mark.parametrize(

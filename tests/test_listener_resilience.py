@@ -1685,7 +1685,7 @@ def test_a_filling_server_queue_is_sampled_and_warned_about(transactional_db, ca
     "key, value, message",
     [
         ("QUEUE_SIZE", 0, 'PGNOTIFY["QUEUE_SIZE"] must be an integer at least 1, got 0.'),
-        ("PROBE_TIMEOUT", -1, 'PGNOTIFY["PROBE_TIMEOUT"] must be a number greater than 0'),
+        ("PROBE_TIMEOUT", -1, 'PGNOTIFY["PROBE_TIMEOUT"] must be a finite number greater than 0'),
         ("RECONNECT_DELAY_MAX", "30", "got '30'"),
         ("QUEUE_USAGE_WARNING", 5, "a fraction from 0 to 1, got 5"),
         ("LISTEN_DATABASES", {"default": "nope"}, "database aliases defined in DATABASES"),
