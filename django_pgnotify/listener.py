@@ -52,6 +52,7 @@ from .durable import DurableWorker
 from .events import RowChange
 from .health import COUNTERS, DURABLE_COUNTERS, HealthFile, ListenerHealth, format_record
 from .signals import listener_reconnected, listener_started, listener_stopped
+from .status import queue_usage_percents
 
 logger = logging.getLogger("django_pgnotify.listener")
 
@@ -938,12 +939,11 @@ class Listener:
         threshold = float(get_setting("QUEUE_USAGE_WARNING"))
         if usage > threshold and not self._usage_high:
             logger.warning(
-                "pgnotify: PostgreSQL's notification queue is %.1f%% full (warning above "
-                "%.1f%%); a listening session is not reading (a slow listener, or a session "
-                "that ran LISTEN and stays in a transaction). When it is full, every commit "
-                "that notifies fails",
-                usage * 100,
-                threshold * 100,
+                "pgnotify: PostgreSQL's notification queue is %s full (warning above %s); a "
+                "listening session is not reading (a slow listener, or a session that ran "
+                "LISTEN and stays in a transaction). When it is full, every commit that "
+                "notifies fails",
+                *queue_usage_percents(usage, threshold),
             )
         self._usage_high = usage > threshold
 

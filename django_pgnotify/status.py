@@ -6,6 +6,7 @@ monitoring scripts. Nothing here changes the database.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -19,6 +20,51 @@ from . import durable, installation, wire
 from .conf import get_setting
 from .connection import connect_timeout, connection_params, describe
 
+#: What to do about pending durable events that no declaration claims, for messages.
+UNCLAIMED_ADVICE = (
+    "give a renamed declaration's events its new URI (one UPDATE), declare the old one "
+    "again (each new change is then stored twice), or discard them in the admin; see "
+    "docs/durable.md#pending-events-no-declaration-claims"
+)
+
+
+def _percent(fraction: float, decimals: int) -> str:
+    return f"{fraction * 100:.{decimals}f}"
+
+
+def _decimals(fraction: float, decimals: int) -> int:
+    """At least ``decimals``, and enough for two significant digits of a small one."""
+    if fraction <= 0 or not math.isfinite(fraction):
+        return decimals
+    return max(decimals, 1 - math.floor(math.log10(fraction * 100)))
+
+
+def queue_usage_percents(usage: float, threshold: float, decimals: int = 1) -> tuple[str, str]:
+    """``usage`` and ``threshold`` as percentages (``"0.000095%"``, ``"0.0%"``), for messages.
+
+    Small usages get two significant digits, and a usage above the threshold as many
+    decimals as it takes to print above it: rounded alike, 9.5e-07 over 0.0 would read
+    "0.0% full (warning above 0.0%)".
+    """
+    places = _decimals(usage, decimals)
+    # Two different floats differ within their exact decimal expansions: this ends.
+    while usage > threshold and _percent(usage, places) == _percent(threshold, places):
+        places += 1
+    shown = _percent(threshold, places)
+    if "." in shown:  # no more decimals than the usage needed, and no fewer than asked
+        whole, fraction = shown.split(".")
+        fraction = fraction.rstrip("0").ljust(decimals, "0")
+        shown = f"{whole}.{fraction}" if fraction else whole
+    return f"{_percent(usage, places)}%", f"{shown}%"
+
+
+def unclaimed_warning(uri: str, changes: int) -> str:
+    """The warning for ``changes`` pending durable changes of ``uri`` no declaration has."""
+    return (
+        f"{uri} leaves {changes} pending durable change(s) that no listener claims: "
+        + UNCLAIMED_ADVICE
+    )
+
 
 @dataclass
 class DatabaseStatus:
@@ -28,7 +74,9 @@ class DatabaseStatus:
         alias: The Django database alias.
         where: ``user@host:port/dbname`` (never the password).
         declarations: One dict per declaration or unknown trigger: ``uri``,
-            ``model``, ``channel``, ``table``, ``status``, ``detail``.
+            ``model``, ``channel`` (``None`` for a durable declaration, which sends
+            on none, and for an unknown trigger), ``durable`` (``None`` for an
+            unknown trigger), ``table``, ``status``, ``detail``.
         queue_usage: ``pg_notification_queue_usage()`` (0 to 1), or ``None``
             when the database could not be reached or the query failed.
         listeners: Sessions named ``PGNOTIFY["APPLICATION_NAME"]`` on this
@@ -211,6 +259,21 @@ def _undeclared_events(wrapper: BaseDatabaseWrapper, uris: list[str]) -> dict[st
         return {uri: int(count) for uri, count in cursor.fetchall()}
 
 
+def unclaimed_events(using: str, uris: Iterable[str]) -> dict[str, int]:
+    """Pending durable changes per URI of ``uris`` that no durable declaration routed to
+    ``using`` has: no listener claims them (the triggers of a renamed or removed durable
+    declaration just dropped, say). Empty without an event table or the right to read it.
+    """
+    served = {d.uri for d in installation.declarations_for((), using) if d.notify.durable}
+    wanted = sorted(set(uris) - served)
+    if not wanted:
+        return {}
+    wrapper = connections[using]
+    with transaction.atomic(using=using):  # a caller's transaction survives an error
+        everything = _undeclared_events(wrapper, sorted(served))
+    return {uri: count for uri, count in everything.items() if uri in wanted}
+
+
 def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus:
     """Inspect ``using``: declared triggers, the notification queue, listeners.
 
@@ -288,7 +351,12 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             {
                 "uri": state.uri,
                 "model": declaration.model._meta.label if declaration else None,
-                "channel": declaration.channel if declaration else None,
+                # A durable declaration stores its changes in the event table and
+                # sends on no channel of its own.
+                "channel": declaration.channel
+                if declaration and not declaration.notify.durable
+                else None,
+                "durable": declaration.notify.durable if declaration else None,
                 "table": state.table,
                 "status": state.status,
                 "detail": state.detail,
@@ -298,9 +366,10 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             status.problems.append(f"{state}")
     threshold = float(get_setting("QUEUE_USAGE_WARNING"))
     if status.queue_usage is not None and status.queue_usage > threshold:
+        usage, above = queue_usage_percents(status.queue_usage, threshold)
         status.problems.append(
-            f"the notification queue is {status.queue_usage:.1%} full "
-            f"(warning above {threshold:.1%}): a listening session is not reading"
+            f"the notification queue is {usage} full (warning above {above}): a listening "
+            "session is not reading"
         )
     if status.durable and status.durable["dead"]:
         status.problems.append(
@@ -314,12 +383,11 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             f"{using!r} no longer has as durable ones (a model removed, a declaration renamed "
             "or made live), which no listener claims: "
             + ", ".join(f"{uri} ({count})" for uri, count in waiting.items())
-            + "; declare them again to have them delivered, or discard them in the admin "
-            "(Durable events, search the URI): pgnotify_prune deletes no pending event"
+            + f"; {UNCLAIMED_ADVICE}"
         )
     if (
         activity is not None
-        and any(d["channel"] for d in status.declarations)
+        and any(d["model"] for d in status.declarations)
         and not status.listeners
     ):
         status.problems.append(

@@ -13,13 +13,13 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, connections
+from django.db import connection, connections, models
 from django.test import override_settings
-from django.test.utils import CaptureQueriesContext
+from django.test.utils import CaptureQueriesContext, isolate_apps
 from psycopg import sql
 
 from django_pgnotify import Notify, triggers
-from django_pgnotify.declarations import Declaration, get_declarations
+from django_pgnotify.declarations import Declaration, get_declarations, resolve_model
 from django_pgnotify.installation import (
     INSTALLED,
     MISSING,
@@ -1270,3 +1270,91 @@ def test_an_update_looks_for_a_row_changed_twice_only_on_a_table_with_foreign_ke
         execute("ALTER TABLE testapp_order DROP COLUMN pgnotify_test_parent")
         call_command("pgnotify_install", "testapp.Order", verbosity=0)
     assert states("testapp.Order") == {"testapp.Order:default": INSTALLED}
+
+
+# Pending durable events that dropped triggers leave unclaimed
+
+
+def install_stray_durable_declaration(model_name: str, name: str) -> TriggerSQL:
+    """Install on the Job table the triggers of a durable declaration the project does
+    not have (a declaration since renamed, a model since removed)."""
+    with isolate_apps("tests.durableapp"):
+        meta = type("Meta", (), {"app_label": "durableapp", "db_table": "durableapp_job"})
+        model = type(
+            model_name,
+            (models.Model,),
+            {"__module__": __name__, "name": models.CharField(max_length=100), "Meta": meta},
+        )
+        (found,), _ = resolve_model(model, Notify(name=name, fields=["name"], durable=True))
+    built = build_trigger_sql(found, connection.pg_version)
+    execute(built.install)
+    return built
+
+
+ADVICE = (
+    "that no listener claims: give a renamed declaration's events its new URI (one UPDATE), "
+    "declare the old one again (each new change is then stored twice), or discard them in "
+    "the admin; see docs/durable.md#pending-events-no-declaration-claims"
+)
+
+
+def test_install_warns_of_the_pending_events_a_renamed_durable_declaration_leaves():
+    install_stray_durable_declaration("Job", "stock")
+    Job.objects.create(name="first")  # stored under both URIs, as before the rename
+    Job.objects.create(name="second")
+
+    out = run()
+
+    assert 'Removed durableapp.Job:stock on "public"."durableapp_job"' in out
+    assert f"Warning: durableapp.Job:stock leaves 2 pending durable change(s) {ADVICE}" in out
+    assert "durableapp.Job:default" not in out  # declared: a listener claims its events
+
+
+def test_prune_warns_of_the_pending_events_of_a_removed_durable_model():
+    install_stray_durable_declaration("Gone", "gone")
+    Job.objects.create(name="first")
+
+    out = run("--prune")
+
+    assert "Pruned durableapp.Gone:gone" in out
+    assert f"Warning: durableapp.Gone:gone leaves 1 pending durable change(s) {ADVICE}" in out
+
+
+def test_removing_triggers_without_pending_events_warns_of_nothing(gone):
+    install_stray_durable_declaration("Job", "stock")  # no change stored under it yet
+
+    out = run("--prune")
+
+    assert "Removed durableapp.Job:stock on" in out
+    assert "Pruned testapp.Gone:gone" in out
+    assert "Warning" not in out
+
+
+@pytest.mark.parametrize("prune", [[], ["--prune"]], ids=["renamed", "pruned"])
+def test_sql_warns_of_unclaimed_pending_events_in_an_sql_comment(prune):
+    install_stray_durable_declaration("Job" if not prune else "Gone", "stock")
+    Job.objects.create(name="first")
+    uri = "durableapp.Job:stock" if not prune else "durableapp.Gone:stock"
+
+    out = run("--sql", *prune)
+
+    warning = f"-- Warning: {uri} leaves 1 pending durable change(s) {ADVICE}\n"
+    assert warning in out
+    execute(out)  # still SQL to run: it drops what install would
+    assert uri not in states()
+
+
+def test_an_install_that_cannot_look_for_pending_events_says_so_and_succeeds():
+    """The triggers are dropped, as asked, before the look: a failed look is a warning,
+    not a failed command."""
+    install_stray_durable_declaration("Job", "stock")
+    execute("ALTER TABLE pgnotify_event ALTER COLUMN handled TYPE text USING handled::text")
+    out, err = StringIO(), StringIO()
+
+    call_command("pgnotify_install", stdout=out, stderr=err)
+
+    assert 'Removed durableapp.Job:stock on "public"."durableapp_job"' in out.getvalue()
+    assert "Warning: cannot look for pending durable events of the removed declarations" in (
+        err.getvalue()
+    )
+    assert states("durableapp.Job") == {"durableapp.Job:default": INSTALLED}

@@ -18,6 +18,7 @@ import pytest
 from django.db import connection
 from psycopg import sql
 
+from django_pgnotify.installation import declarations_for
 from django_pgnotify.listener import Listener
 from django_pgnotify.signals import listener_reconnected
 from django_pgnotify.testing import CapturedChanges, capture_row_changes
@@ -262,6 +263,10 @@ def test_the_server_queue_is_sampled_and_warned_about_while_the_listener_is_behi
             what="a queue usage warning",
         )
         assert changes.listener.health.queue_usage > threshold
+        # However close the usage is to the threshold, it reads above it.
+        (warning,) = [r.getMessage() for r in caplog.records if "queue is" in r.getMessage()]
+        (shown,) = re.findall(r"queue is ([\d.]+)% full \(warning above ([\d.]+)%\)", warning)
+        assert float(shown[0]) > float(shown[1]), warning
         assert changes.stats["dispatched"] == 0  # still behind its receiver
         hold["hold released"].set()
 
@@ -322,3 +327,16 @@ def test_no_sample_from_another_session_while_the_probe_can_run(transactional_db
         wait_until(lambda: changes.stats["probes"] >= probes + 3, what="three probes")
 
         assert listener._sampling is None
+
+
+def test_a_queue_usage_warning_reads_above_a_zero_threshold(transactional_db, caplog, settings):
+    """A held queue's first page (9.5e-07 of it) over a threshold of 0: not "0.0% full
+    (warning above 0.0%)"."""
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "QUEUE_USAGE_WARNING": 0.0}
+    caplog.set_level(logging.WARNING, logger="django_pgnotify.listener")
+    listener = Listener(declarations_for(["testapp.Order"]), using="default")
+
+    listener._sampled(9.5e-07)
+
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "notification queue is 0.000095% full (warning above 0.0%)" in warning

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
 
+import psycopg
 import pytest
 from psycopg import sql
 
 from django_pgnotify.installation import uninstall_triggers
+from django_pgnotify.status import UNCLAIMED_ADVICE, queue_usage_percents
 from tests.conftest import django_env, run_manage
 from tests.conftest import test_database_url as database_url
 
@@ -69,6 +72,7 @@ def test_status_json_reports_the_same_for_scripts(listener_process):
         "uri": "testapp.Order:default",
         "model": "testapp.Order",
         "channel": "pgnotify_testapp_order",
+        "durable": False,
         "table": '"testapp_order"',
         "status": "installed",
         "detail": "",
@@ -314,6 +318,13 @@ def test_status_exits_1_naming_pending_durable_events_no_declaration_claims(
     ) in result.stdout
     assert "claims: gone.Removed:default (3), testapp.Tag:default (1); " in result.stdout
     assert "discard them in the admin" in result.stdout
+    # Declaring again alone would store each new change twice: every way out, in short.
+    assert (
+        "give a renamed declaration's events its new URI (one UPDATE), declare the old one "
+        "again (each new change is then stored twice), or discard them in the admin; see "
+        "docs/durable.md#pending-events-no-declaration-claims"
+    ) in result.stdout
+    assert "declare them again to have them delivered" not in result.stdout
     assert "1 problem(s) need action" in result.stderr
 
 
@@ -358,3 +369,95 @@ def test_status_of_live_declarations_by_a_role_that_may_not_read_the_event_table
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("OK")
+
+
+def test_the_advice_on_unclaimed_events_points_to_a_section_the_docs_have():
+    from pathlib import Path
+
+    page, anchor = re.search(r"docs/(\S+\.md)#([\w-]+)", UNCLAIMED_ADVICE).groups()
+    text = (Path(__file__).resolve().parent.parent / "docs" / page).read_text()
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    assert anchor in [re.sub(r"[^\w]+", "-", h.lower()).strip("-") for h in headings]
+
+
+def test_status_shows_a_durable_declaration_as_durable_not_on_a_channel(transactional_db):
+    # A durable declaration stores its changes in the event table: no channel carries them.
+    result = status("durableapp")
+    as_json = status("durableapp", "--json")
+
+    assert "Traceback" not in result.stderr + as_json.stderr
+    assert (
+        "  durableapp.Job:default  durable (event table pgnotify_event)  installed" in result.stdout
+    )
+    assert "channel pgnotify_durableapp_job" not in result.stdout
+    (database,) = json.loads(as_json.stdout)["databases"]
+    (job,) = database["declarations"]
+    assert job["channel"] is None
+    assert job["durable"] is True
+    # A live one's channel stays as it was.
+    live = json.loads(status("testapp.Order", "--json").stdout)["databases"][0]
+    assert live["declarations"][0]["channel"] == "pgnotify_testapp_order"
+    assert live["declarations"][0]["durable"] is False
+
+
+def test_status_still_wants_a_listener_for_durable_declarations_alone(other_connection):
+    no_test_listeners_left(other_connection)
+
+    result = status("durableapp", "--json")
+
+    assert result.returncode == 1
+    (database,) = json.loads(result.stdout)["databases"]
+    assert any("no listener is connected" in p for p in database["problems"])
+
+
+@pytest.mark.parametrize(
+    ("usage", "threshold", "expected"),
+    [
+        (9.5e-07, 0.0, ("0.000095%", "0.0%")),  # a held queue's first page
+        (0.6, 0.5, ("60.0%", "50.0%")),
+        (0.1000001, 0.1, ("10.00001%", "10.0%")),
+        (0.12352, 0.12351, ("12.352%", "12.351%")),
+        (0.0, 0.1, ("0.0%", "10.0%")),
+    ],
+)
+def test_a_queue_usage_above_the_threshold_never_prints_as_equal_to_it(usage, threshold, expected):
+    assert queue_usage_percents(usage, threshold) == expected
+
+
+@pytest.fixture
+def held_queue(other_connection) -> Iterator[None]:
+    """PostgreSQL's notification queue holding a few pages: a session that ran LISTEN
+    stays in a transaction, and keeps every notification sent after it."""
+    with psycopg.connect(database_url()) as stuck:
+        stuck.execute("LISTEN pgnotify_status_held_queue")
+        stuck.commit()
+        stuck.execute("SELECT 1")  # in a transaction from now on
+        for _ in range(40):  # about 40 kB: a few 8 kB pages
+            other_connection.execute(
+                "SELECT pg_notify('pgnotify_status_held_queue', repeat('x', 1000))"
+            )
+        usage = other_connection.execute("SELECT pg_notification_queue_usage()").fetchone()[0]
+        assert usage > 0
+        try:
+            yield
+        finally:
+            stuck.rollback()
+
+
+def test_status_prints_a_small_queue_usage_above_a_zero_threshold_above_it(held_queue):
+    from io import StringIO
+
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.test import override_settings
+
+    out = StringIO()
+    zero = {**settings.PGNOTIFY, "QUEUE_USAGE_WARNING": 0.0}
+    with override_settings(PGNOTIFY=zero), pytest.raises(SystemExit):
+        call_command("pgnotify_status", "testapp", "--database", "default", stdout=out)
+
+    text = out.getvalue()
+    (used,) = re.findall(r"notification queue: ([\d.]+)% used", text)
+    assert float(used) > 0, text
+    (shown,) = re.findall(r"queue is ([\d.]+)% full \(warning above ([\d.]+)%\)", text)
+    assert float(shown[0]) > float(shown[1]) == 0.0, text

@@ -10,6 +10,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connect
 
 from django_pgnotify import installation
 from django_pgnotify.connection import connection_params, describe
+from django_pgnotify.status import unclaimed_events, unclaimed_warning
 from django_pgnotify.triggers import TriggerSQL, build_partition_triggers_sql, build_trigger_sql
 
 
@@ -85,11 +86,11 @@ class Command(BaseCommand):
             elif options["check"]:
                 self.check_triggers(selectors, using)
             elif options["uninstall"]:
-                self.report(installation.uninstall_triggers(selectors, using), "Removed")
+                self.report(installation.uninstall_triggers(selectors, using), "Removed", using)
             else:
-                self.report(installation.install_triggers(selectors, using), "Installed")
+                self.report(installation.install_triggers(selectors, using), "Installed", using)
                 if options["prune"]:
-                    self.report(installation.prune_triggers(selectors, using), "Pruned")
+                    self.report(installation.prune_triggers(selectors, using), "Pruned", using)
                 else:
                     self.report_leftovers(selectors, using)
         except (ImproperlyConfigured, installation.CannotInstall) as exc:
@@ -109,7 +110,8 @@ class Command(BaseCommand):
             return
         if options["uninstall"]:
             drops = []
-            for state in installation.inspect_triggers(selectors, using):
+            states = installation.inspect_triggers(selectors, using)
+            for state in states:
                 if state.status == installation.UNKNOWN:
                     drops.append((f"prune {state.uri}", state.drop_sql))
                 elif state.uninstall_sql:
@@ -117,6 +119,7 @@ class Command(BaseCommand):
                 if state.kept:
                     self.stdout.write(f"-- {state.uri}: {state.kept_detail}.\n")
             self.write_drops(drops)
+            self.write_unclaimed(states, using, sql_comment=True)
             return
         changes = installation.install_plan(selectors, using, awaiting_migrate=True)
         awaiting = (installation.NO_TABLE, installation.NO_EVENT_TABLE)
@@ -139,6 +142,7 @@ class Command(BaseCommand):
             heading = f"remove {state.uri}" if superseded else state.uri
             self.stdout.write(f"-- {heading}\n{state.install_sql}\n")
         self.write_drops([(f"prune {state.uri}", state.drop_sql) for state in pruned])
+        self.write_unclaimed([*changes, *pruned], using, sql_comment=True)
         for state in waiting:  # the SQL for the DBA, ahead of migrate
             assert state.sql is not None
             reason = state.detail or f"table {state.table} does not exist yet"
@@ -239,17 +243,41 @@ class Command(BaseCommand):
                 )
             )
 
-    def report(self, states: list[installation.TriggerState], verb: str) -> None:
+    def write_unclaimed(
+        self, states: list[installation.TriggerState], using: str, sql_comment: bool = False
+    ) -> None:
+        """Warn of the pending durable events that the unknown ones of ``states``, whose
+        triggers are (or would be) dropped, leave for no listener to claim."""
+        uris = [state.uri for state in states if state.status == installation.UNKNOWN]
+        if not uris:
+            return
+        try:
+            unclaimed = unclaimed_events(using, uris)
+        except DatabaseError as exc:  # what was asked is done: say so, not fail it
+            self.stderr.write(
+                "Warning: cannot look for pending durable events of the removed declarations: "
+                + " ".join(str(exc).split())
+            )
+            return
+        for uri, changes in unclaimed.items():
+            text = unclaimed_warning(uri, changes)
+            if sql_comment:  # the output stays SQL to run
+                self.stdout.write(f"-- Warning: {text}\n")
+            else:
+                self.stdout.write(self.style.WARNING(f"Warning: {text}"))
+
+    def report(self, states: list[installation.TriggerState], verb: str, using: str) -> None:
         installed_words = {installation.OUTDATED: "Updated", installation.UNKNOWN: "Removed"}
-        changed = False
+        changed = []
         for state in states:
             if verb != "Removed" or state.uninstall_sql:  # else uninstall left it all
                 word = installed_words.get(state.status, verb) if verb == "Installed" else verb
                 self.stdout.write(self.style.SUCCESS(f"{word} {state.subject}"))
-                changed = True
+                changed.append(state)
             if verb == "Removed" and state.kept:
                 detail = state.kept_detail
                 self.stdout.write(self.style.WARNING(f"{detail[0].upper()}{detail[1:]}."))
+        self.write_unclaimed(changed, using)
         if not changed and self.verbosity >= 1:
             nothing = {
                 "Installed": "All triggers are up to date.",

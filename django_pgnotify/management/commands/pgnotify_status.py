@@ -10,9 +10,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
+from django_pgnotify import wire
+from django_pgnotify.conf import get_setting
 from django_pgnotify.connection import NotPostgreSQL
 from django_pgnotify.installation import declarations_for, require_declarations
-from django_pgnotify.status import DatabaseStatus, database_status
+from django_pgnotify.status import DatabaseStatus, database_status, queue_usage_percents
 
 
 class Command(BaseCommand):
@@ -67,10 +69,15 @@ class Command(BaseCommand):
         self.stdout.write(self.style.MIGRATE_HEADING(f"Database {status.alias!r} ({status.where})"))
         for item in status.declarations:
             style = self.style.SUCCESS if item["status"] == "installed" else self.style.ERROR
-            channel = f"channel {item['channel']}" if item["channel"] else "no declaration"
-            self.stdout.write(f"  {item['uri']}  {channel}  " + style(item["status"]))
+            if item["durable"]:
+                carrier = f"durable (event table {wire.EVENT_TABLE})"
+            else:
+                carrier = f"channel {item['channel']}" if item["channel"] else "no declaration"
+            self.stdout.write(f"  {item['uri']}  {carrier}  " + style(item["status"]))
         if status.queue_usage is not None:
-            self.stdout.write(f"  notification queue: {status.queue_usage:.2%} used")
+            threshold = float(get_setting("QUEUE_USAGE_WARNING"))
+            usage, _ = queue_usage_percents(status.queue_usage, threshold, decimals=2)
+            self.stdout.write(f"  notification queue: {usage} used")
         for listener in status.listeners:
             if listener["since"] is None:  # another role's session, its details hidden
                 self.stdout.write(f"  listener: pid {listener['pid']}, {listener['client']}")
