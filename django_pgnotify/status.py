@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from decimal import Context, Decimal
 from typing import Any, TypeVar
 
 import psycopg
@@ -29,7 +30,15 @@ UNCLAIMED_ADVICE = (
 
 
 def _percent(fraction: float, decimals: int) -> str:
-    return f"{fraction * 100:.{decimals}f}"
+    """``fraction`` in percent, from its exact value: ``fraction * 100`` in floats rounds
+    two neighbours (0.7 and the next float up) to one, which no decimal tells apart."""
+    if not math.isfinite(fraction):
+        return f"{fraction * 100:.{decimals}f}"
+    return f"{Decimal(fraction).scaleb(2, _EXACT):.{decimals}f}"
+
+
+# Precision for every digit of a float's exact decimal value (767 at most).
+_EXACT = Context(prec=800)
 
 
 def _decimals(fraction: float, decimals: int) -> int:

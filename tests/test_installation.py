@@ -1358,3 +1358,19 @@ def test_an_install_that_cannot_look_for_pending_events_says_so_and_succeeds():
         err.getvalue()
     )
     assert states("durableapp.Job") == {"durableapp.Job:default": INSTALLED}
+
+
+def test_install_warns_of_the_pending_events_a_declaration_made_live_leaves():
+    """Its URI stays; its triggers are rebuilt, not dropped, and store nothing any more."""
+    from tests.testapp.models import Order
+
+    (was_durable,), _ = resolve_model(
+        Order, Notify(fields=["status", "total"], when_changed=["status", "total"], durable=True)
+    )
+    execute(build_trigger_sql(was_durable, connection.pg_version).install)
+    Order.objects.create()  # stored, as before the declaration was made live
+
+    out = run()
+
+    assert 'Updated testapp.Order:default on "testapp_order"' in out
+    assert f"Warning: testapp.Order:default leaves 1 pending durable change(s) {ADVICE}" in out

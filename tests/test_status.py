@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -422,6 +424,23 @@ def test_status_still_wants_a_listener_for_durable_declarations_alone(other_conn
 )
 def test_a_queue_usage_above_the_threshold_never_prints_as_equal_to_it(usage, threshold, expected):
     assert queue_usage_percents(usage, threshold) == expected
+
+
+def test_a_queue_usage_one_float_above_the_threshold_is_printed_above_it():
+    # 0.7 and the next float up are one float once multiplied by 100: in a process of
+    # its own, so that a loop that never ends fails the test rather than hanging it.
+    code = (
+        "from django_pgnotify.status import queue_usage_percents\n"
+        "print(queue_usage_percents(0.7000000000000001, 0.7))"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("queue_usage_percents(0.7000000000000001, 0.7) did not return")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "('70.00000000000001%', '70.0%')"
 
 
 @pytest.fixture

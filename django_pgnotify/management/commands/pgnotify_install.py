@@ -246,9 +246,15 @@ class Command(BaseCommand):
     def write_unclaimed(
         self, states: list[installation.TriggerState], using: str, sql_comment: bool = False
     ) -> None:
-        """Warn of the pending durable events that the unknown ones of ``states``, whose
-        triggers are (or would be) dropped, leave for no listener to claim."""
-        uris = [state.uri for state in states if state.status == installation.UNKNOWN]
+        """Warn of the pending durable events that ``states`` leave for no listener to
+        claim: the unknown ones, whose triggers are (or would be) dropped, and live
+        ones, whose triggers (durable ones before, maybe) are (or would be) rebuilt."""
+        uris = [
+            state.uri
+            for state in states
+            if state.status == installation.UNKNOWN
+            or (state.sql is not None and not state.sql.declaration.notify.durable)
+        ]
         if not uris:
             return
         try:
