@@ -436,7 +436,46 @@ def sync_triggers(
         # migration or a failed one, is of a declaration the sync keeps).
         managed = {_model_label(d.uri) for d in declarations} | invalid
         _enable_kept(cursor, managed, {(r.relid, n): e for r in detached for n, e in r.triggers})
+    _warn_unclaimed(using, changed)
     return changed
+
+
+def left_unclaimed(using: str, states: Iterable[TriggerState]) -> dict[str, int]:
+    """Pending durable changes per URI that ``states`` leave for no listener to claim:
+    those of declarations whose triggers are (or would be) dropped, or rebuilt as live
+    ones, that no durable declaration of ``using`` has any more.
+
+    Raises:
+        DatabaseError: The event table could not be read as expected.
+    """
+    from .status import unclaimed_events  # status imports this module
+
+    uris = [
+        state.uri
+        for state in states
+        if state.status == UNKNOWN
+        or (state.sql is not None and not state.sql.declaration.notify.durable)
+    ]
+    return unclaimed_events(using, uris) if uris else {}
+
+
+def _warn_unclaimed(using: str, changed: list[TriggerState]) -> None:
+    """Log what ``left_unclaimed`` finds, as ``pgnotify_install`` says it, for projects
+    that leave installing to ``migrate``."""
+    from .status import unclaimed_warning
+
+    try:
+        unclaimed = left_unclaimed(using, changed)
+    except DatabaseError as exc:  # the sync is done: say so, not fail the migrate
+        logger.warning(
+            "pgnotify: cannot look for pending durable events of the declarations removed "
+            "from database %r: %s",
+            using,
+            " ".join(str(exc).split()),
+        )
+        return
+    for uri, changes in unclaimed.items():
+        logger.warning("pgnotify: %s", unclaimed_warning(uri, changes))
 
 
 def _readable(cursor, declarations: list[Declaration]) -> list[_Target]:

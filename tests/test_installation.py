@@ -1374,3 +1374,17 @@ def test_install_warns_of_the_pending_events_a_declaration_made_live_leaves():
 
     assert 'Updated testapp.Order:default on "testapp_order"' in out
     assert f"Warning: testapp.Order:default leaves 1 pending durable change(s) {ADVICE}" in out
+
+
+def test_the_migrate_sync_logs_the_pending_events_a_renamed_durable_declaration_leaves(caplog):
+    """Projects that leave installing to ``migrate`` hear of them too."""
+    install_stray_durable_declaration("Job", "stock")
+    Job.objects.create(name="first")
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.installation"):
+        changed = sync_triggers()
+
+    assert "durableapp.Job:stock" in {state.uri for state in changed}
+    assert f"pgnotify: durableapp.Job:stock leaves 1 pending durable change(s) {ADVICE}" in (
+        caplog.messages
+    )

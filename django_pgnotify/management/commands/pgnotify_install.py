@@ -10,7 +10,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connect
 
 from django_pgnotify import installation
 from django_pgnotify.connection import connection_params, describe
-from django_pgnotify.status import unclaimed_events, unclaimed_warning
+from django_pgnotify.status import unclaimed_warning
 from django_pgnotify.triggers import TriggerSQL, build_partition_triggers_sql, build_trigger_sql
 
 
@@ -249,16 +249,8 @@ class Command(BaseCommand):
         """Warn of the pending durable events that ``states`` leave for no listener to
         claim: the unknown ones, whose triggers are (or would be) dropped, and live
         ones, whose triggers (durable ones before, maybe) are (or would be) rebuilt."""
-        uris = [
-            state.uri
-            for state in states
-            if state.status == installation.UNKNOWN
-            or (state.sql is not None and not state.sql.declaration.notify.durable)
-        ]
-        if not uris:
-            return
         try:
-            unclaimed = unclaimed_events(using, uris)
+            unclaimed = installation.left_unclaimed(using, states)
         except DatabaseError as exc:  # what was asked is done: say so, not fail it
             self.stderr.write(
                 "Warning: cannot look for pending durable events of the removed declarations: "
