@@ -430,8 +430,8 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
     size, so it guesses a join of billions of rows, and compiling, sorting
     and spilling to disk took longer than the query itself. A statement that
     changed a row twice joins none: its rows all go through the second query,
-    sent in the order of the changes (``_BY_POSITION_ORDER``), each
-    notification holding consecutive rows (``_IN_SEQUENCE``), so that a row's
+    sent in the order of the changes, each notification holding consecutive
+    rows (``_IN_CHANGE_ORDER``), so that a row's
     last version arrives last; with ``old=False`` too, whose new rows alone
     hold both versions.
     """
@@ -507,7 +507,6 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             small_query=_small_statement_query(paired, row, sources[event]),
             **parts,
             **_AS_READ,
-            **_BY_SIZE,
         )
         if paired and looks:
             # The same, for a statement that changed a row twice: paired by position,
@@ -520,8 +519,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
                 joined_source=_PAIRED_BY_POSITION,
                 small_query=_small_statement_query(paired, row, source, _IN_POSITION_ORDER),
                 **{**parts, "joinable": sql.Literal(0)},
-                **_BY_POSITION_ORDER,
-                **_IN_SEQUENCE,
+                **_IN_CHANGE_ORDER,
             )
             sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
         elif event == "update" and looks:
@@ -532,8 +530,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
                 joined_source=_NUMBERED_NEW,
                 small_query=_small_statement_query(True, row, _NUMBERED_NEW, _IN_POSITION_ORDER),
                 **{**parts, "joinable": sql.Literal(0)},
-                **_BY_POSITION_ORDER,
-                **_IN_SEQUENCE,
+                **_IN_CHANGE_ORDER,
             )
             sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
         if paired or (event == "update" and looks):
@@ -905,35 +902,27 @@ _PAIRED_BY_POSITION = sql.SQL("{new} JOIN {old} ON o.{position} = n.{position}")
 )
 
 
-# The rows of the window queries (_SENDING's second query, _DURABLE_INSERT) as
-# the join reads them; paired by position, in that order, explicitly: a hash join
-# that spills to disk in batches, or a sort to group them, returns rows in another
-# order, and a row changed twice must arrive as it is now last. ``by_total`` orders
-# a live notification's rows, ``by_position`` a durable event row's.
+# The placeholders of the window queries (_SENDING's second query, _DURABLE_INSERT),
+# for rows sent as the join reads them, or in the order of the changes.
+#
+# Paired by position, a statement's rows go in that order, explicitly: a hash join that
+# spills to disk in batches, or a sort to group them, returns rows in another order,
+# and a row changed twice must arrive as it is now last. ``by_total`` orders a live
+# notification's rows, ``by_position`` a durable event row's.
+#
+# ``chunk`` (and ``segment``) group _SENDING's rows into notifications. As read, by
+# size: short rows (under room / 8) several to a chunk, medium ones (under room / 2)
+# two, long ones alone; each class's chunks are cut by the running total, so a chunk
+# may hold rows with rows of another class between them. In the order of the changes,
+# a chunk must hold consecutive rows: a row of room / 8 or more is sent alone, and
+# starts a ``segment``, whose short rows after it are grouped by the running total;
+# chunks then go out in the order of their first row, each row after the one before.
 _AS_READ: dict[str, sql.Composable] = {
     "numbered": sql.SQL(""),
     "kept": sql.SQL(""),
     "in_order": sql.SQL(""),
     "by_total": sql.SQL(""),
     "by_position": sql.SQL(""),
-}
-_BY_POSITION_ORDER: dict[str, sql.Composable] = {
-    "numbered": sql.SQL(", n.{}").format(sql.Identifier(POSITION)),
-    "kept": sql.SQL(", {}").format(sql.Identifier(POSITION)),
-    "in_order": sql.SQL("ORDER BY {} ").format(sql.Identifier(POSITION)),
-    "by_total": sql.SQL(" ORDER BY total"),
-    "by_position": sql.SQL(" ORDER BY {}").format(sql.Identifier(POSITION)),
-}
-_IN_POSITION_ORDER = sql.SQL(" ORDER BY n.{}").format(sql.Identifier(POSITION))
-
-# How _SENDING's second query groups rows into notifications. By size: short rows
-# (under room / 8) several to a chunk, medium ones (under room / 2) two, long ones
-# alone; each class's chunks are cut by the running total, so a chunk may hold rows
-# with rows of another class between them. In the order of the changes, a chunk must
-# hold consecutive rows: a row of room / 8 or more is sent alone, and starts a
-# ``segment``, whose short rows after it are grouped by the running total; chunks
-# then go out in the order of their first row, each row after the one before.
-_BY_SIZE: dict[str, sql.Composable] = {
     "chunk": sql.SQL(
         "CASE WHEN octet_length(r) < short THEN total / (room - short) * 3"
         " WHEN octet_length(r) < half THEN total / (room - half) * 3 + 1"
@@ -941,7 +930,12 @@ _BY_SIZE: dict[str, sql.Composable] = {
     ),
     "segment": sql.SQL(""),
 }
-_IN_SEQUENCE: dict[str, sql.Composable] = {
+_IN_CHANGE_ORDER: dict[str, sql.Composable] = {
+    "numbered": sql.SQL(", n.{}").format(sql.Identifier(POSITION)),
+    "kept": sql.SQL(", {}").format(sql.Identifier(POSITION)),
+    "in_order": sql.SQL("ORDER BY {} ").format(sql.Identifier(POSITION)),
+    "by_total": sql.SQL(" ORDER BY total"),
+    "by_position": sql.SQL(" ORDER BY {}").format(sql.Identifier(POSITION)),
     "chunk": sql.SQL(
         "CASE WHEN octet_length(r) < short THEN ROW(segment, total / (room - short))"
         " ELSE ROW(-1::bigint, total) END"
@@ -951,6 +945,8 @@ _IN_SEQUENCE: dict[str, sql.Composable] = {
         " OVER (ORDER BY {} ROWS UNBOUNDED PRECEDING) AS segment"
     ).format(sql.Identifier(POSITION)),
 }
+# The short path's ``string_agg`` in the order of the changes.
+_IN_POSITION_ORDER = sql.SQL(" ORDER BY n.{}").format(sql.Identifier(POSITION))
 
 
 def _indented(composable: sql.Composable) -> sql.Composable:
@@ -1154,7 +1150,7 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
                     _PAIRED_BY_POSITION, _update_filter(declaration)
                 ),
                 **parts,
-                **_BY_POSITION_ORDER,
+                **_IN_CHANGE_ORDER,
             )
             inserting = sql.SQL("{}{}").format(
                 _counting_query(),
