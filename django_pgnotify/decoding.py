@@ -728,11 +728,10 @@ class _Layout:
         # names, and a list cannot be looked up at all.
         names = self._changed.get(mask) if kind is int or kind is str else None
         if names is None:
-            # Beyond 62 watched columns, triggers send the mask as a string of digits.
-            bits = int(mask) if kind is str and mask.isascii() and mask.isdigit() else mask
-            if type(bits) is not int:
-                raise DecodeError(f"changed mask {mask!r} is not an integer")
-            names = frozenset(wire.changed_names(self.watched, bits))
+            try:  # a string of digits past 62 watched columns
+                names = frozenset(wire.changed_names(self.watched, mask))
+            except wire.WireError as exc:
+                raise DecodeError(str(exc)) from None
             wire.remember(self._changed, mask, names)  # masks repeat
         return names
 
