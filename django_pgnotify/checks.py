@@ -268,22 +268,26 @@ _NUMBERS = {
 # itself fails ("interval out of range" on PostgreSQL 18) or wraps around to a negative
 # interval (PostgreSQL 15).
 _SQL_SECONDS_MAX = 8_970_915_715_199
+# Why, for the hint of a value above it.
+_IN_SQL = (
+    "PostgreSQL adds it to the current time, and its timestamps end in the year 294276: a "
+    'larger value fails {} with "timestamp out of range" or "interval out of range".'
+)
+# A delay before reconnecting is waited out by a thread, which cannot wait longer.
+_THREAD_WAIT = (
+    int(threading.TIMEOUT_MAX),
+    "The listener waits it out in a thread, which cannot wait longer "
+    "(threading.TIMEOUT_MAX): a larger delay fails its reconnect.",
+)
 
 # Seconds settings that pass the checks above but not where they are used, at any size:
 # their largest value and why, said in the message's hint.
 _SECONDS_MAX = {
-    "DURABLE_LEASE": (
-        _SQL_SECONDS_MAX,
-        "PostgreSQL adds it to the current time, and its timestamps end in the year 294276: "
-        'a larger value fails every claim of durable events with "timestamp out of range" '
-        'or "interval out of range".',
-    ),
+    "DURABLE_LEASE": (_SQL_SECONDS_MAX, _IN_SQL.format("every claim of durable events")),
     # Retry delays never exceed it, whatever DURABLE_RETRY_DELAY_MIN is.
     "DURABLE_RETRY_DELAY_MAX": (
         _SQL_SECONDS_MAX,
-        "PostgreSQL adds it to the current time, and its timestamps end in the year 294276: "
-        "a larger value fails every retry of a durable event once its delay reaches the "
-        'maximum with "timestamp out of range" or "interval out of range".',
+        _IN_SQL.format("every retry of a durable event once its delay reaches the maximum"),
     ),
     # pgnotify_status bounds its queries by statement_timeout, in milliseconds.
     "PROBE_TIMEOUT": (
@@ -292,17 +296,8 @@ _SECONDS_MAX = {
         "2147483647 milliseconds, and to libpq as connect_timeout, an int: a larger value "
         "fails them.",
     ),
-    # A delay before reconnecting is waited out by a thread, which cannot wait longer.
-    "RECONNECT_DELAY_MIN": (
-        int(threading.TIMEOUT_MAX),
-        "The listener waits it out in a thread, which cannot wait longer "
-        "(threading.TIMEOUT_MAX): a larger delay fails its reconnect.",
-    ),
-    "RECONNECT_DELAY_MAX": (
-        int(threading.TIMEOUT_MAX),
-        "The listener waits it out in a thread, which cannot wait longer "
-        "(threading.TIMEOUT_MAX): a larger delay fails its reconnect.",
-    ),
+    "RECONNECT_DELAY_MIN": _THREAD_WAIT,
+    "RECONNECT_DELAY_MAX": _THREAD_WAIT,
 }
 
 # Delays that double from the first setting of a pair up to the second.

@@ -268,18 +268,23 @@ def _undeclared_events(wrapper: BaseDatabaseWrapper, uris: list[str]) -> dict[st
         return {uri: int(count) for uri, count in cursor.fetchall()}
 
 
+def _durable_uris(using: str) -> list[str]:
+    """The URIs of the durable declarations routed to ``using``: those its listeners claim."""
+    return sorted(d.uri for d in installation.declarations_for((), using) if d.notify.durable)
+
+
 def unclaimed_events(using: str, uris: Iterable[str]) -> dict[str, int]:
     """Pending durable changes per URI of ``uris`` that no durable declaration routed to
     ``using`` has: no listener claims them (the triggers of a renamed or removed durable
     declaration just dropped, say). Empty without an event table or the right to read it.
     """
-    served = {d.uri for d in installation.declarations_for((), using) if d.notify.durable}
-    wanted = sorted(set(uris) - served)
+    served = _durable_uris(using)
+    wanted = sorted(set(uris) - set(served))
     if not wanted:
         return {}
     wrapper = connections[using]
     with transaction.atomic(using=using):  # a caller's transaction survives an error
-        everything = _undeclared_events(wrapper, sorted(served))
+        everything = _undeclared_events(wrapper, served)
     return {uri: count for uri, count in everything.items() if uri in wanted}
 
 
@@ -338,7 +343,7 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                 if backlog is not None:
                     status.durable = asdict(backlog)
             # Of the whole table, as the backlog: whatever the selectors, these wait for ever.
-            served = [d.uri for d in installation.declarations_for((), using) if d.notify.durable]
+            served = _durable_uris(using)
             undeclared = _read(
                 "looking for durable events no declaration claims",
                 using,
