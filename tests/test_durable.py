@@ -110,6 +110,12 @@ class Handled:
     def pks(self) -> set[int]:
         return {row[4] for row in self.read().rows}
 
+    def await_failing(self, lines: int) -> None:
+        """Wait for ``lines`` ``failing`` lines in all. A row is dead once its last attempt
+        is settled, and the lines its receivers printed before may still be on their way
+        from the process (read by a thread of this one)."""
+        wait_until(lambda: len(self.read().failing) >= lines, what=f"{lines} failing lines")
+
 
 @pytest.fixture
 def durable_listener(listener_process):
@@ -262,8 +268,10 @@ def test_the_handled_changes_of_a_row_with_failing_ones_are_not_delivered_again(
     assert (dead.size, sorted(dead.handled), dead.attempts) == (5, [0, 2, 4], 3)
     ok = [pk for _, _, _, _, pk, _ in handled.read().rows]
     assert sorted(ok) == sorted(pks[name] for name in ("ok-a", "ok-c", "ok-e"))  # once each
+    expected = {dead.id + 1: 3, dead.id + 3: 3}
+    handled.await_failing(sum(expected.values()))
     failing = Counter(event_id for event_id, _ in handled.failing)
-    assert failing == {dead.id + 1: 3, dead.id + 3: 3}
+    assert failing == expected
     assert {row[0] - dead.id for row in handled.rows} == {0, 2, 4}
     assert durable.backlog().dead == 2
 
@@ -589,6 +597,7 @@ def test_failing_events_are_retried_with_backoff_then_dead_lettered_and_retried_
     insert_jobs(other_connection, 20, name="ok")
 
     wait_until(lambda: count(other_connection, "status = 'dead'") == 2, what="2 dead letters")
+    handled.await_failing(6)  # three attempts of each
     assert len(handled.pks) == 20  # the others were not held up
     (dead,) = DurableEvent.objects.filter(status="dead")  # the statement's two changes
     assert (dead.size, dead.attempts) == (2, 3)  # max_attempts of the Job declaration
@@ -626,6 +635,7 @@ def test_a_retry_is_made_when_it_falls_due_not_at_the_next_poll(durable_listener
 
     # Before the two polls 10 s apart that the retries waited for.
     wait_until(lambda: count(other_connection, "status = 'dead'") == 1, timeout=15, what="dead")
+    handled.await_failing(3)
     times = [t for _, t in handled.read().failing]
     assert len(times) == 3  # max_attempts of the Job declaration
     with override_settings(PGNOTIFY=DURABLE_SETTINGS):  # the listener's delays
