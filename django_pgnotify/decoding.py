@@ -25,6 +25,9 @@ from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, connections, models
 from django.utils import timezone as django_timezone
 from django.utils.dateparse import parse_datetime, parse_time
+from psycopg import DataError
+from psycopg.postgres import types as postgres_types
+from psycopg.types.datetime import TimetzLoader
 from psycopg.types.range import Range
 
 from . import wire
@@ -124,6 +127,18 @@ def _time(value: Any) -> Any:
     if parsed is None:
         raise ValueError(f"not a time: {value!r}")
     return parsed
+
+
+# No Django field has a time with a zone: the ORM gives what psycopg's loader makes
+# of the text, which is what to_json renders (offsets in seconds too).
+_TIMETZ = TimetzLoader(postgres_types["timetz"].oid)
+
+
+def _time_with_zone(value: Any) -> Any:
+    try:
+        return _TIMETZ.load(value.encode())
+    except DataError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def _duration(value: Any) -> timedelta:
@@ -437,6 +452,8 @@ _COLUMN_TYPES: dict[str, Converter] = {
     "timestamp without time zone": _naive_datetime,
     "time": _time,
     "time without time zone": _time,
+    "time with time zone": _time_with_zone,
+    "timetz": _time_with_zone,
     "interval": _interval_text,
     "bytea": _binary_text,
     "double precision": float,

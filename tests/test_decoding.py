@@ -1251,6 +1251,58 @@ def test_custom_fields_are_rendered_by_their_column_type_and_arrive_as_the_orm_r
     assert caplog.records == []  # nothing was passed on as sent
 
 
+class ZonedTimeField(models.Field):
+    """A ``time with time zone`` column, which the database adapter reads into an aware time."""
+
+    def db_type(self, connection):
+        return "time(3) with time zone"
+
+
+ZONED_TABLE = "pgnotify_test_zoned_times"
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_custom_time_with_zone_column_arrives_as_the_aware_time_the_orm_reads(
+    other_connection, level, caplog
+):
+    """``timetz`` has no Django field: its values arrive as the ORM reads them, aware
+    ``time`` objects with their offsets (seconds too), not as their text."""
+    with throwaway_model(
+        other_connection,
+        ZONED_TABLE,
+        f"CREATE TABLE {ZONED_TABLE} (id integer PRIMARY KEY, clock time(3) with time zone,"
+        " clocks timetz[])",
+        f"DROP TABLE IF EXISTS {ZONED_TABLE}",
+        "ZonedTimesRow",
+        id=models.IntegerField(primary_key=True),
+        clock=ZonedTimeField(null=True),
+        clocks=ArrayField(ZonedTimeField(), null=True),
+    ) as model:
+        declaration = install(
+            model, other_connection, Notify(fields=["clock", "clocks"], level=level)
+        )
+        with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+            listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+            other_connection.execute(
+                f"INSERT INTO {ZONED_TABLE} VALUES"
+                " (1, '12:34:56.5+02', '{23:59:59.999999-14,NULL,00:00+05:53:28}'),"
+                " (2, NULL, NULL)"
+            )
+            decoder, events = Decoder([model]), []
+            with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
+                for notify in listening.notifies(timeout=10, stop_after=2 if level == "row" else 1):
+                    events += decoder.decode(notify.payload)
+        read = {row.pk: row for row in model.objects.all()}
+
+    assert read[1].clock == time(12, 34, 56, 500000, tzinfo=timezone(timedelta(hours=2)))
+    assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2)]
+    for event in events:
+        # repr() tells an aware time from a naive one, and from its text.
+        expected = {"clock": read[event.pk].clock, "clocks": read[event.pk].clocks}
+        assert repr(event.fields) == repr(expected)
+    assert caplog.records == []  # nothing was passed on as sent
+
+
 @isolate_apps("tests.testapp")
 def test_custom_fields_are_rendered_as_the_django_field_of_their_column_type():
     """Other column types, and Django's own fields, keep their internal type."""
