@@ -292,6 +292,10 @@ class ChannelLayerForwarder:
         self._sent: dict[str, list[tuple[int, float]]] = {}
         self._round_marks: set[str] = set()
         self._round_seqs: dict[str, int] = {}
+        # When the round that sent each model's last change ended; the models with a
+        # change in the round being sent (see _stamp_last).
+        self._changed: dict[str, float] = {}
+        self._round_changed: set[str] = set()
         self._pending: deque[tuple[list[str], dict[str, Any]]] = deque()
         self._queue_size = queue_size
         self._sending = 0  # messages taken off the queue, not yet sent
@@ -402,6 +406,8 @@ class ChannelLayerForwarder:
         assert unchecked.quiet is not None and unchecked.quiet_sent is not None
         quiet, later = unchecked.quiet, now - unchecked.quiet_sent
         message = {**quiet, "again": True}
+        if quiet.get("last_age") is not None:
+            message["last_age"] = _seconds_at_least(quiet["last_age"] + later)
         if self.row_groups:
             if quiet["since"] is not None:
                 message["since"] = _seconds_at_least(quiet["since"] + later)
@@ -489,6 +495,7 @@ class ChannelLayerForwarder:
             self._sending = 0  # a task of a closed loop took them with it
             self._round_marks = set()
             self._round_seqs = {}
+            self._round_changed = set()
             # Models whose last change (or a resync in its place) is still to be sent.
             waiting = {m["model"] for _, m in self._pending if m["type"] != CHECKPOINT}
             now = time.monotonic()
@@ -539,6 +546,7 @@ class ChannelLayerForwarder:
                     break
             self._pending.popleft()
             taken.append(message)
+            self._stamp_last(message)
             if self.row_groups:
                 self._stamp(message)
             for group in targets:
@@ -546,6 +554,29 @@ class ChannelLayerForwarder:
             if resync:
                 break
         return taken, list(batches.items())
+
+    def _stamp_last(self, message: dict[str, Any]) -> None:
+        """Add to a change or checkpoint, taken for sending, ``last_age``: how long before it
+        the model's last change before it was sent (its ``seq - 1``, the checkpoint's ``seq``).
+
+        A lower bound, in seconds, as ``_stamp``'s. A consumer that followed the model
+        after the time it arrived minus that knows the changes it skipped were sent before
+        it joined (to a subscription before, whose last ones may still be in its channel),
+        not lost. Taken in the round, from the end of the last round that sent a change.
+        """
+        label = message["model"]
+        if message["type"] == ROW_CHANGED:
+            if message["seq"] > 1:
+                message["last_age"] = self._last_age(label)
+            self._round_changed.add(label)
+        elif message["type"] == CHECKPOINT and not message.get("again"):
+            message["last_age"] = self._last_age(label)
+
+    def _last_age(self, label: str) -> float:
+        changed = self._changed.get(label)
+        if changed is None or label in self._round_changed:
+            return 0.0  # in this round (or never sent: dropped, and resynced)
+        return _seconds_at_least(self._last_round - changed)
 
     def _stamp(self, message: dict[str, Any]) -> None:
         """Add to ``message``, taken for sending, how long before it what it names was sent.
@@ -644,6 +675,9 @@ class ChannelLayerForwarder:
             self._sending = 0
             now = time.monotonic()
             self._note_sent(taken, now)
+            for label in self._round_changed:
+                self._changed[label] = now
+            self._round_changed = set()
             if self._round_marks or self._round_seqs:
                 for label in self._round_marks:
                     self._marked[label] = now

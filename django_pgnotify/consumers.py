@@ -194,7 +194,7 @@ GAP_WARNING_INTERVAL = 60.0
 MAX_STREAMS = 8
 
 #: What the listener adds to its messages for consumers to check them, not for clients.
-_CHANGE_CHECKS = frozenset({"type", "prev", "prev_age"})
+_CHANGE_CHECKS = frozenset({"type", "prev", "prev_age", "last_age"})
 _RESYNC_CHECKS = frozenset({"type", "seq", "checkpoint"})
 
 #: What the consumers of this process found missing: ``gaps`` counts the ``resync``
@@ -240,7 +240,7 @@ class _Heard:
     that made its client reload. ``None`` where it cannot tell yet.
     """
 
-    __slots__ = ("checkpoint", "floor", "last", "model", "rows")
+    __slots__ = ("checkpoint", "floor", "last", "model", "rows", "shown")
 
     def __init__(self, rows: Any = ()) -> None:
         #: The highest seq handled: a change that comes through two groups is sent once.
@@ -254,6 +254,10 @@ class _Heard:
         self.checkpoint: int | None = None
         #: The seq of that checkpoint: the changes of a row followed since have later ones.
         self.floor = 0
+        #: Whose changes the client was sent since it followed them and last reloaded them:
+        #: followed rows' keys, ``None`` for the model's other rows. One found later to be of
+        #: a subscription before may be older than what its client reloaded.
+        self.shown: set[str | None] = set()
 
     def cover(self, seq: int, model: bool) -> None:
         """Count every change up to ``seq`` as had: the client reloads them."""
@@ -288,7 +292,8 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         # model label -> {"model": bool, "rows": {pk text: pk as sent},
         #                 "names": {row group without the model group's name: pk text},
-        #                 "joined": {pk text: time.monotonic() as it began joining}}
+        #                 "joined": {pk text: time.monotonic() as it began joining},
+        #                 "model_joined": the same for the model, None: not followed}
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.joined: set[str] = set()
         # model label -> {stream: what this consumer has of it}
@@ -423,13 +428,15 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 "too_many", f"At most {self.max_subscriptions} subscriptions per connection."
             )
         entry = self.subscriptions.setdefault(
-            label, {"model": False, "rows": {}, "names": {}, "joined": {}}
+            label, {"model": False, "rows": {}, "names": {}, "joined": {}, "model_joined": None}
         )
         streams = self.heard.get(label, {}).values()
         if key is None:
             if not renewed:
+                entry["model_joined"] = time.monotonic()
                 for heard in streams:
                     heard.model = None  # from its first change or checkpoint
+                    heard.shown.discard(None)
             entry["model"] = True
         else:
             if not renewed:
@@ -438,6 +445,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 entry["joined"][key] = time.monotonic()
                 for heard in streams:  # with the model followed, it has had its changes
                     heard.rows[key] = heard.model if entry["model"] else None
+                    heard.shown.discard(key)
             entry["rows"][key] = request["pk"]
         await self.sync_groups()
         await self.send_frame("subscribed", request, label)
@@ -472,6 +480,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 heard.rows.pop(key, None)
         else:
             entry["model"] = False
+            entry["model_joined"] = None
             for heard in streams:
                 heard.model = None
         if not entry["model"] and not entry["rows"]:
@@ -647,7 +656,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 heard.rows[key] = seq
             if missed:
                 heard.cover(seq, model=True)
-                await self.send_gap(label, stream, None, sure=True)
+                await self._model_gap(entry, heard, label, stream, message.get("last_age"))
         elif key is not None:  # the row's previous change, since its model's last checkpoint
             had = heard.rows.get(key)
             heard.rows[key] = seq
@@ -665,6 +674,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         filtered = await self.filter_event(apps.get_model(label), event)
         if filtered is not None:
             await self.send_json(filtered)
+            heard.shown.add(key)
 
     async def pgnotify_checkpoint(self, message: dict[str, Any]) -> None:
         """The rows of a model changed since its previous checkpoint, with their last ``seq``.
@@ -687,10 +697,17 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         if heard.checkpoint is not None and n <= heard.checkpoint:
             return  # through the model group and the resync group
         lost: list[str] = []  # rows
+        stale: list[str] = []  # rows whose change of a subscription before the client got
         sure = True
         model = self._counts(entry, heard, not entry["rows"])
         if model:
             missed = heard.model is not None and seq > heard.model
+            if missed and self._before_model(entry, message.get("last_age")):
+                heard.cover(seq, model=True)
+                heard.checkpoint = n
+                heard.floor = seq
+                await self._model_gap(entry, heard, label, stream, message.get("last_age"))
+                return
         else:
             missed = heard.checkpoint is not None and n > heard.checkpoint + 1
             since = message.get("since")
@@ -708,16 +725,19 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 last, age = named if isinstance(named, list) and len(named) == 2 else (None, None)
                 if not isinstance(last, int) or last <= (heard.floor if had is None else had):
                     continue
-                if self._before(entry, key, age):
-                    continue  # a change sent before it subscribed
+                if self._before(entry, key, age):  # a change sent before it subscribed
+                    if key in heard.shown:  # after one the client got: of a subscription before
+                        stale.append(key)
+                    continue
                 lost.append(key)
                 sure = sure and had is not None
         heard.cover(seq, model=model)
         heard.floor = seq
-        if missed or len(lost) > 1:
+        sure = sure and (missed or bool(lost))  # stale rows alone: nothing was lost
+        if missed or len(lost) + len(stale) > 1:
             await self.send_gap(label, stream, None, sure=sure)
-        elif lost:
-            await self.send_gap(label, stream, lost[0], sure=sure)
+        elif lost or stale:
+            await self.send_gap(label, stream, (lost or stale)[0], sure=sure)
 
     @staticmethod
     def _counts(entry: dict[str, Any], heard: _Heard, model_group_only: bool) -> bool:
@@ -729,6 +749,31 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         before the consumer joined the model group, and a later round's too.
         """
         return bool(entry["model"]) and (heard.model is not None or model_group_only)
+
+    async def _model_gap(
+        self, entry: dict[str, Any], heard: _Heard, label: str, stream: str, age: Any
+    ) -> None:
+        """Changes of the model followed that the consumer did not get, up to a change or
+        checkpoint whose model's last change before it was sent ``age`` seconds before it.
+
+        A gap, unless that one was sent before the consumer followed the model: they were
+        sent while it did not, and what it had got since came from a subscription before,
+        still in its channel. The client reloaded after them, so it is told to reload
+        again only if it was sent one of those (which may be older), without counting a gap.
+        """
+        if not self._before_model(entry, age):
+            await self.send_gap(label, stream, None, sure=True)
+        elif None in heard.shown:
+            await self.send_gap(label, stream, None, sure=False)
+
+    @staticmethod
+    def _before_model(entry: dict[str, Any], age: Any) -> bool:
+        """Whether a change was sent before the consumer began to follow the model, being
+        ``age`` seconds older, at least, than what named it (just received)."""
+        joined = entry["model_joined"]
+        return (
+            joined is not None and isinstance(age, (int, float)) and time.monotonic() - age < joined
+        )
 
     def _before(self, entry: dict[str, Any], key: str, age: Any) -> bool:
         """Whether a change of the row ``key`` was sent before the consumer began to follow
@@ -746,6 +791,11 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             frame["pk"] = self.subscriptions[label]["rows"][key]
         frame.update(reason="gap", stream=stream, id=uuid.uuid4().hex[:12])
         await self.send_json(frame)
+        for heard in self.heard.get(label, {}).values():  # what the client reloads
+            if key is None:
+                heard.shown.clear()
+            else:
+                heard.shown.discard(key)
         if sure:
             _note_gap(self, label)
 
@@ -764,5 +814,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             heard.checkpoint = max(heard.checkpoint or 0, checkpoint)
             heard.cover(seq, model=self._counts(entry, heard, not entry["rows"]))
             heard.floor = max(heard.floor, seq)  # for rows followed later: not theirs
+        for each in self.heard.get(label, {}).values():  # the client reloads the model
+            each.shown.clear()
         frame = {k: v for k, v in message.items() if k not in _RESYNC_CHECKS}
         await self.send_json({"type": "resync", **frame})

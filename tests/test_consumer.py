@@ -901,6 +901,7 @@ async def frames(client: WebsocketCommunicator) -> list[tuple[Any, ...]]:
         frame = await client.receive_json_from(TIMEOUT)
         if frame["type"] == "row_changed":
             assert "prev" not in frame, frame  # the consumer's business, not the client's
+            assert "last_age" not in frame, frame
             received.append(("row_changed", frame["pk"], frame["seq"]))
         else:
             assert "seq" not in frame, frame
@@ -1323,6 +1324,253 @@ def test_following_a_row_again_while_changes_of_the_first_time_are_on_their_way_
 
     run(scenario)
     assert gaps["gaps"] == 1
+
+
+@pytest.fixture(params=["in-memory", "redis"])
+def layer(request) -> str:
+    """Channels' in-memory layer, then channels_redis (``REDIS_URL``, else an embedded one)."""
+    if request.param == "redis":
+        request.getfixturevalue("redis_layer")
+    return request.param
+
+
+async def follow_again_with_changes_on_their_way(
+    dispatcher: ChannelsDispatcher, client: WebsocketCommunicator, request: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Follow, unsubscribe and follow again (``request``) while changes 2 and 3 of the first
+    subscription wait in the busy consumer's channel, and change 4 is sent in between."""
+    BusyConsumer.gate = asyncio.Event()
+    await ask(client, request)
+    pks = [request.get("pk", pk) for pk in (1, 2, 3, 4)]
+    for pk in pks[:3]:  # the consumer is busy with the first; two wait in its channel
+        await forward(dispatcher, order_change(pk))
+    pk = request.get("pk")
+    unsubscribe = {"unsubscribe": request["subscribe"]} | ({} if pk is None else {"pk": pk})
+    await client.send_json_to(unsubscribe)
+    losing(dispatcher, seqs(4))  # sent before it follows again: not for it
+    await forward(dispatcher, order_change(pks[3]))
+    await client.send_json_to(request)
+    # Later: the ages the listener measures tell 4 from one sent after the subscription.
+    await asyncio.sleep(0.5)
+    BusyConsumer.gate.set()
+    received = await frames(client)
+    losing(dispatcher, lambda group, messages: False)
+    assert received[:3] == [
+        ("row_changed", pks[0], 1),
+        ("unsubscribed", pk, None),
+        ("subscribed", pk, None),
+    ]
+    return received[3:]
+
+
+def test_following_the_model_again_while_changes_of_the_first_time_are_on_their_way_is_no_gap(
+    gaps, monkeypatch, layer
+):
+    """The changes sent between two subscriptions to the model are none of the second's
+    business. A change of the first still in the channel is delivered (nothing tells it
+    from a new one as it arrives), so the client, which reloaded before it, reloads again:
+    it may be older than what the client has. Neither is a gap."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)  # this is seq's doing
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER, BusyConsumer)
+        request = {"subscribe": "testapp.order"}
+        # Channels takes a client message, then a channel message, in turn: 3 (and with
+        # Redis, 2 as well when it comes late) is handled after the second subscription.
+        assert await follow_again_with_changes_on_their_way(dispatcher, client, request) in (
+            [("row_changed", 3, 3)],
+            [("row_changed", 2, 2), ("row_changed", 3, 3)],
+        )
+        await forward(dispatcher, order_change(5))
+        assert await frames(client) == [("resync", None, "gap"), ("row_changed", 5, 5)]
+        assert gaps["gaps"] == 0
+        # A change lost after it is still found, and counted.
+        losing(dispatcher, seqs(6))
+        for pk in (6, 7):
+            await forward(dispatcher, order_change(pk))
+        assert await frames(client) == [("resync", None, "gap"), ("row_changed", 7, 7)]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+        if layer == "redis":
+            await close_layer()
+
+    run(scenario)
+    assert gaps["gaps"] == 1
+
+
+class BusyOwnOrdersConsumer(BusyConsumer):
+    """Busy over its first event, and sends its client only orders with an even pk."""
+
+    async def filter_event(self, model, event):
+        event = await super().filter_event(model, event)
+        return None if event["pk"] % 2 else event
+
+
+@pytest.mark.parametrize("next_", ["change", "checkpoint"])
+def test_following_the_model_again_is_not_reloaded_when_nothing_of_the_first_time_was_sent(
+    gaps, monkeypatch, layer, next_
+):
+    """The changes of the first subscription still in the channel are filtered out: the
+    client reloaded after everything it was sent, and the changes sent in between are not
+    its business. Nothing to reload, whether a change or a checkpoint comes next."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER, BusyOwnOrdersConsumer)
+        BusyConsumer.gate = asyncio.Event()
+        await ask(client, {"subscribe": "testapp.order"})
+        for pk in (2, 1, 3):  # the busy one is shown; 1 and 3 wait, and are filtered out
+            await forward(dispatcher, order_change(pk))
+        await client.send_json_to({"unsubscribe": "testapp.order"})
+        losing(dispatcher, seqs(4))
+        await forward(dispatcher, order_change(4))
+        await client.send_json_to({"subscribe": "testapp.order"})
+        await asyncio.sleep(0.5)
+        BusyConsumer.gate.set()
+        assert await frames(client) == [
+            ("row_changed", 2, 1),
+            ("unsubscribed", None, None),
+            ("subscribed", None, None),
+        ]
+        losing(dispatcher, lambda group, messages: False)
+        if next_ == "change":
+            await forward(dispatcher, order_change(6))
+            assert await frames(client) == [("row_changed", 6, 5)]
+        else:  # the checkpoint after 4, sent after the subscription
+            monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 0.05)
+            assert forwarder._wake is not None
+            forwarder._wake.set()  # it waited for the delay of before
+            await checked(forwarder)
+            assert await frames(client) == []
+        await client.disconnect()
+        await forwarder.drain()
+        if layer == "redis":
+            await close_layer()
+
+    run(scenario)
+    assert gaps["gaps"] == 0
+
+
+@pytest.mark.parametrize("request_", [{}, {"pk": 1}], ids=["model", "row"])
+def test_a_change_of_the_first_time_followed_again_is_reloaded_when_a_checkpoint_names_a_later_one(
+    gaps, monkeypatch, request_
+):
+    """Change 3 of the first subscription reached the client after its reload, which had 4
+    (sent in between, to nobody): only the checkpoint after 4 tells, and the client reloads
+    what 3 may have made older. No gap: nothing was lost."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER, BusyConsumer)
+        request = {"subscribe": "testapp.order", **request_}
+        pk = request_.get("pk", 3)
+        assert await follow_again_with_changes_on_their_way(dispatcher, client, request) == [
+            ("row_changed", pk, 3)
+        ]
+        monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 0.05)
+        assert forwarder._wake is not None
+        forwarder._wake.set()  # it waited for the delay of before
+        await checked(forwarder)
+        assert await frames(client) == [("resync", request_.get("pk"), "gap")]
+        # The changes after it are checked as ever.
+        await forward(dispatcher, order_change(pk))
+        losing(dispatcher, seqs(6))
+        for _ in range(2):
+            await forward(dispatcher, order_change(pk))
+        assert await frames(client) == [
+            ("row_changed", pk, 5),
+            ("resync", request_.get("pk"), "gap"),
+            ("row_changed", pk, 7),
+        ]
+        await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 1
+
+
+def test_a_jump_in_seq_is_checked_against_the_age_of_the_change_before_it_when_it_has_one(gaps):
+    """What an earlier listener sends has no ``last_age``: a jump is a gap, as it was. One
+    whose change before it was sent before the subscription is not; the client reloads
+    only when it was sent a change since (which was, then, of a subscription before)."""
+    from channels.layers import get_channel_layer
+
+    from django_pgnotify.channels_bridge import event_message
+
+    async def scenario() -> None:
+        layer: Any = get_channel_layer()
+        client = await connect(VIEWER, OwnOrdersConsumer)  # odd pks filtered out
+        await ask(client, {"subscribe": "testapp.order"})
+
+        async def send(seq: int, pk: int, **stamps: Any) -> None:
+            message = {**event_message(order_change(pk), seq, "s"), **stamps}
+            await layer.group_send("pgnotify.testapp.order", {"type": BATCH, "messages": [message]})
+
+        await send(1, 1)  # filtered out: the client was sent nothing
+        await send(3, 2, last_age=3600.0)  # 2 was sent an hour ago, before the subscription
+        await send(5, 4)  # an earlier listener's: a gap
+        await send(7, 6, last_age=0.0)  # 6 was sent with it: a gap
+        assert await frames(client) == [
+            ("row_changed", 2, 3),
+            ("resync", None, "gap"),
+            ("row_changed", 4, 5),
+            ("resync", None, "gap"),
+            ("row_changed", 6, 7),
+        ]
+        assert gaps["gaps"] == 2
+        # A change the client was sent, then a jump from before the subscription: it was
+        # of a subscription before, and may be older than what the client reloaded.
+        await ask(client, {"unsubscribe": "testapp.order"})
+        await ask(client, {"subscribe": "testapp.order"})
+        await send(8, 8)
+        await send(10, 10, last_age=3600.0)
+        assert await frames(client) == [
+            ("row_changed", 8, 8),
+            ("resync", None, "gap"),
+            ("row_changed", 10, 10),
+        ]
+        await client.disconnect()
+
+    run(scenario)
+    assert gaps["gaps"] == 2
+
+
+def test_changes_and_checkpoints_say_how_long_before_them_the_models_last_change_was_sent(
+    settings, checkpoint_delay
+):
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "CHANNEL_ROW_GROUPS": False}
+
+    async def scenario() -> None:
+        forwarder = ChannelLayerForwarder("default")
+        layer = forwarder.layer = FlakyLayer(failures=0)  # type: ignore[assignment]
+        forwarder.submit([order_change(1)])
+        await sent(forwarder)
+        forwarder.submit([order_change(2), order_change(3)])  # one round
+        await checked(forwarder)
+        sent_ = [m for _, m in layer.sent]
+        assert [(m["type"], m.get("seq"), m.get("again")) for m in sent_] == [
+            (ROW_CHANGED, 1, None),
+            (ROW_CHANGED, 2, None),
+            (ROW_CHANGED, 3, None),
+            (CHECKPOINT, 3, None),
+            (CHECKPOINT, 3, None),
+            (CHECKPOINT, 3, True),
+        ]
+        first, second, third, *checks = sent_
+        assert "last_age" not in first  # none before it
+        assert second["last_age"] >= 0.0  # seconds between the rounds, at least
+        assert third["last_age"] == 0.0  # the same round
+        ages = [c["last_age"] for c in checks]
+        assert all(age >= 0.0 for age in ages)
+        assert ages[2] >= ages[1]  # sent again: older by the time since, at least
+        await forwarder.drain()
+
+    run(scenario)
 
 
 @pytest.mark.parametrize(
