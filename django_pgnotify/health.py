@@ -50,7 +50,10 @@ class ListenerHealth:
             for a change read from a notification, that end is when its async
             receivers have run too.
         queue_usage: ``pg_notification_queue_usage()`` when last sampled (0 to 1);
-            1.0 also when a probe was refused because that queue is full.
+            1.0 also when a probe was refused because that queue is full. Reported as
+            sampled, never rounded: one page of a large queue is a fraction of a
+            millionth, and a usage just above ``QUEUE_USAGE_WARNING`` must not read as
+            equal to it.
         local_queue: Notifications read but not dispatched yet.
         local_queue_size: The local queue's bound (``PGNOTIFY["QUEUE_SIZE"]``).
     """
@@ -71,7 +74,7 @@ class ListenerHealth:
             connected=self.connected,
             backend_pid=self.backend_pid,
             last_event_lag=_round(self.last_event_lag),
-            queue_usage=_round(self.queue_usage),
+            queue_usage=self.queue_usage,
             local_queue=self.local_queue,
         )
         return data

@@ -192,6 +192,12 @@ class Listener:
         # The start-up probe from another session was refused (the notification queue
         # was full): it is sent again in its place until it comes back (see _open).
         self._delivery_unproven = False
+        # That probe could not be sent again, its second connection not opened: said
+        # once until it is sent (see _send_probe).
+        self._proof_unsent = False
+        # pg_backend_pid() on the listening connection: a pooler's pid is not its server
+        # session's (see _not_delivered).
+        self._server_pid: int | None = None
         # Since when changes may be missing should the connection be lost (see
         # _missing_since): the last moment everything committed before it is known to
         # have been read (monotonic), and whether reading paused on a full local queue
@@ -425,7 +431,7 @@ class Listener:
             self._attach(conn)
             cursor = await self._query(conn, "SELECT pg_is_in_recovery(), pg_backend_pid()")
             row = await cursor.fetchone()
-            server_pid = row[1] if row else None  # a pooler's pid is not its server session's
+            self._server_pid = row[1] if row else None  # see _not_delivered
             if row and row[0]:
                 raise ListenerError(
                     f"database {self.using!r} ({connection.describe(conn.info.get_parameters())})"
@@ -443,7 +449,15 @@ class Listener:
                     self._server = None
             for channel in [*self.channels, self.probe_channel]:
                 await self._query(conn, sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-            if not await self._send_probe_from_another_session():
+            try:
+                sent = await self._send_probe_from_another_session()
+            except _CONNECTION_ERRORS as exc:  # the connect is retried: no listening unproved
+                raise ConnectionLost(
+                    "cannot send the start-up self-probe from a second connection, which "
+                    "proves that other sessions' notifications reach the listener: "
+                    f"{_one_line(exc)}"
+                ) from exc
+            if not sent:
                 # Refused: the notification queue is full. This connection answered the
                 # LISTENs, so it works; refusing to run or reconnecting would not empty
                 # the queue, and reading is what drains this listener's part of it. The
@@ -469,10 +483,7 @@ class Listener:
             if self._lost.done():
                 self._lost.result()  # raises why
             if self._probe_sent is not None:
-                pid = conn.info.backend_pid
-                if server_pid is not None and server_pid != pid:
-                    await self._leave_pooled_session(conn)
-                raise ListenerError(self._not_delivered_message(pid, server_pid))
+                raise ListenerError(await self._not_delivered(conn))
             return conn
         except BaseException:
             self._detach()
@@ -497,15 +508,44 @@ class Listener:
             "connection"
         )
 
-    def _not_delivered_message(self, pid: int, server_pid: int | None) -> str:
-        """Why the listener refuses: the start-up probe was lost, and the likely cause."""
-        text = (
-            f"the start-up self-probe (a NOTIFY on {self.probe_channel} sent from another "
-            f"session) did not come back within {self._probe_timeout:g}s although LISTEN "
-            "succeeded, so other sessions' notifications, and the changes they carry, are "
-            "not delivered to this connection. "
-        )
+    async def _not_delivered(self, conn: psycopg.AsyncConnection) -> str:
+        """The start-up probe from another session did not come back: leave the server
+        session a pooler lent, if one did, and say why, naming the likely cause."""
+        pid, server_pid = conn.info.backend_pid, self._server_pid
         if server_pid is not None and server_pid != pid:
+            await self._leave_pooled_session(conn)
+        return self._not_delivered_message(pid, server_pid, resent=self._delivery_unproven)
+
+    def _not_delivered_message(self, pid: int, server_pid: int | None, resent: bool) -> str:
+        """Why the start-up probe was lost, and the likely cause.
+
+        ``resent``: it was sent again, the listener having connected while the
+        notification queue was full (see ``_open``). Unless a pooler is seen, one is
+        not the likely cause then: the listening session reads the queue in order,
+        other channels' notifications included, so the probe comes after all that
+        filled it; and no probe went on the listening connection meanwhile to prove
+        it alive.
+        """
+        pooled = server_pid is not None and server_pid != pid
+        text = (
+            f"the start-up self-probe (a NOTIFY on {self.probe_channel} sent from another session)"
+        )
+        if resent:
+            text += ", sent again once PostgreSQL's notification queue had room for it,"
+        text += f" did not come back within {self._probe_timeout:g}s although LISTEN succeeded"
+        if resent and not pooled:
+            return (
+                f"{text}. No connection pooler was seen (the connection's backend pid {pid} is "
+                "its server session's). The queue was full when the listener connected, and "
+                "its server session reads the queue in order: it may still be reading past the "
+                "notifications that filled it; or the connection died silently (no probe goes "
+                "on it while that proof is owed)"
+            )
+        text += (
+            ", so other sessions' notifications, and the changes they carry, are not "
+            "delivered to this connection. "
+        )
+        if pooled:
             text += (
                 "A connection pooler sits between the listener and PostgreSQL (the "
                 f"connection's backend pid {pid} is not its server session's, {server_pid}): "
@@ -533,7 +573,8 @@ class Listener:
         with self._read_lock:
             self._conn, self._fd = conn, conn.fileno()
         self._lost = self._loop.create_future()
-        self._reading = self._querying = self._delivery_unproven = False
+        self._reading = self._querying = self._delivery_unproven = self._proof_unsent = False
+        self._server_pid = None
         self._caught_up_at, self._fell_behind = time.monotonic(), False
         self._markers.clear()  # those of the connection before cannot come
         self._probe_back.clear()
@@ -776,8 +817,7 @@ class Listener:
             if self._probe_overdue(now):
                 self.stats["probe_failures"] += 1
                 if self._delivery_unproven:
-                    pid = self.health.backend_pid or conn.info.backend_pid
-                    raise ConnectionLost(self._not_delivered_message(pid, None))
+                    raise ConnectionLost(await self._not_delivered(conn))
                 raise ConnectionLost(self._probe_lost_message())
         elif now >= self._next_probe:
             received = self.stats["received"]
@@ -829,12 +869,28 @@ class Listener:
         Sent on the listening connection, this proves that it is alive and that
         the server delivers to it, cheaply; not that other sessions' notifications
         reach it (``_send_probe_from_another_session`` proves that at each connect).
-        While that proof is owed (see ``_open``), that probe is sent instead. A
-        probe refused because the notification queue is full still proves the
-        connection alive: the server answered.
+        While that proof is owed (see ``_open``), that probe is sent instead; when
+        it is refused, or its connection cannot be opened (connection slots used up),
+        this one goes in its place, and it is tried again next time: the listening
+        connection works, and dropping it would prove nothing sooner. A probe refused
+        because the notification queue is full still proves the connection alive:
+        the server answered.
         """
-        if self._delivery_unproven and await self._send_probe_from_another_session():
-            return  # its answer is read like any notification (see _tick)
+        if self._delivery_unproven:
+            try:
+                if await self._send_probe_from_another_session():
+                    self._proof_unsent = False
+                    return  # its answer is read like any notification (see _tick)
+            except _CONNECTION_ERRORS as exc:
+                self._probe_sent = None
+                logger.log(
+                    logging.DEBUG if self._proof_unsent else logging.WARNING,
+                    "pgnotify: cannot send the start-up self-probe again from a second "
+                    "connection: %s; listening on all the same, and trying again at the next "
+                    "probe (said once until it is sent)",
+                    _one_line(exc),
+                )
+                self._proof_unsent = True
         try:
             cursor = await self._query(conn, _PROBE, self._new_probe())
         except psycopg.errors.ProgramLimitExceeded as exc:
@@ -853,8 +909,8 @@ class Listener:
         other sessions: through a transaction-pooling PgBouncer its transaction runs
         on the server session that ran LISTEN, which PostgreSQL delivers its own
         notifications to at the end of the transaction, while no other session's
-        ever reach the listener. A second connection that cannot be opened fails the
-        connect, which is retried: a listener that runs has proved delivery.
+        ever reach the listener. Raises what opening a second connection or the query
+        there raised (see the callers).
         """
         params = self._new_probe()
         self._probe_elsewhere = True
@@ -864,11 +920,6 @@ class Listener:
             self._probe_sent = None  # nothing will come back
             self._probe_refused(exc)
             return False
-        except _CONNECTION_ERRORS as exc:
-            raise ConnectionLost(
-                "cannot send the start-up self-probe from a second connection, which "
-                f"proves that other sessions' notifications reach the listener: {_one_line(exc)}"
-            ) from exc
         self._sampled(row[1] if row else None)
         return True
 

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import queue
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,7 @@ from django_pgnotify.backoff import Backoff
 from django_pgnotify.connection import connection_params
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.dispatch import Dispatcher, close_thread_connections
+from django_pgnotify.health import ListenerHealth, format_record
 from django_pgnotify.listener import Listener
 from django_pgnotify.signals import listener_reconnected, listener_started, listener_stopped
 from django_pgnotify.testing import capture_row_changes
@@ -1678,6 +1681,24 @@ def test_a_filling_server_queue_is_sampled_and_warned_about(transactional_db, ca
     assert len(warnings) == 1
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [
+        2**-30,  # one page of the largest queue max_notify_queue_pages allows
+        1 / 1048576,  # one page of the 8 GB default
+        math.nextafter(0.1, 1),  # just above the default QUEUE_USAGE_WARNING
+    ],
+)
+def test_the_stats_record_reports_the_queue_usage_as_sampled(usage):
+    """Not rounded: a small usage does not read as 0, nor one above the warning threshold
+    as equal to it (as pgnotify_status reports it too)."""
+    health = ListenerHealth(queue_usage=usage)
+    data = health.as_dict(Counter())
+
+    assert data["queue_usage"] == usage
+    assert f" queue_usage={usage!r} " in f" {format_record(data)} "
+
+
 # Settings are checked
 
 
@@ -1710,10 +1731,13 @@ class Proxy:
 
     ``freeze()`` stops relaying on the connections open now, as a network cut that
     TCP does not notice; ``drop_notifications`` removes PostgreSQL's
-    NotificationResponse messages, as a proxy that does not keep the session would.
+    NotificationResponse messages, as a proxy that does not keep the session would;
+    ``backend_pid`` replaces the pid the server tells the client (BackendKeyData), as a
+    pooler does: its clients' backend pids are no server session's. ``sent`` holds
+    what each connection's client sent, in the order of ``pairs``.
     """
 
-    def __init__(self, drop_notifications: bool = False) -> None:
+    def __init__(self, drop_notifications: bool = False, backend_pid: int | None = None) -> None:
         import socket
 
         params = connection_params("default")
@@ -1723,10 +1747,12 @@ class Proxy:
         else:
             self.target = (socket.AF_INET, (host, port))
         self.drop_notifications = drop_notifications
+        self.backend_pid = backend_pid
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.frozen: set[object] = set()
         self.pairs: list[tuple[object, object]] = []
+        self.sent: list[bytearray] = []
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -1766,6 +1792,7 @@ class Proxy:
             upstream = socket.socket(self.target[0], socket.SOCK_STREAM)
             upstream.connect(self.target[1])
             pair = (client, upstream)
+            self.sent.append(bytearray())
             self.pairs.append(pair)
             threading.Thread(
                 target=self._relay, args=(pair, client, upstream, False), daemon=True
@@ -1789,9 +1816,11 @@ class Proxy:
                 data = source.recv(65536)
                 if not data:
                     break
-                if from_server and self.drop_notifications:
+                if not from_server:
+                    self.sent[self.pairs.index(pair)] += data
+                elif self.drop_notifications or self.backend_pid is not None:
                     buffer += data
-                    data, buffer = self._without_notifications(buffer)
+                    data, buffer = self._filtered(buffer)
                 sink.sendall(data)
         except (OSError, ValueError):  # ValueError: select() on a socket closed meanwhile
             pass
@@ -1800,16 +1829,18 @@ class Proxy:
                 for sock in pair:
                     sock.close()
 
-    @staticmethod
-    def _without_notifications(buffer: bytes) -> tuple[bytes, bytes]:
+    def _filtered(self, buffer: bytes) -> tuple[bytes, bytes]:
         # Every message from the server is a type byte and a length that counts itself.
         kept, at = [], 0
         while len(buffer) - at >= 5:
             length = int.from_bytes(buffer[at + 1 : at + 5], "big")
             if len(buffer) - at < 1 + length:
                 break
-            if buffer[at : at + 1] != b"A":  # NotificationResponse
-                kept.append(buffer[at : at + 1 + length])
+            message = buffer[at : at + 1 + length]
+            if message[:1] == b"K" and self.backend_pid is not None:  # BackendKeyData
+                message = message[:5] + self.backend_pid.to_bytes(4, "big") + message[9:]
+            if message[:1] != b"A" or not self.drop_notifications:  # NotificationResponse
+                kept.append(message)
             at += 1 + length
         return b"".join(kept), buffer[at:]
 
