@@ -141,6 +141,12 @@ class TriggerState:
     the selection whose installed triggers have its names on its table (and
     whose function may have its name): uninstalling it leaves those, which
     are theirs and may be working for them.
+
+    ``unusable`` names, for a missing or outdated declaration, the partitions
+    of its table in a schema this role may not use (no ``USAGE``): it can
+    neither create nor drop their triggers, so ``install_triggers`` refuses
+    the declaration and ``sync_triggers`` leaves it as it is (``detail`` says
+    what to grant). Its SQL (``pgnotify_install --sql``) serves a role that may.
     """
 
     uri: str
@@ -150,6 +156,7 @@ class TriggerState:
     sql: trigger_sql.TriggerSQL | None = None
     drop_sql: str = ""
     kept: tuple[str, ...] = ()
+    unusable: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         text = f"{self.status}: {self.subject}"
@@ -293,8 +300,11 @@ def install_triggers(
         TableMissing: A declared model's table does not exist (run ``migrate``).
         CannotInstall: A declared model's table is not a table (a view, for
             instance), two models' declarations would install the same
-            triggers, or a durable declaration's event table does not exist
-            (run ``migrate``); nothing was changed.
+            triggers (on a partitioned table, a row-level declaration's and
+            one on a partition of it included), a durable declaration's event
+            table does not exist (run ``migrate``), or a partition of a
+            declaration's table to change is in a schema this role may not use
+            (``TriggerState.unusable``); nothing was changed.
         InstallFailed: The database refused a declaration's SQL; nothing was
             changed.
     """
@@ -302,6 +312,9 @@ def install_triggers(
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         changes = _install_plan(cursor, selectors, using)
+        unusable = [state for state in changes if state.unusable]
+        if unusable:  # its triggers on those partitions can be neither made nor dropped
+            raise CannotInstall(unusable)
         for state in changes:
             if state.status == UNKNOWN:
                 _refused_by_database(_drop_leftovers, cursor, state)
@@ -372,7 +385,8 @@ def sync_triggers(
     the installed triggers that write to it, which would fail every write to
     its table; one whose event table is in a schema this session's
     search_path misses gets none and keeps what it has; so does one whose
-    table or function this role cannot look up (no ``USAGE`` on its schema).
+    table or function this role cannot look up (no ``USAGE`` on its schema),
+    or whose table has a partition in a schema this role may not use.
     Each declaration is installed in a savepoint of its own: one the database
     refuses is rolled back alone. Everything left alone is logged as an error
     naming the model.
@@ -397,6 +411,7 @@ def sync_triggers(
         hidden = {_model_label(d.uri) for d in declarations if d not in readable}
         states = _inspect(cursor, readable, app_labels, declarations, targets)
         kept = invalid | hidden | {_model_label(s.uri) for s in states if s.status == CONFLICT}
+        kept |= {_model_label(s.uri) for s in states if s.unusable}
         durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
         problem = _event_table_problem(cursor) if durable else None
         if problem is not None and not problem.gone:
@@ -405,6 +420,13 @@ def sync_triggers(
             if state.status in NEEDS_CHANGE:
                 logger.error(
                     "pgnotify: %s on %s is not installed: %s", state.uri, state.table, state.detail
+                )
+            elif state.unusable:
+                logger.error(
+                    "pgnotify: %s on %s is not installed, and keeps what it has: %s",
+                    state.uri,
+                    state.table,
+                    state.detail,
                 )
             elif state.status in (MISSING, OUTDATED) and state.sql is not None:
                 if _in_savepoint(using, _apply, cursor, state):
@@ -1013,6 +1035,14 @@ class _Target:
     partitions: tuple[tuple[int, tuple[str, str]], ...] = ()
     #: ``(relid, name)`` of the triggers on those partitions, ours or not.
     on_partitions: frozenset[tuple[int, str]] = frozenset()
+    #: ``(relid, (schema, name))`` of each partition of a partitioned table that
+    #: PostgreSQL gives its row triggers (``level="row"``), under their names.
+    cloned_onto: tuple[tuple[int, tuple[str, str]], ...] = ()
+    #: Those of ``partitions`` in a schema this role may not use (no ``USAGE``):
+    #: their triggers can be neither created nor dropped in this session.
+    unusable: tuple[tuple[str, str], ...] = ()
+    #: The names of the partitioned tables its table is a partition of, at every level.
+    ancestors: tuple[str, ...] = ()
 
     @property
     def keys(self) -> list[tuple[int, str]]:
@@ -1046,18 +1076,29 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
         " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = r AND NOT tgisinternal),"
         " EXISTS (SELECT FROM pg_constraint WHERE conrelid = r AND "
         + trigger_sql.FOREIGN_KEY_ACTIONS
-        + ") FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
+        + "), ARRAY(SELECT c.relname::text FROM pg_partition_ancestors(r) AS a"
+        " JOIN pg_class c ON c.oid = a.relid WHERE a.relid <> r)"
+        " FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
         [table, named.function.as_string(None) + "()"],
     )
-    relid, relkind, function_oid, body, function_comment, on_table, actions = cursor.fetchone()
+    relid, relkind, function_oid, body, function_comment, on_table, actions, ancestors = (
+        cursor.fetchone()
+    )
     partitions: tuple[tuple[int, tuple[str, str]], ...] = ()
     on_partitions: frozenset[tuple[int, str]] = frozenset()
-    if relkind == "p" and not declaration.row_level:
+    cloned_onto: tuple[tuple[int, tuple[str, str]], ...] = ()
+    unusable: tuple[tuple[str, str], ...] = ()
+    if relkind == "p":
         cursor.execute(_PARTITIONS, [relid])
         found = cursor.fetchall()
-        partitions = tuple((oid, (schema, name)) for oid, schema, name, _, _ in found)
-        on_partitions = frozenset((oid, t) for oid, _, _, names, _ in found for t in names)
-        actions = actions or any(keys for *_, keys in found)
+        tree = tuple((oid, (schema, name)) for oid, schema, name, *_ in found)
+        if declaration.row_level:
+            cloned_onto = tree
+        else:
+            partitions = tree
+            on_partitions = frozenset((oid, t) for oid, _, _, names, *_ in found for t in names)
+            unusable = tuple((schema, name) for _, schema, name, *_, usable in found if not usable)
+            actions = actions or any(keys for *_, keys, _ in found)
     # What the table's foreign keys do decides whether its updates may change a row
     # twice: the SQL for the table as it is (adding such a key makes it outdated).
     built = trigger_sql.build_trigger_sql(
@@ -1092,20 +1133,25 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
         on_table,
         partitions,
         on_partitions,
+        cloned_onto,
+        unusable,
+        tuple(ancestors or ()),
     )
 
 
 # The partitions of a partitioned table (``%s``, its oid) at every level below it,
 # those partitioned in turn too: a statement that names one fires only its own
 # statement triggers. Foreign tables are left out: PostgreSQL refuses transition
-# tables on them. With the names of their triggers, and whether they have foreign
-# keys of their own whose actions update their rows (``FOREIGN_KEY_ACTIONS``).
+# tables on them. With the names of their triggers, whether they have foreign
+# keys of their own whose actions update their rows (``FOREIGN_KEY_ACTIONS``), and
+# whether this role may use their schema.
 _PARTITIONS = (
     "SELECT c.oid::oid, n.nspname::text, c.relname::text,"
     " ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal),"
     " EXISTS (SELECT FROM pg_constraint WHERE conrelid = c.oid AND "
     + trigger_sql.FOREIGN_KEY_ACTIONS
-    + ") FROM pg_partition_tree(%s::oid::regclass) AS t"
+    + "), has_schema_privilege(n.oid, 'USAGE')"
+    " FROM pg_partition_tree(%s::oid::regclass) AS t"
     " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
     " WHERE t.level > 0 AND c.relkind IN ('r', 'p') ORDER BY n.nspname, c.relname"
 )
@@ -1116,13 +1162,14 @@ def _neighbours(
     selected: list[Declaration],
     declared: list[Declaration],
     server_version: int,
-    partitions: Collection[str] = (),
+    related: Collection[str] = (),
 ) -> list[_Target]:
     """The targets of declarations outside the selection that may be on a selected
     declaration's table: of the same name, and in the same schema or either
     unqualified (the search_path decides where that one is); or on a table named
-    as one of ``partitions``, which the selected declarations' statement triggers
-    go on too.
+    as one of ``related``: the partitions of the selected tables, which get
+    their statement triggers too (or their row triggers, cloned), and the
+    partitioned tables above them, whose triggers their partitions get.
 
     The others are not looked up: one query each would slow every inspect, and
     a table in a schema this role may not use makes ``to_regclass()`` fail. A
@@ -1135,7 +1182,7 @@ def _neighbours(
         for other in declared
         if other.uri not in chosen
         and (
-            other.table.name in partitions
+            other.table.name in related
             or any(
                 other.table.name == d.table.name
                 and (
@@ -1358,25 +1405,44 @@ def _not_a_table(target: _Target) -> str:
     return f"{kind}: PostgreSQL cannot fire triggers on it; remove the declaration"
 
 
-def _conflicts(targets: list[_Target]) -> dict[int, list[str]]:
+class _Conflict(NamedTuple):
+    """The URIs of the declarations a target shares trigger or function names with,
+    and whether row triggers PostgreSQL clones onto a partition are among them."""
+
+    others: list[str]
+    cloned: bool
+
+
+def _conflicts(targets: list[_Target]) -> dict[int, _Conflict]:
     """For each target (by index) whose trigger or function names another's
-    also use, the URIs of the others: each install would replace the other's."""
-    owners: dict[tuple, list[int]] = {}  # a function's, or a trigger's on a table
+    also use, the URIs of the others: each install would replace the other's,
+    or fail, where PostgreSQL has cloned one's row triggers onto a partition."""
+    owners: dict[tuple, list[tuple[int, bool]]] = {}  # a function's, or a trigger's on a table
     for index, target in enumerate(targets):
         # Its triggers on its partitions too: a model may be declared on one of them.
         names: list[tuple] = [("function", target.built.function.as_string(None))]
         names += [("trigger", *key) for key in target.keys]
         if not target.keys:  # no table yet: by its name
             names += [("trigger", target.table, name) for name in target.built.triggers.values()]
-        for name in names:
-            owners.setdefault(name, []).append(index)
+        for owned in names:
+            owners.setdefault(owned, []).append((index, False))
+        # The clones of its row triggers, which carry their names.
+        for relid, _ in target.cloned_onto:
+            for trigger in target.built.triggers.values():
+                owners.setdefault(("trigger", relid, trigger), []).append((index, True))
     others: dict[int, set[str]] = {}
-    for indexes in owners.values():
-        if len(indexes) == 1:
+    cloned: set[int] = set()
+    for sharing in owners.values():
+        if len({index for index, _ in sharing}) == 1:
             continue
-        for index in indexes:
-            others.setdefault(index, set()).update(targets[i].built.uri for i in indexes)
-    return {index: sorted(uris - {targets[index].built.uri}) for index, uris in others.items()}
+        for index, _ in sharing:
+            others.setdefault(index, set()).update(targets[i].built.uri for i, _ in sharing)
+            if any(clone for _, clone in sharing):
+                cloned.add(index)
+    return {
+        index: _Conflict(sorted(uris - {targets[index].built.uri}), index in cloned)
+        for index, uris in others.items()
+    }
 
 
 def _inspect(
@@ -1405,8 +1471,11 @@ def _inspect(
     if declared is None:
         declared = _valid_declarations(cursor.db.alias, log=False)[0]
     elsewhere = _declared_elsewhere(cursor.db.alias)
-    partitions = {name for target in targets for _, (_, name) in target.partitions}
-    neighbours = _neighbours(cursor, declarations, declared, server_version, partitions)
+    related = {
+        *(name for t in targets for _, (_, name) in (*t.partitions, *t.cloned_onto)),
+        *(name for t in targets for name in t.ancestors),
+    }
+    neighbours = _neighbours(cursor, declarations, declared, server_version, related)
     declared_functions = {t.function_oid for t in [*targets, *neighbours]} - {None}
     declared_names = {d.function for d in declared}
     event_table = None
@@ -1430,12 +1499,20 @@ def _inspect(
             expected_functions.add(target.function_oid)
         expected_triggers.update(target.keys)
         if index in conflicts:  # it keeps what it has
-            others = " and ".join(conflicts[index])
-            where = "this table or a partition of it" if target.partitions else "this table"
+            conflict = conflicts[index]
+            others = " and ".join(conflict.others)
+            partitioned = target.partitions or target.cloned_onto
+            where = "this table or a partition of it" if partitioned else "this table"
+            outcome = "each install would replace the other's"
+            if conflict.cloned:
+                outcome = (
+                    "PostgreSQL gives the partitions of a partitioned table its row-level "
+                    "triggers under their names, so the two cannot be installed together"
+                )
             detail = (
-                f"{others} also declares it, with the same trigger names on "
-                f"{where}: each install would replace the other's; declare pgnotify on "
-                "only one of the models, or give one of the declarations another name"
+                f"{others} also declares it, with the same trigger names on {where}: "
+                f"{outcome}; declare pgnotify on only one of the models, or give one of "
+                "the declarations another name"
             )
             states.append(_in_conflict(target, installed, detail, unselected))
             continue
@@ -1461,12 +1538,20 @@ def _inspect(
                 problems.append(f"trigger {key[1]}{where} missing")
         if target.body is not None and problems and _fires(target, installed):
             problems[:0] = _failing_reads(cursor, target)  # first: the worst of them
+        unusable = tuple(_qualified(name) for name in target.unusable) if problems else ()
+        if unusable:  # first: what install must be told before it can change anything
+            problems[:0] = [_unusable_detail(cursor, target)]
         if not problems:
             states.append(TriggerState(built.uri, INSTALLED, table, sql=built))
         elif target.body is None and not any(target.named(key) for key in target.keys):
-            states.append(TriggerState(built.uri, MISSING, table, sql=built))
+            detail = problems[0] if unusable else ""
+            states.append(TriggerState(built.uri, MISSING, table, detail, built, unusable=unusable))
         else:
-            states.append(TriggerState(built.uri, OUTDATED, table, "; ".join(problems), built))
+            states.append(
+                TriggerState(
+                    built.uri, OUTDATED, table, "; ".join(problems), built, unusable=unusable
+                )
+            )
 
     # Ours in the database, but asked for by no selected declaration, by URI.
     leftovers: dict[str, _Leftovers] = {}
@@ -1527,6 +1612,29 @@ def _inspect(
             table = _qualified(found.triggers[0][1]) if found.triggers else "-"
             states.append(TriggerState(uri, UNKNOWN, table, str(found), drop_sql=found.drop))
     return states
+
+
+def _unusable_detail(cursor, target: _Target) -> str:
+    """Why this role cannot install ``target``: partitions of its table are in schemas
+    it may not use (no ``USAGE``), where it can neither create nor drop triggers."""
+    cursor.execute("SELECT current_user")
+    (role,) = cursor.fetchone()
+    one = len(target.unusable) == 1
+    schemas = sorted({schema for schema, _ in target.unusable})
+    grants = " and ".join(
+        f"GRANT USAGE ON SCHEMA {_qualified((schema,))} TO {_qualified((role,))}"
+        for schema in schemas
+    )
+    return (
+        f"{'partition' if one else 'partitions'} "
+        f"{', '.join(_qualified(name) for name in target.unusable)} "
+        f"{'is' if one else 'are'} in {'schema' if len(schemas) == 1 else 'schemas'} "
+        f"{', '.join(_qualified((schema,)) for schema in schemas)}, which role "
+        f"{_qualified((role,))} may not use (no USAGE): it cannot give "
+        f"{'it' if one else 'them'} the triggers that statements naming "
+        f"{'it' if one else 'them'} need; run {grants}, or pgnotify_install as a role "
+        f"that may use {'it' if len(schemas) == 1 else 'them'}"
+    )
 
 
 def _fires(target: _Target, installed: dict[tuple[int, str], _Installed]) -> bool:

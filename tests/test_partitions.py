@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from django.apps import apps
 from django.core.management import CommandError, call_command
-from django.db import models
+from django.db import connection, models, transaction
+from psycopg import sql
 
 from django_pgnotify import Notify, installation
 from django_pgnotify.declarations import get_declarations
@@ -287,6 +288,138 @@ def test_a_model_declared_on_a_partition_with_the_same_trigger_names_is_a_confli
             installation.install_triggers(["testapp.PartRow"])
         assert "testapp.LowRow:default also declares it" in str(raised.value)
         assert "this table or a partition of it" in str(raised.value)
+
+
+def test_installing_only_the_model_declared_on_a_partition_does_not_take_its_tables_triggers(
+    live_model, other_connection
+):
+    """Selected alone, it finds the declaration of the partitioned table above it as a
+    full install does: a conflict, refused, which leaves that one's triggers as they are."""
+    installation.install_triggers(["testapp.PartRow"])
+
+    with registered_model("LowRow", LOW.strip('"'), Notify(fields=["label"])):
+        with pytest.raises(installation.CannotInstall) as raised:
+            installation.install_triggers(["testapp.LowRow"])
+        with pytest.raises(CommandError) as checked:
+            check("testapp.LowRow")
+
+    assert "conflict: testapp.LowRow:default" in str(raised.value)
+    assert "testapp.PartRow:default also declares it" in str(raised.value)
+    assert "conflict: testapp.LowRow:default" in str(checked.value)
+    check("testapp.PartRow")  # its triggers on the partition are still its own
+
+
+@contextmanager
+def row_level_parent_and_partition_model(
+    conn: psycopg.Connection, installed_first: str
+) -> Iterator[None]:
+    """``testapp.RowParent`` (``level="row"``) on the partitioned table and
+    ``testapp.LowRow`` on its partition ``low``, both default-named; the one named
+    ``installed_first`` installed before the other is declared."""
+    row = Notify(fields=["k", "label"], level="row")
+    with (
+        partitioned_model(conn, "RowParent", row),
+        registered_model("LowRow", LOW.strip('"'), Notify(fields=["label"])),
+    ):
+        other = "LowRow" if installed_first == "RowParent" else "RowParent"
+        model = apps.get_model("testapp", other)
+        model._meta.pgnotify, declared = None, model._meta.pgnotify
+        try:
+            installation.install_triggers([f"testapp.{installed_first}"])
+        finally:
+            model._meta.pgnotify = declared
+        yield
+
+
+@pytest.mark.parametrize("installed_first", ["RowParent", "LowRow"])
+def test_a_row_level_declaration_and_one_on_a_partition_under_the_same_names_are_refused(
+    other_connection, installed_first
+):
+    """PostgreSQL clones the row triggers of a partitioned table onto each partition
+    under their names: neither can replace the other's there. Both are refused, each
+    naming the other, and what is installed stays as it is."""
+    with row_level_parent_and_partition_model(other_connection, installed_first):
+        before = our_triggers(other_connection)
+        assert (PARENT if installed_first == "RowParent" else LOW.strip('"')) in before
+        other = "LowRow" if installed_first == "RowParent" else "RowParent"
+
+        with pytest.raises(installation.CannotInstall) as alone:
+            installation.install_triggers([f"testapp.{other}"])
+        with pytest.raises(installation.CannotInstall) as both:
+            installation.install_triggers(["testapp.RowParent", "testapp.LowRow"])
+
+        assert our_triggers(other_connection) == before
+        assert f"conflict: testapp.{other}:default" in str(alone.value)
+        assert f"testapp.{installed_first}:default also declares it" in str(alone.value)
+        assert "row-level triggers under their names" in str(alone.value)
+        assert {(s.uri, s.status) for s in both.value.states} == {
+            ("testapp.RowParent:default", installation.CONFLICT),
+            ("testapp.LowRow:default", installation.CONFLICT),
+        }
+        # Uninstalling the one not installed leaves the other's triggers alone.
+        installation.uninstall_triggers([f"testapp.{other}"])
+        assert our_triggers(other_connection) == before
+
+
+@pytest.fixture
+def owner_without_partition_schema(live_model, other_connection) -> Iterator[str]:
+    """A role that owns the partitioned table and every partition, but may not use the
+    schema of ``high`` and ``top``; dropped afterwards, with what it owns."""
+    name = f"{connection.settings_dict['NAME']}_parts_owner"
+    role = sql.Identifier(name)
+    other_connection.execute(sql.SQL("CREATE ROLE {}").format(role))
+    try:
+        other_connection.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(role))
+        for table in (PARENT, LOW, HIGH, TOP):
+            other_connection.execute(
+                sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.SQL(table), role)
+            )
+        yield name
+    finally:
+        other_connection.execute(sql.SQL("DROP OWNED BY {}").format(role))
+        other_connection.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+@contextmanager
+def acting_as(role: str) -> Iterator[None]:
+    """Django's connection as ``role`` in a transaction, rolled back at the end."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)).as_string(None)
+            )
+        yield
+        transaction.set_rollback(True)
+
+
+def test_a_partition_in_a_schema_the_role_may_not_use_refuses_the_install_naming_it(
+    owner_without_partition_schema, other_connection, caplog
+):
+    """Its triggers could be neither created nor dropped: install refuses the
+    declaration before changing anything, saying what to grant; check names it too,
+    and migrate's sync leaves the declaration as it is."""
+    role = owner_without_partition_schema
+    expected = (
+        f'partitions {HIGH}, {TOP} are in schema "{SCHEMA}", which role "{role}" may not use '
+        f"(no USAGE): it cannot give them the triggers that statements naming them need; run "
+        f'GRANT USAGE ON SCHEMA "{SCHEMA}" TO "{role}", or pgnotify_install as a role that '
+        "may use it"
+    )
+
+    with acting_as(role), pytest.raises(installation.CannotInstall) as raised:
+        installation.install_triggers(["testapp.PartRow"])
+    with acting_as(role), pytest.raises(CommandError) as checked:
+        check("testapp.PartRow")
+    with acting_as(role), caplog.at_level("ERROR", "django_pgnotify.installation"):
+        synced = installation.sync_triggers()
+
+    assert f'missing: testapp.PartRow:default on "{PARENT}" ({expected})' in str(raised.value)
+    assert expected in str(checked.value)
+    assert "testapp.PartRow:default" not in [state.uri for state in synced]
+    assert (
+        f'testapp.PartRow:default on "{PARENT}" is not installed, and keeps what it has: {expected}'
+    ) in caplog.text
+    assert PARENT not in our_triggers(other_connection)
 
 
 def test_sql_printed_before_migrate_gives_the_triggers_to_the_partitions_made_since(
