@@ -66,8 +66,14 @@ PENDING, DONE, DEAD = "pending", "done", "dead"
 
 _TABLE = sql.Identifier(wire.EVENT_TABLE)
 
-_CLAIMABLE = """status = 'pending' AND declaration = ANY(%(uris)s) AND available_at <= now()
-      AND (lease_until IS NULL OR lease_until < now())"""
+# The claimable rows of the declaration ``served.uri``, read from the pending index on
+# (declaration, id) in id order (``ORDER BY declaration, id``). The URI is matched as a
+# range of one value, not with ``=``: an equality to a value makes the planner take
+# ``declaration`` as fixed and ``ORDER BY id`` as the order of the primary key too, and,
+# counting the served rows spread evenly, it read that in id order, filtering, through
+# every row of the declarations not served ahead (a million took a second per claim).
+_CLAIMABLE = """status = 'pending' AND declaration >= served.uri AND declaration <= served.uri
+            AND available_at <= now() AND (lease_until IS NULL OR lease_until < now())"""
 
 # Whole rows holding ``limit`` changes still to deliver (at least one row), the rows
 # before the last holding less than ``bytes`` of payload: the claim's answer must arrive
@@ -83,34 +89,49 @@ _CLAIMABLE = """status = 'pending' AND declaration = ANY(%(uris)s) AND available
 # Such a row is claimed alone, and a claim stops before the first one: should its
 # changes kill the listener again, they cost no other row an attempt. Also returned:
 # the row's age by the server's clock (for recognising this process's own writes).
+# The rows are read per declaration served, and merged in id order: pending rows of
+# declarations this listener does not serve (another listener's, or those of a
+# declaration since renamed, see docs/durable.md) are never read, however many there
+# are. The first ``limit`` rows of each declaration hold the first ``limit`` of all;
+# the count says how many rows of each declaration to lock, so that a claim locks no
+# row it does not take (a row locked meanwhile by another claim is skipped for the next
+# one of its declaration).
 _CLAIM = sql.SQL(
     """
 WITH head AS (
-    SELECT size - coalesce(cardinality(handled), 0) AS unhandled, octet_length(payload) AS bytes
-    FROM {table}
-    WHERE """
+    SELECT served.uri, found.* FROM unnest(%(uris)s::text[]) AS served(uri), LATERAL (
+        SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
+            octet_length(payload) AS bytes
+        FROM {table}
+        WHERE """
     + _CLAIMABLE
     + """
+        ORDER BY declaration, id
+        LIMIT %(limit)s
+    ) AS found
     ORDER BY id
     LIMIT %(limit)s
 ), wanted AS (
-    SELECT count(*) AS rows FROM (
-        SELECT sum(unhandled) OVER running - unhandled AS before,
+    SELECT uri, count(*) AS rows FROM (
+        SELECT uri, sum(unhandled) OVER running - unhandled AS before,
             sum(bytes) OVER running - bytes AS bytes_before
         FROM head
-        WINDOW running AS (ROWS UNBOUNDED PRECEDING)
+        WINDOW running AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
     ) AS running
     WHERE before < %(limit)s AND bytes_before < %(bytes)s
+    GROUP BY uri
 ), locked AS (
-    SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
-        octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
-    FROM {table}
-    WHERE """
+    SELECT found.* FROM wanted AS served, LATERAL (
+        SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
+            octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
+        FROM {table}
+        WHERE """
     + _CLAIMABLE
     + """
-    ORDER BY id
-    LIMIT (SELECT rows FROM wanted)
-    FOR UPDATE SKIP LOCKED
+        ORDER BY declaration, id
+        LIMIT served.rows
+        FOR UPDATE SKIP LOCKED
+    ) AS found
 ), claimable AS (
     SELECT id, abandoned FROM (
         SELECT id, abandoned,
@@ -119,7 +140,7 @@ WITH head AS (
             count(*) FILTER (WHERE abandoned OR bytes > %(bytes)s) OVER running AS alone_so_far,
             row_number() OVER running AS nth
         FROM locked
-        WINDOW running AS (ROWS UNBOUNDED PRECEDING)
+        WINDOW running AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
     ) AS running
     WHERE before < %(limit)s AND bytes_before < %(bytes)s AND (alone_so_far = 0 OR nth = 1)
 )
@@ -142,14 +163,17 @@ CLAIM_BYTES = 1_048_576
 _PAYLOAD = sql.SQL("SELECT payload FROM {table} WHERE id = %(id)s").format(table=_TABLE)
 
 # Run first in the claim's transaction. The planner settings keep its plan the pending
-# index read in id order, stopping after ``limit`` rows: a table just filled by a bulk
-# write has no statistics yet, and the planner then takes the claimable rows for a
-# handful and reads and sorts every pending row instead (80 ms, not 3 ms, for a claim of
-# 500 at a backlog of 75,000). SET LOCAL, not a session setting: it ends with the
-# transaction, as PgBouncer's transaction pooling requires.
+# index read in id order per declaration, stopping after ``limit`` rows: a table just
+# filled by a bulk write has no statistics yet, and the planner then takes the claimable
+# rows for a handful and reads and sorts every pending row instead (80 ms, not 3 ms, for
+# a claim of 500 at a backlog of 75,000). The sorts that merge the declarations' rows
+# (a few hundred) are left, each counted at the huge cost PostgreSQL gives a disabled
+# plan node before version 18, for which it would compile the claim with JIT: 400 ms a
+# claim, so JIT is off. SET LOCAL, not a session setting: it ends with the transaction,
+# as PgBouncer's transaction pooling requires.
 _CLAIM_SETTINGS = sql.SQL(
     "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),"
-    " set_config('synchronous_commit', 'off', true)"
+    " set_config('jit', 'off', true), set_config('synchronous_commit', 'off', true)"
 )
 
 # Claims and settlements commit without waiting for the WAL flush (two per batch). A
@@ -161,7 +185,9 @@ _SETTLE_SETTINGS = sql.SQL("SELECT set_config('synchronous_commit', 'off', true)
 # their ids. A row whose lease expired may have been claimed by another listener, which
 # dispatches its changes again and settles it: settling it here too would clear that
 # listener's lease, or delete the row under it.
-_STILL_LEASED = "lease_owner = %(owner)s"
+# (A row released keeps its owner when claimed as abandoned, see _RELEASE, but no lease:
+# a settlement made again, once its connection was lost, finds it settled.)
+_STILL_LEASED = "lease_owner = %(owner)s AND lease_until IS NOT NULL"
 
 _DELETE = sql.SQL(
     "DELETE FROM {table} WHERE id = ANY(%(ids)s) AND " + _STILL_LEASED + " RETURNING id"
@@ -226,12 +252,14 @@ _RENEW = sql.SQL(
 ).format(table=_TABLE)
 
 # Claimed but not all dispatched (the listener is stopping): give them back, keeping
-# what was handled.
+# what was handled. A row claimed as abandoned keeps a lease owner, and so its mark (see
+# _CLAIM): the changes the stop kept from being dispatched are as suspect as before.
 _RELEASE = sql.SQL(
-    "UPDATE {table} AS e SET lease_owner = '', lease_until = NULL, "
-    "attempts = greatest(e.attempts - 1, 0), handled = "
+    "UPDATE {table} AS e SET lease_owner = CASE WHEN f.abandoned THEN e.lease_owner ELSE '' END,"
+    " lease_until = NULL, attempts = greatest(e.attempts - 1, 0), handled = "
     + _HANDLED
-    + " FROM unnest(%(ids)s::bigint[], %(done)s::text[]) AS f(id, done)"
+    + " FROM unnest(%(ids)s::bigint[], %(done)s::text[], %(abandoned)s::boolean[])"
+    " AS f(id, done, abandoned)"
     " WHERE e.id = f.id AND e." + _STILL_LEASED + " RETURNING e.id"
 ).format(table=_TABLE)
 
@@ -374,6 +402,9 @@ class DurableWorker:
         self._progress = 0
         self._progress_at = 0.0
         self._stall_reported = False
+        #: The batch whose settlement the loss of its connection cut short: settled on
+        #: the next connection (see _settle).
+        self._unsettled: tuple[Sequence[Claimed], _Outcome, dict[int, str]] | None = None
 
     async def run(self, stop: asyncio.Event, executor: Executor) -> None:
         """Claim and dispatch until ``stop`` is set; reconnect when the connection fails.
@@ -395,6 +426,9 @@ class DurableWorker:
                 await self._retry(stop, backoff.next(), f"cannot connect: {_one_line(exc)}")
                 continue
             try:
+                if self._unsettled is not None:
+                    unsettled, self._unsettled = self._unsettled, None
+                    await self._settle(conn, *unsettled, again=True)
                 while not stop.is_set():
                     self.wake.clear()
                     while not stop.is_set():
@@ -720,8 +754,19 @@ class DurableWorker:
         claimed: Sequence[Claimed],
         outcome: _Outcome,
         errors: dict[int, str],
+        *,
+        again: bool = False,
     ) -> None:
-        """Delete (or mark done) the rows all handled; retry, dead-letter or release the rest."""
+        """Delete (or mark done) the rows all handled; retry, dead-letter or release the rest.
+
+        A settlement whose connection is lost (or gives no answer) is made ``again`` on
+        the next one, once: the receivers ran and this listener lives on, and the rows
+        still leased to it then are settled as they would have been, rather than left
+        to be dispatched again once their lease has run out, each as a row its listener
+        died holding (claimed alone, an attempt more). Should the first one have been
+        applied after all, the rows are no longer leased to this listener: it changes
+        nothing, and reports them as lost leases.
+        """
         ids = [row.id for row in claimed]
         handled_now: dict[int, list[int]] = {row.id: [] for row in claimed}
         failed_now: dict[int, list[int]] = {row.id: [] for row in claimed}
@@ -753,9 +798,16 @@ class DurableWorker:
                 done.append(row.id)
             else:
                 released.append(row)
-        settled = await connection.within(
-            conn, self._write(conn, done, failed, released, given_up, handled_now), self.timeout
-        )
+        try:
+            settled = await connection.within(
+                conn,
+                self._write(conn, done, failed, released, given_up, handled_now),
+                self.timeout,
+            )
+        except (psycopg.OperationalError, OSError):
+            if not again:
+                self._unsettled = (claimed, outcome, errors)
+            raise
         lost = [row for row in claimed if row.id not in settled]
         if lost:
             # Counted in the changes claimed, as durable_claimed counts them.
@@ -845,6 +897,7 @@ class DurableWorker:
                         {
                             "ids": [row.id for row in released],
                             "done": [_int_array(handled_now[row.id]) for row in released],
+                            "abandoned": [row.abandoned for row in released],
                             "owner": owner,
                         },
                     )

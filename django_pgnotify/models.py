@@ -92,10 +92,11 @@ class DurableEvent(models.Model):
         verbose_name = "durable event"
         ordering = ["id"]
         indexes = [
-            # Claiming scans pending rows in id order; done rows kept for
-            # retention must not slow it down.
+            # Claiming reads the pending rows of each declaration served in id
+            # order: neither done rows kept for retention nor pending rows of the
+            # declarations a listener does not serve must slow it down.
             models.Index(
-                fields=["id"],
+                fields=["declaration", "id"],
                 name="pgnotify_event_pending",
                 condition=models.Q(status="pending"),
             ),

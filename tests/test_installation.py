@@ -497,7 +497,8 @@ def test_the_event_table_dropped_by_hand_is_not_migrate_django_pgnotifys_to_crea
         "create it again with their SQL, which leaves the records of migrations alone: "
         "run manage.py sqlmigrate django_pgnotify 0001_initial --database default | "
         "manage.py dbshell --database default, then the same for 0002_durableevent_layout, "
-        "0003_durableevent_payload_text and 0004_durableevent_size_handled; then "
+        "0003_durableevent_payload_text, 0004_durableevent_size_handled and "
+        "0005_durableevent_pending_by_declaration; then "
         "manage.py pgnotify_install --database default"
     ) in state.detail
     assert "zero --fake" not in state.detail
