@@ -608,3 +608,39 @@ def test_a_row_changed_twice_arrives_in_order_when_short_rows_come_before_its_lo
     changes = [(e.fields["first"], e.fields["second"]) for e in events if e.pk == 100]
     assert len(changes) == 2 and changes[0] in [("y", long), (long, "y")]
     assert changes[1] == ("y", "y")
+
+
+PERCENT = "pgnotify_test_percent"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 21], ids=["one row", "few rows", "bulk"])
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_column_name_with_percent_signs_travels_in_every_message(
+    other_connection, listening, level, rows
+):
+    """The short path writes its message with ``format()``, whose template holds the
+    column names: a ``%`` in one is written as itself, the write never fails."""
+    with throwaway_model(
+        other_connection,
+        PERCENT,
+        f'CREATE TABLE {PERCENT} (id integer PRIMARY KEY, "off%s %%" text)',
+        f"DROP TABLE IF EXISTS {PERCENT}",
+        "Percent",
+        id=models.IntegerField(primary_key=True),
+        off=models.TextField(null=True, db_column="off%s %%"),
+    ) as model:
+        declaration = install(model, other_connection, Notify(fields=["off"], level=level))
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        other_connection.execute(
+            f"INSERT INTO {PERCENT} SELECT g, g || '%%s' FROM generate_series(1, %s) AS g", [rows]
+        )
+        # Without parameters, psycopg sends a statement as it is.
+        other_connection.execute(f'UPDATE {PERCENT} SET "off%s %%" = "off%s %%" || \'!\'')
+        other_connection.execute(f"DELETE FROM {PERCENT}")
+        payloads = notifications(listening)
+        events = [change for p in payloads for change in Decoder([model]).decode(p)]
+
+    assert all('"fields":["off%s %%"]' in payload for payload in payloads)
+    for action, suffix in [("insert", "%s"), ("update", "%s!"), ("delete", "%s!")]:
+        sent = {e.pk: e.fields for e in events if e.action == action}
+        assert sent == {i: {"off": f"{i}{suffix}"} for i in range(1, rows + 1)}

@@ -153,8 +153,21 @@ def test_rows_paired_by_position_are_sent_in_that_order_and_only_they_are_ordere
 def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify():
     body = build_trigger_sql(declaration(Order)).body
 
-    assert "LIMIT 21) AS first_rows" in body
+    # Counted without an aggregate, one row rendered without one, a few joined.
+    for rows in ["pgnotify_new", "pgnotify_old"]:
+        assert (
+            f'    PERFORM FROM "{rows}" LIMIT 21;\n    GET DIAGNOSTICS counted = ROW_COUNT;\n'
+            "    IF counted = 1 THEN\n      SELECT ('[' || "
+        ) in body
+    assert "count(*) INTO" not in body
+    assert body.count("    ELSIF counted BETWEEN 2 AND 20 THEN\n") == 2  # insert and delete
     assert "IF counted <= 20 AND octet_length(batch) < room THEN" in body
+    # The message in one format() call, which writes a NULL ctx as nothing.
+    assert (
+        """IF pg_notify('pgnotify_testapp_order', format('{"v":2,"model":"testapp.order","""
+        """"action":"insert","xid":%s,"ts":%s%s,"fields":"""
+    ) in body
+    assert "extract(epoch FROM clock_timestamp()), ctx, batch)) IS NULL THEN END IF;" in body
     # The short path's notification and the bulk path's loop, for each event (an
     # update's twice: its rows paired by primary key, or by position).
     assert body.count("IF pg_notify(") == 8
