@@ -313,6 +313,44 @@ def other_connection(transactional_db) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture
+def probes_refused(other_connection: psycopg.Connection) -> Iterator[Callable[[], None]]:
+    """Refuse the probe sessions' NOTIFY (application_name ``... probe``) until the
+    function yielded is called: the queue has room again for the sessions that start then."""
+    dbname = connection.settings_dict["NAME"]
+    other_connection.execute("CREATE SCHEMA pgnotify_refusing")
+    other_connection.execute("GRANT USAGE ON SCHEMA pgnotify_refusing TO PUBLIC")
+
+    def lift() -> None:
+        other_connection.execute(
+            sql.SQL("ALTER DATABASE {} RESET search_path").format(sql.Identifier(dbname))
+        )
+
+    try:
+        other_connection.execute(
+            """
+            CREATE FUNCTION pgnotify_refusing.pg_notify(channel text, payload text)
+            RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+                IF current_setting('application_name') LIKE '% probe' THEN
+                    RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                        USING ERRCODE = 'program_limit_exceeded';
+                END IF;
+                PERFORM pg_catalog.pg_notify(channel, payload);
+            END $$
+            """
+        )
+        other_connection.execute(
+            sql.SQL(
+                "ALTER DATABASE {} SET search_path = pgnotify_refusing, pg_catalog, public"
+            ).format(sql.Identifier(dbname))
+        )
+        yield lift
+    finally:
+        lift()
+        other_connection.execute("DROP SCHEMA pgnotify_refusing CASCADE")
+
+
+@pytest.fixture
 def empty_database_url(other_connection: psycopg.Connection) -> Iterator[str]:
     """A database on the test server that nobody has migrated; dropped afterwards."""
     name = f"pgnotify_empty_{uuid.uuid4().hex[:8]}"

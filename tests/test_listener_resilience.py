@@ -552,7 +552,7 @@ def test_a_listener_cancelled_while_listener_started_is_sent_closes_its_connecti
 
 
 def test_a_probe_answered_on_the_listening_connection_does_not_stand_for_the_start_up_proof(
-    transactional_db, other_connection, caplog
+    probes_refused, caplog
 ):
     """While the start-up proof is owed (its probe from another session refused), a
     probe of that session refused and the one sent on the listening connection in its
@@ -562,44 +562,18 @@ def test_a_probe_answered_on_the_listening_connection_does_not_stand_for_the_sta
     ``pg_notify`` is shadowed (``search_path``) by one that refuses the probe sessions
     as a full queue does, and passes the listener's own on: the queue full for one
     NOTIFY and with room for the next, as one being drained is."""
-    dbname = connection.settings_dict["NAME"]
-    other_connection.execute("CREATE SCHEMA pgnotify_refusing")
-    try:
-        other_connection.execute(
-            """
-            CREATE FUNCTION pgnotify_refusing.pg_notify(channel text, payload text)
-            RETURNS void LANGUAGE plpgsql AS $$
-            BEGIN
-                IF current_setting('application_name') LIKE '% probe' THEN
-                    RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                        USING ERRCODE = 'program_limit_exceeded';
-                END IF;
-                PERFORM pg_catalog.pg_notify(channel, payload);
-            END $$
-            """
-        )
-        other_connection.execute(
-            sql.SQL(
-                "ALTER DATABASE {} SET search_path = pgnotify_refusing, pg_catalog, public"
-            ).format(sql.Identifier(dbname))
-        )
-        caplog.set_level(logging.INFO, logger="django_pgnotify")
-        with fast_listener():
-            listener = Listener(get_declarations(["testapp.Order"]))
-            with listener_thread(listener) as (_, failures):
-                assert listener.ready.wait(15), failures
-                wait_until(
-                    lambda: listener.stats["probes"] >= 2,
-                    what="two probes answered on the listening connection",
-                )
-                assert listener._delivery_unproven
-        assert "start-up self-probe could not be sent" in caplog.text
-        assert "start-up self-probe came back" not in caplog.text
-    finally:
-        other_connection.execute(
-            sql.SQL("ALTER DATABASE {} RESET search_path").format(sql.Identifier(dbname))
-        )
-        other_connection.execute("DROP SCHEMA pgnotify_refusing CASCADE")
+    caplog.set_level(logging.INFO, logger="django_pgnotify")
+    with fast_listener():
+        listener = Listener(get_declarations(["testapp.Order"]))
+        with listener_thread(listener) as (_, failures):
+            assert listener.ready.wait(15), failures
+            wait_until(
+                lambda: listener.stats["probes"] >= 2,
+                what="two probes answered on the listening connection",
+            )
+            assert listener._delivery_unproven
+    assert "start-up self-probe could not be sent" in caplog.text
+    assert "start-up self-probe came back" not in caplog.text
 
 
 def test_listener_stopped_gets_a_copy_of_the_counters(transactional_db, caplog):

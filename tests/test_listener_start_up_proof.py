@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from django.db import connection
 from psycopg import sql
 
 from tests.conftest import ManagedProcess, delivers_after_reconnecting, django_env
@@ -25,44 +24,6 @@ from tests.testapp.models import Tag
 LISTENER_ARGS = ["pgnotify_listen", "-v", "2", "--settings", "tests.settings_listener"]
 #: What the listener logs when it drops its connection, or opens another.
 RECONNECTING = ("lost the listening connection", "cannot connect", "reconnected to")
-
-
-@pytest.fixture
-def probes_refused(other_connection: psycopg.Connection) -> Iterator[Callable[[], None]]:
-    """Refuse the probe sessions' NOTIFY (application_name ``... probe``) until the
-    function yielded is called: the queue has room again for the sessions that start then."""
-    dbname = connection.settings_dict["NAME"]
-    other_connection.execute("CREATE SCHEMA pgnotify_refusing")
-    other_connection.execute("GRANT USAGE ON SCHEMA pgnotify_refusing TO PUBLIC")
-
-    def lift() -> None:
-        other_connection.execute(
-            sql.SQL("ALTER DATABASE {} RESET search_path").format(sql.Identifier(dbname))
-        )
-
-    try:
-        other_connection.execute(
-            """
-            CREATE FUNCTION pgnotify_refusing.pg_notify(channel text, payload text)
-            RETURNS void LANGUAGE plpgsql AS $$
-            BEGIN
-                IF current_setting('application_name') LIKE '% probe' THEN
-                    RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
-                        USING ERRCODE = 'program_limit_exceeded';
-                END IF;
-                PERFORM pg_catalog.pg_notify(channel, payload);
-            END $$
-            """
-        )
-        other_connection.execute(
-            sql.SQL(
-                "ALTER DATABASE {} SET search_path = pgnotify_refusing, pg_catalog, public"
-            ).format(sql.Identifier(dbname))
-        )
-        yield lift
-    finally:
-        lift()
-        other_connection.execute("DROP SCHEMA pgnotify_refusing CASCADE")
 
 
 @pytest.fixture
