@@ -88,6 +88,17 @@ def scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from scans(child)
 
 
+def job_worker(stop: threading.Event | None = None) -> durable.DurableWorker:
+    """A durable worker of the test app's jobs, stopping once ``stop`` is set."""
+    return durable.DurableWorker(
+        [d for d in get_declarations() if d.model is Job],
+        "default",
+        Decoder([Job]),
+        Dispatcher(),
+        stop or threading.Event(),
+    )
+
+
 @pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "analyzed"])
 def test_a_claim_reads_none_of_the_pending_rows_of_declarations_it_does_not_serve(events, analyzed):
     insert(events, UNSERVED, AHEAD)
@@ -117,13 +128,7 @@ def test_a_claim_reads_none_of_the_pending_rows_of_declarations_it_does_not_serv
 def test_a_worker_claims_its_rows_behind_a_backlog_of_another_declaration(events):
     insert(events, UNSERVED, AHEAD)
     served = insert(events, SERVED)
-    worker = durable.DurableWorker(
-        [d for d in get_declarations() if d.model is Job],
-        "default",
-        Decoder([Job]),
-        Dispatcher(),
-        threading.Event(),
-    )
+    worker = job_worker()
 
     async def claimed() -> list[int]:
         async with await worker._connect() as conn:
@@ -205,13 +210,7 @@ def test_a_listener_processes_a_batch_behind_another_declarations_backlog(events
         "INSERT INTO durableapp_job (name, body, n)"
         " SELECT 'job-' || g, '', g FROM generate_series(1, 3) g"
     )
-    worker = durable.DurableWorker(
-        [d for d in get_declarations() if d.model is Job],
-        "default",
-        Decoder([Job]),
-        Dispatcher(),
-        threading.Event(),
-    )
+    worker = job_worker()
 
     async def batch() -> int:
         async with await worker._connect() as conn:
@@ -250,20 +249,8 @@ def test_a_row_claimed_alone_and_released_by_a_stopping_listener_is_still_claime
     )
     stopping = threading.Event()
     stopping.set()  # the listener is stopping: nothing of the batch is dispatched
-    stopped = durable.DurableWorker(
-        [d for d in get_declarations() if d.model is Job],
-        "default",
-        Decoder([Job]),
-        Dispatcher(),
-        stopping,
-    )
-    worker = durable.DurableWorker(
-        [d for d in get_declarations() if d.model is Job],
-        "default",
-        Decoder([Job]),
-        Dispatcher(),
-        threading.Event(),
-    )
+    stopped = job_worker(stopping)
+    worker = job_worker()
 
     async def scenario() -> tuple[int, list[list[int]]]:
         async with await stopped._connect() as conn:
@@ -312,13 +299,7 @@ def test_a_batch_handled_when_its_connection_was_lost_is_settled_on_the_next_one
         handled.append(event.pk)
 
     row_changed.connect(cut_off, sender=Job, weak=False, dispatch_uid="test_durable_claims")
-    worker = durable.DurableWorker(
-        [d for d in get_declarations() if d.model is Job],
-        "default",
-        Decoder([Job]),
-        Dispatcher(),
-        threading.Event(),
-    )
+    worker = job_worker()
 
     async def scenario() -> None:
         stop = asyncio.Event()
