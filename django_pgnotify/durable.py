@@ -95,7 +95,11 @@ _CLAIMABLE = """status = 'pending' AND declaration >= served.uri AND declaration
 # are. The first ``limit`` rows of each declaration hold the first ``limit`` of all;
 # the count says how many rows of each declaration to lock, so that a claim locks no
 # row it does not take (a row locked meanwhile by another claim is skipped for the next
-# one of its declaration).
+# one of its declaration). Should another claim hold every row of the declarations
+# counted, the claim takes the first free row of any declaration served (``spare``,
+# locking the first free row of each): taking nothing, it would leave its listener
+# idle until the next poll while rows of another declaration wait. It then claims
+# again at once.
 _CLAIM = sql.SQL(
     """
 WITH head AS (
@@ -132,6 +136,21 @@ WITH head AS (
         LIMIT served.rows
         FOR UPDATE SKIP LOCKED
     ) AS found
+), spare AS (
+    SELECT found.* FROM unnest(%(uris)s::text[]) AS served(uri), LATERAL (
+        SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
+            octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
+        FROM {table}
+        WHERE """
+    + _CLAIMABLE
+    + """
+            AND EXISTS (SELECT FROM wanted) AND NOT EXISTS (SELECT FROM locked)
+        ORDER BY declaration, id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) AS found
+    ORDER BY id
+    LIMIT 1
 ), claimable AS (
     SELECT id, abandoned FROM (
         SELECT id, abandoned,
@@ -139,7 +158,7 @@ WITH head AS (
             sum(bytes) OVER running - bytes AS bytes_before,
             count(*) FILTER (WHERE abandoned OR bytes > %(bytes)s) OVER running AS alone_so_far,
             row_number() OVER running AS nth
-        FROM locked
+        FROM (SELECT * FROM locked UNION ALL SELECT * FROM spare) AS taken
         WINDOW running AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
     ) AS running
     WHERE before < %(limit)s AND bytes_before < %(bytes)s AND (alone_so_far = 0 OR nth = 1)

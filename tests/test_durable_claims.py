@@ -186,6 +186,23 @@ def test_a_claim_locks_no_row_of_another_declaration_than_those_it_takes(events)
     assert second_claim == ids[3:5]
 
 
+def test_a_claim_whose_counted_rows_another_claim_holds_takes_the_next_free_row(events):
+    """Two listeners serving the same declarations, woken by the same write: the first
+    claim holds the row at the head (a bulk write's, as many changes as a batch), and
+    the second must take the first row behind it, here one of the other declaration."""
+    (head,) = insert(events, SERVED, size=600)  # the whole of a batch of 500
+    behind = insert(events, OTHER, n=3)
+
+    with psycopg.connect(database_url(), autocommit=True) as first, first.transaction():
+        # The first listener's claim in progress: it holds the row it counted.
+        first.execute("SELECT id FROM pgnotify_event WHERE id = %s FOR UPDATE", [head])
+        second = claim(events, [SERVED, OTHER], limit=500)
+
+    # The first free row, alone: one that takes nothing leaves its listener idle until
+    # the next poll while rows wait. Having taken one, its listener claims again at once.
+    assert second == behind[:1]
+
+
 def test_a_claim_across_declarations_stops_before_an_abandoned_row_which_is_claimed_alone(
     events,
 ):
