@@ -466,6 +466,9 @@ class ChannelLayerForwarder:
             _, oldest = self._pending.popleft()
             self.stats["forward_dropped"] += 1
             self._dropped_models.add(oldest["model"])
+            if oldest["type"] == ROW_CHANGED:  # never sent: what follows has no last_age
+                self._changed.pop(oldest["model"], None)
+                self._round_changed.discard(oldest["model"])  # nor from the round sending
             unchecked = self._unchecked.get(oldest["model"])
             if unchecked is not None and oldest is unchecked.quiet:
                 unchecked.quiet = None  # never sent: another checkpoint follows the resync
@@ -495,6 +498,8 @@ class ChannelLayerForwarder:
             self._sending = 0  # a task of a closed loop took them with it
             self._round_marks = set()
             self._round_seqs = {}
+            for label in self._round_changed:  # perhaps never sent, as dropped ones
+                self._changed.pop(label, None)
             self._round_changed = set()
             # Models whose last change (or a resync in its place) is still to be sent.
             waiting = {m["model"] for _, m in self._pending if m["type"] != CHECKPOINT}
@@ -575,7 +580,9 @@ class ChannelLayerForwarder:
     def _last_age(self, label: str) -> float:
         changed = self._changed.get(label)
         if changed is None or label in self._round_changed:
-            return 0.0  # in this round (or never sent: dropped, and resynced)
+            # In this round; or none sent, or the last ones were dropped (then resynced,
+            # a resync a consumer may lose too): a jump in seq is a gap.
+            return 0.0
         return _seconds_at_least(self._last_round - changed)
 
     def _stamp(self, message: dict[str, Any]) -> None:

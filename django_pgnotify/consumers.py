@@ -478,11 +478,13 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
             entry["names"] = {n: k for n, k in entry["names"].items() if k != key}
             for heard in streams:
                 heard.rows.pop(key, None)
+                heard.shown.discard(key)  # followed again, it starts from its reload
         else:
             entry["model"] = False
             entry["model_joined"] = None
             for heard in streams:
                 heard.model = None
+                heard.shown.discard(None)
         if not entry["model"] and not entry["rows"]:
             del self.subscriptions[label]
             self.heard.pop(label, None)
