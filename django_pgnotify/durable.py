@@ -75,6 +75,15 @@ _TABLE = sql.Identifier(wire.EVENT_TABLE)
 _CLAIMABLE = """status = 'pending' AND declaration >= served.uri AND declaration <= served.uri
             AND available_at <= now() AND (lease_until IS NULL OR lease_until < now())"""
 
+# A claimable row of ``served.uri`` as the claim locks it, whether it is abandoned too.
+_LOCKABLE = (
+    """        SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
+            octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
+        FROM {table}
+        WHERE """
+    + _CLAIMABLE
+)
+
 # Whole rows holding ``limit`` changes still to deliver (at least one row), the rows
 # before the last holding less than ``bytes`` of payload: the claim's answer must arrive
 # within PROBE_TIMEOUT, and 500 wide changes (a payload has no size limit) can take far
@@ -126,11 +135,8 @@ WITH head AS (
     GROUP BY uri
 ), locked AS (
     SELECT found.* FROM wanted AS served, LATERAL (
-        SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
-            octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
-        FROM {table}
-        WHERE """
-    + _CLAIMABLE
+"""
+    + _LOCKABLE
     + """
         ORDER BY declaration, id
         LIMIT served.rows
@@ -138,11 +144,8 @@ WITH head AS (
     ) AS found
 ), spare AS (
     SELECT found.* FROM unnest(%(uris)s::text[]) AS served(uri), LATERAL (
-        SELECT id, size - coalesce(cardinality(handled), 0) AS unhandled,
-            octet_length(payload) AS bytes, lease_owner <> '' AS abandoned
-        FROM {table}
-        WHERE """
-    + _CLAIMABLE
+"""
+    + _LOCKABLE
     + """
             AND EXISTS (SELECT FROM wanted) AND NOT EXISTS (SELECT FROM locked)
         ORDER BY declaration, id
