@@ -465,6 +465,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
     for index, event in enumerate(declaration.events):
         record = "o" if event == "delete" else "n"
         paired = declaration.pairs_rows(event)
+        looks_twice = event == "update" and looks  # for a row the statement changed twice
         row = _row_text(declaration, event, record, scalar)
         joined_row = row
         unsure: sql.Composable = sql.SQL("")
@@ -485,9 +486,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
         base = rows_room(declaration, event)
         head = _head(declaration, event)
         # The transition table the short path counts, unless counted before it (below).
-        counted_rows = (
-            None if event == "update" and looks else _OLD_ROWS if record == "o" else _NEW_ROWS
-        )
+        counted_rows = None if looks_twice else _OLD_ROWS if record == "o" else _NEW_ROWS
         parts = {
             "row": row,
             "joined_row": joined_row,
@@ -513,32 +512,26 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             **parts,
             **_AS_READ,
         )
-        if paired and looks:
-            # The same, for a statement that changed a row twice: paired by position,
-            # and sent in that order, every row by the window function (joinable 0).
-            # Joined, a row's short version would go out before a longer one that
-            # came first, and the last one sent must be the row as it is now.
-            source = sql.SQL("{} WHERE {}").format(_PAIRED_BY_POSITION, changed)
+        if looks_twice:
+            # The same, for a statement that changed a row twice: sent in the order of
+            # the changes, every row by the window function (joinable 0). Joined, a
+            # row's short version would go out before a longer one that came first,
+            # and the last one sent must be the row as it is now. Paired by position;
+            # with old=False nothing is paired: such a row is in the new rows twice.
+            if paired:
+                source = sql.SQL("{} WHERE {}").format(_PAIRED_BY_POSITION, changed)
+                joined_source = _PAIRED_BY_POSITION
+            else:
+                source = joined_source = _NUMBERED_NEW
             by_position = _SENDING.format(
                 source=source,
-                joined_source=_PAIRED_BY_POSITION,
-                small_query=_small_statement_query(paired, row, source, _IN_POSITION_ORDER),
+                joined_source=joined_source,
+                small_query=_small_statement_query(True, row, source, _IN_POSITION_ORDER),
                 **{**parts, "joinable": sql.Literal(0)},
                 **_IN_CHANGE_ORDER,
             )
             sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
-        elif event == "update" and looks:
-            # With old=False, nothing is paired: a row changed twice is in the new rows
-            # twice, sent as above, in the order of the changes.
-            by_position = _SENDING.format(
-                source=_NUMBERED_NEW,
-                joined_source=_NUMBERED_NEW,
-                small_query=_small_statement_query(True, row, _NUMBERED_NEW, _IN_POSITION_ORDER),
-                **{**parts, "joinable": sql.Literal(0)},
-                **_IN_CHANGE_ORDER,
-            )
-            sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
-        if paired or (event == "update" and looks):
+        if paired or looks_twice:
             sent = sql.SQL("{}{}").format(_counting_query(), sent)
         branches.append(
             sql.SQL(
