@@ -485,8 +485,6 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
                 unjoined = sql.SQL(" OR NOT joined")
         base = rows_room(declaration, event)
         head = _head(declaration, event)
-        # The transition table the short path counts, unless counted before it (below).
-        counted_rows = None if looks_twice else _OLD_ROWS if record == "o" else _NEW_ROWS
         parts = {
             "row": row,
             "joined_row": joined_row,
@@ -508,7 +506,7 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
         sent: sql.Composable = _SENDING.format(
             source=sources[event],
             joined_source=joined_sources[event],
-            small_query=_small_statement_query(paired, row, sources[event], rows=counted_rows),
+            small_query=_small_statement_query(paired, row, sources[event]),
             **parts,
             **_AS_READ,
         )
@@ -531,8 +529,9 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
                 **_IN_CHANGE_ORDER,
             )
             sent = _by_need(declaration, foreign_key_actions is None, sent, by_position)
-        if paired or looks_twice:
-            sent = sql.SQL("{}{}").format(_counting_query(), sent)
+        # Counted first, whichever query renders the rows.
+        counted = _OLD_ROWS if record == "o" else _NEW_ROWS
+        sent = sql.SQL("{}{}").format(_counting_query(counted), sent)
         branches.append(
             sql.SQL(
                 "  {keyword} TG_OP = {op} THEN\n"
@@ -811,18 +810,16 @@ def _small_statement_query(
     row: sql.Composable,
     source: sql.Composable,
     order: sql.Composable | None = None,
-    rows: str | None = None,
 ) -> sql.Composable:
-    """Set ``counted`` (rows written, up to one past the short path's limit) and ``batch``.
+    """Set ``batch`` to the rows written, if they are few (``counted``, set first by
+    ``_counting_query``, up to one past the short path's limit).
 
-    An update's ``paired`` rows come from a join; with a ``LIMIT`` the planner
-    picks a nested loop, quadratic in a bulk update, so the rows are counted
-    first (``_counting_query``) and rendered only if they are few. ``order``
-    (an ``ORDER BY`` within the aggregate) is for rows paired by position.
-    Other rows are counted here, in transition table ``rows`` (``None``: the
-    caller counted them), then rendered: a single row by a query without an
-    aggregate (setting one up costs more than the counting query), a few by
-    ``string_agg``.
+    Counted first, an update's ``paired`` rows, which come from a join, are
+    rendered only if they are few: with a ``LIMIT`` the planner picks a nested
+    loop, quadratic in a bulk update. ``order`` (an ``ORDER BY`` within the
+    aggregate) is for rows paired by position. Other rows are rendered a single
+    row by a query without an aggregate (setting one up costs more than the
+    counting query), a few by ``string_agg``.
     """
     if paired:
         return sql.SQL(
@@ -833,7 +830,6 @@ def _small_statement_query(
             small=sql.Literal(_SMALL_STATEMENT), row=row, source=source, order=order or sql.SQL("")
         )
     return sql.SQL(
-        "{counting}"
         "    IF counted = 1 THEN\n"
         "      SELECT {row} INTO batch FROM {source};\n"
         "    ELSIF counted BETWEEN 2 AND {small} THEN\n"
@@ -841,7 +837,6 @@ def _small_statement_query(
         " AS first_rows;\n"
         "    END IF;\n"
     ).format(
-        counting=_counting_query(rows) if rows is not None else sql.SQL(""),
         row=row,
         source=source,
         small=sql.Literal(_SMALL_STATEMENT),
