@@ -22,7 +22,7 @@ from psycopg import sql
 from django_pgnotify import Notify, wire
 from django_pgnotify.declarations import resolve_model
 from django_pgnotify.decoding import DecodeError, Decoder, ModelNotServed
-from tests.test_triggers_statements import install, throwaway_model
+from tests.test_triggers_statements import install, receive, throwaway_model
 from tests.testapp.models import (
     Measurement,
     Order,
@@ -1092,11 +1092,8 @@ def test_fields_read_by_column_type_arrive_as_the_orm_reads_them_not_as_to_pytho
         other_connection.execute(
             f"UPDATE {BY_TYPE_TABLE} SET unpacked = '::ffff:192.0.2.1' WHERE id = 2"
         )
-        decoder, events = Decoder([model]), []
         with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
-            # One notification per statement or per row, as the level has it.
-            for notify in listening.notifies(timeout=10, stop_after=3 if level == "row" else 2):
-                events += decoder.decode(notify.payload)
+            events = receive(listening, model, 3)
     read = {row.pk: row for row in model.objects.all()}
 
     assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2), ("update", 2)]
@@ -1215,11 +1212,8 @@ def test_custom_fields_are_rendered_by_their_column_type_and_arrive_as_the_orm_r
             " shift = '(,\"2025-11-21 09:02:11.5-05\"]', monies = '{0.10}',"
             " amounts = '{NULL,10.00}' WHERE id = 1"
         )
-        decoder, events = Decoder([model]), []
         with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
-            # One notification per statement or per row, as the level has it.
-            for notify in listening.notifies(timeout=10, stop_after=3 if level == "row" else 2):
-                events += decoder.decode(notify.payload)
+            events = receive(listening, model, 3)
     after = {row.pk: row for row in model.objects.all()}
 
     assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2), ("update", 1)]
@@ -1288,10 +1282,8 @@ def test_a_custom_time_with_zone_column_arrives_as_the_aware_time_the_orm_reads(
                 " (1, '12:34:56.5+02', '{23:59:59.999999-14,NULL,00:00+05:53:28}'),"
                 " (2, NULL, NULL)"
             )
-            decoder, events = Decoder([model]), []
             with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
-                for notify in listening.notifies(timeout=10, stop_after=2 if level == "row" else 1):
-                    events += decoder.decode(notify.payload)
+                events = receive(listening, model, 2)
         read = {row.pk: row for row in model.objects.all()}
 
     assert read[1].clock == time(12, 34, 56, 500000, tzinfo=timezone(timedelta(hours=2)))
@@ -1525,10 +1517,8 @@ def test_values_json_gives_as_another_type_arrive_as_the_orm_reads_them(
             " (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
             " NULL, NULL)"
         )
-        decoder, events = Decoder([model]), []
         with caplog.at_level(logging.WARNING, logger="django_pgnotify.decoding"):
-            for notify in listening.notifies(timeout=10, stop_after=1):
-                events += decoder.decode(notify.payload)
+            events = receive(listening, model, 2)
     read = {row.pk: row for row in model.objects.all()}
 
     assert [(e.action, e.pk) for e in events] == [("insert", 1), ("insert", 2)]
