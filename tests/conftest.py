@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -310,6 +311,32 @@ def other_connection(transactional_db) -> Iterator[psycopg.Connection]:
     """A plain psycopg connection, as a client that is not Django would use."""
     with psycopg.connect(test_database_url(), autocommit=True) as conn:
         yield conn
+
+
+@contextlib.contextmanager
+def role_with_connection_limit(
+    admin: psycopg.Connection,
+) -> Iterator[tuple[str, Callable[[int], None]]]:
+    """A login role (not a superuser: a connection limit does not hold for those) that may
+    open two connections at a time on ``admin``'s server; yields its name and what sets
+    that limit. Its sessions are ended and the role dropped on the way out."""
+    role = f"pgnotify_limited_{uuid.uuid4().hex[:8]}"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 2").format(sql.Identifier(role)))
+
+    def limit(connections: int) -> None:
+        admin.execute(
+            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
+                sql.Identifier(role), sql.Literal(connections)
+            )
+        )
+
+    try:
+        yield role, limit
+    finally:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture

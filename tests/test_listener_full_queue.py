@@ -12,7 +12,6 @@ shared test server's queue is never full for other tests.
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,7 +20,13 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import ManagedProcess, django_env, run_manage, wait_until
+from tests.conftest import (
+    ManagedProcess,
+    django_env,
+    role_with_connection_limit,
+    run_manage,
+    wait_until,
+)
 
 #: The least PostgreSQL accepts: 512 kB, full after some 64 large notifications.
 QUEUE_PAGES = 64
@@ -179,43 +184,26 @@ def test_a_listener_owing_the_proof_keeps_its_connection_while_no_second_one_ope
     listener keeps its one connection, which delivers, and proves delivery once both
     end. (A connection limit does not hold for a superuser: the listener's role is none.)"""
     url = small_queue_server["url"]
-    role = f"pgnotify_limited_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as admin:
+    with (
+        psycopg.connect(url, autocommit=True) as admin,
+        role_with_connection_limit(admin) as (role, limit),
+    ):
+        env = django_env(DATABASE_URL=make_conninfo(url, user=role))
+        with full_queue(url) as end_blocking_transaction:
+            listener = start_listener(env, "testapp.Tag")
+            try:
+                listener.wait_for(r"start-up self-probe could not be sent", stream="err")
+                listener.wait_for(r"listening on", stream="err")
+                limit(1)  # the listening connection's slot only
+                line = listener.wait_for(r"cannot send the start-up self-probe again", stream="err")
+                assert "too many connections for role" in line
 
-        def limit(connections: int) -> None:
-            admin.execute(
-                sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
-                    sql.Identifier(role), sql.Literal(connections)
-                )
-            )
-
-        admin.execute(
-            sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 2").format(sql.Identifier(role))
-        )
-        try:
-            env = django_env(DATABASE_URL=make_conninfo(url, user=role))
-            with full_queue(url) as end_blocking_transaction:
-                listener = start_listener(env, "testapp.Tag")
-                try:
-                    listener.wait_for(r"start-up self-probe could not be sent", stream="err")
-                    listener.wait_for(r"listening on", stream="err")
-                    limit(1)  # the listening connection's slot only
-                    line = listener.wait_for(
-                        r"cannot send the start-up self-probe again", stream="err"
-                    )
-                    assert "too many connections for role" in line
-
-                    limit(2)
-                    end_blocking_transaction()
-                    wait_until(lambda: insert_tag(url, "after both"), what="room in the queue")
-                    listener.wait_for(r"^testapp\.tag insert pk='after both'$", stream="out")
-                    listener.wait_for(r"start-up self-probe came back", stream="err")
-                    assert listener.stop() == 0
-                finally:
-                    listener.kill()
-            assert_never_reconnected(listener)
-        finally:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-            )
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+                limit(2)
+                end_blocking_transaction()
+                wait_until(lambda: insert_tag(url, "after both"), what="room in the queue")
+                listener.wait_for(r"^testapp\.tag insert pk='after both'$", stream="out")
+                listener.wait_for(r"start-up self-probe came back", stream="err")
+                assert listener.stop() == 0
+            finally:
+                listener.kill()
+        assert_never_reconnected(listener)

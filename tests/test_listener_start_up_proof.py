@@ -9,14 +9,17 @@ sessions' as a full queue does, and passes every other on.
 from __future__ import annotations
 
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from tests.conftest import ManagedProcess, delivers_after_reconnecting, django_env
+from tests.conftest import (
+    ManagedProcess,
+    delivers_after_reconnecting,
+    django_env,
+    role_with_connection_limit,
+)
 from tests.conftest import test_database_url as database_url
 from tests.test_listener_resilience import Proxy
 from tests.testapp.models import Tag
@@ -30,27 +33,9 @@ RECONNECTING = ("lost the listening connection", "cannot connect", "reconnected 
 def limited_role(
     other_connection: psycopg.Connection,
 ) -> Iterator[tuple[str, Callable[[int], None]]]:
-    """A login role (not a superuser: a connection limit does not hold for those) that may
-    open two connections at a time; yields its name and what sets that limit."""
-    role = f"pgnotify_limited_{uuid.uuid4().hex[:8]}"
-    other_connection.execute(
-        sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 2").format(sql.Identifier(role))
-    )
-
-    def limit(connections: int) -> None:
-        other_connection.execute(
-            sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(
-                sql.Identifier(role), sql.Literal(connections)
-            )
-        )
-
-    try:
-        yield role, limit
-    finally:
-        other_connection.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
-        other_connection.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    """A login role that may open two connections at a time; its name and what sets that limit."""
+    with role_with_connection_limit(other_connection) as made:
+        yield made
 
 
 @pytest.fixture
