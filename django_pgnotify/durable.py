@@ -443,7 +443,7 @@ class DurableWorker:
                 # connect_timeout: a stop does not wait for it.
                 conn = await connection.until_stopped(stop, self._connect())
             except connection.Stopped:
-                return
+                break
             except (psycopg.Error, OSError) as exc:
                 await self._retry(stop, backoff.next(), f"cannot connect: {_one_line(exc)}")
                 continue
@@ -473,6 +473,44 @@ class DurableWorker:
             finally:
                 with suppress(Exception):  # closing a dead connection may fail; it is gone anyway
                     await asyncio.wait_for(conn.close(), 2)
+        if self._unsettled is not None:
+            await self._settle_before_stopping(*self._unsettled)
+
+    async def _settle_before_stopping(
+        self, claimed: Sequence[Claimed], outcome: _Outcome, errors: dict[int, str]
+    ) -> None:
+        """Settle, on a connection of its own, the batch whose settlement a lost
+        connection cut short, when the listener stops before it could reconnect.
+
+        Left as it is, its rows would be dispatched again once their lease runs out,
+        each as a row its listener died holding. The connect and the settlement have
+        ``PROBE_TIMEOUT`` each, as a settlement on the way has; what cannot be settled
+        is logged.
+        """
+        self._unsettled = None
+        try:
+            conn = await asyncio.wait_for(self._connect(), self.timeout)
+        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
+            problem = _one_line(exc) if str(exc) else "no answer"
+        else:
+            try:
+                await self._settle(conn, claimed, outcome, errors, again=True)
+                return
+            except (psycopg.Error, OSError) as exc:
+                problem = _one_line(exc)
+            finally:
+                with suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+        logger.warning(
+            "pgnotify: durable events of %r: the settlement of event(s) %s of %s, cut short"
+            " by a lost connection, could not be made before the listener stopped (%s):"
+            " their changes will be dispatched again once the %gs lease expires",
+            self.using,
+            ", ".join(str(row.id) for row in claimed[:10]) + (", ..." if len(claimed) > 10 else ""),
+            ", ".join(sorted({row.declaration for row in claimed})),
+            problem,
+            self.lease,
+        )
 
     async def _connect(self) -> psycopg.AsyncConnection:
         params = {**connection.TCP_KEEPALIVES, **connection.connection_params(self.using)}

@@ -4,7 +4,8 @@ Pending rows of other declarations (another listener's backlog, or those of a
 declaration since renamed) may be many, and ahead: a claim must not read them.
 Measured by what the claim's plan reads, not by time. Also: a row claimed alone
 keeps that mark when a stopping listener releases it, and a batch whose settlement
-a lost connection cut short is settled on the next connection.
+a lost connection cut short is settled on the next connection, or on one of its own
+when the listener stops before it could connect again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from django_pgnotify import durable, row_changed
 from django_pgnotify.declarations import get_declarations
@@ -339,3 +341,100 @@ def test_a_batch_handled_when_its_connection_was_lost_is_settled_on_the_next_one
 
     assert handled == pks  # each once
     assert worker.stats["durable_claimed"] == 3
+
+
+def cut_off_then_stop(
+    handled: list[int], total: int, loop: asyncio.AbstractEventLoop, stop: asyncio.Event
+) -> Any:
+    """A receiver that loses the durable connection at the first change, and stops the
+    listener once it handled ``total``: the settlement then fails, and the stop comes
+    before the listener could connect again."""
+
+    def receiver(sender, event, **kwargs) -> None:
+        if not handled:
+            with psycopg.connect(database_url(), autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name LIKE '%% durable' AND datname = current_database()"
+                )
+        handled.append(event.pk)
+        if len(handled) == total:
+            loop.call_soon_threadsafe(stop.set)
+
+    return receiver
+
+
+def run_until_stopped(worker: durable.DurableWorker, receiver_for: Any) -> None:
+    """Run ``worker`` with the receiver ``receiver_for(loop, stop)`` until it stops."""
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        receiver = receiver_for(asyncio.get_running_loop(), stop)
+        row_changed.connect(receiver, sender=Job, weak=False, dispatch_uid="test_durable_claims")
+        with ThreadPoolExecutor(1) as executor:
+            await asyncio.wait_for(worker.run(stop, executor), 20)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        row_changed.disconnect(sender=Job, dispatch_uid="test_durable_claims")
+
+
+def test_a_batch_cut_short_is_settled_when_the_listener_stops_before_reconnecting(events, settings):
+    """A stop while the listener waits to connect again must not drop the settlement it
+    owes: the rows would be dispatched again once their lease ran out."""
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 60.0, "RECONNECT_DELAY_MIN": 5.0}
+    events.execute(
+        "INSERT INTO durableapp_job (name, body, n)"
+        " SELECT 'job', '', g FROM generate_series(1, 3) g"
+    )
+    pks = [pk for (pk,) in events.execute("SELECT id FROM durableapp_job ORDER BY id")]
+    handled: list[int] = []
+    worker = job_worker()
+
+    run_until_stopped(worker, lambda loop, stop: cut_off_then_stop(handled, 3, loop, stop))
+
+    assert handled == pks
+    assert events.execute("SELECT count(*) FROM pgnotify_event").fetchone() == (0,)
+
+
+def test_a_batch_that_cannot_be_settled_when_the_listener_stops_is_logged(events, settings, caplog):
+    """When the database refuses the last connection, the rows are left leased, and
+    the log says which will be dispatched again."""
+    settings.PGNOTIFY = {**settings.PGNOTIFY, "DURABLE_LEASE": 60.0, "RECONNECT_DELAY_MIN": 5.0}
+    events.execute("INSERT INTO durableapp_job (name, body, n) VALUES ('job', '', 1)")
+    (row_id,) = events.execute("SELECT id FROM pgnotify_event").fetchone()
+    handled: list[int] = []
+    worker = job_worker()
+
+    def allow_connections(allowed: bool) -> None:
+        # Not from a connection to the database itself, which PostgreSQL refuses.
+        with psycopg.connect(make_conninfo(database_url(), dbname="postgres")) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+                    sql.Identifier(events.info.dbname), sql.Literal(allowed)
+                )
+            )
+
+    def refusing(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Any:
+        receiver = cut_off_then_stop(handled, 1, loop, stop)
+
+        def receive_then_refuse(sender, event, **kwargs) -> None:
+            receiver(sender, event, **kwargs)
+            allow_connections(False)
+
+        return receive_then_refuse
+
+    try:
+        with caplog.at_level("WARNING", logger="django_pgnotify"):
+            run_until_stopped(worker, refusing)
+    finally:
+        allow_connections(True)
+
+    assert len(handled) == 1
+    (message,) = [r.getMessage() for r in caplog.records if "could not be made" in r.getMessage()]
+    assert f"event(s) {row_id} of {SERVED}" in message
+    assert "dispatched again once the 60s lease expires" in message
+    assert events.execute("SELECT lease_owner IS NOT NULL FROM pgnotify_event").fetchone() == (
+        True,
+    )
