@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from django.contrib.auth import get_permission_codename
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
 
 from .durable import retry_events_counted
 from .models import DurableEvent
@@ -29,7 +30,7 @@ class DurableEventAdmin(admin.ModelAdmin):
         "attempts",
         "created_at",
         "available_at",
-        "lease_owner",
+        "held_by",
         "short_error",
     )
     list_filter = ("status", "model", "attempts")
@@ -50,6 +51,17 @@ class DurableEventAdmin(admin.ModelAdmin):
         if left == obj.size or obj.status == "done":
             return str(obj.size)
         return f"{left} of {obj.size}"
+
+    @admin.display(description="held by", ordering="lease_owner")
+    def held_by(self, obj: DurableEvent) -> str:
+        """The listener delivering the row now. A row released by a stopping listener
+        keeps its ``lease_owner`` as a mark (see ``durable``) but no lease: nobody holds
+        it. A lease that ran out is shown as such: the row is claimable again."""
+        if not obj.lease_owner or obj.lease_until is None:
+            return ""
+        if obj.lease_until <= timezone.now():
+            return f"nobody ({obj.lease_owner}'s lease expired)"
+        return obj.lease_owner
 
     @admin.display(description="last error")
     def short_error(self, obj: DurableEvent) -> str:

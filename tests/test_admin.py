@@ -144,3 +144,22 @@ def test_retry_counts_what_it_did_when_a_lease_runs_out_meanwhile(dead_letter, o
             "1 event(s) will be delivered again.",
             "1 event(s) left as they are: a listener is delivering them now.",
         ]
+
+
+def test_the_list_shows_who_holds_a_row_only_while_its_lease_runs(dead_letter):
+    """A released row keeps its owner as a mark, and an expired lease holds nothing:
+    neither is shown as held by that listener."""
+    held = leased_event(timedelta(minutes=5))
+    expired = leased_event(-timedelta(minutes=5))
+    released = leased_event(timedelta(minutes=5))
+    DurableEvent.objects.filter(pk=released.pk).update(lease_until=None)
+
+    response = staff_client("view_durableevent").get(CHANGELIST)
+
+    rows = {row.pk: row for row in response.context["cl"].result_list}
+    admin = response.context["cl"].model_admin
+    assert admin.held_by(rows[held.pk]) == "host:4242:abcd1234"
+    assert admin.held_by(rows[expired.pk]) == "nobody (host:4242:abcd1234's lease expired)"
+    assert admin.held_by(rows[released.pk]) == ""
+    assert admin.held_by(rows[dead_letter.pk]) == ""
+    assert "nobody (host:4242:abcd1234&#x27;s lease expired)" in response.content.decode()
