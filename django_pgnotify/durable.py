@@ -488,20 +488,24 @@ class DurableWorker:
         is logged.
         """
         self._unsettled = None
+        error: BaseException | None = None  # not the database's: logged with its traceback
         try:
             conn = await asyncio.wait_for(self._connect(), self.timeout)
         except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
-            problem = _one_line(exc) if str(exc) else "no answer"
+            problem = _one_line(exc) if str(exc) else f"no answer within {self.timeout:g}s"
         else:
             try:
                 await self._settle(conn, claimed, outcome, errors, again=True)
                 return
             except (psycopg.Error, OSError) as exc:
                 problem = _one_line(exc)
+            except Exception as exc:
+                problem, error = f"unexpected error: {_one_line(exc)}", exc
             finally:
                 with suppress(Exception):
                     await asyncio.wait_for(conn.close(), 2)
-        logger.warning(
+        logger.log(
+            logging.ERROR if error is not None else logging.WARNING,
             "pgnotify: durable events of %r: the settlement of event(s) %s of %s, cut short"
             " by a lost connection, could not be made before the listener stopped (%s):"
             " their changes will be dispatched again once the %gs lease expires",
@@ -510,6 +514,7 @@ class DurableWorker:
             ", ".join(sorted({row.declaration for row in claimed})),
             problem,
             self.lease,
+            exc_info=error,
         )
 
     async def _connect(self) -> psycopg.AsyncConnection:
