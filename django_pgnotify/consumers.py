@@ -254,9 +254,10 @@ class _Heard:
         self.checkpoint: int | None = None
         #: The seq of that checkpoint: the changes of a row followed since have later ones.
         self.floor = 0
-        #: Whose changes the client was sent since it followed them and last reloaded them:
-        #: followed rows' keys, ``None`` for the model's other rows. One found later to be of
-        #: a subscription before may be older than what its client reloaded.
+        #: Whose changes the client was sent since it followed them (the model: all of them)
+        #: and last reloaded them: followed rows' keys, ``None`` for the model's other rows.
+        #: One found later to be of a subscription before may be older than what its client
+        #: reloaded.
         self.shown: set[str | None] = set()
 
     def cover(self, seq: int, model: bool) -> None:
@@ -436,7 +437,7 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
                 entry["model_joined"] = time.monotonic()
                 for heard in streams:
                     heard.model = None  # from its first change or checkpoint
-                    heard.shown.discard(None)
+                    heard.shown.clear()  # the client reloads the model, its rows included
             entry["model"] = True
         else:
             if not renewed:
@@ -650,15 +651,21 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         # Model and row groups both carry an event subscribed both ways: send it once.
         if seq <= heard.last:
             return
-        heard.last = seq
+        before, heard.last = heard.last, seq
         if self._counts(entry, heard, key is None):  # every change, one after the other
             missed = heard.model is not None and seq > heard.model + 1
+            # The first one checked, after changes of followed rows shown through their
+            # groups: those sent between them may have been before the model was followed.
+            leftover = heard.model is None and bool(heard.shown) and seq > before + 1
             heard.model = seq
             if key is not None:
                 heard.rows[key] = seq
             if missed:
                 heard.cover(seq, model=True)
                 await self._model_gap(entry, heard, label, stream, message.get("last_age"))
+            elif leftover and self._before_model(entry, message.get("last_age")):
+                heard.cover(seq, model=True)
+                await self.send_gap(label, stream, None, sure=False)  # as _model_gap's
         elif key is not None:  # the row's previous change, since its model's last checkpoint
             had = heard.rows.get(key)
             heard.rows[key] = seq
@@ -761,11 +768,12 @@ class RowChangeConsumer(AsyncJsonWebsocketConsumer):
         A gap, unless that one was sent before the consumer followed the model: they were
         sent while it did not, and what it had got since came from a subscription before,
         still in its channel. The client reloaded after them, so it is told to reload
-        again only if it was sent one of those (which may be older), without counting a gap.
+        again only if it was sent one of those (which may be older), without counting a gap:
+        whatever its row, a followed one's included (followed again with the model).
         """
         if not self._before_model(entry, age):
             await self.send_gap(label, stream, None, sure=True)
-        elif None in heard.shown:
+        elif heard.shown:
             await self.send_gap(label, stream, None, sure=False)
 
     @staticmethod

@@ -22,6 +22,8 @@ from django_pgnotify.channels_bridge import (
 from django_pgnotify.consumers import RowChangeConsumer
 from tests.test_consumer import (  # noqa: F401 (in_memory_layer: a fixture)
     VIEWER,
+    BusyConsumer,
+    BusyOwnOrdersConsumer,
     ask,
     checked,
     connect,
@@ -32,6 +34,7 @@ from tests.test_consumer import (  # noqa: F401 (in_memory_layer: a fixture)
     order_change,
     run,
     sent,
+    seqs,
 )
 
 
@@ -190,3 +193,102 @@ def test_a_change_taken_by_the_sending_of_a_closed_event_loop_leaves_no_last_age
     (change,) = [m for m in messages if m["type"] == ROW_CHANGED]
     assert change["seq"] == 3
     assert change["last_age"] == 0.0
+
+
+@pytest.mark.parametrize("first", ["row", "model"])
+@pytest.mark.parametrize("next_", ["change", "checkpoint"])
+def test_following_the_model_again_with_a_row_reloads_a_change_of_that_row_from_before(
+    gaps, monkeypatch, first, next_
+):
+    """The client follows the model again, and row 2 with it. Change 4 (row 2's) of the
+    model's subscription before, still in the channel, reaches it after both subscriptions;
+    5 (row 2's too), sent in between to nobody, is in the client's reload, which 4 then
+    overwrote. The next change or checkpoint tells it: the client reloads. No gap."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        forwarder = dispatcher.forwarder
+        client = await connect(VIEWER, BusyOwnOrdersConsumer)  # odd pks filtered out
+        BusyConsumer.gate = asyncio.Event()
+        await ask(client, {"subscribe": "testapp.order"})
+        # The busy one is shown; 2 and 3 (row 1's) and 4 (row 2's) wait in the channel.
+        for pk in (2, 1, 1, 2):
+            await forward(dispatcher, order_change(pk))
+        await client.send_json_to({"unsubscribe": "testapp.order"})
+        losing(dispatcher, seqs(5))  # sent before it follows again: not for it
+        await forward(dispatcher, order_change(2))
+        row = {"subscribe": "testapp.order", "pk": 2}
+        requests = [row, {"subscribe": "testapp.order"}]
+        if first == "model":
+            requests.reverse()
+        for request in requests:
+            await client.send_json_to(request)
+        # Later: the ages the listener measures tell 5 from one sent after the subscriptions.
+        await asyncio.sleep(0.5)
+        BusyConsumer.gate.set()
+        # Channels takes a client message, then a channel message, in turn: 2 is handled
+        # after the unsubscription, 3 after the first subscription, 4 after the second.
+        assert await frames(client) == [
+            ("row_changed", 2, 1),
+            ("unsubscribed", None, None),
+            *(("subscribed", request.get("pk"), None) for request in requests),
+            ("row_changed", 2, 4),
+        ]
+        losing(dispatcher, lambda group, messages: False)
+        if next_ == "change":  # of another row
+            await forward(dispatcher, order_change(4))
+            assert await frames(client) == [("resync", None, "gap"), ("row_changed", 4, 6)]
+            last = 6
+        else:  # the checkpoint after 5, sent after the subscriptions
+            monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 0.05)
+            assert forwarder._wake is not None
+            forwarder._wake.set()  # it waited for the delay of before
+            await checked(forwarder)
+            # The model is checked from a change of another row (or 3, with the model
+            # followed first): until then, the checkpoint checks row 2, and names its 5.
+            assert await frames(client) == [("resync", 2 if first == "row" else None, "gap")]
+            last = 5
+        assert gaps["gaps"] == 0
+        # A change lost after one of another row (which the model is checked from) is still
+        # found, and counted.
+        await forward(dispatcher, order_change(4))
+        losing(dispatcher, seqs(last + 2))
+        for pk in (6, 8):
+            await forward(dispatcher, order_change(pk))
+        assert await frames(client) == [
+            ("row_changed", 4, last + 1),
+            ("resync", None, "gap"),
+            ("row_changed", 8, last + 3),
+        ]
+        await client.disconnect()
+        await forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 1
+
+
+def test_following_the_model_after_a_row_reloads_nothing_for_the_rows_changes_before(
+    gaps, monkeypatch
+):
+    """The client reloads on ``subscribed``: what it was sent of a followed row before it
+    followed the model is older than that reload, and the changes of other rows sent
+    before it are not its business."""
+    monkeypatch.setattr(channels_bridge, "CHECKPOINT_DELAY", 60.0)
+
+    async def scenario() -> None:
+        dispatcher = ChannelsDispatcher("default", ["testapp.order"])
+        client = await connect(VIEWER)
+        await ask(client, {"subscribe": "testapp.order", "pk": 2})
+        await forward(dispatcher, order_change(2), order_change(5))
+        assert await frames(client) == [("row_changed", 2, 1)]
+        # Later: the ages the listener measures tell 2 from one sent after the subscription.
+        await asyncio.sleep(0.5)
+        await ask(client, {"subscribe": "testapp.order"})
+        await forward(dispatcher, order_change(5))
+        assert await frames(client) == [("row_changed", 5, 3)]
+        await client.disconnect()
+        await dispatcher.forwarder.drain()
+
+    run(scenario)
+    assert gaps["gaps"] == 0
