@@ -147,6 +147,10 @@ class TriggerState:
     neither create nor drop their triggers, so ``install_triggers`` refuses
     the declaration and ``sync_triggers`` leaves it as it is (``detail`` says
     what to grant). Its SQL (``pgnotify_install --sql``) serves a role that may.
+    For a state whose drops name tables or functions in such schemas (an
+    unknown URI's, as ``inspect_triggers`` returns it; those ``CannotInstall``
+    and ``CannotRemove`` name), it names them, and ``detail`` says first what
+    to grant: this role can drop neither them nor, all or nothing, the rest.
     """
 
     uri: str
@@ -278,11 +282,26 @@ def inspect_triggers(
     selected apps and models. What a declaration of a model the router sends
     to another alias has installed is not unknown here: that alias may name
     this same database (a pooler in front of it), and it is that alias's.
+    An unknown one with a trigger on a table (a partition, say), or a
+    function, in a schema this role may not use says so first, with the grant
+    pruning it needs; so does an outdated one that its install must drop
+    there (what an earlier version left).
     """
     selectors = list(selectors)
     # A transaction: the trigger hashes are taken with a search_path set for it.
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        return _inspect(cursor, declarations_for(selectors, using), selectors)
+        states = _inspect(cursor, declarations_for(selectors, using), selectors)
+        # What this role cannot drop: said as prune_triggers, or install_triggers for
+        # what an earlier version left, would refuse it.
+        blocked: dict[str, TriggerState] = {}
+        for status, command in (
+            (UNKNOWN, "pgnotify_install --prune"),
+            (OUTDATED, "pgnotify_install"),
+        ):
+            chosen = [state for state in states if state.status == status and not state.unusable]
+            for state in _undroppable(cursor, chosen, lambda state: state.drop_sql, command):
+                blocked[state.uri] = state
+    return [blocked.get(state.uri, state) for state in states]
 
 
 def install_triggers(
@@ -303,8 +322,9 @@ def install_triggers(
             triggers (on a partitioned table, a row-level declaration's and
             one on a partition of it included), a durable declaration's event
             table does not exist (run ``migrate``), or a partition of a
-            declaration's table to change is in a schema this role may not use
-            (``TriggerState.unusable``); nothing was changed.
+            declaration's table to change, or a table or function of ours to drop,
+            is in a schema this role may not use (``TriggerState.unusable``);
+            nothing was changed.
         InstallFailed: The database refused a declaration's SQL; nothing was
             changed.
     """
@@ -312,9 +332,18 @@ def install_triggers(
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         changes = _install_plan(cursor, selectors, using)
-        unusable = [state for state in changes if state.unusable]
-        if unusable:  # its triggers on those partitions can be neither made nor dropped
-            raise CannotInstall(unusable)
+        # Its triggers on those partitions can be neither made nor dropped; nor can what
+        # an earlier version left on a table in such a schema.
+        blocked = {state.uri: state for state in changes if state.unusable}
+        for state in _undroppable(
+            cursor,
+            [state for state in changes if not state.unusable],
+            lambda state: state.drop_sql,
+            "pgnotify_install",
+        ):
+            blocked[state.uri] = state
+        if blocked:
+            raise CannotInstall([blocked[s.uri] for s in changes if s.uri in blocked])
         for state in changes:
             if state.status == UNKNOWN:
                 _refused_by_database(_drop_leftovers, cursor, state)
@@ -768,6 +797,11 @@ def prune_triggers(
 
     Those of a declaration the router sends to another alias stay: they are
     not unknown (``inspect_triggers``).
+
+    Raises:
+        CannotRemove: One of them is on a table (a partition, say), or is a
+            function, in a schema this role may not use (no ``USAGE``); nothing
+            was dropped.
     """
     selectors = list(selectors)
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
@@ -777,6 +811,11 @@ def prune_triggers(
             for s in _inspect(cursor, declarations_for(selectors, using), selectors)
             if s.status == UNKNOWN
         ]
+        blocked = _undroppable(
+            cursor, unknown, lambda state: state.drop_sql, "pgnotify_install --prune"
+        )
+        if blocked:
+            raise CannotRemove(blocked, "pruned")
         _drop_all(cursor, [state.drop_sql for state in unknown])
         for state in unknown:
             logger.info("pgnotify: pruned %s", state.subject)
@@ -798,12 +837,22 @@ def uninstall_triggers(
         dropped, and of each declaration in conflict that left another's under
         its names (its ``kept``; its ``uninstall_sql`` is empty when nothing of
         its own was installed).
+
+    Raises:
+        CannotRemove: What it would drop names a table (a partition of a
+            declaration's table, say) or function in a schema this role may not
+            use (no ``USAGE``); nothing was dropped.
     """
     selectors = list(selectors)
     removed = []
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         states = _inspect(cursor, declarations_for(selectors, using), selectors)
+        blocked = _undroppable(
+            cursor, states, lambda state: state.uninstall_sql, "pgnotify_install --uninstall"
+        )
+        if blocked:  # it would drop some triggers of a declaration and not the others
+            raise CannotRemove(blocked, "removed")
         _drop_all(cursor, [state.uninstall_sql for state in states])
         for state in states:
             if state.uninstall_sql:
@@ -985,6 +1034,15 @@ class CannotInstall(Exception):
             message
             or f"nothing was installed; these declarations cannot be installed as they are:{lines}"
         )
+
+
+class CannotRemove(CannotInstall):
+    """Triggers or functions of ours that this role cannot drop: they are in schemas, or
+    on tables in schemas, it may not use (``TriggerState.unusable``); nothing was changed."""
+
+    def __init__(self, states: list[TriggerState], verb: str) -> None:
+        lines = "".join(f"\n  {state}" for state in states)
+        super().__init__(states, f"nothing was {verb}; these cannot be {verb} by this role:{lines}")
 
 
 class TableMissing(CannotInstall):
@@ -1617,24 +1675,123 @@ def _inspect(
 def _unusable_detail(cursor, target: _Target) -> str:
     """Why this role cannot install ``target``: partitions of its table are in schemas
     it may not use (no ``USAGE``), where it can neither create nor drop triggers."""
+    one = len(target.unusable) == 1
+    return _no_usage_detail(
+        cursor,
+        f"{'partition' if one else 'partitions'} "
+        f"{', '.join(_qualified(name) for name in target.unusable)}",
+        target.unusable,
+        f"it cannot give {'it' if one else 'them'} the triggers that statements naming "
+        f"{'it' if one else 'them'} need",
+        "pgnotify_install",
+    )
+
+
+def _no_usage_detail(
+    cursor, subject: str, names: Collection[tuple[str, ...]], consequence: str, command: str
+) -> str:
+    """``<subject> is in schema <s>, which role <r> may not use (no USAGE): <consequence>;
+    run GRANT USAGE ON SCHEMA <s> TO <r>, or <command> as a role that may use it``, for
+    ``names`` (schema first) in schemas this role may not use."""
     cursor.execute("SELECT current_user")
     (role,) = cursor.fetchone()
-    one = len(target.unusable) == 1
-    schemas = sorted({schema for schema, _ in target.unusable})
+    schemas = sorted({name[0] for name in names})
     grants = " and ".join(
         f"GRANT USAGE ON SCHEMA {_qualified((schema,))} TO {_qualified((role,))}"
         for schema in schemas
     )
     return (
-        f"{'partition' if one else 'partitions'} "
-        f"{', '.join(_qualified(name) for name in target.unusable)} "
-        f"{'is' if one else 'are'} in {'schema' if len(schemas) == 1 else 'schemas'} "
+        f"{subject} {'is' if len(names) == 1 else 'are'} in "
+        f"{'schema' if len(schemas) == 1 else 'schemas'} "
         f"{', '.join(_qualified((schema,)) for schema in schemas)}, which role "
-        f"{_qualified((role,))} may not use (no USAGE): it cannot give "
-        f"{'it' if one else 'them'} the triggers that statements naming "
-        f"{'it' if one else 'them'} need; run {grants}, or pgnotify_install as a role "
-        f"that may use {'it' if len(schemas) == 1 else 'them'}"
+        f"{_qualified((role,))} may not use (no USAGE): {consequence}; run {grants}, or "
+        f"{command} as a role that may use {'it' if len(schemas) == 1 else 'them'}"
     )
+
+
+# A statement of the installer's DROP SQL that names its table or function with a
+# schema: the trigger's table, or the function (``_dropped``).
+_IDENTIFIER = r'"((?:[^"]|"")*)"'
+_QUALIFIED_DROP = re.compile(
+    rf"DROP (TRIGGER|FUNCTION) IF EXISTS (?:{_IDENTIFIER} ON )?"
+    rf"{_IDENTIFIER}\.{_IDENTIFIER}(?:\(\))?;"
+)
+
+
+def _dropped(script: str) -> list[tuple[str, tuple[str, str]]]:
+    """``("table" or "function", (schema, name))`` of each table whose triggers, and each
+    function, the DROP statements of ``script`` name with a schema, once each, in order.
+    Those named without one are looked up on the search_path, which skips the schemas
+    the role may not use."""
+    found: dict[tuple[str, tuple[str, str]], None] = {}
+    drop_triggers, drop_functions = split_drops(script)
+    for statement in (*drop_triggers, *drop_functions):
+        match = _QUALIFIED_DROP.fullmatch(statement)
+        if match:
+            kind, _, schema, name = match.groups()
+            parts = (schema.replace('""', '"'), name.replace('""', '"'))
+            found["table" if kind == "TRIGGER" else "function", parts] = None
+    return list(found)
+
+
+def _undroppable(
+    cursor, states: Iterable[TriggerState], script: Callable[[TriggerState], str], command: str
+) -> list[TriggerState]:
+    """Those of ``states`` whose drops (``script(state)``) name tables or functions in
+    schemas this role may not use (no ``USAGE``): it could drop some of their triggers and
+    not the others. Each comes with those names as its ``unusable``, and a detail, first,
+    that names them and what to grant, or to run ``command`` as a role that may."""
+    found = [(state, _dropped(script(state))) for state in states]
+    if not any(names for _, names in found):
+        return []
+    cursor.execute(
+        "SELECT nspname::text FROM pg_namespace WHERE NOT has_schema_privilege(oid, 'USAGE')"
+    )
+    denied = {schema for (schema,) in cursor.fetchall()}
+    blocked = [
+        (state, [(kind, name) for kind, name in names if name[0] in denied])
+        for state, names in found
+    ]
+    blocked = [(state, names) for state, names in blocked if names]
+    if not blocked:
+        return []
+    tables = [name for _, names in blocked for kind, name in names if kind == "table"]
+    cursor.execute(
+        "SELECT n.nspname::text, c.relname::text FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " JOIN unnest(%s::text[], %s::text[]) AS t(s, r) ON n.nspname = t.s AND c.relname = t.r"
+        " WHERE c.relispartition",
+        [[schema for schema, _ in tables], [name for _, name in tables]],
+    )
+    partitions = {tuple(row) for row in cursor.fetchall()}
+    refused = []
+    for state, names in blocked:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for kind, name in names:
+            if kind == "table" and name in partitions:
+                kind = "partition"
+            groups.setdefault(kind, []).append(name)
+        subject = " and ".join(
+            f"{kind}{'s' if len(listed) > 1 else ''} "
+            + ", ".join(_qualified(name) for name in sorted(listed))
+            for kind, listed in groups.items()
+        )
+        one = len(names) == 1
+        if "function" not in groups:
+            consequence = f"it cannot drop the triggers of ours on {'it' if one else 'them'}"
+        elif len(groups) == 1:
+            consequence = f"it cannot drop {'it' if one else 'them'}"
+        else:
+            consequence = "it cannot drop those functions, nor the triggers of ours on the tables"
+        detail = _no_usage_detail(cursor, subject, [n for _, n in names], consequence, command)
+        refused.append(
+            replace(
+                state,
+                detail="; ".join(filter(None, [detail, state.detail])),
+                unusable=tuple(_qualified(name) for _, name in names),
+            )
+        )
+    return refused
 
 
 def _fires(target: _Target, installed: dict[tuple[int, str], _Installed]) -> bool:

@@ -422,6 +422,128 @@ def test_a_partition_in_a_schema_the_role_may_not_use_refuses_the_install_naming
     assert PARENT not in our_triggers(other_connection)
 
 
+@pytest.fixture
+def installed_by_owner(owner_without_partition_schema, other_connection) -> str:
+    """``testapp.PartRow`` installed, as if by the owner role while it could use the
+    schema of ``high`` and ``top``: its function is that role's too."""
+    role = owner_without_partition_schema
+    installation.install_triggers(["testapp.PartRow"])
+    (declaration,) = get_declarations(["testapp.PartRow"])
+    other_connection.execute(
+        sql.SQL("ALTER FUNCTION {}() OWNER TO {}").format(
+            build_trigger_sql(declaration).function, sql.Identifier(role)
+        )
+    )
+    return role
+
+
+def cannot_drop(role: str, command: str) -> str:
+    """The detail of what ``role`` cannot drop on ``high`` and ``top``, and what to run."""
+    return (
+        f'partitions {HIGH}, {TOP} are in schema "{SCHEMA}", which role "{role}" may not use '
+        f"(no USAGE): it cannot drop the triggers of ours on them; run "
+        f'GRANT USAGE ON SCHEMA "{SCHEMA}" TO "{role}", or {command} as a role that may use it'
+    )
+
+
+def test_uninstall_by_a_role_that_may_not_use_a_partitions_schema_is_refused_naming_it(
+    installed_by_owner, other_connection
+):
+    """It could drop the table's triggers and not the partitions', whose writes would go
+    on calling the function: it refuses before dropping anything, saying what to grant,
+    and drops them all once granted. Check reports the declaration installed: reading
+    the catalogue needs no USAGE."""
+    role = installed_by_owner
+    before = our_triggers(other_connection)
+
+    with acting_as(role):
+        checked = check("testapp.PartRow")
+    with acting_as(role), pytest.raises(installation.CannotRemove) as raised:
+        installation.uninstall_triggers(["testapp.PartRow"])
+    with acting_as(role), pytest.raises(CommandError) as command:
+        call_command("pgnotify_install", "--uninstall", "testapp.PartRow", stdout=StringIO())
+
+    assert "All 1 declaration(s) are installed and current." in checked
+    assert str(raised.value) == (
+        "nothing was removed; these cannot be removed by this role:\n"
+        f'  installed: testapp.PartRow:default on "{PARENT}" '
+        f"({cannot_drop(role, 'pgnotify_install --uninstall')})"
+    )
+    assert str(command.value) == str(raised.value)
+    assert our_triggers(other_connection) == before
+    assert all(table in before for table in (PARENT, HIGH, TOP))
+
+    other_connection.execute(
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+            sql.Identifier(SCHEMA), sql.Identifier(role)
+        )
+    )
+    with acting_as(role):
+        removed = installation.uninstall_triggers(["testapp.PartRow"])
+        states = installation.inspect_triggers(["testapp.PartRow"])
+    assert [state.uri for state in removed] == ["testapp.PartRow:default"]
+    assert [state.status for state in states] == [installation.MISSING]
+
+
+@pytest.mark.parametrize("selectors", [["testapp.PartRow"], ["testapp"], []])
+def test_prune_by_a_role_that_may_not_use_a_partitions_schema_is_refused_naming_it(
+    installed_by_owner, live_model, other_connection, selectors
+):
+    """The triggers of a model that stopped declaring are unknown: prune refuses to
+    drop some and not the others, saying what to grant, after the install it runs
+    first; check names the same grant for them."""
+    role = installed_by_owner
+    # The app's and the database's declarations include testapp.Weird, in a schema of its own.
+    other_connection.execute(
+        sql.SQL('GRANT USAGE ON SCHEMA "pgnotify odd" TO {}').format(sql.Identifier(role))
+    )
+    live_model._meta.pgnotify = None
+    before = our_triggers(other_connection)
+    out = StringIO()
+
+    with acting_as(role), pytest.raises(installation.CannotRemove) as raised:
+        installation.prune_triggers(selectors)
+    with acting_as(role), pytest.raises(CommandError) as command:
+        call_command("pgnotify_install", "--prune", *selectors, stdout=out)
+    with acting_as(role), pytest.raises(CommandError) as checked:
+        check(*selectors)
+
+    detail = cannot_drop(role, "pgnotify_install --prune")
+    assert str(raised.value).startswith(
+        "nothing was pruned; these cannot be pruned by this role:\n"
+        "  unknown: testapp.PartRow:default on "
+    )
+    assert f" ({detail}; trigger pgnotify_" in str(raised.value)
+    assert str(command.value) == str(raised.value)
+    assert out.getvalue() == "All triggers are up to date.\n"  # the install ran first
+    assert f" ({detail}; trigger pgnotify_" in str(checked.value)
+    assert our_triggers(other_connection) == before
+
+
+def test_install_by_a_role_that_may_not_use_a_partitions_schema_keeps_old_triggers_there(
+    installed_by_owner, live_model, other_connection
+):
+    """Made row-level, the declaration must drop its statement triggers on the partitions,
+    where PostgreSQL clones the row triggers under their names: refused before anything
+    changes, saying what to grant, as a partition that needs triggers is."""
+    role = installed_by_owner
+    live_model._meta.pgnotify = Notify(fields=["k", "label"], level="row")
+    before = our_triggers(other_connection)
+
+    with acting_as(role), pytest.raises(installation.CannotInstall) as raised:
+        installation.install_triggers(["testapp.PartRow"])
+    with acting_as(role), pytest.raises(CommandError) as checked:
+        check("testapp.PartRow")
+
+    expected = (
+        f'outdated: testapp.PartRow:default on "{PARENT}" '
+        f"({cannot_drop(role, 'pgnotify_install')}; "
+    )
+    assert expected in str(raised.value)
+    assert expected in str(checked.value)
+    assert our_triggers(other_connection) == before
+
+
 def test_sql_printed_before_migrate_gives_the_triggers_to_the_partitions_made_since(
     other_connection,
 ):
