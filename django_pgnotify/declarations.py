@@ -33,14 +33,16 @@ class Column:
     whether PostgreSQL compares its values with ``=`` and finds only the same
     value equal (``json``, ``xml`` and ``point`` columns, for instance, have no
     ``=``; ``citext`` and nondeterministic collations find ``'a'`` and ``'A'``
-    equal), and for an array (``ArrayField``,
-    nested or not) the internal type of its innermost elements."""
+    equal), for an array (``ArrayField``, nested or not) the internal type of its
+    innermost elements, and whether the trigger sends its elements' texts (see
+    ``json_texts_type``)."""
 
     field: str
     column: str
     internal_type: str
     comparable: bool = True
     element_type: str | None = None
+    element_texts: bool = False
 
 
 @dataclass(frozen=True)
@@ -487,6 +489,7 @@ def _column(field: models.Field) -> Column:
         internal_type=internal_type,
         comparable=_comparable(stored),
         element_type=element,
+        element_texts=json_texts_type(stored) is not None,
     )
 
 
@@ -505,6 +508,42 @@ def innermost_field(field: models.Field) -> tuple[models.Field, int]:
     while field.get_internal_type() == "ArrayField" and hasattr(field, "base_field"):
         field, depth = field.base_field, depth + 1
     return field, depth
+
+
+def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
+    """``jsonb`` or ``json``: the type of the elements of ``field``'s array column,
+    which the trigger sends as their texts (``text[]``), where they are not a
+    ``JSONField``'s; ``None`` for any other field (``connection`` as for ``column_type``).
+
+    The ORM reads such a column (a custom field on ``jsonb[]``, an ``ArrayField`` of
+    one on ``jsonb``) as psycopg loads it: the text of each ``jsonb`` element, as
+    Django has ``jsonb`` loaded, each ``json`` one parsed from its text. ``to_json``
+    would embed the values: the text ``'"1"'`` would arrive as ``'1'``, and a
+    number's digits as a float holds them. A ``JSONField``'s elements stay embedded:
+    the decoder gives them to its ``from_db_value`` as it reads them.
+    """
+    element = _array_element(field)
+    if isinstance(element, models.JSONField):
+        return None
+    base, array = column_type(element, connection)
+    if base in _JSON_COLUMN_TYPES and (array or element is not field):
+        return base
+    return None
+
+
+_JSON_COLUMN_TYPES = frozenset({"jsonb", "json"})
+
+
+def _array_element(field: models.Field) -> models.Field:
+    """The innermost elements' field of an ``ArrayField`` or a subclass of one (whose
+    internal type is its class name), as the ORM reads them; else ``field`` itself."""
+    from django.contrib.postgres.fields import ArrayField
+
+    while isinstance(field, ArrayField) or (
+        field.get_internal_type() == "ArrayField" and hasattr(field, "base_field")
+    ):
+        field = field.base_field
+    return field
 
 
 def rendering_types(field: models.Field) -> tuple[str, str | None]:

@@ -31,7 +31,7 @@ from psycopg.types.datetime import TimetzLoader
 from psycopg.types.range import Range
 
 from . import wire
-from .declarations import column_type, stored_field
+from .declarations import column_type, json_texts_type, stored_field
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -529,6 +529,9 @@ def _typed(field: models.Field, using: str) -> Converter:
     fixture gives (``GenericIPAddressField(unpack_ipv4=True)`` makes
     ``'::ffff:10.0.0.1'`` ``'10.0.0.1'``), which the ORM does not do to what it reads.
     """
+    texts = _json_texts_reader(field, using)
+    if texts is not None:
+        return texts
     if _is_array(field):
         return _array_converter(field, using)
     internal = field.get_internal_type()
@@ -584,6 +587,17 @@ def _elements(convert: Converter) -> Converter:
     return convert_array
 
 
+def _json_texts_reader(field: models.Field, using: str) -> Converter | None:
+    """What reads an array whose elements triggers send as their texts (see
+    ``declarations.json_texts_type``) into what psycopg loads for the ORM: a ``jsonb``
+    element's text as it is, a ``json`` one parsed (psycopg's loader uses
+    ``json.loads``); ``None`` for any other column."""
+    loaded = json_texts_type(field, connections[using])
+    if loaded is None:
+        return None
+    return _same if loaded == "jsonb" else _elements(json.loads)
+
+
 def _json_converter(field: models.Field) -> Converter:
     # Triggers send the JSON text as a string: read it as the ORM reads jsonb
     # text, with the field's decoder. (A version 1 payload embeds the value
@@ -632,6 +646,9 @@ def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
 def _adapted(field: models.Field, using: str) -> Converter:
     """A payload value of ``field``'s column to what the database adapter gives for it,
     which ``from_db_value`` receives: JSON as its text (triggers send it so)."""
+    texts = _json_texts_reader(field, using)
+    if texts is not None:
+        return texts
     if _is_array(field):
         element, depth = _innermost(field)
         if element.get_internal_type() == "JSONField":

@@ -1272,9 +1272,11 @@ def _value(record: str, column: Column) -> sql.Composable:
             " || coalesce(to_json(upper({0}))::text, '')"
             " || CASE WHEN upper_inc({0}) THEN ']' ELSE ')' END END"
         ).format(ref)
-    if column.element_type == "DecimalField":
+    if column.element_type == "DecimalField" or column.element_texts:
         # numeric arrays too, element by element: text[] keeps the dimensions and
         # the NULL elements, and its JSON holds strings where numeric[]'s holds numbers.
+        # So are json and jsonb arrays other than a JSONField's: the ORM reads their
+        # elements as psycopg loads them from their texts, which to_json would embed.
         return sql.SQL("{}::text[]").format(ref)
     if column.internal_type == "BinaryField":
         # bytea_output is per session too: 'escape' would send another text.

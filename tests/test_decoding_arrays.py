@@ -32,9 +32,10 @@ from psycopg import sql
 from django_pgnotify import Notify
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.decoding import Decoder
+from django_pgnotify.durable import Claimed, build_message
 from tests.conftest import install_redeclared
 from tests.test_triggers_statements import install, receive, throwaway_model
-from tests.testapp.models import Logbook, SealedTextField
+from tests.testapp.models import Logbook, PlainJSONField, SealedTextField
 
 UTC = timezone.utc
 # Instants around daylight saving changes, and one of 1890, when Kolkata, New York
@@ -341,6 +342,177 @@ def test_arrays_of_an_array_field_subclass_arrive_as_the_orm_reads_them(
     assert repr(updated.old) == repr(orm(before))
     assert updated.changed == {"docs", "exact", "grid", "sealed"}
     assert caplog.records == []  # nothing was passed on as sent
+
+
+class JsonbArrayField(models.Field):
+    """A field of its own on a ``jsonb[]`` column, not an ``ArrayField``: the ORM gives
+    what psycopg loads, with no ``from_db_value`` to read it further."""
+
+    def db_type(self, connection):
+        return "jsonb[]"
+
+
+class JsonArrayField(models.Field):
+    """The same on a ``json[]`` column."""
+
+    def db_type(self, connection):
+        return "json[]"
+
+
+class ParsedJsonbArrayField(JsonbArrayField):
+    """A ``jsonb[]`` column whose ``from_db_value`` parses the texts the ORM reads."""
+
+    def from_db_value(self, value, expression, connection):
+        if value is None:
+            return None
+        return [None if text is None else json.loads(text) for text in value]
+
+
+class JsonbTextField(models.Field):
+    """A field of its own on a ``jsonb`` column: here the elements of an ``ArrayField``."""
+
+    def db_type(self, connection):
+        return "jsonb"
+
+
+JSON_ARRAYS_TABLE = "pgnotify_test_json_arrays"
+# Enough that an update's row (pk, new and old values) is rendered by json_build_array,
+# an insert's by concatenation (see triggers._row_text).
+JSON_ARRAYS_FIELDS = ["docs", "grid", "loose", "parsed", "boxed", "plain", "deep", "spare"]
+# More digits than a float holds, or a 64-bit integer.
+BIG = "123456789012345678901234567890"
+
+
+@pytest.fixture
+def json_arrays_table(other_connection):
+    """A table of ``jsonb[]`` and ``json[]`` columns of fields that are not a
+    ``JSONField`` or an ``ArrayField`` of one, with its model."""
+    with throwaway_model(
+        other_connection,
+        JSON_ARRAYS_TABLE,
+        f"CREATE TABLE {JSON_ARRAYS_TABLE} (id integer PRIMARY KEY, docs jsonb[],"
+        " grid jsonb[][], loose json[], parsed jsonb[], boxed jsonb[], plain json[],"
+        " deep jsonb[], spare json[])",
+        f"DROP TABLE IF EXISTS {JSON_ARRAYS_TABLE}",
+        "JsonArraysRow",
+        id=models.IntegerField(primary_key=True),
+        docs=JsonbArrayField(null=True),
+        grid=JsonbArrayField(null=True),
+        loose=JsonArrayField(null=True),
+        parsed=ParsedJsonbArrayField(null=True),
+        boxed=ArrayField(JsonbTextField(null=True), null=True),
+        # A TextField on json, as some declare one: its internal type is TextField's.
+        plain=ArrayField(PlainJSONField(null=True), null=True),
+        deep=JsonbArrayField(null=True),
+        spare=JsonArrayField(null=True),
+    ) as model:
+        yield model
+
+
+def durable_changes(other_connection: psycopg.Connection, model) -> list:
+    """``model``'s durable changes, from the event table as a worker claims and decodes them."""
+    decoder, label = Decoder([model]), model._meta.label_lower
+    found = other_connection.execute(
+        "SELECT id, declaration, action, layout, payload, size FROM pgnotify_event"
+        " WHERE model = %s ORDER BY id",
+        [label],
+    )
+    return [
+        change
+        for id, declaration, action, layout, payload, size in found
+        for change in decoder.decode(
+            build_message(
+                Claimed(
+                    *(id, declaration, label, action, None, None, "", layout, payload),
+                    *(None, 0, size, None, False, 0.0),
+                )
+            ),
+            event_id=id,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"level": "row"}, {"old": False}, {"durable": True}],
+    ids=["statement", "row", "new values alone", "durable"],
+)
+def test_json_arrays_of_fields_of_their_own_arrive_as_the_orm_reads_them(
+    json_arrays_table, other_connection, options
+):
+    """Each element as psycopg loads it for the ORM: a ``jsonb`` one as its text, a
+    ``json`` one parsed from its text (every digit of its numbers kept), not the value
+    to_json embeds; NULL elements, two dimensions and NULL columns too."""
+    model = json_arrays_table
+    declaration = install(model, other_connection, Notify(fields=JSON_ARRAYS_FIELDS, **options))
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        # Written as texts: every column's elements, (two) dimensions and NULLs as they are.
+        other_connection.execute(
+            f"INSERT INTO {JSON_ARRAYS_TABLE} VALUES (1, %s::text[]::jsonb[],"
+            " %s::text[]::jsonb[], %s::text[]::json[], %s::text[]::jsonb[],"
+            " %s::text[]::jsonb[], %s::text[]::json[], %s::text[]::jsonb[], '{}'),"
+            " (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+            [
+                ['{"b": [1.50, null], "a": "x"}', '"1"', BIG, "1e400", "null", None],
+                [['{"a": 0.5}', None], ["[2]", '"s"']],
+                ['{"a": 1, "a": 2.50}', " [0.1, 1e400] ", BIG, '"1"', None],
+                ['{"n": 1.10}', None],
+                ['{"k": true}', '"[2]"', None],
+                [["[1.10]", None], ['"s"', "{}"]],
+                [[["1", None]], [['"a"', "[]"]]],
+            ],
+        )
+        before = orm_rows(model)
+        other_connection.execute(
+            f"UPDATE {JSON_ARRAYS_TABLE} SET docs = ARRAY['[1.0]', NULL]::jsonb[],"
+            " loose = NULL, boxed = '{}' WHERE id = 1"
+        )
+        after = orm_rows(model)
+        if options.get("durable"):
+            changes = durable_changes(other_connection, model)
+        else:
+            changes = receive(listening, model, 3)
+
+    # What the ORM reads: the comparison below means something.
+    assert before == {
+        1: {
+            "docs": [
+                '{"a": "x", "b": [1.50, null]}',
+                '"1"',
+                BIG,
+                "1" + "0" * 400,  # jsonb keeps every digit of a numeric
+                "null",
+                None,
+            ],
+            "grid": [['{"a": 0.5}', None], ["[2]", '"s"']],
+            "loose": [{"a": 2.5}, [0.1, math.inf], int(BIG), "1", None],
+            "parsed": [{"n": 1.1}, None],
+            "boxed": ['{"k": true}', '"[2]"', None],
+            "plain": [[[1.1], None], ["s", {}]],
+            "deep": [[["1", None]], [['"a"', "[]"]]],
+            "spare": [],
+        },
+        2: dict.fromkeys(JSON_ARRAYS_FIELDS),
+    }
+    assert after[1] == {**before[1], "docs": ["[1.0]", None], "loose": None, "boxed": []}
+    by_change = {(c.action, c.pk): c for c in changes}
+    assert sorted(by_change) == [("insert", 1), ("insert", 2), ("update", 1)]
+    # repr() tells '"1"' from "1" and 1, and a list of texts from the values they hold.
+    assert repr(by_change["insert", 1].fields) == repr(before[1])
+    assert repr(by_change["insert", 2].fields) == repr(before[2])
+    assert repr(by_change["update", 1].fields) == repr(after[1])
+    if options.get("old") is not False:
+        assert repr(by_change["update", 1].old) == repr(before[1])
+        assert by_change["update", 1].changed == {"docs", "loose", "boxed"}
+
+
+def orm_rows(model) -> dict[int, dict[str, Any]]:
+    """The declared values of ``model``'s rows as ``model.objects`` gives them, by pk."""
+    return {
+        row.pk: {name: getattr(row, name) for name in JSON_ARRAYS_FIELDS}
+        for row in model.objects.order_by("pk")
+    }
 
 
 # Decoded from PostgreSQL's own renderings, without a listener
