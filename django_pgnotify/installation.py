@@ -76,6 +76,7 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_proc p ON p.oid = t.tgfoid
 JOIN pg_namespace pn ON pn.oid = p.pronamespace
 WHERE NOT t.tgisinternal AND obj_description(t.oid, 'pg_trigger') LIKE %s
+ORDER BY c.relispartition, t.oid
 """
 
 # Whether this session finds the event table as the durable triggers name it
@@ -290,18 +291,9 @@ def inspect_triggers(
     selectors = list(selectors)
     # A transaction: the trigger hashes are taken with a search_path set for it.
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
-        states = _inspect(cursor, declarations_for(selectors, using), selectors)
-        # What this role cannot drop: said as prune_triggers, or install_triggers for
-        # what an earlier version left, would refuse it.
-        blocked: dict[str, TriggerState] = {}
-        for status, command in (
-            (UNKNOWN, "pgnotify_install --prune"),
-            (OUTDATED, "pgnotify_install"),
-        ):
-            chosen = [state for state in states if state.status == status and not state.unusable]
-            for state in _undroppable(cursor, chosen, lambda state: state.drop_sql, command):
-                blocked[state.uri] = state
-    return [blocked.get(state.uri, state) for state in states]
+        return _with_undroppable(
+            cursor, _inspect(cursor, declarations_for(selectors, using), selectors)
+        )
 
 
 def install_triggers(
@@ -438,7 +430,10 @@ def sync_triggers(
         targets = _readable(cursor, declarations)
         readable = [target.built.declaration for target in targets]
         hidden = {_model_label(d.uri) for d in declarations if d not in readable}
-        states = _inspect(cursor, readable, app_labels, declarations, targets)
+        # What this role cannot drop is kept as it is, and said why.
+        states = _with_undroppable(
+            cursor, _inspect(cursor, readable, app_labels, declarations, targets)
+        )
         kept = invalid | hidden | {_model_label(s.uri) for s in states if s.status == CONFLICT}
         kept |= {_model_label(s.uri) for s in states if s.unusable}
         durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
@@ -449,6 +444,13 @@ def sync_triggers(
             if state.status in NEEDS_CHANGE:
                 logger.error(
                     "pgnotify: %s on %s is not installed: %s", state.uri, state.table, state.detail
+                )
+            elif state.unusable and state.status == UNKNOWN:
+                logger.error(
+                    "pgnotify: %s on %s is no longer declared, but kept: %s",
+                    state.uri,
+                    state.table,
+                    state.detail,
                 )
             elif state.unusable:
                 logger.error(
@@ -1734,6 +1736,19 @@ def _dropped(script: str) -> list[tuple[str, tuple[str, str]]]:
     return list(found)
 
 
+def _with_undroppable(cursor, states: list[TriggerState]) -> list[TriggerState]:
+    """``states``, those of unknown and outdated declarations whose drops this role
+    cannot make (``_undroppable``) with ``unusable`` and their detail set, as
+    ``prune_triggers`` (for unknown ones) or ``install_triggers`` (for what an earlier
+    version left) would refuse them."""
+    blocked: dict[str, TriggerState] = {}
+    for status, command in ((UNKNOWN, "pgnotify_install --prune"), (OUTDATED, "pgnotify_install")):
+        chosen = [state for state in states if state.status == status and not state.unusable]
+        for state in _undroppable(cursor, chosen, lambda state: state.drop_sql, command):
+            blocked[state.uri] = state
+    return [blocked.get(state.uri, state) for state in states]
+
+
 def _undroppable(
     cursor, states: Iterable[TriggerState], script: Callable[[TriggerState], str], command: str
 ) -> list[TriggerState]:
@@ -1827,10 +1842,12 @@ class _Leftovers:
     replaced: set[tuple[str, str]] = field(default_factory=set)
 
     def __str__(self) -> str:
-        names = [f"trigger {name}" for name, _ in self.triggers]
+        # Each name once: on a partitioned table, each partition has the same triggers.
+        names = [f"trigger {name}" for name in dict.fromkeys(name for name, _ in self.triggers)]
         if not self.triggers:
             names += [f"function {_qualified(f)} has no trigger" for f in sorted(self.functions)]
-        return ", ".join(names)
+        tables = len({table for _, table in self.triggers})
+        return ", ".join(names) + (f" on {tables} tables" if tables > 1 else "")
 
     @property
     def detail(self) -> str:

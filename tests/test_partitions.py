@@ -648,3 +648,50 @@ def test_a_partition_whose_columns_are_in_another_order_is_announced_as_its_tabl
         ("update", 1, {"k": 270, "label": "a"}, {"k": 10, "label": "a"}),
         ("delete", 1, {"k": 270, "label": "a"}, None),
     ]
+
+
+def test_a_leftover_on_a_partitioned_table_is_reported_on_that_table_naming_each_trigger_once(
+    live_model, other_connection
+):
+    """Its triggers are on the table and on every partition: the line names the table
+    the model declared, and the triggers once, with how many tables have them."""
+    call_command("pgnotify_install", "testapp.PartRow", verbosity=0)
+    live_model._meta.pgnotify = None
+
+    with pytest.raises(CommandError):
+        check("testapp.PartRow")
+    (state,) = installation.inspect_triggers(["testapp.PartRow"])
+
+    assert (state.status, state.table) == (installation.UNKNOWN, f'"public"."{PARENT}"')
+    assert state.detail == (
+        "trigger pgnotify_insert, trigger pgnotify_update, trigger pgnotify_delete on 4 tables"
+    )
+
+
+@pytest.mark.parametrize(
+    ("declared", "logged", "command"),
+    [
+        (None, "is no longer declared, but kept", "pgnotify_install --prune"),
+        (
+            Notify(fields=["k", "label"], level="row"),
+            "is not installed, and keeps what it has",
+            "pgnotify_install",
+        ),
+    ],
+)
+def test_migrate_by_a_role_that_may_not_use_a_partitions_schema_keeps_what_it_cannot_drop(
+    installed_by_owner, live_model, other_connection, caplog, declared, logged, command
+):
+    """Pruning the triggers of a model that stopped declaring, or dropping those an earlier
+    version left: migrate's sync keeps them, logging what to grant, as the commands say."""
+    role = installed_by_owner
+    live_model._meta.pgnotify = declared
+    before = our_triggers(other_connection)
+
+    with acting_as(role), caplog.at_level("ERROR", "django_pgnotify.installation"):
+        synced = installation.sync_triggers()
+
+    assert "testapp.PartRow:default" not in [state.uri for state in synced]
+    assert "testapp.PartRow:default on " in caplog.text
+    assert f" {logged}: {cannot_drop(role, command)}" in caplog.text
+    assert our_triggers(other_connection) == before
