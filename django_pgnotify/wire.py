@@ -307,13 +307,17 @@ def _check(payload: str | bytes, data: Any) -> tuple[dict[str, Any], Shape]:
     Returns the data (read again if version 1) and its shape, which is kept
     for ``read_shape`` to look up when it is a version 2 one.
     """
-    if data is None or (type(data) is dict and data.get(VERSION_KEY) == OBJECT_ROWS_VERSION):
-        # Version 1 keeps every digit of its numbers. (And the standard library
-        # reads a number orjson refuses, such as 1e400.)
-        try:
+    try:
+        if data is None:
+            # The standard library reads a number orjson refuses (1e400, an integer past
+            # 64 bits: a jsonb array's element may hold one), and the others as orjson
+            # does: floats as floats.
+            data = _loads_stdlib(payload)
+        if type(data) is dict and data.get(VERSION_KEY) == OBJECT_ROWS_VERSION:
+            # Version 1 keeps every digit of its numbers.
             data = _decode_exact(payload if isinstance(payload, str) else payload.decode())
-        except (ValueError, RecursionError) as exc:
-            raise WireError(f"payload is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"payload is not JSON: {exc}") from None
     if type(data) is not dict:
         raise WireError("payload is not a JSON object")
     version = data.get(VERSION_KEY)
