@@ -522,6 +522,8 @@ def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
     number's digits as a float holds them. A ``JSONField``'s elements stay embedded:
     the decoder gives them to its ``from_db_value`` as it reads them.
     """
+    if getattr(field, "generated", False):  # a GeneratedField: its column is its output's
+        field = field.output_field
     element = _array_element(field)
     if isinstance(element, models.JSONField):
         return None

@@ -589,3 +589,39 @@ def logbook_message(**values: Any) -> str:
             "rows": [[1, *values.values()]],
         }
     )
+
+
+GENERATED_TABLE = "pgnotify_test_generated_json_arrays"
+
+
+def test_a_generated_array_of_json_fields_arrives_as_the_orm_reads_it(other_connection):
+    """A ``GeneratedField``'s column is its output field's: an ``ArrayField(JSONField)``
+    one is rendered and read as that field is, not as a field of its own on ``jsonb[]``."""
+    with throwaway_model(
+        other_connection,
+        GENERATED_TABLE,
+        f"CREATE TABLE {GENERATED_TABLE} (id integer PRIMARY KEY, src jsonb[],"
+        " gen jsonb[] GENERATED ALWAYS AS (src) STORED)",
+        f"DROP TABLE IF EXISTS {GENERATED_TABLE}",
+        "GeneratedJsonRow",
+        id=models.IntegerField(primary_key=True),
+        src=ArrayField(models.JSONField(null=True), null=True),
+        gen=models.GeneratedField(
+            expression=models.F("src"),
+            output_field=ArrayField(models.JSONField(null=True), null=True),
+            db_persist=True,
+        ),
+    ) as model:
+        declaration = install(model, other_connection, Notify(fields=["src", "gen"]))
+        with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+            listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+            other_connection.execute(
+                f"INSERT INTO {GENERATED_TABLE} (id, src) VALUES"
+                " (1, ARRAY['{\"a\": 1.50}', '\"1\"', NULL]::jsonb[])"
+            )
+            (change,) = receive(listening, model, 1)
+        row = model.objects.get(pk=1)
+
+    assert row.gen == [{"a": 1.5}, "1", None]
+    assert repr(change.fields["src"]) == repr(row.src)
+    assert repr(change.fields["gen"]) == repr(row.gen)
