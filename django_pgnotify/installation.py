@@ -430,11 +430,11 @@ def sync_triggers(
         targets = _readable(cursor, declarations)
         readable = [target.built.declaration for target in targets]
         hidden = {_model_label(d.uri) for d in declarations if d not in readable}
-        # What this role cannot drop is kept as it is, and said why.
-        states = _with_undroppable(
-            cursor, _inspect(cursor, readable, app_labels, declarations, targets)
-        )
+        states = _inspect(cursor, readable, app_labels, declarations, targets)
         kept = invalid | hidden | {_model_label(s.uri) for s in states if s.status == CONFLICT}
+        # What this role cannot drop is kept as it is, and said why; not for the models
+        # kept already, whose triggers are unknown here (their reason is logged).
+        states = _with_undroppable(cursor, states, kept)
         kept |= {_model_label(s.uri) for s in states if s.unusable}
         durable = {_model_label(s.uri) for s in states if s.status == NO_EVENT_TABLE}
         problem = _event_table_problem(cursor) if durable else None
@@ -1736,14 +1736,20 @@ def _dropped(script: str) -> list[tuple[str, tuple[str, str]]]:
     return list(found)
 
 
-def _with_undroppable(cursor, states: list[TriggerState]) -> list[TriggerState]:
+def _with_undroppable(
+    cursor, states: list[TriggerState], kept: Collection[str] = ()
+) -> list[TriggerState]:
     """``states``, those of unknown and outdated declarations whose drops this role
     cannot make (``_undroppable``) with ``unusable`` and their detail set, as
     ``prune_triggers`` (for unknown ones) or ``install_triggers`` (for what an earlier
-    version left) would refuse them."""
+    version left) would refuse them; but those of the models ``kept`` (by label)."""
     blocked: dict[str, TriggerState] = {}
     for status, command in ((UNKNOWN, "pgnotify_install --prune"), (OUTDATED, "pgnotify_install")):
-        chosen = [state for state in states if state.status == status and not state.unusable]
+        chosen = [
+            state
+            for state in states
+            if state.status == status and not state.unusable and _model_label(state.uri) not in kept
+        ]
         for state in _undroppable(cursor, chosen, lambda state: state.drop_sql, command):
             blocked[state.uri] = state
     return [blocked.get(state.uri, state) for state in states]

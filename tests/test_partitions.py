@@ -695,3 +695,24 @@ def test_migrate_by_a_role_that_may_not_use_a_partitions_schema_keeps_what_it_ca
     assert "testapp.PartRow:default on " in caplog.text
     assert f" {logged}: {cannot_drop(role, command)}" in caplog.text
     assert our_triggers(other_connection) == before
+
+
+def test_migrate_by_such_a_role_says_no_more_of_a_model_it_keeps_for_another_reason(
+    installed_by_owner, live_model, other_connection, caplog
+):
+    """An invalid declaration keeps what it has, said once: its installed triggers,
+    unknown to the sync, are not also reported as no longer declared."""
+    role = installed_by_owner
+    declared, live_model._meta.pgnotify = live_model._meta.pgnotify, Notify(fields=["k", "nope"])
+    before = our_triggers(other_connection)
+
+    try:
+        with acting_as(role), caplog.at_level("ERROR", "django_pgnotify"):
+            installation.sync_triggers()
+    finally:
+        live_model._meta.pgnotify = declared  # for the fixtures' teardown
+
+    said = [r.getMessage() for r in caplog.records if "testapp.PartRow" in r.getMessage()]
+    assert said
+    assert not [message for message in said if "no longer declared" in message]
+    assert our_triggers(other_connection) == before
