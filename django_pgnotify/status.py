@@ -268,6 +268,15 @@ def _undeclared_events(wrapper: BaseDatabaseWrapper, uris: list[str]) -> dict[st
         return {uri: int(count) for uri, count in cursor.fetchall()}
 
 
+def _event_table_found(wrapper: BaseDatabaseWrapper) -> bool:
+    """Whether the event table is on the search path, as the triggers and claims name it."""
+    with wrapper.cursor() as cursor:
+        cursor.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(wire.EVENT_TABLE).as_string(None)]
+        )
+        return bool(cursor.fetchone()[0])
+
+
 def _durable_uris(using: str) -> list[str]:
     """The URIs of the durable declarations routed to ``using``: those its listeners claim."""
     return sorted(d.uri for d in installation.declarations_for((), using) if d.notify.durable)
@@ -331,14 +340,15 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                 lambda: _activity(wrapper),
             )
             durables = [s for s in states if s.sql and s.sql.declaration.notify.durable]
-            # Without its event table, a durable declaration's state says so already.
+            # Without its event table, a durable declaration's state says so already (or,
+            # when its own table is missing too, that it needs migrate).
             if durables and all(s.status != installation.NO_EVENT_TABLE for s in durables):
                 backlog = _read(
                     "counting the durable backlog",
                     using,
                     timeout,
                     status.problems,
-                    lambda: durable.backlog(using),
+                    lambda: durable.backlog(using) if _event_table_found(wrapper) else None,
                 )
                 if backlog is not None:
                     status.durable = asdict(backlog)

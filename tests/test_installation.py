@@ -365,6 +365,24 @@ def test_install_refuses_a_durable_declaration_without_the_event_table(using):
     assert states("testapp.Tag", using=using) == {"testapp.Tag:default": MISSING}
 
 
+def test_status_of_a_durable_declaration_without_its_table_or_the_event_table_says_so():
+    """A database never migrated: the declaration needs migrate, and the backlog, which
+    lives in the missing event table, is not counted (no database error is shown)."""
+    uninstall_triggers(["durableapp"])
+    drop_the_event_table()
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE durableapp_job RENAME TO durableapp_job_elsewhere")
+    out = StringIO()
+
+    with pytest.raises(SystemExit):
+        call_command("pgnotify_status", "durableapp.Job", "--database", "default", stdout=out)
+
+    assert "durableapp.Job:default" in out.getvalue()
+    assert "no table" in out.getvalue()
+    assert "backlog" not in out.getvalue()
+    assert "does not exist" not in out.getvalue()
+
+
 def test_check_flags_durable_triggers_whose_event_table_was_dropped_since():
     drop_the_event_table()
     out = StringIO()
