@@ -10,9 +10,11 @@ without update, or ``channel`` on a durable declaration; W003 unknown
 ``PGNOTIFY`` key; W004 column names leave a long context no room; W005 two
 models' declarations on one table under one name, if the search path finds an
 unqualified table in "public"; W006 a durable model migrates to a PostgreSQL
-database the event table does not. (W001, "durable not available yet", is
-retired.) E012 and W004 come from ``resolve_model``, so the commands refuse
-such a declaration even with the checks skipped.
+database the event table does not; W007 a ``Notify`` on the model's class body,
+not in its ``class Meta``; W008 ``fields`` names the primary key. (W001,
+"durable not available yet", is retired.) E012 and W004 come from
+``resolve_model``, so the commands refuse such a declaration even with the
+checks skipped.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from django.conf import settings
 from django.core import checks
 from django.db import connections, router
 
-from .conf import DEFAULTS
+from .conf import DEFAULTS, get_setting
 from .declarations import Declaration, raw_declarations, resolve_model, settings_label
+from .meta import META_OPTION
 from .naming import TableName
+from .notify import Notify
 from .wire import EVENT_TABLE
 
 
@@ -49,6 +53,7 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
     }
     for model in models:
         declarations, found = declared[model]
+        messages.extend(_check_misplaced(model))
         messages.extend(found)
         if not declarations:
             continue
@@ -67,6 +72,49 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                         id="pgnotify.E009",
                     )
                 )
+    return messages
+
+
+def _check_misplaced(model: Any) -> list[checks.CheckMessage]:
+    """A ``Notify`` written on the model's class body rather than in its ``class Meta``
+    is a plain class attribute to Django: the model declares nothing, silently.
+
+    Looks at the model and the classes it takes attributes from that are not
+    models with a table of their own (abstract models, mixins), which report
+    their own.
+    """
+    messages: list[checks.CheckMessage] = []
+    seen: set[str] = set()
+    declared = raw_declarations(model)
+    declared = declared if isinstance(declared, (list, tuple)) else [declared]
+    for klass in model.__mro__:
+        meta = getattr(klass, "_meta", None)
+        if klass is not model and meta is not None and not meta.abstract:
+            continue  # a concrete ancestor: reported as its own model
+        for name, value in vars(klass).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if name in seen or not any(
+                isinstance(v, Notify) and not any(v is d for d in declared) for v in values
+            ):
+                continue  # none, or the very ones Meta (or settings) declare as well
+            seen.add(name)
+            where = "" if klass is model else f" (from {klass.__name__})"
+            if get_setting("META_OPTION"):
+                hint = f"Move it into the model's Meta: class Meta: {META_OPTION} = Notify(...)."
+            else:
+                hint = (
+                    f'PGNOTIFY["META_OPTION"] is off: declare it in PGNOTIFY["MODELS"]'
+                    f'["{model._meta.label}"] instead.'
+                )
+            messages.append(
+                checks.Warning(
+                    f"{model._meta.label} has {name} = Notify(...) as a class attribute{where}, "
+                    "where it declares nothing: a declaration goes in the model's class Meta.",
+                    hint=hint,
+                    obj=model,
+                    id="pgnotify.W007",
+                )
+            )
     return messages
 
 

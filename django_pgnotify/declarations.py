@@ -255,6 +255,17 @@ def _resolve_one(
         )
     else:
         fields = _columns(model, notify.fields, "fields", "pgnotify.E003", error)
+        if any(column.field == pk.field for column in fields):
+            # A warning: it works, and receivers may read it from event.fields.
+            errors.append(
+                checks.Warning(
+                    f"{where}: fields names the primary key, {pk.field!r}, which every "
+                    "change carries anyway (event.pk): it is sent twice.",
+                    hint=f"Leave {pk.field!r} out of fields and read event.pk.",
+                    obj=model,
+                    id="pgnotify.W008",
+                )
+            )
     when_changed = _columns(model, notify.when_changed, "when_changed", "pgnotify.E004", error)
     if when_changed and "update" not in events:
         errors.append(
@@ -317,13 +328,20 @@ def _resolve_one(
             )
         )
     max_attempts = notify.max_attempts
-    if max_attempts is not None and (
-        type(max_attempts) is not int or max_attempts < 1 or not notify.durable
-    ):
+    if max_attempts is not None and (type(max_attempts) is not int or max_attempts < 1):
         error(
-            f"max_attempts must be a positive integer on a durable=True declaration, "
-            f"got {max_attempts!r}.",
+            f"max_attempts must be a positive integer, got {max_attempts!r}.",
             "pgnotify.E008",
+            hint="E.g. max_attempts=5: dispatches of an event before it becomes a dead "
+            'letter. Without it, PGNOTIFY["DURABLE_MAX_ATTEMPTS"] applies.',
+        )
+    if max_attempts is not None and notify.durable is False:
+        # Likely a forgotten durable=True: the user expects retries that never come.
+        error(
+            "max_attempts applies to durable declarations only: a live one (durable=False, "
+            "the default) sends each change once, with no attempts to count.",
+            "pgnotify.E008",
+            hint="Add durable=True to store changes and retry them, or drop max_attempts.",
         )
 
     if notify.level not in LEVELS:
@@ -403,6 +421,17 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
         return ()
     columns = []
     for name in names:
+        if name == "pk":  # Django's alias, which names no column (as in Meta.indexes)
+            pk = model._meta.pk.name
+            error(
+                f"{option} names 'pk', which is not a field of {model._meta.label}; its "
+                f"primary key is {pk!r}.",
+                id,
+                hint="The primary key is always sent, as event.pk: leave 'pk' out of fields."
+                if option == "fields"
+                else f"Name the primary key by its field name, {pk!r}.",
+            )
+            continue
         try:
             field = model._meta.get_field(name) if isinstance(name, str) else None
         except FieldDoesNotExist:
@@ -523,7 +552,7 @@ def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
     the decoder gives them to its ``from_db_value`` as it reads them.
     """
     if getattr(field, "generated", False):  # a GeneratedField: its column is its output's
-        field = field.output_field
+        field = field.output_field  # type: ignore[attr-defined]
     element = _array_element(field)
     if isinstance(element, models.JSONField):
         return None

@@ -153,6 +153,84 @@ def test_e003_field_inherited_from_a_multi_table_parent(registry):
     assert message.hint == "Declare it on testapp.Vehicle."
 
 
+@pytest.mark.parametrize("named", ["id", "pk_first"], ids=["by-name", "first"])
+def test_w008_fields_naming_the_primary_key_is_sent_twice(registry, named):
+    fields = ["id", "status"] if named == "id" else ["status", "id"]
+    declare(Notify(fields=fields))
+
+    message = only(check_models(registry), "pgnotify.W008")
+    assert message.msg == (
+        "testapp.Shipment:default: fields names the primary key, 'id', which every change "
+        "carries anyway (event.pk): it is sent twice."
+    )
+    assert message.hint == "Leave 'id' out of fields and read event.pk."
+
+
+def test_w008_a_primary_key_named_by_its_attname(registry):
+    class Vehicle(models.Model):
+        name = models.CharField(max_length=50)
+
+        class Meta:
+            app_label = "testapp"
+
+    class Truck(Vehicle):
+        axles = models.IntegerField()
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = Notify(fields=["vehicle_ptr_id", "axles"])
+
+    message = only(check_models(registry), "pgnotify.W008")
+    assert "testapp.Truck:default: fields names the primary key, 'vehicle_ptr'" in message.msg
+
+
+def test_w008_still_sends_the_primary_key_as_declared(registry):
+    """A warning: receivers that read it from event.fields keep getting it."""
+    Shipment = declare(Notify(fields=["id", "status"]))
+
+    (declaration,), _ = resolve_model(Shipment, raw_declarations(Shipment))
+    assert [column.field for column in declaration.fields] == ["id", "status"]
+
+
+@pytest.mark.parametrize(
+    "notify", [Notify(fields="__all__"), Notify(when_changed=["id"])], ids=["all", "when-changed"]
+)
+def test_all_fields_and_when_changed_on_the_primary_key_are_no_w008(registry, notify):
+    declare(notify)
+
+    assert check_models(registry) == []
+
+
+@pytest.mark.parametrize(
+    ("notify", "id", "hint"),
+    [
+        (
+            Notify(fields=["pk", "status"]),
+            "pgnotify.E003",
+            "The primary key is always sent, as event.pk: leave 'pk' out of fields.",
+        ),
+        (
+            Notify(when_changed=["pk"]),
+            "pgnotify.E004",
+            "Name the primary key by its field name, 'id'.",
+        ),
+    ],
+    ids=["fields", "when-changed"],
+)
+def test_e003_e004_pk_is_not_a_field_name_and_the_hint_says_what_to_write(
+    registry, notify, id, hint
+):
+    declare(notify)
+
+    message = only(check_models(registry), id)
+    option = "fields" if id == "pgnotify.E003" else "when_changed"
+    assert message.msg == (
+        f"testapp.Shipment:default: {option} names 'pk', which is not a field of "
+        "testapp.Shipment; its primary key is 'id'."
+    )
+    assert message.hint == hint
+
+
 def test_e003_fields_given_as_a_bare_string(registry):
     declare(Notify(fields="status"))
 
@@ -365,13 +443,36 @@ def test_durable_declaration_with_max_attempts_is_accepted(registry):
 
 
 @pytest.mark.parametrize(
-    "notify", [Notify(durable=True, max_attempts=0), Notify(max_attempts=3)], ids=["zero", "live"]
+    ("max_attempts", "shown"), [(0, "0"), (True, "True"), ("3", "'3'")], ids=["zero", "bool", "str"]
 )
-def test_e008_max_attempts_needs_a_positive_int_on_a_durable_declaration(registry, notify):
-    declare(notify)
+def test_e008_max_attempts_must_be_a_positive_integer(registry, max_attempts, shown):
+    declare(Notify(durable=True, max_attempts=max_attempts))
 
     message = only(check_models(registry), "pgnotify.E008")
-    assert "testapp.Shipment:default: max_attempts must be a positive integer" in message.msg
+    assert message.msg == (
+        f"testapp.Shipment:default: max_attempts must be a positive integer, got {shown}."
+    )
+
+
+def test_e008_max_attempts_on_a_live_declaration_says_it_is_for_durable_ones(registry):
+    """Not "must be a positive integer ... got 3": 3 is one, durable=True is missing."""
+    declare(Notify(fields=["status"], max_attempts=3))
+
+    message = only(check_models(registry), "pgnotify.E008")
+    assert message.msg.startswith(
+        "testapp.Shipment:default: max_attempts applies to durable declarations only"
+    )
+    assert "positive integer" not in message.msg
+    assert "durable=True" in message.hint
+
+
+def test_e008_a_live_declaration_with_max_attempts_zero_is_told_both(registry):
+    declare(Notify(max_attempts=0))
+
+    messages = check_models(registry)
+    assert [m.id for m in messages] == ["pgnotify.E008", "pgnotify.E008"]
+    assert "must be a positive integer, got 0" in messages[0].msg
+    assert "applies to durable declarations only" in messages[1].msg
 
 
 def test_row_level_live_declaration_is_accepted(registry):
@@ -455,6 +556,94 @@ def test_every_mistake_of_a_declaration_is_reported_at_once(registry):
 
     ids = {m.id for m in check_models(registry)}
     assert ids == {"pgnotify.E002", "pgnotify.E003", "pgnotify.E004", "pgnotify.E005"}
+
+
+def test_w007_notify_on_the_class_body_instead_of_meta(registry):
+    class Shipment(models.Model):
+        status = models.CharField(max_length=20)
+        pgnotify = Notify(fields=["status"])
+
+        class Meta:
+            app_label = "testapp"
+
+    message = only(check_models(registry), "pgnotify.W007")
+    assert message.msg == (
+        "testapp.Shipment has pgnotify = Notify(...) as a class attribute, where it declares "
+        "nothing: a declaration goes in the model's class Meta."
+    )
+    assert message.hint == "Move it into the model's Meta: class Meta: pgnotify = Notify(...)."
+    assert message.obj is Shipment
+    assert raw_declarations(Shipment) is None
+
+
+def test_w007_any_attribute_name_a_list_and_an_abstract_parents(registry):
+    class Base(models.Model):
+        notify = [Notify(name="a"), Notify(name="b")]
+
+        class Meta:
+            abstract = True
+            app_label = "testapp"
+
+    class Shipment(Base):
+        status = models.CharField(max_length=20)
+        changes = Notify()
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = Notify(fields=["status"])
+
+    messages = check_models(registry)
+    assert [m.id for m in messages] == ["pgnotify.W007", "pgnotify.W007"]
+    assert "testapp.Shipment has changes = Notify(...) as a class attribute," in messages[0].msg
+    assert "has notify = Notify(...) as a class attribute (from Base)," in messages[1].msg
+
+
+def test_w007_is_reported_on_the_model_that_has_it_not_its_children(registry):
+    class Vehicle(models.Model):
+        pgnotify = Notify()
+
+        class Meta:
+            app_label = "testapp"
+
+    class Truck(Vehicle):
+        class Meta:
+            app_label = "testapp"
+
+    class TruckProxy(Truck):
+        class Meta:
+            app_label = "testapp"
+            proxy = True
+
+    message = only(check_models(registry), "pgnotify.W007")
+    assert message.obj is Vehicle
+
+
+def test_no_w007_for_a_class_attribute_that_is_the_declaration_meta_uses(registry):
+    declared = Notify()
+
+    class Shipment(models.Model):
+        notify = declared
+
+        class Meta:
+            app_label = "testapp"
+            pgnotify = declared
+
+    assert check_models(registry) == []
+
+
+def test_w007_hint_when_the_meta_option_is_off(registry):
+    class Shipment(models.Model):
+        pgnotify = Notify()
+
+        class Meta:
+            app_label = "testapp"
+
+    with override_settings(PGNOTIFY={"META_OPTION": False}):
+        message = only(check_models(registry), "pgnotify.W007")
+    assert message.hint == (
+        'PGNOTIFY["META_OPTION"] is off: declare it in PGNOTIFY["MODELS"]["testapp.Shipment"] '
+        "instead."
+    )
 
 
 def test_e011_composite_primary_key(registry):
