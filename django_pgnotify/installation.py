@@ -219,6 +219,26 @@ class TriggerState:
         return "\n".join([*drop_triggers, self.sql.install, *drop_functions])
 
 
+def describe_change(state: TriggerState, verb: str = "Installed") -> str:
+    """One line for a change made to ``state``, as ``pgnotify_install`` and ``migrate``
+    print it: ``Installed shop.Order:default on "shop_order"``, ``Updated ...`` for
+    an outdated declaration rebuilt, ``Removed ...`` for triggers dropped (no
+    declaration asks for them, or they would write to a missing event table).
+
+    Args:
+        state: A state that ``install_triggers``, ``sync_triggers``,
+            ``prune_triggers`` or ``uninstall_triggers`` returned.
+        verb: ``"Installed"`` for an install or sync, whose states say which of
+            the words above applies; any other verb (``"Pruned"``, ``"Removed"``)
+            is used as it is.
+    """
+    if verb == "Installed":
+        verb = {OUTDATED: "Updated", UNKNOWN: "Removed", NO_EVENT_TABLE: "Removed"}.get(
+            state.status, verb
+        )
+    return f"{verb} {state.subject}"
+
+
 def declarations_for(
     selectors: Iterable[str] = (), using: str = DEFAULT_DB_ALIAS
 ) -> list[Declaration]:

@@ -15,6 +15,7 @@ it keeps as they are (one it cannot install now, see ``sync_triggers``).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -126,14 +127,33 @@ def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwa
         )
 
 
-def sync_after_migrate(sender: AppConfig, using: str, plan: Any = None, **kwargs: Any) -> None:
+def sync_after_migrate(
+    sender: AppConfig,
+    using: str,
+    plan: Any = None,
+    verbosity: int = 1,
+    stdout: Any = None,
+    **kwargs: Any,
+) -> None:
     """``post_migrate``: install, update and prune so triggers match declarations.
 
-    ``flush`` also sends ``post_migrate``, without a plan: the schema has not
-    changed then, so it does nothing.
+    Each change is printed to ``migrate``'s output (``stdout``), as ``migrate``
+    prints each migration it applies, unless ``verbosity`` is 0: without it, a
+    user cannot tell that triggers were installed. ``flush`` also sends
+    ``post_migrate``, without a plan: the schema has not changed then, so it
+    does nothing.
     """
-    from .installation import sync_triggers
+    from .installation import describe_change, sync_triggers
 
     if not _applies(using, plan) or not _first_time("post", using, plan):
         return
-    sync_triggers(using, _detached.pop(using, []))
+    changed = sync_triggers(using, _detached.pop(using, []))
+    if changed and verbosity >= 1:
+        # Django's own default when a sender gives no stdout (emit_post_migrate_signal).
+        out = stdout if stdout is not None else sys.stdout
+        lines = [SYNC_HEADING, *(f"  {describe_change(state)}" for state in changed)]
+        out.write("".join(f"{line}\n" for line in lines))
+
+
+#: What ``migrate`` prints above the changes ``sync_after_migrate`` made.
+SYNC_HEADING = "Synchronizing pgnotify triggers:"

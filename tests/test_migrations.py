@@ -127,6 +127,48 @@ def test_migrate_installs_the_triggers_of_new_models_without_pgnotify_install(ev
     assert (part.model, part.row_objects()[0]["fields"]) == ("evolving.part", {"label": "p"})
 
 
+def migrate_output(evolving: Evolving, step: int, *args: str, **env: str) -> str:
+    """What ``migrate evolving 000<step>`` prints to stdout; it must succeed."""
+    result = evolving.manage("migrate", "evolving", f"{step:04}", *args, step=step, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_migrate_says_which_triggers_it_installed_updated_and_removed(evolving):
+    installed = migrate_output(evolving, 1)
+    unchanged = migrate_output(evolving, 1)
+    updated = migrate_output(evolving, 2)  # AddField colour, which the declaration names
+    removed = migrate_output(evolving, 2, EVOLVING_PART_QUIET="1")  # Part stops declaring
+
+    assert installed.endswith(
+        "  Applying evolving.0001_initial... OK\n"
+        "Synchronizing pgnotify triggers:\n"
+        '  Installed evolving.Gadget:default on "evolving_gadget"\n'
+        '  Installed evolving.Part:default on "evolving_part"\n'
+    ), installed
+    assert "No migrations to apply." in unchanged
+    assert "pgnotify" not in unchanged
+    assert updated.endswith(
+        "  Applying evolving.0002_gadget_colour... OK\n"
+        "Synchronizing pgnotify triggers:\n"
+        '  Updated evolving.Gadget:default on "evolving_gadget"\n'
+    ), updated
+    assert removed.endswith(
+        "Synchronizing pgnotify triggers:\n"
+        '  Removed evolving.Part:default on "public"."evolving_part"\n'
+    ), removed
+
+
+def test_migrate_at_verbosity_0_and_flush_print_nothing_of_the_triggers(evolving):
+    quiet = migrate_output(evolving, 2, "-v", "0")
+    flushed = evolving.manage("flush", "--no-input", step=2)
+
+    assert quiet == ""
+    assert ("evolving_gadget", "pgnotify_insert") in evolving.triggers()  # installed all the same
+    assert flushed.returncode == 0, flushed.stderr
+    assert "pgnotify" not in flushed.stdout
+
+
 def test_adding_a_field_updates_the_declaration_it_joins(evolving):
     evolving.migrate(1)
     evolving.migrate(2)

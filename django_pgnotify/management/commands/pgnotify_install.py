@@ -265,12 +265,10 @@ class Command(BaseCommand):
                 self.stdout.write(self.style.WARNING(f"Warning: {text}"))
 
     def report(self, states: list[installation.TriggerState], verb: str, using: str) -> None:
-        installed_words = {installation.OUTDATED: "Updated", installation.UNKNOWN: "Removed"}
         changed = []
         for state in states:
             if verb != "Removed" or state.uninstall_sql:  # else uninstall left it all
-                word = installed_words.get(state.status, verb) if verb == "Installed" else verb
-                self.stdout.write(self.style.SUCCESS(f"{word} {state.subject}"))
+                self.stdout.write(self.style.SUCCESS(installation.describe_change(state, verb)))
                 changed.append(state)
             if verb == "Removed" and state.kept:
                 detail = state.kept_detail
