@@ -15,7 +15,8 @@ on tables with identical columns that differ only in their trigger:
   (``ChangedItem``).
 
 Every table is emptied before each timed run and, for the bulk UPDATE, filled
-with the same rows and vacuumed, so the variants start from the same state.
+with the same rows and vacuumed, and each timed run starts from a checkpoint, so
+the variants start from the same state.
 
     python benchmarks/write_path.py [--quick] [--repeat N]
 """
@@ -30,6 +31,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
 
 from benchmarks import harness
 
@@ -128,13 +131,30 @@ class Bench:
         #: Library statements that raised: a bulk write must never fail for the trigger.
         self.errors: list[str] = []
         self.library_statements = 0
+        self.checkpoints = True
 
     def reset(self, table: str) -> None:
         self.conn.execute(f"TRUNCATE {table} RESTART IDENTITY")
 
+    def checkpoint(self) -> None:
+        """Start a timed run from a checkpoint, as every other run starts.
+
+        Otherwise a checkpoint that falls within a run makes the first change to each
+        page after it log the whole page, which made some runs of a bulk statement
+        twice as slow as the others. A role that may not run ``CHECKPOINT`` (neither
+        superuser nor ``pg_checkpoint``) measures without.
+        """
+        if self.checkpoints:
+            try:
+                self.conn.execute("CHECKPOINT")
+            except psycopg.errors.InsufficientPrivilege:
+                self.checkpoints = False
+                print("  (no CHECKPOINT before each run: this role may not run it)")
+
     def single(self, table: str) -> float:
         """``single_rows`` INSERTs, each its own transaction; total seconds."""
         self.reset(table)
+        self.checkpoint()
         statement = INSERT_ONE.format(table)
         cursor = self.conn.cursor()
         start = time.perf_counter()
@@ -145,6 +165,7 @@ class Bench:
     def bulk_insert(self, table: str) -> float:
         """One INSERT of ``bulk_rows`` rows; seconds."""
         self.reset(table)
+        self.checkpoint()
         return self._timed(table, INSERT_BULK.format(table), (self.bulk_rows,))
 
     def bulk_update(self, table: str) -> float:
@@ -152,6 +173,7 @@ class Bench:
         self.reset(table)
         self.conn.execute(INSERT_BULK.format(table), (self.bulk_rows,))
         self.conn.execute(f"VACUUM ANALYZE {table}")
+        self.checkpoint()
         return self._timed(table, UPDATE_BULK.format(table), None)
 
     def _timed(self, table: str, statement: str, params: tuple[Any, ...] | None) -> float:
