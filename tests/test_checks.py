@@ -133,7 +133,10 @@ def test_e003_fields_that_are_not_columns_of_the_table(registry, field, reason):
     assert reason in message.msg
 
 
-def test_e003_field_inherited_from_a_multi_table_parent(registry):
+def declare_truck(notify: Notify) -> None:
+    """``testapp.Truck``, a child of the multi-table parent ``testapp.Vehicle``, declaring
+    ``notify``."""
+
     class Vehicle(models.Model):
         name = models.CharField(max_length=50)
 
@@ -145,7 +148,11 @@ def test_e003_field_inherited_from_a_multi_table_parent(registry):
 
         class Meta:
             app_label = "testapp"
-            pgnotify = Notify(fields=["axles", "name"])
+            pgnotify = notify
+
+
+def test_e003_field_inherited_from_a_multi_table_parent(registry):
+    declare_truck(Notify(fields=["axles", "name"]))
 
     message = only(check_models(registry), "pgnotify.E003")
     assert "testapp.Truck:default: fields names 'name'" in message.msg
@@ -167,18 +174,7 @@ def test_w008_fields_naming_the_primary_key_is_sent_twice(registry, named):
 
 
 def test_w008_a_primary_key_named_by_its_attname(registry):
-    class Vehicle(models.Model):
-        name = models.CharField(max_length=50)
-
-        class Meta:
-            app_label = "testapp"
-
-    class Truck(Vehicle):
-        axles = models.IntegerField()
-
-        class Meta:
-            app_label = "testapp"
-            pgnotify = Notify(fields=["vehicle_ptr_id", "axles"])
+    declare_truck(Notify(fields=["vehicle_ptr_id", "axles"]))
 
     message = only(check_models(registry), "pgnotify.W008")
     assert "testapp.Truck:default: fields names the primary key, 'vehicle_ptr'" in message.msg
