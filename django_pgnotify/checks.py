@@ -19,6 +19,7 @@ checks skipped.
 
 from __future__ import annotations
 
+import difflib
 import math
 import threading
 from typing import Any
@@ -73,6 +74,14 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                     )
                 )
     return messages
+
+
+def _closest_setting(key: Any) -> str:
+    """W003's hint: the known setting ``key`` most likely misspells (in any case), then
+    every known one."""
+    known = f"Known settings: {', '.join(DEFAULTS)}."
+    close = difflib.get_close_matches(str(key).upper(), DEFAULTS, n=1)
+    return f"Did you mean {close[0]!r}? {known}" if close else known
 
 
 def _check_misplaced(model: Any) -> list[checks.CheckMessage]:
@@ -229,7 +238,7 @@ def check_settings() -> list[checks.CheckMessage]:
     messages: list[checks.CheckMessage] = [
         checks.Warning(
             f"PGNOTIFY has no setting {key!r}; it is ignored.",
-            hint=f"Known settings: {', '.join(DEFAULTS)}.",
+            hint=_closest_setting(key),
             id="pgnotify.W003",
         )
         for key in config

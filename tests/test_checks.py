@@ -866,7 +866,21 @@ def test_w003_unknown_pgnotify_key():
 
     assert message.level == checks.WARNING
     assert "'POLL_INTERVALL'" in message.msg
-    assert "POLL_INTERVAL" in message.hint
+    assert message.hint.startswith("Did you mean 'POLL_INTERVAL'? Known settings: MODELS, ")
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("durable_batchsize", "Did you mean 'DURABLE_BATCH_SIZE'? Known settings: "),
+        ("COLOUR", "Known settings: MODELS, "),
+    ],
+)
+def test_w003_suggests_the_setting_a_key_most_likely_misspells(key, hint):
+    with override_settings(PGNOTIFY={key: 1}):
+        message = only(check_declarations(), "pgnotify.W003")
+
+    assert message.hint.startswith(hint)
 
 
 class EventTableOnDefaultOnly:
