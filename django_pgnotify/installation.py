@@ -1880,7 +1880,10 @@ class _Leftovers:
         """What they are, as part of the state of the declaration they were left by:
         with the table of each trigger, which may be another than the declaration's
         (its former name, or a partition detached from it)."""
-        left = ", ".join(f"trigger {name} on {_qualified(table)}" for name, table in self.triggers)
+        tables: dict[str, list[str]] = {}  # by name: a partitioned table's are on each partition
+        for name, table in self.triggers:
+            tables.setdefault(name, []).append(_qualified(table))
+        left = ", ".join(f"trigger {name} on {', '.join(on)}" for name, on in tables.items())
         parts = [f"no longer declared: {left or self}"] if self.triggers or self.functions else []
         parts += [f"its triggers call {_qualified(f)}" for f in sorted(self.replaced)]
         return "; ".join(parts)

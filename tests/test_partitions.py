@@ -716,3 +716,18 @@ def test_migrate_by_such_a_role_says_no_more_of_a_model_it_keeps_for_another_rea
     assert said
     assert not [message for message in said if "no longer declared" in message]
     assert our_triggers(other_connection) == before
+
+
+def test_an_event_no_longer_declared_names_its_trigger_once_with_the_tables_it_is_on(
+    live_model, other_connection
+):
+    """Its trigger is on the table and on every partition: one entry, every table."""
+    installation.install_triggers(["testapp.PartRow"])
+    live_model._meta.pgnotify = Notify(fields=["k", "label"], events=["insert", "update"])
+
+    (state,) = installation.inspect_triggers(["testapp.PartRow"])
+
+    assert state.status == installation.OUTDATED
+    assert state.detail.count("trigger pgnotify_delete on ") == 1
+    assert f'trigger pgnotify_delete on "public"."{PARENT}", ' in state.detail
+    assert TOP in state.detail
