@@ -510,8 +510,7 @@ class DurableWorker:
             " by a lost connection, could not be made before the listener stopped (%s):"
             " their changes will be dispatched again once the %gs lease expires",
             self.using,
-            ", ".join(str(row.id) for row in claimed[:10]) + (", ..." if len(claimed) > 10 else ""),
-            ", ".join(sorted({row.declaration for row in claimed})),
+            *_ids_and_declarations(claimed),
             problem,
             self.lease,
             exc_info=error,
@@ -882,8 +881,7 @@ class DurableWorker:
                 " when it settled them (its %gs lease expired and another listener claimed"
                 " them, or they were retried or discarded): left as they are; the changes"
                 " handled here may be handled again",
-                ", ".join(str(row.id) for row in lost[:10]) + (", ..." if len(lost) > 10 else ""),
-                ", ".join(sorted({row.declaration for row in lost})),
+                *_ids_and_declarations(lost),
                 self.lease,
             )
         settled_at = time.monotonic()  # after the server's now(), which available_at counts from
@@ -1134,6 +1132,12 @@ def prune_events(
             if picked < batch_size:
                 return total
             params["after"] = last
+
+
+def _ids_and_declarations(rows: Sequence[Claimed]) -> tuple[str, str]:
+    """The ids (the first ten) and the declarations of ``rows``, for a log line."""
+    ids = ", ".join(str(row.id) for row in rows[:10]) + (", ..." if len(rows) > 10 else "")
+    return ids, ", ".join(sorted({row.declaration for row in rows}))
 
 
 def _one_line(exc: BaseException) -> str:
