@@ -256,25 +256,23 @@ def _undeclared_events(wrapper: BaseDatabaseWrapper, uris: list[str]) -> dict[st
     durable declarations' state and backlog say so, if there are any; a project
     without them, or a monitoring role that may not read the table, is not at fault.
     """
+    if not _event_table_readable(wrapper):
+        return {}
+    with wrapper.cursor() as cursor:
+        cursor.execute(_UNDECLARED.as_string(None), [uris])
+        return {uri: int(count) for uri, count in cursor.fetchall()}
+
+
+def _event_table_readable(wrapper: BaseDatabaseWrapper) -> bool | None:
+    """Whether this role may read the event table; ``None`` when the search path finds
+    none, as the triggers and claims name it."""
     with wrapper.cursor() as cursor:
         cursor.execute(
             "SELECT has_table_privilege(t, 'SELECT') FROM to_regclass(%s) AS t WHERE t IS NOT NULL",
             [sql.Identifier(wire.EVENT_TABLE).as_string(None)],
         )
-        readable = cursor.fetchone()
-        if readable is None or not readable[0]:
-            return {}
-        cursor.execute(_UNDECLARED.as_string(None), [uris])
-        return {uri: int(count) for uri, count in cursor.fetchall()}
-
-
-def _event_table_found(wrapper: BaseDatabaseWrapper) -> bool:
-    """Whether the event table is on the search path, as the triggers and claims name it."""
-    with wrapper.cursor() as cursor:
-        cursor.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", [sql.Identifier(wire.EVENT_TABLE).as_string(None)]
-        )
-        return bool(cursor.fetchone()[0])
+        found = cursor.fetchone()
+    return None if found is None else bool(found[0])
 
 
 def _durable_uris(using: str) -> list[str]:
@@ -348,7 +346,9 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                     using,
                     timeout,
                     status.problems,
-                    lambda: durable.backlog(using) if _event_table_found(wrapper) else None,
+                    lambda: (
+                        None if _event_table_readable(wrapper) is None else durable.backlog(using)
+                    ),
                 )
                 if backlog is not None:
                     status.durable = asdict(backlog)
