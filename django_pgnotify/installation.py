@@ -1868,22 +1868,29 @@ class _Leftovers:
     replaced: set[tuple[str, str]] = field(default_factory=set)
 
     def __str__(self) -> str:
-        # Each name once: on a partitioned table, each partition has the same triggers.
-        names = [f"trigger {name}" for name in dict.fromkeys(name for name, _ in self.triggers)]
+        names = [f"trigger {name}" for name in self._tables_by_name]
         if not self.triggers:
             names += [f"function {_qualified(f)} has no trigger" for f in sorted(self.functions)]
         tables = len({table for _, table in self.triggers})
         return ", ".join(names) + (f" on {tables} tables" if tables > 1 else "")
 
     @property
+    def _tables_by_name(self) -> dict[str, list[str]]:
+        """The tables of each trigger, by name, in order: each name once, as on a
+        partitioned table each partition has the same triggers."""
+        tables: dict[str, list[str]] = {}
+        for name, table in self.triggers:
+            tables.setdefault(name, []).append(_qualified(table))
+        return tables
+
+    @property
     def detail(self) -> str:
         """What they are, as part of the state of the declaration they were left by:
         with the table of each trigger, which may be another than the declaration's
         (its former name, or a partition detached from it)."""
-        tables: dict[str, list[str]] = {}  # by name: a partitioned table's are on each partition
-        for name, table in self.triggers:
-            tables.setdefault(name, []).append(_qualified(table))
-        left = ", ".join(f"trigger {name} on {', '.join(on)}" for name, on in tables.items())
+        left = ", ".join(
+            f"trigger {name} on {', '.join(on)}" for name, on in self._tables_by_name.items()
+        )
         parts = [f"no longer declared: {left or self}"] if self.triggers or self.functions else []
         parts += [f"its triggers call {_qualified(f)}" for f in sorted(self.replaced)]
         return "; ".join(parts)
