@@ -11,6 +11,7 @@ shared test server's queue is never full for other tests.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,6 +110,16 @@ def insert_tag(url: str, name: str) -> bool:
     return True
 
 
+def delivered_once_drained(
+    listener: ManagedProcess, url: str, end_blocking_transaction: Callable[[], None], name: str
+) -> None:
+    """End the transaction that holds the queue full, insert tag ``name`` once the queue
+    has room, and wait until ``listener`` prints it."""
+    end_blocking_transaction()
+    wait_until(lambda: insert_tag(url, name), what="room in the queue")
+    listener.wait_for(rf"^testapp\.tag insert pk='{re.escape(name)}'$", stream="out")
+
+
 def start_listener(env: dict[str, str], *selectors: str) -> ManagedProcess:
     return ManagedProcess([sys.executable, "-m", "django", *LISTENER_ARGS, *selectors], env)
 
@@ -143,9 +154,7 @@ def test_a_full_notification_queue_leaves_the_listening_connection_in_place(smal
             listener.wait_for(
                 rf"stats .*connected=True backend_pid={pid} .*queue_usage=1\.0 ", stream="err"
             )
-            end_blocking_transaction()
-            wait_until(lambda: insert_tag(url, "once it drained"), what="room in the queue")
-            listener.wait_for(r"^testapp\.tag insert pk='once it drained'$", stream="out")
+            delivered_once_drained(listener, url, end_blocking_transaction, "once it drained")
 
         listener.wait_for(rf"stats .*connected=True backend_pid={pid} ", stream="err")
         assert listener.stop() == 0
@@ -166,9 +175,7 @@ def test_a_listener_started_while_the_queue_is_full_listens_and_proves_delivery_
         try:
             listener.wait_for(r"start-up self-probe could not be sent", stream="err")
             listener.wait_for(r"listening on", stream="err")
-            end_blocking_transaction()
-            wait_until(lambda: insert_tag(url, "after a full start"), what="room in the queue")
-            listener.wait_for(r"^testapp\.tag insert pk='after a full start'$", stream="out")
+            delivered_once_drained(listener, url, end_blocking_transaction, "after a full start")
             listener.wait_for(r"start-up self-probe came back", stream="err")
             assert listener.stop() == 0
         finally:
@@ -199,9 +206,7 @@ def test_a_listener_owing_the_proof_keeps_its_connection_while_no_second_one_ope
                 assert "too many connections for role" in line
 
                 limit(2)
-                end_blocking_transaction()
-                wait_until(lambda: insert_tag(url, "after both"), what="room in the queue")
-                listener.wait_for(r"^testapp\.tag insert pk='after both'$", stream="out")
+                delivered_once_drained(listener, url, end_blocking_transaction, "after both")
                 listener.wait_for(r"start-up self-probe came back", stream="err")
                 assert listener.stop() == 0
             finally:
