@@ -565,6 +565,23 @@ def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
 _JSON_COLUMN_TYPES = frozenset({"jsonb", "json"})
 
 
+def embeds_json(field: models.Field, connection: Any = None) -> bool:
+    """Whether the trigger embeds the JSON values of ``field``'s column in the payload
+    as they are: the elements of an ``ArrayField(JSONField)``, the value of a field
+    other than a ``JSONField`` on a ``json`` column (``connection`` as for
+    ``column_type``). Their integers may be past 64 bits, which the ORM reads
+    with every digit."""
+    if getattr(field, "generated", False):  # a GeneratedField: its column is its output's
+        field = field.output_field  # type: ignore[attr-defined]
+    if json_texts_type(field, connection) is not None:  # sent as texts
+        return False
+    element = _array_element(field)
+    if column_type(element, connection)[0] not in _JSON_COLUMN_TYPES:
+        return False
+    # A JSONField's column, or one rendered as a JSONField's, is sent as its text.
+    return element is not field or rendering_types(field)[0] != "JSONField"
+
+
 def _array_element(field: models.Field) -> models.Field:
     """The innermost elements' field of an ``ArrayField`` or a subclass of one (whose
     internal type is its class name), as the ORM reads them; else ``field`` itself."""

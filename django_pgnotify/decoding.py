@@ -31,7 +31,7 @@ from psycopg.types.datetime import TimetzLoader
 from psycopg.types.range import Range
 
 from . import wire
-from .declarations import column_type, json_texts_type, stored_field
+from .declarations import column_type, embeds_json, json_texts_type, stored_field
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -744,6 +744,8 @@ class _Layout:
         self.full = wire.row_length(action, self.count, old)
         # An update of a declaration with old=False is laid out as an insert.
         self.is_update = action == "update" and old
+        # Whether the message is read again, exactly: wire.read_shape's exactly.
+        self.exactly = not codec.exact.isdisjoint(fields)
         read = [(column, *codec.columns.get(column, (column, _same))) for column in fields]
         self.watched = [codec.columns.get(c, (c,))[0] for c in watched]
         self._changed: dict[int, frozenset[str]] = {}
@@ -884,6 +886,11 @@ class _ModelCodec:
         self.columns = {
             f.column: (f.attname, converter_for(f, using)) for f in model._meta.concrete_fields
         }
+        # Columns whose JSON values the triggers embed as they are (see
+        # declarations.embeds_json): a message holding one is read exactly.
+        self.exact = frozenset(
+            f.column for f in model._meta.concrete_fields if embeds_json(f, connections[using])
+        )
         # Version 1 embeds JSON values rather than sending their text.
         self._embedded_json = {
             f.column for f in model._meta.concrete_fields if f.get_internal_type() == "JSONField"
@@ -999,6 +1006,11 @@ class Decoder:
             assert shape.fields is not None and shape.watched is not None
             layout = codec.layout(shape.fields, shape.watched, shape.action, shape.old)
             wire.remember(self._layouts, shape, layout)  # shapes repeat
+        if layout.exactly:  # an integer past 64 bits may have been read as a float
+            try:
+                shape, rows, xid, seconds, context = wire.read_shape(payload, exactly=True)
+            except wire.WireError as exc:
+                raise DecodeError(str(exc)) from None
         if type(seconds) is float:  # as triggers send it: _timestamp inlined
             try:
                 timestamp = _fromtimestamp(seconds, _UTC)

@@ -119,7 +119,9 @@ def _loads_stdlib(payload: str | bytes) -> Any:
 
 #: Parses a payload (``str``, or ``bytes`` in UTF-8): orjson if installed, it
 #: is about four times faster; else the standard library. Both give the same
-#: values for what triggers send (no number there needs more than a float).
+#: values for what triggers send, but for an integer past 64 bits, which orjson
+#: reads as a float: only a JSON value embedded as it is holds one (see
+#: ``read_shape``'s ``exactly``).
 loads: Callable[[str | bytes], Any] = _loads_stdlib if _orjson_loads is None else _orjson_loads
 
 
@@ -249,18 +251,20 @@ class Shape:
 
 
 def read_shape(
-    payload: str | bytes,
+    payload: str | bytes, exactly: bool = False
 ) -> tuple[Shape, list[Any], int | None, float | int | Decimal | None, dict[str, Any] | None]:
     """The decoder's hot path: the shape, rows, xid, timestamp and context of a payload.
 
     Same checks and errors as ``parse``: every row has been checked against
     the shape, so a reader may index it by that layout without looking again.
+    ``exactly`` reads it with the standard library, which keeps every digit of
+    an integer, as the ORM reads JSON (``loads`` may round one past 64 bits).
 
     Raises:
         WireError: As ``parse``.
     """
     try:
-        data = loads(payload)
+        data = _loads_stdlib(payload) if exactly else loads(payload)
     except (ValueError, RecursionError):
         data = None
     shape = None

@@ -30,7 +30,7 @@ from django.db import connection, models, transaction
 from psycopg import sql
 
 from django_pgnotify import Notify
-from django_pgnotify.declarations import get_declarations
+from django_pgnotify.declarations import embeds_json, get_declarations
 from django_pgnotify.decoding import Decoder
 from django_pgnotify.durable import Claimed, build_message
 from tests.conftest import install_redeclared
@@ -505,6 +505,112 @@ def test_json_arrays_of_fields_of_their_own_arrive_as_the_orm_reads_them(
     if options.get("old") is not False:
         assert repr(by_change["update", 1].old) == repr(before[1])
         assert by_change["update", 1].changed == {"docs", "loose", "boxed"}
+
+
+class JsonTextField(models.Field):
+    """A field of its own on a ``json`` column: the ORM gives what psycopg parses."""
+
+    def db_type(self, connection):
+        return "json"
+
+
+BIG_NUMBERS_TABLE = "pgnotify_test_big_numbers"
+BIG_NUMBERS_FIELDS = ["docs", "grid", "loose", "plain", "texts"]
+
+
+@pytest.fixture
+def big_numbers_table(other_connection):
+    """JSON columns whose values the triggers embed as they are, with their model."""
+    with throwaway_model(
+        other_connection,
+        BIG_NUMBERS_TABLE,
+        f"CREATE TABLE {BIG_NUMBERS_TABLE} (id integer PRIMARY KEY, docs jsonb[],"
+        " grid jsonb[][], loose json, plain json, texts jsonb)",
+        f"DROP TABLE IF EXISTS {BIG_NUMBERS_TABLE}",
+        "BigNumbersRow",
+        id=models.IntegerField(primary_key=True),
+        docs=ArrayField(models.JSONField(null=True), null=True),
+        grid=ArrayField(ArrayField(models.JSONField(null=True, decoder=DecimalDecoder)), null=True),
+        loose=JsonTextField(null=True),
+        plain=PlainJSONField(null=True),
+        texts=JsonbTextField(null=True),
+    ) as model:
+        yield model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"level": "row"}, {"old": False}, {"durable": True}],
+    ids=["statement", "row", "new values alone", "durable"],
+)
+def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
+    big_numbers_table, other_connection, options
+):
+    """The elements of an ``ArrayField(JSONField)`` and the value of a field of its own
+    on a ``json`` column are embedded in the payload as JSON: an integer too large
+    for 64 bits must arrive as the int the ORM reads, not as a float."""
+    model = big_numbers_table
+    declaration = install(model, other_connection, Notify(fields=BIG_NUMBERS_FIELDS, **options))
+    big, negative, unsigned = int(BIG), -(2**63) - 1, 2**64
+    with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+        listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+        other_connection.execute(
+            f"INSERT INTO {BIG_NUMBERS_TABLE} VALUES (1, %s::text[]::jsonb[],"
+            " %s::text[]::jsonb[], %s::json, %s::json, %s::jsonb)",
+            [
+                [BIG, f'{{"n": {negative}, "f": 0.5}}', None],
+                [[f"[{unsigned}]", "1.25"]],
+                f'{{"n": {BIG}, "m": [{negative}, 1.5]}}',
+                f"[{unsigned}, {BIG}]",
+                f'{{"n": {BIG}}}',
+            ],
+        )
+        before = model.objects.get(pk=1)
+        other_connection.execute(f"UPDATE {BIG_NUMBERS_TABLE} SET docs = '{{}}' WHERE id = 1")
+        after = model.objects.get(pk=1)
+        if options.get("durable"):
+            changes = durable_changes(other_connection, model)
+        else:
+            changes = receive(listening, model, 2)
+
+    def orm(row):
+        return {name: getattr(row, name) for name in BIG_NUMBERS_FIELDS}
+
+    # What the ORM reads: the comparison below means something.
+    assert orm(before) == {
+        "docs": [big, {"f": 0.5, "n": negative}, None],
+        "grid": [[[unsigned], Decimal("1.25")]],
+        "loose": {"n": big, "m": [negative, 1.5]},
+        "plain": [unsigned, big],
+        "texts": f'{{"n": {BIG}}}',
+    }
+    inserted, updated = changes
+    # repr() tells 1.2345678901234568e+29 from the int.
+    assert repr(inserted.fields) == repr(orm(before))
+    assert repr(updated.fields) == repr(orm(after))
+    if options.get("old") is not False:
+        assert repr(updated.old) == repr(orm(before))
+
+
+@pytest.mark.parametrize(
+    "field, embedded",
+    [
+        (ArrayField(models.JSONField()), True),
+        (ArrayField(ArrayField(models.JSONField())), True),
+        (JsonTextField(), True),
+        (PlainJSONField(), True),
+        (models.JSONField(), False),  # its text
+        (JsonbTextField(), False),  # rendered as a JSONField
+        (ArrayField(JsonbTextField()), False),  # its elements' texts
+        (JsonbArrayField(), False),
+        (ArrayField(models.IntegerField()), False),
+        (models.TextField(), False),
+    ],
+    ids=repr,
+)
+def test_only_messages_with_embedded_json_are_read_again_exactly(field, embedded):
+    """The others keep the faster parser: their numbers never need more than a float."""
+    assert embeds_json(field, connection) is embedded
 
 
 def orm_rows(model) -> dict[int, dict[str, Any]]:
