@@ -46,6 +46,7 @@ from typing import Any
 
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
+from django.db.models import Model
 from django.utils.duration import duration_iso_string
 
 from . import groups
@@ -793,6 +794,10 @@ class ChannelsDispatcher(Dispatcher):
     """
 
     counters = FORWARD_COUNTERS
+
+    def unheard(self, models: Iterable[type[Model]]) -> list[type[Model]]:
+        """None: every event goes to the Channels groups, receivers or not."""
+        return []
 
     def __init__(
         self,

@@ -17,11 +17,12 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.db import connections
+from django.db.models import Model
 
 from .events import RowChange
 from .signals import row_changed
@@ -49,6 +50,11 @@ class Dispatcher:
         #: durable worker watches it grow to tell a slow batch from a stuck one.
         self.durable_awaited = 0
         self._connections_lost = False
+
+    def unheard(self, models: Iterable[type[Model]]) -> list[type[Model]]:
+        """Those of ``models`` whose changes would reach no one: no ``row_changed``
+        receiver is connected for them (for the model, or for every sender)."""
+        return [model for model in models if not row_changed.has_listeners(model)]
 
     def connections_lost(self) -> None:
         """The listener lost its connection: the database may have restarted.

@@ -142,6 +142,7 @@ class Listener:
         self.poll_interval = poll_interval
         self.stats: Counter[str] = self.dispatcher.stats
         self.decoder = Decoder({d.model for d in declarations}, using, self.stats)
+        self._models = sorted({d.model for d in declarations}, key=lambda m: m._meta.label)
         self.ready = threading.Event()
         self.health = ListenerHealth(local_queue_size=int(get_setting("QUEUE_SIZE")))
         if ignore_own_changes is None:
@@ -355,6 +356,7 @@ class Listener:
                     logger.info(
                         "pgnotify: listening on %s (backend pid %s)", ", ".join(self.channels), pid
                     )
+                    self._warn_unheard()
                     await self._send(listener_started, backend_pid=pid)
                     self.ready.set()
                     self._started.set()
@@ -724,6 +726,19 @@ class Listener:
     def _control_threadsafe(self, notify: PGnotify) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._control, notify)
+
+    def _warn_unheard(self) -> None:
+        """Say which models' changes no receiver hears: the listener would only count
+        them as dispatched. A module of receivers that nothing imports at start-up
+        is the usual cause."""
+        unheard = self.dispatcher.unheard(self._models)
+        if unheard:
+            logger.warning(
+                "pgnotify: no row_changed receiver is connected for %s: the listener "
+                "dispatches their changes to no one. Connect receivers in a module that "
+                "your AppConfig.ready() imports",
+                ", ".join(m._meta.label for m in unheard),
+            )
 
     def _control(self, notify: PGnotify) -> None:
         """A probe answer or a durable wake-up (in the event loop)."""

@@ -21,10 +21,14 @@ from django.db import connection, transaction
 from django.utils.timezone import now
 
 from django_pgnotify import RowChange, row_changed
+from django_pgnotify.channels_bridge import ChannelsDispatcher
+from django_pgnotify.declarations import get_declarations
 from django_pgnotify.dispatch import Dispatcher
+from django_pgnotify.listener import Listener
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import changes_before_marker, orders_beside_a_failing_receiver
 from tests.conftest import test_database_url as database_url
+from tests.test_listener_resilience import listener_thread
 from tests.testapp.models import (
     Article,
     Customer,
@@ -733,3 +737,46 @@ def test_an_update_that_changes_the_pk_is_announced_with_the_new_pk(changes):
     (event,) = changes.wait(1)
     assert (event.action, event.pk) == ("update", order.pk + 100_000)
     assert event.old == {"status": None, "total": None}  # the old row is not known
+
+
+# Models no receiver hears
+
+
+def test_the_listener_warns_at_start_of_models_whose_changes_no_receiver_hears(
+    transactional_db, caplog
+):
+    """A module of receivers that nothing imports leaves a model unheard: the
+    listener says so rather than counting its changes as dispatched."""
+
+    def on_order(sender, **kwargs):
+        pass
+
+    def on_anything(sender, **kwargs):
+        pass
+
+    def warnings_at_start(dispatcher: Dispatcher | None = None) -> list[str]:
+        caplog.clear()
+        declarations = get_declarations(["testapp.Order", "testapp.Legacy", "testapp.Tag"])
+        listener = Listener(declarations, dispatcher=dispatcher)
+        with listener_thread(listener):
+            assert listener.ready.wait(10), "the listener did not start"
+        return [
+            r.getMessage() for r in caplog.records if "no row_changed receiver" in r.getMessage()
+        ]
+
+    caplog.set_level(logging.WARNING, logger="django_pgnotify.listener")
+    row_changed.connect(on_order, sender=Order, weak=False)
+    try:
+        (warning,) = warnings_at_start()
+        assert "for testapp.Legacy, testapp.Tag:" in warning
+        assert "AppConfig.ready()" in warning
+        # Forwarded to Channels groups, every change reaches someone.
+        assert warnings_at_start(ChannelsDispatcher("default", ["testapp.legacy"])) == []
+
+        row_changed.connect(on_anything, weak=False)  # every model's
+        try:
+            assert warnings_at_start() == []
+        finally:
+            row_changed.disconnect(on_anything)
+    finally:
+        row_changed.disconnect(on_order, sender=Order)
