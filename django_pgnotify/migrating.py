@@ -6,10 +6,12 @@ renames or drops one, every write that calls the function fails, also the
 writes of the migration itself (a data migration later in the plan, the
 ``UPDATE`` Django runs to fill a column made ``NOT NULL``). So, with
 ``INSTALL_ON_MIGRATE``, ``pre_migrate`` disables our triggers on the tables of
-every model the migration plan may touch, and ``post_migrate``, once the whole
-plan has run, rebuilds every declaration, prunes what no declaration asks
-for, and enables again, as they were, the disabled triggers of declarations
-it keeps as they are (one it cannot install now, see ``sync_triggers``).
+every model whose columns the migration plan may change (``models_touched``),
+and ``post_migrate``, once the whole plan has run, rebuilds every declaration,
+prunes what no declaration asks for, and enables again, as they were, the
+disabled triggers of declarations it keeps as they are (one it cannot install
+now, see ``sync_triggers``). Writes made to those tables meanwhile are not
+announced, nor stored for durable declarations: ``pre_migrate`` warns of these.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig, apps
 from django.db import connections
+from django.db.migrations import operations as _operations
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
 
 from .conf import get_setting
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
     from .installation import Detached
 
 logger = logging.getLogger("django_pgnotify.migrating")
+
+_OWN_APP = "django_pgnotify"
 
 # The (alias, plan) last handled: both signals are sent once per app, with
 # the same plan object, and one pass per migrate run is enough.
@@ -39,23 +44,60 @@ _handled: dict[str, tuple[Any, Any]] = {}
 _detached: dict[str, list[Detached]] = {}
 
 
+# Operations that, applied (not reversed), leave every existing column as it is: they
+# add columns, indexes or constraints, or change no schema. A trigger's function reads
+# columns by name, so these cannot break it, and the triggers stay enabled: writes made
+# meanwhile are announced (and stored, for durable declarations). Reversed, an AddField
+# drops its column, so they count then as any other.
+_KEEPING_COLUMNS = tuple(
+    operation
+    for operation in (
+        getattr(_operations, name, None)
+        for name in (
+            "CreateModel",
+            "AddField",
+            "AddIndex",
+            "RemoveIndex",
+            "RenameIndex",
+            "AddConstraint",
+            "RemoveConstraint",
+            "AlterConstraint",
+            "AlterUniqueTogether",
+            "AlterIndexTogether",
+            "AlterModelOptions",
+            "AlterModelManagers",
+            "AlterModelTableComment",
+        )
+    )
+    if operation is not None
+)
+
+
 def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
-    """A predicate: may ``plan`` change the table of the model ``app_label.Model``?
+    """A predicate: may ``plan`` change a column of the table of the model ``app_label.Model``?
 
     Asks each operation (``references_model``), which answers yes when in
     doubt: ``RunSQL`` and custom operations count for every model. Data
-    migrations (``RunPython``) change no schema and count for none. A model
-    counts too when one of its foreign keys points to a touched model, since
-    Django alters referencing columns with a primary key.
+    migrations (``RunPython``) change no schema and count for none; nor do
+    operations that add to a table without changing its columns (``AddField``,
+    ``AddIndex``...: ``_KEEPING_COLUMNS``) and django_pgnotify's own migrations,
+    which change only the event table and keep it writable by the triggers
+    installed before them, unless the plan reverses them. A model counts too
+    when one of its foreign keys points to a touched model, since Django alters
+    referencing columns with a primary key.
     """
     operations: list[tuple[str, Any]] = []
-    for migration, _backwards in plan:
+    for migration, backwards in plan:
+        if migration.app_label == _OWN_APP and not backwards:
+            continue
         pending = list(migration.operations)
         while pending:
             operation = pending.pop()
             if isinstance(operation, SeparateDatabaseAndState):
                 pending.extend(operation.database_operations)
-            elif not isinstance(operation, RunPython):
+            elif isinstance(operation, RunPython):
+                continue
+            elif backwards or not isinstance(operation, _KEEPING_COLUMNS):
                 operations.append((migration.app_label, operation))
 
     def direct(app_label: str, name: str) -> bool:
@@ -108,7 +150,8 @@ def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwa
     """``pre_migrate``: disable our triggers on the tables the plan may change.
 
     Writes to those tables during the migration (data migrations, and other
-    processes writing meanwhile) are not announced; ``post_migrate`` rebuilds
+    processes writing meanwhile) are not announced, nor stored for durable
+    declarations, which a warning names; ``post_migrate`` rebuilds
     the triggers or enables them again. If the migration fails, they stay
     disabled until the next ``migrate`` or ``pgnotify_install``, and
     ``pgnotify_install --check`` reports them.
@@ -125,6 +168,26 @@ def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwa
             "end: %s",
             ", ".join(str(record) for record in detached),
         )
+    durable = _durable_uris()
+    unstored = [str(record) for record in detached if record.uri in durable]
+    if unstored:
+        logger.warning(
+            "pgnotify: until migrate ends, changes written to the tables of durable "
+            "declarations whose columns the migration changes are not stored as durable "
+            "events, nor delivered: %s. Stop the writes to these tables while it runs",
+            ", ".join(unstored),
+        )
+
+
+def _durable_uris() -> set[str]:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from .declarations import get_declarations
+
+    try:
+        return {d.uri for d in get_declarations() if d.notify.durable}
+    except ImproperlyConfigured:  # an invalid declaration: migrate's checks name it
+        return set()
 
 
 def sync_after_migrate(

@@ -1130,16 +1130,56 @@ def job_events() -> int:
         return cursor.fetchone()[0]
 
 
+def test_durable_changes_written_while_migrate_adds_a_column_are_stored(caplog):
+    """A migration that changes no column of the table leaves its triggers enabled."""
+    from django.db import migrations, models
+
+    from django_pgnotify.migrating import detach_before_migrate, sync_after_migrate
+
+    migration = migrations.Migration("0099_test", "durableapp")
+    migration.operations = [migrations.AddField("job", "extra", models.TextField(null=True))]
+    plan = [(migration, False)]
+    before = job_events()
+
+    with caplog.at_level(logging.INFO, "django_pgnotify"):
+        detach_before_migrate(None, "default", plan)
+        execute("ALTER TABLE durableapp_job ADD COLUMN extra text")  # what the plan does
+        try:
+            Job.objects.create(name="written by another process meanwhile")
+            sync_after_migrate(None, "default", plan)
+        finally:
+            execute("ALTER TABLE durableapp_job DROP COLUMN extra")
+
+    assert job_events() == before + 1
+    assert "disabled" not in caplog.text
+
+
+def test_migrate_warns_that_durable_changes_written_while_it_changes_columns_are_not_stored(
+    caplog,
+):
+    from django.db import migrations
+
+    with caplog.at_level(logging.WARNING, "django_pgnotify"):
+        migrate_signals("durableapp", migrations.RemoveField("job", "extra"))
+
+    (warning,) = [r for r in caplog.records if "not stored" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert (
+        "changes written to the tables of durable declarations whose columns the migration "
+        'changes are not stored as durable events, nor delivered: durableapp.Job:default on "'
+    ) in warning.getMessage()
+
+
 def test_migrate_keeps_working_the_durable_triggers_of_an_event_table_behind(caplog):
     """django_pgnotify upgraded, migrate shop before migrate django_pgnotify: the
     installed triggers (which do not write the column the table lacks) keep working."""
-    from django.db import migrations, models
+    from django.db import migrations
 
     execute("ALTER TABLE pgnotify_event DROP COLUMN handled")
     before = job_events()
 
     with caplog.at_level(logging.INFO, "django_pgnotify"):
-        migrate_signals("durableapp", migrations.AddField("job", "extra", models.TextField()))
+        migrate_signals("durableapp", migrations.RemoveField("job", "extra"))
     Job.objects.create(name="recorded")
     events = job_events()
 
@@ -1161,13 +1201,13 @@ def test_migrate_leaves_disabled_the_durable_triggers_that_write_a_column_the_ev
 ):
     """django_pgnotify's migrations rolled back past one the installed triggers write:
     enabled again, they would fail every write to the table."""
-    from django.db import migrations, models
+    from django.db import migrations
 
     execute("ALTER TABLE pgnotify_event DROP COLUMN size")
     before = job_events()
     try:
         with caplog.at_level(logging.INFO, "django_pgnotify"):
-            migrate_signals("durableapp", migrations.AddField("job", "extra", models.TextField()))
+            migrate_signals("durableapp", migrations.RemoveField("job", "extra"))
         Job.objects.create(name="not recorded")  # the write works
 
         assert job_events() == before
@@ -1218,7 +1258,7 @@ def test_the_next_migrate_enables_the_kept_triggers_a_failed_one_left_disabled(c
     execute("ALTER TABLE pgnotify_event DROP COLUMN handled")  # the declaration is kept
     before = job_events()
     failed = migrations.Migration("0098_test", "durableapp")
-    failed.operations = [migrations.AddField("job", "key", models.TextField())]
+    failed.operations = [migrations.AlterField("job", "key", models.TextField())]
     detach_before_migrate(None, "default", [(failed, False)])  # and post_migrate never comes
     execute("ALTER TABLE durableapp_job ADD COLUMN key text")
     Job.objects.create(name="not recorded")
@@ -1238,7 +1278,7 @@ def test_the_next_migrate_enables_the_kept_triggers_a_failed_one_left_disabled(c
 def test_migrate_sync_names_a_model_whose_schema_the_role_may_not_use_and_syncs_the_others(
     narrow_role, caplog
 ):
-    from django.db import migrations, models
+    from django.db import migrations
 
     execute("RESET ROLE")
     uninstall_triggers(["testapp.Tag"])
@@ -1247,7 +1287,7 @@ def test_migrate_sync_names_a_model_whose_schema_the_role_may_not_use_and_syncs_
     execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(narrow_role)))
 
     with caplog.at_level(logging.ERROR, "django_pgnotify"):
-        migrate_signals("testapp", migrations.AddField("tag", "extra", models.TextField()))
+        migrate_signals("testapp", migrations.RemoveField("tag", "extra"))
 
     execute("RESET ROLE")
     assert states("testapp.Tag") == {"testapp.Tag:default": INSTALLED}

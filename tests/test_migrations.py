@@ -500,6 +500,33 @@ def test_data_migrations_touch_nothing_and_raw_sql_touches_everything():
     assert raw("testapp.Order") and raw("auth.User")
 
 
+def test_operations_that_keep_every_column_touch_nothing_unless_reversed():
+    """Triggers of tables that only gain a column, an index or a constraint stay enabled:
+    their functions read the same columns, and writes meanwhile are announced."""
+    operations = [
+        migrations.AddField("order", "flag", models.BooleanField(default=False)),
+        migrations.AddIndex("order", models.Index(fields=["status"], name="order_status")),
+        migrations.AddConstraint(
+            "tag", models.CheckConstraint(condition=models.Q(id__gt=0), name="tag_id")
+        ),
+        migrations.AlterModelOptions("order", {"ordering": ["id"]}),
+    ]
+    applied = models_touched(plan("testapp", *operations))
+    reversed_ = models_touched([(plan("testapp", *operations)[0][0], True)])  # drops "flag"
+
+    assert not applied("testapp.Order") and not applied("testapp.Tag")
+    assert reversed_("testapp.Order") and reversed_("testapp.Tag")
+
+
+def test_django_pgnotify_migrations_touch_no_model_unless_reversed():
+    """They change the event table alone (RunSQL among them), which they keep writable
+    by the triggers installed before them."""
+    ours = plan("django_pgnotify", migrations.RunSQL("ALTER TABLE pgnotify_event SET (x = 1)"))
+
+    assert not models_touched(ours)("testapp.Order")
+    assert models_touched([(ours[0][0], True)])("testapp.Order")
+
+
 def test_database_operations_inside_separate_database_and_state_count():
     touched = models_touched(
         plan(
