@@ -126,7 +126,13 @@ def capture_row_changes(
         using: The database alias to listen on.
         timeout: How long to wait for the listener to start.
         listener_options: More ``Listener`` arguments, e.g. ``ignore_own_changes=True``.
+
+    Raises:
+        NothingDeclared: ``selectors`` name only models that declare nothing for
+            ``using`` (an ``ImproperlyConfigured``), as the commands refuse them:
+            the listener would wait for changes that never come.
     """
+    installation.require_declarations(selectors, [using])
     declarations = declarations_for(selectors, using)
     models = {d.model for d in declarations}
     listener = Listener(declarations, using, poll_interval=_POLL_INTERVAL, **listener_options)

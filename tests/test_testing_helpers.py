@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 import pytest
 from django.test import TransactionTestCase
 
 from django_pgnotify import row_changed
 from django_pgnotify.dispatch import Dispatcher
-from django_pgnotify.installation import uninstall_triggers
+from django_pgnotify.installation import NothingDeclared, uninstall_triggers
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import test_database_url as database_url
 from tests.testapp.models import Order, Tag
@@ -149,3 +151,16 @@ def test_wait_for_asks_the_predicate_about_each_change_once_per_look():
 
     assert changes.wait_for(is_the_second, timeout=1) is second
     assert shown == [1, 2]
+
+
+def test_selectors_that_name_only_models_declaring_nothing_are_refused(transactional_db):
+    """As the commands refuse them: the listener would serve nothing, and wait() would
+    time out with no hint."""
+    with (
+        pytest.raises(
+            NothingDeclared,
+            match=re.escape("No model in contenttypes.ContentType declares pgnotify for database"),
+        ),
+        capture_row_changes("contenttypes.ContentType"),
+    ):
+        pass
