@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
@@ -1423,6 +1423,17 @@ def _event_table_problem(cursor) -> _EventTableProblem | None:
     )
 
 
+def missing_event_columns(cursor: Any) -> list[str]:
+    """The columns of django_pgnotify's latest migrations that the event table the
+    search path finds lacks (an upgrade not migrated yet): queries of them fail."""
+    from .models import DurableEvent
+
+    columns = [f.column for f in DurableEvent._meta.concrete_fields]
+    cursor.execute(_MISSING_COLUMNS, [columns, sql.Identifier(wire.EVENT_TABLE).as_string(None)])
+    (missing,) = cursor.fetchone()
+    return list(missing)
+
+
 def _missing_columns(cursor, using: str) -> _EventTableProblem | None:
     """The problem of an event table that lacks columns this version writes or reads.
 
@@ -1431,11 +1442,7 @@ def _missing_columns(cursor, using: str) -> _EventTableProblem | None:
     would fail every write to their tables, and the listener every claim.
     The installed triggers, of the version the table is from, still work.
     """
-    from .models import DurableEvent
-
-    columns = [f.column for f in DurableEvent._meta.concrete_fields]
-    cursor.execute(_MISSING_COLUMNS, [columns, sql.Identifier(wire.EVENT_TABLE).as_string(None)])
-    (missing,) = cursor.fetchone()
+    missing = missing_event_columns(cursor)
     if not missing:
         return None
     names = ", ".join(f'"{column}"' for column in missing)

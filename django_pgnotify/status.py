@@ -252,13 +252,16 @@ _UNDECLARED = sql.SQL(
 def _undeclared_events(wrapper: BaseDatabaseWrapper, uris: list[str]) -> dict[str, int]:
     """Pending changes per declaration URI not in ``uris``.
 
-    None without an event table on the search path, or the right to read it: the
-    durable declarations' state and backlog say so, if there are any; a project
-    without them, or a monitoring role that may not read the table, is not at fault.
+    None without an event table on the search path, the right to read it, or the
+    columns of the latest migrations: the durable declarations' state and backlog say
+    so, if there are any; a project without them, or a monitoring role that may not
+    read the table, is not at fault.
     """
     if not _event_table_readable(wrapper):
         return {}
     with wrapper.cursor() as cursor:
+        if installation.missing_event_columns(cursor):
+            return {}
         cursor.execute(_UNDECLARED.as_string(None), [uris])
         return {uri: int(count) for uri, count in cursor.fetchall()}
 

@@ -480,3 +480,21 @@ def test_status_prints_a_small_queue_usage_above_a_zero_threshold_above_it(held_
     assert float(used) > 0, text
     (shown,) = re.findall(r"queue is ([\d.]+)% full \(warning above ([\d.]+)%\)", text)
     assert float(shown[0]) > float(shown[1]) == 0.0, text
+
+
+def test_status_of_an_event_table_behind_the_code_names_the_missing_columns_alone(
+    other_connection,
+):
+    """django-pgnotify upgraded, migrate not run yet: the durable declarations' state says
+    which columns the table lacks; the query of the events no declaration claims, which
+    reads them, is not run to fail beside it."""
+    from django_pgnotify.status import database_status
+
+    other_connection.execute("ALTER TABLE pgnotify_event DROP COLUMN handled")
+    try:
+        report = database_status("default")
+    finally:
+        other_connection.execute("ALTER TABLE pgnotify_event ADD COLUMN handled text")
+
+    assert any('lacks column "handled"' in problem for problem in report.problems)
+    assert not any("does not exist" in problem for problem in report.problems), report.problems
