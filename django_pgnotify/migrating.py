@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from django.apps import AppConfig, apps
+from django.contrib.postgres import operations as _postgres_operations
 from django.db import connections
 from django.db.migrations import operations as _operations
 from django.db.migrations.operations import RunPython, SeparateDatabaseAndState
@@ -45,32 +46,44 @@ _detached: dict[str, list[Detached]] = {}
 
 
 # Operations that, applied (not reversed), leave every existing column as it is: they
-# add columns, indexes or constraints, or change no schema. A trigger's function reads
-# columns by name, so these cannot break it, and the triggers stay enabled: writes made
-# meanwhile are announced (and stored, for durable declarations). Reversed, an AddField
-# drops its column, so they count then as any other.
+# add columns, indexes, constraints, extensions or collations, or change no schema. A
+# trigger's function reads columns by name, so these cannot break it, and the triggers
+# stay enabled: writes made meanwhile are announced (and stored, for durable
+# declarations). Reversed, an AddField drops its column, so they count then as any other.
+# Django's own classes only (AddIndexConcurrently is an AddIndex): a project's subclass
+# may do anything.
 _KEEPING_COLUMNS = tuple(
     operation
-    for operation in (
-        getattr(_operations, name, None)
-        for name in (
-            "CreateModel",
-            "AddField",
-            "AddIndex",
-            "RemoveIndex",
-            "RenameIndex",
-            "AddConstraint",
-            "RemoveConstraint",
-            "AlterConstraint",
-            "AlterUniqueTogether",
-            "AlterIndexTogether",
-            "AlterModelOptions",
-            "AlterModelManagers",
-            "AlterModelTableComment",
-        )
+    for module, names in (
+        (
+            _operations,
+            (
+                "CreateModel",
+                "AddField",
+                "AddIndex",
+                "RemoveIndex",
+                "RenameIndex",
+                "AddConstraint",
+                "RemoveConstraint",
+                "AlterConstraint",
+                "AlterUniqueTogether",
+                "AlterIndexTogether",
+                "AlterModelOptions",
+                "AlterModelManagers",
+                "AlterModelTableComment",
+            ),
+        ),
+        (_postgres_operations, ("CreateExtension", "CollationOperation", "ValidateConstraint")),
     )
+    for operation in (getattr(module, name, None) for name in names)
     if operation is not None
 )
+
+
+def _keeps_columns(operation: Any) -> bool:
+    return isinstance(operation, _KEEPING_COLUMNS) and type(operation).__module__.startswith(
+        "django."
+    )
 
 
 def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
@@ -79,8 +92,9 @@ def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
     Asks each operation (``references_model``), which answers yes when in
     doubt: ``RunSQL`` and custom operations count for every model. Data
     migrations (``RunPython``) change no schema and count for none; nor do
-    operations that add to a table without changing its columns (``AddField``,
-    ``AddIndex``...: ``_KEEPING_COLUMNS``) and django_pgnotify's own migrations,
+    Django's operations that add to a table without changing its columns
+    (``AddField``, ``AddIndex``, ``CreateExtension``...: ``_KEEPING_COLUMNS``) and
+    django_pgnotify's own migrations,
     which change only the event table and keep it writable by the triggers
     installed before them, unless the plan reverses them. A model counts too
     when one of its foreign keys points to a touched model, since Django alters
@@ -97,7 +111,7 @@ def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
                 pending.extend(operation.database_operations)
             elif isinstance(operation, RunPython):
                 continue
-            elif backwards or not isinstance(operation, _KEEPING_COLUMNS):
+            elif backwards or not _keeps_columns(operation):
                 operations.append((migration.app_label, operation))
 
     def direct(app_label: str, name: str) -> bool:
@@ -168,8 +182,16 @@ def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwa
             "end: %s",
             ", ".join(str(record) for record in detached),
         )
+    # Those this migrate disabled (a failed one may have left some disabled), each
+    # declaration once: a partitioned table has a record per partition.
     durable = _durable_uris()
-    unstored = [str(record) for record in detached if record.uri in durable]
+    unstored = list(
+        dict.fromkeys(
+            record.uri
+            for record in detached
+            if record.uri in durable and any(enabled != "D" for _, enabled in record.triggers)
+        )
+    )
     if unstored:
         logger.warning(
             "pgnotify: until migrate ends, changes written to the tables of durable "

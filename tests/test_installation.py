@@ -1166,7 +1166,7 @@ def test_migrate_warns_that_durable_changes_written_while_it_changes_columns_are
     assert warning.levelno == logging.WARNING
     assert (
         "changes written to the tables of durable declarations whose columns the migration "
-        'changes are not stored as durable events, nor delivered: durableapp.Job:default on "'
+        "changes are not stored as durable events, nor delivered: durableapp.Job:default. "
     ) in warning.getMessage()
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from django.contrib.postgres.operations import CreateExtension
 from django.db import migrations, models
 from psycopg import sql
 
@@ -511,11 +512,19 @@ def test_operations_that_keep_every_column_touch_nothing_unless_reversed():
         ),
         migrations.AlterModelOptions("order", {"ordering": ["id"]}),
     ]
-    applied = models_touched(plan("testapp", *operations))
+    applied = models_touched(plan("testapp", *operations, CreateExtension("pg_trgm")))
     reversed_ = models_touched([(plan("testapp", *operations)[0][0], True)])  # drops "flag"
+    # A project's subclass may do anything in its database_forwards().
+    custom = models_touched(plan("testapp", CustomAddField("tag", "x", models.TextField())))
 
     assert not applied("testapp.Order") and not applied("testapp.Tag")
+    assert not applied("auth.User")
     assert reversed_("testapp.Order") and reversed_("testapp.Tag")
+    assert custom("testapp.Tag")
+
+
+class CustomAddField(migrations.AddField):
+    """An operation of a project's own, as far as the hook can tell."""
 
 
 def test_django_pgnotify_migrations_touch_no_model_unless_reversed():
