@@ -59,6 +59,22 @@ def test_listen_with_selectors_sends_only_those_models(listener_process):
     assert listener.stop() == 0
 
 
+def test_listen_at_verbosity_2_warns_of_models_no_receiver_hears_and_prints_their_changes(
+    listener_process,
+):
+    """Printing the changes is no receiver of the project's: the warning stays."""
+    listener = listener_process("testapp.Tag")
+
+    listener.wait_for(
+        r"no row_changed receiver is connected for testapp\.Tag: the listener dispatches "
+        r"their changes to no one",
+        stream="err",
+    )
+    Tag.objects.create(name="printed")
+    listener.wait_for(r"^testapp\.tag insert pk='printed'$", stream="out")
+    assert listener.stop() == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_listen_exits_0_within_seconds_on_signal(listener_process, sig):
     listener = listener_process()

@@ -22,7 +22,7 @@ from django_pgnotify.listener import (
     freeze_startup_objects,
     retry_until_reachable,
 )
-from django_pgnotify.signals import row_changed
+from django_pgnotify.signals import listener_started, row_changed
 
 
 class Command(BaseCommand):
@@ -123,8 +123,10 @@ class Command(BaseCommand):
             if metrics is not None:
                 metrics.listener = listener[0]
             if self.verbosity >= 2:
-                row_changed.connect(
-                    self.print_event, weak=False, dispatch_uid="pgnotify_listen_print"
+                # Once the listener has started: it looks first for the models no receiver
+                # hears, and printing the changes is hearing none.
+                listener_started.connect(
+                    self.print_events, weak=False, dispatch_uid="pgnotify_listen_print"
                 )
             freeze_startup_objects()
             listener[0].run()
@@ -140,6 +142,7 @@ class Command(BaseCommand):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            listener_started.disconnect(dispatch_uid="pgnotify_listen_print")
             row_changed.disconnect(dispatch_uid="pgnotify_listen_print")
 
     def channels_dispatcher(self, layer: str | None, declarations: list[Any]) -> Any:
@@ -215,6 +218,10 @@ class Command(BaseCommand):
                     f"Warning: triggers of {state.uri} are outdated ({state.detail}); "
                     f"run manage.py pgnotify_install --database {using}."
                 )
+
+    def print_events(self, sender: Any, **kwargs: Any) -> None:
+        """``listener_started``: print every change from now on (``-v 2``)."""
+        row_changed.connect(self.print_event, weak=False, dispatch_uid="pgnotify_listen_print")
 
     def print_event(self, sender: Any, event: RowChange, **kwargs: Any) -> None:
         details = f" {event.fields}" if event.fields else ""
