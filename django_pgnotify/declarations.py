@@ -523,8 +523,11 @@ def _column(field: models.Field) -> Column:
 
 
 def stored_field(field: models.Field) -> models.Field:
-    """The field whose type the column has: for a relation, the field it points to.
-    The trigger renders and the decoder reads a foreign key's column by it."""
+    """The field whose type the column has: for a relation, the field it points to; for
+    a ``GeneratedField``, its output field. The trigger renders and the decoder reads
+    the column by it."""
+    if getattr(field, "generated", False):
+        field = field.output_field  # type: ignore[attr-defined]  # a GeneratedField's
     while field.is_relation and getattr(field, "target_field", None) is not None:
         field = field.target_field  # type: ignore[attr-defined]  # a relation's field
     return field

@@ -27,6 +27,7 @@ import pytest
 from django import forms
 from django.contrib.postgres.fields import ArrayField
 from django.db import connection, models, transaction
+from django.db.models.expressions import RawSQL
 from psycopg import sql
 
 from django_pgnotify import Notify
@@ -695,6 +696,44 @@ def logbook_message(**values: Any) -> str:
             "rows": [[1, *values.values()]],
         }
     )
+
+
+GENERATED_NUMBERS_TABLE = "pgnotify_test_generated_numeric_arrays"
+
+
+def test_a_generated_array_of_decimals_arrives_with_every_digit(other_connection):
+    """Rendered as its output field, an ``ArrayField(DecimalField)``, is: strings of the
+    stored digits, not JSON numbers read as floats."""
+    with throwaway_model(
+        other_connection,
+        GENERATED_NUMBERS_TABLE,
+        f"CREATE TABLE {GENERATED_NUMBERS_TABLE} (id integer PRIMARY KEY, src numeric,"
+        " nums numeric[] GENERATED ALWAYS AS (ARRAY[src, NULL, 1.50]) STORED)",
+        f"DROP TABLE IF EXISTS {GENERATED_NUMBERS_TABLE}",
+        "GeneratedNumbersRow",
+        id=models.IntegerField(primary_key=True),
+        src=models.DecimalField(max_digits=60, decimal_places=10, null=True),
+        nums=models.GeneratedField(
+            expression=RawSQL("ARRAY[src, NULL, 1.50]", []),
+            output_field=ArrayField(
+                models.DecimalField(max_digits=60, decimal_places=10, null=True)
+            ),
+            db_persist=True,
+        ),
+    ) as model:
+        declaration = install(model, other_connection, Notify(fields=["src", "nums"]))
+        with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
+            listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
+            other_connection.execute(
+                f"INSERT INTO {GENERATED_NUMBERS_TABLE} (id, src)"
+                " VALUES (1, 123456789012345678901234567890.1234567890)"
+            )
+            (change,) = receive(listening, model, 1)
+        row = model.objects.get(pk=1)
+
+    # What the ORM reads: the comparison below means something.
+    assert row.nums == [Decimal("123456789012345678901234567890.1234567890"), None, Decimal("1.50")]
+    assert repr(change.fields["nums"]) == repr(row.nums)
 
 
 GENERATED_TABLE = "pgnotify_test_generated_json_arrays"
