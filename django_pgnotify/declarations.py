@@ -134,7 +134,11 @@ def resolve_model(
         return [], [
             checks.Error(
                 f"{label}: pgnotify must be a Notify(...) or a list of them, got {raw!r}.",
-                hint="from django_pgnotify import Notify; pgnotify = Notify(fields=[...])",
+                # An empty list most likely means to declare nothing (a child of a model
+                # whose Meta declares): None does that.
+                hint="pgnotify = None declares nothing (also where Meta inherits a declaration)."
+                if not notifies
+                else "from django_pgnotify import Notify; pgnotify = Notify(fields=[...])",
                 obj=model,
                 id="pgnotify.E001",
             )
@@ -187,10 +191,12 @@ def resolve_model(
     names = _declaration_names(notifies)
     for index, name in enumerate(names):
         if names.count(name) > 1 or not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            problem = "another declaration's too" if names.count(name) > 1 else "not valid"
             errors.append(
                 checks.Error(
-                    f"{label}: declaration #{index + 1} has name {name!r}; each Notify "
-                    "of a model needs a distinct name of letters, digits and underscores.",
+                    f"{label}: declaration #{index + 1} has name {name!r} ({problem}); each "
+                    "Notify of a model needs a distinct name of letters, digits and "
+                    "underscores.",
                     hint='Notify(..., name="status")',
                     obj=model,
                     id="pgnotify.E007",
@@ -417,7 +423,9 @@ def _check_room(declaration: Declaration, where: str) -> list[checks.CheckMessag
 
 def _columns(model, names, option, id, error) -> tuple[Column, ...]:
     if isinstance(names, str) or not isinstance(names, tuple):
-        error(f"{option} must be a list of field names, got {names!r}.", id)
+        lower_case = option == "fields" and isinstance(names, str) and names.lower() == "__all__"
+        hint = ' ("__all__" is written in lower case)' if lower_case else ""
+        error(f"{option} must be a list of field names, got {names!r}{hint}.", id)
         return ()
     columns = []
     for name in names:

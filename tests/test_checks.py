@@ -99,6 +99,9 @@ def test_e001_pgnotify_that_is_not_notify(registry, pgnotify):
     message = only(check_models(registry), "pgnotify.E001")
     assert "testapp.Shipment" in message.msg
     assert "pgnotify must be a Notify" in message.msg
+    # An empty list most likely means "nothing": the hint says how to write that.
+    declares_nothing = "pgnotify = None declares nothing" in message.hint
+    assert declares_nothing == (pgnotify == [])
 
 
 @pytest.mark.parametrize(
@@ -232,6 +235,17 @@ def test_e003_fields_given_as_a_bare_string(registry):
 
     message = only(check_models(registry), "pgnotify.E003")
     assert "testapp.Shipment:default: fields must be a list" in message.msg
+    assert "lower case" not in message.msg
+
+
+def test_e003_all_fields_in_the_wrong_case_is_told_so(registry):
+    declare(Notify(fields="__ALL__"))
+
+    message = only(check_models(registry), "pgnotify.E003")
+    assert message.msg.endswith(
+        "fields must be a list of field names, got '__ALL__' (\"__all__\" is written in lower "
+        "case)."
+    )
 
 
 @pytest.mark.parametrize(
@@ -416,7 +430,8 @@ def test_e007_declaration_names(registry, declarations, names):
     assert [m.id for m in messages] == ["pgnotify.E007"] * len(names)
     for message, name in zip(messages, names, strict=True):
         assert message.msg.startswith("testapp.Shipment: declaration #")
-        assert f"has name {name};" in message.msg
+        problem = "another declaration's too" if names.count(name) > 1 else "not valid"
+        assert f"has name {name} ({problem});" in message.msg
 
 
 def test_several_declarations_with_distinct_names_are_accepted(registry):

@@ -22,6 +22,7 @@ from tests.testapp.models import (
     Legacy,
     Logbook,
     Measurement,
+    Named,
     Order,
     OrderProxy,
     Place,
@@ -73,6 +74,19 @@ def test_a_child_without_meta_inherits_the_declaration_of_its_abstract_parent():
 def test_a_child_with_its_own_meta_does_not_inherit_the_abstract_parents_declaration():
     assert not hasattr(Supplier._meta, "pgnotify")
     assert get_declarations(["testapp.Supplier"]) == []
+
+
+@isolate_apps("tests.testapp")
+def test_a_child_whose_meta_subclasses_the_parents_declares_nothing_with_none():
+    """As the docs show it: the parent's Meta is subclassed, its declaration dropped."""
+
+    class Depot(Named):
+        class Meta(Named.Meta):
+            app_label = "testapp"
+            pgnotify = None
+
+    assert raw_declarations(Depot) is None
+    assert resolve_model(Depot, raw_declarations(Depot)) == ([], [])
 
 
 def test_a_multi_table_child_announces_only_its_own_declaration_and_table():
