@@ -1043,7 +1043,22 @@ class NothingDeclared(ImproperlyConfigured):
         message = f"No model in {' '.join(selectors)} declares pgnotify for {where}"
         if or_installed:
             message += " or has triggers or functions of ours there"
-        super().__init__(f"{message}.")
+        super().__init__(f"{message}.{_proxies_named(selectors)}")
+
+
+def _proxies_named(selectors: list[str]) -> str:
+    """What to select instead of the proxy models ``selectors`` name: a proxy's changes
+    are its concrete model's, announced with that model as the sender."""
+    proxies = []
+    for selector in selectors:
+        try:
+            model = apps.get_model(selector) if "." in selector else None
+        except (LookupError, ValueError):
+            continue
+        if model is not None and model._meta.proxy:
+            concrete = model._meta.concrete_model._meta.label
+            proxies.append(f"{model._meta.label} is a proxy of {concrete}: select {concrete}")
+    return "".join(f" {line}." for line in proxies)
 
 
 class CannotInstall(Exception):

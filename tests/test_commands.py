@@ -226,6 +226,19 @@ def test_commands_refuse_selectors_that_declare_nothing(command, transactional_d
     assert "No model in contenttypes declares pgnotify" in result.stderr
 
 
+def test_a_refused_proxy_selector_names_the_model_to_select():
+    """A proxy's changes are its concrete model's, sent with that model as the sender."""
+    from django_pgnotify.installation import NothingDeclared, require_declarations
+
+    with pytest.raises(NothingDeclared) as refused:
+        require_declarations(["testapp.OrderProxy", "contenttypes"], ["default"])
+
+    assert str(refused.value).endswith(
+        "declares pgnotify for database 'default'. testapp.OrderProxy is a proxy of "
+        "testapp.Order: select testapp.Order."
+    )
+
+
 @pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install", "pgnotify_status"])
 def test_commands_refuse_a_selector_that_names_no_app_or_model(command, transactional_db):
     result = run_manage(command, "nosuchapp")
