@@ -11,7 +11,8 @@ without update, or ``channel`` on a durable declaration; W003 unknown
 models' declarations on one table under one name, if the search path finds an
 unqualified table in "public"; W006 a durable model migrates to a PostgreSQL
 database the event table does not; W007 a ``Notify`` on the model's class body,
-not in its ``class Meta``; W008 ``fields`` names the primary key. (W001,
+not in its ``class Meta``; W008 ``fields`` names the primary key; W009
+``DURABLE_LEASE`` below twice ``PROBE_TIMEOUT``, with durable declarations. (W001,
 "durable not available yet", is retired.) E012 and W004 come from
 ``resolve_model``, so the commands refuse such a declaration even with the
 checks skipped.
@@ -73,7 +74,27 @@ def check_declarations(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                         id="pgnotify.E009",
                     )
                 )
+    if any(d.notify.durable for model in models for d in declared[model][0]):
+        messages.extend(_check_lease(getattr(settings, "PGNOTIFY", {})))
     return messages
+
+
+def _check_lease(config: dict[str, Any]) -> list[checks.CheckMessage]:
+    """A lease that may run out before it is renewed (pgnotify.W009): a listener renews it
+    every third of ``DURABLE_LEASE``, with a query that may take ``PROBE_TIMEOUT``."""
+    lease, timeout = (config.get(key, DEFAULTS[key]) for key in ("DURABLE_LEASE", "PROBE_TIMEOUT"))
+    if not (_is_number(lease) and _is_number(timeout) and 0 < lease < 2 * timeout):
+        return []  # fine, or not a number: pgnotify.E010 says so
+    return [
+        checks.Warning(
+            f'PGNOTIFY["DURABLE_LEASE"] ({lease!r}) is less than twice PGNOTIFY["PROBE_TIMEOUT"] '
+            f"({timeout!r}): a listener renews a lease every third of it, with a query that "
+            "may take PROBE_TIMEOUT, so the lease may run out first, and another listener "
+            "deliver the same changes again.",
+            hint="Keep DURABLE_LEASE well above PROBE_TIMEOUT (the defaults are 60 and 5).",
+            id="pgnotify.W009",
+        )
+    ]
 
 
 def _closest_setting(key: Any) -> str:

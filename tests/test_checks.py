@@ -75,6 +75,19 @@ def test_the_projects_own_settings_produce_no_pgnotify_messages():
     assert check_declarations() == []
 
 
+def test_w009_a_durable_lease_that_may_run_out_before_its_renewal():
+    with override_settings(PGNOTIFY={"DURABLE_LEASE": 9, "PROBE_TIMEOUT": 5}):
+        message = only(check_declarations(), "pgnotify.W009")
+        # Only where durable declarations are checked (durableapp's): testapp has none.
+        assert check_declarations([apps.get_app_config("testapp")]) == []
+    with override_settings(PGNOTIFY={"DURABLE_LEASE": 10, "PROBE_TIMEOUT": 5}):
+        assert check_declarations() == []
+
+    assert message.msg.startswith(
+        'PGNOTIFY["DURABLE_LEASE"] (9) is less than twice PGNOTIFY["PROBE_TIMEOUT"] (5): '
+    )
+
+
 def test_checks_run_with_manage_py_check():
     with override_settings(PGNOTIFY={"POLL_INTERVAL": 0}):
         ids = [m.id for m in checks.run_checks(tags=["pgnotify"])]
