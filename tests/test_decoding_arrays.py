@@ -698,57 +698,22 @@ def logbook_message(**values: Any) -> str:
     )
 
 
-GENERATED_NUMBERS_TABLE = "pgnotify_test_generated_numeric_arrays"
+GENERATED_TABLE = "pgnotify_test_generated_arrays"
 
 
-def test_a_generated_array_of_decimals_arrives_with_every_digit(other_connection):
-    """Rendered as its output field, an ``ArrayField(DecimalField)``, is: strings of the
-    stored digits, not JSON numbers read as floats."""
-    with throwaway_model(
-        other_connection,
-        GENERATED_NUMBERS_TABLE,
-        f"CREATE TABLE {GENERATED_NUMBERS_TABLE} (id integer PRIMARY KEY, src numeric,"
-        " nums numeric[] GENERATED ALWAYS AS (ARRAY[src, NULL, 1.50]) STORED)",
-        f"DROP TABLE IF EXISTS {GENERATED_NUMBERS_TABLE}",
-        "GeneratedNumbersRow",
-        id=models.IntegerField(primary_key=True),
-        src=models.DecimalField(max_digits=60, decimal_places=10, null=True),
-        nums=models.GeneratedField(
-            expression=RawSQL("ARRAY[src, NULL, 1.50]", []),
-            output_field=ArrayField(
-                models.DecimalField(max_digits=60, decimal_places=10, null=True)
-            ),
-            db_persist=True,
-        ),
-    ) as model:
-        declaration = install(model, other_connection, Notify(fields=["src", "nums"]))
-        with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
-            listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
-            other_connection.execute(
-                f"INSERT INTO {GENERATED_NUMBERS_TABLE} (id, src)"
-                " VALUES (1, 123456789012345678901234567890.1234567890)"
-            )
-            (change,) = receive(listening, model, 1)
-        row = model.objects.get(pk=1)
-
-    # What the ORM reads: the comparison below means something.
-    assert row.nums == [Decimal("123456789012345678901234567890.1234567890"), None, Decimal("1.50")]
-    assert repr(change.fields["nums"]) == repr(row.nums)
-
-
-GENERATED_TABLE = "pgnotify_test_generated_json_arrays"
-
-
-def test_a_generated_array_of_json_fields_arrives_as_the_orm_reads_it(other_connection):
+def test_generated_arrays_arrive_as_the_orm_reads_them(other_connection):
     """A ``GeneratedField``'s column is its output field's: an ``ArrayField(JSONField)``
-    one is rendered and read as that field is, not as a field of its own on ``jsonb[]``."""
+    one is rendered and read as that field is, not as a field of its own on ``jsonb[]``,
+    and an ``ArrayField(DecimalField)`` one as strings of the stored digits, not JSON
+    numbers read as floats."""
     with throwaway_model(
         other_connection,
         GENERATED_TABLE,
         f"CREATE TABLE {GENERATED_TABLE} (id integer PRIMARY KEY, src jsonb[],"
-        " gen jsonb[] GENERATED ALWAYS AS (src) STORED)",
+        " gen jsonb[] GENERATED ALWAYS AS (src) STORED, amount numeric,"
+        " amounts numeric[] GENERATED ALWAYS AS (ARRAY[amount, NULL, 1.50]) STORED)",
         f"DROP TABLE IF EXISTS {GENERATED_TABLE}",
-        "GeneratedJsonRow",
+        "GeneratedArraysRow",
         id=models.IntegerField(primary_key=True),
         src=ArrayField(models.JSONField(null=True), null=True),
         gen=models.GeneratedField(
@@ -756,17 +721,33 @@ def test_a_generated_array_of_json_fields_arrives_as_the_orm_reads_it(other_conn
             output_field=ArrayField(models.JSONField(null=True), null=True),
             db_persist=True,
         ),
+        amount=models.DecimalField(max_digits=60, decimal_places=10, null=True),
+        amounts=models.GeneratedField(
+            expression=RawSQL("ARRAY[amount, NULL, 1.50]", []),
+            output_field=ArrayField(
+                models.DecimalField(max_digits=60, decimal_places=10, null=True)
+            ),
+            db_persist=True,
+        ),
     ) as model:
-        declaration = install(model, other_connection, Notify(fields=["src", "gen"]))
+        fields = ["src", "gen", "amount", "amounts"]
+        declaration = install(model, other_connection, Notify(fields=fields))
         with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
             listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
             other_connection.execute(
-                f"INSERT INTO {GENERATED_TABLE} (id, src) VALUES"
-                " (1, ARRAY['{\"a\": 1.50}', '\"1\"', NULL]::jsonb[])"
+                f"INSERT INTO {GENERATED_TABLE} (id, src, amount) VALUES"
+                " (1, ARRAY['{\"a\": 1.50}', '\"1\"', NULL]::jsonb[],"
+                " 123456789012345678901234567890.1234567890)"
             )
             (change,) = receive(listening, model, 1)
         row = model.objects.get(pk=1)
 
+    # What the ORM reads: the comparisons below mean something.
     assert row.gen == [{"a": 1.5}, "1", None]
-    assert repr(change.fields["src"]) == repr(row.src)
-    assert repr(change.fields["gen"]) == repr(row.gen)
+    assert row.amounts == [
+        Decimal("123456789012345678901234567890.1234567890"),
+        None,
+        Decimal("1.50"),
+    ]
+    for name in fields:
+        assert repr(change.fields[name]) == repr(getattr(row, name)), name
