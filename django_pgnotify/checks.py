@@ -85,6 +85,8 @@ def _check_lease(config: dict[str, Any]) -> list[checks.CheckMessage]:
     lease, timeout = (config.get(key, DEFAULTS[key]) for key in ("DURABLE_LEASE", "PROBE_TIMEOUT"))
     if not (_is_number(lease) and _is_number(timeout) and 0 < lease < 2 * timeout):
         return []  # fine, or not a number: pgnotify.E010 says so
+    if lease > _SECONDS_MAX["DURABLE_LEASE"][0] or timeout > _SECONDS_MAX["PROBE_TIMEOUT"][0]:
+        return []  # pgnotify.E010 says so
     return [
         checks.Warning(
             f'PGNOTIFY["DURABLE_LEASE"] ({lease!r}) is less than twice PGNOTIFY["PROBE_TIMEOUT"] '
