@@ -30,13 +30,14 @@ from django.db import connection, models, transaction
 from django.db.models.expressions import RawSQL
 from psycopg import sql
 
-from django_pgnotify import Notify
+from django_pgnotify import Notify, wire
 from django_pgnotify.declarations import embeds_json, get_declarations
 from django_pgnotify.decoding import Decoder
 from django_pgnotify.durable import Claimed, build_message
 from tests.conftest import install_redeclared
+from tests.test_decoding import message as v2_message
 from tests.test_triggers_statements import install, receive, throwaway_model
-from tests.testapp.models import Logbook, PlainJSONField, SealedTextField
+from tests.testapp.models import Logbook, Order, PlainJSONField, SealedTextField
 
 UTC = timezone.utc
 # Instants around daylight saving changes, and one of 1890, when Kolkata, New York
@@ -612,6 +613,21 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
 def test_only_messages_with_embedded_json_are_read_again_exactly(field, embedded):
     """The others keep the faster parser: their numbers never need more than a float."""
     assert embeds_json(field, connection) is embedded
+
+
+def test_a_message_without_embedded_json_is_parsed_once(monkeypatch):
+    """The second, exact reading is for the declarations that need it: every other
+    message keeps the faster parser's one reading."""
+
+    def second_reading(payload):
+        raise AssertionError("read again by the standard library")
+
+    monkeypatch.setattr(wire, "_loads_stdlib", second_reading)
+    payload = v2_message("testapp.order", "insert", {"pk": 1, "fields": {"status": "new"}})
+
+    (change,) = Decoder([Order]).decode(payload)
+
+    assert change.fields == {"status": "new"}
 
 
 def orm_rows(model) -> dict[int, dict[str, Any]]:
