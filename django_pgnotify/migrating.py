@@ -94,11 +94,10 @@ def models_touched(plan: list[tuple[Any, bool]]) -> Callable[[str], bool]:
     migrations (``RunPython``) change no schema and count for none; nor do
     Django's operations that add to a table without changing its columns
     (``AddField``, ``AddIndex``, ``CreateExtension``...: ``_KEEPING_COLUMNS``) and
-    django_pgnotify's own migrations,
-    which change only the event table and keep it writable by the triggers
-    installed before them, unless the plan reverses them. A model counts too
-    when one of its foreign keys points to a touched model, since Django alters
-    referencing columns with a primary key.
+    django_pgnotify's own migrations, which change only the event table and keep
+    it writable by the triggers installed before them, unless the plan reverses
+    them. A model counts too when one of its foreign keys points to a touched
+    model, since Django alters referencing columns with a primary key.
     """
     operations: list[tuple[str, Any]] = []
     for migration, backwards in plan:
