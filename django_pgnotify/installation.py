@@ -8,6 +8,7 @@ deploys cannot interleave.
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable
@@ -1032,8 +1033,17 @@ def _matches(comment: str, seal: str, built: trigger_sql.TriggerSQL) -> bool:
     return base == built.comment and sealed == seal
 
 
+def _reduce_to_state(error: BaseException) -> tuple[Any, ...]:
+    """Pickle ``error`` as its message and attributes: its ``args`` (the message) are not
+    its constructor's arguments, which ``pickle`` would call it with. So the errors below
+    reach a parent process (``multiprocessing``, a task queue) as they were raised."""
+    return (copyreg.__newobj__, (type(error), *error.args), error.__dict__)
+
+
 class NothingDeclared(ImproperlyConfigured):
     """Selectors that name only models declaring nothing for the databases in question."""
+
+    __reduce__ = _reduce_to_state
 
     def __init__(
         self, selectors: list[str], aliases: list[str], *, or_installed: bool = False
@@ -1064,6 +1074,8 @@ def _proxies_named(selectors: list[str]) -> str:
 class CannotInstall(Exception):
     """Declarations that cannot be installed as they are; nothing was changed."""
 
+    __reduce__ = _reduce_to_state
+
     def __init__(self, states: list[TriggerState], message: str = "") -> None:
         self.states = states
         lines = "".join(f"\n  {state}" for state in states)
@@ -1092,6 +1104,8 @@ class TableMissing(CannotInstall):
 
 class InstallFailed(DatabaseError):
     """The database refused the SQL of one declaration; the install was rolled back."""
+
+    __reduce__ = _reduce_to_state
 
     def __init__(self, state: TriggerState, error: DatabaseError) -> None:
         self.state = state

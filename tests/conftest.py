@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import queue
 import re
 import signal
@@ -60,6 +61,12 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.02)
+
+
+def assert_pickles(error: Exception) -> None:
+    """``error`` reaches a parent process (``multiprocessing``, a task queue) as raised."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.args, copy.__dict__) == (type(error), error.args, error.__dict__)
 
 
 def orders_beside_a_failing_receiver(

@@ -18,7 +18,7 @@ from psycopg import sql
 
 from django_pgnotify import wire
 from django_pgnotify.installation import uninstall_triggers
-from tests.conftest import ROOT, ManagedProcess, django_env, run_manage
+from tests.conftest import ROOT, ManagedProcess, assert_pickles, django_env, run_manage
 from tests.conftest import test_database_url as database_url
 from tests.test_refused_declarations import OddTables
 from tests.testapp.models import Order, Tag
@@ -237,6 +237,7 @@ def test_a_refused_proxy_selector_names_the_model_to_select():
         "declares pgnotify for database 'default'. testapp.OrderProxy is a proxy of "
         "testapp.Order: select testapp.Order."
     )
+    assert_pickles(refused.value)
 
 
 @pytest.mark.parametrize("command", ["pgnotify_listen", "pgnotify_install", "pgnotify_status"])

@@ -39,7 +39,7 @@ from django_pgnotify.installation import (
 from django_pgnotify.naming import TableName
 from django_pgnotify.status import database_status
 from django_pgnotify.triggers import TriggerSQL, build_trigger_sql
-from tests.conftest import install_stray_declaration
+from tests.conftest import assert_pickles, install_stray_declaration
 from tests.durableapp.models import Job
 
 pytestmark = pytest.mark.django_db
@@ -151,6 +151,7 @@ def test_install_without_the_table_raises_table_missing_naming_it():
         install_triggers()
 
     assert [s.uri for s in info.value.states] == ["testapp.Tag:default"]
+    assert_pickles(info.value)
     with pytest.raises(CommandError, match=r"testapp_tag.*run manage\.py migrate"):
         run()
 
@@ -281,6 +282,7 @@ def test_install_stops_at_sql_the_database_refuses_naming_the_declaration():
         run()
 
     assert info.value.state.uri == "testapp.Tag:default"
+    assert_pickles(info.value)
     assert str(command.value).startswith("Database 'default' (")
     assert 'testapp.Tag:default on "testapp_tag": cannot change return type' in str(command.value)
     assert states("testapp.Order") == {"testapp.Order:default": MISSING}
