@@ -8,7 +8,6 @@ deploys cannot interleave.
 
 from __future__ import annotations
 
-import copyreg
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable
@@ -1037,7 +1036,14 @@ def _reduce_to_state(error: BaseException) -> tuple[Any, ...]:
     """Pickle ``error`` as its message and attributes: its ``args`` (the message) are not
     its constructor's arguments, which ``pickle`` would call it with. So the errors below
     reach a parent process (``multiprocessing``, a task queue) as they were raised."""
-    return (copyreg.__newobj__, (type(error), *error.args), error.__dict__)
+    return (_restored, (type(error), error.args, error.__dict__))
+
+
+def _restored(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """The error ``_reduce_to_state`` pickled, made without calling its constructor."""
+    error = cls.__new__(cls, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class NothingDeclared(ImproperlyConfigured):
