@@ -564,7 +564,7 @@ def _readable(cursor, declarations: list[Declaration]) -> list[_Target]:
         except OperationalError:
             raise  # the connection or the statement timeout: not this declaration's
         except DatabaseError as exc:
-            table = trigger_sql.build_trigger_sql(declaration, server_version).table
+            table = trigger_sql.table_identifier(declaration)
             logger.error(
                 "pgnotify: %s on %s is not installed, and keeps what it has: its table or "
                 "function cannot be looked up: %s",
@@ -1183,8 +1183,7 @@ class _Target:
 
 def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
     """Look up the declaration's table and function, and what its table has."""
-    named = trigger_sql.build_trigger_sql(declaration, server_version)
-    table = named.table.as_string(None)
+    table = trigger_sql.table_identifier(declaration).as_string(None)
     cursor.execute(
         "SELECT r::oid, (SELECT relkind::text FROM pg_class WHERE oid = r), f::oid,"
         " (SELECT prosrc FROM pg_proc WHERE oid = f), obj_description(f, 'pg_proc'),"
@@ -1194,7 +1193,7 @@ def _target(cursor, declaration: Declaration, server_version: int) -> _Target:
         + "), ARRAY(SELECT c.relname::text FROM pg_partition_ancestors(r) AS a"
         " JOIN pg_class c ON c.oid = a.relid WHERE a.relid <> r)"
         " FROM to_regclass(%s) AS r, to_regprocedure(%s) AS f",
-        [table, named.function.as_string(None) + "()"],
+        [table, trigger_sql.function_identifier(declaration).as_string(None) + "()"],
     )
     relid, relkind, function_oid, body, function_comment, on_table, actions, ancestors = (
         cursor.fetchone()

@@ -39,6 +39,7 @@ the hashes of the declarations it touches, which is enough to rebuild them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -129,6 +130,16 @@ def table_identifier(declaration: Declaration) -> sql.Identifier:
     return sql.Identifier(schema, name) if schema else sql.Identifier(name)
 
 
+def function_identifier(declaration: Declaration) -> sql.Identifier:
+    """The declaration's trigger function, in its table's schema."""
+    schema = declaration.table.schema
+    return (
+        sql.Identifier(schema, declaration.function)
+        if schema
+        else sql.Identifier(declaration.function)
+    )
+
+
 def build_trigger_sql(
     declaration: Declaration,
     server_version: int | None = None,
@@ -155,15 +166,12 @@ def build_trigger_sql(
     as it is and the installer names the partition that lacks them. Ignored
     for ``level="row"``: PostgreSQL clones row triggers onto every partition.
     """
-    schema = declaration.table.schema
-    function = (
-        sql.Identifier(schema, declaration.function)
-        if schema
-        else sql.Identifier(declaration.function)
-    )
+    function = function_identifier(declaration)
     table = table_identifier(declaration)
     scalar = "JSON_SCALAR" if (server_version or 0) >= JSON_SCALAR_SINCE else "to_json"
-    body = _function_body(declaration, scalar, foreign_key_actions)
+    body = _function_body(
+        declaration, scalar, foreign_key_actions, bool(get_setting("DURABLE_WAKEUP"))
+    )
     tag = _DOLLAR_TAG if _DOLLAR_TAG not in body else None
     quoted_body = sql.SQL(f"{tag}{body}{tag}") if tag else sql.Literal(body)
 
@@ -308,11 +316,19 @@ def _render(composable: sql.Composable) -> str:
     return composable.as_string(None)
 
 
-def _function_body(declaration: Declaration, scalar: str, foreign_key_actions: bool | None) -> str:
+@functools.lru_cache(maxsize=256)
+def _function_body(
+    declaration: Declaration, scalar: str, foreign_key_actions: bool | None, wakeup: bool
+) -> str:
     """``scalar`` names the function that renders one value as JSON (see ``_json_text``);
-    ``foreign_key_actions`` is ``build_trigger_sql``'s."""
+    ``foreign_key_actions`` is ``build_trigger_sql``'s; ``wakeup`` is ``DURABLE_WAKEUP``.
+
+    Cached, as a function of its arguments alone: each inspection of a database
+    (``migrate``, ``pgnotify_install``, ``pgnotify_status``) builds the SQL of
+    every declaration, and rendering the bodies is most of its Python time.
+    """
     if declaration.notify.durable:
-        return _durable_body(declaration, scalar, foreign_key_actions)
+        return _durable_body(declaration, scalar, foreign_key_actions, wakeup)
     if declaration.row_level:
         return _row_body(declaration, scalar)
     return _live_body(declaration, scalar, foreign_key_actions)
@@ -1122,7 +1138,9 @@ _DURABLE_INSERT = sql.SQL(
 )
 
 
-def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bool | None) -> str:
+def _durable_body(
+    declaration: Declaration, scalar: str, foreign_key_actions: bool | None, wakeup: bool
+) -> str:
     """Insert the statement's changes into the event table, set-based, in the writing
     transaction: one event row per run of up to ``wire.DURABLE_ID_STEP`` changes.
 
@@ -1193,9 +1211,9 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
                 inserting=inserting,
             )
         )
-    wakeup: sql.Composable = sql.SQL("")
-    if get_setting("DURABLE_WAKEUP"):
-        wakeup = sql.SQL("  IF FOUND THEN\n    PERFORM pg_notify({}, '');\n  END IF;\n").format(
+    wake_up: sql.Composable = sql.SQL("")
+    if wakeup:
+        wake_up = sql.SQL("  IF FOUND THEN\n    PERFORM pg_notify({}, '');\n  END IF;\n").format(
             sql.Literal(wire.DURABLE_CHANNEL)
         )
     body = sql.SQL(
@@ -1215,7 +1233,7 @@ def _durable_body(declaration: Declaration, scalar: str, foreign_key_actions: bo
         exact=_exact_floats(declaration),
         branches=sql.SQL("").join(branches),
         restore=_restored_floats(declaration),
-        wakeup=wakeup,
+        wakeup=wake_up,
     )
     return _render(body)
 
