@@ -311,6 +311,10 @@ def listener_process(transactional_db) -> Iterator[Callable[..., ManagedProcess]
     yield start
     for managed in started:
         managed.kill()
+        # Printed for pytest to show in a failing test's report: what each listener said.
+        print(
+            "--- pgnotify_listen", " ".join(managed.process.args[6:]), *managed.output(), sep="\n"
+        )
 
 
 @pytest.fixture
