@@ -101,7 +101,8 @@ class Handled:
         for index, process in enumerate(self.processes):
             while not process.lines.empty():
                 process.seen.append(process.lines.get_nowait())
-            new, self._parsed[index] = process.seen[self._parsed[index] :], len(process.seen)
+            new = process.seen[self._parsed[index] :]
+            self._parsed[index] = len(process.seen)
             for name, line in new:
                 parts = line.split()
                 if name == "out" and parts[:1] == ["handled"]:
