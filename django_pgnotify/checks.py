@@ -12,7 +12,8 @@ models' declarations on one table under one name, if the search path finds an
 unqualified table in "public"; W006 a durable model migrates to a PostgreSQL
 database the event table does not; W007 a ``Notify`` on the model's class body,
 not in its ``class Meta``; W008 ``fields`` names the primary key; W009
-``DURABLE_LEASE`` below twice ``PROBE_TIMEOUT``, with durable declarations. (W001,
+``DURABLE_LEASE`` below twice ``PROBE_TIMEOUT``, with durable declarations; W010
+a field named twice in ``fields`` or ``when_changed``. (W001,
 "durable not available yet", is retired.) E012 and W004 come from
 ``resolve_model``, so the commands refuse such a declaration even with the
 checks skipped.

@@ -230,6 +230,9 @@ def _resolve_one(
     def error(msg: str, id: str, hint: str | None = None) -> None:
         errors.append(checks.Error(f"{where}: {msg}", hint=hint, obj=model, id=id))
 
+    def warning(msg: str, id: str, hint: str | None = None) -> None:
+        errors.append(checks.Warning(f"{where}: {msg}", hint=hint, obj=model, id=id))
+
     events = notify.events
     if isinstance(events, str) or not isinstance(events, tuple) or not events:
         error(
@@ -258,9 +261,10 @@ def _resolve_one(
             "fields",
             "pgnotify.E003",
             error,
+            warning,
         )
     else:
-        fields = _columns(model, notify.fields, "fields", "pgnotify.E003", error)
+        fields = _columns(model, notify.fields, "fields", "pgnotify.E003", error, warning)
         if any(column.field == pk.field for column in fields):
             # A warning: it works, and receivers may read it from event.fields.
             errors.append(
@@ -272,7 +276,9 @@ def _resolve_one(
                     id="pgnotify.W008",
                 )
             )
-    when_changed = _columns(model, notify.when_changed, "when_changed", "pgnotify.E004", error)
+    when_changed = _columns(
+        model, notify.when_changed, "when_changed", "pgnotify.E004", error, warning
+    )
     if when_changed and "update" not in events:
         errors.append(
             checks.Warning(
@@ -421,13 +427,16 @@ def _check_room(declaration: Declaration, where: str) -> list[checks.CheckMessag
     return []
 
 
-def _columns(model, names, option, id, error) -> tuple[Column, ...]:
+def _columns(model, names, option, id, error, warning) -> tuple[Column, ...]:
+    """The columns ``names`` name, each once: a field named twice (as ``"owner"`` and
+    ``"owner_id"``, say) is a warning (pgnotify.W010), since it works as declared."""
     if isinstance(names, str) or not isinstance(names, tuple):
         lower_case = option == "fields" and isinstance(names, str) and names.lower() == "__all__"
         hint = ' ("__all__" is written in lower case)' if lower_case else ""
         error(f"{option} must be a list of field names, got {names!r}{hint}.", id)
         return ()
     columns = []
+    named: dict[str, str] = {}  # field name: the name it was first given by
     for name in names:
         if name == "pk":  # Django's alias, which names no column (as in Meta.indexes)
             pk = model._meta.pk.name
@@ -474,7 +483,17 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
                 hint="Virtual generated columns cannot be read by triggers; use "
                 "db_persist=True or leave it out.",
             )
+        elif field.name in named:
+            first = named[field.name]
+            warning(
+                f"{option} names {name!r} twice."
+                if name == first
+                else f"{option} names {first!r} and {name!r}, one field.",
+                "pgnotify.W010",
+                hint=f"Name it once, as {field.name!r}; did you mean another field?",
+            )
         else:
+            named[field.name] = name
             try:
                 columns.append(_column(field))
             except _UNREADABLE as exc:
@@ -483,7 +502,7 @@ def _columns(model, names, option, id, error) -> tuple[Column, ...]:
                     id,
                     hint="Point the relation at an installed model (see Django's own checks).",
                 )
-    return tuple(dict.fromkeys(columns))
+    return tuple(columns)
 
 
 # What reading a relation's target raises while it points at a model that is not

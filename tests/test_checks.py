@@ -196,6 +196,41 @@ def test_w008_a_primary_key_named_by_its_attname(registry):
     assert "testapp.Truck:default: fields names the primary key, 'vehicle_ptr'" in message.msg
 
 
+@pytest.mark.parametrize(
+    ("notify", "text"),
+    [
+        (Notify(fields=["status", "weight", "status"]), "fields names 'status' twice."),
+        (
+            Notify(fields=["carrier_id", "carrier"]),
+            "fields names 'carrier_id' and 'carrier', one field.",
+        ),
+        (
+            Notify(fields=["status"], when_changed=["weight", "status", "weight"]),
+            "when_changed names 'weight' twice.",
+        ),
+    ],
+    ids=["fields", "attname", "when-changed"],
+)
+def test_w010_a_field_named_twice(registry, notify, text):
+    """A warning that names the field: a typo for another field, most likely."""
+    declare(notify)
+
+    message = only(check_models(registry), "pgnotify.W010")
+    assert message.msg == f"testapp.Shipment:default: {text}"
+    field = "carrier" if "carrier" in text else text.split("'")[1]
+    assert message.hint == f"Name it once, as {field!r}; did you mean another field?"
+
+
+def test_w010_a_field_named_twice_is_sent_and_watched_once(registry):
+    Shipment = declare(
+        Notify(fields=["carrier", "status", "carrier_id"], when_changed=["status", "status"])
+    )
+
+    (declaration,), _ = resolve_model(Shipment, raw_declarations(Shipment))
+    assert [column.field for column in declaration.fields] == ["carrier", "status"]
+    assert [column.field for column in declaration.when_changed] == ["status"]
+
+
 def test_w008_still_sends_the_primary_key_as_declared(registry):
     """A warning: receivers that read it from event.fields keep getting it."""
     Shipment = declare(Notify(fields=["id", "status"]))
