@@ -532,13 +532,27 @@ def left_unclaimed(using: str, states: Iterable[TriggerState]) -> dict[str, int]
     return unclaimed_events(using, uris) if uris else {}
 
 
-def _warn_unclaimed(using: str, changed: list[TriggerState]) -> None:
-    """Log what ``left_unclaimed`` finds, as ``pgnotify_install`` says it, for projects
-    that leave installing to ``migrate``."""
+def unclaimed_warnings(using: str, states: list[TriggerState]) -> list[str]:
+    """What ``left_unclaimed`` finds, one warning per URI that says what to do: a
+    declaration made live keeps its URI, which the remedies of a renamed one do not.
+
+    Raises:
+        DatabaseError: The event table could not be read as expected.
+    """
     from .status import unclaimed_warning
 
+    live = {s.uri for s in states if s.sql is not None and not s.sql.declaration.notify.durable}
+    return [
+        unclaimed_warning(uri, changes, live=uri in live)
+        for uri, changes in left_unclaimed(using, states).items()
+    ]
+
+
+def _warn_unclaimed(using: str, changed: list[TriggerState]) -> None:
+    """Log ``unclaimed_warnings``, as ``pgnotify_install`` says them, for projects that
+    leave installing to ``migrate``."""
     try:
-        unclaimed = left_unclaimed(using, changed)
+        warnings = unclaimed_warnings(using, changed)
     except DatabaseError as exc:  # the sync is done: say so, not fail the migrate
         logger.warning(
             "pgnotify: cannot look for pending durable events of the declarations removed "
@@ -547,8 +561,8 @@ def _warn_unclaimed(using: str, changed: list[TriggerState]) -> None:
             " ".join(str(exc).split()),
         )
         return
-    for uri, changes in unclaimed.items():
-        logger.warning("pgnotify: %s", unclaimed_warning(uri, changes))
+    for warning in warnings:
+        logger.warning("pgnotify: %s", warning)
 
 
 def _readable(cursor, declarations: list[Declaration]) -> list[_Target]:

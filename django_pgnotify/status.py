@@ -27,6 +27,12 @@ UNCLAIMED_ADVICE = (
     "again (each new change is then stored twice), or discard them in the admin; see "
     "docs/durable.md#pending-events-no-declaration-claims"
 )
+#: What to do with them when the declaration was made live: its URI is the same.
+MADE_LIVE_ADVICE = (
+    "make the declaration durable again (durable=True, then pgnotify_install) until a "
+    "listener has handled them, or discard them in the admin; see "
+    "docs/durable.md#pending-events-no-declaration-claims"
+)
 
 
 def _percent(fraction: float, decimals: int) -> str:
@@ -67,8 +73,14 @@ def queue_usage_percents(usage: float, threshold: float, decimals: int = 1) -> t
     return f"{_percent(usage, places)}%", f"{shown}%"
 
 
-def unclaimed_warning(uri: str, changes: int) -> str:
-    """The warning for ``changes`` pending durable changes of ``uri`` no declaration has."""
+def unclaimed_warning(uri: str, changes: int, live: bool = False) -> str:
+    """The warning for ``changes`` pending durable changes of ``uri`` no durable
+    declaration has; ``live`` when ``uri`` is a live declaration's now (made live)."""
+    if live:
+        return (
+            f"{uri}, made live, leaves {changes} pending durable change(s) that no listener "
+            f"claims: {MADE_LIVE_ADVICE}"
+        )
     return (
         f"{uri} leaves {changes} pending durable change(s) that no listener claims: "
         + UNCLAIMED_ADVICE
@@ -283,6 +295,15 @@ def _durable_uris(using: str) -> list[str]:
     return sorted(d.uri for d in installation.declarations_for((), using) if d.notify.durable)
 
 
+def _live_uris(using: str) -> list[str]:
+    """The URIs of the live declarations routed to ``using``."""
+    return sorted(d.uri for d in installation.declarations_for((), using) if not d.notify.durable)
+
+
+def _per_uri(changes: dict[str, int]) -> str:
+    return ", ".join(f"{uri} ({count})" for uri, count in changes.items())
+
+
 def unclaimed_events(using: str, uris: Iterable[str]) -> dict[str, int]:
     """Pending durable changes per URI of ``uris`` that no durable declaration routed to
     ``using`` has: no listener claims them (the triggers of a renamed or removed durable
@@ -403,14 +424,19 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             f"{status.durable['dead']} durable event(s) are dead letters: retry or discard "
             "them in the admin (Durable events, status: dead letter)"
         )
-    if status.undeclared_events:
-        waiting = status.undeclared_events
+    live = set(_live_uris(using)) if status.undeclared_events else set()
+    removed = {u: n for u, n in status.undeclared_events.items() if u not in live}
+    made_live = {u: n for u, n in status.undeclared_events.items() if u in live}
+    if removed:
         status.problems.append(
-            f"{sum(waiting.values())} pending durable change(s) of declarations that database "
-            f"{using!r} no longer has as durable ones (a model removed, a declaration renamed "
-            "or made live), which no listener claims: "
-            + ", ".join(f"{uri} ({count})" for uri, count in waiting.items())
-            + f"; {UNCLAIMED_ADVICE}"
+            f"{sum(removed.values())} pending durable change(s) of declarations that database "
+            f"{using!r} no longer has (a model removed, a declaration renamed), which no "
+            f"listener claims: {_per_uri(removed)}; {UNCLAIMED_ADVICE}"
+        )
+    if made_live:
+        status.problems.append(
+            f"{sum(made_live.values())} pending durable change(s) of declarations made live "
+            f"(durable=False), which no listener claims: {_per_uri(made_live)}; " + MADE_LIVE_ADVICE
         )
     if (
         activity is not None

@@ -1359,6 +1359,13 @@ ADVICE = (
 )
 
 
+MADE_LIVE = (
+    "pending durable change(s) that no listener claims: make the declaration durable again "
+    "(durable=True, then pgnotify_install) until a listener has handled them, or discard them "
+    "in the admin; see docs/durable.md#pending-events-no-declaration-claims"
+)
+
+
 def test_install_warns_of_the_pending_events_a_renamed_durable_declaration_leaves():
     install_stray_durable_declaration("Job", "stock")
     Job.objects.create(name="first")  # stored under both URIs, as before the rename
@@ -1421,20 +1428,37 @@ def test_an_install_that_cannot_look_for_pending_events_says_so_and_succeeds():
     assert states("durableapp.Job") == {"durableapp.Job:default": INSTALLED}
 
 
-def test_install_warns_of_the_pending_events_a_declaration_made_live_leaves():
-    """Its URI stays; its triggers are rebuilt, not dropped, and store nothing any more."""
+def install_order_as_durable() -> None:
+    """Install ``testapp.Order``'s declaration as the durable one it was before it was
+    made live, and store one change with it."""
     from tests.testapp.models import Order
 
     (was_durable,), _ = resolve_model(
         Order, Notify(fields=["status", "total"], when_changed=["status", "total"], durable=True)
     )
     execute(build_trigger_sql(was_durable, connection.pg_version).install)
-    Order.objects.create()  # stored, as before the declaration was made live
+    Order.objects.create()
+
+
+def test_install_warns_of_the_pending_events_a_declaration_made_live_leaves():
+    """Its URI stays; its triggers are rebuilt, not dropped, and store nothing any more.
+    The advice is its own: a rename's remedies do not fit."""
+    install_order_as_durable()
 
     out = run()
 
     assert 'Updated testapp.Order:default on "testapp_order"' in out
-    assert f"Warning: testapp.Order:default leaves 1 pending durable change(s) {ADVICE}" in out
+    assert f"Warning: testapp.Order:default, made live, leaves 1 {MADE_LIVE}" in out
+    assert "renamed" not in out
+
+
+def test_the_migrate_sync_logs_the_pending_events_a_declaration_made_live_leaves(caplog):
+    install_order_as_durable()
+
+    with caplog.at_level(logging.WARNING, logger="django_pgnotify.installation"):
+        sync_triggers()
+
+    assert f"pgnotify: testapp.Order:default, made live, leaves 1 {MADE_LIVE}" in (caplog.messages)
 
 
 def test_the_migrate_sync_logs_the_pending_events_a_renamed_durable_declaration_leaves(caplog):

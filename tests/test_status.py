@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from django_pgnotify.installation import uninstall_triggers
-from django_pgnotify.status import UNCLAIMED_ADVICE, queue_usage_percents
+from django_pgnotify.status import MADE_LIVE_ADVICE, UNCLAIMED_ADVICE, queue_usage_percents
 from tests.conftest import django_env, run_manage
 from tests.conftest import test_database_url as database_url
 
@@ -315,19 +315,24 @@ def test_status_exits_1_naming_pending_durable_events_no_declaration_claims(
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
-        "needs action: 4 pending durable change(s) of declarations that database 'default' "
-        "no longer has as durable ones"
+        "needs action: 3 pending durable change(s) of declarations that database 'default' "
+        "no longer has (a model removed, a declaration renamed), which no listener claims: "
+        "gone.Removed:default (3); "
     ) in result.stdout
-    assert "claims: gone.Removed:default (3), testapp.Tag:default (1); " in result.stdout
-    assert "discard them in the admin" in result.stdout
     # Declaring again alone would store each new change twice: every way out, in short.
     assert (
         "give a renamed declaration's events its new URI (one UPDATE), declare the old one "
         "again (each new change is then stored twice), or discard them in the admin; see "
         "docs/durable.md#pending-events-no-declaration-claims"
     ) in result.stdout
-    assert "declare them again to have them delivered" not in result.stdout
-    assert "1 problem(s) need action" in result.stderr
+    # Its URI is the same: neither renaming nor declaring it again beside itself applies.
+    assert (
+        "needs action: 1 pending durable change(s) of declarations made live (durable=False), "
+        "which no listener claims: testapp.Tag:default (1); make the declaration durable again "
+        "(durable=True, then pgnotify_install) until a listener has handled them, or discard "
+        "them in the admin; see docs/durable.md#pending-events-no-declaration-claims"
+    ) in result.stdout
+    assert "2 problem(s) need action" in result.stderr
 
 
 def test_database_status_counts_only_pending_events_of_undeclared_declarations(
@@ -373,10 +378,11 @@ def test_status_of_live_declarations_by_a_role_that_may_not_read_the_event_table
     assert result.stdout.rstrip().endswith("OK")
 
 
-def test_the_advice_on_unclaimed_events_points_to_a_section_the_docs_have():
+@pytest.mark.parametrize("advice", [UNCLAIMED_ADVICE, MADE_LIVE_ADVICE], ids=["gone", "live"])
+def test_the_advice_on_unclaimed_events_points_to_a_section_the_docs_have(advice):
     from pathlib import Path
 
-    page, anchor = re.search(r"docs/(\S+\.md)#([\w-]+)", UNCLAIMED_ADVICE).groups()
+    page, anchor = re.search(r"docs/(\S+\.md)#([\w-]+)", advice).groups()
     text = (Path(__file__).resolve().parent.parent / "docs" / page).read_text()
     headings = re.findall(r"^#+ (.+)$", text, re.M)
     assert anchor in [re.sub(r"[^\w]+", "-", h.lower()).strip("-") for h in headings]

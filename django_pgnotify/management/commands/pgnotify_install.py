@@ -10,7 +10,6 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, OperationalError, connect
 
 from django_pgnotify import installation
 from django_pgnotify.connection import connection_params, describe
-from django_pgnotify.status import unclaimed_warning
 from django_pgnotify.triggers import TriggerSQL, build_partition_triggers_sql, build_trigger_sql
 
 
@@ -250,15 +249,14 @@ class Command(BaseCommand):
         claim: the unknown ones, whose triggers are (or would be) dropped, and live
         ones, whose triggers (durable ones before, maybe) are (or would be) rebuilt."""
         try:
-            unclaimed = installation.left_unclaimed(using, states)
+            warnings = installation.unclaimed_warnings(using, states)
         except DatabaseError as exc:  # what was asked is done: say so, not fail it
             self.stderr.write(
                 "Warning: cannot look for pending durable events of the removed declarations: "
                 + " ".join(str(exc).split())
             )
             return
-        for uri, changes in unclaimed.items():
-            text = unclaimed_warning(uri, changes)
+        for text in warnings:
             if sql_comment:  # the output stays SQL to run
                 self.stdout.write(f"-- Warning: {text}\n")
             else:
