@@ -86,7 +86,7 @@ def _check_lease(config: dict[str, Any]) -> list[checks.CheckMessage]:
     lease, timeout = (config.get(key, DEFAULTS[key]) for key in ("DURABLE_LEASE", "PROBE_TIMEOUT"))
     if not (_is_number(lease) and _is_number(timeout) and 0 < lease < 2 * timeout):
         return []  # fine, or not a number: pgnotify.E010 says so
-    if lease > _SECONDS_MAX["DURABLE_LEASE"][0] or timeout > _SECONDS_MAX["PROBE_TIMEOUT"][0]:
+    if _past_max("DURABLE_LEASE", lease) or _past_max("PROBE_TIMEOUT", timeout):
         return []  # pgnotify.E010 says so
     return [
         checks.Warning(
@@ -521,8 +521,13 @@ def _check_seconds_max(config: dict[str, Any]) -> list[checks.CheckMessage]:
             id="pgnotify.E010",
         )
         for key, (bound, why) in _SECONDS_MAX.items()
-        if _is_number(value := config.get(key, DEFAULTS[key])) and value > bound
+        if _past_max(key, value := config.get(key, DEFAULTS[key]))
     ]
+
+
+def _past_max(key: str, value: Any) -> bool:
+    """Whether ``value`` of ``key`` is a number past its bound in ``_SECONDS_MAX``."""
+    return key in _SECONDS_MAX and _is_number(value) and value > _SECONDS_MAX[key][0]
 
 
 def _as_years(seconds: int) -> str:

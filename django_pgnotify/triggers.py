@@ -169,9 +169,9 @@ def build_trigger_sql(
     function = function_identifier(declaration)
     table = table_identifier(declaration)
     scalar = "JSON_SCALAR" if (server_version or 0) >= JSON_SCALAR_SINCE else "to_json"
-    body = _function_body(
-        declaration, scalar, foreign_key_actions, bool(get_setting("DURABLE_WAKEUP"))
-    )
+    # Only a durable body depends on DURABLE_WAKEUP: a live one is cached once.
+    wakeup = bool(get_setting("DURABLE_WAKEUP")) if declaration.notify.durable else False
+    body = _function_body(declaration, scalar, foreign_key_actions, wakeup)
     tag = _DOLLAR_TAG if _DOLLAR_TAG not in body else None
     quoted_body = sql.SQL(f"{tag}{body}{tag}") if tag else sql.Literal(body)
 
@@ -321,7 +321,8 @@ def _function_body(
     declaration: Declaration, scalar: str, foreign_key_actions: bool | None, wakeup: bool
 ) -> str:
     """``scalar`` names the function that renders one value as JSON (see ``_json_text``);
-    ``foreign_key_actions`` is ``build_trigger_sql``'s; ``wakeup`` is ``DURABLE_WAKEUP``.
+    ``foreign_key_actions`` is ``build_trigger_sql``'s; ``wakeup`` is ``DURABLE_WAKEUP``
+    (``False`` for a live declaration, whose body does not read it).
 
     Cached, as a function of its arguments alone: each inspection of a database
     (``migrate``, ``pgnotify_install``, ``pgnotify_status``) builds the SQL of
