@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
@@ -194,8 +194,11 @@ def django_env(**extra: str) -> dict[str, str]:
 def run_manage(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m django <args>`` against the test database and wait for it."""
-    return subprocess.run(
+    """Run ``python -m django <args>`` against the test database and wait for it.
+
+    What it wrote is printed too, for pytest to show in a failing test's report.
+    """
+    result = subprocess.run(
         [sys.executable, "-m", "django", *args],
         cwd=ROOT,
         env=env or django_env(DATABASE_URL=test_database_url()),
@@ -203,15 +206,23 @@ def run_manage(
         text=True,
         timeout=timeout,
     )
+    print(f"--- manage.py {' '.join(args)} (exit {result.returncode})")
+    print(result.stdout, result.stderr, sep="", end="")
+    return result
 
 
 class ManagedProcess:
     """A child process whose output lines can be awaited with a timeout."""
 
+    #: The processes started during the current test (``_processes_reported``).
+    started: ClassVar[list[ManagedProcess]] = []
+
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        self.args = args
+        ManagedProcess.started.append(self)
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.seen: list[tuple[str, str]] = []
         self._cursors: dict[str | None, int] = {}
@@ -282,6 +293,30 @@ class ManagedProcess:
             self.process.kill()
             self.process.wait(5)
 
+    def report(self) -> str:
+        """Its command line and every line it wrote so far, without waiting for a
+        process still running (one a wider fixture keeps)."""
+        if self.process.poll() is not None:
+            for reader in self._readers:
+                reader.join(2)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get_nowait())
+        command = " ".join([Path(self.args[0]).name, *self.args[1:]])
+        status = self.process.poll()
+        ended = "still running" if status is None else f"exit {status}"
+        return "\n".join([f"--- {command} ({ended})", *(line for _, line in self.seen)])
+
+
+@pytest.fixture(autouse=True)
+def _processes_reported() -> Iterator[None]:
+    """Print what each process a test started wrote, at its end: pytest shows it in a
+    failing test's report. A fixture that stops its processes does so before this."""
+    first = len(ManagedProcess.started)
+    yield
+    for managed in ManagedProcess.started[first:]:
+        print(managed.report())
+    del ManagedProcess.started[first:]
+
 
 def delivers_after_reconnecting(listener: ManagedProcess, timeout: float = 15) -> None:
     """Wait until the ``pgnotify_listen -v 2`` process ``listener`` says it reconnected,
@@ -310,11 +345,7 @@ def listener_process(transactional_db) -> Iterator[Callable[..., ManagedProcess]
 
     yield start
     for managed in started:
-        managed.kill()
-        # Printed for pytest to show in a failing test's report: what each listener said.
-        print(
-            "--- pgnotify_listen", " ".join(managed.process.args[6:]), *managed.output(), sep="\n"
-        )
+        managed.kill()  # what it wrote is in a failing test's report (_processes_reported)
 
 
 @pytest.fixture
