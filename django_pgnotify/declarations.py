@@ -578,13 +578,14 @@ def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
     one on ``jsonb``) as psycopg loads it: the text of each ``jsonb`` element, as
     Django has ``jsonb`` loaded, each ``json`` one parsed from its text. ``to_json``
     would embed the values: the text ``'"1"'`` would arrive as ``'1'``, and a
-    number's digits as a float holds them. A ``JSONField``'s elements stay embedded:
-    the decoder gives them to its ``from_db_value`` as it reads them.
+    number's digits as a float holds them. So are a ``JSONField``'s with a ``decoder``
+    of its own, which reads every digit (``1.10`` as ``Decimal("1.10")``, say); the
+    elements of one without stay embedded, as ``json.loads`` reads them alike.
     """
     if getattr(field, "generated", False):  # a GeneratedField: its column is its output's
         field = field.output_field  # type: ignore[attr-defined]
     element = _array_element(field)
-    if isinstance(element, models.JSONField):
+    if isinstance(element, models.JSONField) and (element is field or element.decoder is None):
         return None
     base, array = column_type(element, connection)
     if base in _JSON_COLUMN_TYPES and (array or element is not field):

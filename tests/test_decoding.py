@@ -901,14 +901,15 @@ def test_json_in_arrays_and_json_fields_with_their_own_from_db_value_are_read_on
         class Meta:
             app_label = "testapp"
 
-    # As triggers send them: jsonb[] embedded by to_json(), jsonb as its text.
+    # As triggers send them: jsonb[] embedded by to_json(), but the elements' texts for
+    # a decoder of its own (as the ORM has it read them); jsonb as its text.
     elements = [{"a": 1.5}, None, [1, 2.25], "text"]
     row = {
         "pk": 1,
         "fields": {
             "plain": elements,
-            "exact": elements,
-            "grid": [[{"a": 1.5}], [[0.25]]],
+            "exact": ['{"a": 1.50}', None, "[1, 2.25]", '"text"'],
+            "grid": [['{"a": 1.5}'], ["[0.250]"]],
             "loaded": '{"a": 1.5}',
         },
     }
@@ -918,8 +919,8 @@ def test_json_in_arrays_and_json_fields_with_their_own_from_db_value_are_read_on
     assert repr(change.fields) == repr(
         {
             "plain": elements,
-            "exact": [{"a": Decimal("1.5")}, None, [1, Decimal("2.25")], "text"],
-            "grid": [[{"a": Decimal("1.5")}], [[Decimal("0.25")]]],
+            "exact": [{"a": Decimal("1.50")}, None, [1, Decimal("2.25")], "text"],
+            "grid": [[{"a": Decimal("1.5")}], [[Decimal("0.250")]]],
             "loaded": {"loaded": {"a": 1.5}},
         }
     )

@@ -561,7 +561,8 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
             " %s::text[]::jsonb[], %s::json, %s::json, %s::jsonb)",
             [
                 [BIG, f'{{"n": {negative}, "f": 0.5}}', None],
-                [[f"[{unsigned}]", "1.25"]],
+                # A decoder of its own reads a number's every digit: trailing zeros too.
+                [[f"[{unsigned}]", "1.250"]],
                 f'{{"n": {BIG}, "m": [{negative}, 1.5]}}',
                 f"[{unsigned}, {BIG}]",
                 f'{{"n": {BIG}}}',
@@ -581,7 +582,7 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
     # What the ORM reads: the comparison below means something.
     assert orm(before) == {
         "docs": [big, {"f": 0.5, "n": negative}, None],
-        "grid": [[[unsigned], Decimal("1.25")]],
+        "grid": [[[unsigned], Decimal("1.250")]],
         "loose": {"n": big, "m": [negative, 1.5]},
         "plain": [unsigned, big],
         "texts": f'{{"n": {BIG}}}',
@@ -599,6 +600,8 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
     [
         (ArrayField(models.JSONField()), True),
         (ArrayField(ArrayField(models.JSONField())), True),
+        # Its elements' texts, which its decoder reads as the ORM has it read them.
+        (ArrayField(models.JSONField(decoder=DecimalDecoder)), False),
         (JsonTextField(), True),
         (PlainJSONField(), True),
         (models.JSONField(), False),  # its text
