@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -73,6 +74,41 @@ def test_listen_at_verbosity_2_warns_of_models_no_receiver_hears_and_prints_thei
     Tag.objects.create(name="printed")
     listener.wait_for(r"^testapp\.tag insert pk='printed'$", stream="out")
     assert listener.stop() == 0
+
+
+# What psycopg logs of a durable claim's pipeline that a lost connection ended.
+PSYCOPG_WARNING = """
+import logging, django
+django.setup()
+from django_pgnotify.management.commands.pgnotify_listen import Command
+command = Command()
+command.verbosity = {verbosity}
+command.configure_logging()
+psycopg_logger = logging.getLogger("psycopg")
+psycopg_logger.warning("error ignored terminating <psycopg.AsyncPipeline [BAD]>: lost")
+psycopg_logger.info("an information line")
+"""
+
+
+@pytest.mark.parametrize("verbosity", [1, 0])
+def test_listen_shows_psycopgs_warnings_as_its_own_log_lines(verbosity):
+    """With a time and a level, as the listener's own lines, not bare (as Python prints
+    a warning of a logger nothing handles); psycopg's information lines stay hidden."""
+    result = subprocess.run(
+        [sys.executable, "-c", PSYCOPG_WARNING.format(verbosity=verbosity)],
+        cwd=ROOT,
+        env=django_env(DATABASE_URL=database_url()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    warning = "error ignored terminating <psycopg.AsyncPipeline [BAD]>: lost\n"
+    if verbosity:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d [\d:,]+ WARNING " + re.escape(warning), result.stderr)
+    else:  # as Python prints it: -v 0 configures nothing
+        assert result.stderr == warning
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

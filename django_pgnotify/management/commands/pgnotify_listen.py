@@ -233,10 +233,16 @@ class Command(BaseCommand):
         self.stdout.flush()
 
     def configure_logging(self) -> None:
-        """Show the listener's log lines when the project has not configured them."""
-        logger = logging.getLogger("django_pgnotify")
-        if self.verbosity >= 1 and not logger.hasHandlers():
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
+        """Show the listener's log lines when the project has not configured them, and
+        psycopg's warnings of its connections in the same form (a pipeline that a lost
+        connection ended, say), which Python would otherwise print bare."""
+        if self.verbosity < 1:
+            return
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for name, level in (("django_pgnotify", logging.INFO), ("psycopg", logging.NOTSET)):
+            logger = logging.getLogger(name)
+            if not logger.hasHandlers():
+                logger.addHandler(handler)
+                if level:  # psycopg's stays at the root's (warnings and worse)
+                    logger.setLevel(level)
