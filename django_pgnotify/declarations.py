@@ -571,21 +571,22 @@ def innermost_field(field: models.Field) -> tuple[models.Field, int]:
 
 def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
     """``jsonb`` or ``json``: the type of the elements of ``field``'s array column,
-    which the trigger sends as their texts (``text[]``), where they are not a
+    which the trigger sends as their texts (``text[]``), unless they are a plain
     ``JSONField``'s; ``None`` for any other field (``connection`` as for ``column_type``).
 
     The ORM reads such a column (a custom field on ``jsonb[]``, an ``ArrayField`` of
     one on ``jsonb``) as psycopg loads it: the text of each ``jsonb`` element, as
     Django has ``jsonb`` loaded, each ``json`` one parsed from its text. ``to_json``
     would embed the values: the text ``'"1"'`` would arrive as ``'1'``, and a
-    number's digits as a float holds them. So are a ``JSONField``'s with a ``decoder``
-    of its own, which reads every digit (``1.10`` as ``Decimal("1.10")``, say); the
-    elements of one without stay embedded, as ``json.loads`` reads them alike.
+    number's digits as a float holds them. A ``JSONField`` with a ``decoder`` or a
+    ``from_db_value`` of its own reads the texts too, and may keep every digit
+    (``1.10`` as ``Decimal("1.10")``); a plain one's elements stay embedded, as
+    ``json.loads`` reads them alike.
     """
     if getattr(field, "generated", False):  # a GeneratedField: its column is its output's
         field = field.output_field  # type: ignore[attr-defined]
     element = _array_element(field)
-    if isinstance(element, models.JSONField) and (element is field or element.decoder is None):
+    if isinstance(element, models.JSONField) and (element is field or plain_json(element)):
         return None
     base, array = column_type(element, connection)
     if base in _JSON_COLUMN_TYPES and (array or element is not field):
@@ -596,9 +597,19 @@ def json_texts_type(field: models.Field, connection: Any = None) -> str | None:
 _JSON_COLUMN_TYPES = frozenset({"jsonb", "json"})
 
 
+def plain_json(field: models.JSONField) -> bool:
+    """Whether ``field`` reads its text as ``json.loads`` alone does: neither a
+    ``decoder`` nor a ``from_db_value`` of its own."""
+    return (
+        type(field).from_db_value is models.JSONField.from_db_value
+        and getattr(field, "decoder", None) is None
+    )
+
+
 def embeds_json(field: models.Field, connection: Any = None) -> bool:
     """Whether the trigger embeds the JSON values of ``field``'s column in the payload
-    as they are: the elements of an ``ArrayField(JSONField)``, the value of a field
+    as they are: the elements of an ``ArrayField`` of a plain ``JSONField`` (see
+    ``json_texts_type``), the value of a field
     other than a ``JSONField`` on a ``json`` column (``connection`` as for
     ``column_type``). Their integers may be past 64 bits, which the ORM reads
     with every digit."""

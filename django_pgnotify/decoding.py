@@ -31,7 +31,7 @@ from psycopg.types.datetime import TimetzLoader
 from psycopg.types.range import Range
 
 from . import wire
-from .declarations import column_type, embeds_json, json_texts_type, stored_field
+from .declarations import column_type, embeds_json, json_texts_type, plain_json, stored_field
 from .events import RowChange
 
 logger = logging.getLogger("django_pgnotify.decoding")
@@ -640,19 +640,23 @@ def _typed_as_the_orm_reads(field: models.Field, converters: list[Any]) -> bool:
         if getattr(field.from_db_value, "__func__", None) is not per_element:
             return False
         field = field.base_field
-    return element.decoder is None
+    return plain_json(element)
 
 
 def _adapted(field: models.Field, using: str) -> Converter:
     """A payload value of ``field``'s column to what the database adapter gives for it,
     which ``from_db_value`` receives: JSON as its text (triggers send it so)."""
+    if _is_array(field):
+        element, depth = _innermost(field)
+        if element.get_internal_type() == "JSONField":
+            # Texts (declarations.json_texts_type), or values embedded (a plain
+            # JSONField's, and every one's from triggers of earlier versions).
+            texts = json_texts_type(field, connections[using]) is not None
+            return _json_texts(depth, texts)
     texts = _json_texts_reader(field, using)
     if texts is not None:
         return texts
     if _is_array(field):
-        element, depth = _innermost(field)
-        if element.get_internal_type() == "JSONField":
-            return _json_texts(depth)
         return _array_converter(field, using)
     internal = field.get_internal_type()
     if internal == "JSONField":
@@ -664,16 +668,19 @@ def _adapted(field: models.Field, using: str) -> Converter:
     return _by_column_type(field, using)
 
 
-def _json_texts(depth: int) -> Converter:
+def _json_texts(depth: int, texts: bool = False) -> Converter:
     """A JSON array's elements, embedded by to_json(), back to their text.
 
     A JSON array element looks like a dimension: the field's nesting says how
-    deep the elements are, as ``ArrayField.from_db_value`` reads them.
+    deep the elements are, as ``ArrayField.from_db_value`` reads them. With
+    ``texts``, the triggers send the elements' texts, which stay as they are; an
+    element that is not a string was embedded by a trigger of an earlier version
+    (one that was a string then is read as a text: ``"1"`` as ``1``).
     """
 
     def convert(value: Any, depth: int = depth) -> Any:
         if depth == 0:
-            return wire.dumps(value)
+            return value if texts and type(value) is str else wire.dumps(value)
         if type(value) is not list:
             raise TypeError(f"not an array of {depth} dimension(s): {value!r}")
         return [None if item is None else convert(item, depth - 1) for item in value]

@@ -1294,8 +1294,9 @@ def _value(record: str, column: Column) -> sql.Composable:
     if column.element_type == "DecimalField" or column.element_texts:
         # numeric arrays too, element by element: text[] keeps the dimensions and
         # the NULL elements, and its JSON holds strings where numeric[]'s holds numbers.
-        # So are json and jsonb arrays other than a JSONField's: the ORM reads their
-        # elements as psycopg loads them from their texts, which to_json would embed.
+        # So are json and jsonb arrays other than a plain JSONField's: the ORM reads
+        # their elements as psycopg loads them from their texts, which to_json would
+        # embed (see declarations.json_texts_type).
         return sql.SQL("{}::text[]").format(ref)
     if column.internal_type == "BinaryField":
         # bytea_output is per session too: 'escape' would send another text.

@@ -924,6 +924,15 @@ def test_json_in_arrays_and_json_fields_with_their_own_from_db_value_are_read_on
             "loaded": {"loaded": {"a": 1.5}},
         }
     )
+    # As triggers of earlier versions sent them, embedded: read as they were read then.
+    row["fields"] = {"exact": elements[:3], "grid": [[{"a": 1.5}], [[0.25]]]}
+    change = decode_one(Documents, message("testapp.documents", "insert", row))
+    assert repr(change.fields) == repr(
+        {
+            "exact": [{"a": Decimal("1.5")}, None, [1, Decimal("2.25")]],
+            "grid": [[{"a": Decimal("1.5")}], [[Decimal("0.25")]]],
+        }
+    )
 
 
 @isolate_apps("tests.testapp")

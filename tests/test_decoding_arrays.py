@@ -509,6 +509,13 @@ def test_json_arrays_of_fields_of_their_own_arrive_as_the_orm_reads_them(
         assert by_change["update", 1].changed == {"docs", "loose", "boxed"}
 
 
+class ExactJSONField(models.JSONField):
+    """Reads numbers with a fraction as ``Decimal`` by a ``from_db_value`` of its own."""
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else json.loads(value, parse_float=Decimal)
+
+
 class JsonTextField(models.Field):
     """A field of its own on a ``json`` column: the ORM gives what psycopg parses."""
 
@@ -517,17 +524,19 @@ class JsonTextField(models.Field):
 
 
 BIG_NUMBERS_TABLE = "pgnotify_test_big_numbers"
-BIG_NUMBERS_FIELDS = ["docs", "grid", "loose", "plain", "texts"]
+BIG_NUMBERS_FIELDS = ["docs", "grid", "loose", "plain", "texts", "exact"]
 
 
 @pytest.fixture
 def big_numbers_table(other_connection):
-    """JSON columns whose values the triggers embed as they are, with their model."""
+    """JSON columns whose values the triggers embed as they are, and arrays of JSON
+    fields that read their elements' texts in their own way (``grid``, ``exact``),
+    with their model."""
     with throwaway_model(
         other_connection,
         BIG_NUMBERS_TABLE,
         f"CREATE TABLE {BIG_NUMBERS_TABLE} (id integer PRIMARY KEY, docs jsonb[],"
-        " grid jsonb[][], loose json, plain json, texts jsonb)",
+        " grid jsonb[][], loose json, plain json, texts jsonb, exact jsonb[])",
         f"DROP TABLE IF EXISTS {BIG_NUMBERS_TABLE}",
         "BigNumbersRow",
         id=models.IntegerField(primary_key=True),
@@ -536,6 +545,7 @@ def big_numbers_table(other_connection):
         loose=JsonTextField(null=True),
         plain=PlainJSONField(null=True),
         texts=JsonbTextField(null=True),
+        exact=ArrayField(ExactJSONField(null=True), null=True),
     ) as model:
         yield model
 
@@ -550,7 +560,9 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
 ):
     """The elements of an ``ArrayField(JSONField)`` and the value of a field of its own
     on a ``json`` column are embedded in the payload as JSON: an integer too large
-    for 64 bits must arrive as the int the ORM reads, not as a float."""
+    for 64 bits must arrive as the int the ORM reads, not as a float. Those of an
+    array of a JSON field with a decoder or a ``from_db_value`` of its own are sent
+    as texts, which it reads with every digit (trailing zeros too)."""
     model = big_numbers_table
     declaration = install(model, other_connection, Notify(fields=BIG_NUMBERS_FIELDS, **options))
     big, negative, unsigned = int(BIG), -(2**63) - 1, 2**64
@@ -558,7 +570,7 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
         listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
         other_connection.execute(
             f"INSERT INTO {BIG_NUMBERS_TABLE} VALUES (1, %s::text[]::jsonb[],"
-            " %s::text[]::jsonb[], %s::json, %s::json, %s::jsonb)",
+            " %s::text[]::jsonb[], %s::json, %s::json, %s::jsonb, %s::text[]::jsonb[])",
             [
                 [BIG, f'{{"n": {negative}, "f": 0.5}}', None],
                 # A decoder of its own reads a number's every digit: trailing zeros too.
@@ -566,6 +578,7 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
                 f'{{"n": {BIG}, "m": [{negative}, 1.5]}}',
                 f"[{unsigned}, {BIG}]",
                 f'{{"n": {BIG}}}',
+                [f'{{"a": 1.50, "n": {BIG}}}', "1.10", None],
             ],
         )
         before = model.objects.get(pk=1)
@@ -586,6 +599,7 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
         "loose": {"n": big, "m": [negative, 1.5]},
         "plain": [unsigned, big],
         "texts": f'{{"n": {BIG}}}',
+        "exact": [{"a": Decimal("1.50"), "n": big}, Decimal("1.10"), None],
     }
     inserted, updated = changes
     # repr() tells 1.2345678901234568e+29 from the int.
@@ -602,6 +616,7 @@ def test_integers_past_64_bits_in_embedded_json_arrive_with_every_digit(
         (ArrayField(ArrayField(models.JSONField())), True),
         # Its elements' texts, which its decoder reads as the ORM has it read them.
         (ArrayField(models.JSONField(decoder=DecimalDecoder)), False),
+        (ArrayField(ExactJSONField()), False),  # and for a from_db_value of its own
         (JsonTextField(), True),
         (PlainJSONField(), True),
         (models.JSONField(), False),  # its text
@@ -724,12 +739,13 @@ def test_generated_arrays_arrive_as_the_orm_reads_them(other_connection):
     """A ``GeneratedField``'s column is its output field's: an ``ArrayField(JSONField)``
     one is rendered and read as that field is, not as a field of its own on ``jsonb[]``,
     and an ``ArrayField(DecimalField)`` one as strings of the stored digits, not JSON
-    numbers read as floats."""
+    numbers read as floats; its JSON elements' texts, for a decoder of its own."""
     with throwaway_model(
         other_connection,
         GENERATED_TABLE,
         f"CREATE TABLE {GENERATED_TABLE} (id integer PRIMARY KEY, src jsonb[],"
-        " gen jsonb[] GENERATED ALWAYS AS (src) STORED, amount numeric,"
+        " gen jsonb[] GENERATED ALWAYS AS (src) STORED,"
+        " exact jsonb[] GENERATED ALWAYS AS (src) STORED, amount numeric,"
         " amounts numeric[] GENERATED ALWAYS AS (ARRAY[amount, NULL, 1.50]) STORED)",
         f"DROP TABLE IF EXISTS {GENERATED_TABLE}",
         "GeneratedArraysRow",
@@ -738,6 +754,11 @@ def test_generated_arrays_arrive_as_the_orm_reads_them(other_connection):
         gen=models.GeneratedField(
             expression=models.F("src"),
             output_field=ArrayField(models.JSONField(null=True), null=True),
+            db_persist=True,
+        ),
+        exact=models.GeneratedField(
+            expression=models.F("src"),
+            output_field=ArrayField(models.JSONField(null=True, decoder=DecimalDecoder)),
             db_persist=True,
         ),
         amount=models.DecimalField(max_digits=60, decimal_places=10, null=True),
@@ -749,7 +770,7 @@ def test_generated_arrays_arrive_as_the_orm_reads_them(other_connection):
             db_persist=True,
         ),
     ) as model:
-        fields = ["src", "gen", "amount", "amounts"]
+        fields = ["src", "gen", "exact", "amount", "amounts"]
         declaration = install(model, other_connection, Notify(fields=fields))
         with psycopg.connect(other_connection.info.dsn, autocommit=True) as listening:
             listening.execute(sql.SQL("LISTEN {}").format(sql.Identifier(declaration.channel)))
@@ -763,6 +784,7 @@ def test_generated_arrays_arrive_as_the_orm_reads_them(other_connection):
 
     # What the ORM reads: the comparisons below mean something.
     assert row.gen == [{"a": 1.5}, "1", None]
+    assert repr(row.exact) == repr([{"a": Decimal("1.50")}, "1", None])
     assert row.amounts == [
         Decimal("123456789012345678901234567890.1234567890"),
         None,
