@@ -651,8 +651,7 @@ def _adapted(field: models.Field, using: str) -> Converter:
         if element.get_internal_type() == "JSONField":
             # Texts (declarations.json_texts_type), or values embedded (a plain
             # JSONField's, and every one's from triggers of earlier versions).
-            texts = json_texts_type(field, connections[using]) is not None
-            return _json_texts(depth, texts)
+            return _json_texts(depth, json_texts_type(field, connections[using]) is not None)
     texts = _json_texts_reader(field, using)
     if texts is not None:
         return texts
