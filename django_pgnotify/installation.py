@@ -539,9 +539,9 @@ def unclaimed_warnings(using: str, states: list[TriggerState]) -> list[str]:
     Raises:
         DatabaseError: The event table could not be read as expected.
     """
-    from .status import unclaimed_warning
+    from .status import live_uris, unclaimed_warning
 
-    live = {s.uri for s in states if s.sql is not None and not s.sql.declaration.notify.durable}
+    live = set(live_uris(using))
     return [
         unclaimed_warning(uri, changes, live=uri in live)
         for uri, changes in left_unclaimed(using, states).items()

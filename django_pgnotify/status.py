@@ -29,9 +29,8 @@ UNCLAIMED_ADVICE = (
 )
 #: What to do with them when the declaration was made live: its URI is the same.
 MADE_LIVE_ADVICE = (
-    "make the declaration durable again (durable=True, then pgnotify_install) until a "
-    "listener has handled them, or discard them in the admin; see "
-    "docs/durable.md#pending-events-no-declaration-claims"
+    "set durable=True again (then pgnotify_install) until a listener has handled them, or "
+    "discard them in the admin; see docs/durable.md#pending-events-no-declaration-claims"
 )
 
 
@@ -295,8 +294,9 @@ def _durable_uris(using: str) -> list[str]:
     return sorted(d.uri for d in installation.declarations_for((), using) if d.notify.durable)
 
 
-def _live_uris(using: str) -> list[str]:
-    """The URIs of the live declarations routed to ``using``."""
+def live_uris(using: str) -> list[str]:
+    """The URIs of the live declarations routed to ``using``: pending durable events of
+    one were stored before it was made live."""
     return sorted(d.uri for d in installation.declarations_for((), using) if not d.notify.durable)
 
 
@@ -424,19 +424,20 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             f"{status.durable['dead']} durable event(s) are dead letters: retry or discard "
             "them in the admin (Durable events, status: dead letter)"
         )
-    live = set(_live_uris(using)) if status.undeclared_events else set()
+    live = set(live_uris(using)) if status.undeclared_events else set()
     removed = {u: n for u, n in status.undeclared_events.items() if u not in live}
     made_live = {u: n for u, n in status.undeclared_events.items() if u in live}
     if removed:
         status.problems.append(
             f"{sum(removed.values())} pending durable change(s) of declarations that database "
-            f"{using!r} no longer has (a model removed, a declaration renamed), which no "
-            f"listener claims: {_per_uri(removed)}; {UNCLAIMED_ADVICE}"
+            f"{using!r} no longer has (a model removed, a declaration renamed or moved), "
+            f"which no listener claims: {_per_uri(removed)}; {UNCLAIMED_ADVICE}"
         )
     if made_live:
         status.problems.append(
             f"{sum(made_live.values())} pending durable change(s) of declarations made live "
-            f"(durable=False), which no listener claims: {_per_uri(made_live)}; " + MADE_LIVE_ADVICE
+            f"(durable=False), which no listener claims: {_per_uri(made_live)}; "
+            f"{MADE_LIVE_ADVICE}"
         )
     if (
         activity is not None

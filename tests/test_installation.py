@@ -1360,9 +1360,9 @@ ADVICE = (
 
 
 MADE_LIVE = (
-    "pending durable change(s) that no listener claims: make the declaration durable again "
-    "(durable=True, then pgnotify_install) until a listener has handled them, or discard them "
-    "in the admin; see docs/durable.md#pending-events-no-declaration-claims"
+    "pending durable change(s) that no listener claims: set durable=True again (then "
+    "pgnotify_install) until a listener has handled them, or discard them in the admin; see "
+    "docs/durable.md#pending-events-no-declaration-claims"
 )
 
 

@@ -316,8 +316,8 @@ def test_status_exits_1_naming_pending_durable_events_no_declaration_claims(
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
         "needs action: 3 pending durable change(s) of declarations that database 'default' "
-        "no longer has (a model removed, a declaration renamed), which no listener claims: "
-        "gone.Removed:default (3); "
+        "no longer has (a model removed, a declaration renamed or moved), which no listener "
+        "claims: gone.Removed:default (3); "
     ) in result.stdout
     # Declaring again alone would store each new change twice: every way out, in short.
     assert (
@@ -328,9 +328,9 @@ def test_status_exits_1_naming_pending_durable_events_no_declaration_claims(
     # Its URI is the same: neither renaming nor declaring it again beside itself applies.
     assert (
         "needs action: 1 pending durable change(s) of declarations made live (durable=False), "
-        "which no listener claims: testapp.Tag:default (1); make the declaration durable again "
-        "(durable=True, then pgnotify_install) until a listener has handled them, or discard "
-        "them in the admin; see docs/durable.md#pending-events-no-declaration-claims"
+        "which no listener claims: testapp.Tag:default (1); set durable=True again (then "
+        "pgnotify_install) until a listener has handled them, or discard them in the admin; "
+        "see docs/durable.md#pending-events-no-declaration-claims"
     ) in result.stdout
     assert "2 problem(s) need action" in result.stderr
 
