@@ -244,5 +244,5 @@ class Command(BaseCommand):
             logger = logging.getLogger(name)
             if not logger.hasHandlers():
                 logger.addHandler(handler)
-                if level:  # psycopg's stays at the root's (warnings and worse)
+                if level:  # psycopg's stays at WARNING, where psycopg sets it
                     logger.setLevel(level)
