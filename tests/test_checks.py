@@ -208,8 +208,12 @@ def test_w008_a_primary_key_named_by_its_attname(registry):
             Notify(fields=["status"], when_changed=["weight", "status", "weight"]),
             "when_changed names 'weight' twice.",
         ),
+        (
+            Notify(when_changed=["carrier", "carrier_id"]),
+            "when_changed names 'carrier' and 'carrier_id', one field.",
+        ),
     ],
-    ids=["fields", "attname", "when-changed"],
+    ids=["fields", "attname", "when-changed", "when-changed-attname"],
 )
 def test_w010_a_field_named_twice(registry, notify, text):
     """A warning that names the field: a typo for another field, most likely."""
