@@ -539,13 +539,19 @@ def unclaimed_warnings(using: str, states: list[TriggerState]) -> list[str]:
     Raises:
         DatabaseError: The event table could not be read as expected.
     """
-    from .status import live_uris, unclaimed_warning
+    from .status import unclaimed_warning
 
-    live = set(live_uris(using))
-    return [
-        unclaimed_warning(uri, changes, live=uri in live)
-        for uri, changes in left_unclaimed(using, states).items()
-    ]
+    unclaimed = left_unclaimed(using, states)
+    live = set(declared_uris(using, durable=False)) if unclaimed else set()
+    return [unclaimed_warning(uri, changes, live=uri in live) for uri, changes in unclaimed.items()]
+
+
+def declared_uris(using: str, *, durable: bool) -> list[str]:
+    """The URIs of the valid durable (or live) declarations of the models migrated to
+    ``using``. An invalid declaration is left out, not raised: the checks report it, and
+    ``migrate``'s sync goes on without it."""
+    declarations, _ = _valid_declarations(using, log=False)
+    return sorted(d.uri for d in declarations if d.notify.durable == durable)
 
 
 def _warn_unclaimed(using: str, changed: list[TriggerState]) -> None:

@@ -202,8 +202,8 @@ def detach_before_migrate(sender: AppConfig, using: str, plan: Any = None, **kwa
 
 def _durable_uris() -> set[str]:
     """Every durable declaration's URI, whatever the router says: the triggers disabled
-    are this database's, which another alias may name (``status._durable_uris``, by
-    contrast, is what one alias's listeners claim)."""
+    are this database's, which another alias may name (``installation.declared_uris``,
+    by contrast, is what one alias's listeners claim)."""
     from django.core.exceptions import ImproperlyConfigured
 
     from .declarations import get_declarations

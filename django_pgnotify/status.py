@@ -289,17 +289,6 @@ def _event_table_readable(wrapper: BaseDatabaseWrapper) -> bool | None:
     return None if found is None else bool(found[0])
 
 
-def _durable_uris(using: str) -> list[str]:
-    """The URIs of the durable declarations routed to ``using``: those its listeners claim."""
-    return sorted(d.uri for d in installation.declarations_for((), using) if d.notify.durable)
-
-
-def live_uris(using: str) -> list[str]:
-    """The URIs of the live declarations routed to ``using``: pending durable events of
-    one were stored before it was made live."""
-    return sorted(d.uri for d in installation.declarations_for((), using) if not d.notify.durable)
-
-
 def _per_uri(changes: dict[str, int]) -> str:
     return ", ".join(f"{uri} ({count})" for uri, count in changes.items())
 
@@ -309,7 +298,7 @@ def unclaimed_events(using: str, uris: Iterable[str]) -> dict[str, int]:
     ``using`` has: no listener claims them (the triggers of a renamed or removed durable
     declaration just dropped, say). Empty without an event table or the right to read it.
     """
-    served = _durable_uris(using)
+    served = installation.declared_uris(using, durable=True)
     wanted = sorted(set(uris) - set(served))
     if not wanted:
         return {}
@@ -377,7 +366,7 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
                 if backlog is not None:
                     status.durable = asdict(backlog)
             # Of the whole table, as the backlog: whatever the selectors, these wait for ever.
-            served = _durable_uris(using)
+            served = installation.declared_uris(using, durable=True)
             undeclared = _read(
                 "looking for durable events no declaration claims",
                 using,
@@ -424,7 +413,9 @@ def database_status(using: str, selectors: Iterable[str] = ()) -> DatabaseStatus
             f"{status.durable['dead']} durable event(s) are dead letters: retry or discard "
             "them in the admin (Durable events, status: dead letter)"
         )
-    live = set(live_uris(using)) if status.undeclared_events else set()
+    live = (
+        set(installation.declared_uris(using, durable=False)) if status.undeclared_events else set()
+    )
     removed = {u: n for u, n in status.undeclared_events.items() if u not in live}
     made_live = {u: n for u, n in status.undeclared_events.items() if u in live}
     if removed:

@@ -1440,6 +1440,27 @@ def install_order_as_durable() -> None:
     Order.objects.create()
 
 
+def test_the_migrate_sync_warns_of_unclaimed_events_beside_an_invalid_declaration(caplog):
+    """The invalid one is logged and kept; the look for unclaimed events goes on
+    without it, as the rest of the sync does, rather than failing the migrate."""
+    from tests.testapp.models import Order
+
+    install_stray_durable_declaration("Job", "stock")
+    Job.objects.create(name="first")
+    declared, Order._meta.pgnotify = Order._meta.pgnotify, Notify(fields=["nope"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="django_pgnotify.installation"):
+            changed = sync_triggers()
+    finally:
+        Order._meta.pgnotify = declared
+
+    assert "durableapp.Job:stock" in {state.uri for state in changed}
+    assert f"pgnotify: durableapp.Job:stock leaves 1 pending durable change(s) {ADVICE}" in (
+        caplog.messages
+    )
+    assert any("testapp.Order keeps its current triggers" in m for m in caplog.messages)
+
+
 def test_install_warns_of_the_pending_events_a_declaration_made_live_leaves():
     """Its URI stays; its triggers are rebuilt, not dropped, and store nothing any more.
     The advice is its own: a rename's remedies do not fit."""
