@@ -282,11 +282,16 @@ class ManagedProcess:
 
     def output(self, stream: str | None = None) -> list[str]:
         """Every line the process wrote (after it exited), in order of reading."""
+        self._read_all(5)
+        return [line for name, line in self.seen if stream is None or name == stream]
+
+    def _read_all(self, timeout: float) -> None:
+        """Move the lines read so far to ``seen``, once the readers have ended (each
+        waited for up to ``timeout`` seconds)."""
         for reader in self._readers:
-            reader.join(5)
+            reader.join(timeout)
         while not self.lines.empty():
             self.seen.append(self.lines.get_nowait())
-        return [line for name, line in self.seen if stream is None or name == stream]
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -296,13 +301,9 @@ class ManagedProcess:
     def report(self) -> str:
         """Its command line and every line it wrote so far, without waiting for a
         process still running (one a wider fixture keeps)."""
-        if self.process.poll() is not None:
-            for reader in self._readers:
-                reader.join(2)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get_nowait())
-        command = " ".join([Path(self.args[0]).name, *self.args[1:]])
         status = self.process.poll()
+        self._read_all(0 if status is None else 2)
+        command = " ".join([Path(self.args[0]).name, *self.args[1:]])
         ended = "still running" if status is None else f"exit {status}"
         return "\n".join([f"--- {command} ({ended})", *(line for _, line in self.seen)])
 
