@@ -29,6 +29,11 @@ from .signals import row_changed
 
 logger = logging.getLogger("django_pgnotify.dispatch")
 
+#: The attribute that marks a ``row_changed`` receiver as one that only watches the
+#: changes go by (``pgnotify_listen -v 2``'s printer): ``Dispatcher.unheard`` does not
+#: count it as hearing a model.
+WATCHES_ONLY = "pgnotify_watches_only"
+
 
 class Dispatcher:
     """Sends ``row_changed`` for each event and counts what happened.
@@ -53,8 +58,17 @@ class Dispatcher:
 
     def unheard(self, models: Iterable[type[Model]]) -> list[type[Model]]:
         """Those of ``models`` whose changes would reach no one: no ``row_changed``
-        receiver is connected for them (for the model, or for every sender)."""
-        return [model for model in models if not row_changed.has_listeners(model)]
+        receiver is connected for them (for the model, or for every sender), other
+        than those marked ``WATCHES_ONLY``."""
+        return [
+            model
+            for model in models
+            if all(
+                getattr(receiver, WATCHES_ONLY, False)
+                for receivers in row_changed._live_receivers(model)
+                for receiver in receivers
+            )
+        ]
 
     def connections_lost(self) -> None:
         """The listener lost its connection: the database may have restarted.

@@ -356,8 +356,9 @@ class Listener:
                     logger.info(
                         "pgnotify: listening on %s (backend pid %s)", ", ".join(self.channels), pid
                     )
-                    self._warn_unheard()
+                    # After listener_started: its receivers may connect those of row_changed.
                     await self._send(listener_started, backend_pid=pid)
+                    self._warn_unheard()
                     self.ready.set()
                     self._started.set()
                 else:

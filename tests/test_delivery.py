@@ -25,6 +25,7 @@ from django_pgnotify.channels_bridge import ChannelsDispatcher
 from django_pgnotify.declarations import get_declarations
 from django_pgnotify.dispatch import Dispatcher
 from django_pgnotify.listener import Listener
+from django_pgnotify.signals import listener_started
 from django_pgnotify.testing import capture_row_changes
 from tests.conftest import changes_before_marker, orders_beside_a_failing_receiver
 from tests.conftest import test_database_url as database_url
@@ -780,3 +781,29 @@ def test_the_listener_warns_at_start_of_models_whose_changes_no_receiver_hears(
             row_changed.disconnect(on_anything)
     finally:
         row_changed.disconnect(on_order, sender=Order)
+
+
+def test_receivers_that_a_listener_started_receiver_connects_are_heard(transactional_db, caplog):
+    """A project may connect its receivers when the listener starts: the listener looks
+    for unheard models once listener_started's receivers have run."""
+
+    def on_order(sender, **kwargs):
+        pass
+
+    def connect_on_order(sender, **kwargs):
+        row_changed.connect(on_order, sender=Order, weak=False)
+
+    caplog.set_level(logging.WARNING, logger="django_pgnotify.listener")
+    listener_started.connect(connect_on_order, weak=False)
+    try:
+        listener = Listener(get_declarations(["testapp.Order", "testapp.Tag"]))
+        with listener_thread(listener):
+            assert listener.ready.wait(10), "the listener did not start"
+    finally:
+        listener_started.disconnect(connect_on_order)
+        row_changed.disconnect(on_order, sender=Order)
+
+    (warning,) = [
+        r.getMessage() for r in caplog.records if "no row_changed receiver" in r.getMessage()
+    ]
+    assert "connected for testapp.Tag: the listener" in warning

@@ -15,6 +15,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django_pgnotify import installation
 from django_pgnotify.conf import get_setting
 from django_pgnotify.connection import NotPostgreSQL, connection_params, describe
+from django_pgnotify.dispatch import WATCHES_ONLY
 from django_pgnotify.events import RowChange
 from django_pgnotify.listener import (
     Listener,
@@ -123,8 +124,7 @@ class Command(BaseCommand):
             if metrics is not None:
                 metrics.listener = listener[0]
             if self.verbosity >= 2:
-                # Once the listener has started: it looks first for the models no receiver
-                # hears, and printing the changes is hearing none.
+                # Printing the changes is hearing none: the printer is WATCHES_ONLY.
                 listener_started.connect(
                     self.print_events, weak=False, dispatch_uid="pgnotify_listen_print"
                 )
@@ -231,6 +231,9 @@ class Command(BaseCommand):
             details += " (truncated)"
         self.stdout.write(f"{event.label} {event.action} pk={event.pk!r}{details}")
         self.stdout.flush()
+
+    # Not a receiver of the project's: the models it alone hears are still warned of.
+    setattr(print_event, WATCHES_ONLY, True)
 
     def configure_logging(self) -> None:
         """Show the listener's log lines when the project has not configured them, and
