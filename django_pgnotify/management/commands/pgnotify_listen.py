@@ -23,7 +23,7 @@ from django_pgnotify.listener import (
     freeze_startup_objects,
     retry_until_reachable,
 )
-from django_pgnotify.signals import listener_started, row_changed
+from django_pgnotify.signals import row_changed
 
 
 class Command(BaseCommand):
@@ -124,9 +124,8 @@ class Command(BaseCommand):
             if metrics is not None:
                 metrics.listener = listener[0]
             if self.verbosity >= 2:
-                # Printing the changes is hearing none: the printer is WATCHES_ONLY.
-                listener_started.connect(
-                    self.print_events, weak=False, dispatch_uid="pgnotify_listen_print"
+                row_changed.connect(
+                    self.print_event, weak=False, dispatch_uid="pgnotify_listen_print"
                 )
             freeze_startup_objects()
             listener[0].run()
@@ -142,7 +141,6 @@ class Command(BaseCommand):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            listener_started.disconnect(dispatch_uid="pgnotify_listen_print")
             row_changed.disconnect(dispatch_uid="pgnotify_listen_print")
 
     def channels_dispatcher(self, layer: str | None, declarations: list[Any]) -> Any:
@@ -219,11 +217,8 @@ class Command(BaseCommand):
                     f"run manage.py pgnotify_install --database {using}."
                 )
 
-    def print_events(self, sender: Any, **kwargs: Any) -> None:
-        """``listener_started``: print every change from now on (``-v 2``)."""
-        row_changed.connect(self.print_event, weak=False, dispatch_uid="pgnotify_listen_print")
-
     def print_event(self, sender: Any, event: RowChange, **kwargs: Any) -> None:
+        """``row_changed`` at ``-v 2``: print the change."""
         details = f" {event.fields}" if event.fields else ""
         if event.changed:
             details += f" changed={sorted(event.changed)}"
@@ -232,7 +227,7 @@ class Command(BaseCommand):
         self.stdout.write(f"{event.label} {event.action} pk={event.pk!r}{details}")
         self.stdout.flush()
 
-    # Not a receiver of the project's: the models it alone hears are still warned of.
+    # Printing the changes is hearing none: the models it alone hears are still warned of.
     setattr(print_event, WATCHES_ONLY, True)
 
     def configure_logging(self) -> None:
