@@ -42,7 +42,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -52,7 +52,7 @@ from .conf import get_setting
 from .declarations import Column, Declaration
 
 #: Version of the SQL templates below; part of every stored hash.
-TEMPLATE_VERSION = 13
+TEMPLATE_VERSION = 14
 
 #: ``server_version_num`` of the first PostgreSQL with ``JSON_SCALAR()``. It looks up
 #: how to render its argument's type once per query, where ``to_json()`` does so for
@@ -362,13 +362,16 @@ _BULK_WORK_MEM = "64MB"
 _NOT_SEPARATOR = "\\x" + "".join(f"{i:02x}" for i in range(256) if i != 1)
 
 
-# What a live statement trigger does with its rows once ``room`` is set (see _live_body).
+# What a live statement trigger does with its rows once ``counted`` is set (see
+# _live_body): the short path's message (``batch``) sent if it fits, else the bulk path.
 _SENDING = sql.SQL(
     "{small_query}"
-    "    IF counted <= {small} AND octet_length(batch) < room THEN\n"
-    "      -- An IF rather than PERFORM: PL/pgSQL evaluates it without the executor.\n"
-    "      IF pg_notify({channel}, {message}) IS NULL THEN END IF;\n"
+    "    -- An IF rather than PERFORM: PL/pgSQL evaluates it without the executor. AND stops\n"
+    "    -- at false, not at NULL: batch IS NOT NULL (only the short path sets it) goes first.\n"
+    "    IF batch IS NOT NULL AND octet_length(batch) <= {payload_max}"
+    " AND pg_notify({channel}, batch) IS NOT NULL THEN\n"
     "    ELSIF counted > {small} OR batch IS NOT NULL THEN\n"
+    "      room := {base} - coalesce(octet_length(ctx), 0);\n"
     "      saved := ARRAY[current_setting('jit'), current_setting('work_mem'),"
     " current_setting('enable_mergejoin'), current_setting('enable_nestloop')];\n"
     "      PERFORM set_config('jit', 'off', true),"
@@ -516,14 +519,17 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             "work_mem": sql.Literal(_BULK_WORK_MEM),
             "channel": sql.Literal(declaration.channel),
             "head": head,
-            "message": _short_message(declaration, event),
+            "base": sql.Literal(base),
+            "payload_max": sql.Literal(_PAYLOAD_MAX),
             "key": _value(record, declaration.pk),
         }
+        short_row = _short_row(declaration, event, record)
+        message = functools.partial(_short_message, declaration, event)
 
         sent: sql.Composable = _SENDING.format(
             source=sources[event],
             joined_source=joined_sources[event],
-            small_query=_small_statement_query(paired, row, sources[event]),
+            small_query=_small_statement_query(paired, short_row, row, sources[event], message),
             **parts,
             **_AS_READ,
         )
@@ -541,7 +547,9 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             by_position = _SENDING.format(
                 source=source,
                 joined_source=joined_source,
-                small_query=_small_statement_query(True, row, source, _IN_POSITION_ORDER),
+                small_query=_small_statement_query(
+                    True, short_row, row, source, message, _IN_POSITION_ORDER
+                ),
                 **{**parts, "joinable": sql.Literal(0)},
                 **_IN_CHANGE_ORDER,
             )
@@ -550,14 +558,9 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
         counted = _OLD_ROWS if record == "o" else _NEW_ROWS
         sent = sql.SQL("{}{}").format(_counting_query(counted), sent)
         branches.append(
-            sql.SQL(
-                "  {keyword} TG_OP = {op} THEN\n"
-                "    room := {base} - coalesce(octet_length(ctx), 0);\n"
-                "{sent}"
-            ).format(
+            sql.SQL("  {keyword} TG_OP = {op} THEN\n{sent}").format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
                 op=sql.Literal(event.upper()),
-                base=sql.Literal(base),
                 sent=sent,
             )
         )
@@ -694,21 +697,35 @@ def _head(declaration: Declaration, event: str) -> sql.Composable:
     )
 
 
-def _short_message(declaration: Declaration, event: str) -> sql.Composable:
-    """The short path's whole message, its rows in ``batch``: ``_head``'s text in one
-    ``format()`` call.
+def _short_message(declaration: Declaration, event: str, rows: sql.Composable) -> sql.Composable:
+    """A whole message whose rows (JSON arrays joined by commas) are ``rows``:
+    ``_head``'s text in one ``format()`` call.
 
-    The message is built once per statement, so what counts is setting the
+    A short message is built once per statement, so what counts is setting the
     expression up in each transaction: one function call where the
     concatenation is nine, which costs about 2 µs less. ``format()`` writes a
-    NULL as nothing, as ``coalesce(ctx, '')`` does; ``batch`` is never NULL here.
+    NULL as nothing, as ``coalesce(ctx, '')`` does.
     """
     start, rest = _header(declaration, event)
     text = f',"{wire.TIMESTAMP}":'
     template = "%s".join(part.replace("%", "%%") for part in (start, text, "", rest, "]}"))
     return sql.SQL(
-        "format({}, txid_current(), extract(epoch FROM clock_timestamp()), ctx, batch)"
-    ).format(sql.Literal(template))
+        "format({}, txid_current(), extract(epoch FROM clock_timestamp()), ctx, {})"
+    ).format(sql.Literal(template), rows)
+
+
+def _short_row(declaration: Declaration, event: str, record: str) -> sql.Composable:
+    """A row as JSON (``json_build_array``), for a statement trigger's single row;
+    ``format()`` writes it as text.
+
+    PostgreSQL sets an expression up again in every transaction, looking up
+    each function it calls: the concatenation of ``_row_text`` calls a dozen,
+    which a single-row write pays in full, where ``json_build_array`` is one.
+    It looks up how to render each value as it runs instead, which only a
+    bulk write's rows pay for many times. The values are the same; the text
+    has a space after each comma.
+    """
+    return _row_array(declaration, event, record)
 
 
 def _row_body(declaration: Declaration, scalar: str) -> str:
@@ -718,8 +735,11 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
     statement of the function is a PL/pgSQL expression, which halves what the
     trigger costs a single-row write. A bulk write pays a function call and a
     notification per row. ``n`` and ``o`` alias ``NEW`` and ``OLD``, so rows
-    render as in the statement triggers, and the same 8000-byte guard applies:
-    a row that does not fit is sent as its pk alone (or ``[null]``). Updates
+    render as in the statement triggers, by concatenation: ``format()`` and
+    ``json_build_array``, which a statement trigger's single row takes, set up
+    for less in a transaction but cost each row of a bulk write more. A row
+    whose message would be 8000 bytes or more is sent as its pk alone (or
+    ``[null]``), as a statement trigger's short path does. Updates
     are filtered as in the statement triggers, but ``OLD`` is at hand: one
     that changes the pk is always announced, with its own old values and the
     fields that really changed (see docs/declaring.md, ``level``).
@@ -743,22 +763,24 @@ def _row_body(declaration: Declaration, scalar: str) -> str:
                 "  {keyword} TG_OP = {op} THEN\n"
                 "{skip}"
                 "{exact}"
-                "    r := {row};\n"
-                "    IF octet_length(r) + coalesce(octet_length(ctx), 0) >= {base} THEN\n"
-                "      r := CASE WHEN octet_length({key}) + coalesce(octet_length(ctx), 0) < {base}"
-                " THEN {key} ELSE '[null]' END;\n"
+                "    r := {head} || {row} || ']}}';\n"
+                "    IF octet_length(r) > {payload_max} THEN\n"
+                "      r := {head} || CASE WHEN octet_length({key})"
+                " + coalesce(octet_length(ctx), 0) < {base}"
+                " THEN {key} ELSE '[null]' END || ']}}';\n"
                 "    END IF;\n"
-                "    IF pg_notify({channel}, {head} || r || ']}}') IS NULL THEN END IF;\n"
+                "    IF pg_notify({channel}, r) IS NULL THEN END IF;\n"
             ).format(
                 keyword=sql.SQL("IF" if index == 0 else "ELSIF"),
                 op=sql.Literal(event.upper()),
                 skip=skip,
                 exact=_exact_floats(declaration, indent="    "),
-                base=sql.Literal(rows_room(declaration, event)),
-                row=_row_text(declaration, event, record, scalar),
-                key=key,
-                channel=sql.Literal(declaration.channel),
                 head=_head(declaration, event),
+                row=_row_text(declaration, event, record, scalar),
+                payload_max=sql.Literal(_PAYLOAD_MAX),
+                key=key,
+                base=sql.Literal(rows_room(declaration, event)),
+                channel=sql.Literal(declaration.channel),
             )
         )
     return _live_function(
@@ -824,39 +846,50 @@ def least_rows_room(declaration: Declaration) -> int:
 
 def _small_statement_query(
     paired: bool,
+    one: sql.Composable,
     row: sql.Composable,
     source: sql.Composable,
+    message: Callable[[sql.Composable], sql.Composable],
     order: sql.Composable | None = None,
 ) -> sql.Composable:
-    """Set ``batch`` to the rows written, if they are few (``counted``, set first by
-    ``_counting_query``, up to one past the short path's limit).
+    """Set ``batch`` to the whole message of the rows written, if they are few
+    (``counted``, set first by ``_counting_query``, up to one past the short
+    path's limit); ``message`` makes it of the rows' text.
 
-    Counted first, an update's ``paired`` rows, which come from a join, are
-    rendered only if they are few: with a ``LIMIT`` the planner picks a nested
-    loop, quadratic in a bulk update. ``order`` (an ``ORDER BY`` within the
-    aggregate) is for rows paired by position. Other rows are rendered a single
-    row by a query without an aggregate (setting one up costs more than the
-    counting query), a few by ``string_agg``.
+    A single row is rendered as ``one`` (``_short_row``) by a query without an
+    aggregate (setting one up costs more than the counting query); a few as
+    ``row`` (``_row_text``), joined by ``string_agg``: rendering a few rows
+    ``_short_row``'s way costs more than it saves. Counted first, an update's
+    ``paired`` rows, which come from a join, are rendered only if they are
+    few: with a ``LIMIT`` the planner picks a nested loop, quadratic in a
+    bulk update. Those whose watched columns did not change are left out, and
+    with them the message if none did. ``order`` (an ``ORDER BY`` within the
+    aggregate) is for rows paired by position. The message is built in the
+    query that reads the rows: a PL/pgSQL statement of its own costs a
+    single-row write more.
     """
     if paired:
-        return sql.SQL(
-            "    IF counted <= {small} THEN\n"
-            "      SELECT string_agg({row}, ','{order}) INTO batch FROM {source};\n"
-            "    END IF;\n"
-        ).format(
-            small=sql.Literal(_SMALL_STATEMENT), row=row, source=source, order=order or sql.SQL("")
+        rows = sql.SQL("string_agg({row}, ','{order})").format(row=row, order=order or sql.SQL(""))
+        few: sql.Composable = sql.SQL(
+            "CASE WHEN {rows} IS NOT NULL THEN {message} END INTO batch FROM {source}"
+        ).format(rows=rows, message=message(rows), source=source)
+        condition = sql.SQL("counted <= {}")
+    else:
+        few = sql.SQL("{} INTO batch FROM (SELECT {} AS r FROM {}) AS first_rows").format(
+            message(sql.SQL("string_agg(r, ',')")), row, source
         )
+        condition = sql.SQL("counted BETWEEN 2 AND {}")
     return sql.SQL(
         "    IF counted = 1 THEN\n"
-        "      SELECT {row} INTO batch FROM {source};\n"
-        "    ELSIF counted BETWEEN 2 AND {small} THEN\n"
-        "      SELECT string_agg(r, ',') INTO batch FROM (SELECT {row} AS r FROM {source})"
-        " AS first_rows;\n"
+        "      SELECT {one} INTO batch FROM {source};\n"
+        "    ELSIF {condition} THEN\n"
+        "      SELECT {few};\n"
         "    END IF;\n"
     ).format(
-        row=row,
+        one=message(one),
         source=source,
-        small=sql.Literal(_SMALL_STATEMENT),
+        condition=condition.format(sql.Literal(_SMALL_STATEMENT)),
+        few=few,
     )
 
 

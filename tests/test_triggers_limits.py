@@ -387,14 +387,12 @@ def test_every_foreign_key_action_that_changes_the_only_row_twice_makes_two_upda
     ]
 
 
-@pytest.mark.parametrize("filler", [0, 30], ids=["alone", "bulk"])
-@pytest.mark.parametrize("level", ["statement", "row"])
-def test_the_room_for_rows_is_the_same_on_every_path(
-    other_connection, listening, restore_triggers, level, filler
+def test_a_bulk_statement_sends_rows_whole_up_to_the_room(
+    other_connection, listening, restore_triggers
 ):
     """A row as long as the room a notification leaves for rows is sent as its pk, one
-    a byte shorter whole: alone in its statement, among others, and at either level."""
-    notify = Notify(fields=["title", "body"], events=["insert", "update"], level=level)
+    a byte shorter whole, in a statement of more rows than the short path takes."""
+    notify = Notify(fields=["title", "body"], events=["insert", "update"])
     declaration = declaration_of(Article, notify)
     other_connection.execute(build_trigger_sql(declaration).install)
     listening.execute("LISTEN pgnotify_testapp_article")
@@ -402,15 +400,74 @@ def test_the_room_for_rows_is_the_same_on_every_path(
     shorter, longest = 10**7, 10**7 + 1
     empty = len(json.dumps([shorter, "t", ""], separators=(",", ":")))
     rows = [(shorter, "b" * (room - 1 - empty)), (longest, "b" * (room - empty))]
-    rows += [(10**7 + 2 + i, "f") for i in range(filler)]
-    statements = [rows] if filler else [[row] for row in rows]
-    for written in statements:
-        insert_articles_with(other_connection, [pk for pk, _ in written], [b for _, b in written])
+    rows += [(10**7 + 2 + i, "f") for i in range(30)]
+    insert_articles_with(other_connection, [pk for pk, _ in rows], [b for _, b in rows])
 
     sent = {row[0]: row for row in rows_of(notifications(listening), "insert")}
     assert len(json.dumps(sent[shorter], separators=(",", ":"))) == room - 1
     assert sent[longest] == [longest]
     assert len(sent) == len(rows)
+
+
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_a_row_written_alone_is_truncated_only_when_its_notification_would_not_fit(
+    other_connection, listening, restore_triggers, level
+):
+    """Alone in its statement, or from a row trigger, a row is sent whole while its
+    whole notification is shorter than PostgreSQL's 8000 bytes, past the room a bulk
+    statement keeps for rows (which holds a reserve for the xid and ts); longer, as its pk.
+
+    The rows written grow a byte at a time across that limit, each in a statement
+    of its own; a truncated row is checked against the notification it would have
+    made, so the xid's and ts's lengths need not be known."""
+    notify = Notify(fields=["title", "body"], events=["insert"], level=level)
+    declaration = declaration_of(Article, notify)
+    other_connection.execute(build_trigger_sql(declaration).install)
+    listening.execute("LISTEN pgnotify_testapp_article")
+    room = triggers.rows_room(declaration, "insert")
+    first = 10**7
+    empty = len(json.dumps([first, "t", ""]))  # with json_build_array's spaces
+    bodies = {first + i: "b" * (room + 20 + i - empty) for i in range(40)}
+    for pk, body in bodies.items():
+        insert_articles_with(other_connection, [pk], [body])
+
+    whole, truncated = [], []
+    for payload in notifications(listening):
+        ((row,),) = [json.loads(payload)["rows"]]
+        written = json.dumps([row[0], "t", bodies[row[0]]])
+        if row == [row[0]]:
+            size = len(payload.encode()) - len(json.dumps(row)) + len(written)
+            truncated.append(size)
+        else:
+            assert row == [row[0], "t", bodies[row[0]]]
+            whole.append(len(written))
+            assert len(payload.encode()) < wire.PAYLOAD_LIMIT
+    assert len(whole) + len(truncated) == len(bodies)
+    assert whole and truncated  # the rows span the limit
+    assert min(truncated) >= wire.PAYLOAD_LIMIT  # would not have fitted
+    assert max(whole) > room  # past the bulk statement's room, and sent whole
+
+
+@pytest.mark.parametrize("rows", [1, 3, 30], ids=["one row", "few rows", "bulk"])
+@pytest.mark.parametrize(
+    ("options", "change"),
+    [({}, "body = body"), ({"when_changed": ["title"]}, "body = body || '!'")],
+    ids=["nothing changed", "no watched field changed"],
+)
+@pytest.mark.parametrize("level", ["statement", "row"])
+def test_an_update_with_nothing_to_announce_sends_no_notification(
+    other_connection, listening, restore_triggers, level, options, change, rows
+):
+    """Not even an empty one, which the listener would count as undecodable."""
+    notify = Notify(fields=["title", "body"], level=level, **options)
+    other_connection.execute(build_trigger_sql(declaration_of(Article, notify)).install)
+    ids = list(range(10**7, 10**7 + rows))
+    insert_articles_with(other_connection, ids, ["b"] * rows)
+    listening.execute("LISTEN pgnotify_testapp_article")
+
+    other_connection.execute(f"UPDATE testapp_article SET {change} WHERE id = ANY(%s)", [ids])
+
+    assert notifications(listening) == []
 
 
 @pytest.mark.parametrize("level", ["statement", "row"])

@@ -141,7 +141,7 @@ def test_rows_paired_by_position_are_sent_in_that_order_and_only_they_are_ordere
         assert f"string_agg(r, ',' ORDER BY {position})" in by_position
     else:
         assert "string_agg(('[' ||" in by_position  # the short path's
-        assert f"ORDER BY n.{position}) INTO batch" in by_position
+        assert f"ORDER BY n.{position}) IS NOT NULL THEN format(" in by_position
         assert "string_agg(r, ',' ORDER BY total)" in by_position
         # Not joined: a row's short version would go out before an older long one.
         assert "joinable := least(0, room);" in by_position
@@ -153,24 +153,35 @@ def test_rows_paired_by_position_are_sent_in_that_order_and_only_they_are_ordere
 def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify():
     body = build_trigger_sql(declaration(Order)).body
 
-    # Counted without an aggregate, one row rendered without one, a few joined.
-    for rows in ["pgnotify_new", "pgnotify_old"]:
+    # Counted without an aggregate, one row rendered without one (by json_build_array,
+    # an update's too), a few joined (by concatenation); each message whole in the
+    # query that reads the rows, in one format() call (which writes a NULL ctx as nothing).
+    message = (
+        """format('{"v":2,"model":"testapp.order","action":"%s","xid":%%s,"ts":%%s%%s,"""
+        """"fields":["status","total"],"rows":[%%s]}', txid_current(),"""
+        " extract(epoch FROM clock_timestamp()), ctx, "
+    )
+    for rows, action, record in [("pgnotify_new", "insert", "n"), ("pgnotify_old", "delete", "o")]:
         assert (
             f'    PERFORM FROM "{rows}" LIMIT 21;\n    GET DIAGNOSTICS counted = ROW_COUNT;\n'
-            "    IF counted = 1 THEN\n      SELECT ('[' || "
+            f"    IF counted = 1 THEN\n      SELECT {message % action}json_build_array({record}."
         ) in body
+        assert f"{message % action}string_agg(r, ',')) INTO batch" in body
+    assert len(re.findall(r"IF counted = 1 THEN\n +SELECT format\(", body)) == 4
     assert "count(*) INTO" not in body
     assert body.count("    ELSIF counted BETWEEN 2 AND 20 THEN\n") == 2  # insert and delete
-    assert "IF counted <= 20 AND octet_length(batch) < room THEN" in body
-    # The message in one format() call, which writes a NULL ctx as nothing.
-    assert (
-        """IF pg_notify('pgnotify_testapp_order', format('{"v":2,"model":"testapp.order","""
-        """"action":"insert","xid":%s,"ts":%s%s,"fields":"""
-    ) in body
-    assert "extract(epoch FROM clock_timestamp()), ctx, batch)) IS NULL THEN END IF;" in body
+    # Sent when it fits, in an IF's expression; the bulk path sets room up for itself.
+    sent = re.findall(
+        r" IF batch IS NOT NULL AND octet_length\(batch\) <= 7999"
+        r" AND pg_notify\('pgnotify_testapp_order', batch\) IS NOT NULL THEN\n"
+        r" +ELSIF counted > 20 OR batch IS NOT NULL THEN\n +room := ",
+        body,
+    )
+    assert len(sent) == 4  # insert, delete, and update's two pairings
     # The short path's notification and the bulk path's loop, for each event (an
     # update's twice: its rows paired by primary key, or by position).
-    assert body.count("IF pg_notify(") == 8
+    assert body.count("IF pg_notify(") == 4
+    assert body.count("AND pg_notify(") == 4
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
