@@ -873,24 +873,17 @@ def _small_statement_query(
         few: sql.Composable = sql.SQL(
             "CASE WHEN {rows} IS NOT NULL THEN {message} END INTO batch FROM {source}"
         ).format(rows=rows, message=message(rows), source=source)
-        condition = sql.SQL("counted <= {}")
     else:
         few = sql.SQL("{} INTO batch FROM (SELECT {} AS r FROM {}) AS first_rows").format(
             message(sql.SQL("string_agg(r, ',')")), row, source
         )
-        condition = sql.SQL("counted BETWEEN 2 AND {}")
     return sql.SQL(
         "    IF counted = 1 THEN\n"
         "      SELECT {one} INTO batch FROM {source};\n"
-        "    ELSIF {condition} THEN\n"
+        "    ELSIF counted BETWEEN 2 AND {small} THEN\n"
         "      SELECT {few};\n"
         "    END IF;\n"
-    ).format(
-        one=message(one),
-        source=source,
-        condition=condition.format(sql.Literal(_SMALL_STATEMENT)),
-        few=few,
-    )
+    ).format(one=message(one), source=source, small=sql.Literal(_SMALL_STATEMENT), few=few)
 
 
 def _counting_query(rows: str | None = None) -> sql.Composable:

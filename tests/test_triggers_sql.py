@@ -169,7 +169,9 @@ def test_small_statements_take_the_short_path_without_the_executor_for_pg_notify
         assert f"{message % action}string_agg(r, ',')) INTO batch" in body
     assert len(re.findall(r"IF counted = 1 THEN\n +SELECT format\(", body)) == 4
     assert "count(*) INTO" not in body
-    assert body.count("    ELSIF counted BETWEEN 2 AND 20 THEN\n") == 2  # insert and delete
+    # Insert, delete, and an update's two pairings (by primary key, by position).
+    assert body.count("    ELSIF counted BETWEEN 2 AND 20 THEN\n") == 4
+    assert "counted <= 20" not in body  # an update of no rows runs no query but the count
     # Sent when it fits, in an IF's expression; the bulk path sets room up for itself.
     sent = re.findall(
         r" IF batch IS NOT NULL AND octet_length\(batch\) <= 7999"
