@@ -523,7 +523,12 @@ def _live_body(declaration: Declaration, scalar: str, foreign_key_actions: bool 
             "payload_max": sql.Literal(_PAYLOAD_MAX),
             "key": _value(record, declaration.pk),
         }
-        short_row = _short_row(declaration, event, record)
+        # A single row by json_build_array: set up in each transaction, it is one function
+        # where the concatenation of _row_text is a dozen, which a single-row write pays in
+        # full. It looks up how to render each value as it runs instead, which only a bulk
+        # write's rows would pay for many times. The values are the same; the text has a
+        # space after each comma.
+        short_row = _row_array(declaration, event, record)
         message = functools.partial(_short_message, declaration, event)
 
         sent: sql.Composable = _SENDING.format(
@@ -714,20 +719,6 @@ def _short_message(declaration: Declaration, event: str, rows: sql.Composable) -
     ).format(sql.Literal(template), rows)
 
 
-def _short_row(declaration: Declaration, event: str, record: str) -> sql.Composable:
-    """A row as JSON (``json_build_array``), for a statement trigger's single row;
-    ``format()`` writes it as text.
-
-    PostgreSQL sets an expression up again in every transaction, looking up
-    each function it calls: the concatenation of ``_row_text`` calls a dozen,
-    which a single-row write pays in full, where ``json_build_array`` is one.
-    It looks up how to render each value as it runs instead, which only a
-    bulk write's rows pay for many times. The values are the same; the text
-    has a space after each comma.
-    """
-    return _row_array(declaration, event, record)
-
-
 def _row_body(declaration: Declaration, scalar: str) -> str:
     """Send the row in a notification of its own (``Notify(level="row")``).
 
@@ -856,10 +847,10 @@ def _small_statement_query(
     (``counted``, set first by ``_counting_query``, up to one past the short
     path's limit); ``message`` makes it of the rows' text.
 
-    A single row is rendered as ``one`` (``_short_row``) by a query without an
+    A single row is rendered as ``one`` (``_row_array``) by a query without an
     aggregate (setting one up costs more than the counting query); a few as
     ``row`` (``_row_text``), joined by ``string_agg``: rendering a few rows
-    ``_short_row``'s way costs more than it saves. Counted first, an update's
+    ``_row_array``'s way costs more than it saves. Counted first, an update's
     ``paired`` rows, which come from a join, are rendered only if they are
     few: with a ``LIMIT`` the planner picks a nested loop, quadratic in a
     bulk update. Those whose watched columns did not change are left out, and
