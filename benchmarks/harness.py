@@ -301,12 +301,16 @@ class Report:
         if absurd:
             self.absurd.append(name)
 
-    def finish(self, url: str | None = None) -> int:
-        """Print the summary lines and the machine line; return the exit status."""
+    def finish(self, url: str | None = None, machine: str | None = None) -> int:
+        """Print the summary lines and the machine line; return the exit status.
+
+        ``machine`` is a ``machine_line`` taken earlier, for a script whose server
+        has stopped by now.
+        """
         print()
         for line in self.lines:
             print(line)
-        print(machine_line(url))
+        print(machine or machine_line(url))
         if self.absurd:
             print(f"ABSURD (more than {ABSURD_FACTOR:g}x off target): {', '.join(self.absurd)}")
             return 1

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable
 from benchmarks.harness import ROOT, child_env, install_signal_handlers
 
 #: The scripts, in the order they run.
-SCRIPTS = ("write_path", "durable", "listener", "latency", "memory")
+SCRIPTS = ("write_path", "instructions", "durable", "listener", "latency", "memory")
 
 #: A script that takes longer than this is stopped (a hang must not block CI).
 TIMEOUT = {True: 300.0, False: 3600.0}

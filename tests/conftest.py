@@ -139,18 +139,23 @@ def order_moved_to_a_new_pk(changes: CapturedChanges, shift: int, **values: Any)
     return event
 
 
-def changes_before_marker(changes: CapturedChanges, timeout: float = 5.0) -> list[RowChange]:
+def changes_before_marker(
+    changes: CapturedChanges, timeout: float = 5.0, undecodable: int = 0
+) -> list[RowChange]:
     """Commit a marker change and return the changes that arrived before it.
 
     Notifications arrive in commit order, so once the marker is in, anything
     committed earlier that was announced at all has arrived too: this is how
-    a test shows that something was *not* sent without sleeping.
+    a test shows that something was *not* sent without sleeping. Asserts that
+    the listener skipped ``undecodable`` payloads (none, unless the test sent
+    some): a message it could not read would otherwise pass for one not sent.
     """
     from tests.testapp.models import Tag
 
     name = f"marker-{uuid.uuid4().hex[:8]}"
     Tag.objects.create(name=name)
     marker = changes.wait_for(lambda e: e.model is Tag and e.pk == name, timeout)
+    assert changes.stats["undecodable"] == undecodable, dict(changes.stats)
     return list(changes[: changes.index(marker)])
 
 

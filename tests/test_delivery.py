@@ -628,10 +628,9 @@ def test_payload_that_is_not_ours_is_logged_counted_and_skipped(
     other_connection.execute("SELECT pg_notify(%s, %s)", [ORDER_CHANNEL, payload])
     order = Order.objects.create(status="after")
 
-    (event,) = changes_before_marker(changes)
+    (event,) = changes_before_marker(changes, undecodable=1)
 
     assert event.pk == order.pk
-    assert changes.stats["undecodable"] == 1
     (warning,) = [r for r in caplog.records if r.name == "django_pgnotify.listener"]
     assert warning.levelno == logging.WARNING
     assert ORDER_CHANNEL in warning.getMessage()
@@ -652,7 +651,6 @@ def test_changes_of_a_model_not_served_are_counted_and_reported_once(
 
     assert event.pk == order.pk
     assert changes.stats["ignored"] == 2
-    assert changes.stats["undecodable"] == 0
     reports = [r for r in caplog.records if "auth.group" in r.getMessage()]
     assert [r.levelno for r in reports] == [logging.WARNING, logging.DEBUG]
 
