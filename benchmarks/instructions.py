@@ -18,8 +18,9 @@ benchmark project, installs its triggers and creates the hand-written baselines 
 (``postgres --single``) on a copy of the data directory runs under callgrind, which
 writes the count after each statement: a warm-up, then single-row INSERT
 transactions (each parsed and planned: there are no prepared statements in a
-single-user backend), one INSERT of many rows, and one UPDATE of all of them, each part from
-an emptied (or vacuumed) table and a checkpoint, as in ``write_path.py``.
+single-user backend), one INSERT of many rows, one UPDATE of all of them, and
+single-row UPDATE transactions (by pk), each part from an emptied (or vacuumed)
+table and a checkpoint, as in ``write_path.py``.
 
 Needs ``valgrind``; without it, says so and exits 0. Each count is taken once:
 ``--repeat`` has no effect, a second run counts the same.
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the package importable
@@ -72,17 +72,20 @@ TABLES: dict[str, str] = {
     LIBRARY_DURABLE: DURABLE,
 }
 
-#: The single-row INSERT transactions counted (each count is exact: a few are enough).
+#: The single-row transactions counted of each kind (each count is exact: a few are enough).
 SINGLE_ROWS = 20
 
+#: What is counted: instructions per single-row transaction (the median), or per row
+#: of one bulk statement.
+SINGLE_INSERT = "single-row INSERT"
+SINGLE_UPDATE = "single-row UPDATE"
+BULK_INSERT = "bulk INSERT, per row"
+BULK_UPDATE = "bulk UPDATE, per row"
+PARTS = (SINGLE_INSERT, SINGLE_UPDATE, BULK_INSERT, BULK_UPDATE)
+BULK = (BULK_INSERT, BULK_UPDATE)
 
-@dataclass
-class Counts:
-    """Instructions of one table's writes."""
-
-    single: float  # per single-row INSERT transaction (median)
-    insert: float  # per row of the bulk INSERT
-    update: float  # per row of the bulk UPDATE
+#: A table's count of each part.
+Counts = dict[str, float]
 
 
 def script(table: str, rows: int) -> tuple[str, dict[str, list[int]]]:
@@ -99,19 +102,30 @@ def script(table: str, rows: int) -> tuple[str, dict[str, list[int]]]:
         f" SELECT i, 'item ' || i, i % 1000, i FROM generate_series(1, {rows}) i"
     )
     update = f"UPDATE {table} SET a = a + 1, c = c + 1"
+
+    def update_one(pk: int) -> str:
+        return f"{update} WHERE id = {pk}"
+
+    settle = [f"VACUUM ANALYZE {table}", "CHECKPOINT"]
     # Warm-up: the backend's caches (catalogs, plans, the trigger's functions) fill
     # on first use, as they have long been in a server's connections.
     statements = [insert_one(i) for i in range(3)]
-    statements += [bulk, update, empty, "CHECKPOINT"]
-    parts: dict[str, list[int]] = {"single": [], "insert": [], "update": []}
+    statements += [bulk, update, update_one(1), empty, "CHECKPOINT"]
+    parts: dict[str, list[int]] = {part: [] for part in PARTS}
+
+    def counted(part: str, statement: str) -> None:
+        parts[part].append(len(statements))
+        statements.append(statement)
+
     for i in range(SINGLE_ROWS):
-        parts["single"].append(len(statements))
-        statements.append(insert_one(i))
+        counted(SINGLE_INSERT, insert_one(i))
     statements += [empty, "CHECKPOINT"]
-    parts["insert"].append(len(statements))
-    statements += [bulk, f"VACUUM ANALYZE {table}", "CHECKPOINT"]
-    parts["update"].append(len(statements))
-    statements.append(update)
+    counted(BULK_INSERT, bulk)
+    statements += settle
+    counted(BULK_UPDATE, update)
+    statements += settle
+    for pk in range(1, SINGLE_ROWS + 1):
+        counted(SINGLE_UPDATE, update_one(pk))
     # Single-user mode with -j reads a statement up to a semicolon and an empty line.
     return "".join(f"{statement};\n\n" for statement in statements), parts
 
@@ -162,14 +176,11 @@ class Server:
         totals = {int(path.suffix[1:]): total(path) for path in work.glob("callgrind.out.*")}
         shutil.rmtree(work, ignore_errors=True)
 
-        def counted(part: str) -> list[int]:
-            return [totals[index + 1] for index in parts[part]]
-
-        return Counts(
-            single=statistics.median(counted("single")),
-            insert=counted("insert")[0] / rows,
-            update=counted("update")[0] / rows,
-        )
+        counts: Counts = {}
+        for part, indexes in parts.items():
+            values = [totals[index + 1] for index in indexes]
+            counts[part] = values[0] / rows if part in BULK else statistics.median(values)
+        return counts
 
     def _run(self, args: list[str], input: str = "") -> subprocess.CompletedProcess[str]:
         # PostgreSQL refuses to run as root: as root, run as the server's own user.
@@ -217,7 +228,7 @@ def main() -> int:
     server = Server()
     print(
         f"instructions (callgrind, single-user backend): {SINGLE_ROWS} single-row INSERT"
-        f" transactions, one INSERT and one UPDATE of {rows:,} rows, per table"
+        f" and UPDATE transactions, one INSERT and one UPDATE of {rows:,} rows, per table"
     )
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     try:
@@ -229,48 +240,40 @@ def main() -> int:
         pool.shutdown(wait=False, cancel_futures=True)
         server.stop_running()
         pool.shutdown()
-    print_table(counts, rows)
+    print_table(counts)
     report = harness.Report(quick=args.quick)
 
     def ratio(label: str, part: str) -> float:
-        return float(getattr(counts[label], part) / getattr(counts[NONE], part))
+        return counts[label][part] / counts[NONE][part]
 
     def baselines(part: str) -> str:
         labels = [NONE] + [label for label, _ in HAND_WRITTEN.values()]
         return "; ".join(f"{label} {ratio(label, part):.2f}x" for label in labels)
 
     for name, label, part in (
-        ("single-row INSERT", LIBRARY, "single"),
-        ("single-row INSERT, level=row", LIBRARY_ROW, "single"),
-        (f"bulk INSERT {rows:,}", LIBRARY, "insert"),
-        (f"bulk UPDATE {rows:,}, old values and changed list", LIBRARY, "update"),
-        (f"bulk UPDATE {rows:,}, old=False (pk and two fields)", LIBRARY_NEW_VALUES, "update"),
-        (f"bulk UPDATE {rows:,} when_changed", LIBRARY_CHANGED, "update"),
-        (f"durable bulk INSERT {rows:,}", LIBRARY_DURABLE, "insert"),
+        ("single-row INSERT", LIBRARY, SINGLE_INSERT),
+        ("single-row INSERT, level=row", LIBRARY_ROW, SINGLE_INSERT),
+        ("single-row UPDATE", LIBRARY, SINGLE_UPDATE),
+        (f"bulk INSERT {rows:,}", LIBRARY, BULK_INSERT),
+        (f"bulk UPDATE {rows:,}, old values and changed list", LIBRARY, BULK_UPDATE),
+        (f"bulk UPDATE {rows:,}, old=False (pk and two fields)", LIBRARY_NEW_VALUES, BULK_UPDATE),
+        (f"bulk UPDATE {rows:,} when_changed", LIBRARY_CHANGED, BULK_UPDATE),
+        (f"durable bulk INSERT {rows:,}", LIBRARY_DURABLE, BULK_INSERT),
     ):
         report.compare(f"instructions: {name}", ratio(label, part), baselines(part))
     print(f"\ninstructions took {time.monotonic() - started:.0f}s")
     return report.finish(machine=server.machine)
 
 
-def print_table(counts: dict[str, Counts], rows: int) -> None:
+def print_table(counts: dict[str, Counts]) -> None:
     """Each table's counts, and their ratios to no trigger."""
     width = max(len(label) for label in counts)
-    base = counts[NONE]
-    print(
-        f"  {'':<{width}}  {'per single-row INSERT':>24}  {'per row, bulk INSERT':>24}"
-        f"  {'per row, bulk UPDATE':>24}"
-    )
+    print(f"  {'':<{width}}" + "".join(f"  {part:>22}" for part in PARTS))
     for label, count in counts.items():
         cells = [
-            f"{value:>14,.0f} {value / baseline:>7.2f}x"
-            for value, baseline in (
-                (count.single, base.single),
-                (count.insert, base.insert),
-                (count.update, base.update),
-            )
+            f"{count[part]:>12,.0f} {count[part] / counts[NONE][part]:>7.2f}x" for part in PARTS
         ]
-        print(f"  {label:<{width}}  " + "  ".join(f"{cell:>24}" for cell in cells))
+        print(f"  {label:<{width}}" + "".join(f"  {cell:>22}" for cell in cells))
     sys.stdout.flush()
 
 

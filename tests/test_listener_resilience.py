@@ -1067,7 +1067,10 @@ def hops_of_lockstep_changes(
     row_changed.connect(record, sender=Order, weak=False)
     try:
         # No probe query meanwhile: it would pause the worker's reading and end a hop early.
-        with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order"):
+        with fast_listener(PROBE_INTERVAL=60.0), sync_only_listener("testapp.Order") as listener:
+            # Nor the start-up probe's answer, sent from another session and read like a
+            # change: a hop that reads only that ends as if nothing had come.
+            wait_until(lambda: listener.stats["probes"] >= 1, what="the start-up probe's answer")
             received = []
             for i in range(count):
                 Order.objects.create(status=f"c{i}")  # a transaction each
