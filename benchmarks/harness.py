@@ -3,7 +3,8 @@
 A script calls ``parse_args``, then ``setup_django`` (which starts the embedded
 PostgreSQL unless ``DATABASE_URL`` is set), measures with ``interleave`` or
 ``measure``, records its targets on a ``Report`` and ends with
-``sys.exit(report.finish())``.
+``sys.exit(report.finish())``. (``instructions.py`` counts instead of timing, on
+a server of its own.)
 
 Exit status (the rule CI relies on): a missed target prints a FAIL line, and
 in ``--quick`` mode it does not fail the run: quick figures on a shared CI

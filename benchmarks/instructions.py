@@ -17,10 +17,9 @@ benchmark project, installs its triggers and creates the hand-written baselines 
 ``write_path.py``, then stops the server. For each table, a single-user backend
 (``postgres --single``) on a copy of the data directory runs under callgrind, which
 writes the count after each statement: a warm-up, then single-row INSERT
-transactions (each parsed and planned: there are no prepared statements in a
-single-user backend), one INSERT of many rows, one UPDATE of all of them, and
-single-row UPDATE transactions (by pk), each part from an emptied (or vacuumed)
-table and a checkpoint, as in ``write_path.py``.
+transactions (plain statements, each parsed and planned), one INSERT of many
+rows, one UPDATE of all of them, and single-row UPDATE transactions (by pk), each
+part from an emptied (or vacuumed) table and a checkpoint, as in ``write_path.py``.
 
 Needs ``valgrind``; without it, says so and exits 0. Each count is taken once:
 ``--repeat`` has no effect, a second run counts the same.
@@ -35,8 +34,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the package importable
@@ -88,7 +88,7 @@ BULK = (BULK_INSERT, BULK_UPDATE)
 Counts = dict[str, float]
 
 
-def script(table: str, rows: int) -> tuple[str, dict[str, list[int]]]:
+def script(table: str, rows: int) -> tuple[list[str], dict[str, list[int]]]:
     """The statements a backend runs, and which of them (by position) count for what."""
     from django_pgnotify.wire import EVENT_TABLE
 
@@ -126,8 +126,7 @@ def script(table: str, rows: int) -> tuple[str, dict[str, list[int]]]:
     statements += settle
     for pk in range(1, SINGLE_ROWS + 1):
         counted(SINGLE_UPDATE, update_one(pk))
-    # Single-user mode with -j reads a statement up to a semicolon and an empty line.
-    return "".join(f"{statement};\n\n" for statement in statements), parts
+    return statements, parts
 
 
 class Server:
@@ -143,6 +142,8 @@ class Server:
         self.bin = Path(_commands.POSTGRES_BIN_PATH)
         self.user: str | None = self.embedded.server.system_user  # set when run as root
         self.running: list[subprocess.Popen[str]] = []
+        self._lock = threading.Lock()  # guards running and stopping
+        self._stopping = False
         os.environ["DATABASE_URL"] = self.embedded.url
         self.url = harness.setup_django()
         with harness.connect(self.url) as conn:
@@ -161,7 +162,9 @@ class Server:
 
     def count(self, table: str, rows: int) -> Counts:
         """Run one table's statements in a single-user backend under callgrind."""
-        text, parts = script(table, rows)
+        statements, parts = script(table, rows)
+        # Single-user mode with -j reads a statement up to a semicolon and an empty line.
+        text = "".join(f"{statement};\n\n" for statement in statements)
         work = self.work / table
         out = work / "callgrind.out"
         self._run(["cp", "-a", str(self.data), str(work)])
@@ -175,6 +178,12 @@ class Server:
         # Dump n (out.n) holds statement n (1-based); the first holds the startup too.
         totals = {int(path.suffix[1:]): total(path) for path in work.glob("callgrind.out.*")}
         shutil.rmtree(work, ignore_errors=True)
+        if sorted(totals) != list(range(1, len(statements) + 1)):
+            raise RuntimeError(
+                f"{table}: callgrind wrote {len(totals)} dumps for {len(statements)} statements"
+                " (one after each exec_simple_query is expected: is the postgres binary"
+                " stripped of its symbols?)"
+            )
 
         counts: Counts = {}
         for part, indexes in parts.items():
@@ -184,27 +193,35 @@ class Server:
 
     def _run(self, args: list[str], input: str = "") -> subprocess.CompletedProcess[str]:
         # PostgreSQL refuses to run as root: as root, run as the server's own user.
-        process = harness.spawn(
-            args,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            user=self.user,
-        )
-        self.running.append(process)
+        with self._lock:  # nothing starts once stop_running has begun
+            if self._stopping:
+                raise RuntimeError("stopped")
+            process = harness.spawn(
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                user=self.user,
+            )
+            self.running.append(process)
         try:
             _, stderr = process.communicate(input)
         finally:
-            self.running.remove(process)
+            with self._lock:
+                self.running.remove(process)
             harness.stop(process)
         if process.returncode != 0:
             raise RuntimeError(f"{args[0]} exited {process.returncode}: {stderr[-2000:]}")
         return subprocess.CompletedProcess(args, process.returncode, None, stderr)
 
     def stop_running(self) -> None:
-        """Stop the backends still counting (after an error, or on SIGTERM)."""
-        for process in list(self.running):
+        """Stop the backends still counting and start no more (after an error, or
+        on SIGTERM)."""
+        with self._lock:
+            self._stopping = True
+            running = list(self.running)
+        for process in running:
             harness.stop(process, timeout=5.0)
 
 
@@ -233,6 +250,7 @@ def main() -> int:
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
     try:
         futures = {label: pool.submit(server.count, table, rows) for label, table in TABLES.items()}
+        wait(futures.values(), return_when=FIRST_EXCEPTION)  # an error ends the run at once
         counts = {label: future.result() for label, future in futures.items()}
     finally:
         # On an error or SIGTERM, the counts still queued do not start, and those running

@@ -2,7 +2,8 @@
 
 ``python -m benchmarks [--quick] [--repeat N]``. Each script runs as its own
 process; they share one embedded PostgreSQL, started here, unless
-``DATABASE_URL`` is set. Scripts not written yet are skipped. Exits 1 if any
+``DATABASE_URL`` is set (``instructions`` starts one of its own either way: it
+runs the server's binary itself). Scripts not written yet are skipped. Exits 1 if any
 script exited non-zero (see ``harness`` for when a script does).
 """
 
