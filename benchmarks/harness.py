@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -352,7 +353,8 @@ def stop(process: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
-    if process in _children:
+    # Two threads may stop the same child (one that waited for it, one stopping all).
+    with contextlib.suppress(ValueError):
         _children.remove(process)
     return process.returncode
 

@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import harness
+from benchmarks.durable import DURABLE, EVENTS
 from benchmarks.write_path import (
     CHANGED,
     HAND_WRITTEN,
@@ -58,7 +59,6 @@ from benchmarks.write_path import (
     create_baselines,
 )
 
-DURABLE = "benchapp_durableitem"
 LIBRARY_DURABLE = "pgnotify durable=True"
 
 #: Every table counted: no trigger first, then the hand-written baselines, then the library's.
@@ -90,9 +90,7 @@ Counts = dict[str, float]
 
 def script(table: str, rows: int) -> tuple[list[str], dict[str, list[int]]]:
     """The statements a backend runs, and which of them (by position) count for what."""
-    from django_pgnotify.wire import EVENT_TABLE
-
-    empty = f"TRUNCATE {table}, {EVENT_TABLE} RESTART IDENTITY"
+    empty = f"TRUNCATE {table}, {EVENTS} RESTART IDENTITY"
 
     def insert_one(i: int) -> str:
         return f"INSERT INTO {table} (a, b, c, d) VALUES ({i}, 'item {i}', {i % 1000}, {i})"
